@@ -1,0 +1,1 @@
+//! Guest simulator (work in progress).
