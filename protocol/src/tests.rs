@@ -11,18 +11,32 @@ fn handle(pool: u32, obj: u64, index: u64) -> Handle {
     }
 }
 
-fn all_ops() -> [Op; 10] {
+fn all_ops() -> [Op; 11] {
     [
         Op::NewPool(PoolSpec::persistent()),
         Op::NewPool(PoolSpec::ephemeral()),
         Op::NewPool(PoolSpec::shared([7u8; 16])),
         Op::DestroyPool { pool: 3 },
-        Op::Put { handle: handle(1, 2, 3), reserved: true },
-        Op::Get { handle: handle(4, u64::MAX, 0) },
-        Op::FlushPage { handle: handle(1, 0, u64::MAX) },
-        Op::FlushObject { pool: 2, object: ObjectId([1, 2, 3]) },
-        Op::Reserve { pool: 1, pages: 1 << 40 },
+        Op::Put {
+            handle: handle(1, 2, 3),
+            reserved: true,
+        },
+        Op::Get {
+            handle: handle(4, u64::MAX, 0),
+        },
+        Op::FlushPage {
+            handle: handle(1, 0, u64::MAX),
+        },
+        Op::FlushObject {
+            pool: 2,
+            object: ObjectId([1, 2, 3]),
+        },
+        Op::Reserve {
+            pool: 1,
+            pages: 1 << 40,
+        },
         Op::Unreserve { pool: 1, pages: 5 },
+        Op::Reset,
     ]
 }
 
@@ -35,7 +49,11 @@ fn every_op_round_trips() {
 
 #[test]
 fn op_layout_is_fixed() {
-    let b = Op::Put { handle: handle(0x0102_0304, 5, 0x1122), reserved: true }.encode();
+    let b = Op::Put {
+        handle: handle(0x0102_0304, 5, 0x1122),
+        reserved: true,
+    }
+    .encode();
     assert_eq!(b[0], Opcode::Put as u8);
     assert_eq!(b[1], PUT_RESERVED);
     assert_eq!(&b[4..8], &[4, 3, 2, 1]);
@@ -55,7 +73,11 @@ fn private_ephemeral_pools_are_always_exclusive() {
 
 #[test]
 fn malformed_ops_are_rejected_with_the_right_error() {
-    let put = Op::Put { handle: handle(1, 1, 1), reserved: false }.encode();
+    let put = Op::Put {
+        handle: handle(1, 1, 1),
+        reserved: false,
+    }
+    .encode();
 
     let mut b = put;
     b[0] = 0;
@@ -76,7 +98,13 @@ fn malformed_ops_are_rejected_with_the_right_error() {
     b[40] = 1; // arg must be zero for PUT
     assert_eq!(Op::decode(&b), Err(WireError::ReservedNotZero));
 
-    assert!(matches!(Op::decode(&put[..47]), Err(WireError::Truncated { needed: 48, got: 47 })));
+    assert!(matches!(
+        Op::decode(&put[..47]),
+        Err(WireError::Truncated {
+            needed: 48,
+            got: 47
+        })
+    ));
 
     let mut b = Op::NewPool(PoolSpec::persistent()).encode();
     b[40] = 13;
@@ -84,13 +112,24 @@ fn malformed_ops_are_rejected_with_the_right_error() {
 
     let mut b = Op::NewPool(PoolSpec::shared([1; 16])).encode();
     b[1] |= POOL_PERSISTENT;
-    assert_eq!(Op::decode(&b), Err(WireError::BadPoolKind), "shared persistent is refused");
+    assert_eq!(
+        Op::decode(&b),
+        Err(WireError::BadPoolKind),
+        "shared persistent is refused"
+    );
 
     let mut b = Op::NewPool(PoolSpec::shared([1; 16])).encode();
     b[8..24].fill(0);
-    assert_eq!(Op::decode(&b), Err(WireError::BadPoolKind), "shared needs a UUID");
+    assert_eq!(
+        Op::decode(&b),
+        Err(WireError::BadPoolKind),
+        "shared needs a UUID"
+    );
 
-    let mut b = Op::Get { handle: handle(1, 1, 1) }.encode();
+    let mut b = Op::Get {
+        handle: handle(1, 1, 1),
+    }
+    .encode();
     b[1] = PUT_RESERVED;
     assert_eq!(Op::decode(&b), Err(WireError::BadFlags(PUT_RESERVED)));
 }
@@ -115,14 +154,23 @@ fn request_round_trips_and_counts_page_buffers() {
     for (i, op) in ops.iter().enumerate() {
         assert_eq!(req.op(i as u16), Ok(*op));
     }
-    assert_eq!(req.page_buffers(), PageBufferCounts { to_device: 1, from_device: 1 });
+    assert_eq!(
+        req.page_buffers(),
+        PageBufferCounts {
+            to_device: 1,
+            from_device: 1
+        }
+    );
 }
 
 #[test]
 fn builder_stops_at_the_limit() {
     let mut buf = [0u8; MAX_REQUEST_LEN + 64];
     let mut rb = RequestBuilder::new(&mut buf).unwrap();
-    let op = Op::Put { handle: handle(1, 1, 1), reserved: false };
+    let op = Op::Put {
+        handle: handle(1, 1, 1),
+        reserved: false,
+    };
     for _ in 0..MAX_OPS_PER_REQUEST {
         rb.push(&op).unwrap();
     }
@@ -132,27 +180,55 @@ fn builder_stops_at_the_limit() {
     let mut small = [0u8; REQUEST_HEADER_SIZE + OP_DESC_SIZE];
     let mut rb = RequestBuilder::new(&mut small).unwrap();
     rb.push(&op).unwrap();
-    assert_eq!(rb.push(&op), Err(WireError::Full), "buffer too small for a second op");
-    assert_eq!(RequestBuilder::new(&mut [0u8; 8]).err(), Some(WireError::Truncated { needed: 16, got: 8 }));
+    assert_eq!(
+        rb.push(&op),
+        Err(WireError::Full),
+        "buffer too small for a second op"
+    );
+    assert_eq!(
+        RequestBuilder::new(&mut [0u8; 8]).err(),
+        Some(WireError::Truncated { needed: 16, got: 8 })
+    );
     let mut empty = [0u8; 64];
-    assert_eq!(RequestBuilder::new(&mut empty).unwrap().finish(0), Err(WireError::NoOps));
+    assert_eq!(
+        RequestBuilder::new(&mut empty).unwrap().finish(0),
+        Err(WireError::NoOps)
+    );
 }
 
 #[test]
 fn malformed_requests_are_rejected() {
     let mut buf = [0u8; MAX_REQUEST_LEN + 64];
-    let len = build(&[Op::FlushPage { handle: handle(1, 1, 1) }], 1, &mut buf);
+    let len = build(
+        &[Op::FlushPage {
+            handle: handle(1, 1, 1),
+        }],
+        1,
+        &mut buf,
+    );
 
-    assert!(matches!(Request::parse(&buf[..8]), Err(WireError::Truncated { .. })));
-    assert!(matches!(Request::parse(&buf[..len - 1]), Err(WireError::Truncated { .. })));
+    assert!(matches!(
+        Request::parse(&buf[..8]),
+        Err(WireError::Truncated { .. })
+    ));
+    assert!(matches!(
+        Request::parse(&buf[..len - 1]),
+        Err(WireError::Truncated { .. })
+    ));
     assert_eq!(
         Request::parse(&buf[..len + 1]).err(),
-        Some(WireError::TrailingBytes { expected: len, got: len + 1 })
+        Some(WireError::TrailingBytes {
+            expected: len,
+            got: len + 1
+        })
     );
 
     let mut b = buf;
     b[0] = 2;
-    assert_eq!(Request::parse(&b[..len]).err(), Some(WireError::BadVersion(2)));
+    assert_eq!(
+        Request::parse(&b[..len]).err(),
+        Some(WireError::BadVersion(2))
+    );
     assert_eq!(WireError::BadVersion(2).status(), Status::BadVersion);
 
     let mut b = buf;
@@ -161,26 +237,48 @@ fn malformed_requests_are_rejected() {
 
     let mut b = buf;
     b[2..4].copy_from_slice(&(MAX_OPS_PER_REQUEST + 1).to_le_bytes());
-    assert_eq!(Request::parse(&b).err(), Some(WireError::TooManyOps(MAX_OPS_PER_REQUEST + 1)));
+    assert_eq!(
+        Request::parse(&b).err(),
+        Some(WireError::TooManyOps(MAX_OPS_PER_REQUEST + 1))
+    );
     b[2..4].copy_from_slice(&u16::MAX.to_le_bytes());
-    assert_eq!(Request::parse(&b).err(), Some(WireError::TooManyOps(u16::MAX)));
+    assert_eq!(
+        Request::parse(&b).err(),
+        Some(WireError::TooManyOps(u16::MAX))
+    );
 
     let mut b = buf;
     b[5] = 1; // header flags
-    assert_eq!(Request::parse(&b[..len]).err(), Some(WireError::ReservedNotZero));
+    assert_eq!(
+        Request::parse(&b[..len]).err(),
+        Some(WireError::ReservedNotZero)
+    );
 }
 
 #[test]
 fn one_bad_op_does_not_spoil_the_request() {
     let mut buf = [0u8; MAX_REQUEST_LEN];
-    let ops = [Op::FlushPage { handle: handle(1, 1, 1) }, Op::Get { handle: handle(1, 1, 2) }];
+    let ops = [
+        Op::FlushPage {
+            handle: handle(1, 1, 1),
+        },
+        Op::Get {
+            handle: handle(1, 1, 2),
+        },
+    ];
     let len = build(&ops, 9, &mut buf);
     buf[REQUEST_HEADER_SIZE] = 99; // corrupt op 0's opcode
     let req = Request::parse(&buf[..len]).unwrap();
     assert_eq!(req.op(0), Err(WireError::UnknownOpcode(99)));
     assert_eq!(req.op(1), Ok(ops[1]));
     // An unknown opcode consumes no page buffer; the GET still does.
-    assert_eq!(req.page_buffers(), PageBufferCounts { to_device: 0, from_device: 1 });
+    assert_eq!(
+        req.page_buffers(),
+        PageBufferCounts {
+            to_device: 0,
+            from_device: 1
+        }
+    );
     assert!(req.op(2).is_err());
 }
 
@@ -188,14 +286,37 @@ fn one_bad_op_does_not_spoil_the_request() {
 fn response_round_trips() {
     let mut buf = [0u8; MAX_RESPONSE_LEN];
     let mut w = ResponseWriter::new(&mut buf, 3).unwrap();
-    w.set(0, OpStatus { status: Status::Ok, value: 5 });
+    w.set(
+        0,
+        OpStatus {
+            status: Status::Ok,
+            value: 5,
+        },
+    );
     w.set(1, OpStatus::new(Status::Miss));
     w.set(2, OpStatus::new(Status::OverQuota));
-    let len = w.finish(ResponseHeader { num_ops: 3, status: Status::Ok, tag: 77 });
+    let len = w.finish(ResponseHeader {
+        num_ops: 3,
+        status: Status::Ok,
+        tag: 77,
+    });
     assert_eq!(len, response_len(3));
     let r = Response::parse(&buf[..len]).unwrap();
-    assert_eq!(r.header(), ResponseHeader { num_ops: 3, status: Status::Ok, tag: 77 });
-    assert_eq!(r.status(0), Ok(OpStatus { status: Status::Ok, value: 5 }));
+    assert_eq!(
+        r.header(),
+        ResponseHeader {
+            num_ops: 3,
+            status: Status::Ok,
+            tag: 77
+        }
+    );
+    assert_eq!(
+        r.status(0),
+        Ok(OpStatus {
+            status: Status::Ok,
+            value: 5
+        })
+    );
     assert_eq!(r.status(1).unwrap().status, Status::Miss);
     assert_eq!(r.status(2).unwrap().status, Status::OverQuota);
     assert!(r.status(3).is_err());
@@ -204,7 +325,10 @@ fn response_round_trips() {
 
     let mut bad = buf;
     bad[4] = 0xff;
-    assert!(matches!(Response::parse(&bad[..len]), Err(WireError::UnknownStatus(_))));
+    assert!(matches!(
+        Response::parse(&bad[..len]),
+        Err(WireError::UnknownStatus(_))
+    ));
 }
 
 #[test]

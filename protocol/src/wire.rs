@@ -121,12 +121,18 @@ impl fmt::Display for WireError {
                 write!(f, "buffer too short: need {needed} bytes, got {got}")
             }
             WireError::TrailingBytes { expected, got } => {
-                write!(f, "request buffer is {got} bytes, header implies {expected}")
+                write!(
+                    f,
+                    "request buffer is {got} bytes, header implies {expected}"
+                )
             }
             WireError::BadVersion(v) => write!(f, "unsupported protocol version {v}"),
             WireError::NoOps => write!(f, "request carries no operations"),
             WireError::TooManyOps(n) => {
-                write!(f, "{n} operations exceed the limit of {MAX_OPS_PER_REQUEST}")
+                write!(
+                    f,
+                    "{n} operations exceed the limit of {MAX_OPS_PER_REQUEST}"
+                )
             }
             WireError::ReservedNotZero => write!(f, "reserved field is not zero"),
             WireError::UnknownOpcode(op) => write!(f, "unknown opcode {op}"),
@@ -203,6 +209,13 @@ pub enum Opcode {
     Reserve = 7,
     /// Give back reserved room; the status value is pages still reserved.
     Unreserve = 8,
+    /// The driver (re)initialised the device: drop every pool of the client.
+    ///
+    /// vhost-user gives the device no reliable reset signal (pausing a VM
+    /// stops the rings too), so the driver states it: once, at probe, before
+    /// any other operation. A reconnect after a backend restart sends none,
+    /// and the client's pools survive it.
+    Reset = 9,
 }
 
 impl Opcode {
@@ -217,6 +230,7 @@ impl Opcode {
             6 => Opcode::FlushObject,
             7 => Opcode::Reserve,
             8 => Opcode::Unreserve,
+            9 => Opcode::Reset,
             other => return Err(WireError::UnknownOpcode(other)),
         })
     }
@@ -438,6 +452,8 @@ pub enum Op {
     Reserve { pool: u32, pages: u64 },
     /// Give back `pages` of reserved room.
     Unreserve { pool: u32, pages: u64 },
+    /// Drop every pool of the client (driver initialisation).
+    Reset,
 }
 
 impl Op {
@@ -452,6 +468,7 @@ impl Op {
             Op::FlushObject { .. } => Opcode::FlushObject,
             Op::Reserve { .. } => Opcode::Reserve,
             Op::Unreserve { .. } => Opcode::Unreserve,
+            Op::Reset => Opcode::Reset,
         }
     }
 
@@ -493,6 +510,7 @@ impl Op {
             Op::Reserve { pool, pages } | Op::Unreserve { pool, pages } => {
                 (0, pool, ObjectId::default(), 0, pages)
             }
+            Op::Reset => (0, 0, ObjectId::default(), 0, 0),
         };
         let mut b = [0u8; OP_DESC_SIZE];
         b[0] = self.opcode() as u8;
@@ -523,7 +541,13 @@ impl Op {
             object,
             index,
         };
-        let no_flags = |op: Op| if flags != 0 { Err(WireError::BadFlags(flags)) } else { Ok(op) };
+        let no_flags = |op: Op| {
+            if flags != 0 {
+                Err(WireError::BadFlags(flags))
+            } else {
+                Ok(op)
+            }
+        };
         match opcode {
             Opcode::NewPool => {
                 if flags & !POOL_FLAGS_ALL != 0 {
@@ -605,6 +629,12 @@ impl Op {
                 } else {
                     no_flags(Op::Unreserve { pool, pages: arg })
                 }
+            }
+            Opcode::Reset => {
+                if pool != 0 || object != ObjectId::default() || index != 0 || arg != 0 {
+                    return Err(WireError::ReservedNotZero);
+                }
+                no_flags(Op::Reset)
             }
         }
     }
@@ -695,16 +725,22 @@ impl<'a> Request<'a> {
 
     /// Raw opcode byte of operation `i` (0 when out of range).
     pub fn opcode_byte(&self, i: u16) -> u8 {
-        self.ops.get(i as usize * OP_DESC_SIZE).copied().unwrap_or(0)
+        self.ops
+            .get(i as usize * OP_DESC_SIZE)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Decodes operation `i`.
     pub fn op(&self, i: u16) -> WireResult<Op> {
         let start = i as usize * OP_DESC_SIZE;
-        let bytes = self.ops.get(start..start + OP_DESC_SIZE).ok_or(WireError::Truncated {
-            needed: start + OP_DESC_SIZE,
-            got: self.ops.len(),
-        })?;
+        let bytes = self
+            .ops
+            .get(start..start + OP_DESC_SIZE)
+            .ok_or(WireError::Truncated {
+                needed: start + OP_DESC_SIZE,
+                got: self.ops.len(),
+            })?;
         Op::decode(bytes)
     }
 
