@@ -1,0 +1,168 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Page contents: real OS files (shared libraries, documentation text),
+//! zero pages, and deterministic synthetic pages with checksums.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::{Page, PAGE_SIZE};
+
+/// Checksum of a page (XXH3-64).
+pub fn checksum(page: &Page) -> u64 {
+    xxh3_64(page)
+}
+
+/// A deterministic, incompressible page for `seed`.
+pub fn random_page(seed: u64) -> Box<Page> {
+    let mut p: Box<Page> = Box::new([0u8; PAGE_SIZE]);
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for chunk in p.chunks_exact_mut(8) {
+        // xorshift64*
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        chunk.copy_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    p
+}
+
+/// A deterministic page that compresses well: `seed` stamped into text.
+pub fn text_page(seed: u64) -> Box<Page> {
+    let mut p: Box<Page> = Box::new([0u8; PAGE_SIZE]);
+    let line = format!("page {seed:016x} of the vtmem guest simulator; ");
+    for (i, b) in p.iter_mut().enumerate() {
+        *b = line.as_bytes()[i % line.len()];
+    }
+    p
+}
+
+/// Where [`Corpus::load`] found its pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CorpusMix {
+    /// Pages from shared libraries.
+    pub library: usize,
+    /// Pages from documentation text.
+    pub text: usize,
+    /// Zero pages.
+    pub zero: usize,
+    /// Synthetic pages used because the files ran out.
+    pub synthetic: usize,
+}
+
+/// A set of pages for benchmarks.
+#[derive(Debug)]
+pub struct Corpus {
+    /// The pages.
+    pub pages: Vec<Box<Page>>,
+    /// Their origin.
+    pub mix: CorpusMix,
+}
+
+fn list_files(dir: &Path, pred: &dyn Fn(&Path) -> bool, out: &mut Vec<PathBuf>, depth: u32) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for p in entries {
+        let Ok(md) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if md.is_dir() && depth > 0 {
+            list_files(&p, pred, out, depth - 1);
+        } else if md.is_file() && pred(&p) {
+            out.push(p);
+        }
+    }
+}
+
+fn read_pages(files: &[PathBuf], want: usize, out: &mut Vec<Box<Page>>) -> usize {
+    let mut got = 0;
+    for f in files {
+        if got >= want {
+            break;
+        }
+        let Ok(mut file) = fs::File::open(f) else {
+            continue;
+        };
+        let mut data = Vec::new();
+        if file
+            .by_ref()
+            .take(((want - got) * PAGE_SIZE) as u64)
+            .read_to_end(&mut data)
+            .is_err()
+        {
+            continue;
+        }
+        for chunk in data.chunks(PAGE_SIZE) {
+            let mut p: Box<Page> = Box::new([0u8; PAGE_SIZE]);
+            p[..chunk.len()].copy_from_slice(chunk);
+            out.push(p);
+            got += 1;
+        }
+    }
+    got
+}
+
+impl Corpus {
+    /// About `n` pages: 45% from `/usr/lib/x86_64-linux-gnu/*.so*`, 45%
+    /// from text files under `/usr/share/doc`, 10% zero pages, interleaved
+    /// so that any stretch of the corpus has the same mix. Synthetic text
+    /// pages fill in where the files run out.
+    pub fn load(n: usize) -> Corpus {
+        let mut libs = Vec::new();
+        list_files(
+            Path::new("/usr/lib/x86_64-linux-gnu"),
+            &|p: &Path| {
+                p.file_name()
+                    .and_then(|s| s.to_str())
+                    .is_some_and(|s| s.contains(".so"))
+            },
+            &mut libs,
+            0,
+        );
+        let mut docs = Vec::new();
+        list_files(
+            Path::new("/usr/share/doc"),
+            &|p: &Path| {
+                let name = p.file_name().and_then(|s| s.to_str()).unwrap_or("");
+                !name.ends_with(".gz") && !name.ends_with(".png") && !name.ends_with(".jpg")
+            },
+            &mut docs,
+            3,
+        );
+        let n_zero = n / 10;
+        let n_lib = (n - n_zero) / 2;
+        let n_text = n - n_zero - n_lib;
+        let mut lib_pages = Vec::new();
+        let library = read_pages(&libs, n_lib, &mut lib_pages);
+        let mut text_pages = Vec::new();
+        let text = read_pages(&docs, n_text, &mut text_pages);
+        let mut mix = CorpusMix {
+            library,
+            text,
+            zero: 0,
+            synthetic: 0,
+        };
+        let mut pages = Vec::with_capacity(n);
+        let (mut li, mut ti, mut zi) = (lib_pages.into_iter(), text_pages.into_iter(), 0usize);
+        for i in 0..n {
+            let pick = i % 10;
+            let p = if pick == 9 && zi < n_zero {
+                zi += 1;
+                Some(Box::new([0u8; PAGE_SIZE]))
+            } else if pick % 2 == 0 {
+                li.next().or_else(|| ti.next())
+            } else {
+                ti.next().or_else(|| li.next())
+            };
+            pages.push(p.unwrap_or_else(|| {
+                mix.synthetic += 1;
+                text_page(i as u64)
+            }));
+        }
+        mix.zero = zi;
+        Corpus { pages, mix }
+    }
+}

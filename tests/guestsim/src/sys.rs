@@ -1,0 +1,50 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The only place that calls the C library directly: anonymous shared memory
+//! files and waiting on a file descriptor with a timeout. Everything else in
+//! the crate is safe Rust over these wrappers.
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::time::Duration;
+
+/// Creates an anonymous, close-on-exec memory file of `size` bytes: guest RAM
+/// that can be handed to the backend with `SET_MEM_TABLE`.
+pub fn memfd(name: &CStr, size: u64) -> io::Result<File> {
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the
+    // call; memfd_create does not keep the pointer.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create, is open, and nothing
+    // else owns it, so the File becomes its only owner.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
+}
+
+/// Waits until `fd` is readable or `timeout` passes. Returns whether it is
+/// readable. Interrupted waits are retried with the same timeout.
+pub fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is a valid pollfd that outlives the call and the count
+        // passed is 1, matching the single entry.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(r > 0 && pfd.revents & libc::POLLIN != 0);
+    }
+}

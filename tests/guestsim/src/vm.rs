@@ -1,0 +1,427 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! A simulated VM: the VMM half sets the device up over vhost-user the way
+//! QEMU does, the driver half runs the request queues in shared guest RAM.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VringConfigData};
+use vtmem_protocol::{
+    DeviceConfig, Handle, ObjectId, PoolSpec, Status, CONFIG_SIZE, MAX_REQUEST_QUEUES,
+    VTMEM_F_EPHEMERAL, VTMEM_F_MQ, VTMEM_F_RESERVE, VTMEM_F_SHARED,
+};
+
+use crate::memory::{Allocator, GuestRam};
+use crate::queue::{ring_bytes, Queue, QueueConfig, QueueStats, SLOT_BYTES};
+use crate::raw::{RawChainBuilder, SCRATCH_BYTES};
+use crate::{Error, Page, Result};
+
+/// `VIRTIO_F_VERSION_1`.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// `VIRTIO_RING_F_INDIRECT_DESC`.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// `VIRTIO_RING_F_EVENT_IDX`.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// Every device feature bit this driver knows.
+pub const KNOWN_DEVICE_FEATURES: u64 =
+    1 << VTMEM_F_EPHEMERAL | 1 << VTMEM_F_SHARED | 1 << VTMEM_F_MQ | 1 << VTMEM_F_RESERVE;
+
+/// How to set up a VM.
+#[derive(Clone, Debug)]
+pub struct VmOptions {
+    /// Request queues to use (capped by what the device offers).
+    pub queues: u16,
+    /// Entries per ring (a power of two).
+    pub queue_size: u16,
+    /// Requests that may be in flight per queue.
+    pub depth: usize,
+    /// Negotiate `VIRTIO_RING_F_EVENT_IDX` if offered.
+    pub event_idx: bool,
+    /// Negotiate `VIRTIO_RING_F_INDIRECT_DESC` if offered and use it.
+    pub indirect: bool,
+    /// Device feature bits (`1 << VTMEM_F_*`) to accept if offered.
+    pub device_features: u64,
+    /// Send `RESET` once the queues are up, as a driver does at probe.
+    pub reset_on_connect: bool,
+    /// How long to wait for any completion.
+    pub timeout: Duration,
+    /// Spin on the used ring this long before sleeping.
+    pub spin: Duration,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        VmOptions {
+            queues: 1,
+            queue_size: 256,
+            depth: 8,
+            event_idx: true,
+            indirect: true,
+            device_features: KNOWN_DEVICE_FEATURES,
+            reset_on_connect: true,
+            timeout: Duration::from_secs(20),
+            spin: Duration::ZERO,
+        }
+    }
+}
+
+/// What was negotiated with the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Virtio features the device offered.
+    pub offered: u64,
+    /// Virtio features acknowledged.
+    pub acked: u64,
+    /// vhost-user protocol features acknowledged.
+    pub protocol: u64,
+    /// Queues the backend reported (`GET_QUEUE_NUM`, 1 without MQ).
+    pub backend_queues: u64,
+    /// The device's configuration space.
+    pub config: DeviceConfig,
+}
+
+impl Negotiated {
+    /// Whether virtio feature `bit` was acknowledged.
+    pub fn has(&self, bit: u32) -> bool {
+        self.acked & (1u64 << bit) != 0
+    }
+}
+
+/// A connected, running simulated VM.
+pub struct Vm {
+    socket: PathBuf,
+    frontend: Mutex<Frontend>,
+    ram: Arc<GuestRam>,
+    queues: Vec<Mutex<Queue>>,
+    scratch: Mutex<u64>,
+    negotiated: Negotiated,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("socket", &self.socket)
+            .field("queues", &self.queues.len())
+            .field("negotiated", &self.negotiated)
+            .finish_non_exhaustive()
+    }
+}
+
+fn vhost_err(what: &'static str) -> impl FnOnce(vhost::Error) -> Error {
+    move |e| Error::Vhost(what, e)
+}
+
+impl Vm {
+    /// Connects to a vtmemd VM socket and brings the device up.
+    pub fn connect(socket: impl AsRef<Path>, opts: &VmOptions) -> Result<Vm> {
+        let socket = socket.as_ref().to_path_buf();
+        let mut fe =
+            Frontend::connect(&socket, MAX_REQUEST_QUEUES as u64).map_err(vhost_err("connect"))?;
+        // Every message asks for an acknowledgement once REPLY_ACK is
+        // negotiated, so nothing races ahead of the backend (in particular
+        // no kick before SET_VRING_ENABLE is processed).
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        fe.set_owner().map_err(vhost_err("SET_OWNER"))?;
+        let offered = fe.get_features().map_err(vhost_err("GET_FEATURES"))?;
+        let pf = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if offered & pf == 0 {
+            return Err(Error::Setup(
+                "backend does not offer VHOST_USER_F_PROTOCOL_FEATURES".into(),
+            ));
+        }
+        if offered & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(Error::Setup(
+                "backend does not offer VIRTIO_F_VERSION_1".into(),
+            ));
+        }
+        let proto_offered = fe
+            .get_protocol_features()
+            .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
+        let wanted_proto = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        let proto = proto_offered & wanted_proto;
+        if !proto.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(Error::Setup(
+                "backend does not offer the CONFIG protocol feature".into(),
+            ));
+        }
+        fe.set_protocol_features(proto)
+            .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
+        let backend_queues = if proto.contains(VhostUserProtocolFeatures::MQ) {
+            fe.get_queue_num().map_err(vhost_err("GET_QUEUE_NUM"))?
+        } else {
+            1
+        };
+        let (_, cfg_bytes) = fe
+            .get_config(
+                0,
+                CONFIG_SIZE as u32,
+                VhostUserConfigFlags::empty(),
+                &[0u8; CONFIG_SIZE],
+            )
+            .map_err(vhost_err("GET_CONFIG"))?;
+        let config = DeviceConfig::decode(&cfg_bytes)
+            .map_err(|e| Error::Device(format!("config space: {e}")))?;
+
+        let mut wanted =
+            pf | 1 << VIRTIO_F_VERSION_1 | (opts.device_features & KNOWN_DEVICE_FEATURES);
+        if opts.event_idx {
+            wanted |= 1 << VIRTIO_RING_F_EVENT_IDX;
+        }
+        if opts.indirect {
+            wanted |= 1 << VIRTIO_RING_F_INDIRECT_DESC;
+        }
+        let acked = offered & wanted;
+        fe.set_features(acked).map_err(vhost_err("SET_FEATURES"))?;
+        let negotiated = Negotiated {
+            offered,
+            acked,
+            protocol: proto.bits(),
+            backend_queues,
+            config,
+        };
+
+        let device_queues = if negotiated.has(VTMEM_F_MQ) {
+            config.num_request_queues as u64
+        } else {
+            1
+        };
+        let nq = (opts.queues.max(1) as u64)
+            .min(device_queues)
+            .min(backend_queues.max(1)) as u16;
+
+        let depth = opts.depth.max(1);
+        let size = ring_bytes(opts.queue_size) * nq as u64
+            + SLOT_BYTES * depth as u64 * nq as u64
+            + SCRATCH_BYTES
+            + (1 << 20);
+        let name = CString::new(format!(
+            "vtmem-guest-{}",
+            socket.file_stem().and_then(|s| s.to_str()).unwrap_or("vm")
+        ))
+        .map_err(|_| Error::Setup("socket name holds a NUL byte".into()))?;
+        let ram = Arc::new(GuestRam::new(&name, size.next_multiple_of(1 << 21))?);
+        let mut alloc = Allocator::new(ram.base(), ram.end());
+        let scratch = alloc.alloc(SCRATCH_BYTES, 4096)?;
+
+        fe.set_mem_table(&[ram.region_info()?])
+            .map_err(vhost_err("SET_MEM_TABLE"))?;
+
+        let qcfg = QueueConfig {
+            indirect: negotiated.has(VIRTIO_RING_F_INDIRECT_DESC),
+            timeout: opts.timeout,
+            spin: opts.spin,
+        };
+        let event_idx = negotiated.has(VIRTIO_RING_F_EVENT_IDX);
+        let mut queues = Vec::with_capacity(nq as usize);
+        for q in 0..nq {
+            let queue = Queue::new(
+                q,
+                ram.clone(),
+                &mut alloc,
+                opts.queue_size,
+                depth,
+                event_idx,
+                qcfg,
+            )?;
+            let l = queue.ring().layout();
+            let qi = q as usize;
+            fe.set_vring_num(qi, opts.queue_size)
+                .map_err(vhost_err("SET_VRING_NUM"))?;
+            fe.set_vring_base(qi, 0)
+                .map_err(vhost_err("SET_VRING_BASE"))?;
+            let addr = VringConfigData {
+                queue_max_size: opts.queue_size,
+                queue_size: opts.queue_size,
+                flags: 0,
+                desc_table_addr: ram.host_address(l.desc)?,
+                used_ring_addr: ram.host_address(l.used)?,
+                avail_ring_addr: ram.host_address(l.avail)?,
+                log_addr: None,
+            };
+            fe.set_vring_addr(qi, &addr)
+                .map_err(vhost_err("SET_VRING_ADDR"))?;
+            fe.set_vring_kick(qi, queue.kick_fd())
+                .map_err(vhost_err("SET_VRING_KICK"))?;
+            fe.set_vring_call(qi, queue.call_fd())
+                .map_err(vhost_err("SET_VRING_CALL"))?;
+            fe.set_vring_enable(qi, true)
+                .map_err(vhost_err("SET_VRING_ENABLE"))?;
+            queues.push(Mutex::new(queue));
+        }
+
+        let vm = Vm {
+            socket,
+            frontend: Mutex::new(fe),
+            ram,
+            queues,
+            scratch: Mutex::new(scratch),
+            negotiated,
+        };
+        if opts.reset_on_connect {
+            let st = vm.reset()?;
+            if st != Status::Ok {
+                return Err(Error::Status(st));
+            }
+        }
+        Ok(vm)
+    }
+
+    /// The socket this VM is connected to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// What was negotiated.
+    pub fn negotiated(&self) -> Negotiated {
+        self.negotiated
+    }
+
+    /// The device's configuration space.
+    pub fn config(&self) -> DeviceConfig {
+        self.negotiated.config
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Number of request queues in use.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Exclusive access to request queue `i` (for pipelining, raw chains,
+    /// or driving queues from several threads).
+    pub fn queue(&self, i: usize) -> MutexGuard<'_, Queue> {
+        self.queues[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sum of every queue's counters.
+    pub fn stats(&self) -> QueueStats {
+        let mut s = QueueStats::default();
+        for i in 0..self.queues.len() {
+            let mut q = self.queue(i);
+            // Best effort: a failing eventfd read only loses a count.
+            let _ = q.collect_interrupts();
+            let t = q.stats();
+            s.requests += t.requests;
+            s.ops += t.ops;
+            s.kicks += t.kicks;
+            s.kicks_suppressed += t.kicks_suppressed;
+            s.interrupts += t.interrupts;
+            s.sleeps += t.sleeps;
+            s.completions += t.completions;
+        }
+        s
+    }
+
+    /// Clears every queue's counters.
+    pub fn reset_stats(&self) {
+        for i in 0..self.queues.len() {
+            let mut q = self.queue(i);
+            let _ = q.collect_interrupts();
+            q.reset_stats();
+        }
+    }
+
+    /// Kick eventfd writes so far.
+    pub fn kicks(&self) -> u64 {
+        self.stats().kicks
+    }
+
+    /// Device interrupts so far.
+    pub fn interrupts(&self) -> u64 {
+        self.stats().interrupts
+    }
+
+    /// Starts a hand-built chain on queue `q` (malformed-request tests).
+    pub fn raw_chain(&self, q: usize) -> RawChainBuilder<'_> {
+        let scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        RawChainBuilder::new(self, q, scratch)
+    }
+
+    /// `RESET` on queue 0.
+    pub fn reset(&self) -> Result<Status> {
+        self.queue(0).reset()
+    }
+
+    /// `NEW_POOL` on queue 0.
+    pub fn new_pool(&self, spec: PoolSpec) -> Result<u32> {
+        self.queue(0).new_pool(spec)
+    }
+
+    /// `DESTROY_POOL` on queue 0.
+    pub fn destroy_pool(&self, pool: u32) -> Result<Status> {
+        self.queue(0).destroy_pool(pool)
+    }
+
+    /// `PUT`s on queue 0.
+    pub fn put_batch(&self, pages: &[(Handle, &Page)]) -> Result<Vec<Status>> {
+        self.queue(0).put_batch(pages)
+    }
+
+    /// Reserved `PUT`s on queue 0.
+    pub fn put_batch_reserved(&self, pages: &[(Handle, &Page)]) -> Result<Vec<Status>> {
+        self.queue(0).put_batch_with(pages, true)
+    }
+
+    /// `GET`s on queue 0.
+    pub fn get_batch(&self, handles: &[Handle]) -> Result<Vec<(Status, Box<Page>)>> {
+        self.queue(0).get_batch(handles)
+    }
+
+    /// `FLUSH_PAGE` on queue 0.
+    pub fn flush_page(&self, handle: Handle) -> Result<Status> {
+        self.queue(0).flush_page(handle)
+    }
+
+    /// `FLUSH_PAGE`s on queue 0.
+    pub fn flush_pages(&self, handles: &[Handle]) -> Result<Vec<Status>> {
+        self.queue(0).flush_pages(handles)
+    }
+
+    /// `FLUSH_OBJECT` on queue 0.
+    pub fn flush_object(&self, pool: u32, object: ObjectId) -> Result<Status> {
+        self.queue(0).flush_object(pool, object)
+    }
+
+    /// `RESERVE` on queue 0.
+    pub fn reserve(&self, pool: u32, pages: u64) -> Result<u64> {
+        self.queue(0).reserve(pool, pages)
+    }
+
+    /// `UNRESERVE` on queue 0.
+    pub fn unreserve(&self, pool: u32, pages: u64) -> Result<u64> {
+        self.queue(0).unreserve(pool, pages)
+    }
+
+    /// Stops the rings the way a VMM stops a device (`SET_VRING_ENABLE 0`,
+    /// `GET_VRING_BASE`), then closes the connection. Returns each queue's
+    /// ring base as the backend reported it.
+    pub fn shutdown(self) -> Result<Vec<u32>> {
+        let mut fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bases = Vec::new();
+        for i in 0..self.queues.len() {
+            fe.set_vring_enable(i, false)
+                .map_err(vhost_err("SET_VRING_ENABLE"))?;
+            bases.push(fe.get_vring_base(i).map_err(vhost_err("GET_VRING_BASE"))?);
+        }
+        Ok(bases)
+    }
+
+    /// Closes the connection at once, whatever is in flight (a VMM crash or
+    /// kill). Guest RAM stays mapped here until the `Vm` is dropped.
+    pub fn disconnect(self) {
+        drop(self);
+    }
+}
