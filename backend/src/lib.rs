@@ -1,4 +1,157 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! vtmem host side: the tmem store (virtio-agnostic) and the vhost-user device.
+//! vtmem host side: the tmem store (virtio-agnostic) and the vhost-user
+//! device that serves it to many VMs.
+//!
+//! Layout:
+//!
+//! - [`store`]: the page store; knows nothing of virtio.
+//! - [`request`]: descriptor chain → validated request (typed errors).
+//! - [`exec`]: runs validated requests against a store client.
+//! - [`device`]: the thin vhost-user backend (features, config, queues).
+//! - [`daemon`]: many VMs in one process: sockets, serving threads,
+//!   reconnects, adding and removing VMs.
+//! - [`control`]: the JSON control socket.
+//! - [`config`], [`cli`]: configuration file, `--vm` specs, command line.
+//! - [`ratelimit`], [`sys`]: helpers.
 
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use log::{info, warn};
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod device;
+pub mod exec;
+pub mod ratelimit;
+pub mod request;
 pub mod store;
+pub mod sys;
+
+pub use cli::Args;
+pub use config::DaemonConfig;
+
+use config::ConfigError;
+use control::ControlServer;
+use daemon::{Daemon, DaemonError};
+use store::{Store, StoreConfig};
+
+/// Why `vtmemd` could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A VM could not be served.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    /// The socket directory cannot be used.
+    #[error("socket directory {0}: {1}")]
+    SocketDir(PathBuf, io::Error),
+    /// The control socket cannot be served.
+    #[error("control socket {0}: {1}")]
+    Control(PathBuf, io::Error),
+    /// Signal handling cannot be set up.
+    #[error("cannot set up signal handling: {0}")]
+    Signals(io::Error),
+}
+
+/// The capabilities JSON printed by `--print-capabilities`.
+pub fn capabilities() -> String {
+    serde_json::json!({
+        "type": "tmem",
+        "features": device::CAPABILITY_FEATURES,
+    })
+    .to_string()
+}
+
+/// A running daemon: VMs served, control socket listening.
+#[derive(Debug)]
+pub struct Running {
+    daemon: Arc<Daemon>,
+    control: ControlServer,
+}
+
+impl Running {
+    /// The VM registry and store.
+    pub fn daemon(&self) -> &Arc<Daemon> {
+        &self.daemon
+    }
+
+    /// Stops everything and removes every socket.
+    pub fn shutdown(mut self) {
+        self.control.stop();
+        self.daemon.shutdown();
+    }
+}
+
+fn prepare_socket_dir(dir: &std::path::Path) -> Result<(), Error> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::SocketDir(
+            dir.to_path_buf(),
+            io::Error::new(io::ErrorKind::AlreadyExists, "not a directory"),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| Error::SocketDir(dir.to_path_buf(), e))
+        }
+        Err(e) => Err(Error::SocketDir(dir.to_path_buf(), e)),
+    }
+}
+
+/// Creates the store, binds the control socket and every VM's socket, and
+/// returns once all of them listen.
+pub fn launch(config: &DaemonConfig) -> Result<Running, Error> {
+    config.validate()?;
+    prepare_socket_dir(&config.socket_dir)?;
+    let store = Store::new(StoreConfig {
+        host_limit: config.host_limit,
+    });
+    let daemon = Daemon::new(store, config);
+    let mut control =
+        ControlServer::start(daemon.clone(), &config.control_socket, config.control_group)
+            .map_err(|e| Error::Control(config.control_socket.clone(), e))?;
+    for vm in &config.vms {
+        if let Err(e) = daemon.add_vm(vm) {
+            control.stop();
+            daemon.shutdown();
+            return Err(e.into());
+        }
+    }
+    Ok(Running { daemon, control })
+}
+
+/// Runs `vtmemd` until SIGINT or SIGTERM, then removes every socket and
+/// returns `Ok(())`.
+pub fn start(config: DaemonConfig) -> Result<(), Error> {
+    // Block the termination signals before any thread starts, so that every
+    // thread inherits the mask and only `wait` below receives them.
+    let signals = sys::SignalSet::block_termination().map_err(Error::Signals)?;
+    let running = launch(&config)?;
+
+    let ready = format!(
+        "vtmemd ready: {} VM(s) in {}, control socket {}, host limit {}, {} queue(s) of {}",
+        config.vms.len(),
+        config.socket_dir.display(),
+        config.control_socket.display(),
+        config::format_size(config.host_limit),
+        config.device.queues,
+        config.device.queue_size,
+    );
+    info!("{ready}");
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{ready}");
+    let _ = out.flush();
+    drop(out);
+
+    match signals.wait() {
+        Ok(sig) => info!("{}: shutting down", sys::signal_name(sig)),
+        Err(e) => warn!("waiting for signals failed ({e}); shutting down"),
+    }
+    running.shutdown();
+    info!("vtmemd stopped");
+    Ok(())
+}

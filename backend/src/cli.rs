@@ -1,0 +1,282 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Command line of `vtmemd`, and its conversion into a [`DaemonConfig`].
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+use crate::config::{
+    parse_size, resolve_group, validate_poll_us, validate_queue_size, validate_queues, ConfigError,
+    DaemonConfig, DeviceSettings, FileConfig, VmConfig, DEFAULT_CONTROL_SOCKET_NAME,
+    DEFAULT_HOST_LIMIT,
+};
+
+const LONG_ABOUT: &str = "\
+vtmemd serves the vtmem paravirtual transcendent-memory device to many VMs
+from one process. Each VM attaches through its own vhost-user socket
+<socket-dir>/<name>.sock; the name is the VM's identity in the shared page
+store, and its pools and pages survive reconnects of the VMM. VMs are
+declared with --vm, in the configuration file, or at run time through the
+control socket (newline-delimited JSON, see docs/control-api.md).
+
+Sizes take binary units: 4096, 64K, 512M, 2G, 1T; quotas also 'unlimited'.";
+
+const AFTER_HELP: &str = "\
+Example:
+  vtmemd --socket-dir /run/vtmem --host-limit 4G \\
+         --vm name=vm1,persistent-quota=512M,ephemeral-quota=1G \\
+         --vm name=vm2,weight=50,dedup-group=web
+
+  qemu-system-x86_64 ... \\
+    -object memory-backend-memfd,id=mem,size=2G,share=on -numa node,memdev=mem \\
+    -chardev socket,id=tmem0,path=/run/vtmem/vm1.sock,reconnect-ms=1000 \\
+    -device vhost-user-tmem-pci,chardev=tmem0,num-request-queues=1
+
+QEMU's num-request-queues must equal --queues, and its queue-size must not
+exceed --queue-size.";
+
+/// Log levels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    /// Nothing.
+    Off,
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// Lifecycle events (the default).
+    Info,
+    /// Per-connection details.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl From<LogLevel> for log::LevelFilter {
+    fn from(l: LogLevel) -> Self {
+        match l {
+            LogLevel::Off => log::LevelFilter::Off,
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// `vtmemd` command line.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "vtmemd",
+    version,
+    about = "vhost-user transcendent-memory (tmem) device for many VMs",
+    long_about = LONG_ABOUT,
+    after_long_help = AFTER_HELP
+)]
+pub struct Args {
+    /// Directory of the per-VM vhost-user sockets (<DIR>/<name>.sock);
+    /// created if missing.
+    #[arg(long, value_name = "DIR")]
+    pub socket_dir: Option<PathBuf>,
+
+    /// TOML configuration file (settings and [[vm]] tables); command-line
+    /// flags override its settings, --vm adds to its VMs.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// A VM to serve, e.g. name=vm1,persistent-quota=512M,ephemeral-quota=1G,weight=100,dedup-group=web,auth=UUID
+    /// (repeatable; 'auth' may repeat).
+    #[arg(long = "vm", value_name = "SPEC")]
+    pub vms: Vec<String>,
+
+    /// Host memory the store may use for pages and metadata [default: 1G].
+    #[arg(long, value_name = "SIZE")]
+    pub host_limit: Option<String>,
+
+    /// Request queues per VM, each with its own worker thread (1-64) [default: 1].
+    #[arg(long, value_name = "N")]
+    pub queues: Option<u64>,
+
+    /// Largest size of each request queue (power of two) [default: 256].
+    #[arg(long, value_name = "N")]
+    pub queue_size: Option<u64>,
+
+    /// After a queue drains, busy-poll it for up to N microseconds before
+    /// sleeping (0 disables) [default: 0].
+    #[arg(long, value_name = "N")]
+    pub poll_us: Option<u64>,
+
+    /// Control socket path [default: <socket-dir>/vtmemd.ctl].
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Group that may use the control socket (mode 0660); without it the
+    /// socket is mode 0600.
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
+
+    /// Log level; RUST_LOG, if set, refines it (e.g. RUST_LOG=vtmem_backend::device=debug).
+    #[arg(long, value_enum, value_name = "LEVEL", default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+
+    /// Print the backend's capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+}
+
+impl TryFrom<Args> for DaemonConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let socket_dir = args
+            .socket_dir
+            .or(file.socket_dir.clone())
+            .ok_or(ConfigError::NoSocketDir)?;
+        let control_socket = args
+            .control_socket
+            .or(file.control_socket.clone())
+            .unwrap_or_else(|| socket_dir.join(DEFAULT_CONTROL_SOCKET_NAME));
+        let control_group = match args.control_group.or(file.control_group.clone()) {
+            Some(g) => Some(resolve_group(&g)?),
+            None => None,
+        };
+        let host_limit = match (&args.host_limit, &file.host_limit) {
+            (Some(s), _) => parse_size(s)?,
+            (None, Some(v)) => v.size()?,
+            (None, None) => DEFAULT_HOST_LIMIT,
+        };
+        let defaults = DeviceSettings::default();
+        let device = DeviceSettings {
+            queues: match args.queues.or(file.queues) {
+                Some(n) => validate_queues(n)?,
+                None => defaults.queues,
+            },
+            queue_size: match args.queue_size.or(file.queue_size) {
+                Some(n) => validate_queue_size(n)?,
+                None => defaults.queue_size,
+            },
+            poll: match args.poll_us.or(file.poll_us) {
+                Some(us) => validate_poll_us(us)?,
+                None => defaults.poll,
+            },
+        };
+        let mut vms = Vec::new();
+        for vm in &file.vm {
+            vms.push(vm.to_vm_config()?);
+        }
+        for spec in &args.vms {
+            vms.push(VmConfig::parse_spec(spec)?);
+        }
+        let config = DaemonConfig {
+            socket_dir,
+            control_socket,
+            control_group,
+            host_limit,
+            device,
+            vms,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::time::Duration;
+
+    fn parse(argv: &[&str]) -> Result<DaemonConfig, ConfigError> {
+        let args = Args::try_parse_from(std::iter::once("vtmemd").chain(argv.iter().copied()))
+            .expect("clap accepts these flags");
+        DaemonConfig::try_from(args)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--socket-dir", "/run/vtmem"]).unwrap();
+        assert_eq!(c.socket_dir, Path::new("/run/vtmem"));
+        assert_eq!(c.control_socket, Path::new("/run/vtmem/vtmemd.ctl"));
+        assert_eq!(c.host_limit, DEFAULT_HOST_LIMIT);
+        assert_eq!(c.device, DeviceSettings::default());
+        assert!(c.vms.is_empty());
+        assert_eq!(c.control_group, None);
+    }
+
+    #[test]
+    fn flags() {
+        let c = parse(&[
+            "--socket-dir",
+            "/tmp/x",
+            "--host-limit",
+            "2G",
+            "--queues",
+            "4",
+            "--queue-size",
+            "1024",
+            "--poll-us",
+            "30",
+            "--control-socket",
+            "/tmp/ctl",
+            "--control-group",
+            "0",
+            "--vm",
+            "name=a,persistent-quota=1M",
+            "--vm",
+            "b",
+        ])
+        .unwrap();
+        assert_eq!(c.host_limit, 2 << 30);
+        assert_eq!(c.device.queues, 4);
+        assert_eq!(c.device.queue_size, 1024);
+        assert_eq!(c.device.poll, Duration::from_micros(30));
+        assert_eq!(c.control_socket, Path::new("/tmp/ctl"));
+        assert_eq!(c.control_group, Some(0));
+        assert_eq!(c.vms.len(), 2);
+        assert_eq!(c.vms[0].client.persistent_quota, 1 << 20);
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(parse(&[]).unwrap_err(), ConfigError::NoSocketDir);
+        assert!(matches!(
+            parse(&["--socket-dir", "/x", "--queues", "65"]).unwrap_err(),
+            ConfigError::BadQueues(65)
+        ));
+        assert!(matches!(
+            parse(&["--socket-dir", "/x", "--queue-size", "300"]).unwrap_err(),
+            ConfigError::BadQueueSize(300)
+        ));
+        assert!(matches!(
+            parse(&["--socket-dir", "/x", "--host-limit", "lots"]).unwrap_err(),
+            ConfigError::BadSize(_)
+        ));
+        assert!(matches!(
+            parse(&["--socket-dir", "/x", "--vm", "a", "--vm", "a"]).unwrap_err(),
+            ConfigError::DuplicateVm(_)
+        ));
+        assert!(matches!(
+            parse(&["--socket-dir", &"/d".repeat(60), "--vm", "a"]).unwrap_err(),
+            ConfigError::SocketPathTooLong(_)
+        ));
+        assert!(matches!(
+            parse(&[
+                "--socket-dir",
+                "/x",
+                "--control-group",
+                "no-such-group-vtmem"
+            ])
+            .unwrap_err(),
+            ConfigError::UnknownGroup(_)
+        ));
+        assert!(matches!(
+            parse(&["--socket-dir", "/x", "--config", "/nonexistent/vtmemd.toml"]).unwrap_err(),
+            ConfigError::ReadFile(..)
+        ));
+    }
+}

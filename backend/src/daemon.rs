@@ -1,0 +1,529 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! One process, many VMs.
+//!
+//! The [`Daemon`] owns the store and a registry of VMs. Each VM has a store
+//! client (its identity), a listening socket `<socket-dir>/<name>.sock` and
+//! a serving thread. The thread waits for a frontend, runs a fresh
+//! `VhostUserDaemon` (with its own worker threads) for that connection, and
+//! after a disconnect goes back to listening on the same socket, so a VMM
+//! can reconnect. The client, its pools and pages, live on across
+//! connections. VMs come and go at run time without disturbing each other.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use log::{error, info, warn};
+use serde::Serialize;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{
+    check_socket_path, format_uuid, validate_vm_name, ConfigError, DaemonConfig, DeviceSettings,
+    VmConfig,
+};
+use crate::device::VtmemBackend;
+use crate::exec::{DeviceCounters, DeviceCountersSnapshot};
+use crate::ratelimit::RateLimitedLog;
+use crate::store::{ClientConfig, ClientHandle, ClientStats, Store, TmemError};
+
+/// Errors of VM management.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Bad name, path or setting.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store refused.
+    #[error("{0}")]
+    Store(#[from] TmemError),
+    /// A VM of that name is served already.
+    #[error("VM '{0}' already exists")]
+    VmExists(String),
+    /// No VM of that name.
+    #[error("no VM named '{0}'")]
+    UnknownVm(String),
+    /// Another process listens on the socket path.
+    #[error("socket {0} is in use by another process")]
+    SocketInUse(PathBuf),
+    /// Something that is not a socket is in the way.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// The socket cannot be created.
+    #[error("cannot listen on {0}: {1}")]
+    Listen(PathBuf, String),
+    /// A thread cannot be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(io::Error),
+    /// The daemon is shutting down.
+    #[error("vtmemd is shutting down")]
+    ShuttingDown,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Default)]
+struct Connection {
+    stopping: bool,
+    shutdown: Option<ShutdownHandle>,
+}
+
+/// One served VM.
+pub struct Vm {
+    name: String,
+    socket: PathBuf,
+    client: ClientHandle,
+    counters: Arc<DeviceCounters>,
+    log: Arc<RateLimitedLog>,
+    connected: AtomicBool,
+    connections: AtomicU64,
+    stop_evt: EventFd,
+    conn: Mutex<Connection>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("name", &self.name)
+            .field("socket", &self.socket)
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}
+
+impl Vm {
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Its store client.
+    pub fn client(&self) -> &ClientHandle {
+        &self.client
+    }
+
+    /// Whether a frontend is connected now.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Frontend connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// The device counters.
+    pub fn counters(&self) -> DeviceCountersSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// Records a new connection; false if the VM is being stopped (the
+    /// caller then shuts the connection down itself).
+    fn connected(&self, handle: Option<ShutdownHandle>) -> bool {
+        let mut conn = lock(&self.conn);
+        if conn.stopping {
+            return false;
+        }
+        conn.shutdown = handle;
+        self.connected.store(true, Ordering::Release);
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn disconnected(&self) {
+        let mut conn = lock(&self.conn);
+        conn.shutdown = None;
+        self.connected.store(false, Ordering::Release);
+    }
+
+    fn stopping(&self) -> bool {
+        lock(&self.conn).stopping
+    }
+
+    /// Asks the serving thread to finish: drop the connection, stop
+    /// listening.
+    fn request_stop(&self) {
+        let handle = {
+            let mut conn = lock(&self.conn);
+            conn.stopping = true;
+            conn.shutdown.take()
+        };
+        if let Some(h) = handle {
+            h.shutdown();
+        }
+        let _ = self.stop_evt.write(1);
+        // The thread may sit in accept() after a connection attempt that was
+        // aborted; a connection of our own wakes it up.
+        let _ = UnixStream::connect(&self.socket);
+    }
+
+    fn join(&self) {
+        let handle = lock(&self.thread).take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                error!("vm {}: serving thread panicked", self.name);
+            }
+        }
+    }
+
+    /// A summary for `list`.
+    pub fn info(&self) -> VmInfo {
+        VmInfo {
+            name: self.name.clone(),
+            socket: self.socket.clone(),
+            connected: self.is_connected(),
+            connections: self.connections(),
+            config: ClientConfigView::from(&self.client.config()),
+        }
+    }
+
+    /// Everything about the VM, for `show`.
+    pub fn details(&self) -> VmDetails {
+        VmDetails {
+            info: self.info(),
+            device: self.counters(),
+            stats: self.client.stats(),
+        }
+    }
+}
+
+/// A client configuration with readable UUIDs.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ClientConfigView {
+    /// Persistent quota, bytes (18446744073709551615 = unlimited).
+    pub persistent_quota: u64,
+    /// Ephemeral quota, bytes.
+    pub ephemeral_quota: u64,
+    /// Weight.
+    pub weight: u32,
+    /// Dedup group.
+    pub dedup_group: Option<String>,
+    /// Authorised shared-pool UUIDs.
+    pub authorized_uuids: Vec<String>,
+}
+
+impl From<&ClientConfig> for ClientConfigView {
+    fn from(c: &ClientConfig) -> Self {
+        ClientConfigView {
+            persistent_quota: c.persistent_quota,
+            ephemeral_quota: c.ephemeral_quota,
+            weight: c.weight,
+            dedup_group: c.dedup_group.clone(),
+            authorized_uuids: c.authorized_uuids.iter().map(format_uuid).collect(),
+        }
+    }
+}
+
+/// A VM in `list`.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmInfo {
+    /// Name.
+    pub name: String,
+    /// Socket path.
+    pub socket: PathBuf,
+    /// A frontend is connected.
+    pub connected: bool,
+    /// Connections accepted since the VM was added.
+    pub connections: u64,
+    /// Its client configuration.
+    pub config: ClientConfigView,
+}
+
+/// A VM in `show`.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmDetails {
+    /// The summary.
+    #[serde(flatten)]
+    pub info: VmInfo,
+    /// Device counters (chains, notifications...).
+    pub device: DeviceCountersSnapshot,
+    /// The store's statistics of the client.
+    pub stats: ClientStats,
+}
+
+/// The VM registry and the shared store.
+#[derive(Debug)]
+pub struct Daemon {
+    store: Arc<Store>,
+    socket_dir: PathBuf,
+    settings: DeviceSettings,
+    vms: Mutex<BTreeMap<String, Arc<Vm>>>,
+    /// Serialises add and remove (they block on sockets and threads).
+    admin: Mutex<bool>,
+}
+
+impl Daemon {
+    /// A daemon with no VMs yet.
+    pub fn new(store: Arc<Store>, config: &DaemonConfig) -> Arc<Self> {
+        Arc::new(Daemon {
+            store,
+            socket_dir: config.socket_dir.clone(),
+            settings: config.device,
+            vms: Mutex::new(BTreeMap::new()),
+            admin: Mutex::new(false),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The device settings every VM gets.
+    pub fn settings(&self) -> DeviceSettings {
+        self.settings
+    }
+
+    /// The socket directory.
+    pub fn socket_dir(&self) -> &Path {
+        &self.socket_dir
+    }
+
+    /// A VM by name.
+    pub fn vm(&self, name: &str) -> Result<Arc<Vm>, DaemonError> {
+        lock(&self.vms)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| DaemonError::UnknownVm(name.to_string()))
+    }
+
+    /// All VMs, by name.
+    pub fn vms(&self) -> Vec<Arc<Vm>> {
+        lock(&self.vms).values().cloned().collect()
+    }
+
+    /// Starts serving a VM: creates its client and its socket.
+    pub fn add_vm(&self, vm: &VmConfig) -> Result<Arc<Vm>, DaemonError> {
+        let admin = lock(&self.admin);
+        if *admin {
+            return Err(DaemonError::ShuttingDown);
+        }
+        validate_vm_name(&vm.name)?;
+        if lock(&self.vms).contains_key(&vm.name) {
+            return Err(DaemonError::VmExists(vm.name.clone()));
+        }
+        let socket = DaemonConfig::vm_socket_path(&self.socket_dir, &vm.name);
+        check_socket_path(&socket)?;
+        clear_stale_socket(&socket)?;
+
+        let client = self.store.add_client(&vm.name, vm.client.clone())?;
+        let listener = match Listener::new(&socket, false) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self.store.remove_client(&vm.name);
+                return Err(DaemonError::Listen(socket, e.to_string()));
+            }
+        };
+        let stop_evt = match EventFd::new(EFD_NONBLOCK) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = self.store.remove_client(&vm.name);
+                return Err(DaemonError::Thread(e));
+            }
+        };
+        let entry = Arc::new(Vm {
+            name: vm.name.clone(),
+            socket: socket.clone(),
+            client,
+            counters: Arc::new(DeviceCounters::default()),
+            log: Arc::new(RateLimitedLog::new(format!("vm {}", vm.name))),
+            connected: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+            stop_evt,
+            conn: Mutex::new(Connection::default()),
+            thread: Mutex::new(None),
+        });
+        let settings = self.settings;
+        let thread_vm = entry.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("vtmem-{}", vm.name))
+            .spawn(move || serve(thread_vm, listener, settings));
+        match spawned {
+            Ok(h) => *lock(&entry.thread) = Some(h),
+            Err(e) => {
+                // The listener went down with the closure: socket removed.
+                let _ = self.store.remove_client(&vm.name);
+                return Err(DaemonError::Thread(e));
+            }
+        }
+        lock(&self.vms).insert(vm.name.clone(), entry.clone());
+        info!(
+            "vm {}: listening on {} (persistent quota {}, ephemeral quota {}, weight {})",
+            vm.name,
+            socket.display(),
+            crate::config::format_size(vm.client.persistent_quota),
+            crate::config::format_size(vm.client.ephemeral_quota),
+            vm.client.weight
+        );
+        drop(admin);
+        Ok(entry)
+    }
+
+    /// Stops serving a VM, frees everything its client holds and removes
+    /// its socket.
+    pub fn remove_vm(&self, name: &str) -> Result<(), DaemonError> {
+        let admin = lock(&self.admin);
+        if *admin {
+            return Err(DaemonError::ShuttingDown);
+        }
+        let vm = lock(&self.vms)
+            .remove(name)
+            .ok_or_else(|| DaemonError::UnknownVm(name.to_string()))?;
+        vm.request_stop();
+        vm.join();
+        let _ = std::fs::remove_file(&vm.socket);
+        let result = self.store.remove_client(name);
+        drop(admin);
+        info!("vm {name}: removed");
+        result.map_err(DaemonError::from)
+    }
+
+    /// Stops every VM (the clients stay in the store). Later add and remove
+    /// calls fail.
+    pub fn shutdown(&self) {
+        let mut admin = lock(&self.admin);
+        *admin = true;
+        let vms: Vec<Arc<Vm>> = std::mem::take(&mut *lock(&self.vms))
+            .into_values()
+            .collect();
+        for vm in &vms {
+            vm.request_stop();
+        }
+        for vm in &vms {
+            vm.join();
+            let _ = std::fs::remove_file(&vm.socket);
+        }
+    }
+}
+
+/// Removes a socket file nobody listens on; refuses to touch a live socket
+/// or a file that is not a socket.
+fn clear_stale_socket(path: &Path) -> Result<(), DaemonError> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DaemonError::Listen(path.to_path_buf(), e.to_string())),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            Err(DaemonError::NotASocket(path.to_path_buf()))
+        }
+        Ok(_) => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(DaemonError::SocketInUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| DaemonError::Listen(path.to_path_buf(), e.to_string()))
+        }
+    }
+}
+
+const LISTENER_TOKEN: u64 = 0;
+const STOP_TOKEN: u64 = 1;
+
+/// Waits until the listener has a connection (true) or the VM is stopped
+/// (false).
+fn wait_for_connection(epoll: &Epoll, vm: &Vm) -> bool {
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        if vm.stopping() {
+            return false;
+        }
+        match epoll.wait(-1, &mut events) {
+            Ok(n) => {
+                if vm.stopping() || events[..n].iter().any(|e| e.data() == STOP_TOKEN) {
+                    return false;
+                }
+                if n > 0 {
+                    return true;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!("vm {}: cannot wait for connections: {e}", vm.name);
+                return false;
+            }
+        }
+    }
+}
+
+/// The serving thread of one VM: accept, serve, repeat.
+fn serve(vm: Arc<Vm>, mut listener: Listener, settings: DeviceSettings) {
+    let epoll = match Epoll::new().and_then(|ep| {
+        ep.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+        )?;
+        ep.ctl(
+            ControlOperation::Add,
+            vm.stop_evt.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP_TOKEN),
+        )?;
+        Ok(ep)
+    }) {
+        Ok(ep) => ep,
+        Err(e) => {
+            error!("vm {}: cannot set up epoll: {e}", vm.name);
+            return;
+        }
+    };
+
+    while wait_for_connection(&epoll, &vm) {
+        let backend = Arc::new(VtmemBackend::new(
+            vm.client.clone(),
+            settings,
+            vm.counters.clone(),
+            vm.log.clone(),
+        ));
+        let mut daemon = match VhostUserDaemon::new(
+            format!("vtmem-{}", vm.name),
+            backend.clone(),
+            backend.memory(),
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                error!("vm {}: cannot create the vhost-user daemon: {e}", vm.name);
+                backend.stop_workers();
+                thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
+        if let Err(e) = daemon.start(&mut listener) {
+            warn!("vm {}: cannot accept a connection: {e}", vm.name);
+            backend.stop_workers();
+            thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        if !vm.connected(daemon.shutdown_handle()) {
+            daemon.request_shutdown();
+            let _ = daemon.wait();
+            backend.stop_workers();
+            break;
+        }
+        info!("vm {}: frontend connected", vm.name);
+        let result = daemon.wait();
+        backend.stop_workers();
+        vm.disconnected();
+        match result {
+            Ok(()) => info!("vm {}: frontend disconnected", vm.name),
+            Err(e) if vm.stopping() => info!("vm {}: connection closed ({e})", vm.name),
+            Err(e) => info!("vm {}: frontend disconnected: {e}", vm.name),
+        }
+    }
+    // Dropping the listener removes the socket file.
+    drop(listener);
+}

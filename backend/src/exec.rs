@@ -1,0 +1,422 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Executes validated requests against the store, and writes the answers
+//! into guest memory.
+//!
+//! One [`Executor`] per worker thread (per request queue) owns the page
+//! buffer and the response buffer, so the data path allocates nothing.
+//!
+//! **One copy, from a snapshot.** A PUT's page is copied from guest memory
+//! into the executor's page buffer, and the store sees only that copy: the
+//! hash, the dedup comparison and the compressor all read the same bytes,
+//! so a guest that keeps writing the page while the device works cannot
+//! make the store keep data that differs from what it hashed or compared.
+//! A GET's page is produced by the store into the same buffer and then
+//! copied into guest memory.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use log::Level;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vtmem_protocol::{
+    Op, OpStatus, PageBuffer, ResponseHeader, ResponseWriter, Status, MAX_RESPONSE_LEN, PAGE_SIZE,
+    RESPONSE_HEADER_SIZE, VTMEM_F_EPHEMERAL, VTMEM_F_RESERVE, VTMEM_F_SHARED,
+};
+
+use crate::ratelimit::RateLimitedLog;
+use crate::request::{ChainError, ChainParser, ValidChain};
+use crate::store::{ClientHandle, Page};
+
+/// Device features that change what operations may do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Features {
+    /// `VTMEM_F_EPHEMERAL` negotiated.
+    pub ephemeral: bool,
+    /// `VTMEM_F_SHARED` negotiated.
+    pub shared: bool,
+    /// `VTMEM_F_RESERVE` negotiated.
+    pub reserve: bool,
+    /// `VIRTIO_RING_F_INDIRECT_DESC` negotiated.
+    pub indirect: bool,
+}
+
+impl Features {
+    /// Every feature.
+    pub const ALL: Features = Features {
+        ephemeral: true,
+        shared: true,
+        reserve: true,
+        indirect: true,
+    };
+
+    /// Decodes the acknowledged virtio feature bits.
+    pub fn from_acked(acked: u64) -> Self {
+        use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+        let bit = |b: u32| acked & (1u64 << b) != 0;
+        Features {
+            ephemeral: bit(VTMEM_F_EPHEMERAL),
+            shared: bit(VTMEM_F_SHARED),
+            reserve: bit(VTMEM_F_RESERVE),
+            indirect: bit(VIRTIO_RING_F_INDIRECT_DESC),
+        }
+    }
+}
+
+/// Per-VM device counters, kept across connections; shown by the control
+/// socket's `show` command.
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    /// Chains taken from the rings.
+    pub chains: AtomicU64,
+    /// Operations executed (valid or not) in valid chains.
+    pub ops: AtomicU64,
+    /// Operations that failed to decode (unknown opcode, bad flags...).
+    pub invalid_ops: AtomicU64,
+    /// Chains answered with a request-level error status.
+    pub rejected_chains: AtomicU64,
+    /// Chains returned with used length 0.
+    pub dropped_chains: AtomicU64,
+    /// Notifications sent to the guest (used-ring interrupts).
+    pub notifications: AtomicU64,
+    /// Queue events handled (kicks, and rings found busy when enabled).
+    pub kicks: AtomicU64,
+    /// Batches found by busy-polling instead of waiting for a kick.
+    pub poll_hits: AtomicU64,
+    /// Page bytes copied in from guest memory by PUTs.
+    pub bytes_from_guest: AtomicU64,
+    /// Page bytes copied out to guest memory by GETs.
+    pub bytes_to_guest: AtomicU64,
+}
+
+impl DeviceCounters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A plain copy, for reporting.
+    pub fn snapshot(&self) -> DeviceCountersSnapshot {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DeviceCountersSnapshot {
+            chains: l(&self.chains),
+            ops: l(&self.ops),
+            invalid_ops: l(&self.invalid_ops),
+            rejected_chains: l(&self.rejected_chains),
+            dropped_chains: l(&self.dropped_chains),
+            notifications: l(&self.notifications),
+            kicks: l(&self.kicks),
+            poll_hits: l(&self.poll_hits),
+            bytes_from_guest: l(&self.bytes_from_guest),
+            bytes_to_guest: l(&self.bytes_to_guest),
+        }
+    }
+}
+
+/// A copy of [`DeviceCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[allow(missing_docs)]
+pub struct DeviceCountersSnapshot {
+    pub chains: u64,
+    pub ops: u64,
+    pub invalid_ops: u64,
+    pub rejected_chains: u64,
+    pub dropped_chains: u64,
+    pub notifications: u64,
+    pub kicks: u64,
+    pub poll_hits: u64,
+    pub bytes_from_guest: u64,
+    pub bytes_to_guest: u64,
+}
+
+/// What became of one chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainOutcome {
+    /// Used length to report (bytes written to device-writable buffers).
+    pub used_len: u32,
+    /// Why the chain was refused, if it was.
+    pub error: Option<ChainError>,
+}
+
+/// Executes chains for one client on one queue.
+#[derive(Debug)]
+pub struct Executor {
+    client: ClientHandle,
+    parser: ChainParser,
+    page: Box<Page>,
+    response: Box<[u8; MAX_RESPONSE_LEN]>,
+    counters: Arc<DeviceCounters>,
+    log: Arc<RateLimitedLog>,
+}
+
+impl Executor {
+    /// An executor acting for `client`.
+    pub fn new(
+        client: ClientHandle,
+        counters: Arc<DeviceCounters>,
+        log: Arc<RateLimitedLog>,
+    ) -> Self {
+        Executor {
+            client,
+            parser: ChainParser::new(),
+            page: Box::new([0u8; PAGE_SIZE]),
+            response: Box::new([0u8; MAX_RESPONSE_LEN]),
+            counters,
+            log,
+        }
+    }
+
+    /// The client this executor acts for.
+    pub fn client(&self) -> &ClientHandle {
+        &self.client
+    }
+
+    /// Parses and executes the chain at `head` of the descriptor table at
+    /// `table` (`queue_size` entries). Never panics on guest input.
+    pub fn run_chain<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        table: GuestAddress,
+        queue_size: u16,
+        head: u16,
+        features: Features,
+    ) -> ChainOutcome {
+        DeviceCounters::add(&self.counters.chains, 1);
+        self.parser.set_indirect_allowed(features.indirect);
+        let Executor {
+            client,
+            parser,
+            page,
+            response,
+            counters,
+            log,
+        } = self;
+        match parser.parse(mem, table, queue_size, head) {
+            Ok(chain) => {
+                let used_len = execute(
+                    client,
+                    mem,
+                    &chain,
+                    features,
+                    page,
+                    &mut response[..],
+                    counters,
+                    log,
+                );
+                ChainOutcome {
+                    used_len,
+                    error: None,
+                }
+            }
+            Err(fault) => {
+                let mut used_len = 0;
+                match (fault.error.status(), fault.reply) {
+                    (Some(status), Some((buf, tag))) => {
+                        let header = ResponseHeader {
+                            num_ops: 0,
+                            status,
+                            tag,
+                        };
+                        if mem.write_slice(&header.encode(), buf.addr).is_ok() {
+                            used_len = RESPONSE_HEADER_SIZE as u32;
+                        }
+                        DeviceCounters::add(&counters.rejected_chains, 1);
+                    }
+                    _ => DeviceCounters::add(&counters.dropped_chains, 1),
+                }
+                log.log(
+                    Level::Warn,
+                    format_args!(
+                        "malformed chain (head {head}): {}; {}",
+                        fault.error,
+                        if used_len == 0 {
+                            "returned unused".to_string()
+                        } else {
+                            format!("answered {}", fault.error.status().unwrap_or(Status::Ok))
+                        }
+                    ),
+                );
+                ChainOutcome {
+                    used_len,
+                    error: Some(fault.error),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the operations of a valid chain in order; writes the statuses and
+/// the response header; returns the used length.
+#[allow(clippy::too_many_arguments)]
+fn execute<M: GuestMemoryBackend>(
+    client: &ClientHandle,
+    mem: &M,
+    chain: &ValidChain<'_>,
+    features: Features,
+    page: &mut Page,
+    response: &mut [u8],
+    counters: &DeviceCounters,
+    log: &RateLimitedLog,
+) -> u32 {
+    let request = chain.request;
+    let num_ops = request.num_ops();
+    let resp_len = vtmem_protocol::response_len(num_ops);
+    let Some(resp_buf) = response.get_mut(..resp_len) else {
+        return 0;
+    };
+    let Ok(mut writer) = ResponseWriter::new(resp_buf, num_ops) else {
+        return 0;
+    };
+    let mut puts = chain.put_pages.iter();
+    let mut gets = chain.get_pages.iter();
+    let mut pages_written: u32 = 0;
+    let mut invalid = 0u64;
+
+    for i in 0..num_ops {
+        // The opcode byte alone decides which buffer an op consumes, so the
+        // buffers stay in step even when the op itself is invalid.
+        let buffer = match PageBuffer::for_opcode_byte(request.opcode_byte(i)) {
+            PageBuffer::None => None,
+            PageBuffer::ToDevice => puts.next(),
+            PageBuffer::FromDevice => gets.next(),
+        };
+        let status = match request.op(i) {
+            Err(e) => {
+                invalid += 1;
+                log.log(
+                    Level::Warn,
+                    format_args!(
+                        "request tag {}: op {i} (opcode {}) rejected: {e}",
+                        request.header().tag,
+                        request.opcode_byte(i)
+                    ),
+                );
+                OpStatus::new(e.status())
+            }
+            Ok(op) => {
+                let (status, copied) =
+                    execute_op(client, mem, op, buffer.map(|b| b.addr), features, page);
+                match copied {
+                    Copied::Nothing => {}
+                    Copied::FromGuest => {
+                        DeviceCounters::add(&counters.bytes_from_guest, PAGE_SIZE as u64)
+                    }
+                    Copied::ToGuest => {
+                        pages_written += 1;
+                        DeviceCounters::add(&counters.bytes_to_guest, PAGE_SIZE as u64);
+                    }
+                }
+                status
+            }
+        };
+        writer.set(i, status);
+    }
+    DeviceCounters::add(&counters.ops, u64::from(num_ops));
+    DeviceCounters::add(&counters.invalid_ops, invalid);
+
+    let len = writer.finish(ResponseHeader {
+        num_ops,
+        status: Status::Ok,
+        tag: request.header().tag,
+    });
+    if mem
+        .write_slice(&response[..len], chain.response.addr)
+        .is_err()
+    {
+        // Checked when parsing; only a memory map changing under us gets here.
+        log.warn(format_args!("cannot write the response buffer"));
+        return 0;
+    }
+    len as u32 + pages_written * PAGE_SIZE as u32
+}
+
+/// Which way an operation copied a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Copied {
+    Nothing,
+    FromGuest,
+    ToGuest,
+}
+
+/// Executes one decoded operation. Returns its status and the page it
+/// copied, if any.
+fn execute_op<M: GuestMemoryBackend>(
+    client: &ClientHandle,
+    mem: &M,
+    op: Op,
+    page_addr: Option<GuestAddress>,
+    features: Features,
+    page: &mut Page,
+) -> (OpStatus, Copied) {
+    let st = OpStatus::new;
+    let from = |r: Result<(), crate::store::TmemError>| match r {
+        Ok(()) => st(Status::Ok),
+        Err(e) => st(e.status()),
+    };
+    let valued = |r: Result<u64, crate::store::TmemError>| match r {
+        Ok(value) => OpStatus {
+            status: Status::Ok,
+            value,
+        },
+        Err(e) => st(e.status()),
+    };
+    let status = match op {
+        Op::NewPool(spec) => {
+            if (!spec.persistent && !features.ephemeral)
+                || (spec.shared.is_some() && !features.shared)
+            {
+                st(Status::Unsupported)
+            } else {
+                valued(client.new_pool(spec).map(u64::from))
+            }
+        }
+        Op::DestroyPool { pool } => from(client.destroy_pool(pool)),
+        Op::Put { handle, reserved } => {
+            if reserved && !features.reserve {
+                st(Status::Unsupported)
+            } else {
+                match page_addr {
+                    Some(addr) if mem.read_slice(&mut page[..], addr).is_ok() => {
+                        return (from(client.put(&handle, page, reserved)), Copied::FromGuest);
+                    }
+                    _ => st(Status::DeviceError),
+                }
+            }
+        }
+        Op::Get { handle } => {
+            let Some(addr) = page_addr else {
+                return (st(Status::DeviceError), Copied::Nothing);
+            };
+            return match client.get(&handle, page) {
+                Ok(true) => {
+                    if mem.write_slice(&page[..], addr).is_ok() {
+                        (st(Status::Ok), Copied::ToGuest)
+                    } else {
+                        (st(Status::DeviceError), Copied::Nothing)
+                    }
+                }
+                Ok(false) => (st(Status::Miss), Copied::Nothing),
+                Err(e) => (st(e.status()), Copied::Nothing),
+            };
+        }
+        Op::FlushPage { handle } => from(client.flush_page(&handle)),
+        Op::FlushObject { pool, object } => from(client.flush_object(pool, &object)),
+        Op::Reserve { pool, pages } => {
+            if !features.reserve {
+                st(Status::Unsupported)
+            } else {
+                valued(client.reserve(pool, pages))
+            }
+        }
+        Op::Unreserve { pool, pages } => {
+            if !features.reserve {
+                st(Status::Unsupported)
+            } else {
+                valued(client.unreserve(pool, pages))
+            }
+        }
+        Op::Reset => {
+            client.reset();
+            st(Status::Ok)
+        }
+    };
+    (status, Copied::Nothing)
+}
