@@ -1,2 +1,640 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Throughput, notification and latency benchmark (work in progress).
+//! The benchmark behind `vtmem-guestsim bench`: throughput over vhost-user
+//! against the same operations as direct calls into the store, notification
+//! counts, round-trip latency with and without device busy-polling, and
+//! aggregate throughput of several VMs.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vtmem_backend::store::{ClientConfig, ClientHandle, Store, StoreConfig};
+use vtmem_protocol::{Handle, ObjectId, Op, PoolSpec, Status, PAGE_SIZE};
+
+use crate::daemon::{Daemon, DaemonConfig, VmSpec};
+use crate::pages::{checksum, Corpus, CorpusMix};
+use crate::queue::PageSource;
+use crate::vm::{Vm, VmOptions};
+use crate::{Error, Page, Result};
+
+/// Batch sizes measured.
+pub const BATCHES: [usize; 4] = [1, 8, 32, 128];
+/// VM counts of the multi-VM run.
+pub const VM_COUNTS: [usize; 3] = [1, 4, 16];
+/// Batch size of the headline figures and of the multi-VM run.
+pub const HEADLINE_BATCH: usize = 32;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Short run (a few minutes on two cores at most).
+    pub quick: bool,
+    /// The daemon binary (found automatically when `None`).
+    pub vtmemd: Option<PathBuf>,
+    /// Pages in the working set (default: 8192 quick, 32768 full).
+    pub pages: Option<usize>,
+    /// Requests in flight per queue when streaming.
+    pub depth: usize,
+    /// Device busy-poll window for the second latency run, microseconds.
+    pub poll_us: u32,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            quick: false,
+            vtmemd: None,
+            pages: None,
+            depth: 8,
+            poll_us: 50,
+        }
+    }
+}
+
+/// Figures of one batch size.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BatchFigures {
+    /// Operations per request.
+    pub batch: usize,
+    /// Puts per second over vhost-user, `depth` requests in flight.
+    pub vhost_put_per_s: f64,
+    /// Puts per second over vhost-user, one request at a time.
+    pub vhost_put_sync_per_s: f64,
+    /// Puts per second as direct store calls.
+    pub inproc_put_per_s: f64,
+    /// `vhost_put_per_s / inproc_put_per_s`.
+    pub put_efficiency: f64,
+    /// Gets per second over vhost-user, `depth` requests in flight.
+    pub vhost_get_per_s: f64,
+    /// Gets per second as direct store calls.
+    pub inproc_get_per_s: f64,
+    /// `vhost_get_per_s / inproc_get_per_s`.
+    pub get_efficiency: f64,
+    /// Kicks per operation while streaming puts.
+    pub kicks_per_op: f64,
+    /// Interrupts per operation while streaming puts.
+    pub interrupts_per_op: f64,
+    /// Kicks per operation while streaming gets.
+    pub get_kicks_per_op: f64,
+}
+
+/// Round-trip latency of single gets.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Latency {
+    /// Device busy-poll window, microseconds (0: none).
+    pub poll_us: u32,
+    /// Samples.
+    pub samples: usize,
+    /// Median, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile, microseconds.
+    pub p99_us: f64,
+    /// Mean, microseconds.
+    pub mean_us: f64,
+    /// Kicks per request.
+    pub kicks_per_op: f64,
+}
+
+/// Aggregate throughput of several VMs at once.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MultiVm {
+    /// VMs, one thread and one socket each.
+    pub vms: usize,
+    /// Puts per second, all VMs together.
+    pub put_per_s: f64,
+    /// Gets per second, all VMs together.
+    pub get_per_s: f64,
+    /// Kicks per operation over all VMs (puts).
+    pub kicks_per_op: f64,
+}
+
+/// Everything measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// `--quick` run.
+    pub quick: bool,
+    /// Pages in the working set.
+    pub pages: usize,
+    /// Where the pages came from.
+    pub corpus: CorpusMix,
+    /// Requests in flight when streaming.
+    pub depth: usize,
+    /// Per batch size.
+    pub batches: Vec<BatchFigures>,
+    /// Streaming puts at batch 32: vhost-user rate / in-process rate.
+    pub transport_efficiency: f64,
+    /// Streaming gets at batch 32: vhost-user rate / in-process rate.
+    pub transport_efficiency_get: f64,
+    /// Kicks per op, streaming puts at batch 32.
+    pub kicks_per_op: f64,
+    /// Interrupts per op, streaming puts at batch 32.
+    pub interrupts_per_op: f64,
+    /// Single-get latency without and with device busy-polling.
+    pub latency: Vec<Latency>,
+    /// Several VMs at once.
+    pub multi_vm: Vec<MultiVm>,
+    /// Pages read back and compared after the put runs.
+    pub verified_pages: usize,
+    /// Wall time of the whole benchmark, seconds.
+    pub seconds: f64,
+}
+
+fn handle(pool: u32, tag: u64, i: usize) -> Handle {
+    Handle {
+        pool,
+        object: ObjectId([tag, 0, 0]),
+        index: i as u64,
+    }
+}
+
+fn rate(ops: usize, d: Duration) -> f64 {
+    ops as f64 / d.as_secs_f64().max(1e-9)
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// Direct store calls: the reference the transport is compared with.
+struct InProcess {
+    client: ClientHandle,
+}
+
+impl InProcess {
+    fn new() -> Result<Self> {
+        let store = Store::new(StoreConfig {
+            host_limit: 16 << 30,
+        });
+        let client = store
+            .add_client("inproc", ClientConfig::default())
+            .map_err(|e| Error::Setup(format!("in-process store: {e}")))?;
+        Ok(InProcess { client })
+    }
+
+    fn store_err(e: impl std::fmt::Display) -> Error {
+        Error::Setup(format!("in-process store: {e}"))
+    }
+
+    /// Puts then gets every page; returns (puts/s, gets/s).
+    fn run(&self, pages: &[Box<Page>], tag: u64) -> Result<(f64, f64)> {
+        let pool = self
+            .client
+            .new_pool(PoolSpec::persistent())
+            .map_err(Self::store_err)?;
+        let t = Instant::now();
+        for (i, p) in pages.iter().enumerate() {
+            self.client
+                .put(&handle(pool, tag, i), p, false)
+                .map_err(Self::store_err)?;
+        }
+        let put = rate(pages.len(), t.elapsed());
+        let mut out: Box<Page> = Box::new([0u8; PAGE_SIZE]);
+        let t = Instant::now();
+        let mut hits = 0usize;
+        for i in 0..pages.len() {
+            if self
+                .client
+                .get(&handle(pool, tag, i), &mut out)
+                .map_err(Self::store_err)?
+            {
+                hits += 1;
+            }
+            std::hint::black_box(&out);
+        }
+        let get = rate(pages.len(), t.elapsed());
+        self.client.destroy_pool(pool).map_err(Self::store_err)?;
+        if hits != pages.len() {
+            return Err(Error::Setup(format!(
+                "in-process store: {hits} of {} gets hit",
+                pages.len()
+            )));
+        }
+        Ok((put, get))
+    }
+}
+
+fn vm_options(guest_pages: usize, depth: usize) -> VmOptions {
+    VmOptions {
+        guest_pages: guest_pages as u64,
+        depth,
+        ..VmOptions::default()
+    }
+}
+
+/// Connects a VM and copies `pages` into its own memory.
+fn connect(daemon: &Daemon, name: &str, pages: &[Box<Page>], depth: usize) -> Result<Vm> {
+    let vm = Vm::connect(daemon.socket(name), &vm_options(pages.len(), depth))?;
+    for (i, p) in pages.iter().enumerate() {
+        vm.write_guest_page(i as u64, p)?;
+    }
+    Ok(vm)
+}
+
+/// Requests of `batch` operations over guest pages `0..n`.
+fn requests(
+    vm: &Vm,
+    n: usize,
+    batch: usize,
+    make: impl Fn(usize) -> Op,
+) -> Vec<(Vec<Op>, PageSource<'static>)> {
+    let gp = vm.guest_pages();
+    (0..n)
+        .step_by(batch)
+        .map(|start| {
+            let end = (start + batch).min(n);
+            let ops = (start..end).map(&make).collect();
+            let addrs = (start..end).map(|i| gp.addr(i as u64)).collect();
+            (ops, PageSource::InGuest(addrs))
+        })
+        .collect()
+}
+
+/// Streams puts (or gets) of guest pages `0..n`; returns ops/s and the
+/// kicks and interrupts it took.
+fn stream(
+    vm: &Vm,
+    n: usize,
+    batch: usize,
+    depth: usize,
+    make: impl Fn(usize) -> Op,
+    want: Status,
+) -> Result<(f64, u64, u64)> {
+    let reqs = requests(vm, n, batch, make);
+    vm.reset_stats();
+    let mut bad = 0usize;
+    let t = Instant::now();
+    vm.queue(0).pipeline(reqs, depth, |c| {
+        bad += c.statuses()?.iter().filter(|s| **s != want).count();
+        Ok(())
+    })?;
+    let d = t.elapsed();
+    let s = vm.stats();
+    if bad > 0 {
+        return Err(Error::Device(format!(
+            "{bad} of {n} operations did not return {want}"
+        )));
+    }
+    Ok((rate(n, d), s.kicks, s.interrupts))
+}
+
+fn batch_figures(
+    vm: &Vm,
+    inproc: &InProcess,
+    pages: &[Box<Page>],
+    batch: usize,
+    depth: usize,
+) -> Result<(BatchFigures, usize)> {
+    let n = pages.len();
+    let tag = batch as u64;
+    let (in_put, in_get) = inproc.run(pages, tag)?;
+
+    let pool = vm.new_pool(PoolSpec::persistent())?;
+    let (put, kicks, irqs) = stream(
+        vm,
+        n,
+        batch,
+        depth,
+        |i| Op::Put {
+            handle: handle(pool, tag, i),
+            reserved: false,
+        },
+        Status::Ok,
+    )?;
+    let (get, get_kicks, _) = stream(
+        vm,
+        n,
+        batch,
+        depth,
+        |i| Op::Get {
+            handle: handle(pool, tag, i),
+        },
+        Status::Ok,
+    )?;
+    // Read a sample back through the copying path and compare.
+    let step = (n / 256).max(1);
+    let sample: Vec<usize> = (0..n).step_by(step).collect();
+    let handles: Vec<Handle> = sample.iter().map(|&i| handle(pool, tag, i)).collect();
+    let got = vm.get_batch(&handles)?;
+    for (&i, (st, p)) in sample.iter().zip(&got) {
+        if *st != Status::Ok || checksum(p) != checksum(&pages[i]) {
+            return Err(Error::Device(format!(
+                "page {i} came back as {st} with other content"
+            )));
+        }
+    }
+    vm.destroy_pool(pool)?;
+
+    // One request at a time.
+    let pool = vm.new_pool(PoolSpec::persistent())?;
+    let (sync, _, _) = stream(
+        vm,
+        n,
+        batch,
+        1,
+        |i| Op::Put {
+            handle: handle(pool, tag, i),
+            reserved: false,
+        },
+        Status::Ok,
+    )?;
+    vm.destroy_pool(pool)?;
+
+    Ok((
+        BatchFigures {
+            batch,
+            vhost_put_per_s: put,
+            vhost_put_sync_per_s: sync,
+            inproc_put_per_s: in_put,
+            put_efficiency: ratio(put, in_put),
+            vhost_get_per_s: get,
+            inproc_get_per_s: in_get,
+            get_efficiency: ratio(get, in_get),
+            kicks_per_op: kicks as f64 / n as f64,
+            interrupts_per_op: irqs as f64 / n as f64,
+            get_kicks_per_op: get_kicks as f64 / n as f64,
+        },
+        sample.len(),
+    ))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+fn latency(vm: &Vm, pages: usize, samples: usize, poll_us: u32) -> Result<Latency> {
+    let pool = vm.new_pool(PoolSpec::persistent())?;
+    let n = pages.min(vm.guest_pages().count() as usize);
+    stream(
+        vm,
+        n,
+        128,
+        4,
+        |i| Op::Put {
+            handle: handle(pool, 7, i),
+            reserved: false,
+        },
+        Status::Ok,
+    )?;
+    let gp = vm.guest_pages();
+    let mut q = vm.queue(0);
+    // Warm up.
+    for i in 0..n.min(200) {
+        let c = q.execute_with(
+            &[Op::Get {
+                handle: handle(pool, 7, i),
+            }],
+            &PageSource::InGuest(vec![gp.addr(i as u64)]),
+        )?;
+        c.single()?;
+    }
+    q.reset_stats();
+    let mut times = Vec::with_capacity(samples);
+    for s in 0..samples {
+        let i = (s * 7919) % n;
+        let src = PageSource::InGuest(vec![gp.addr(i as u64)]);
+        let op = [Op::Get {
+            handle: handle(pool, 7, i),
+        }];
+        let t = Instant::now();
+        let c = q.execute_with(&op, &src)?;
+        times.push(t.elapsed());
+        if c.single()?.status != Status::Ok {
+            return Err(Error::Device(format!("latency get {i} missed")));
+        }
+    }
+    let kicks = q.stats().kicks;
+    drop(q);
+    vm.destroy_pool(pool)?;
+    let mean =
+        times.iter().map(Duration::as_secs_f64).sum::<f64>() / times.len().max(1) as f64 * 1e6;
+    times.sort();
+    Ok(Latency {
+        poll_us,
+        samples,
+        p50_us: percentile(&times, 0.50),
+        p99_us: percentile(&times, 0.99),
+        mean_us: mean,
+        kicks_per_op: kicks as f64 / samples.max(1) as f64,
+    })
+}
+
+fn multi_vm(daemon: &Daemon, pages: &[Box<Page>], vms: usize, depth: usize) -> Result<MultiVm> {
+    let share = pages.len() / vms;
+    let mut conns = Vec::with_capacity(vms);
+    for v in 0..vms {
+        let slice = &pages[v * share..(v + 1) * share];
+        conns.push(connect(daemon, &format!("bench{v}"), slice, depth)?);
+    }
+    let start = Arc::new(Barrier::new(vms + 1));
+    let mid = Arc::new(Barrier::new(vms + 1));
+    let end = Arc::new(Barrier::new(vms + 1));
+    let mut threads = Vec::with_capacity(vms);
+    for vm in conns {
+        let (start, mid, end) = (start.clone(), mid.clone(), end.clone());
+        threads.push(std::thread::spawn(move || -> Result<u64> {
+            let res = (|| {
+                let pool = vm.new_pool(PoolSpec::persistent())?;
+                let put_reqs = requests(&vm, share, HEADLINE_BATCH, |i| Op::Put {
+                    handle: handle(pool, 1, i),
+                    reserved: false,
+                });
+                let get_reqs = requests(&vm, share, HEADLINE_BATCH, |i| Op::Get {
+                    handle: handle(pool, 1, i),
+                });
+                Ok::<_, Error>((pool, put_reqs, get_reqs))
+            })();
+            start.wait();
+            let (pool, put_reqs, get_reqs) = match res {
+                Ok(r) => r,
+                Err(e) => {
+                    mid.wait();
+                    end.wait();
+                    return Err(e);
+                }
+            };
+            vm.reset_stats();
+            let mut bad = 0;
+            let r1 = vm.queue(0).pipeline(put_reqs, depth, |c| {
+                bad += c.statuses()?.iter().filter(|s| **s != Status::Ok).count();
+                Ok(())
+            });
+            let kicks = vm.stats().kicks;
+            mid.wait();
+            let r2 = vm.queue(0).pipeline(get_reqs, depth, |c| {
+                bad += c.statuses()?.iter().filter(|s| **s != Status::Ok).count();
+                Ok(())
+            });
+            end.wait();
+            r1?;
+            r2?;
+            if bad > 0 {
+                return Err(Error::Device(format!("{bad} operations failed")));
+            }
+            vm.destroy_pool(pool)?;
+            Ok(kicks)
+        }));
+    }
+    start.wait();
+    let t = Instant::now();
+    mid.wait();
+    let put_time = t.elapsed();
+    let t = Instant::now();
+    end.wait();
+    let get_time = t.elapsed();
+    let mut kicks = 0;
+    for th in threads {
+        kicks += th
+            .join()
+            .map_err(|_| Error::Setup("VM thread panicked".into()))??;
+    }
+    let total = share * vms;
+    Ok(MultiVm {
+        vms,
+        put_per_s: rate(total, put_time),
+        get_per_s: rate(total, get_time),
+        kicks_per_op: kicks as f64 / total as f64,
+    })
+}
+
+fn daemon_config(opts: &BenchOptions, poll_us: Option<u32>) -> DaemonConfig {
+    let vms = (0..*VM_COUNTS.iter().max().unwrap_or(&1)).map(|v| VmSpec::new(&format!("bench{v}")));
+    DaemonConfig {
+        host_limit: Some("16G".into()),
+        poll_us,
+        binary: opts.vtmemd.clone(),
+        ..DaemonConfig::with_vms(vms)
+    }
+}
+
+/// Runs the benchmark, printing progress to stderr.
+pub fn run(opts: &BenchOptions) -> Result<Report> {
+    let t0 = Instant::now();
+    let n = opts.pages.unwrap_or(if opts.quick { 8192 } else { 32768 });
+    let lat_samples = if opts.quick { 3000 } else { 20000 };
+    let depth = opts.depth.max(1);
+    let corpus = Corpus::load(n);
+    eprintln!("corpus: {} pages ({:?})", corpus.pages.len(), corpus.mix);
+    let pages = &corpus.pages;
+
+    let mut daemon = Daemon::start(daemon_config(opts, None))?;
+    let inproc = InProcess::new()?;
+    let mut report = Report {
+        quick: opts.quick,
+        pages: n,
+        corpus: corpus.mix,
+        depth,
+        ..Report::default()
+    };
+
+    {
+        let vm = connect(&daemon, "bench0", pages, depth)?;
+        for &b in &BATCHES {
+            let (f, verified) = batch_figures(&vm, &inproc, pages, b, depth)?;
+            eprintln!("batch {b:>3}: put {:.0}/s (in-process {:.0}/s), get {:.0}/s (in-process {:.0}/s), {:.4} kicks/op", f.vhost_put_per_s, f.inproc_put_per_s, f.vhost_get_per_s, f.inproc_get_per_s, f.kicks_per_op);
+            report.verified_pages += verified;
+            report.batches.push(f);
+        }
+        report
+            .latency
+            .push(latency(&vm, n.min(4096), lat_samples, 0)?);
+    }
+    for &v in &VM_COUNTS {
+        let m = multi_vm(&daemon, pages, v, depth)?;
+        eprintln!(
+            "{v:>2} VMs: put {:.0}/s, get {:.0}/s",
+            m.put_per_s, m.get_per_s
+        );
+        report.multi_vm.push(m);
+    }
+
+    daemon.restart(daemon_config(opts, Some(opts.poll_us)))?;
+    {
+        let lat_pages = &pages[..n.min(4096)];
+        let vm = connect(&daemon, "bench0", lat_pages, depth)?;
+        report
+            .latency
+            .push(latency(&vm, lat_pages.len(), lat_samples, opts.poll_us)?);
+    }
+    if !daemon.is_alive() {
+        return Err(Error::Daemon(format!(
+            "died during the benchmark; log:\n{}",
+            daemon.log()
+        )));
+    }
+
+    if let Some(h) = report.batches.iter().find(|b| b.batch == HEADLINE_BATCH) {
+        report.transport_efficiency = h.put_efficiency;
+        report.transport_efficiency_get = h.get_efficiency;
+        report.kicks_per_op = h.kicks_per_op;
+        report.interrupts_per_op = h.interrupts_per_op;
+    }
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+impl Report {
+    /// A human-readable table of the figures.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!(
+            "vtmem-guestsim bench{}: {} pages (libraries {}, text {}, zero {}, synthetic {}), {} requests in flight\n\n",
+            if self.quick { " --quick" } else { "" },
+            self.pages,
+            self.corpus.library,
+            self.corpus.text,
+            self.corpus.zero,
+            self.corpus.synthetic,
+            self.depth
+        ));
+        s.push_str("batch | put/s vhost | put/s 1-deep | put/s in-proc | put eff | get/s vhost | get/s in-proc | get eff | kicks/op | irqs/op\n");
+        s.push_str("------+-------------+--------------+---------------+---------+-------------+---------------+---------+----------+--------\n");
+        for b in &self.batches {
+            s.push_str(&format!(
+                "{:>5} | {:>11.0} | {:>12.0} | {:>13.0} | {:>7.2} | {:>11.0} | {:>13.0} | {:>7.2} | {:>8.4} | {:>7.4}\n",
+                b.batch,
+                b.vhost_put_per_s,
+                b.vhost_put_sync_per_s,
+                b.inproc_put_per_s,
+                b.put_efficiency,
+                b.vhost_get_per_s,
+                b.inproc_get_per_s,
+                b.get_efficiency,
+                b.kicks_per_op,
+                b.interrupts_per_op
+            ));
+        }
+        s.push_str("\nsingle-get round trip (one request in flight)\n");
+        for l in &self.latency {
+            s.push_str(&format!(
+                "  poll-us {:>3}: p50 {:>7.1} us, p99 {:>7.1} us, mean {:>7.1} us, {:.2} kicks/op ({} samples)\n",
+                l.poll_us, l.p50_us, l.p99_us, l.mean_us, l.kicks_per_op, l.samples
+            ));
+        }
+        s.push_str(&format!(
+            "\nseveral VMs (batch {HEADLINE_BATCH}, one thread and socket each)\n"
+        ));
+        for m in &self.multi_vm {
+            s.push_str(&format!(
+                "  {:>2} VMs: {:>9.0} puts/s, {:>9.0} gets/s aggregate, {:.4} kicks/op\n",
+                m.vms, m.put_per_s, m.get_per_s, m.kicks_per_op
+            ));
+        }
+        s.push_str(&format!(
+            "\ntransport efficiency (batch {HEADLINE_BATCH}, streaming puts): {:.2}; gets: {:.2}; kicks per op: {:.4} (1 per {:.0} ops)\n",
+            self.transport_efficiency,
+            self.transport_efficiency_get,
+            self.kicks_per_op,
+            if self.kicks_per_op > 0.0 { 1.0 / self.kicks_per_op } else { f64::INFINITY }
+        ));
+        s
+    }
+}

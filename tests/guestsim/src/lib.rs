@@ -25,10 +25,10 @@ pub mod vm;
 
 pub use control::Control;
 pub use daemon::{Daemon, DaemonConfig, VmSpec};
-pub use queue::{Completion, Queue, QueueConfig, QueueStats, RawCompletion, Ticket};
+pub use queue::{Completion, PageSource, Queue, QueueConfig, QueueStats, RawCompletion, Ticket};
 pub use raw::{RawChainBuilder, RawOutcome};
 pub use ring::{Link, RawDescriptor};
-pub use vm::{Negotiated, Vm, VmOptions};
+pub use vm::{GuestPages, Negotiated, Vm, VmOptions};
 pub use vtmem_protocol::{Handle, ObjectId, Op, OpStatus, PoolSpec, Status, PAGE_SIZE};
 
 use std::time::Duration;

@@ -1,4 +1,122 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vtmem-guestsim`: command-line front end of the guest simulator.
 
-fn main() {}
+use std::path::PathBuf;
+use std::process::exit;
+
+use clap::{Parser, Subcommand};
+use log::error;
+use vtmem_guestsim::bench::{self, BenchOptions};
+use vtmem_guestsim::pages::{checksum, random_page};
+use vtmem_guestsim::{Handle, ObjectId, PoolSpec, Status, Vm, VmOptions};
+
+/// Plays a VMM and a guest vtmem driver against vtmemd over vhost-user.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a private vtmemd and measure throughput, notifications and
+    /// latency; print a table, then one JSON line with every figure.
+    Bench {
+        /// Short run: a smaller working set and fewer latency samples.
+        #[arg(long)]
+        quick: bool,
+        /// vtmemd binary (default: $VTMEMD, else next to this executable,
+        /// else built with cargo).
+        #[arg(long, value_name = "PATH")]
+        vtmemd: Option<PathBuf>,
+        /// Pages in the working set.
+        #[arg(long, value_name = "N")]
+        pages: Option<usize>,
+        /// Requests in flight when streaming.
+        #[arg(long, value_name = "N", default_value_t = 8)]
+        depth: usize,
+        /// Device busy-poll window of the second latency run.
+        #[arg(long, value_name = "US", default_value_t = 50)]
+        poll_us: u32,
+    },
+    /// Connect to a running vtmemd VM socket, store pages in a persistent
+    /// pool, read them back and compare.
+    Check {
+        /// The VM's vhost-user socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Pages to store.
+        #[arg(long, value_name = "N", default_value_t = 1024)]
+        pages: u64,
+    },
+}
+
+fn check(socket: PathBuf, n: u64) -> vtmem_guestsim::Result<()> {
+    let vm = Vm::connect(&socket, &VmOptions::default())?;
+    let pool = vm.new_pool(PoolSpec::persistent())?;
+    let pages: Vec<_> = (0..n).map(random_page).collect();
+    let h = |i: u64| Handle {
+        pool,
+        object: ObjectId([1, 0, 0]),
+        index: i,
+    };
+    let items: Vec<_> = pages
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (h(i as u64), &**p))
+        .collect();
+    let st = vm.put_batch(&items)?;
+    let stored = st.iter().filter(|s| **s == Status::Ok).count();
+    let got = vm.get_batch(&(0..n).map(h).collect::<Vec<_>>())?;
+    let mut bad = 0;
+    for (i, (s, p)) in got.iter().enumerate() {
+        if st[i] == Status::Ok && (*s != Status::Ok || checksum(p) != checksum(&pages[i])) {
+            bad += 1;
+        }
+    }
+    vm.destroy_pool(pool)?;
+    let s = vm.stats();
+    println!(
+        "{stored} of {n} pages stored, {bad} came back wrong; {} requests, {} kicks, {} interrupts",
+        s.requests, s.kicks, s.interrupts
+    );
+    if bad > 0 {
+        return Err(vtmem_guestsim::Error::Device(format!(
+            "{bad} pages came back wrong"
+        )));
+    }
+    Ok(())
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Bench {
+            quick,
+            vtmemd,
+            pages,
+            depth,
+            poll_us,
+        } => bench::run(&BenchOptions {
+            quick,
+            vtmemd,
+            pages,
+            depth,
+            poll_us,
+        })
+        .and_then(|r| {
+            print!("{}", r.table());
+            let line = serde_json::to_string(&r)
+                .map_err(|e| vtmem_guestsim::Error::Setup(e.to_string()))?;
+            println!("{line}");
+            Ok(())
+        }),
+        Command::Check { socket, pages } => check(socket, pages),
+    };
+    if let Err(e) = res {
+        error!("{e}");
+        exit(1);
+    }
+}

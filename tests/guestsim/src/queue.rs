@@ -106,7 +106,21 @@ struct Pending {
     ops: Vec<Op>,
     /// Guest address of each GET's page buffer, by op position.
     get_bufs: Vec<(usize, u64)>,
+    /// Copy GET data out of guest RAM into the completion.
+    copy_out: bool,
     writable_len: u64,
+}
+
+/// Where a request's page buffers come from.
+#[derive(Clone, Debug)]
+pub enum PageSource<'a> {
+    /// One page per PUT, in op order, copied into the request slot's
+    /// buffers; GET data is copied out into [`Completion::pages`].
+    Copied(Vec<&'a Page>),
+    /// Guest addresses of the page buffers, one per PUT and per GET in op
+    /// order, used in place as a real driver does (no copy either way; GET
+    /// data stays in guest RAM).
+    InGuest(Vec<u64>),
 }
 
 /// Guest memory of one request slot.
@@ -255,9 +269,15 @@ impl Queue {
     }
 
     /// Queues a request without notifying the device. `put_pages` holds one
-    /// page per PUT, in op order. Blocks (reaping completions) while no
-    /// slot or descriptors are free.
+    /// page per PUT, in op order; it is copied into the slot's buffers, and
+    /// GET data is copied out into the [`Completion`]. Blocks (reaping
+    /// completions) while no slot or descriptors are free.
     pub fn submit(&mut self, ops: &[Op], put_pages: &[&Page]) -> Result<Ticket> {
+        self.submit_with(ops, &PageSource::Copied(put_pages.to_vec()))
+    }
+
+    /// Queues a request whose page buffers are given by `pages`.
+    pub fn submit_with(&mut self, ops: &[Op], pages: &PageSource<'_>) -> Result<Ticket> {
         let n = ops.len();
         if n == 0 || n > MAX_OPS_PER_REQUEST as usize {
             return Err(Error::Setup(format!(
@@ -268,11 +288,21 @@ impl Queue {
             .iter()
             .filter(|o| o.page_buffer() == PageBuffer::ToDevice)
             .count();
-        if puts != put_pages.len() {
-            return Err(Error::Setup(format!(
-                "{puts} PUTs but {} pages",
-                put_pages.len()
-            )));
+        let bufs = ops
+            .iter()
+            .filter(|o| o.page_buffer() != PageBuffer::None)
+            .count();
+        match pages {
+            PageSource::Copied(p) if p.len() != puts => {
+                return Err(Error::Setup(format!("{puts} PUTs but {} pages", p.len())));
+            }
+            PageSource::InGuest(a) if a.len() != bufs => {
+                return Err(Error::Setup(format!(
+                    "{bufs} page buffers needed, {} addresses given",
+                    a.len()
+                )));
+            }
+            _ => {}
         }
         let chain_len = 2 + ops
             .iter()
@@ -313,22 +343,47 @@ impl Queue {
         // (device-writable), each in op order, all from the slot's page area.
         let mut segs = Vec::with_capacity(chain_len);
         segs.push(Segment::readable(slot.request, req_len as u32));
-        let mut page_at = slot.pages;
-        for page in put_pages {
-            ram.write(page_at, &page[..])?;
-            segs.push(Segment::readable(page_at, PAGE_SIZE as u32));
-            page_at += PAGE_SIZE as u64;
-        }
         let resp_len = response_len(n as u16);
-        segs.push(Segment::writable(slot.response, resp_len as u32));
         let mut get_bufs = Vec::new();
-        for (i, op) in ops.iter().enumerate() {
-            if op.page_buffer() == PageBuffer::FromDevice {
-                segs.push(Segment::writable(page_at, PAGE_SIZE as u32));
-                get_bufs.push((i, page_at));
-                page_at += PAGE_SIZE as u64;
+        let copy_out = match pages {
+            PageSource::Copied(put_pages) => {
+                let mut page_at = slot.pages;
+                for page in put_pages {
+                    ram.write(page_at, &page[..])?;
+                    segs.push(Segment::readable(page_at, PAGE_SIZE as u32));
+                    page_at += PAGE_SIZE as u64;
+                }
+                segs.push(Segment::writable(slot.response, resp_len as u32));
+                for (i, op) in ops.iter().enumerate() {
+                    if op.page_buffer() == PageBuffer::FromDevice {
+                        segs.push(Segment::writable(page_at, PAGE_SIZE as u32));
+                        get_bufs.push((i, page_at));
+                        page_at += PAGE_SIZE as u64;
+                    }
+                }
+                true
             }
-        }
+            PageSource::InGuest(addrs) => {
+                let mut it = addrs.iter();
+                let mut gets = Vec::new();
+                for (i, op) in ops.iter().enumerate() {
+                    match op.page_buffer() {
+                        PageBuffer::ToDevice => segs.push(Segment::readable(
+                            *it.next().expect("counted"),
+                            PAGE_SIZE as u32,
+                        )),
+                        PageBuffer::FromDevice => gets.push((i, *it.next().expect("counted"))),
+                        PageBuffer::None => {}
+                    }
+                }
+                segs.push(Segment::writable(slot.response, resp_len as u32));
+                for &(i, addr) in &gets {
+                    segs.push(Segment::writable(addr, PAGE_SIZE as u32));
+                    get_bufs.push((i, addr));
+                }
+                false
+            }
+        };
         // Stale bytes must not pass for a response.
         ram.fill(slot.response, RESPONSE_HEADER_SIZE, 0xff)?;
         let table = (self.cfg.indirect && segs.len() > 1).then_some(slot.table);
@@ -345,6 +400,7 @@ impl Queue {
                     ops: ops.to_vec(),
                     writable_len: (resp_len + get_bufs.len() * PAGE_SIZE) as u64,
                     get_bufs,
+                    copy_out,
                 },
             ),
         );
@@ -421,9 +477,9 @@ impl Queue {
         let parsed = Response::parse(resp)
             .map_err(|e| Error::Device(format!("undecodable response: {e}")))?;
         let h = parsed.header();
-        if (used_len as u64) < RESPONSE_HEADER_SIZE as u64 || used_len as u64 > p.writable_len {
+        if used_len as u64 > p.writable_len {
             return Err(Error::Device(format!(
-                "used length {used_len} outside {RESPONSE_HEADER_SIZE}..={}",
+                "used length {used_len} exceeds the {} writable bytes",
                 p.writable_len
             )));
         }
@@ -449,17 +505,33 @@ impl Queue {
                         .map_err(|e| Error::Device(format!("status {i}: {e}")))?,
                 );
             }
+            let mut hits = 0;
             for &(i, addr) in &p.get_bufs {
                 if results[i].status == Status::Ok {
-                    let mut page: Box<Page> = Box::new([0u8; PAGE_SIZE]);
-                    self.ram.read(addr, &mut page[..])?;
-                    pages[i] = Some(page);
+                    if p.copy_out {
+                        let mut page: Box<Page> = Box::new([0u8; PAGE_SIZE]);
+                        self.ram.read(addr, &mut page[..])?;
+                        pages[i] = Some(page);
+                    }
+                    hits += 1;
                 }
+            }
+            // Used length = response length + one page per GET that hit.
+            let expected = response_len(n) + hits * PAGE_SIZE;
+            if used_len as usize != expected {
+                return Err(Error::Device(format!(
+                    "used length {used_len}, expected {expected} ({n} ops, {hits} get hits)"
+                )));
             }
         } else if h.num_ops != 0 {
             return Err(Error::Device(format!(
                 "failed request ({}) with {} status entries",
                 h.status, h.num_ops
+            )));
+        } else if used_len as usize != RESPONSE_HEADER_SIZE {
+            return Err(Error::Device(format!(
+                "failed request ({}) with used length {used_len}, expected {RESPONSE_HEADER_SIZE}",
+                h.status
             )));
         }
         Ok(Completion {
@@ -578,6 +650,14 @@ impl Queue {
         self.wait(t)
     }
 
+    /// Submits one request with the given page buffers, kicks if needed and
+    /// waits for it.
+    pub fn execute_with(&mut self, ops: &[Op], pages: &PageSource<'_>) -> Result<Completion> {
+        let t = self.submit_with(ops, pages)?;
+        self.kick()?;
+        self.wait(t)
+    }
+
     /// Runs requests with up to `depth` in flight, calling `on_done` for
     /// each completion (in completion order). The device is kicked only
     /// when its `avail_event` asks for it.
@@ -588,7 +668,7 @@ impl Queue {
         mut on_done: impl FnMut(Completion) -> Result<()>,
     ) -> Result<()>
     where
-        I: IntoIterator<Item = (Vec<Op>, Vec<&'p Page>)>,
+        I: IntoIterator<Item = (Vec<Op>, PageSource<'p>)>,
     {
         let depth = depth.clamp(1, self.depth());
         let mut outstanding = 0usize;
@@ -598,7 +678,7 @@ impl Queue {
                 outstanding -= 1;
                 on_done(c)?;
             }
-            self.submit(&ops, &pages)?;
+            self.submit_with(&ops, &pages)?;
             outstanding += 1;
             self.kick()?;
         }
@@ -656,7 +736,10 @@ impl Queue {
                 (c, ops, pg)
             })
             .collect();
-        let reqs: Vec<_> = chunks.into_iter().map(|(_, ops, pg)| (ops, pg)).collect();
+        let reqs: Vec<_> = chunks
+            .into_iter()
+            .map(|(_, ops, pg)| (ops, PageSource::Copied(pg)))
+            .collect();
         let first = self.next_ticket;
         let depth = self.depth();
         self.pipeline(reqs, depth, |c| {

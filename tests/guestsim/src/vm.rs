@@ -20,7 +20,7 @@ use vtmem_protocol::{
 use crate::memory::{Allocator, GuestRam};
 use crate::queue::{ring_bytes, Queue, QueueConfig, QueueStats, SLOT_BYTES};
 use crate::raw::{RawChainBuilder, SCRATCH_BYTES};
-use crate::{Error, Page, Result};
+use crate::{Error, Page, Result, PAGE_SIZE};
 
 /// `VIRTIO_F_VERSION_1`.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
@@ -54,6 +54,9 @@ pub struct VmOptions {
     pub timeout: Duration,
     /// Spin on the used ring this long before sleeping.
     pub spin: Duration,
+    /// Pages of guest RAM set aside as the guest's own memory
+    /// ([`Vm::guest_pages`]), for zero-copy requests.
+    pub guest_pages: u64,
 }
 
 impl Default for VmOptions {
@@ -68,6 +71,7 @@ impl Default for VmOptions {
             reset_on_connect: true,
             timeout: Duration::from_secs(20),
             spin: Duration::ZERO,
+            guest_pages: 0,
         }
     }
 }
@@ -101,7 +105,29 @@ pub struct Vm {
     ram: Arc<GuestRam>,
     queues: Vec<Mutex<Queue>>,
     scratch: Mutex<u64>,
+    guest_pages: GuestPages,
     negotiated: Negotiated,
+}
+
+/// Pages of guest RAM that stand for the guest's own memory: requests can
+/// point page buffers at them directly ([`crate::PageSource::InGuest`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestPages {
+    base: u64,
+    count: u64,
+}
+
+impl GuestPages {
+    /// Number of pages.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Guest address of page `i`.
+    pub fn addr(&self, i: u64) -> u64 {
+        assert!(i < self.count, "guest page {i} of {}", self.count);
+        self.base + i * PAGE_SIZE as u64
+    }
 }
 
 impl std::fmt::Debug for Vm {
@@ -202,6 +228,7 @@ impl Vm {
         let size = ring_bytes(opts.queue_size) * nq as u64
             + SLOT_BYTES * depth as u64 * nq as u64
             + SCRATCH_BYTES
+            + opts.guest_pages * PAGE_SIZE as u64
             + (1 << 20);
         let name = CString::new(format!(
             "vtmem-guest-{}",
@@ -211,6 +238,10 @@ impl Vm {
         let ram = Arc::new(GuestRam::new(&name, size.next_multiple_of(1 << 21))?);
         let mut alloc = Allocator::new(ram.base(), ram.end());
         let scratch = alloc.alloc(SCRATCH_BYTES, 4096)?;
+        let guest_pages = GuestPages {
+            base: alloc.alloc(opts.guest_pages * PAGE_SIZE as u64, 4096)?,
+            count: opts.guest_pages,
+        };
 
         fe.set_mem_table(&[ram.region_info()?])
             .map_err(vhost_err("SET_MEM_TABLE"))?;
@@ -264,6 +295,7 @@ impl Vm {
             ram,
             queues,
             scratch: Mutex::new(scratch),
+            guest_pages,
             negotiated,
         };
         if opts.reset_on_connect {
@@ -293,6 +325,23 @@ impl Vm {
     /// Guest RAM.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// The guest's own pages ([`VmOptions::guest_pages`]).
+    pub fn guest_pages(&self) -> GuestPages {
+        self.guest_pages
+    }
+
+    /// Copies `page` into guest page `i`.
+    pub fn write_guest_page(&self, i: u64, page: &Page) -> Result<()> {
+        self.ram.write(self.guest_pages.addr(i), page)
+    }
+
+    /// Reads guest page `i`.
+    pub fn read_guest_page(&self, i: u64) -> Result<Box<Page>> {
+        let mut p: Box<Page> = Box::new([0u8; PAGE_SIZE]);
+        self.ram.read(self.guest_pages.addr(i), &mut p[..])?;
+        Ok(p)
     }
 
     /// Number of request queues in use.

@@ -15,7 +15,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vtmem_guestsim::memory::{Allocator, GuestRam};
 use vtmem_guestsim::pages::{checksum, random_page};
-use vtmem_guestsim::{Error, Handle, ObjectId, Op, PoolSpec, Queue, QueueConfig, Status};
+use vtmem_guestsim::{
+    Error, Handle, ObjectId, Op, PageSource, PoolSpec, Queue, QueueConfig, Status,
+};
 use vtmem_protocol::{response_len, OpStatus, Request, ResponseHeader, ResponseWriter, PAGE_SIZE};
 
 const SIZE: u16 = 256;
@@ -258,7 +260,7 @@ fn streaming_suppresses_kicks_and_interrupts() {
                 })
                 .collect();
             let pg: Vec<_> = (0..32).map(|i| &*pages[(r as usize + i) % 64]).collect();
-            (ops, pg)
+            (ops, PageSource::Copied(pg))
         })
         .collect();
     let mut done = 0;
