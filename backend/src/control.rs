@@ -53,23 +53,69 @@ pub const COMMANDS: &[&str] = &[
     "flush",
 ];
 
-/// A control request.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A control request: `{"version":1,"command":"...","args":{...}}`.
+///
+/// For convenience the arguments may instead be given as top-level fields
+/// next to `version` and `command` (`{"version":1,"command":"show","vm":"a"}`);
+/// a request must not mix both forms.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ControlRequest {
     /// API version; must be [`CONTROL_API_VERSION`].
     pub version: u64,
     /// The command.
     pub command: String,
-    /// Its arguments (an object; may be omitted when there are none).
-    #[serde(default)]
+    /// Its arguments (an object; `{}` when there are none).
     pub args: Value,
+}
+
+impl ControlRequest {
+    /// Parses a request line.
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let value: Value =
+            serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))?;
+        let Value::Object(mut map) = value else {
+            return Err("malformed request: not a JSON object".to_string());
+        };
+        let version = match map.remove("version") {
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| format!("malformed request: version {v} is not a number"))?,
+            None => return Err("malformed request: no \"version\"".to_string()),
+        };
+        let command = match map.remove("command") {
+            Some(Value::String(c)) => c,
+            Some(other) => {
+                return Err(format!(
+                    "malformed request: command {other} is not a string"
+                ))
+            }
+            None => return Err("malformed request: no \"command\"".to_string()),
+        };
+        let args = match map.remove("args") {
+            Some(_) if !map.is_empty() => {
+                let extra: Vec<&str> = map.keys().map(String::as_str).collect();
+                return Err(format!(
+                    "malformed request: unknown fields next to \"args\": {}",
+                    extra.join(", ")
+                ));
+            }
+            Some(Value::Null) => json!({}),
+            Some(a @ Value::Object(_)) => a,
+            Some(other) => return Err(format!("malformed request: args {other} is not an object")),
+            None => Value::Object(map),
+        };
+        Ok(ControlRequest {
+            version,
+            command,
+            args,
+        })
+    }
 }
 
 /// Handles one request line; returns the response line (without newline).
 pub fn handle_line(daemon: &Daemon, line: &str) -> String {
-    let response = match serde_json::from_str::<ControlRequest>(line) {
-        Err(e) => error_value(format!("malformed request: {e}")),
+    let response = match ControlRequest::parse(line) {
+        Err(e) => error_value(e),
         Ok(req) if req.version != CONTROL_API_VERSION => error_value(format!(
             "unsupported control API version {} (this vtmemd speaks {CONTROL_API_VERSION})",
             req.version

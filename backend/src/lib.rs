@@ -30,6 +30,8 @@ pub mod ratelimit;
 pub mod request;
 pub mod store;
 pub mod sys;
+#[cfg(test)]
+mod testutil;
 
 pub use cli::Args;
 pub use config::DaemonConfig;

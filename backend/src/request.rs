@@ -473,3 +473,604 @@ fn walk<M: GuestMemoryBackend>(
         index = next;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+    use virtio_queue::desc::RawDescriptor;
+    use vtmem_protocol::{Handle, ObjectId, Op, PoolSpec, MAX_REQUEST_LEN, REQUEST_HEADER_SIZE};
+
+    const QSIZE: u16 = 256;
+
+    fn handle(i: u64) -> Handle {
+        Handle {
+            pool: 1,
+            object: ObjectId([7, 0, 0]),
+            index: i,
+        }
+    }
+
+    fn parse(ring: &TestRing<'_>, head: u16) -> Result<(usize, usize, u16), ChainFault> {
+        let mut p = ChainParser::new();
+        p.set_indirect_allowed(true);
+        p.parse(ring.mem, ring.table(), ring.size, head)
+            .map(|c| (c.put_pages.len(), c.get_pages.len(), c.request.num_ops()))
+    }
+
+    /// Expects a fault that returns the chain unused.
+    fn dropped(ring: &TestRing<'_>, head: u16) -> ChainError {
+        let f = parse(ring, head).unwrap_err();
+        assert_eq!(f.error.status(), None, "{:?}", f.error);
+        assert_eq!(f.reply, None);
+        f.error
+    }
+
+    /// Expects a fault answered with a status; returns the error and tag.
+    fn answered(ring: &TestRing<'_>, head: u16) -> (ChainError, u64) {
+        let f = parse(ring, head).unwrap_err();
+        assert!(f.error.status().is_some(), "{:?}", f.error);
+        let (_, tag) = f.reply.expect("a reply buffer");
+        (f.error, tag)
+    }
+
+    /// Request (1 PUT, 1 GET), put page, response, get page.
+    fn good_bufs(ring: &mut TestRing<'_>) -> Vec<Buf> {
+        let req = request_bytes(
+            &[
+                Op::Put {
+                    handle: handle(1),
+                    reserved: false,
+                },
+                Op::Get { handle: handle(2) },
+            ],
+            42,
+        );
+        vec![
+            ring.readable(&req),
+            ring.readable(&page_of(1)),
+            ring.writable(16 + 2 * 16),
+            ring.writable(PAGE_SIZE as u32),
+        ]
+    }
+
+    #[test]
+    fn good_direct_and_indirect() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let bufs = good_bufs(&mut ring);
+        let head = ring.chain(&bufs);
+        assert_eq!(parse(&ring, head).unwrap(), (1, 1, 2));
+        let head = ring.indirect_chain(&bufs);
+        assert_eq!(parse(&ring, head).unwrap(), (1, 1, 2));
+        // A direct descriptor followed by an indirect one is allowed too.
+        let (table, len) = ring.indirect_table(&bufs[1..]);
+        let first = ring.take_descs(2);
+        ring.store_desc(
+            first,
+            bufs[0].addr,
+            bufs[0].len,
+            VRING_DESC_F_NEXT as u16,
+            first + 1,
+        );
+        ring.store_desc(first + 1, table, len, VRING_DESC_F_INDIRECT as u16, 0);
+        assert_eq!(parse(&ring, first).unwrap(), (1, 1, 2));
+        // An oversize response buffer is fine.
+        let mut bufs = good_bufs(&mut ring);
+        bufs[2] = ring.writable(4096);
+        let head = ring.chain(&bufs);
+        assert_eq!(parse(&ring, head).unwrap(), (1, 1, 2));
+    }
+
+    #[test]
+    fn head_out_of_range() {
+        let mem = guest_memory();
+        let ring = TestRing::new(&mem, QSIZE);
+        assert_eq!(
+            dropped(&ring, QSIZE),
+            ChainError::HeadOutOfRange {
+                index: QSIZE,
+                size: QSIZE
+            }
+        );
+    }
+
+    #[test]
+    fn next_out_of_range() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let bufs = good_bufs(&mut ring);
+        let head = ring.take_descs(1);
+        ring.store_desc(
+            head,
+            bufs[0].addr,
+            bufs[0].len,
+            VRING_DESC_F_NEXT as u16,
+            999,
+        );
+        assert_eq!(
+            dropped(&ring, head),
+            ChainError::NextOutOfRange {
+                index: 999,
+                size: QSIZE
+            }
+        );
+    }
+
+    #[test]
+    fn descriptor_table_outside_memory() {
+        let mem = guest_memory();
+        let ring = TestRing::new(&mem, QSIZE);
+        let mut p = ChainParser::new();
+        let err = p
+            .parse(&mem, GuestAddress(MEM_SIZE + 0x1000), QSIZE, 0)
+            .unwrap_err()
+            .error;
+        assert_eq!(
+            err,
+            ChainError::DescriptorUnreadable {
+                addr: MEM_SIZE + 0x1000
+            }
+        );
+        drop(ring);
+    }
+
+    #[test]
+    fn descriptor_loop() {
+        // In a table smaller than the longest valid chain, a loop shows as
+        // a loop; in larger ones it hits the length limit first.
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, 16);
+        let bufs = good_bufs(&mut ring);
+        let a = ring.take_descs(2);
+        ring.store_desc(
+            a,
+            bufs[0].addr,
+            bufs[0].len,
+            VRING_DESC_F_NEXT as u16,
+            a + 1,
+        );
+        ring.store_desc(
+            a + 1,
+            bufs[1].addr,
+            bufs[1].len,
+            VRING_DESC_F_NEXT as u16,
+            a,
+        );
+        assert_eq!(dropped(&ring, a), ChainError::Loop { size: 16 });
+    }
+
+    #[test]
+    fn loop_inside_indirect_table() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let bufs = good_bufs(&mut ring);
+        let (table, len) = ring.indirect_table(&bufs[..2]);
+        // Entry 1 points back to entry 0.
+        let d = RawDescriptor::from(Descriptor::new(
+            bufs[1].addr,
+            bufs[1].len,
+            VRING_DESC_F_NEXT as u16,
+            0,
+        ));
+        mem.write_obj(d, GuestAddress(table + 16)).unwrap();
+        let head = ring.take_descs(1);
+        ring.store_desc(head, table, len, VRING_DESC_F_INDIRECT as u16, 0);
+        assert_eq!(dropped(&ring, head), ChainError::Loop { size: 2 });
+    }
+
+    #[test]
+    fn chain_too_long() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, 512);
+        let tiny = ring.readable(&[0u8; 16]);
+        let bufs = vec![tiny; MAX_CHAIN_DESCRIPTORS + 1];
+        let head = ring.chain(&bufs);
+        assert_eq!(dropped(&ring, head), ChainError::TooManyDescriptors);
+    }
+
+    #[test]
+    fn indirect_not_negotiated() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let bufs = good_bufs(&mut ring);
+        let head = ring.indirect_chain(&bufs);
+        let mut p = ChainParser::new();
+        let f = p.parse(&mem, ring.table(), QSIZE, head).unwrap_err();
+        assert_eq!(f.error, ChainError::IndirectNotNegotiated);
+        assert_eq!(f.reply, None);
+    }
+
+    #[test]
+    fn nested_indirect() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let bufs = good_bufs(&mut ring);
+        let (inner, inner_len) = ring.indirect_table(&bufs);
+        let outer = ring.alloc(16);
+        let d = RawDescriptor::from(Descriptor::new(
+            inner,
+            inner_len,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        ));
+        mem.write_obj(d, GuestAddress(outer)).unwrap();
+        let head = ring.take_descs(1);
+        ring.store_desc(head, outer, 16, VRING_DESC_F_INDIRECT as u16, 0);
+        assert_eq!(dropped(&ring, head), ChainError::NestedIndirect);
+    }
+
+    #[test]
+    fn indirect_with_next() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let bufs = good_bufs(&mut ring);
+        let (table, len) = ring.indirect_table(&bufs);
+        let head = ring.take_descs(2);
+        ring.store_desc(
+            head,
+            table,
+            len,
+            (VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT) as u16,
+            head + 1,
+        );
+        assert_eq!(dropped(&ring, head), ChainError::IndirectWithNext);
+    }
+
+    #[test]
+    fn bad_indirect_table_length() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let bufs = good_bufs(&mut ring);
+        let (table, _) = ring.indirect_table(&bufs);
+        let head = ring.take_descs(2);
+        ring.store_desc(head, table, 20, VRING_DESC_F_INDIRECT as u16, 0);
+        assert_eq!(
+            dropped(&ring, head),
+            ChainError::BadIndirectTable { len: 20 }
+        );
+        ring.store_desc(head + 1, table, 0, VRING_DESC_F_INDIRECT as u16, 0);
+        assert_eq!(
+            dropped(&ring, head + 1),
+            ChainError::BadIndirectTable { len: 0 }
+        );
+    }
+
+    #[test]
+    fn indirect_table_outside_memory() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let head = ring.take_descs(1);
+        ring.store_desc(head, MEM_SIZE - 16, 64, VRING_DESC_F_INDIRECT as u16, 0);
+        assert_eq!(
+            dropped(&ring, head),
+            ChainError::BadAddress {
+                addr: MEM_SIZE - 16,
+                len: 64
+            }
+        );
+    }
+
+    #[test]
+    fn buffer_outside_memory() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let mut bufs = good_bufs(&mut ring);
+        bufs[1].addr = MEM_SIZE - 100;
+        let head = ring.chain(&bufs);
+        assert_eq!(
+            dropped(&ring, head),
+            ChainError::BadAddress {
+                addr: MEM_SIZE - 100,
+                len: PAGE_SIZE as u32
+            }
+        );
+        // Address arithmetic that wraps around is outside memory too.
+        let mut bufs = good_bufs(&mut ring);
+        bufs[3].addr = u64::MAX - 10;
+        let head = ring.chain(&bufs);
+        assert!(matches!(
+            dropped(&ring, head),
+            ChainError::BadAddress { .. }
+        ));
+    }
+
+    #[test]
+    fn no_response_buffer() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let bufs = good_bufs(&mut ring);
+        let head = ring.chain(&bufs[..2]);
+        assert_eq!(dropped(&ring, head), ChainError::NoResponseBuffer);
+    }
+
+    #[test]
+    fn response_too_short() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        // Shorter than a header.
+        let mut bufs = good_bufs(&mut ring);
+        bufs[2].len = 8;
+        let head = ring.chain(&bufs);
+        assert_eq!(
+            dropped(&ring, head),
+            ChainError::ResponseTooShort { need: 16, got: 8 }
+        );
+        // A header but not the two statuses.
+        let mut bufs = good_bufs(&mut ring);
+        bufs[2].len = 16 + 16;
+        let head = ring.chain(&bufs);
+        assert_eq!(
+            dropped(&ring, head),
+            ChainError::ResponseTooShort { need: 48, got: 32 }
+        );
+    }
+
+    #[test]
+    fn no_request_buffer() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let resp = ring.writable(64);
+        let head = ring.chain(&[resp]);
+        assert_eq!(answered(&ring, head), (ChainError::NoRequestBuffer, 0));
+        assert_eq!(
+            ChainError::NoRequestBuffer.status(),
+            Some(Status::BadRequest)
+        );
+    }
+
+    /// A chain whose request buffer is `req` with a 64-byte response.
+    fn with_request(ring: &mut TestRing<'_>, req: &[u8]) -> u16 {
+        let r = ring.readable(req);
+        let resp = ring.writable(64);
+        ring.chain(&[r, resp])
+    }
+
+    #[test]
+    fn bad_version() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let mut req = request_bytes(&[Op::Reset], 77);
+        req[0] = 2;
+        let head = with_request(&mut ring, &req);
+        let (err, tag) = answered(&ring, head);
+        assert_eq!(err, ChainError::BadHeader(WireError::BadVersion(2)));
+        assert_eq!(tag, 77);
+        assert_eq!(err.status(), Some(Status::BadVersion));
+    }
+
+    #[test]
+    fn too_many_ops() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let mut req = request_bytes(&[Op::Reset], 5);
+        req[2..4].copy_from_slice(&129u16.to_le_bytes());
+        let head = with_request(&mut ring, &req);
+        let (err, tag) = answered(&ring, head);
+        assert_eq!(err, ChainError::BadHeader(WireError::TooManyOps(129)));
+        assert_eq!((tag, err.status()), (5, Some(Status::BadRequest)));
+    }
+
+    #[test]
+    fn zero_ops() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let mut req = request_bytes(&[Op::Reset], 5);
+        req[2..4].copy_from_slice(&0u16.to_le_bytes());
+        req.truncate(REQUEST_HEADER_SIZE);
+        let head = with_request(&mut ring, &req);
+        assert_eq!(
+            answered(&ring, head).0,
+            ChainError::BadHeader(WireError::NoOps)
+        );
+    }
+
+    #[test]
+    fn header_reserved_flags() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let mut req = request_bytes(&[Op::Reset], 5);
+        req[4] = 1;
+        let head = with_request(&mut ring, &req);
+        let (err, _) = answered(&ring, head);
+        assert_eq!(err, ChainError::BadHeader(WireError::ReservedNotZero));
+        // Request-level: BAD_REQUEST, not the per-op INVALID.
+        assert_eq!(err.status(), Some(Status::BadRequest));
+    }
+
+    #[test]
+    fn request_shorter_than_header() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let head = with_request(&mut ring, &[1, 0, 1]);
+        assert_eq!(
+            answered(&ring, head),
+            (
+                ChainError::BadHeader(WireError::Truncated { needed: 16, got: 3 }),
+                0
+            )
+        );
+    }
+
+    #[test]
+    fn request_shorter_than_its_ops() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let req = request_bytes(&[Op::Reset, Op::Reset], 9);
+        let head = with_request(&mut ring, &req[..req.len() - 1]);
+        assert_eq!(
+            answered(&ring, head),
+            (
+                ChainError::BadHeader(WireError::Truncated {
+                    needed: 112,
+                    got: 111
+                }),
+                9
+            )
+        );
+    }
+
+    #[test]
+    fn request_with_trailing_bytes() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let mut req = request_bytes(&[Op::Reset], 9);
+        req.extend_from_slice(&[0; 4]);
+        let head = with_request(&mut ring, &req);
+        assert_eq!(
+            answered(&ring, head).0,
+            ChainError::BadHeader(WireError::TrailingBytes {
+                expected: 64,
+                got: 68
+            })
+        );
+    }
+
+    #[test]
+    fn oversize_request_buffer() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let mut req = request_bytes(&[Op::Reset], 9);
+        req.resize(1 << 20, 0);
+        let head = with_request(&mut ring, &req);
+        assert_eq!(
+            answered(&ring, head).0,
+            ChainError::BadHeader(WireError::TrailingBytes {
+                expected: 64,
+                got: 1 << 20
+            })
+        );
+        assert!(MAX_REQUEST_LEN < 1 << 20);
+    }
+
+    #[test]
+    fn readable_after_writable() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let bufs = good_bufs(&mut ring);
+        // request, response, put page, get page
+        let head = ring.chain(&[bufs[0], bufs[2], bufs[1], bufs[3]]);
+        let (err, tag) = answered(&ring, head);
+        assert_eq!((err.clone(), tag), (ChainError::ReadableAfterWritable, 42));
+        assert_eq!(err.status(), Some(Status::BadChain));
+    }
+
+    #[test]
+    fn missing_put_page() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let bufs = good_bufs(&mut ring);
+        let head = ring.chain(&[bufs[0], bufs[2], bufs[3]]);
+        assert_eq!(
+            answered(&ring, head).0,
+            ChainError::PutPageCount { need: 1, got: 0 }
+        );
+    }
+
+    #[test]
+    fn extra_get_page() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let bufs = good_bufs(&mut ring);
+        let extra = ring.writable(PAGE_SIZE as u32);
+        let head = ring.chain(&[bufs[0], bufs[1], bufs[2], bufs[3], extra]);
+        assert_eq!(
+            answered(&ring, head).0,
+            ChainError::GetPageCount { need: 1, got: 2 }
+        );
+    }
+
+    #[test]
+    fn get_page_in_the_wrong_direction() {
+        // A GET whose page is device-readable: it counts as a PUT page.
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let req = request_bytes(&[Op::Get { handle: handle(1) }], 3);
+        let r = ring.readable(&req);
+        let page = ring.readable(&page_of(0));
+        let resp = ring.writable(32);
+        let head = ring.chain(&[r, page, resp]);
+        assert_eq!(
+            answered(&ring, head).0,
+            ChainError::PutPageCount { need: 0, got: 1 }
+        );
+    }
+
+    #[test]
+    fn page_buffer_wrong_size() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let mut bufs = good_bufs(&mut ring);
+        bufs[1].len = PAGE_SIZE as u32 - 1;
+        let head = ring.chain(&bufs);
+        assert_eq!(
+            answered(&ring, head).0,
+            ChainError::PageBufferSize {
+                index: 1,
+                len: PAGE_SIZE as u32 - 1
+            }
+        );
+        let mut bufs = good_bufs(&mut ring);
+        bufs[3].len = 2 * PAGE_SIZE as u32;
+        let head = ring.chain(&bufs);
+        assert_eq!(
+            answered(&ring, head).0,
+            ChainError::PageBufferSize {
+                index: 3,
+                len: 2 * PAGE_SIZE as u32
+            }
+        );
+    }
+
+    #[test]
+    fn page_buffers_follow_opcode_bytes_of_invalid_ops() {
+        // A PUT with undefined flags is invalid, but still owns a page buffer.
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let mut req = request_bytes(
+            &[
+                Op::Put {
+                    handle: handle(1),
+                    reserved: false,
+                },
+                Op::NewPool(PoolSpec::persistent()),
+            ],
+            3,
+        );
+        req[16 + 1] = 0x80;
+        let r = ring.readable(&req);
+        let page = ring.readable(&page_of(0));
+        let resp = ring.writable(48);
+        let head = ring.chain(&[r, page, resp]);
+        assert_eq!(parse(&ring, head).unwrap(), (1, 0, 2));
+        // And an unknown opcode owns none.
+        let mut req = request_bytes(&[Op::Reset], 3);
+        req[16] = 0xee;
+        let head = with_request(&mut ring, &req);
+        assert_eq!(parse(&ring, head).unwrap(), (0, 0, 1));
+    }
+
+    #[test]
+    fn every_error_has_a_disposition() {
+        // Drop-class errors never carry a reply; answered ones always do.
+        let drop_class = [
+            ChainError::HeadOutOfRange { index: 0, size: 0 },
+            ChainError::NextOutOfRange { index: 0, size: 0 },
+            ChainError::DescriptorUnreadable { addr: 0 },
+            ChainError::Loop { size: 0 },
+            ChainError::TooManyDescriptors,
+            ChainError::IndirectNotNegotiated,
+            ChainError::NestedIndirect,
+            ChainError::IndirectWithNext,
+            ChainError::BadIndirectTable { len: 0 },
+            ChainError::BadAddress { addr: 0, len: 0 },
+            ChainError::NoResponseBuffer,
+            ChainError::ResponseTooShort { need: 0, got: 0 },
+        ];
+        for e in drop_class {
+            assert_eq!(e.status(), None, "{e}");
+            assert!(!e.to_string().contains('\n'));
+        }
+    }
+}
