@@ -1,316 +1,448 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The tmem store (skeleton: the API is final, bodies are being filled in).
+//! The tmem store: clients, pools and pages, with compression,
+//! deduplication, quotas and eviction. It takes byte slices and handles and
+//! knows nothing of virtio or guest memory.
+//!
+//! # Model
+//!
+//! A [`Store`] holds clients (one per VM, by name). A client opens up to
+//! `MAX_POOLS_PER_CLIENT` (16) pools, each ephemeral (pages may be dropped
+//! at any time) or persistent (kept until flushed), private or shared.
+//! Semantics follow Xen tmem, cleancache and frontswap:
+//!
+//! * A put replaces what the handle held. A put that fails drops the old
+//!   copy: after any put, the old data is never readable.
+//! * Gets of private ephemeral pools are exclusive (a hit removes the page);
+//!   persistent gets keep the page unless the pool asked for exclusive gets;
+//!   shared-pool gets keep the page.
+//! * A miss is final: nothing brings a page back but a new put.
+//! * Shared pools are ephemeral only and joined by UUID, only if the admin
+//!   authorised that UUID for the client ([`ClientHandle::authorize`];
+//!   de-authorising does not expel a member that already joined). A shared
+//!   pool lives while any member has it open. Its pages are charged to its
+//!   owner: the client that created it; when the owner leaves, ownership
+//!   (and the whole charge) passes to the member that joined earliest, and
+//!   if that pushes it over its ephemeral quota its oldest pages are
+//!   evicted. A shared pool has its own dedup domain, so members cannot
+//!   probe each other's private contents through it.
+//!
+//! The guest serialises operations on one handle, but nothing here relies
+//! on it: concurrent puts, gets and flushes of one handle leave either
+//! value or none, never a mix, and never leak a charge.
+//!
+//! # Data structures
+//!
+//! * Per pool, one mutex over the handle index ([`pool`]): interned objects,
+//!   blocks of 16 content references found by `(object, index / 16)`, and
+//!   for ephemeral pools a FIFO/CLOCK queue of 8-byte entries.
+//! * Per dedup domain, shards chosen by content hash, each with its own
+//!   mutex, content table, dedup index and slab allocator ([`content`],
+//!   [`alloc`]). A client's domain is its own, or shared by every client of
+//!   its `dedup_group`: cross-VM dedup lets one guest time whether another
+//!   holds a page (the side channel Xen removed dedup over), so it happens
+//!   only between clients the admin put in one group.
+//! * Accounting is atomic ([`account`]); there is no store-wide lock on the
+//!   data path. A client's pool table is a read-write lock taken for reading
+//!   by its own data-path calls and for writing only by pool creation and
+//!   destruction and admin changes.
+//! * Lock order: client pool table, then the shared-pool registry, then one
+//!   pool, then one content shard. No path holds two pool locks, two shards
+//!   or two clients' tables. Eviction runs with no pool lock held.
+//!
+//! # Storing a page
+//!
+//! Zero pages store nothing but a marker; same-filled pages (all 64-bit
+//! words equal) become a data-less pattern entry. Other pages are hashed
+//! (xxh3-128, keyed per store) and looked up in the domain; a hash match is
+//! confirmed by a full comparison before it is shared. New content is
+//! compressed with LZ4 into a fixed buffer and stored raw if the result
+//! exceeds 7/8 of a page ([`RAW_THRESHOLD`], zcache2's threshold), in a
+//! 64-byte size class of a slab allocator (64 KiB chunks, `u32` slot
+//! addresses, free slots reused, empty chunks released).
+//!
+//! # Charging
+//!
+//! Every stored page is charged to its client (the pool owner) as
+//! `stored size + CLIENT_PAGE_COST` bytes, where the stored size is the
+//! content's allocator slot (a multiple of 64 bytes; a whole page when
+//! stored raw; 0 for zero and same-filled pages) and
+//! [`CLIENT_PAGE_COST`] (64 bytes) is a fixed per-page metadata cost. The
+//! charge is the same whether or not the content is shared with other pages:
+//! a client's usage, and so whether its puts succeed, never depends on what
+//! other clients store, which would be a side channel through quotas.
+//! Persistent pages count against the persistent quota, ephemeral pages
+//! against the ephemeral quota.
+//!
+//! The host limit counts real memory: each unique content once (its slot
+//! plus [`CONTENT_METADATA_COST`]), each page's [`PAGE_METADATA_COST`], and
+//! every outstanding reservation at its worst case. Allocator slack (the
+//! free part of partly used chunks) is not charged; it is reported as
+//! `fragmentation` in [`StoreStats`].
+//!
+//! Charges are taken with compare-and-swap against the limit before the
+//! page is stored, so neither quotas nor the host limit are ever exceeded,
+//! however many puts race (lowering a limit below current use is the only
+//! way to be above it).
+//!
+//! # Limits and eviction
+//!
+//! * Persistent put over the persistent quota: refused (`OverQuota`).
+//!   Lowering the persistent quota below use refuses new puts and never
+//!   drops pages.
+//! * Ephemeral put over the ephemeral quota: the client's own oldest
+//!   ephemeral pages are evicted to make room; lowering the quota evicts at
+//!   once.
+//! * Any put over the host limit evicts ephemeral pages by weighted LRU (see
+//!   [`evict`]): the client with the largest `ephemeral bytes / weight` loses
+//!   its own oldest pages first. If nothing evictable is left, the put is
+//!   refused (`NoSpace`). Lowering the host limit evicts at once. Persistent
+//!   pages are never evicted.
+//!
+//! # Reservations
+//!
+//! [`ClientHandle::reserve`] grants up to `n` pages of a persistent pool,
+//! charging each at its worst case ([`RESERVED_PAGE_CLIENT_COST`] against
+//! the persistent quota, [`RESERVED_PAGE_HOST_COST`] against the host
+//! limit) up front, evicting ephemeral pages if needed. A put with
+//! `reserved = true` spends one page of the reservation and swaps the
+//! worst-case charge for the real one (always smaller), so it can never be
+//! refused for space, quota or freeze. Unreserve, destroying the pool,
+//! reset and client removal give unspent reservations back.
+//!
+//! # Metadata
+//!
+//! `StoreStats::metadata_bytes` adds up the real capacities of every table
+//! (hash maps by their bucket arrays, vectors by their capacity). A page
+//! costs about 6 bytes of index in a dense object, 8 to 16 bytes of queue
+//! (ephemeral), and its unique content 28 bytes of entry plus 5 to 11 of
+//! dedup index: 40 to 60 bytes a page, see the `store` benchmark.
 
-use std::sync::Arc;
+mod account;
+mod alloc;
+mod api;
+mod client;
+mod content;
+mod evict;
+mod pool;
 
-use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
 pub use vtmem_protocol::{Handle, ObjectId, PoolSpec, Status, Uuid, PAGE_SIZE};
+
+pub use account::{
+    OpCounters, CLIENT_PAGE_COST, CONTENT_METADATA_COST, PAGE_METADATA_COST,
+    RESERVED_PAGE_CLIENT_COST, RESERVED_PAGE_HOST_COST,
+};
+pub use alloc::{CHUNK_BYTES, CLASS_STEP};
+pub use api::{ClientConfig, ClientStats, PoolStats, StoreConfig, StoreStats, TmemError};
+pub use client::ClientHandle;
+pub use content::RAW_THRESHOLD;
+pub use evict::EVICT_BATCH;
+
+use account::{lock, Acct, Global};
+use client::{Client, Meta, Table};
+use content::Domain;
+use pool::{KeyedState, Pool};
 
 /// One page of data.
 pub type Page = [u8; PAGE_SIZE];
 
-/// Store-wide configuration.
-#[derive(Clone, Debug)]
-pub struct StoreConfig {
-    /// Host memory limit in bytes for everything the store accounts (data + metadata).
-    pub host_limit: u64,
-}
+/// Shards of a client's own dedup domain.
+const CLIENT_SHARDS: usize = 4;
+/// Shards of a dedup group's domain (many clients put into it).
+const GROUP_SHARDS: usize = 16;
+/// Shards of a shared pool's domain.
+const SHARED_POOL_SHARDS: usize = 4;
 
-/// Per-client configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClientConfig {
-    /// Bytes of persistent data this client may hold (u64::MAX = unlimited).
-    pub persistent_quota: u64,
-    /// Bytes of ephemeral data this client may hold (u64::MAX = unlimited).
-    pub ephemeral_quota: u64,
-    /// Weight for sharing ephemeral capacity (>= 1).
-    pub weight: u32,
-    /// Dedup group: clients in the same named group share content across VMs.
-    /// None = dedup only within this client.
-    pub dedup_group: Option<String>,
-    /// UUIDs of shared pools this client may create/join.
-    pub authorized_uuids: Vec<Uuid>,
-}
-
-impl Default for ClientConfig {
-    fn default() -> Self {
-        ClientConfig {
-            persistent_quota: u64::MAX,
-            ephemeral_quota: u64::MAX,
-            weight: 100,
-            dedup_group: None,
-            authorized_uuids: Vec::new(),
-        }
-    }
-}
-
-/// Errors of data-path and admin calls.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-pub enum TmemError {
-    /// The host has no memory left.
-    #[error("host memory limit reached")]
-    NoSpace,
-    /// The client's quota is used up.
-    #[error("client quota exceeded")]
-    OverQuota,
-    /// The client is frozen.
-    #[error("client is frozen")]
-    Frozen,
-    /// No such pool.
-    #[error("no such pool")]
-    NoPool,
-    /// Too many pools.
-    #[error("too many pools")]
-    TooManyPools,
-    /// UUID not authorised.
-    #[error("shared pool UUID not authorized for this client")]
-    NotAuthorized,
-    /// No reservation left.
-    #[error("no reservation left")]
-    NoReservation,
-    /// Invalid argument.
-    #[error("invalid argument: {0}")]
-    Invalid(&'static str),
-    /// The client was removed (its handle is stale).
-    #[error("client was removed")]
-    ClientGone,
-    /// Admin: no client of that name.
-    #[error("unknown client {0}")]
-    UnknownClient(String),
-    /// Admin: a client of that name exists.
-    #[error("client {0} already exists")]
-    ClientExists(String),
-    /// Admin: a change that would need moving stored content.
-    #[error("busy: {0}")]
-    Busy(&'static str),
-}
-
-impl TmemError {
-    /// The wire status of a data-path error.
-    pub fn status(&self) -> Status {
-        match self {
-            TmemError::NoSpace => Status::NoSpace,
-            TmemError::OverQuota => Status::OverQuota,
-            TmemError::Frozen => Status::Frozen,
-            TmemError::NoPool => Status::NoPool,
-            TmemError::TooManyPools => Status::TooManyPools,
-            TmemError::NotAuthorized => Status::NotAuthorized,
-            TmemError::NoReservation => Status::NoReservation,
-            TmemError::Invalid(_) => Status::Invalid,
-            TmemError::ClientGone
-            | TmemError::UnknownClient(_)
-            | TmemError::ClientExists(_)
-            | TmemError::Busy(_) => Status::DeviceError,
-        }
-    }
-}
-
-/// Operation counters.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct OpCounters {
-    pub puts: u64,
-    pub puts_stored: u64,
-    pub puts_refused_no_space: u64,
-    pub puts_refused_quota: u64,
-    pub puts_refused_frozen: u64,
-    pub puts_refused_other: u64,
-    pub gets: u64,
-    pub get_hits: u64,
-    pub get_misses: u64,
-    pub flush_pages: u64,
-    pub flush_objects: u64,
-    pub evictions: u64,
-    pub dedup_hits: u64,
-    pub zero_pages: u64,
-    pub same_filled_pages: u64,
-    /// Uncompressed bytes of stored puts.
-    pub bytes_in: u64,
-    /// Bytes actually written to the allocator for them.
-    pub bytes_stored: u64,
-}
-
-/// Per-pool statistics.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct PoolStats {
-    pub id: u32,
-    pub persistent: bool,
-    pub shared: Option<Uuid>,
-    pub exclusive_gets: bool,
-    pub pages: u64,
-    pub bytes: u64,
-    pub reserved_pages: u64,
-    pub counters: OpCounters,
-}
-
-/// Per-client statistics.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ClientStats {
-    pub name: String,
-    pub config: ClientConfig,
-    pub frozen: bool,
-    pub persistent_pages: u64,
-    pub ephemeral_pages: u64,
-    pub persistent_bytes: u64,
-    pub ephemeral_bytes: u64,
-    pub zero_pages: u64,
-    pub same_filled_pages: u64,
-    pub deduplicated_pages: u64,
-    pub reserved_pages: u64,
-    pub pools: Vec<PoolStats>,
-    pub counters: OpCounters,
-}
-
-/// Store-wide statistics.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct StoreStats {
-    pub host_limit: u64,
-    pub host_used: u64,
-    pub stored_pages: u64,
-    pub unique_pages: u64,
-    pub data_bytes: u64,
-    pub metadata_bytes: u64,
-    pub compression_ratio: f64,
-    pub dedup_ratio: f64,
-    pub counters: OpCounters,
-    pub clients: Vec<ClientStats>,
-}
-
-/// The store.
+/// The store. `Send + Sync`; share it as `Arc<Store>`.
 #[derive(Debug)]
 pub struct Store {
-    _config: StoreConfig,
+    g: Global,
+    clients: RwLock<BTreeMap<String, Arc<Client>>>,
+    /// Accounts of the live clients, scanned to pick eviction victims.
+    accts: RwLock<Vec<Arc<Acct>>>,
+    /// Live shared pools by UUID.
+    shared: Mutex<HashMap<Uuid, Arc<Pool>>>,
+    /// Dedup groups' domains.
+    groups: Mutex<HashMap<String, Weak<Domain>>>,
+    /// Counters of removed clients.
+    retired: Mutex<OpCounters>,
+    next_client: AtomicU64,
+    seed: u64,
+    hasher: KeyedState,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Store {
-    /// Creates a store.
+    /// Creates an empty store.
     pub fn new(config: StoreConfig) -> Arc<Store> {
-        Arc::new(Store { _config: config })
+        let rs = std::collections::hash_map::RandomState::new();
+        let seed = rs.hash_one(0x766d_746d_u64);
+        let hseed = rs.hash_one(seed);
+        Arc::new(Store {
+            g: Global::new(config.host_limit),
+            clients: RwLock::new(BTreeMap::new()),
+            accts: RwLock::new(Vec::new()),
+            shared: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            retired: Mutex::new(OpCounters::default()),
+            next_client: AtomicU64::new(1),
+            seed,
+            hasher: KeyedState::new(hseed),
+        })
     }
+
     /// Adds a client.
     pub fn add_client(
         self: &Arc<Self>,
-        _name: &str,
-        _config: ClientConfig,
+        name: &str,
+        config: ClientConfig,
     ) -> Result<ClientHandle, TmemError> {
-        todo!()
+        if name.is_empty() {
+            return Err(TmemError::Invalid("empty client name"));
+        }
+        if config.weight == 0 {
+            return Err(TmemError::Invalid("weight must be at least 1"));
+        }
+        let mut clients = write(&self.clients);
+        if clients.contains_key(name) {
+            return Err(TmemError::ClientExists(name.to_string()));
+        }
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let acct = Arc::new(Acct::new(
+            id,
+            config.persistent_quota,
+            config.ephemeral_quota,
+            config.weight,
+        ));
+        let domain = self.domain_for(config.dedup_group.as_deref());
+        let mut authorized = config.authorized_uuids;
+        authorized.sort_unstable();
+        authorized.dedup();
+        let client = Arc::new(Client {
+            name: name.to_string(),
+            acct: acct.clone(),
+            table: RwLock::new(Table {
+                removed: false,
+                pools: Default::default(),
+                domain,
+            }),
+            meta: Mutex::new(Meta {
+                dedup_group: config.dedup_group,
+                authorized,
+            }),
+        });
+        clients.insert(name.to_string(), client.clone());
+        write(&self.accts).push(acct);
+        drop(clients);
+        Ok(ClientHandle::new(self.clone(), client))
     }
-    /// Looks a client up.
-    pub fn client(&self, _name: &str) -> Option<ClientHandle> {
-        todo!()
+
+    /// A handle of the client named `name`.
+    pub fn client(self: &Arc<Self>, name: &str) -> Option<ClientHandle> {
+        let c = read(&self.clients).get(name).cloned()?;
+        Some(ClientHandle::new(self.clone(), c))
     }
-    /// Frees everything the client holds.
-    pub fn remove_client(&self, _name: &str) -> Result<(), TmemError> {
-        todo!()
+
+    /// Frees everything the client holds; later calls on its handles return
+    /// `ClientGone`.
+    pub fn remove_client(&self, name: &str) -> Result<(), TmemError> {
+        let client = write(&self.clients)
+            .remove(name)
+            .ok_or_else(|| TmemError::UnknownClient(name.to_string()))?;
+        write(&self.accts).retain(|a| !Arc::ptr_eq(a, &client.acct));
+        let mut table = write(&client.table);
+        table.removed = true;
+        for slot in table.pools.iter_mut() {
+            if let Some(pool) = slot.take() {
+                self.leave_pool(&pool, &client.acct);
+            }
+        }
+        drop(table);
+        lock(&self.retired).accumulate(&client.acct.counters.snapshot());
+        debug_assert_eq!(client.acct.eph_charged.load(Ordering::Relaxed), 0);
+        debug_assert_eq!(client.acct.pers_charged.load(Ordering::Relaxed), 0);
+        Ok(())
     }
-    /// Client names.
+
+    /// Names of all clients, sorted.
     pub fn client_names(&self) -> Vec<String> {
-        todo!()
+        read(&self.clients).keys().cloned().collect()
     }
-    /// Sets the host limit.
-    pub fn set_host_limit(&self, _bytes: u64) {
-        todo!()
+
+    /// Sets the host limit; lowering it evicts ephemeral pages at once.
+    pub fn set_host_limit(&self, bytes: u64) {
+        self.g.host_limit.store(bytes, Ordering::Release);
+        self.enforce_host_limit();
     }
-    /// The host limit.
+
+    /// The host limit in bytes.
     pub fn host_limit(&self) -> u64 {
-        todo!()
+        self.g.limit()
     }
-    /// Statistics.
+
+    /// Bytes charged against the host limit.
+    pub fn host_used(&self) -> u64 {
+        self.g.used()
+    }
+
+    /// The dedup domain for a client in `group` (or a private one).
+    fn domain_for(&self, group: Option<&str>) -> Arc<Domain> {
+        let Some(group) = group else {
+            return Arc::new(Domain::new(CLIENT_SHARDS, self.seed));
+        };
+        let mut groups = lock(&self.groups);
+        if let Some(d) = groups.get(group).and_then(Weak::upgrade) {
+            return d;
+        }
+        groups.retain(|_, w| w.strong_count() > 0);
+        let d = Arc::new(Domain::new(GROUP_SHARDS, self.seed));
+        groups.insert(group.to_string(), Arc::downgrade(&d));
+        d
+    }
+
+    /// Joins (or creates) the shared pool `uuid` for `acct`.
+    fn join_shared(&self, uuid: Uuid, acct: &Arc<Acct>) -> Arc<Pool> {
+        let mut shared = lock(&self.shared);
+        if let Some(pool) = shared.get(&uuid) {
+            let mut idx = pool.lock();
+            debug_assert!(!idx.destroyed);
+            idx.members.push(acct.clone());
+            return pool.clone();
+        }
+        let domain = Arc::new(Domain::new(SHARED_POOL_SHARDS, self.seed));
+        let pool = Arc::new(Pool::new(
+            false,
+            false,
+            Some(uuid),
+            domain,
+            acct.clone(),
+            self.hasher,
+        ));
+        acct.add_evictable(&pool);
+        shared.insert(uuid, pool.clone());
+        pool
+    }
+
+    /// `acct` closes `pool` (destroy, reset, removal). A private pool is
+    /// destroyed; a shared one loses a member and is destroyed with its
+    /// last, or passes to a new owner.
+    fn leave_pool(&self, pool: &Arc<Pool>, acct: &Arc<Acct>) {
+        let g = &self.g;
+        let Some(uuid) = pool.shared else {
+            let mut idx = pool.lock();
+            idx.destroyed = true;
+            pool.clear_locked(&mut idx, g);
+            drop(idx);
+            let r = pool.take_reservation();
+            account::uncharge(&acct.pers_charged, r * RESERVED_PAGE_CLIENT_COST);
+            g.uncharge(r * RESERVED_PAGE_HOST_COST);
+            acct.remove_evictable(pool);
+            return;
+        };
+        let mut shared = lock(&self.shared);
+        let mut idx = pool.lock();
+        idx.members.retain(|m| !Arc::ptr_eq(m, acct));
+        if idx.members.is_empty() {
+            if shared.get(&uuid).is_some_and(|p| Arc::ptr_eq(p, pool)) {
+                shared.remove(&uuid);
+            }
+            drop(shared);
+            idx.destroyed = true;
+            pool.clear_locked(&mut idx, g);
+            let owner = idx.owner.clone();
+            drop(idx);
+            owner.remove_evictable(pool);
+        } else if Arc::ptr_eq(&idx.owner, acct) {
+            drop(shared);
+            let heir = idx.members[0].clone();
+            let bytes = idx.gauges.bytes;
+            account::uncharge(&acct.eph_charged, bytes);
+            account::charge(&heir.eph_charged, bytes);
+            idx.owner = heir.clone();
+            drop(idx);
+            acct.remove_evictable(pool);
+            heir.add_evictable(pool);
+            let excess = heir.eph_excess(0);
+            if excess > 0 {
+                evict::evict_own(&heir, excess, g);
+            }
+        }
+    }
+
+    /// Statistics of the store and every client.
     pub fn stats(&self) -> StoreStats {
-        todo!()
-    }
-}
-
-#[derive(Debug)]
-struct ClientInner {
-    name: String,
-}
-
-/// A client's handle.
-#[derive(Clone, Debug)]
-pub struct ClientHandle {
-    inner: Arc<ClientInner>,
-}
-
-#[allow(unused_variables)]
-impl ClientHandle {
-    /// The client's name.
-    pub fn name(&self) -> &str {
-        &self.inner.name
-    }
-    /// Creates or joins a pool.
-    pub fn new_pool(&self, spec: PoolSpec) -> Result<u32, TmemError> {
-        todo!()
-    }
-    /// Destroys a pool.
-    pub fn destroy_pool(&self, pool: u32) -> Result<(), TmemError> {
-        todo!()
-    }
-    /// Stores a page.
-    pub fn put(&self, handle: &Handle, page: &Page, reserved: bool) -> Result<(), TmemError> {
-        todo!()
-    }
-    /// Loads a page.
-    pub fn get(&self, handle: &Handle, out: &mut Page) -> Result<bool, TmemError> {
-        todo!()
-    }
-    /// Drops a page.
-    pub fn flush_page(&self, handle: &Handle) -> Result<(), TmemError> {
-        todo!()
-    }
-    /// Drops an object.
-    pub fn flush_object(&self, pool: u32, object: &ObjectId) -> Result<(), TmemError> {
-        todo!()
-    }
-    /// Reserves pages.
-    pub fn reserve(&self, pool: u32, pages: u64) -> Result<u64, TmemError> {
-        todo!()
-    }
-    /// Unreserves pages.
-    pub fn unreserve(&self, pool: u32, pages: u64) -> Result<u64, TmemError> {
-        todo!()
-    }
-    /// Device reset.
-    pub fn reset(&self) {
-        todo!()
-    }
-    /// Sets quotas.
-    pub fn set_quota(&self, persistent: u64, ephemeral: u64) {
-        todo!()
-    }
-    /// Sets the weight.
-    pub fn set_weight(&self, weight: u32) -> Result<(), TmemError> {
-        todo!()
-    }
-    /// Freezes.
-    pub fn freeze(&self) {
-        todo!()
-    }
-    /// Thaws.
-    pub fn thaw(&self) {
-        todo!()
-    }
-    /// Drops pages, keeps pools.
-    pub fn flush_all(&self, ephemeral_only: bool) {
-        todo!()
-    }
-    /// Authorises a UUID.
-    pub fn authorize(&self, uuid: Uuid) {
-        todo!()
-    }
-    /// Deauthorises a UUID.
-    pub fn deauthorize(&self, uuid: Uuid) {
-        todo!()
-    }
-    /// Sets the dedup group.
-    pub fn set_dedup_group(&self, group: Option<String>) -> Result<(), TmemError> {
-        todo!()
-    }
-    /// The configuration.
-    pub fn config(&self) -> ClientConfig {
-        todo!()
-    }
-    /// Statistics.
-    pub fn stats(&self) -> ClientStats {
-        todo!()
+        let clients: Vec<Arc<Client>> = read(&self.clients).values().cloned().collect();
+        let mut st = StoreStats {
+            host_limit: self.g.limit(),
+            counters: lock(&self.retired).clone(),
+            ..Default::default()
+        };
+        let mut pools_seen: HashSet<*const Pool> = HashSet::new();
+        let mut domains: HashMap<u64, Arc<Domain>> = HashMap::new();
+        for c in &clients {
+            let (cs, pools, domain) = c.stats();
+            st.counters.accumulate(&cs.counters);
+            st.clients.push(cs);
+            domains.insert(domain.id(), domain);
+            for p in pools {
+                if !pools_seen.insert(Arc::as_ptr(&p)) {
+                    continue;
+                }
+                domains.insert(p.domain.id(), p.domain.clone());
+                let idx = p.lock();
+                st.pools += 1;
+                st.stored_pages += idx.gauges.pages;
+                st.zero_pages += idx.gauges.zero;
+                st.same_filled_pages += idx.gauges.same;
+                st.metadata_bytes += p.metadata_bytes(&idx);
+                drop(idx);
+                st.reserved_pages += p.reserved.load(Ordering::Relaxed);
+            }
+        }
+        let mut data_entries = 0;
+        for d in domains.values() {
+            let ds = d.stats();
+            data_entries += ds.data_entries;
+            st.unique_pages += ds.data_entries + ds.pattern_entries;
+            st.raw_pages += ds.raw_entries;
+            st.data_bytes += ds.slot_bytes;
+            st.allocator_footprint += ds.footprint;
+            st.metadata_bytes += ds.metadata_bytes;
+        }
+        st.dedup_domains = domains.len() as u64;
+        st.compression_ratio = if st.data_bytes > 0 {
+            (data_entries * PAGE_SIZE as u64) as f64 / st.data_bytes as f64
+        } else {
+            1.0
+        };
+        st.dedup_ratio = if st.unique_pages > 0 {
+            (st.stored_pages - st.zero_pages) as f64 / st.unique_pages as f64
+        } else {
+            1.0
+        };
+        st.fragmentation = if st.allocator_footprint > 0 {
+            1.0 - st.data_bytes as f64 / st.allocator_footprint as f64
+        } else {
+            0.0
+        };
+        st.metadata_bytes_per_page = if st.stored_pages > 0 {
+            st.metadata_bytes as f64 / st.stored_pages as f64
+        } else {
+            0.0
+        };
+        // Read last: everything above was charged before it was visible.
+        st.host_used = self.g.used();
+        st
     }
 }

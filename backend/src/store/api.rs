@@ -1,0 +1,198 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Public configuration, error and statistics types of the store.
+
+use serde::{Deserialize, Serialize};
+use vtmem_protocol::{Status, Uuid};
+
+use super::account::OpCounters;
+
+/// Store-wide configuration.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Host memory limit in bytes for everything the store accounts (data + metadata).
+    pub host_limit: u64,
+}
+
+/// Per-client configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientConfig {
+    /// Bytes of persistent data this client may hold (u64::MAX = unlimited).
+    pub persistent_quota: u64,
+    /// Bytes of ephemeral data this client may hold (u64::MAX = unlimited).
+    pub ephemeral_quota: u64,
+    /// Weight for sharing ephemeral capacity (>= 1).
+    pub weight: u32,
+    /// Dedup group: clients in the same named group share content across VMs.
+    /// None = dedup only within this client.
+    pub dedup_group: Option<String>,
+    /// UUIDs of shared pools this client may create/join.
+    pub authorized_uuids: Vec<Uuid>,
+}
+
+impl Default for ClientConfig {
+    /// Unlimited quotas, weight 100, no dedup group, no UUID authorised.
+    fn default() -> Self {
+        ClientConfig {
+            persistent_quota: u64::MAX,
+            ephemeral_quota: u64::MAX,
+            weight: 100,
+            dedup_group: None,
+            authorized_uuids: Vec::new(),
+        }
+    }
+}
+
+/// Errors of data-path and admin calls. [`TmemError::status`] maps
+/// data-path errors onto the wire.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum TmemError {
+    /// The host has no memory left for this put.
+    #[error("host memory limit reached")]
+    NoSpace,
+    /// The client's quota for this kind of pool is used up.
+    #[error("client quota exceeded")]
+    OverQuota,
+    /// The client is frozen: puts are refused.
+    #[error("client is frozen")]
+    Frozen,
+    /// No such pool for this client.
+    #[error("no such pool")]
+    NoPool,
+    /// The client already has `MAX_POOLS_PER_CLIENT` pools.
+    #[error("too many pools")]
+    TooManyPools,
+    /// The client may not join the shared pool with that UUID.
+    #[error("shared pool UUID not authorized for this client")]
+    NotAuthorized,
+    /// A reserved put found no reservation left.
+    #[error("no reservation left")]
+    NoReservation,
+    /// An argument is invalid.
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    /// The client was removed (its handle is stale).
+    #[error("client was removed")]
+    ClientGone,
+    /// Admin: no client of that name.
+    #[error("unknown client {0:?}")]
+    UnknownClient(String),
+    /// Admin: a client of that name exists.
+    #[error("client {0:?} already exists")]
+    ClientExists(String),
+    /// Admin: a change that would need moving stored content (e.g. changing
+    /// the dedup group of a client that holds pages). Also reported (as a
+    /// device error) if stored content fails its integrity check.
+    #[error("busy: {0}")]
+    Busy(&'static str),
+}
+
+impl TmemError {
+    /// The wire status of an error.
+    pub fn status(&self) -> Status {
+        match self {
+            TmemError::NoSpace => Status::NoSpace,
+            TmemError::OverQuota => Status::OverQuota,
+            TmemError::Frozen => Status::Frozen,
+            TmemError::NoPool => Status::NoPool,
+            TmemError::TooManyPools => Status::TooManyPools,
+            TmemError::NotAuthorized => Status::NotAuthorized,
+            TmemError::NoReservation => Status::NoReservation,
+            TmemError::Invalid(_) => Status::Invalid,
+            TmemError::ClientGone
+            | TmemError::UnknownClient(_)
+            | TmemError::ClientExists(_)
+            | TmemError::Busy(_) => Status::DeviceError,
+        }
+    }
+}
+
+/// Statistics of one pool.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PoolStats {
+    /// The pool's id for this client.
+    pub id: u32,
+    pub persistent: bool,
+    /// UUID of a shared pool.
+    pub shared: Option<Uuid>,
+    pub exclusive_gets: bool,
+    /// Pages held.
+    pub pages: u64,
+    /// Bytes charged for them (to the pool's owner).
+    pub bytes: u64,
+    /// Pages reserved and not yet spent.
+    pub reserved_pages: u64,
+    /// Whether this client is the one charged for the pool's pages
+    /// (always true for private pools).
+    pub owned: bool,
+    /// Pool-wide counters (for a shared pool: all members' operations).
+    pub counters: OpCounters,
+}
+
+/// Statistics of one client.
+///
+/// Page and byte gauges cover the pools charged to this client: its private
+/// pools and the shared pools it owns (see the module documentation).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ClientStats {
+    pub name: String,
+    pub config: ClientConfig,
+    pub frozen: bool,
+    pub persistent_pages: u64,
+    pub ephemeral_pages: u64,
+    /// Charged bytes (see the charging rule); reservations not included.
+    pub persistent_bytes: u64,
+    pub ephemeral_bytes: u64,
+    /// Zero pages currently held.
+    pub zero_pages: u64,
+    /// Same-filled (non-zero) pages currently held.
+    pub same_filled_pages: u64,
+    /// Pages currently held that were stored by a dedup hit.
+    pub deduplicated_pages: u64,
+    pub reserved_pages: u64,
+    /// Bytes charged against the persistent quota: pages plus reservations.
+    pub persistent_charged: u64,
+    pub pools: Vec<PoolStats>,
+    pub counters: OpCounters,
+}
+
+/// Statistics of the whole store.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StoreStats {
+    pub host_limit: u64,
+    /// Bytes charged against the host limit: unique contents (slot bytes +
+    /// content metadata cost) + per-page metadata cost + reservations.
+    pub host_used: u64,
+    /// Pages held, all pools (a shared pool counted once).
+    pub stored_pages: u64,
+    /// Distinct stored contents (data and same-filled patterns; zero pages
+    /// need none).
+    pub unique_pages: u64,
+    /// Bytes of live allocator slots (compressed or raw data).
+    pub data_bytes: u64,
+    /// Bytes of metadata, measured from the real container capacities.
+    pub metadata_bytes: u64,
+    /// Uncompressed bytes of unique data contents / their slot bytes.
+    pub compression_ratio: f64,
+    /// Non-zero pages held / distinct contents.
+    pub dedup_ratio: f64,
+    pub counters: OpCounters,
+    pub clients: Vec<ClientStats>,
+    /// Zero pages held.
+    pub zero_pages: u64,
+    /// Same-filled pages held.
+    pub same_filled_pages: u64,
+    /// Unique contents stored raw (did not compress to 7/8 of a page).
+    pub raw_pages: u64,
+    /// Pages reserved and not yet spent.
+    pub reserved_pages: u64,
+    /// Bytes the slab allocators hold in chunks.
+    pub allocator_footprint: u64,
+    /// `1 - data_bytes / allocator_footprint` (0 when empty).
+    pub fragmentation: f64,
+    /// `metadata_bytes / stored_pages` (0 when empty).
+    pub metadata_bytes_per_page: f64,
+    /// Pools alive.
+    pub pools: u64,
+    /// Dedup domains alive.
+    pub dedup_domains: u64,
+}

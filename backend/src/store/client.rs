@@ -1,0 +1,791 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Clients and their handles: the data path and the per-client admin calls.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+
+use vtmem_protocol::{Handle, ObjectId, PoolSpec, Uuid, MAX_POOLS_PER_CLIENT};
+
+use super::account::{
+    self, bump, bump_by, lock, Acct, AtomicCounters, CLIENT_PAGE_COST, CONTENT_METADATA_COST,
+    PAGE_METADATA_COST, RESERVED_PAGE_CLIENT_COST, RESERVED_PAGE_HOST_COST,
+};
+use super::content::{classify, compress, Class, Domain, Inserted, NewData, LZ4_BOUND, ZERO_REF};
+use super::evict::{evict_own, EVICT_BATCH};
+use super::pool::{NewPage, Pool, DEDUP_BIT};
+use super::{read, write, ClientConfig, ClientStats, Page, PoolStats, Store, TmemError, PAGE_SIZE};
+
+/// Rounds of eviction a put tries before it is refused.
+const MAX_EVICT_ROUNDS: u32 = 8;
+
+/// A client's pools, behind its read-write lock.
+#[derive(Debug)]
+pub(crate) struct Table {
+    pub removed: bool,
+    pub pools: [Option<Arc<Pool>>; MAX_POOLS_PER_CLIENT as usize],
+    /// Where the client's private pools keep content.
+    pub domain: Arc<Domain>,
+}
+
+impl Table {
+    fn pool(&self, id: u32) -> Option<&Arc<Pool>> {
+        self.pools.get(id as usize)?.as_ref()
+    }
+}
+
+/// Admin-only settings.
+#[derive(Debug)]
+pub(crate) struct Meta {
+    pub dedup_group: Option<String>,
+    pub authorized: Vec<Uuid>,
+}
+
+/// One client (VM).
+#[derive(Debug)]
+pub(crate) struct Client {
+    pub name: String,
+    pub acct: Arc<Acct>,
+    pub table: RwLock<Table>,
+    pub meta: Mutex<Meta>,
+}
+
+impl Client {
+    fn config(&self) -> ClientConfig {
+        let meta = lock(&self.meta);
+        ClientConfig {
+            persistent_quota: self.acct.pers_quota.load(Ordering::Relaxed),
+            ephemeral_quota: self.acct.eph_quota.load(Ordering::Relaxed),
+            weight: self.acct.weight.load(Ordering::Relaxed),
+            dedup_group: meta.dedup_group.clone(),
+            authorized_uuids: meta.authorized.clone(),
+        }
+    }
+
+    /// Statistics, the pools open and the client's domain.
+    pub fn stats(&self) -> (ClientStats, Vec<Arc<Pool>>, Arc<Domain>) {
+        let (pools, domain) = {
+            let t = read(&self.table);
+            let pools: Vec<(u32, Arc<Pool>)> = t
+                .pools
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| Some((i as u32, p.clone()?)))
+                .collect();
+            (pools, t.domain.clone())
+        };
+        let acct = &self.acct;
+        let mut cs = ClientStats {
+            name: self.name.clone(),
+            config: self.config(),
+            frozen: acct.frozen.load(Ordering::Relaxed),
+            persistent_charged: acct.pers_charged.load(Ordering::Relaxed),
+            counters: acct.counters.snapshot(),
+            ..Default::default()
+        };
+        for (id, p) in &pools {
+            let idx = p.lock();
+            let owned = Arc::ptr_eq(&idx.owner, acct);
+            let gz = idx.gauges;
+            drop(idx);
+            let reserved = p.reserved.load(Ordering::Relaxed);
+            cs.pools.push(PoolStats {
+                id: *id,
+                persistent: p.persistent,
+                shared: p.shared,
+                exclusive_gets: p.exclusive_gets,
+                pages: gz.pages,
+                bytes: gz.bytes,
+                reserved_pages: reserved,
+                owned,
+                counters: p.counters.snapshot(),
+            });
+            cs.reserved_pages += reserved;
+            if !owned {
+                continue;
+            }
+            if p.persistent {
+                cs.persistent_pages += gz.pages;
+                cs.persistent_bytes += gz.bytes;
+            } else {
+                cs.ephemeral_pages += gz.pages;
+                cs.ephemeral_bytes += gz.bytes;
+            }
+            cs.zero_pages += gz.zero;
+            cs.same_filled_pages += gz.same;
+            cs.deduplicated_pages += gz.dedup;
+        }
+        (cs, pools.into_iter().map(|(_, p)| p).collect(), domain)
+    }
+}
+
+/// A handle on one client: cheap to clone, `Send + Sync`.
+#[derive(Clone, Debug)]
+pub struct ClientHandle {
+    store: Arc<Store>,
+    client: Arc<Client>,
+}
+
+/// What a stored put was.
+struct PutInfo {
+    class: Class,
+    dedup_hit: bool,
+    stored_bytes: u64,
+}
+
+/// Content prepared for a put.
+enum Prep<'a> {
+    Zero,
+    Hit(u32, u64),
+    New(super::content::Key, NewData<'a>),
+}
+
+impl ClientHandle {
+    pub(crate) fn new(store: Arc<Store>, client: Arc<Client>) -> Self {
+        ClientHandle { store, client }
+    }
+
+    /// The client's name.
+    pub fn name(&self) -> &str {
+        &self.client.name
+    }
+
+    fn acct(&self) -> &Arc<Acct> {
+        &self.client.acct
+    }
+
+    fn count(
+        &self,
+        pool: Option<&Pool>,
+        f: impl Fn(&AtomicCounters) -> &std::sync::atomic::AtomicU64,
+    ) {
+        bump(f(&self.acct().counters));
+        if let Some(p) = pool {
+            bump(f(&p.counters));
+        }
+    }
+
+    // ---- data path -------------------------------------------------------
+
+    /// Creates a pool, or joins the shared pool named by `spec.shared`.
+    ///
+    /// Private ephemeral pools always have exclusive gets, shared pools
+    /// never; persistent pools follow `spec.exclusive_gets`. A client that
+    /// already has the shared pool open gets the same id again.
+    pub fn new_pool(&self, spec: PoolSpec) -> Result<u32, TmemError> {
+        let mut table = write(&self.client.table);
+        if table.removed {
+            return Err(TmemError::ClientGone);
+        }
+        if let Some(uuid) = spec.shared {
+            if spec.persistent {
+                return Err(TmemError::Invalid("shared pools must be ephemeral"));
+            }
+            if uuid == [0u8; 16] {
+                return Err(TmemError::Invalid("shared pool UUID is zero"));
+            }
+            let open = table
+                .pools
+                .iter()
+                .position(|p| p.as_ref().is_some_and(|p| p.shared == Some(uuid)));
+            if let Some(id) = open {
+                return Ok(id as u32);
+            }
+            if lock(&self.client.meta)
+                .authorized
+                .binary_search(&uuid)
+                .is_err()
+            {
+                return Err(TmemError::NotAuthorized);
+            }
+        }
+        let slot = table
+            .pools
+            .iter()
+            .position(Option::is_none)
+            .ok_or(TmemError::TooManyPools)?;
+        let pool = match spec.shared {
+            Some(uuid) => self.store.join_shared(uuid, self.acct()),
+            None => {
+                let exclusive = !spec.persistent || spec.exclusive_gets;
+                let pool = Arc::new(Pool::new(
+                    spec.persistent,
+                    exclusive,
+                    None,
+                    table.domain.clone(),
+                    self.acct().clone(),
+                    self.store.hasher,
+                ));
+                if !spec.persistent {
+                    self.acct().add_evictable(&pool);
+                }
+                pool
+            }
+        };
+        table.pools[slot] = Some(pool);
+        Ok(slot as u32)
+    }
+
+    /// Destroys a pool (or leaves a shared one) and every page in it.
+    pub fn destroy_pool(&self, pool: u32) -> Result<(), TmemError> {
+        let mut table = write(&self.client.table);
+        if table.removed {
+            return Err(TmemError::ClientGone);
+        }
+        let p = table
+            .pools
+            .get_mut(pool as usize)
+            .and_then(Option::take)
+            .ok_or(TmemError::NoPool)?;
+        self.store.leave_pool(&p, self.acct());
+        Ok(())
+    }
+
+    /// Stores a copy of `page` under `handle`. `reserved`: spend one page of
+    /// the pool's reservation (never refused for space, quota or freeze).
+    ///
+    /// On any refusal the handle's old copy is dropped.
+    pub fn put(&self, handle: &Handle, page: &Page, reserved: bool) -> Result<(), TmemError> {
+        let table = read(&self.client.table);
+        if table.removed {
+            return Err(TmemError::ClientGone);
+        }
+        let Some(pool) = table.pool(handle.pool) else {
+            self.count(None, |c| &c.puts);
+            self.count(None, |c| &c.puts_refused_other);
+            return Err(TmemError::NoPool);
+        };
+        self.count(Some(pool), |c| &c.puts);
+        match self.put_inner(pool, handle, page, reserved) {
+            Ok(info) => {
+                let p = Some(&**pool);
+                self.count(p, |c| &c.puts_stored);
+                match info.class {
+                    Class::Zero => self.count(p, |c| &c.zero_pages),
+                    Class::Same(_) => self.count(p, |c| &c.same_filled_pages),
+                    Class::Data => {}
+                }
+                if info.dedup_hit {
+                    self.count(p, |c| &c.dedup_hits);
+                }
+                for ctr in [&self.acct().counters, &pool.counters] {
+                    bump_by(&ctr.bytes_in, PAGE_SIZE as u64);
+                    bump_by(&ctr.bytes_stored, info.stored_bytes);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Never leave the old data readable.
+                pool.remove(&handle.object, handle.index, &self.store.g);
+                let p = Some(&**pool);
+                match e {
+                    TmemError::NoSpace => self.count(p, |c| &c.puts_refused_no_space),
+                    TmemError::OverQuota => self.count(p, |c| &c.puts_refused_quota),
+                    TmemError::Frozen => self.count(p, |c| &c.puts_refused_frozen),
+                    _ => self.count(p, |c| &c.puts_refused_other),
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn put_inner(
+        &self,
+        pool: &Arc<Pool>,
+        h: &Handle,
+        page: &Page,
+        reserved: bool,
+    ) -> Result<PutInfo, TmemError> {
+        let g = &self.store.g;
+        if reserved {
+            if !pool.persistent {
+                return Err(TmemError::NoReservation);
+            }
+            let took = pool
+                .reserved
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
+            if took.is_err() {
+                return Err(TmemError::NoReservation);
+            }
+        } else if self.acct().frozen.load(Ordering::Acquire) {
+            return Err(TmemError::Frozen);
+        }
+        // The account charged: the pool's owner (this client unless the
+        // pool is shared).
+        let shared_owner;
+        let charged: &Acct = if pool.shared.is_some() {
+            shared_owner = pool.lock().owner.clone();
+            &shared_owner
+        } else {
+            self.acct()
+        };
+
+        let domain = &pool.domain;
+        let mut buf = [0u8; LZ4_BOUND];
+        let class = classify(page);
+        let prep = match class {
+            Class::Zero => Prep::Zero,
+            Class::Same(w) => {
+                let key = domain.pattern_key(w);
+                match domain.acquire(&key, page) {
+                    Some((r, b)) => Prep::Hit(r, b),
+                    None => Prep::New(key, NewData::Pattern),
+                }
+            }
+            Class::Data => {
+                let key = domain.data_key(page);
+                match domain.acquire(&key, page) {
+                    Some((r, b)) => Prep::Hit(r, b),
+                    None => {
+                        let data = match compress(page, &mut buf) {
+                            Some(n) => NewData::Lz4(&buf[..n]),
+                            None => NewData::Raw,
+                        };
+                        Prep::New(key, data)
+                    }
+                }
+            }
+        };
+        let (mut client_cost, host_cost) = match &prep {
+            Prep::Zero => (CLIENT_PAGE_COST, PAGE_METADATA_COST),
+            Prep::Hit(_, b) => (b + CLIENT_PAGE_COST, PAGE_METADATA_COST),
+            Prep::New(_, d) => (
+                d.slot_bytes() + CLIENT_PAGE_COST,
+                d.slot_bytes() + CONTENT_METADATA_COST + PAGE_METADATA_COST,
+            ),
+        };
+
+        if reserved {
+            // Swap the worst-case charge for the real one (never larger).
+            account::uncharge(
+                &charged.pers_charged,
+                RESERVED_PAGE_CLIENT_COST - client_cost,
+            );
+            g.uncharge(RESERVED_PAGE_HOST_COST - host_cost);
+        } else if let Err(e) = self.charge(pool, charged, h, client_cost, host_cost) {
+            if let Prep::Hit(r, _) = prep {
+                let rel = domain.release(r);
+                if rel.freed {
+                    g.uncharge(rel.data_bytes + CONTENT_METADATA_COST);
+                }
+            }
+            return Err(e);
+        }
+
+        let pattern = matches!(class, Class::Same(_));
+        let (value, dedup_hit, stored_bytes) = match prep {
+            Prep::Zero => (ZERO_REF, false, 0),
+            Prep::Hit(r, _) => (r | DEDUP_BIT, true, 0),
+            Prep::New(key, data) => match domain.insert(&key, page, data) {
+                Some(Inserted::New(r)) => (r, false, data.stored_bytes()),
+                Some(Inserted::Existing(r, bytes)) => {
+                    // An equal put won the race: no new content after all.
+                    let unique = data.slot_bytes() + CONTENT_METADATA_COST;
+                    g.uncharge(unique);
+                    let real = bytes + CLIENT_PAGE_COST;
+                    let (ctr, _) = charged.kind(pool.persistent);
+                    if real > client_cost {
+                        account::charge(ctr, real - client_cost);
+                    } else {
+                        account::uncharge(ctr, client_cost - real);
+                    }
+                    client_cost = real;
+                    (r | DEDUP_BIT, true, 0)
+                }
+                None => {
+                    charged.uncharge(pool.persistent, client_cost);
+                    g.uncharge(host_cost);
+                    return Err(TmemError::NoSpace);
+                }
+            },
+        };
+
+        let mut idx = pool.lock();
+        if idx.destroyed {
+            drop(idx);
+            charged.uncharge(pool.persistent, client_cost);
+            g.uncharge(PAGE_METADATA_COST);
+            if value & super::content::ID_MASK != ZERO_REF {
+                let rel = domain.release(value & super::content::ID_MASK);
+                if rel.freed {
+                    g.uncharge(rel.data_bytes + CONTENT_METADATA_COST);
+                }
+            }
+            return Err(TmemError::NoPool);
+        }
+        if !std::ptr::eq(Arc::as_ptr(&idx.owner), charged) {
+            // The shared pool changed hands since we charged: move it.
+            charged.uncharge(false, client_cost);
+            account::charge(&idx.owner.eph_charged, client_cost);
+        }
+        let new = NewPage {
+            value,
+            client_cost,
+            pattern,
+        };
+        pool.store_locked(&mut idx, &h.object, h.index, new, g);
+        drop(idx);
+        Ok(PutInfo {
+            class,
+            dedup_hit,
+            stored_bytes,
+        })
+    }
+
+    /// Charges a put's costs, evicting ephemeral pages as the rules allow.
+    fn charge(
+        &self,
+        pool: &Pool,
+        charged: &Acct,
+        h: &Handle,
+        client_cost: u64,
+        host_cost: u64,
+    ) -> Result<(), TmemError> {
+        let g = &self.store.g;
+        let persistent = pool.persistent;
+        // Dropping the handle's old copy (which a failed put would drop
+        // anyway) is the first way to make room.
+        let mut old_dropped = false;
+        let mut rounds = 0;
+        while !charged.try_charge(persistent, client_cost) {
+            if !old_dropped {
+                old_dropped = true;
+                if pool.remove(&h.object, h.index, g) {
+                    continue;
+                }
+            }
+            if persistent || rounds >= MAX_EVICT_ROUNDS {
+                return Err(TmemError::OverQuota);
+            }
+            rounds += 1;
+            if evict_own(charged, charged.eph_excess(client_cost), g).pages == 0 {
+                return Err(TmemError::OverQuota);
+            }
+        }
+        let mut rounds = 0;
+        while !g.try_charge(host_cost) {
+            if !old_dropped {
+                old_dropped = true;
+                if pool.remove(&h.object, h.index, g) {
+                    continue;
+                }
+            }
+            rounds += 1;
+            if rounds > MAX_EVICT_ROUNDS
+                || self.store.evict_weighted(g.excess(host_cost).max(1)).pages == 0
+            {
+                charged.uncharge(persistent, client_cost);
+                return Err(TmemError::NoSpace);
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the page at `handle` into `out`. Ok(true) = hit; Ok(false) =
+    /// miss (`out` untouched).
+    pub fn get(&self, handle: &Handle, out: &mut Page) -> Result<bool, TmemError> {
+        let table = read(&self.client.table);
+        if table.removed {
+            return Err(TmemError::ClientGone);
+        }
+        let Some(pool) = table.pool(handle.pool) else {
+            self.count(None, |c| &c.gets);
+            return Err(TmemError::NoPool);
+        };
+        self.count(Some(pool), |c| &c.gets);
+        match pool.get(&handle.object, handle.index, out, &self.store.g) {
+            Ok(hit) => {
+                if hit {
+                    self.count(Some(pool), |c| &c.get_hits);
+                } else {
+                    self.count(Some(pool), |c| &c.get_misses);
+                }
+                Ok(hit)
+            }
+            Err(_) => {
+                log::error!(
+                    "client {}: stored page of pool {} failed its integrity check",
+                    self.client.name,
+                    handle.pool
+                );
+                self.count(Some(pool), |c| &c.get_misses);
+                Err(TmemError::Busy("stored page is corrupt"))
+            }
+        }
+    }
+
+    /// Drops one page (no error if there is none).
+    pub fn flush_page(&self, handle: &Handle) -> Result<(), TmemError> {
+        let table = read(&self.client.table);
+        if table.removed {
+            return Err(TmemError::ClientGone);
+        }
+        let pool = table.pool(handle.pool).ok_or(TmemError::NoPool)?;
+        self.count(Some(pool), |c| &c.flush_pages);
+        pool.remove(&handle.object, handle.index, &self.store.g);
+        Ok(())
+    }
+
+    /// Drops every page of an object.
+    pub fn flush_object(&self, pool: u32, object: &ObjectId) -> Result<(), TmemError> {
+        let table = read(&self.client.table);
+        if table.removed {
+            return Err(TmemError::ClientGone);
+        }
+        let pool = table.pool(pool).ok_or(TmemError::NoPool)?;
+        self.count(Some(pool), |c| &c.flush_objects);
+        pool.remove_object(object, &self.store.g);
+        Ok(())
+    }
+
+    /// Reserves room for up to `pages` puts in a persistent pool; returns
+    /// the pages granted (0..=pages), charged up front.
+    pub fn reserve(&self, pool: u32, pages: u64) -> Result<u64, TmemError> {
+        let table = read(&self.client.table);
+        if table.removed {
+            return Err(TmemError::ClientGone);
+        }
+        let pool = table.pool(pool).ok_or(TmemError::NoPool)?;
+        if !pool.persistent {
+            return Err(TmemError::Invalid("reservations need a persistent pool"));
+        }
+        if self.acct().frozen.load(Ordering::Acquire) {
+            return Err(TmemError::Frozen);
+        }
+        let g = &self.store.g;
+        let acct = self.acct();
+        let quota = acct.pers_quota.load(Ordering::Acquire);
+        let wanted =
+            account::try_charge_units(&acct.pers_charged, RESERVED_PAGE_CLIENT_COST, pages, quota);
+        let mut granted = 0;
+        let mut rounds = 0;
+        while granted < wanted {
+            granted += account::try_charge_units(
+                &g.host_used,
+                RESERVED_PAGE_HOST_COST,
+                wanted - granted,
+                g.limit(),
+            );
+            if granted == wanted || rounds >= MAX_EVICT_ROUNDS {
+                break;
+            }
+            rounds += 1;
+            let need = g.excess((wanted - granted) * RESERVED_PAGE_HOST_COST);
+            if self.store.evict_weighted(need.max(1)).pages == 0 {
+                // Whatever is free now is all there will be.
+                granted += account::try_charge_units(
+                    &g.host_used,
+                    RESERVED_PAGE_HOST_COST,
+                    wanted - granted,
+                    g.limit(),
+                );
+                break;
+            }
+        }
+        account::uncharge(
+            &acct.pers_charged,
+            (wanted - granted) * RESERVED_PAGE_CLIENT_COST,
+        );
+        let idx = pool.lock();
+        if idx.destroyed {
+            drop(idx);
+            account::uncharge(&acct.pers_charged, granted * RESERVED_PAGE_CLIENT_COST);
+            g.uncharge(granted * RESERVED_PAGE_HOST_COST);
+            return Err(TmemError::NoPool);
+        }
+        pool.reserved.fetch_add(granted, Ordering::AcqRel);
+        Ok(granted)
+    }
+
+    /// Gives back up to `pages` unspent reserved pages; returns the pages
+    /// still reserved afterwards.
+    pub fn unreserve(&self, pool: u32, pages: u64) -> Result<u64, TmemError> {
+        let table = read(&self.client.table);
+        if table.removed {
+            return Err(TmemError::ClientGone);
+        }
+        let pool = table.pool(pool).ok_or(TmemError::NoPool)?;
+        if !pool.persistent {
+            return Err(TmemError::Invalid("reservations need a persistent pool"));
+        }
+        let mut returned = 0;
+        let prev = pool
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                returned = r.min(pages);
+                Some(r - returned)
+            })
+            .unwrap_or(0);
+        account::uncharge(
+            &self.acct().pers_charged,
+            returned * RESERVED_PAGE_CLIENT_COST,
+        );
+        self.store.g.uncharge(returned * RESERVED_PAGE_HOST_COST);
+        Ok(prev - returned)
+    }
+
+    /// Device reset / guest reboot: destroys every pool of this client
+    /// (leaves shared ones), keeping the client and its settings.
+    pub fn reset(&self) {
+        let mut table = write(&self.client.table);
+        if table.removed {
+            return;
+        }
+        for slot in table.pools.iter_mut() {
+            if let Some(pool) = slot.take() {
+                self.store.leave_pool(&pool, self.acct());
+            }
+        }
+    }
+
+    // ---- admin -----------------------------------------------------------
+
+    /// Sets both quotas (bytes). Lowering the ephemeral quota evicts at
+    /// once; lowering the persistent quota below use refuses new puts and
+    /// never drops pages.
+    pub fn set_quota(&self, persistent: u64, ephemeral: u64) {
+        let acct = self.acct();
+        acct.pers_quota.store(persistent, Ordering::Release);
+        acct.eph_quota.store(ephemeral, Ordering::Release);
+        let excess = acct.eph_excess(0);
+        if excess > 0 {
+            evict_own(acct, excess, &self.store.g);
+        }
+    }
+
+    /// Sets the weight for sharing ephemeral capacity (at least 1).
+    pub fn set_weight(&self, weight: u32) -> Result<(), TmemError> {
+        if weight == 0 {
+            return Err(TmemError::Invalid("weight must be at least 1"));
+        }
+        self.acct().weight.store(weight, Ordering::Release);
+        Ok(())
+    }
+
+    /// Refuses puts (except reserved ones) until [`ClientHandle::thaw`].
+    pub fn freeze(&self) {
+        self.acct().frozen.store(true, Ordering::Release);
+    }
+
+    /// Accepts puts again.
+    pub fn thaw(&self) {
+        self.acct().frozen.store(false, Ordering::Release);
+    }
+
+    /// Drops the pages of every pool charged to this client (only the
+    /// ephemeral ones if `ephemeral_only`); pools and reservations stay.
+    pub fn flush_all(&self, ephemeral_only: bool) {
+        let table = read(&self.client.table);
+        if table.removed {
+            return;
+        }
+        for pool in table.pools.iter().flatten() {
+            if ephemeral_only && pool.persistent {
+                continue;
+            }
+            let mut idx = pool.lock();
+            if Arc::ptr_eq(&idx.owner, self.acct()) {
+                pool.clear_locked(&mut idx, &self.store.g);
+            }
+        }
+    }
+
+    /// Allows the client to create or join the shared pool `uuid`.
+    pub fn authorize(&self, uuid: Uuid) {
+        let mut meta = lock(&self.client.meta);
+        if let Err(pos) = meta.authorized.binary_search(&uuid) {
+            meta.authorized.insert(pos, uuid);
+        }
+    }
+
+    /// Withdraws the authorisation (a pool already joined stays open).
+    pub fn deauthorize(&self, uuid: Uuid) {
+        let mut meta = lock(&self.client.meta);
+        if let Ok(pos) = meta.authorized.binary_search(&uuid) {
+            meta.authorized.remove(pos);
+        }
+    }
+
+    /// Moves the client to another dedup group (None: its own domain).
+    /// `Busy` if any of its private pools holds pages.
+    pub fn set_dedup_group(&self, group: Option<String>) -> Result<(), TmemError> {
+        let mut table = write(&self.client.table);
+        if table.removed {
+            return Err(TmemError::ClientGone);
+        }
+        let mut meta = lock(&self.client.meta);
+        if meta.dedup_group == group {
+            return Ok(());
+        }
+        let private = |p: &&Arc<Pool>| p.shared.is_none();
+        if table
+            .pools
+            .iter()
+            .flatten()
+            .filter(private)
+            .any(|p| p.lock().gauges.pages > 0)
+        {
+            return Err(TmemError::Busy("the client holds pages"));
+        }
+        let domain = self.store.domain_for(group.as_deref());
+        let acct = self.acct();
+        // No data-path call of this client runs (we hold its table), and
+        // the pools are empty: swap each for a pool in the new domain.
+        for slot in table.pools.iter_mut() {
+            let Some(old) = slot.as_ref().filter(|p| p.shared.is_none()).cloned() else {
+                continue;
+            };
+            let new = Arc::new(Pool::new(
+                old.persistent,
+                old.exclusive_gets,
+                None,
+                domain.clone(),
+                acct.clone(),
+                self.store.hasher,
+            ));
+            {
+                let mut idx = old.lock();
+                idx.destroyed = true;
+                old.clear_locked(&mut idx, &self.store.g);
+            }
+            new.reserved
+                .store(old.take_reservation(), Ordering::Release);
+            new.counters.absorb(&old.counters.snapshot());
+            acct.remove_evictable(&old);
+            if !new.persistent {
+                acct.add_evictable(&new);
+            }
+            *slot = Some(new);
+        }
+        table.domain = domain;
+        meta.dedup_group = group;
+        Ok(())
+    }
+
+    /// The client's current configuration.
+    pub fn config(&self) -> ClientConfig {
+        self.client.config()
+    }
+
+    /// The client's statistics.
+    pub fn stats(&self) -> ClientStats {
+        self.client.stats().0
+    }
+
+    /// Evicts up to `pages` of this client's oldest ephemeral pages (an
+    /// admin helper, also used by tests); returns how many went.
+    pub fn evict_ephemeral(&self, pages: u64) -> u64 {
+        let mut done = 0;
+        while done < pages {
+            let f = super::evict::evict_from(
+                self.acct(),
+                (pages - done).min(EVICT_BATCH),
+                &self.store.g,
+            );
+            if f.pages == 0 {
+                break;
+            }
+            done += f.pages;
+        }
+        done
+    }
+}

@@ -1,0 +1,914 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Stored contents: classification, compression and deduplication.
+//!
+//! A [`Domain`] is one deduplication scope (one client, one dedup group, or
+//! one shared pool). It is split into shards chosen by content hash; each
+//! shard has its own lock, content table, dedup index and slab allocator,
+//! so puts of different contents rarely contend.
+//!
+//! * The content table is an array of 28-byte [`Entry`]s in blocks of
+//!   [`ENTRY_BLOCK`], with an intrusive free list; an entry is named by a
+//!   [`ContentRef`] (`u32`: shard and entry number) and reference-counted by
+//!   the pages that point to it.
+//! * The dedup index is an open-addressing table of entry numbers (4 bytes a
+//!   slot, linear probing, backward-shift deletion), keyed by the content's
+//!   seeded xxh3-128 hash, which the entry itself holds.
+//! * A hash match is never trusted: the candidate is decompressed (or read)
+//!   and compared byte for byte with the new page, so a hash collision can
+//!   only cost a comparison, never return another page's data.
+//! * Same-filled pages (every 64-bit word equal) that are not zero are
+//!   entries with no data: the pattern is kept in the entry. All-zero pages
+//!   need no entry at all ([`ZERO_REF`]).
+//! * Other pages are compressed with LZ4 into a fixed buffer; if the result
+//!   is larger than [`RAW_THRESHOLD`] (7/8 of a page, zcache2's threshold:
+//!   past it the saving does not pay for the decompression) the page is
+//!   stored raw.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use vtmem_protocol::PAGE_SIZE;
+use xxhash_rust::xxh3::xxh3_128_with_seed;
+
+use super::account::lock;
+use super::alloc::{slot_bytes, Slab};
+use super::Page;
+
+/// Compressed pages larger than this are stored raw (7/8 of a page).
+pub const RAW_THRESHOLD: usize = PAGE_SIZE * 7 / 8;
+/// Output buffer LZ4 needs for one page (its worst-case expansion).
+pub const LZ4_BOUND: usize = lz4_flex::block::get_maximum_output_size(PAGE_SIZE);
+/// Entries per block of the content table.
+pub const ENTRY_BLOCK: usize = 512;
+
+/// Reference to stored content, as kept in a page index slot.
+///
+/// Bits 0..30 name the content (`ZERO_REF` or shard and entry number); bits
+/// 30 and 31 are flags owned by the page index.
+pub type ContentRef = u32;
+/// Bits of a [`ContentRef`] that name the content.
+pub const ID_MASK: u32 = (1 << 30) - 1;
+/// The all-zero page: no entry, no data.
+pub const ZERO_REF: ContentRef = ID_MASK;
+/// Bits of a content id that name the entry within its shard.
+const ENTRY_BITS: u32 = 26;
+const ENTRY_MASK: u32 = (1 << ENTRY_BITS) - 1;
+/// Largest number of shards a domain may have.
+pub const MAX_SHARDS: usize = 1 << (30 - ENTRY_BITS);
+const NIL: u32 = u32::MAX;
+
+/// What a page holds, decided before any hashing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Every byte zero.
+    Zero,
+    /// Every 64-bit word equal to this (non-zero) value.
+    Same(u64),
+    /// Anything else.
+    Data,
+}
+
+/// Classifies a page: zero, same-filled or data.
+pub fn classify(page: &Page) -> Class {
+    let mut words = page.chunks_exact(8).map(|w| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        u64::from_le_bytes(b)
+    });
+    let first = words.next().unwrap_or(0);
+    if words.all(|w| w == first) {
+        if first == 0 {
+            Class::Zero
+        } else {
+            Class::Same(first)
+        }
+    } else {
+        Class::Data
+    }
+}
+
+/// Fills `out` with the 64-bit `pattern`.
+pub fn fill_pattern(out: &mut Page, pattern: u64) {
+    let bytes = pattern.to_le_bytes();
+    for w in out.chunks_exact_mut(8) {
+        w.copy_from_slice(&bytes);
+    }
+}
+
+/// Compresses `page` into `buf`; `None` if it should be stored raw.
+pub fn compress(page: &Page, buf: &mut [u8; LZ4_BOUND]) -> Option<usize> {
+    match lz4_flex::block::compress_into(page, buf) {
+        Ok(n) if n <= RAW_THRESHOLD => Some(n),
+        _ => None,
+    }
+}
+
+/// How an entry's data is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Free = 0,
+    Lz4 = 1,
+    Raw = 2,
+    Pattern = 3,
+}
+
+/// Lookup key of a content: its seeded 128-bit hash (data) or a mixed form
+/// of the pattern followed by the pattern itself (same-filled pages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key {
+    words: [u32; 4],
+    kind: Kind,
+}
+
+impl Key {
+    fn bucket_hash(&self) -> u64 {
+        self.words[0] as u64 | (self.words[1] as u64) << 32
+    }
+
+    fn shard_hash(&self) -> u32 {
+        // Independent bits of the same seeded hash.
+        self.words[1] >> 16 ^ self.words[0] >> 24
+    }
+
+    fn pattern(&self) -> u64 {
+        self.words[2] as u64 | (self.words[3] as u64) << 32
+    }
+}
+
+/// One content-table entry: 28 bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    /// The key's words.
+    hash: [u32; 4],
+    /// Pages that point here; 0 = free.
+    refs: u32,
+    /// Slab address (Lz4, Raw) or next free entry (Free).
+    loc: u32,
+    /// Stored bytes (Lz4, Raw).
+    len: u16,
+    kind: Kind,
+}
+
+const FREE_ENTRY: Entry = Entry {
+    hash: [0; 4],
+    refs: 0,
+    loc: NIL,
+    len: 0,
+    kind: Kind::Free,
+};
+
+impl Entry {
+    fn key(&self) -> Key {
+        Key {
+            words: self.hash,
+            kind: self.kind,
+        }
+    }
+
+    /// Client-chargeable data bytes: the slot size, 0 for a pattern.
+    fn data_bytes(&self) -> u64 {
+        match self.kind {
+            Kind::Lz4 | Kind::Raw => slot_bytes(self.len as usize) as u64,
+            Kind::Pattern | Kind::Free => 0,
+        }
+    }
+}
+
+/// Data to store for a new content.
+#[derive(Clone, Copy, Debug)]
+pub enum NewData<'a> {
+    /// LZ4-compressed bytes.
+    Lz4(&'a [u8]),
+    /// The page itself.
+    Raw,
+    /// No data: a same-filled page.
+    Pattern,
+}
+
+impl NewData<'_> {
+    /// Bytes of the slot this data takes (0 for a pattern).
+    pub fn slot_bytes(&self) -> u64 {
+        match self {
+            NewData::Lz4(b) => slot_bytes(b.len()) as u64,
+            NewData::Raw => PAGE_SIZE as u64,
+            NewData::Pattern => 0,
+        }
+    }
+
+    /// Bytes written to the allocator.
+    pub fn stored_bytes(&self) -> u64 {
+        match self {
+            NewData::Lz4(b) => b.len() as u64,
+            NewData::Raw => PAGE_SIZE as u64,
+            NewData::Pattern => 0,
+        }
+    }
+}
+
+/// Outcome of [`Domain::insert`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// A new entry holds the data.
+    New(ContentRef),
+    /// Equal content was already held (by a put that raced this one); one
+    /// more reference was taken on it and nothing was stored.
+    Existing(ContentRef, u64),
+}
+
+/// What dropping a reference released.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Released {
+    /// Client-chargeable data bytes of the content.
+    pub data_bytes: u64,
+    /// The last reference went: the content and its slot were freed.
+    pub freed: bool,
+    /// The content is a same-filled pattern.
+    pub pattern: bool,
+}
+
+/// Reading stored content failed: a store bug, never a guest's doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Corrupt;
+
+/// Per-shard sizes for statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DomainStats {
+    /// Live data entries (Lz4 or Raw).
+    pub data_entries: u64,
+    /// Live pattern entries.
+    pub pattern_entries: u64,
+    /// Of the data entries, those stored raw.
+    pub raw_entries: u64,
+    /// Bytes of live slots.
+    pub slot_bytes: u64,
+    /// Bytes held by the allocator's chunks.
+    pub footprint: u64,
+    /// Bytes of metadata (tables, index, allocator bookkeeping).
+    pub metadata_bytes: u64,
+    /// References held (pages pointing into the domain).
+    pub refs: u64,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    blocks: Vec<Box<[Entry]>>,
+    free_head: u32,
+    live: u32,
+    /// Open-addressing table of entry numbers (NIL = empty).
+    index: Vec<u32>,
+    index_len: usize,
+    slab: Slab,
+    data_entries: u64,
+    pattern_entries: u64,
+    raw_entries: u64,
+    refs: u64,
+}
+
+impl Shard {
+    fn new() -> Self {
+        Shard {
+            free_head: NIL,
+            ..Default::default()
+        }
+    }
+
+    fn entry(&self, n: u32) -> &Entry {
+        &self.blocks[n as usize / ENTRY_BLOCK][n as usize % ENTRY_BLOCK]
+    }
+
+    fn entry_mut(&mut self, n: u32) -> &mut Entry {
+        &mut self.blocks[n as usize / ENTRY_BLOCK][n as usize % ENTRY_BLOCK]
+    }
+
+    fn mask(&self) -> usize {
+        self.index.len() - 1
+    }
+
+    /// Finds an entry with `key` whose content equals `page`.
+    fn find(&self, key: &Key, page: &Page) -> Option<u32> {
+        if self.index.is_empty() {
+            return None;
+        }
+        let mask = self.mask();
+        let mut i = key.bucket_hash() as usize & mask;
+        loop {
+            let n = self.index[i];
+            if n == NIL {
+                return None;
+            }
+            let e = self.entry(n);
+            if e.hash == key.words
+                && (e.kind == Kind::Pattern) == (key.kind == Kind::Pattern)
+                && self.same_content(e, page)
+            {
+                return Some(n);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Full comparison of an entry's content with `page`.
+    fn same_content(&self, e: &Entry, page: &Page) -> bool {
+        match e.kind {
+            // The key holds the pattern itself: equal keys are equal pages.
+            Kind::Pattern => true,
+            Kind::Raw => self.slab.get(PAGE_SIZE, e.loc) == &page[..],
+            Kind::Lz4 => {
+                let src = self.slab.get(e.len as usize, e.loc);
+                let mut scratch = [0u8; PAGE_SIZE];
+                matches!(
+                    lz4_flex::block::decompress_into(src, &mut scratch),
+                    Ok(PAGE_SIZE)
+                ) && scratch == *page
+            }
+            Kind::Free => false,
+        }
+    }
+
+    fn index_insert(&mut self, n: u32) {
+        if (self.index_len + 1) * 4 > self.index.len() * 3 {
+            let cap = (self.index.len() * 2).max(16);
+            self.rebuild_index(cap);
+        }
+        let mask = self.mask();
+        let mut i = self.entry(n).key().bucket_hash() as usize & mask;
+        while self.index[i] != NIL {
+            i = (i + 1) & mask;
+        }
+        self.index[i] = n;
+        self.index_len += 1;
+    }
+
+    fn index_remove(&mut self, n: u32) {
+        let mask = self.mask();
+        let mut i = self.entry(n).key().bucket_hash() as usize & mask;
+        while self.index[i] != n {
+            debug_assert!(self.index[i] != NIL, "entry missing from index");
+            i = (i + 1) & mask;
+        }
+        // Backward-shift deletion: keep every later entry of the probe run
+        // reachable from its ideal bucket.
+        let mut hole = i;
+        let mut j = i;
+        loop {
+            j = (j + 1) & mask;
+            let m = self.index[j];
+            if m == NIL {
+                break;
+            }
+            let ideal = self.entry(m).key().bucket_hash() as usize & mask;
+            // The entry at j may move to the hole unless its ideal bucket
+            // lies cyclically in (hole, j].
+            let stays = if hole <= j {
+                hole < ideal && ideal <= j
+            } else {
+                hole < ideal || ideal <= j
+            };
+            if !stays {
+                self.index[hole] = m;
+                hole = j;
+            }
+        }
+        self.index[hole] = NIL;
+        self.index_len -= 1;
+        if self.index.len() > 64 && self.index_len * 8 < self.index.len() {
+            self.rebuild_index(self.index.len() / 2);
+        }
+    }
+
+    fn rebuild_index(&mut self, cap: usize) {
+        let old = std::mem::replace(&mut self.index, vec![NIL; cap]);
+        let mask = cap - 1;
+        for n in old.into_iter().filter(|&n| n != NIL) {
+            let mut i = self.entry(n).key().bucket_hash() as usize & mask;
+            while self.index[i] != NIL {
+                i = (i + 1) & mask;
+            }
+            self.index[i] = n;
+        }
+    }
+
+    fn new_entry(&mut self, e: Entry) -> Option<u32> {
+        let n = if self.free_head != NIL {
+            let n = self.free_head;
+            self.free_head = self.entry(n).loc;
+            n
+        } else {
+            let total = self.blocks.len() * ENTRY_BLOCK;
+            if total > ENTRY_MASK as usize {
+                return None;
+            }
+            self.blocks
+                .push(vec![FREE_ENTRY; ENTRY_BLOCK].into_boxed_slice());
+            // Chain the new block's entries, first one taken now.
+            for k in (total + 1..total + ENTRY_BLOCK).rev() {
+                let head = self.free_head;
+                self.entry_mut(k as u32).loc = head;
+                self.free_head = k as u32;
+            }
+            total as u32
+        };
+        *self.entry_mut(n) = e;
+        self.live += 1;
+        Some(n)
+    }
+
+    fn free_entry(&mut self, n: u32) {
+        let e = *self.entry(n);
+        self.index_remove(n);
+        match e.kind {
+            Kind::Lz4 | Kind::Raw => {
+                self.slab.free(e.len as usize, e.loc);
+                self.data_entries -= 1;
+                if e.kind == Kind::Raw {
+                    self.raw_entries -= 1;
+                }
+            }
+            Kind::Pattern => self.pattern_entries -= 1,
+            Kind::Free => {}
+        }
+        let head = self.free_head;
+        *self.entry_mut(n) = Entry {
+            loc: head,
+            ..FREE_ENTRY
+        };
+        self.free_head = n;
+        self.live -= 1;
+        if self.live == 0 {
+            // Give every table back once the shard is empty.
+            self.blocks = Vec::new();
+            self.index = Vec::new();
+            self.index_len = 0;
+            self.free_head = NIL;
+        }
+    }
+
+    fn read(&self, n: u32, out: &mut Page) -> Result<(), Corrupt> {
+        let e = self.entry(n);
+        match e.kind {
+            Kind::Lz4 => {
+                let src = self.slab.get(e.len as usize, e.loc);
+                match lz4_flex::block::decompress_into(src, out) {
+                    Ok(PAGE_SIZE) => Ok(()),
+                    _ => Err(Corrupt),
+                }
+            }
+            Kind::Raw => {
+                out.copy_from_slice(self.slab.get(PAGE_SIZE, e.loc));
+                Ok(())
+            }
+            Kind::Pattern => {
+                fill_pattern(out, e.key().pattern());
+                Ok(())
+            }
+            Kind::Free => Err(Corrupt),
+        }
+    }
+
+    fn release(&mut self, n: u32) -> Released {
+        let e = self.entry_mut(n);
+        debug_assert!(e.refs > 0 && e.kind != Kind::Free);
+        e.refs -= 1;
+        let r = Released {
+            data_bytes: e.data_bytes(),
+            freed: e.refs == 0,
+            pattern: e.kind == Kind::Pattern,
+        };
+        self.refs -= 1;
+        if r.freed {
+            self.free_entry(n);
+        }
+        r
+    }
+
+    fn metadata_bytes(&self) -> u64 {
+        (self.blocks.len() * ENTRY_BLOCK * std::mem::size_of::<Entry>()
+            + self.blocks.capacity() * std::mem::size_of::<Box<[Entry]>>()
+            + self.index.capacity() * 4) as u64
+            + self.slab.metadata_bytes()
+    }
+}
+
+/// Process-wide count of domains, to name them in statistics.
+static NEXT_DOMAIN: AtomicU64 = AtomicU64::new(1);
+
+/// One deduplication scope.
+#[derive(Debug)]
+pub struct Domain {
+    shards: Box<[Mutex<Shard>]>,
+    shard_bits: u32,
+    seed: u64,
+    id: u64,
+}
+
+fn folded_mul(a: u64, b: u64) -> u64 {
+    let r = a as u128 * b as u128;
+    r as u64 ^ (r >> 64) as u64
+}
+
+impl Domain {
+    /// A domain with `shards` shards (a power of two up to [`MAX_SHARDS`]).
+    pub fn new(shards: usize, seed: u64) -> Self {
+        assert!(shards.is_power_of_two() && shards <= MAX_SHARDS);
+        Domain {
+            shards: (0..shards).map(|_| Mutex::new(Shard::new())).collect(),
+            shard_bits: shards.trailing_zeros(),
+            seed,
+            id: NEXT_DOMAIN.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// A number naming this domain.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Key of a data page (its seeded xxh3-128 hash).
+    pub fn data_key(&self, page: &Page) -> Key {
+        let h = xxh3_128_with_seed(page, self.seed);
+        Key {
+            words: [
+                h as u32,
+                (h >> 32) as u32,
+                (h >> 64) as u32,
+                (h >> 96) as u32,
+            ],
+            kind: Kind::Lz4,
+        }
+    }
+
+    /// Key of a same-filled page: a seeded mix of the pattern (so that a
+    /// guest cannot aim patterns at one index bucket) and the pattern itself.
+    pub fn pattern_key(&self, pattern: u64) -> Key {
+        let m = folded_mul(pattern ^ self.seed, 0x9E37_79B9_7F4A_7C15)
+            ^ folded_mul(pattern.rotate_left(32) ^ !self.seed, 0xC2B2_AE3D_27D4_EB4F);
+        Key {
+            words: [
+                m as u32,
+                (m >> 32) as u32,
+                pattern as u32,
+                (pattern >> 32) as u32,
+            ],
+            kind: Kind::Pattern,
+        }
+    }
+
+    /// The kind of key to use for content stored as `data`.
+    fn keyed(key: &Key, data: &NewData<'_>) -> Key {
+        let kind = match data {
+            NewData::Lz4(_) => Kind::Lz4,
+            NewData::Raw => Kind::Raw,
+            NewData::Pattern => Kind::Pattern,
+        };
+        Key { kind, ..*key }
+    }
+
+    fn shard_of(&self, key: &Key) -> usize {
+        if self.shard_bits == 0 {
+            0
+        } else {
+            (key.shard_hash() >> (32 - self.shard_bits)) as usize
+        }
+    }
+
+    fn make_ref(&self, shard: usize, n: u32) -> ContentRef {
+        (shard as u32) << ENTRY_BITS | n
+    }
+
+    fn split(&self, r: ContentRef) -> (usize, u32) {
+        let r = r & ID_MASK;
+        debug_assert!(r != ZERO_REF);
+        ((r >> ENTRY_BITS) as usize, r & ENTRY_MASK)
+    }
+
+    /// Takes a reference on stored content equal to `page`, if any.
+    /// Returns the reference and the content's data bytes.
+    pub fn acquire(&self, key: &Key, page: &Page) -> Option<(ContentRef, u64)> {
+        let s = self.shard_of(key);
+        let mut shard = lock(&self.shards[s]);
+        let n = shard.find(key, page)?;
+        let e = shard.entry_mut(n);
+        if e.refs == u32::MAX {
+            return None;
+        }
+        e.refs += 1;
+        let bytes = e.data_bytes();
+        shard.refs += 1;
+        Some((self.make_ref(s, n), bytes))
+    }
+
+    /// Stores new content, unless equal content appeared meanwhile (then
+    /// takes a reference on it instead). `None` only if the shard's content
+    /// table is full (2^26 entries).
+    pub fn insert(&self, key: &Key, page: &Page, data: NewData<'_>) -> Option<Inserted> {
+        let s = self.shard_of(key);
+        let mut shard = lock(&self.shards[s]);
+        let key = Self::keyed(key, &data);
+        if let Some(n) = shard.find(&key, page) {
+            let e = shard.entry_mut(n);
+            if e.refs < u32::MAX {
+                e.refs += 1;
+                let bytes = e.data_bytes();
+                shard.refs += 1;
+                return Some(Inserted::Existing(self.make_ref(s, n), bytes));
+            }
+        }
+        let (loc, len) = match data {
+            NewData::Lz4(bytes) => {
+                let loc = shard.slab.alloc(bytes.len());
+                shard.slab.get_mut(bytes.len(), loc).copy_from_slice(bytes);
+                (loc, bytes.len())
+            }
+            NewData::Raw => {
+                let loc = shard.slab.alloc(PAGE_SIZE);
+                shard.slab.get_mut(PAGE_SIZE, loc).copy_from_slice(page);
+                (loc, PAGE_SIZE)
+            }
+            NewData::Pattern => (NIL, 0),
+        };
+        let entry = Entry {
+            hash: key.words,
+            refs: 1,
+            loc,
+            len: len as u16,
+            kind: key.kind,
+        };
+        let Some(n) = shard.new_entry(entry) else {
+            if len > 0 {
+                shard.slab.free(len, loc);
+            }
+            return None;
+        };
+        match key.kind {
+            Kind::Pattern => shard.pattern_entries += 1,
+            Kind::Raw => {
+                shard.data_entries += 1;
+                shard.raw_entries += 1;
+            }
+            _ => shard.data_entries += 1,
+        }
+        shard.refs += 1;
+        shard.index_insert(n);
+        Some(Inserted::New(self.make_ref(s, n)))
+    }
+
+    /// Drops one reference.
+    pub fn release(&self, r: ContentRef) -> Released {
+        let (s, n) = self.split(r);
+        lock(&self.shards[s]).release(n)
+    }
+
+    /// Copies the content out.
+    pub fn read(&self, r: ContentRef, out: &mut Page) -> Result<(), Corrupt> {
+        let (s, n) = self.split(r);
+        lock(&self.shards[s]).read(n, out)
+    }
+
+    /// Copies the content out and drops one reference, under one lock.
+    pub fn read_release(&self, r: ContentRef, out: &mut Page) -> (Result<(), Corrupt>, Released) {
+        let (s, n) = self.split(r);
+        let mut shard = lock(&self.shards[s]);
+        let res = shard.read(n, out);
+        (res, shard.release(n))
+    }
+
+    /// Sizes of the whole domain.
+    pub fn stats(&self) -> DomainStats {
+        let mut st = DomainStats {
+            metadata_bytes: (std::mem::size_of::<Self>()
+                + self.shards.len() * std::mem::size_of::<Mutex<Shard>>())
+                as u64,
+            ..Default::default()
+        };
+        for shard in self.shards.iter() {
+            let sh = lock(shard);
+            st.data_entries += sh.data_entries;
+            st.pattern_entries += sh.pattern_entries;
+            st.raw_entries += sh.raw_entries;
+            st.slot_bytes += sh.slab.live();
+            st.footprint += sh.slab.footprint();
+            st.metadata_bytes += sh.metadata_bytes();
+            st.refs += sh.refs;
+        }
+        st
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page_from(seed: u64) -> Page {
+        // Compressible but distinct: a short text-like pattern plus the seed.
+        let mut p = [0u8; PAGE_SIZE];
+        for (i, b) in p.iter_mut().enumerate() {
+            *b = b"the quick brown fox "[(i + seed as usize) % 20] ^ (i / 512) as u8;
+        }
+        p[..8].copy_from_slice(&seed.to_le_bytes());
+        p
+    }
+
+    fn random_page(mut x: u64) -> Page {
+        let mut p = [0u8; PAGE_SIZE];
+        for w in p.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        p
+    }
+
+    fn store(d: &Domain, page: &Page) -> (ContentRef, bool) {
+        match classify(page) {
+            Class::Zero => (ZERO_REF, false),
+            Class::Same(w) => {
+                let key = d.pattern_key(w);
+                if let Some((r, _)) = d.acquire(&key, page) {
+                    return (r, true);
+                }
+                match d.insert(&key, page, NewData::Pattern).unwrap() {
+                    Inserted::New(r) => (r, false),
+                    Inserted::Existing(r, _) => (r, true),
+                }
+            }
+            Class::Data => {
+                let key = d.data_key(page);
+                if let Some((r, _)) = d.acquire(&key, page) {
+                    return (r, true);
+                }
+                let mut buf = [0u8; LZ4_BOUND];
+                let data = match compress(page, &mut buf) {
+                    Some(n) => NewData::Lz4(&buf[..n]),
+                    None => NewData::Raw,
+                };
+                match d.insert(&key, page, data).unwrap() {
+                    Inserted::New(r) => (r, false),
+                    Inserted::Existing(r, _) => (r, true),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn classify_pages() {
+        assert_eq!(classify(&[0u8; PAGE_SIZE]), Class::Zero);
+        let mut p = [0u8; PAGE_SIZE];
+        fill_pattern(&mut p, 0x0102_0304_0506_0708);
+        assert_eq!(classify(&p), Class::Same(0x0102_0304_0506_0708));
+        p[PAGE_SIZE - 1] ^= 1;
+        assert_eq!(classify(&p), Class::Data);
+        let mut z = [0u8; PAGE_SIZE];
+        z[0] = 1;
+        assert_eq!(classify(&z), Class::Data);
+    }
+
+    #[test]
+    fn compression_threshold() {
+        let mut buf = [0u8; LZ4_BOUND];
+        let n = compress(&page_from(1), &mut buf).expect("text compresses");
+        assert!(n < PAGE_SIZE / 2);
+        assert_eq!(compress(&random_page(7), &mut buf), None, "random is raw");
+    }
+
+    #[test]
+    fn store_read_release_round_trip() {
+        let d = Domain::new(4, 42);
+        let pages = [page_from(1), page_from(2), random_page(3), {
+            let mut p = [0u8; PAGE_SIZE];
+            fill_pattern(&mut p, 0xdead_beef);
+            p
+        }];
+        let refs: Vec<ContentRef> = pages.iter().map(|p| store(&d, p).0).collect();
+        let st = d.stats();
+        assert_eq!(st.data_entries, 3);
+        assert_eq!(st.pattern_entries, 1);
+        assert_eq!(st.raw_entries, 1);
+        for (r, p) in refs.iter().zip(&pages) {
+            let mut out = [1u8; PAGE_SIZE];
+            d.read(*r, &mut out).unwrap();
+            assert_eq!(&out, p);
+        }
+        for r in refs {
+            assert!(d.release(r).freed);
+        }
+        let st = d.stats();
+        assert_eq!(
+            (st.data_entries, st.slot_bytes, st.footprint, st.refs),
+            (0, 0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn duplicates_share_one_entry_with_refcounts() {
+        let d = Domain::new(2, 9);
+        let p = page_from(5);
+        let (a, hit_a) = store(&d, &p);
+        let (b, hit_b) = store(&d, &p);
+        assert!(!hit_a && hit_b);
+        assert_eq!(a, b);
+        assert_eq!(d.stats().data_entries, 1);
+        assert_eq!(d.stats().refs, 2);
+        let r = d.release(a);
+        assert!(!r.freed);
+        let mut out = [0u8; PAGE_SIZE];
+        d.read(b, &mut out).unwrap();
+        assert_eq!(out, p);
+        assert!(d.release(b).freed);
+    }
+
+    #[test]
+    fn hash_collision_never_returns_other_data() {
+        // Forge a collision: insert page B under page A's key. A later
+        // lookup of A with A's key finds B's entry by hash, and must reject
+        // it on the full comparison.
+        let d = Domain::new(1, 3);
+        let a = page_from(10);
+        let b = page_from(11);
+        let key_a = d.data_key(&a);
+        let mut buf = [0u8; LZ4_BOUND];
+        let n = compress(&b, &mut buf).unwrap();
+        let Inserted::New(rb) = d.insert(&key_a, &b, NewData::Lz4(&buf[..n])).unwrap() else {
+            panic!("b is new");
+        };
+        assert_eq!(d.acquire(&key_a, &a), None, "collision must not match");
+        let n = compress(&a, &mut buf).unwrap();
+        let Inserted::New(ra) = d.insert(&key_a, &a, NewData::Lz4(&buf[..n])).unwrap() else {
+            panic!("a is new despite the equal hash");
+        };
+        assert_ne!(ra, rb);
+        let mut out = [0u8; PAGE_SIZE];
+        d.read(ra, &mut out).unwrap();
+        assert_eq!(out, a);
+        d.read(rb, &mut out).unwrap();
+        assert_eq!(out, b);
+        // Both remain findable; removing one keeps the other reachable.
+        assert_eq!(d.acquire(&key_a, &a).map(|x| x.0), Some(ra));
+        d.release(rb);
+        assert_eq!(d.acquire(&key_a, &a).map(|x| x.0), Some(ra));
+        d.release(ra);
+        d.release(ra);
+        assert!(d.release(ra).freed);
+        assert_eq!(d.stats().footprint, 0);
+    }
+
+    #[test]
+    fn index_survives_many_inserts_and_removals() {
+        // Exercises growth, shrinking and backward-shift deletion.
+        let d = Domain::new(1, 77);
+        let mut live: Vec<(u64, ContentRef)> = Vec::new();
+        for i in 0..5000u64 {
+            let p = random_page(i + 1);
+            live.push((i + 1, store(&d, &p).0));
+            if i % 3 == 2 {
+                let (seed, r) = live.remove((i as usize * 7) % live.len());
+                assert!(d.release(r).freed, "page {seed}");
+            }
+        }
+        for &(seed, r) in &live {
+            let p = random_page(seed);
+            // Still deduplicates against the survivor.
+            let (r2, hit) = store(&d, &p);
+            assert!(hit);
+            assert_eq!(r2, r);
+            d.release(r2);
+            let mut out = [0u8; PAGE_SIZE];
+            d.read(r, &mut out).unwrap();
+            assert_eq!(out, p);
+        }
+        for (_, r) in live.drain(..) {
+            d.release(r);
+        }
+        let st = d.stats();
+        assert_eq!((st.data_entries, st.footprint), (0, 0));
+    }
+
+    #[test]
+    fn patterns_deduplicate_by_value() {
+        let d = Domain::new(4, 5);
+        let mut p = [0u8; PAGE_SIZE];
+        fill_pattern(&mut p, 7);
+        let mut q = [0u8; PAGE_SIZE];
+        fill_pattern(&mut q, 8);
+        let (a, _) = store(&d, &p);
+        let (b, hit) = store(&d, &p);
+        let (c, _) = store(&d, &q);
+        assert!(hit && a == b && a != c);
+        let mut out = [0u8; PAGE_SIZE];
+        d.read(c, &mut out).unwrap();
+        assert_eq!(out, q);
+        assert_eq!(d.stats().slot_bytes, 0, "patterns store no data");
+    }
+
+    #[test]
+    fn read_release_frees_under_one_lock() {
+        let d = Domain::new(1, 1);
+        let p = page_from(99);
+        let (r, _) = store(&d, &p);
+        let mut out = [0u8; PAGE_SIZE];
+        let (res, rel) = d.read_release(r, &mut out);
+        assert!(res.is_ok() && rel.freed);
+        assert_eq!(out, p);
+    }
+}

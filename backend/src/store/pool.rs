@@ -1,0 +1,965 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Pools: the handle index, the ephemeral LRU queue and page release.
+//!
+//! A pool's index lives under one mutex ([`Pool::index`]):
+//!
+//! * objects are interned: `ObjectId` (24 bytes) -> object number (`u32`);
+//! * pages are kept in blocks of 16 consecutive indexes of one object
+//!   ([`Block`], 88 bytes: 16 content references and the links of the
+//!   object's block list), found through one pool-wide map
+//!   `(object number, index / 16) -> block number`. A swap area or a file
+//!   read sequentially fills its blocks, so a page costs about 6 bytes of
+//!   index; a page alone in its block costs one block;
+//! * ephemeral pools keep a FIFO of `(block slot, content id)` pairs, 8
+//!   bytes a page, validated lazily against the slot when popped. Private
+//!   ephemeral gets are exclusive, so the FIFO of puts is the LRU order;
+//!   shared pools set a referenced bit on get and give such pages a second
+//!   chance (CLOCK). Every 64 pushes the queue records a stamp of the store
+//!   clock, which lets eviction find the pool whose oldest page is oldest.
+//!
+//! Content is released (and its charges returned) under the pool lock, so
+//! a page's charge always leaves the account that holds it then (the pool's
+//! owner); lock order is pool, then content shard.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vtmem_protocol::{ObjectId, Uuid};
+
+use super::account::{
+    lock, Acct, AtomicCounters, Global, CLIENT_PAGE_COST, CONTENT_METADATA_COST, PAGE_METADATA_COST,
+};
+use super::content::{Corrupt, Domain, Released, ID_MASK, ZERO_REF};
+use super::Page;
+
+/// Flag in a slot: the page was read since it was queued (shared pools).
+pub const REF_BIT: u32 = 1 << 31;
+/// Flag in a slot: the put found the content already stored.
+pub const DEDUP_BIT: u32 = 1 << 30;
+/// An unused slot. Never a valid value: zero pages never carry DEDUP_BIT.
+pub const EMPTY: u32 = u32::MAX;
+const NIL: u32 = u32::MAX;
+/// Indexes per block.
+pub const BLOCK_SLOTS: usize = 16;
+const SLOT_SHIFT: u32 = 4;
+/// Queue pushes between two clock stamps.
+const MARK_EVERY: u64 = 64;
+
+// ---------------------------------------------------------------------------
+// Keyed hasher for the index maps.
+
+fn folded_mul(a: u64, b: u64) -> u64 {
+    let r = a as u128 * b as u128;
+    r as u64 ^ (r >> 64) as u64
+}
+
+/// A fast hasher keyed per store. Object ids and indexes come from guests;
+/// the random key keeps them from aiming many keys at one bucket.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyedState {
+    k0: u64,
+    k1: u64,
+}
+
+impl KeyedState {
+    pub fn new(seed: u64) -> Self {
+        KeyedState {
+            k0: seed,
+            k1: folded_mul(seed ^ 0x243F_6A88_85A3_08D3, 0x9E37_79B9_7F4A_7C15) | 1,
+        }
+    }
+}
+
+impl BuildHasher for KeyedState {
+    type Hasher = KeyedHasher;
+    fn build_hasher(&self) -> KeyedHasher {
+        KeyedHasher {
+            state: self.k0,
+            k1: self.k1,
+        }
+    }
+}
+
+/// Hasher of [`KeyedState`] (a folded-multiply construction).
+#[derive(Clone, Copy, Debug)]
+pub struct KeyedHasher {
+    state: u64,
+    k1: u64,
+}
+
+impl Hasher for KeyedHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.state = folded_mul(self.state ^ v, 0x5851_F42D_4C95_7F2D);
+    }
+
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(v as u64);
+    }
+
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        folded_mul(self.state, self.k1).rotate_left((self.k1 & 63) as u32)
+    }
+}
+
+/// Bytes a hashbrown table of `capacity` entries of `entry` bytes occupies.
+pub fn hashmap_bytes(capacity: usize, entry: usize) -> u64 {
+    if capacity == 0 {
+        return 0;
+    }
+    let buckets = if capacity < 8 {
+        capacity + 1
+    } else {
+        capacity / 7 * 8
+    };
+    (buckets * (entry + 1) + 16) as u64
+}
+
+// ---------------------------------------------------------------------------
+// The page index.
+
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    obj: u32,
+    prev: u32,
+    next: u32,
+    used: u32,
+    base: u64,
+    slots: [u32; BLOCK_SLOTS],
+}
+
+const FREE_BLOCK: Block = Block {
+    obj: NIL,
+    prev: NIL,
+    next: NIL,
+    used: 0,
+    base: 0,
+    slots: [EMPTY; BLOCK_SLOTS],
+};
+
+#[derive(Clone, Copy, Debug)]
+struct ObjEntry {
+    id: ObjectId,
+    head: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BlockKey {
+    obj: u32,
+    base: [u32; 2],
+}
+
+impl BlockKey {
+    fn new(obj: u32, index: u64) -> Self {
+        let base = index >> SLOT_SHIFT;
+        BlockKey {
+            obj,
+            base: [base as u32, (base >> 32) as u32],
+        }
+    }
+}
+
+impl Hash for BlockKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(self.base[0] as u64 | (self.base[1] as u64) << 32);
+        h.write_u32(self.obj);
+    }
+}
+
+/// Maps (object, index) to a content reference.
+///
+/// A page's location (`loc`) is `block << 4 | slot`; it stays valid while
+/// the page is stored.
+#[derive(Debug)]
+pub struct PageIndex {
+    objects: HashMap<ObjectId, u32, KeyedState>,
+    objs: Vec<ObjEntry>,
+    obj_free: Vec<u32>,
+    map: HashMap<BlockKey, u32, KeyedState>,
+    blocks: Vec<Block>,
+    block_free: u32,
+    len: u64,
+}
+
+impl PageIndex {
+    pub fn new(hasher: KeyedState) -> Self {
+        PageIndex {
+            objects: HashMap::with_hasher(hasher),
+            objs: Vec::new(),
+            obj_free: Vec::new(),
+            map: HashMap::with_hasher(hasher),
+            blocks: Vec::new(),
+            block_free: NIL,
+            len: 0,
+        }
+    }
+
+    /// Pages held.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Objects held.
+    #[cfg(test)]
+    pub fn objects(&self) -> usize {
+        self.objects.len()
+    }
+
+    /// The page at (object, index): its location and value.
+    pub fn lookup(&self, obj: &ObjectId, index: u64) -> Option<(u32, u32)> {
+        let &o = self.objects.get(obj)?;
+        let &b = self.map.get(&BlockKey::new(o, index))?;
+        let slot = (index as usize) % BLOCK_SLOTS;
+        let v = self.blocks[b as usize].slots[slot];
+        (v != EMPTY).then_some((b << SLOT_SHIFT | slot as u32, v))
+    }
+
+    /// The value at a location (EMPTY if none).
+    pub fn get(&self, loc: u32) -> u32 {
+        self.blocks
+            .get((loc >> SLOT_SHIFT) as usize)
+            .map_or(EMPTY, |b| b.slots[(loc as usize) % BLOCK_SLOTS])
+    }
+
+    /// Overwrites the value of a stored page.
+    pub fn set(&mut self, loc: u32, v: u32) {
+        let slot =
+            &mut self.blocks[(loc >> SLOT_SHIFT) as usize].slots[(loc as usize) % BLOCK_SLOTS];
+        debug_assert!(*slot != EMPTY && v != EMPTY);
+        *slot = v;
+    }
+
+    /// Stores `v` at (object, index); returns its location and the value it
+    /// replaced.
+    pub fn insert(&mut self, obj: &ObjectId, index: u64, v: u32) -> (u32, Option<u32>) {
+        debug_assert!(v != EMPTY);
+        let o = match self.objects.get(obj) {
+            Some(&o) => o,
+            None => {
+                let e = ObjEntry {
+                    id: *obj,
+                    head: NIL,
+                };
+                let o = match self.obj_free.pop() {
+                    Some(o) => {
+                        self.objs[o as usize] = e;
+                        o
+                    }
+                    None => {
+                        self.objs.push(e);
+                        (self.objs.len() - 1) as u32
+                    }
+                };
+                self.objects.insert(*obj, o);
+                o
+            }
+        };
+        let key = BlockKey::new(o, index);
+        let b = match self.map.get(&key) {
+            Some(&b) => b,
+            None => {
+                let head = self.objs[o as usize].head;
+                let block = Block {
+                    obj: o,
+                    prev: NIL,
+                    next: head,
+                    used: 0,
+                    base: index >> SLOT_SHIFT,
+                    slots: [EMPTY; BLOCK_SLOTS],
+                };
+                let b = if self.block_free != NIL {
+                    let b = self.block_free;
+                    self.block_free = self.blocks[b as usize].next;
+                    self.blocks[b as usize] = block;
+                    b
+                } else {
+                    assert!(
+                        self.blocks.len() < 1 << (32 - SLOT_SHIFT),
+                        "pool index full"
+                    );
+                    self.blocks.push(block);
+                    (self.blocks.len() - 1) as u32
+                };
+                if head != NIL {
+                    self.blocks[head as usize].prev = b;
+                }
+                self.objs[o as usize].head = b;
+                self.map.insert(key, b);
+                b
+            }
+        };
+        let slot = (index as usize) % BLOCK_SLOTS;
+        let block = &mut self.blocks[b as usize];
+        let old = std::mem::replace(&mut block.slots[slot], v);
+        let loc = b << SLOT_SHIFT | slot as u32;
+        if old == EMPTY {
+            block.used += 1;
+            self.len += 1;
+            (loc, None)
+        } else {
+            (loc, Some(old))
+        }
+    }
+
+    /// Removes the page at `loc` and returns its value.
+    pub fn take(&mut self, loc: u32) -> u32 {
+        let b = loc >> SLOT_SHIFT;
+        let block = &mut self.blocks[b as usize];
+        let v = std::mem::replace(&mut block.slots[(loc as usize) % BLOCK_SLOTS], EMPTY);
+        debug_assert!(v != EMPTY);
+        block.used -= 1;
+        self.len -= 1;
+        if block.used == 0 {
+            self.free_block(b);
+        }
+        v
+    }
+
+    fn free_block(&mut self, b: u32) {
+        let Block {
+            obj,
+            prev,
+            next,
+            base,
+            ..
+        } = self.blocks[b as usize];
+        if prev != NIL {
+            self.blocks[prev as usize].next = next;
+        } else {
+            self.objs[obj as usize].head = next;
+        }
+        if next != NIL {
+            self.blocks[next as usize].prev = prev;
+        }
+        self.map.remove(&BlockKey::new(obj, base << SLOT_SHIFT));
+        self.blocks[b as usize] = Block {
+            next: self.block_free,
+            ..FREE_BLOCK
+        };
+        self.block_free = b;
+        if self.objs[obj as usize].head == NIL {
+            let id = self.objs[obj as usize].id;
+            self.objects.remove(&id);
+            self.obj_free.push(obj);
+        }
+        if self.len == 0 {
+            self.reset();
+        } else {
+            shrink_map(&mut self.map);
+            shrink_map(&mut self.objects);
+        }
+    }
+
+    /// Removes every page of one object, passing each value to `f`.
+    pub fn drain_object(&mut self, obj: &ObjectId, mut f: impl FnMut(u32)) -> u64 {
+        let Some(&o) = self.objects.get(obj) else {
+            return 0;
+        };
+        let mut n = 0;
+        // `take` frees each block with its last page, the object with its
+        // last block, and every table with the pool's last page.
+        while self.len > 0 && self.objs[o as usize].head != NIL {
+            let b = self.objs[o as usize].head;
+            for slot in 0..BLOCK_SLOTS as u32 {
+                if self.blocks[b as usize].slots[slot as usize] != EMPTY {
+                    f(self.take(b << SLOT_SHIFT | slot));
+                    n += 1;
+                    if self.len == 0 {
+                        return n;
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    /// Removes every page, passing each value to `f`; frees all tables.
+    pub fn drain_all(&mut self, mut f: impl FnMut(u32)) -> u64 {
+        let mut n = 0;
+        for block in &self.blocks {
+            if block.obj != NIL {
+                for &v in &block.slots {
+                    if v != EMPTY {
+                        f(v);
+                        n += 1;
+                    }
+                }
+            }
+        }
+        self.reset();
+        n
+    }
+
+    fn reset(&mut self) {
+        let hasher = *self.map.hasher();
+        *self = PageIndex::new(hasher);
+    }
+
+    /// Bytes of the index's tables.
+    pub fn metadata_bytes(&self) -> u64 {
+        hashmap_bytes(
+            self.objects.capacity(),
+            std::mem::size_of::<(ObjectId, u32)>(),
+        ) + hashmap_bytes(self.map.capacity(), std::mem::size_of::<(BlockKey, u32)>())
+            + (self.objs.capacity() * std::mem::size_of::<ObjEntry>()
+                + self.obj_free.capacity() * 4
+                + self.blocks.capacity() * std::mem::size_of::<Block>()) as u64
+    }
+}
+
+fn shrink_map<K: Eq + Hash, V>(m: &mut HashMap<K, V, KeyedState>) {
+    if m.capacity() > 64 && m.len() * 4 < m.capacity() {
+        m.shrink_to(m.len() * 2);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The ephemeral queue.
+
+/// FIFO of `(location, content id)` entries with clock stamps.
+#[derive(Debug, Default)]
+pub struct LruQueue {
+    q: VecDeque<[u32; 2]>,
+    /// (sequence number of the first entry it covers, clock stamp)
+    marks: VecDeque<(u64, u64)>,
+    pushed: u64,
+    popped: u64,
+}
+
+impl LruQueue {
+    pub fn push(&mut self, loc: u32, id: u32, clock: &AtomicU64) {
+        let need_mark = self
+            .marks
+            .back()
+            .is_none_or(|&(seq, _)| self.pushed - seq >= MARK_EVERY);
+        if need_mark {
+            self.marks
+                .push_back((self.pushed, clock.fetch_add(1, Ordering::Relaxed)));
+        }
+        self.q.push_back([loc, id]);
+        self.pushed += 1;
+    }
+
+    pub fn pop(&mut self) -> Option<[u32; 2]> {
+        let e = self.q.pop_front()?;
+        self.popped += 1;
+        while self.marks.len() >= 2 && self.marks[1].0 <= self.popped {
+            self.marks.pop_front();
+        }
+        Some(e)
+    }
+
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    /// Clock stamp of the oldest entry (u64::MAX if empty).
+    pub fn head_stamp(&self) -> u64 {
+        if self.q.is_empty() {
+            u64::MAX
+        } else {
+            self.marks.front().map_or(u64::MAX, |m| m.1)
+        }
+    }
+
+    /// Keeps only entries for which `valid` holds (order kept).
+    pub fn retain(&mut self, mut valid: impl FnMut([u32; 2]) -> bool) {
+        let stamp = self.marks.front().map_or(0, |m| m.1);
+        self.q.retain(|&e| valid(e));
+        self.q.shrink_to(self.q.len() * 2);
+        // Stamps become coarser: the survivors all get the oldest one.
+        self.marks.clear();
+        self.popped = 0;
+        self.pushed = self.q.len() as u64;
+        if !self.q.is_empty() {
+            self.marks.push_back((0, stamp));
+        }
+    }
+
+    pub fn clear(&mut self) {
+        *self = LruQueue::default();
+    }
+
+    pub fn metadata_bytes(&self) -> u64 {
+        (self.q.capacity() * 8 + self.marks.capacity() * 16) as u64
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Pools.
+
+/// Gauges of what a pool holds, kept under its lock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gauges {
+    pub pages: u64,
+    /// Bytes charged for the pages (data slots + fixed per-page cost).
+    pub bytes: u64,
+    pub zero: u64,
+    pub same: u64,
+    pub dedup: u64,
+}
+
+/// What a pool's lock protects.
+#[derive(Debug)]
+pub struct PoolIndex {
+    /// Set once the pool is gone; late operations must undo themselves.
+    pub destroyed: bool,
+    /// The account the pages are charged to.
+    pub owner: Arc<Acct>,
+    /// Clients that have the pool open (shared pools; the owner first).
+    pub members: Vec<Arc<Acct>>,
+    pub pages: PageIndex,
+    pub queue: LruQueue,
+    pub gauges: Gauges,
+}
+
+/// Result of releasing pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Freed {
+    pub pages: u64,
+    /// Bytes returned to the host limit.
+    pub host: u64,
+    /// Bytes returned to the owner's quota.
+    pub client: u64,
+}
+
+impl Freed {
+    fn add(&mut self, o: Freed) {
+        self.pages += o.pages;
+        self.host += o.host;
+        self.client += o.client;
+    }
+}
+
+/// One pool.
+#[derive(Debug)]
+pub struct Pool {
+    pub persistent: bool,
+    pub exclusive_gets: bool,
+    pub shared: Option<Uuid>,
+    pub domain: Arc<Domain>,
+    /// Pages reserved and not yet spent.
+    pub reserved: AtomicU64,
+    /// Stamp of the oldest queued page (u64::MAX if none).
+    pub head_stamp: AtomicU64,
+    pub counters: AtomicCounters,
+    pub index: Mutex<PoolIndex>,
+}
+
+/// Charge facts of a page about to be stored.
+#[derive(Clone, Copy, Debug)]
+pub struct NewPage {
+    pub value: u32,
+    pub client_cost: u64,
+    pub pattern: bool,
+}
+
+impl Pool {
+    pub fn new(
+        persistent: bool,
+        exclusive_gets: bool,
+        shared: Option<Uuid>,
+        domain: Arc<Domain>,
+        owner: Arc<Acct>,
+        hasher: KeyedState,
+    ) -> Self {
+        Pool {
+            persistent,
+            exclusive_gets,
+            shared,
+            domain,
+            reserved: AtomicU64::new(0),
+            head_stamp: AtomicU64::new(u64::MAX),
+            counters: AtomicCounters::default(),
+            index: Mutex::new(PoolIndex {
+                destroyed: false,
+                members: vec![owner.clone()],
+                owner,
+                pages: PageIndex::new(hasher),
+                queue: LruQueue::default(),
+                gauges: Gauges::default(),
+            }),
+        }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, PoolIndex> {
+        lock(&self.index)
+    }
+
+    fn publish_head(&self, idx: &PoolIndex) {
+        self.head_stamp
+            .store(idx.queue.head_stamp(), Ordering::Relaxed);
+    }
+
+    /// Records a new page (its charges were taken by the caller). Returns
+    /// what the replaced page, if any, gave back.
+    pub fn store_locked(
+        &self,
+        idx: &mut PoolIndex,
+        obj: &ObjectId,
+        index: u64,
+        page: NewPage,
+        g: &Global,
+    ) -> Freed {
+        let (loc, old) = idx.pages.insert(obj, index, page.value);
+        let gz = &mut idx.gauges;
+        gz.pages += 1;
+        gz.bytes += page.client_cost;
+        if page.value & ID_MASK == ZERO_REF {
+            gz.zero += 1;
+        } else if page.pattern {
+            gz.same += 1;
+        }
+        if page.value & DEDUP_BIT != 0 {
+            gz.dedup += 1;
+        }
+        if !self.persistent {
+            idx.queue.push(loc, page.value & ID_MASK, &g.clock);
+            self.maybe_compact(idx);
+            self.publish_head(idx);
+        }
+        match old {
+            Some(v) => self.release_value(idx, v, g),
+            None => Freed::default(),
+        }
+    }
+
+    /// Drops the queue's stale entries when they outnumber live pages.
+    fn maybe_compact(&self, idx: &mut PoolIndex) {
+        let live = idx.pages.len() as usize;
+        if idx.queue.len() > 2 * live + 1024 {
+            let PoolIndex { pages, queue, .. } = idx;
+            queue.retain(|[loc, id]| {
+                let v = pages.get(loc);
+                v != EMPTY && v & ID_MASK == id
+            });
+        }
+    }
+
+    /// Releases a page value removed from the index: content reference,
+    /// gauges, the owner's charge and the host charge.
+    pub fn release_value(&self, idx: &mut PoolIndex, v: u32, g: &Global) -> Freed {
+        let rel = if v & ID_MASK == ZERO_REF {
+            Released {
+                data_bytes: 0,
+                freed: false,
+                pattern: false,
+            }
+        } else {
+            self.domain.release(v & ID_MASK)
+        };
+        self.account_release(idx, v, rel, g)
+    }
+
+    fn account_release(&self, idx: &mut PoolIndex, v: u32, rel: Released, g: &Global) -> Freed {
+        let client = rel.data_bytes + CLIENT_PAGE_COST;
+        let mut host = PAGE_METADATA_COST;
+        if rel.freed {
+            host += rel.data_bytes + CONTENT_METADATA_COST;
+        }
+        let gz = &mut idx.gauges;
+        gz.pages -= 1;
+        gz.bytes -= client;
+        if v & ID_MASK == ZERO_REF {
+            gz.zero -= 1;
+        } else if rel.pattern {
+            gz.same -= 1;
+        }
+        if v & DEDUP_BIT != 0 {
+            gz.dedup -= 1;
+        }
+        idx.owner.uncharge(self.persistent, client);
+        g.uncharge(host);
+        Freed {
+            pages: 1,
+            host,
+            client,
+        }
+    }
+
+    /// Copies a page out; for exclusive pools removes it too. Ok(false) on
+    /// a miss.
+    pub fn get(
+        &self,
+        obj: &ObjectId,
+        index: u64,
+        out: &mut Page,
+        g: &Global,
+    ) -> Result<bool, Corrupt> {
+        let mut idx = self.lock();
+        let Some((loc, v)) = idx.pages.lookup(obj, index) else {
+            return Ok(false);
+        };
+        let id = v & ID_MASK;
+        if self.exclusive_gets {
+            idx.pages.take(loc);
+            let (res, rel) = if id == ZERO_REF {
+                out.fill(0);
+                (
+                    Ok(()),
+                    Released {
+                        data_bytes: 0,
+                        freed: false,
+                        pattern: false,
+                    },
+                )
+            } else {
+                self.domain.read_release(id, out)
+            };
+            self.account_release(&mut idx, v, rel, g);
+            self.publish_head(&idx);
+            res.map(|()| true)
+        } else {
+            if id == ZERO_REF {
+                out.fill(0);
+            } else {
+                self.domain.read(id, out)?;
+            }
+            if self.shared.is_some() && v & REF_BIT == 0 {
+                idx.pages.set(loc, v | REF_BIT);
+            }
+            Ok(true)
+        }
+    }
+
+    /// Removes one page; true if there was one.
+    pub fn remove(&self, obj: &ObjectId, index: u64, g: &Global) -> bool {
+        let mut idx = self.lock();
+        let Some((loc, _)) = idx.pages.lookup(obj, index) else {
+            return false;
+        };
+        let v = idx.pages.take(loc);
+        self.release_value(&mut idx, v, g);
+        self.publish_head(&idx);
+        true
+    }
+
+    /// Removes every page of an object.
+    pub fn remove_object(&self, obj: &ObjectId, g: &Global) -> u64 {
+        let mut idx = self.lock();
+        let mut values = Vec::new();
+        let n = idx.pages.drain_object(obj, |v| values.push(v));
+        for v in values {
+            self.release_value(&mut idx, v, g);
+        }
+        self.publish_head(&idx);
+        n
+    }
+
+    /// Removes every page (the pool stays usable).
+    pub fn clear_locked(&self, idx: &mut PoolIndex, g: &Global) -> Freed {
+        let mut values = Vec::with_capacity(idx.pages.len() as usize);
+        idx.pages.drain_all(|v| values.push(v));
+        idx.queue.clear();
+        let mut freed = Freed::default();
+        for v in values {
+            freed.add(self.release_value(idx, v, g));
+        }
+        self.publish_head(idx);
+        freed
+    }
+
+    /// Drops the reservation; returns the pages it held.
+    pub fn take_reservation(&self) -> u64 {
+        self.reserved.swap(0, Ordering::AcqRel)
+    }
+
+    /// Evicts up to `max` of the oldest pages (ephemeral pools only).
+    pub fn evict(&self, max: u64, g: &Global) -> Freed {
+        let mut freed = Freed::default();
+        if self.persistent {
+            return freed;
+        }
+        let mut idx = self.lock();
+        if idx.destroyed {
+            return freed;
+        }
+        let mut budget = max * 8 + 64;
+        while freed.pages < max && budget > 0 {
+            budget -= 1;
+            let Some([loc, id]) = idx.queue.pop() else {
+                break;
+            };
+            let v = idx.pages.get(loc);
+            if v == EMPTY || v & ID_MASK != id {
+                continue; // stale: flushed, taken by a get, or replaced
+            }
+            if v & REF_BIT != 0 {
+                // Second chance for a page read since it was queued.
+                idx.pages.set(loc, v & !REF_BIT);
+                idx.queue.push(loc, id, &g.clock);
+                continue;
+            }
+            idx.pages.take(loc);
+            freed.add(self.release_value(&mut idx, v, g));
+        }
+        self.publish_head(&idx);
+        if freed.pages > 0 {
+            super::account::bump_by(&self.counters.evictions, freed.pages);
+            super::account::bump_by(&idx.owner.counters.evictions, freed.pages);
+        }
+        freed
+    }
+
+    /// Bytes of this pool's metadata.
+    pub fn metadata_bytes(&self, idx: &PoolIndex) -> u64 {
+        std::mem::size_of::<Self>() as u64
+            + idx.pages.metadata_bytes()
+            + idx.queue.metadata_bytes()
+            + (idx.members.capacity() * std::mem::size_of::<Arc<Acct>>()) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oid(n: u64) -> ObjectId {
+        ObjectId([n, n ^ 0xff, 0])
+    }
+
+    #[test]
+    fn insert_lookup_replace_take() {
+        let mut ix = PageIndex::new(KeyedState::new(1));
+        let (loc, old) = ix.insert(&oid(1), 5, 100);
+        assert_eq!(old, None);
+        assert_eq!(ix.lookup(&oid(1), 5), Some((loc, 100)));
+        assert_eq!(ix.lookup(&oid(1), 6), None);
+        assert_eq!(ix.lookup(&oid(2), 5), None);
+        let (loc2, old) = ix.insert(&oid(1), 5, 200);
+        assert_eq!((loc2, old), (loc, Some(100)));
+        assert_eq!(ix.len(), 1);
+        assert_eq!(ix.take(loc), 200);
+        assert_eq!(ix.lookup(&oid(1), 5), None);
+        assert_eq!(ix.len(), 0);
+        assert_eq!(ix.objects(), 0);
+        assert_eq!(ix.metadata_bytes(), 0, "empty index frees its tables");
+    }
+
+    #[test]
+    fn blocks_and_objects_are_freed_with_their_last_page() {
+        let mut ix = PageIndex::new(KeyedState::new(2));
+        let mut locs = Vec::new();
+        for obj in 0..10u64 {
+            for i in 0..40u64 {
+                locs.push((
+                    obj,
+                    i,
+                    ix.insert(&oid(obj), i * 3, (obj * 1000 + i) as u32).0,
+                ));
+            }
+        }
+        assert_eq!(ix.len(), 400);
+        assert_eq!(ix.objects(), 10);
+        // Remove all of object 3 page by page, and half of object 4.
+        for &(obj, i, loc) in &locs {
+            if obj == 3 || (obj == 4 && i % 2 == 0) {
+                assert_eq!(ix.take(loc), (obj * 1000 + i) as u32);
+            }
+        }
+        assert_eq!(ix.objects(), 9);
+        for &(obj, i, _) in &locs {
+            let expect = !(obj == 3 || (obj == 4 && i % 2 == 0));
+            assert_eq!(ix.lookup(&oid(obj), i * 3).is_some(), expect, "{obj}/{i}");
+        }
+        let mut seen = Vec::new();
+        assert_eq!(ix.drain_object(&oid(4), |v| seen.push(v)), 20);
+        assert!(seen.iter().all(|v| v / 1000 == 4));
+        assert_eq!(ix.objects(), 8);
+        let n = ix.drain_all(|_| {});
+        assert_eq!(n, 320);
+        assert_eq!(ix.len(), 0);
+        // Draining the last object empties (and frees) the whole index.
+        for i in 0..40u64 {
+            ix.insert(&oid(9), i, 1);
+        }
+        assert_eq!(ix.drain_object(&oid(9), |_| {}), 40);
+        assert_eq!(ix.len(), 0);
+        assert_eq!(ix.metadata_bytes(), 0);
+    }
+
+    #[test]
+    fn sparse_and_huge_indexes() {
+        let mut ix = PageIndex::new(KeyedState::new(3));
+        let idxs = [
+            0u64,
+            15,
+            16,
+            u32::MAX as u64,
+            u64::MAX,
+            u64::MAX - 15,
+            1 << 40,
+        ];
+        for (k, &i) in idxs.iter().enumerate() {
+            ix.insert(&oid(7), i, k as u32);
+        }
+        for (k, &i) in idxs.iter().enumerate() {
+            assert_eq!(ix.lookup(&oid(7), i).map(|x| x.1), Some(k as u32), "{i}");
+        }
+        assert_eq!(ix.drain_object(&oid(7), |_| {}), idxs.len() as u64);
+    }
+
+    #[test]
+    fn dense_pages_cost_little_index() {
+        let mut ix = PageIndex::new(KeyedState::new(4));
+        for i in 0..16_384u64 {
+            ix.insert(&oid(1), i, 1);
+        }
+        let per_page = ix.metadata_bytes() as f64 / 16_384.0;
+        assert!(per_page < 12.0, "{per_page} bytes per page");
+    }
+
+    #[test]
+    fn queue_is_fifo_with_monotonic_stamps() {
+        let clock = AtomicU64::new(0);
+        let mut q = LruQueue::default();
+        assert_eq!(q.head_stamp(), u64::MAX);
+        for i in 0..200u32 {
+            q.push(i, i, &clock);
+        }
+        let s0 = q.head_stamp();
+        for i in 0..130u32 {
+            assert_eq!(q.pop(), Some([i, i]));
+        }
+        assert!(q.head_stamp() > s0, "stamp advances as old entries leave");
+        q.retain(|[l, _]| l % 2 == 0);
+        assert_eq!(q.pop(), Some([130, 130]));
+        assert_eq!(q.pop(), Some([132, 132]));
+        q.clear();
+        assert_eq!(q.pop(), None);
+    }
+
+    #[test]
+    fn keyed_hasher_depends_on_key() {
+        let a = KeyedState::new(1).hash_one(oid(5));
+        let b = KeyedState::new(2).hash_one(oid(5));
+        let c = KeyedState::new(1).hash_one(oid(6));
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn hashmap_bytes_matches_hashbrown_capacity_rule() {
+        let mut m: HashMap<u64, u64, KeyedState> = HashMap::with_hasher(KeyedState::new(0));
+        assert_eq!(hashmap_bytes(m.capacity(), 16), 0);
+        for i in 0..100 {
+            m.insert(i, i);
+        }
+        // 100 entries need 128 buckets (capacity 112).
+        assert_eq!(m.capacity(), 112);
+        assert_eq!(hashmap_bytes(m.capacity(), 16), 128 * 17 + 16);
+    }
+}
