@@ -1,0 +1,92 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Event counters, shown in debugfs (`/sys/kernel/debug/vtmem/stats`).
+
+use core::fmt;
+use kernel::sync::atomic::{Atomic, Relaxed};
+
+macro_rules! counters {
+    ($(#[$meta:meta])* $name:ident { $($(#[$fmeta:meta])* $field:ident,)* }) => {
+        $(#[$meta])*
+        pub(crate) struct $name {
+            $($(#[$fmeta])* pub(crate) $field: Atomic<u64>,)*
+        }
+
+        impl $name {
+            pub(crate) fn new() -> Self {
+                Self { $($field: Atomic::new(0),)* }
+            }
+
+            /// Calls `f` with each counter's name and value.
+            pub(crate) fn for_each(&self, f: &mut dyn FnMut(&'static str, u64) -> fmt::Result) -> fmt::Result {
+                $(f(stringify!($field), self.$field.load(Relaxed))?;)*
+                Ok(())
+            }
+        }
+    };
+}
+
+counters! {
+    /// Counters of frontswap traffic and its outcome.
+    Stats {
+        /// Stores the kernel asked for.
+        stores,
+        /// Stores completed at once against a reserved host page.
+        stores_reserved,
+        /// Stores sent without a reservation, waiting for the answer.
+        stores_sync,
+        /// Synchronous stores the host accepted.
+        stores_sync_ok,
+        /// Stores refused (host full, quota, frozen): the kernel wrote the disk.
+        refusals,
+        /// Stores that failed for another reason (no pool, device error).
+        store_errors,
+        /// Loads the kernel asked for.
+        loads,
+        /// Loads the host answered with the page.
+        hits,
+        /// Loads the host answered with a miss.
+        misses,
+        /// Loads that failed (device error).
+        load_errors,
+        /// Pages invalidated by the kernel.
+        invalidates,
+        /// Invalidations dropped because no buffer was free (host keeps a stale
+        /// page until the pool goes; harmless).
+        invalidates_dropped,
+        /// Swap areas invalidated (swapoff).
+        invalidate_areas,
+        /// Pools created.
+        pools_created,
+        /// Reserved puts the host did not accept: would be a protocol violation.
+        reserved_put_failures,
+        /// RESERVE operations sent.
+        reserve_requests,
+        /// Pages the host granted to RESERVE operations.
+        reserve_granted,
+    }
+}
+
+counters! {
+    /// Per-queue transport counters.
+    QueueStats {
+        /// Requests (batches) made available to the device.
+        batches,
+        /// Operations in those requests.
+        ops,
+        /// PUT operations in those requests.
+        puts,
+        /// Kicks that actually notified the device.
+        notifications,
+        /// Requests completed by the device.
+        completions,
+        /// Requests sent because their batch was full.
+        full_flushes,
+        /// Requests sent by the batch timeout.
+        timer_flushes,
+        /// Requests sent at once to get an answer (load, synchronous store).
+        sync_flushes,
+        /// Times a request found the ring full and had to wait.
+        ring_full,
+    }
+}

@@ -1,0 +1,91 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! vtmem: paravirtual transcendent memory for KVM guests.
+//!
+//! A virtio driver for the vtmem device (virtio ID 63, `vhost-user-tmem-pci`
+//! in QEMU, served by `vtmemd`) that registers as the kernel's frontswap
+//! backend: swap pages go to a persistent pool in host memory instead of the
+//! swap disk, in batches of many pages per notification, and a store
+//! reported to the kernel as done is never lost (see docs/guest-driver.md).
+//!
+//! Layout:
+//! - `sys`: every call into C, wrapped in safe types;
+//! - `batch`: a request of many operations and its buffers;
+//! - `device`: probe/remove, queues, batching, reservations, the frontswap
+//!   operations;
+//! - `stats`: counters shown in debugfs;
+//! - `wire`: the protocol's wire format, compiled from the protocol crate's
+//!   own source file (the single definition of the format).
+
+use kernel::prelude::*;
+
+#[path = "src/batch.rs"]
+mod batch;
+#[path = "src/device.rs"]
+mod device;
+#[path = "src/stats.rs"]
+mod stats;
+#[path = "src/sys.rs"]
+mod sys;
+#[allow(dead_code, unreachable_pub, missing_docs)]
+#[path = "../protocol/src/wire.rs"]
+mod wire;
+
+module! {
+    type: VtmemModule,
+    name: "vtmem",
+    authors: ["vtmem developers"],
+    description: "Paravirtual transcendent memory (frontswap backend over virtio)",
+    license: "GPL",
+    params: {
+        batch_size: u32 {
+            default: 64,
+            description: "Pages per batch (request); at most 128",
+        },
+        batch_timeout_us: u32 {
+            default: 2000,
+            description: "A partly filled batch goes out after this many microseconds",
+        },
+        batches_per_queue: u32 {
+            default: 4,
+            description: "Preallocated batch buffers per request queue",
+        },
+        reserve_pages: u32 {
+            default: 512,
+            description: "Host pages kept reserved per swap area so that stores complete at once (0: every store waits for the host)",
+        },
+        max_queues: u32 {
+            default: 0,
+            description: "Use at most this many request queues (0: one per CPU, up to the device's)",
+        },
+        selftest: bool {
+            default: false,
+            description: "At probe, store and load a few pages through a temporary pool and report",
+        },
+    },
+}
+
+/// Module parameters, read once at probe.
+pub(crate) fn params() -> device::Params {
+    device::Params {
+        batch_size: module_parameters::batch_size.value(),
+        batch_timeout_us: module_parameters::batch_timeout_us.value(),
+        batches_per_queue: module_parameters::batches_per_queue.value(),
+        reserve_pages: module_parameters::reserve_pages.value(),
+        max_queues: module_parameters::max_queues.value(),
+        selftest: module_parameters::selftest.value(),
+    }
+}
+
+struct VtmemModule {
+    _driver: sys::Registration<device::Device>,
+}
+
+impl kernel::Module for VtmemModule {
+    fn init(module: &'static ThisModule) -> Result<Self> {
+        sys::init_globals();
+        let driver = sys::Registration::new(module)?;
+        pr_info!("driver registered (virtio device id {})\n", wire::VIRTIO_ID_TMEM);
+        Ok(Self { _driver: driver })
+    }
+}
