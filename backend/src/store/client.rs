@@ -776,11 +776,9 @@ impl ClientHandle {
     pub fn evict_ephemeral(&self, pages: u64) -> u64 {
         let mut done = 0;
         while done < pages {
-            let f = super::evict::evict_from(
-                self.acct(),
-                (pages - done).min(EVICT_BATCH),
-                &self.store.g,
-            );
+            let want =
+                super::pool::Freed::want((pages - done).min(EVICT_BATCH), u64::MAX, u64::MAX);
+            let f = super::evict::evict_from(self.acct(), want, &self.store.g);
             if f.pages == 0 {
                 break;
             }

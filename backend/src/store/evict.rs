@@ -25,8 +25,9 @@ use super::Store;
 /// Pages evicted per victim selection.
 pub const EVICT_BATCH: u64 = 16;
 
-/// Evicts up to `max` pages from the pools charged to `acct`, oldest first.
-pub(crate) fn evict_from(acct: &Acct, max: u64, g: &Global) -> Freed {
+/// Evicts from the pools charged to `acct`, oldest first, until `want`
+/// is met (see [`Freed::covers`]).
+pub(crate) fn evict_from(acct: &Acct, want: Freed, g: &Global) -> Freed {
     let mut pools: Vec<Arc<Pool>> = lock(&acct.evictable)
         .iter()
         .filter_map(Weak::upgrade)
@@ -34,16 +35,18 @@ pub(crate) fn evict_from(acct: &Acct, max: u64, g: &Global) -> Freed {
     pools.sort_by_key(|p| p.head_stamp.load(Ordering::Relaxed));
     let mut freed = Freed::default();
     for p in pools {
-        if freed.pages >= max {
+        if freed.covers(&want) {
             break;
         }
         if p.head_stamp.load(Ordering::Relaxed) == u64::MAX {
             continue;
         }
-        let f = p.evict(max - freed.pages, g);
-        freed.pages += f.pages;
-        freed.host += f.host;
-        freed.client += f.client;
+        let rest = Freed::want(
+            want.pages - freed.pages,
+            want.client - freed.client,
+            want.host - freed.host,
+        );
+        freed.add(p.evict(rest, g));
     }
     freed
 }
@@ -53,13 +56,15 @@ pub(crate) fn evict_from(acct: &Acct, max: u64, g: &Global) -> Freed {
 pub(crate) fn evict_own(acct: &Acct, need: u64, g: &Global) -> Freed {
     let mut total = Freed::default();
     while total.client < need {
-        let f = evict_from(acct, EVICT_BATCH, g);
+        let f = evict_from(
+            acct,
+            Freed::want(EVICT_BATCH, need - total.client, u64::MAX),
+            g,
+        );
         if f.pages == 0 {
             break;
         }
-        total.pages += f.pages;
-        total.host += f.host;
-        total.client += f.client;
+        total.add(f);
     }
     total
 }
@@ -94,15 +99,14 @@ impl Store {
             let Some(victim) = self.pick_victim(&skip) else {
                 break;
             };
-            let f = evict_from(&victim, EVICT_BATCH, &self.g);
+            let want = Freed::want(EVICT_BATCH, u64::MAX, need - total.host);
+            let f = evict_from(&victim, want, &self.g);
             if f.pages == 0 {
                 // Charged but nothing queued (puts in flight): look elsewhere.
                 skip.push(victim.client_id);
                 continue;
             }
-            total.pages += f.pages;
-            total.host += f.host;
-            total.client += f.client;
+            total.add(f);
         }
         total
     }

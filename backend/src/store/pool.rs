@@ -537,7 +537,22 @@ pub struct Freed {
 }
 
 impl Freed {
-    fn add(&mut self, o: Freed) {
+    /// A target: stop after `pages` pages, or once `client` bytes of the
+    /// owner's charge or `host` bytes of the host charge are freed.
+    pub fn want(pages: u64, client: u64, host: u64) -> Self {
+        Freed {
+            pages,
+            client,
+            host,
+        }
+    }
+
+    /// Whether these freed amounts meet the target `want`.
+    pub fn covers(&self, want: &Freed) -> bool {
+        self.pages >= want.pages || self.client >= want.client || self.host >= want.host
+    }
+
+    pub fn add(&mut self, o: Freed) {
         self.pages += o.pages;
         self.host += o.host;
         self.client += o.client;
@@ -777,8 +792,8 @@ impl Pool {
         self.reserved.swap(0, Ordering::AcqRel)
     }
 
-    /// Evicts up to `max` of the oldest pages (ephemeral pools only).
-    pub fn evict(&self, max: u64, g: &Global) -> Freed {
+    /// Evicts the oldest pages (ephemeral pools only) until `want` is met.
+    pub fn evict(&self, want: Freed, g: &Global) -> Freed {
         let mut freed = Freed::default();
         if self.persistent {
             return freed;
@@ -787,8 +802,8 @@ impl Pool {
         if idx.destroyed {
             return freed;
         }
-        let mut budget = max * 8 + 64;
-        while freed.pages < max && budget > 0 {
+        let mut budget = want.pages * 8 + 64;
+        while !freed.covers(&want) && budget > 0 {
             budget -= 1;
             let Some([loc, id]) = idx.queue.pop() else {
                 break;

@@ -1,0 +1,684 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Scenario tests of the store's semantics, limits and accounting.
+
+use std::sync::Arc;
+
+use vtmem_backend::store::*;
+
+const MIB: u64 = 1 << 20;
+
+fn store(limit: u64) -> Arc<Store> {
+    Store::new(StoreConfig { host_limit: limit })
+}
+
+fn h(pool: u32, obj: u64, index: u64) -> Handle {
+    Handle {
+        pool,
+        object: ObjectId([obj, 0, 0]),
+        index,
+    }
+}
+
+/// Compressible, distinct per seed.
+fn text_page(seed: u64) -> Page {
+    let words = b"lorem ipsum dolor sit amet consectetur adipiscing elit sed do ";
+    let mut p = [0u8; PAGE_SIZE];
+    for (i, b) in p.iter_mut().enumerate() {
+        *b = words[(i * 7 + (i / 64)) % words.len()];
+    }
+    p[..8].copy_from_slice(&seed.to_le_bytes());
+    p[2048..2056].copy_from_slice(&seed.wrapping_mul(31).to_le_bytes());
+    p
+}
+
+/// Incompressible, distinct per seed.
+fn random_page(seed: u64) -> Page {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut p = [0u8; PAGE_SIZE];
+    for w in p.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+    p
+}
+
+fn same_page(word: u64) -> Page {
+    let mut p = [0u8; PAGE_SIZE];
+    for w in p.chunks_exact_mut(8) {
+        w.copy_from_slice(&word.to_le_bytes());
+    }
+    p
+}
+
+fn get(c: &ClientHandle, handle: Handle) -> Option<Page> {
+    let mut out = [0xAAu8; PAGE_SIZE];
+    c.get(&handle, &mut out).unwrap().then_some(out)
+}
+
+/// host_used equals the sum the charging rule predicts.
+fn assert_host_accounting(s: &Store) {
+    let st = s.stats();
+    let expect = st.data_bytes
+        + st.unique_pages * CONTENT_METADATA_COST
+        + st.stored_pages * PAGE_METADATA_COST
+        + st.reserved_pages * RESERVED_PAGE_HOST_COST;
+    assert_eq!(st.host_used, expect, "{st:#?}");
+    assert!(st.host_used <= st.host_limit);
+}
+
+#[test]
+fn persistent_put_get_flush() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    for i in 0..100 {
+        c.put(&h(p, 1, i), &text_page(i), false).unwrap();
+    }
+    for i in 0..100 {
+        assert_eq!(get(&c, h(p, 1, i)), Some(text_page(i)));
+        // Persistent gets keep the page.
+        assert_eq!(get(&c, h(p, 1, i)), Some(text_page(i)));
+    }
+    assert_eq!(get(&c, h(p, 2, 0)), None);
+    c.flush_page(&h(p, 1, 5)).unwrap();
+    assert_eq!(get(&c, h(p, 1, 5)), None);
+    c.flush_object(p, &ObjectId([1, 0, 0])).unwrap();
+    assert_eq!(get(&c, h(p, 1, 6)), None);
+    assert_eq!(c.stats().persistent_pages, 0);
+    assert_eq!(s.stats().host_used, 0);
+}
+
+#[test]
+fn duplicate_put_replaces() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    c.put(&h(p, 1, 0), &text_page(1), false).unwrap();
+    c.put(&h(p, 1, 0), &random_page(2), false).unwrap();
+    assert_eq!(get(&c, h(p, 1, 0)), Some(random_page(2)));
+    c.put(&h(p, 1, 0), &[0u8; PAGE_SIZE], false).unwrap();
+    assert_eq!(get(&c, h(p, 1, 0)), Some([0u8; PAGE_SIZE]));
+    let st = c.stats();
+    assert_eq!((st.persistent_pages, st.zero_pages), (1, 1));
+    assert_eq!(st.persistent_bytes, CLIENT_PAGE_COST);
+    assert_host_accounting(&s);
+}
+
+#[test]
+fn failed_put_drops_the_old_copy() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    c.put(&h(p, 1, 0), &text_page(1), false).unwrap();
+    c.freeze();
+    assert_eq!(c.put(&h(p, 1, 0), &text_page(2), false), Err(TmemError::Frozen));
+    assert_eq!(get(&c, h(p, 1, 0)), None, "old data must not survive");
+    c.thaw();
+    // Reserved put without a reservation: refused, old copy dropped too.
+    c.put(&h(p, 1, 1), &text_page(3), false).unwrap();
+    assert_eq!(c.put(&h(p, 1, 1), &text_page(4), true), Err(TmemError::NoReservation));
+    assert_eq!(get(&c, h(p, 1, 1)), None);
+    let st = c.stats().counters;
+    assert_eq!((st.puts_refused_frozen, st.puts_refused_other), (1, 1));
+    assert_eq!(s.stats().host_used, 0);
+}
+
+#[test]
+fn full_quota_rewrite_succeeds_by_dropping_the_old_copy() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    // Quota for exactly one raw page.
+    c.set_quota(PAGE_SIZE as u64 + CLIENT_PAGE_COST, u64::MAX);
+    c.put(&h(p, 1, 0), &random_page(1), false).unwrap();
+    assert_eq!(c.put(&h(p, 1, 1), &random_page(2), false), Err(TmemError::OverQuota));
+    c.put(&h(p, 1, 0), &random_page(3), false).unwrap();
+    assert_eq!(get(&c, h(p, 1, 0)), Some(random_page(3)));
+}
+
+#[test]
+fn private_ephemeral_gets_are_exclusive() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    // Even if the spec asks otherwise.
+    let spec = PoolSpec {
+        persistent: false,
+        exclusive_gets: false,
+        shared: None,
+    };
+    let p = c.new_pool(spec).unwrap();
+    c.put(&h(p, 1, 0), &text_page(1), false).unwrap();
+    assert_eq!(get(&c, h(p, 1, 0)), Some(text_page(1)));
+    assert_eq!(get(&c, h(p, 1, 0)), None, "the hit removed the page");
+    assert!(c.stats().pools[0].exclusive_gets);
+    assert_eq!(s.stats().host_used, 0);
+}
+
+#[test]
+fn persistent_exclusive_gets_option() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let spec = PoolSpec {
+        persistent: true,
+        exclusive_gets: true,
+        shared: None,
+    };
+    let p = c.new_pool(spec).unwrap();
+    c.put(&h(p, 1, 0), &text_page(1), false).unwrap();
+    assert_eq!(get(&c, h(p, 1, 0)), Some(text_page(1)));
+    assert_eq!(get(&c, h(p, 1, 0)), None);
+}
+
+#[test]
+fn miss_leaves_output_untouched() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    let mut out = [0x5Au8; PAGE_SIZE];
+    assert!(!c.get(&h(p, 1, 0), &mut out).unwrap());
+    assert!(out.iter().all(|&b| b == 0x5A));
+}
+
+#[test]
+fn pool_limits_and_errors() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let ids: Vec<u32> = (0..16)
+        .map(|_| c.new_pool(PoolSpec::ephemeral()).unwrap())
+        .collect();
+    assert_eq!(ids, (0..16).collect::<Vec<_>>());
+    assert_eq!(c.new_pool(PoolSpec::persistent()), Err(TmemError::TooManyPools));
+    c.destroy_pool(7).unwrap();
+    assert_eq!(c.destroy_pool(7), Err(TmemError::NoPool));
+    assert_eq!(c.new_pool(PoolSpec::persistent()), Ok(7));
+    assert_eq!(c.put(&h(99, 0, 0), &text_page(0), false), Err(TmemError::NoPool));
+    let mut out = [0u8; PAGE_SIZE];
+    assert_eq!(c.get(&h(99, 0, 0), &mut out), Err(TmemError::NoPool));
+    assert_eq!(c.flush_page(&h(99, 0, 0)), Err(TmemError::NoPool));
+    assert_eq!(c.reserve(0, 1), Err(TmemError::Invalid("reservations need a persistent pool")));
+    assert_eq!(
+        c.new_pool(PoolSpec {
+            persistent: true,
+            exclusive_gets: false,
+            shared: Some([1; 16])
+        }),
+        Err(TmemError::Invalid("shared pools must be ephemeral"))
+    );
+    assert_eq!(c.set_weight(0), Err(TmemError::Invalid("weight must be at least 1")));
+    assert_eq!(TmemError::NoSpace.status(), Status::NoSpace);
+    assert_eq!(TmemError::NoReservation.status(), Status::NoReservation);
+}
+
+#[test]
+fn shared_pools_need_authorisation_and_keep_pages_on_get() {
+    let s = store(64 * MIB);
+    let uuid = [7u8; 16];
+    let a = s
+        .add_client(
+            "a",
+            ClientConfig {
+                authorized_uuids: vec![uuid],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let b = s.add_client("b", ClientConfig::default()).unwrap();
+    assert_eq!(b.new_pool(PoolSpec::shared(uuid)), Err(TmemError::NotAuthorized));
+    let pa = a.new_pool(PoolSpec::shared(uuid)).unwrap();
+    assert_eq!(a.new_pool(PoolSpec::shared(uuid)), Ok(pa), "same pool again");
+    b.authorize(uuid);
+    b.new_pool(PoolSpec::ephemeral()).unwrap();
+    let pb = b.new_pool(PoolSpec::shared(uuid)).unwrap();
+    assert_eq!(pb, 1);
+    a.put(&h(pa, 1, 0), &text_page(1), false).unwrap();
+    // b sees a's page, and gets keep it.
+    assert_eq!(get(&b, h(pb, 1, 0)), Some(text_page(1)));
+    assert_eq!(get(&a, h(pa, 1, 0)), Some(text_page(1)));
+    b.put(&h(pb, 1, 1), &text_page(2), false).unwrap();
+    // Charged to the creator.
+    assert_eq!(a.stats().ephemeral_pages, 2);
+    assert_eq!(b.stats().ephemeral_pages, 0);
+    assert!(!b.stats().pools[1].owned);
+    // The creator leaves: the pool lives on, charged to b now.
+    a.destroy_pool(pa).unwrap();
+    assert_eq!(get(&b, h(pb, 1, 0)), Some(text_page(1)));
+    assert_eq!(a.stats().ephemeral_bytes, 0);
+    assert_eq!(b.stats().ephemeral_pages, 2);
+    assert!(b.stats().pools[1].owned);
+    // a rejoins the same pool.
+    let pa = a.new_pool(PoolSpec::shared(uuid)).unwrap();
+    assert_eq!(get(&a, h(pa, 1, 1)), Some(text_page(2)));
+    b.destroy_pool(pb).unwrap();
+    a.destroy_pool(pa).unwrap();
+    // Last member gone: pool destroyed, a new one starts empty.
+    let pa = a.new_pool(PoolSpec::shared(uuid)).unwrap();
+    assert_eq!(get(&a, h(pa, 1, 1)), None);
+    assert_eq!(s.stats().host_used, 0);
+}
+
+#[test]
+fn ownership_transfer_respects_the_heirs_quota() {
+    let s = store(64 * MIB);
+    let uuid = [9u8; 16];
+    let cfg = ClientConfig {
+        authorized_uuids: vec![uuid],
+        ..Default::default()
+    };
+    let a = s.add_client("a", cfg.clone()).unwrap();
+    let b = s.add_client("b", cfg).unwrap();
+    let pa = a.new_pool(PoolSpec::shared(uuid)).unwrap();
+    b.new_pool(PoolSpec::shared(uuid)).unwrap();
+    for i in 0..100 {
+        a.put(&h(pa, 1, i), &random_page(i), false).unwrap();
+    }
+    let quota = 10 * (PAGE_SIZE as u64 + CLIENT_PAGE_COST);
+    b.set_quota(u64::MAX, quota);
+    a.destroy_pool(pa).unwrap();
+    let st = b.stats();
+    assert!(st.ephemeral_bytes <= quota, "{st:?}");
+    assert_eq!(st.ephemeral_pages, 10);
+    assert_host_accounting(&s);
+}
+
+#[test]
+fn zero_and_same_filled_pages_store_no_data() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    c.put(&h(p, 1, 0), &[0u8; PAGE_SIZE], false).unwrap();
+    c.put(&h(p, 1, 1), &same_page(0x0101_0101_0101_0101), false).unwrap();
+    c.put(&h(p, 1, 2), &same_page(u64::MAX), false).unwrap();
+    let st = s.stats();
+    assert_eq!(st.data_bytes, 0);
+    assert_eq!(st.allocator_footprint, 0);
+    assert_eq!((st.zero_pages, st.same_filled_pages), (1, 2));
+    assert_eq!(get(&c, h(p, 1, 1)), Some(same_page(0x0101_0101_0101_0101)));
+    assert_eq!(get(&c, h(p, 1, 2)), Some(same_page(u64::MAX)));
+    assert_eq!(get(&c, h(p, 1, 0)), Some([0u8; PAGE_SIZE]));
+    assert_eq!(c.stats().persistent_bytes, 3 * CLIENT_PAGE_COST);
+    assert_eq!(c.stats().counters.zero_pages, 1);
+    assert_host_accounting(&s);
+}
+
+#[test]
+fn compression_and_raw_storage() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    c.put(&h(p, 1, 0), &text_page(1), false).unwrap();
+    let st = s.stats();
+    assert!(st.data_bytes < PAGE_SIZE as u64 / 2, "{st:?}");
+    assert!(st.compression_ratio > 2.0);
+    assert_eq!(st.raw_pages, 0);
+    c.put(&h(p, 1, 1), &random_page(1), false).unwrap();
+    let st = s.stats();
+    assert_eq!(st.raw_pages, 1);
+    assert_eq!(get(&c, h(p, 1, 1)), Some(random_page(1)));
+    assert!(st.counters.bytes_stored < st.counters.bytes_in);
+    assert_host_accounting(&s);
+}
+
+#[test]
+fn dedup_within_a_client_and_charges_each_page() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    for i in 0..10 {
+        c.put(&h(p, 1, i), &random_page(42), false).unwrap();
+    }
+    let st = s.stats();
+    assert_eq!((st.stored_pages, st.unique_pages), (10, 1));
+    assert_eq!(st.data_bytes, PAGE_SIZE as u64);
+    assert!((st.dedup_ratio - 10.0).abs() < 1e-9);
+    let cs = c.stats();
+    assert_eq!(cs.deduplicated_pages, 9);
+    assert_eq!(cs.counters.dedup_hits, 9);
+    // Each page charged in full to the client, once to the host.
+    assert_eq!(cs.persistent_bytes, 10 * (PAGE_SIZE as u64 + CLIENT_PAGE_COST));
+    assert_host_accounting(&s);
+    for i in 0..10 {
+        assert_eq!(get(&c, h(p, 1, i)), Some(random_page(42)));
+    }
+}
+
+#[test]
+fn dedup_across_clients_only_within_a_group() {
+    let s = store(64 * MIB);
+    let grp = ClientConfig {
+        dedup_group: Some("g".into()),
+        ..Default::default()
+    };
+    let a = s.add_client("a", grp.clone()).unwrap();
+    let b = s.add_client("b", grp).unwrap();
+    let c = s.add_client("c", ClientConfig::default()).unwrap();
+    let (pa, pb, pc) = (
+        a.new_pool(PoolSpec::persistent()).unwrap(),
+        b.new_pool(PoolSpec::persistent()).unwrap(),
+        c.new_pool(PoolSpec::persistent()).unwrap(),
+    );
+    a.put(&h(pa, 1, 0), &random_page(5), false).unwrap();
+    b.put(&h(pb, 1, 0), &random_page(5), false).unwrap();
+    c.put(&h(pc, 1, 0), &random_page(5), false).unwrap();
+    assert_eq!(b.stats().counters.dedup_hits, 1, "same group shares");
+    assert_eq!(c.stats().counters.dedup_hits, 0, "no group, no sharing");
+    assert_eq!(s.stats().unique_pages, 2);
+    // Charges are equal whatever others hold: no quota side channel.
+    assert_eq!(a.stats().persistent_bytes, b.stats().persistent_bytes);
+    assert_eq!(a.stats().persistent_bytes, c.stats().persistent_bytes);
+    // a's flush keeps b's page.
+    a.flush_page(&h(pa, 1, 0)).unwrap();
+    assert_eq!(get(&b, h(pb, 1, 0)), Some(random_page(5)));
+    assert_host_accounting(&s);
+}
+
+#[test]
+fn dedup_group_change_needs_an_empty_client() {
+    let s = store(64 * MIB);
+    let a = s.add_client("a", ClientConfig::default()).unwrap();
+    let b = s
+        .add_client(
+            "b",
+            ClientConfig {
+                dedup_group: Some("g".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let pa = a.new_pool(PoolSpec::persistent()).unwrap();
+    let pb = b.new_pool(PoolSpec::persistent()).unwrap();
+    assert_eq!(a.reserve(pa, 3), Ok(3));
+    a.put(&h(pa, 1, 0), &random_page(1), false).unwrap();
+    assert_eq!(a.set_dedup_group(Some("g".into())), Err(TmemError::Busy("the client holds pages")));
+    a.flush_page(&h(pa, 1, 0)).unwrap();
+    a.set_dedup_group(Some("g".into())).unwrap();
+    assert_eq!(a.config().dedup_group.as_deref(), Some("g"));
+    // Pools and reservations carried over; dedup now reaches b.
+    assert_eq!(a.stats().reserved_pages, 3);
+    b.put(&h(pb, 1, 0), &random_page(1), false).unwrap();
+    a.put(&h(pa, 1, 0), &random_page(1), true).unwrap();
+    assert_eq!(a.stats().counters.dedup_hits, 1);
+    assert_eq!(a.stats().reserved_pages, 2);
+    assert_host_accounting(&s);
+}
+
+#[test]
+fn persistent_quota_is_exact_and_lowering_it_keeps_pages() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    let per = PAGE_SIZE as u64 + CLIENT_PAGE_COST;
+    c.set_quota(5 * per, u64::MAX);
+    for i in 0..5 {
+        c.put(&h(p, 1, i), &random_page(i), false).unwrap();
+    }
+    assert_eq!(c.put(&h(p, 1, 5), &random_page(5), false), Err(TmemError::OverQuota));
+    // Zero pages still cost their metadata.
+    assert_eq!(c.put(&h(p, 1, 6), &[0u8; PAGE_SIZE], false), Err(TmemError::OverQuota));
+    c.set_quota(per, u64::MAX);
+    for i in 0..5 {
+        assert_eq!(get(&c, h(p, 1, i)), Some(random_page(i)));
+    }
+    assert_eq!(c.stats().counters.puts_refused_quota, 2);
+}
+
+#[test]
+fn ephemeral_quota_evicts_own_oldest_pages() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::ephemeral()).unwrap();
+    let per = PAGE_SIZE as u64 + CLIENT_PAGE_COST;
+    c.set_quota(u64::MAX, 50 * per);
+    for i in 0..200 {
+        c.put(&h(p, 1, i), &random_page(i), false).unwrap();
+    }
+    let st = c.stats();
+    assert!(st.ephemeral_bytes <= 50 * per);
+    assert!(st.ephemeral_pages >= 40, "{st:?}");
+    // The newest survive, the oldest went.
+    assert_eq!(get(&c, h(p, 1, 199)), Some(random_page(199)));
+    assert_eq!(get(&c, h(p, 1, 0)), None);
+    assert!(c.stats().counters.evictions >= 150);
+    // Lowering the quota evicts at once.
+    c.set_quota(u64::MAX, 10 * per);
+    assert!(c.stats().ephemeral_bytes <= 10 * per);
+    assert_host_accounting(&s);
+}
+
+#[test]
+fn host_limit_persistent_never_evicted_ephemeral_evicted() {
+    let per_host = PAGE_SIZE as u64 + CONTENT_METADATA_COST + PAGE_METADATA_COST;
+    let s = store(100 * per_host);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let e = c.new_pool(PoolSpec::ephemeral()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    for i in 0..60 {
+        c.put(&h(e, 1, i), &random_page(1000 + i), false).unwrap();
+    }
+    // Persistent puts may evict ephemeral pages to make room.
+    for i in 0..100 {
+        c.put(&h(p, 1, i), &random_page(i), false).unwrap();
+    }
+    assert_eq!(c.stats().ephemeral_pages, 0);
+    // Full of persistent pages: both kinds refused now.
+    assert_eq!(c.put(&h(p, 1, 100), &random_page(100), false), Err(TmemError::NoSpace));
+    assert_eq!(c.put(&h(e, 1, 0), &random_page(7), false), Err(TmemError::NoSpace));
+    for i in 0..100 {
+        assert_eq!(get(&c, h(p, 1, i)), Some(random_page(i)));
+    }
+    // Lowering the limit never drops persistent pages.
+    s.set_host_limit(10 * per_host);
+    assert_eq!(c.stats().persistent_pages, 100);
+    s.set_host_limit(200 * per_host);
+    assert_host_accounting(&s);
+}
+
+#[test]
+fn lowering_the_host_limit_evicts_at_once() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let e = c.new_pool(PoolSpec::ephemeral()).unwrap();
+    for i in 0..500 {
+        c.put(&h(e, 1, i), &random_page(i), false).unwrap();
+    }
+    s.set_host_limit(MIB);
+    let st = s.stats();
+    assert!(st.host_used <= MIB);
+    assert!(st.stored_pages > 200, "evicts only what it must: {}", st.stored_pages);
+    assert_host_accounting(&s);
+}
+
+#[test]
+fn reservations_guarantee_puts() {
+    let per_host = RESERVED_PAGE_HOST_COST;
+    let s = store(50 * per_host);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let other = s.add_client("other", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    let e = other.new_pool(PoolSpec::ephemeral()).unwrap();
+    for i in 0..45 {
+        other.put(&h(e, 1, i), &random_page(500 + i), false).unwrap();
+    }
+    // Reserving evicts the other client's ephemeral pages.
+    assert_eq!(c.reserve(p, 20), Ok(20));
+    assert!(other.stats().ephemeral_pages < 45);
+    // The rest of the host fills with persistent pages of the other client.
+    let q = other.new_pool(PoolSpec::persistent()).unwrap();
+    let mut i = 0;
+    while other.put(&h(q, 1, i), &random_page(900 + i), false).is_ok() {
+        i += 1;
+    }
+    // Frozen and full, reserved puts still succeed.
+    c.freeze();
+    c.set_quota(0, 0);
+    for i in 0..20 {
+        c.put(&h(p, 1, i), &random_page(i), true).unwrap();
+    }
+    assert_eq!(c.put(&h(p, 1, 20), &random_page(20), true), Err(TmemError::NoReservation));
+    assert_eq!(c.put(&h(p, 1, 21), &random_page(21), false), Err(TmemError::Frozen));
+    for i in 0..20 {
+        assert_eq!(get(&c, h(p, 1, i)), Some(random_page(i)));
+    }
+    assert_host_accounting(&s);
+    c.thaw();
+    c.set_quota(u64::MAX, u64::MAX);
+    // Reserve, unreserve, and destroy release the charge.
+    let before = s.stats().host_used;
+    for i in 0..20 {
+        c.flush_page(&h(p, 1, i)).unwrap();
+    }
+    let granted = c.reserve(p, 10).unwrap();
+    assert!(granted > 0);
+    assert_eq!(c.unreserve(p, 3), Ok(granted - 3));
+    assert_eq!(c.stats().reserved_pages, granted - 3);
+    assert_host_accounting(&s);
+    c.destroy_pool(p).unwrap();
+    assert_eq!(c.stats().persistent_charged, 0);
+    assert!(s.stats().host_used < before);
+    assert_host_accounting(&s);
+}
+
+#[test]
+fn reservation_is_bounded_by_quota_and_host() {
+    let s = store(10 * RESERVED_PAGE_HOST_COST);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    c.set_quota(4 * RESERVED_PAGE_CLIENT_COST, u64::MAX);
+    assert_eq!(c.reserve(p, u64::MAX), Ok(4));
+    c.set_quota(u64::MAX, u64::MAX);
+    assert_eq!(c.reserve(p, 100), Ok(6));
+    assert_eq!(c.reserve(p, 1), Ok(0));
+    assert_eq!(c.stats().reserved_pages, 10);
+    // A reserved page's real cost is charged once spent: compressed pages
+    // free most of it again.
+    c.put(&h(p, 1, 0), &text_page(1), true).unwrap();
+    assert!(s.stats().host_used < 10 * RESERVED_PAGE_HOST_COST);
+    assert_host_accounting(&s);
+}
+
+#[test]
+fn reset_and_remove_client_free_everything() {
+    let uuid = [3u8; 16];
+    let s = store(64 * MIB);
+    let cfg = ClientConfig {
+        authorized_uuids: vec![uuid],
+        ..Default::default()
+    };
+    let a = s.add_client("a", cfg.clone()).unwrap();
+    let b = s.add_client("b", cfg).unwrap();
+    let pa = a.new_pool(PoolSpec::persistent()).unwrap();
+    let sa = a.new_pool(PoolSpec::shared(uuid)).unwrap();
+    let sb = b.new_pool(PoolSpec::shared(uuid)).unwrap();
+    a.reserve(pa, 5).unwrap();
+    for i in 0..50 {
+        a.put(&h(pa, 1, i), &text_page(i), false).unwrap();
+        a.put(&h(sa, 1, i), &text_page(1000 + i), false).unwrap();
+    }
+    a.reset();
+    assert_eq!(a.stats().pools.len(), 0);
+    assert_eq!(a.stats().persistent_charged, 0);
+    assert_eq!(get(&b, h(sb, 1, 3)), Some(text_page(1003)), "shared pool lives on");
+    assert_eq!(b.stats().ephemeral_pages, 50);
+    let pa = a.new_pool(PoolSpec::persistent()).unwrap();
+    a.put(&h(pa, 1, 0), &text_page(0), false).unwrap();
+    assert_eq!(s.client_names(), vec!["a".to_string(), "b".to_string()]);
+    s.remove_client("a").unwrap();
+    assert_eq!(a.put(&h(pa, 1, 0), &text_page(0), false), Err(TmemError::ClientGone));
+    assert_eq!(a.new_pool(PoolSpec::persistent()), Err(TmemError::ClientGone));
+    assert!(s.client("a").is_none());
+    assert_eq!(s.remove_client("a"), Err(TmemError::UnknownClient("a".into())));
+    assert_eq!(
+        s.add_client("b", ClientConfig::default()).err(),
+        Some(TmemError::ClientExists("b".into()))
+    );
+    s.remove_client("b").unwrap();
+    let st = s.stats();
+    assert_eq!((st.host_used, st.stored_pages, st.allocator_footprint), (0, 0, 0));
+    // Counters of removed clients stay in the global total.
+    assert_eq!(st.counters.puts, 101);
+}
+
+#[test]
+fn flush_all_keeps_pools() {
+    let s = store(64 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    let e = c.new_pool(PoolSpec::ephemeral()).unwrap();
+    for i in 0..10 {
+        c.put(&h(p, 1, i), &text_page(i), false).unwrap();
+        c.put(&h(e, 1, i), &text_page(i), false).unwrap();
+    }
+    c.flush_all(true);
+    let st = c.stats();
+    assert_eq!((st.persistent_pages, st.ephemeral_pages), (10, 0));
+    c.flush_all(false);
+    assert_eq!(c.stats().persistent_pages, 0);
+    c.put(&h(p, 1, 0), &text_page(0), false).unwrap();
+    assert_eq!(get(&c, h(p, 1, 0)), Some(text_page(0)));
+}
+
+#[test]
+fn weights_share_ephemeral_capacity() {
+    let per_host = PAGE_SIZE as u64 + CONTENT_METADATA_COST + PAGE_METADATA_COST;
+    let s = store(1000 * per_host);
+    let light = s
+        .add_client(
+            "light",
+            ClientConfig {
+                weight: 100,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let heavy = s
+        .add_client(
+            "heavy",
+            ClientConfig {
+                weight: 300,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let pl = light.new_pool(PoolSpec::ephemeral()).unwrap();
+    let ph = heavy.new_pool(PoolSpec::ephemeral()).unwrap();
+    for i in 0..2000 {
+        light.put(&h(pl, 1, i), &random_page(i), false).unwrap();
+    }
+    for round in 0..3u64 {
+        for i in 0..1000 {
+            let k = 10_000 * (round + 1) + i;
+            heavy.put(&h(ph, 1, k), &random_page(k), false).unwrap();
+            light.put(&h(pl, 2, k), &random_page(k + 5), false).unwrap();
+        }
+    }
+    let l = light.stats().ephemeral_pages as f64;
+    let hv = heavy.stats().ephemeral_pages as f64;
+    let ratio = hv / l;
+    assert!((2.5..3.5).contains(&ratio), "heavy {hv} light {l}");
+    assert_host_accounting(&s);
+}
+
+#[test]
+fn stats_report_metadata_and_fragmentation() {
+    let s = store(256 * MIB);
+    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let p = c.new_pool(PoolSpec::persistent()).unwrap();
+    for i in 0..4096 {
+        c.put(&h(p, 1, i), &text_page(i), false).unwrap();
+    }
+    let st = s.stats();
+    assert!(st.metadata_bytes > 0);
+    assert!(
+        st.metadata_bytes_per_page < 64.0,
+        "metadata {} B/page",
+        st.metadata_bytes_per_page
+    );
+    assert!(st.allocator_footprint >= st.data_bytes);
+    assert!((0.0..1.0).contains(&st.fragmentation));
+    let json = serde_json::to_string(&st).unwrap();
+    assert!(json.contains("metadata_bytes"));
+    c.flush_object(p, &ObjectId([1, 0, 0])).unwrap();
+    let st = s.stats();
+    assert_eq!((st.host_used, st.allocator_footprint, st.data_bytes), (0, 0, 0));
+}
