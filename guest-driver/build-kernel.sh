@@ -66,7 +66,7 @@ patches=()
 if compgen -G "$patch_dir/*.patch" >/dev/null; then
     for p in "$patch_dir"/*.patch; do
         # 0000-cover-letter.patch carries no diff; skip it.
-        grep -q '^--- ' "$p" && patches+=("$p")
+        grep -q '^diff ' "$p" && patches+=("$p")
     done
 fi
 

@@ -24,6 +24,7 @@
 set -euo pipefail
 
 VTMEM_APT_SOURCES_IN=${VTMEM_APT_SOURCES_IN:-/etc/apt/sources.list.d/debian.sources}
+VTMEM_APT_SOURCES_LIST=${VTMEM_APT_SOURCES_LIST:-/etc/apt/sources.list}
 VTMEM_APT_SOURCES_OUT=${VTMEM_APT_SOURCES_OUT:-/etc/apt/sources.list.d/vtmem.sources}
 VTMEM_APT_PREFS_OUT=${VTMEM_APT_PREFS_OUT:-/etc/apt/preferences.d/vtmem-trixie}
 
@@ -42,8 +43,14 @@ _vtmem_sudo() {
 
 # Print the mirror URI of the stanza that serves plain `bookworm`.
 _vtmem_mirror_uri() {
-    [ -r "$VTMEM_APT_SOURCES_IN" ] || {
-        _vtmem_log "cannot read $VTMEM_APT_SOURCES_IN"; return 1; }
+    if [ ! -r "$VTMEM_APT_SOURCES_IN" ]; then
+        # One-line format fallback: "deb [opts] URI bookworm main".
+        if [ -r "$VTMEM_APT_SOURCES_LIST" ]; then
+            awk '$1 == "deb" { for (i = 2; i < NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/ && $(i+1) == "bookworm") { print $i; exit } }' \
+                "$VTMEM_APT_SOURCES_LIST" | grep . && return 0
+        fi
+        _vtmem_log "cannot read $VTMEM_APT_SOURCES_IN"; return 1
+    fi
     awk '
         function flush() {
             if (uri != "" && suites ~ /(^|[ \t])bookworm([ \t]|$)/ && found == "")
