@@ -121,8 +121,8 @@ impl Client {
 /// A handle on one client: cheap to clone, `Send + Sync`.
 #[derive(Clone, Debug)]
 pub struct ClientHandle {
-    store: Arc<Store>,
-    client: Arc<Client>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) client: Arc<Client>,
 }
 
 /// What a stored put was.

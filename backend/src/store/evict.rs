@@ -121,3 +121,190 @@ impl Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::account::{CONTENT_METADATA_COST, PAGE_METADATA_COST};
+    use crate::store::{ClientConfig, Handle, ObjectId, Page, PoolSpec, StoreConfig, PAGE_SIZE};
+
+    const HOST_PER_RAW: u64 = PAGE_SIZE as u64 + CONTENT_METADATA_COST + PAGE_METADATA_COST;
+
+    fn page(seed: u64) -> Page {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut p = [0u8; PAGE_SIZE];
+        for w in p.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        p
+    }
+
+    fn h(pool: u32, index: u64) -> Handle {
+        Handle {
+            pool,
+            object: ObjectId([1, 2, 3]),
+            index,
+        }
+    }
+
+    fn has(c: &crate::store::ClientHandle, handle: Handle) -> bool {
+        // Reads through the index without the exclusive get's removal.
+        let table = crate::store::read(&c.client.table);
+        let pool = table.pools[handle.pool as usize].as_ref().unwrap();
+        let idx = pool.lock();
+        idx.pages.lookup(&handle.object, handle.index).is_some()
+    }
+
+    #[test]
+    fn victim_is_the_client_most_above_its_weighted_share() {
+        let s = Store::new(StoreConfig {
+            host_limit: u64::MAX,
+        });
+        let mk = |name: &str, weight| {
+            s.add_client(
+                name,
+                ClientConfig {
+                    weight,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let a = mk("a", 100);
+        let b = mk("b", 400);
+        let c = mk("c", 100);
+        a.client.acct.eph_charged.store(1000, Ordering::Relaxed);
+        b.client.acct.eph_charged.store(3000, Ordering::Relaxed);
+        c.client.acct.eph_charged.store(0, Ordering::Relaxed);
+        // a: 10 per weight unit, b: 7.5.
+        assert_eq!(
+            s.pick_victim(&[]).unwrap().client_id,
+            a.client.acct.client_id
+        );
+        b.set_weight(200).unwrap();
+        assert_eq!(
+            s.pick_victim(&[]).unwrap().client_id,
+            b.client.acct.client_id
+        );
+        let skip = [b.client.acct.client_id, a.client.acct.client_id];
+        assert!(s.pick_victim(&skip).is_none(), "c holds nothing");
+        a.client.acct.eph_charged.store(0, Ordering::Relaxed);
+        b.client.acct.eph_charged.store(0, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn own_eviction_takes_the_oldest_pool_first() {
+        let s = Store::new(StoreConfig {
+            host_limit: u64::MAX,
+        });
+        let c = s.add_client("vm", ClientConfig::default()).unwrap();
+        let old = c.new_pool(PoolSpec::ephemeral()).unwrap();
+        let new = c.new_pool(PoolSpec::ephemeral()).unwrap();
+        for i in 0..200 {
+            c.put(&h(old, i), &page(i), false).unwrap();
+        }
+        for i in 0..200 {
+            c.put(&h(new, i), &page(1000 + i), false).unwrap();
+        }
+        assert_eq!(c.evict_ephemeral(150), 150);
+        for i in 0..150 {
+            assert!(!has(&c, h(old, i)), "old page {i} evicted first");
+        }
+        for i in 150..200 {
+            assert!(has(&c, h(old, i)));
+            assert!(has(&c, h(new, i)));
+        }
+        assert_eq!(c.stats().counters.evictions, 150);
+    }
+
+    #[test]
+    fn shared_pages_read_since_queued_get_a_second_chance() {
+        let s = Store::new(StoreConfig {
+            host_limit: u64::MAX,
+        });
+        let uuid = [1u8; 16];
+        let c = s
+            .add_client(
+                "vm",
+                ClientConfig {
+                    authorized_uuids: vec![uuid],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let p = c.new_pool(PoolSpec::shared(uuid)).unwrap();
+        for i in 0..10 {
+            c.put(&h(p, i), &page(i), false).unwrap();
+        }
+        let mut out = [0u8; PAGE_SIZE];
+        assert!(c.get(&h(p, 0), &mut out).unwrap());
+        assert!(c.get(&h(p, 1), &mut out).unwrap());
+        assert_eq!(c.evict_ephemeral(3), 3);
+        assert!(
+            has(&c, h(p, 0)) && has(&c, h(p, 1)),
+            "referenced pages kept"
+        );
+        for i in 2..5 {
+            assert!(!has(&c, h(p, i)));
+        }
+        // They went to the back of the queue; their chance is used up.
+        assert_eq!(c.evict_ephemeral(5), 5);
+        assert!(has(&c, h(p, 0)) && has(&c, h(p, 1)));
+        assert_eq!(c.evict_ephemeral(2), 2);
+        assert!(!has(&c, h(p, 0)) && !has(&c, h(p, 1)));
+    }
+
+    #[test]
+    fn persistent_pages_are_never_evicted() {
+        let s = Store::new(StoreConfig {
+            host_limit: 20 * HOST_PER_RAW,
+        });
+        let c = s.add_client("vm", ClientConfig::default()).unwrap();
+        let p = c.new_pool(PoolSpec::persistent()).unwrap();
+        for i in 0..20 {
+            c.put(&h(p, i), &page(i), false).unwrap();
+        }
+        assert_eq!(s.evict_weighted(u64::MAX).pages, 0);
+        assert_eq!(c.evict_ephemeral(100), 0);
+        assert_eq!(c.stats().persistent_pages, 20);
+    }
+
+    #[test]
+    fn stale_queue_entries_stay_bounded() {
+        let s = Store::new(StoreConfig {
+            host_limit: u64::MAX,
+        });
+        let c = s.add_client("vm", ClientConfig::default()).unwrap();
+        let p = c.new_pool(PoolSpec::ephemeral()).unwrap();
+        let mut out = [0u8; PAGE_SIZE];
+        // Put and get (exclusive) many times: every get leaves a stale entry.
+        for i in 0..20_000u64 {
+            c.put(&h(p, i % 7), &page(i % 13), false).unwrap();
+            if i % 2 == 0 {
+                c.get(&h(p, i % 7), &mut out).unwrap();
+            }
+        }
+        let table = crate::store::read(&c.client.table);
+        let idx = table.pools[p as usize].as_ref().unwrap().lock();
+        assert!(idx.queue.len() <= 2 * idx.pages.len() as usize + 1025);
+    }
+
+    #[test]
+    fn weighted_eviction_frees_what_is_asked() {
+        let s = Store::new(StoreConfig {
+            host_limit: u64::MAX,
+        });
+        let a = s.add_client("a", ClientConfig::default()).unwrap();
+        let p = a.new_pool(PoolSpec::ephemeral()).unwrap();
+        for i in 0..100 {
+            a.put(&h(p, i), &page(i), false).unwrap();
+        }
+        let f = s.evict_weighted(5 * HOST_PER_RAW);
+        assert_eq!(f.pages, 5, "raw pages: exactly five cover it");
+        assert_eq!(f.host, 5 * HOST_PER_RAW);
+        assert_eq!(a.stats().ephemeral_pages, 95);
+    }
+}
