@@ -97,6 +97,66 @@ impl Control {
             .ok_or_else(|| Error::Control(format!("no client {name} in status")))
     }
 
+    /// `add-vm` with `name` and further fields of `args` (an object or
+    /// null): `persistent_quota`, `ephemeral_quota`, `weight`,
+    /// `dedup_group`, `authorized_uuids`.
+    pub fn add_vm(&mut self, name: &str, args: Value) -> Result<Value> {
+        let mut m = match args {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        m.insert("name".into(), json!(name));
+        self.call("add-vm", Value::Object(m))
+    }
+
+    /// `remove-vm`.
+    pub fn remove_vm(&mut self, vm: &str) -> Result<()> {
+        self.call("remove-vm", json!({ "vm": vm })).map(drop)
+    }
+
+    /// `set-quota` in bytes (`None` leaves that quota alone).
+    pub fn set_quota(
+        &mut self,
+        vm: &str,
+        persistent: Option<u64>,
+        ephemeral: Option<u64>,
+    ) -> Result<()> {
+        let mut m = Map::new();
+        m.insert("vm".into(), json!(vm));
+        if let Some(p) = persistent {
+            m.insert("persistent".into(), json!(p));
+        }
+        if let Some(e) = ephemeral {
+            m.insert("ephemeral".into(), json!(e));
+        }
+        self.call("set-quota", Value::Object(m)).map(drop)
+    }
+
+    /// `set-limit`: the host memory limit in bytes.
+    pub fn set_limit(&mut self, bytes: u64) -> Result<()> {
+        self.call("set-limit", json!({ "bytes": bytes })).map(drop)
+    }
+
+    /// `freeze`: puts of this VM are refused.
+    pub fn freeze(&mut self, vm: &str) -> Result<()> {
+        self.call("freeze", json!({ "vm": vm })).map(drop)
+    }
+
+    /// `thaw`.
+    pub fn thaw(&mut self, vm: &str) -> Result<()> {
+        self.call("thaw", json!({ "vm": vm })).map(drop)
+    }
+
+    /// `show`: one VM's details.
+    pub fn show(&mut self, vm: &str) -> Result<Value> {
+        self.call("show", json!({ "vm": vm }))
+    }
+
+    /// `list`: every VM.
+    pub fn list(&mut self) -> Result<Value> {
+        self.call("list", Value::Null)
+    }
+
     /// `host_used` from `status`.
     pub fn host_used(&mut self) -> Result<u64> {
         let st = self.status()?;

@@ -1,0 +1,198 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Several simulated VMs on one real vtmemd at once, on several queues:
+//! every persistent page accepted comes back intact, ephemeral gets may miss
+//! but never return wrong data, flushes and replacements take effect, and
+//! no VM sees another's pages.
+
+mod common;
+
+use std::thread;
+
+use common::*;
+use vtmem_guestsim::pages::{checksum, random_page};
+use vtmem_guestsim::{Error, ObjectId, Op, PoolSpec, Status, VmOptions, VmSpec};
+
+const UUID: [u8; 16] = [
+    0x5e, 0x11, 0xd0, 0x0d, 0, 1, 0x40, 2, 0x80, 3, 4, 5, 6, 7, 8, 9,
+];
+const UUID_TEXT: &str = "5e11d00d-0001-4002-8003-040506070809";
+
+#[test]
+fn several_vms_on_several_queues_keep_their_pages_apart() {
+    let names = ["a", "b", "c", "d"];
+    let specs: Vec<_> = names.iter().map(|n| VmSpec::new(n)).collect();
+    let d = daemon(&specs, |c| {
+        c.queues = Some(2);
+        c.host_limit = Some("256M".into());
+    });
+    let opts = VmOptions {
+        queues: 2,
+        ..VmOptions::default()
+    };
+    let mut threads = Vec::new();
+    for (k, name) in names.iter().enumerate() {
+        let vm = connect_with(&d, name, opts.clone());
+        assert_eq!(vm.num_queues(), 2, "{name}: both queues in use");
+        let seed = k as u64 * 16;
+        threads.push(thread::spawn(move || {
+            let pp = vm.new_pool(PoolSpec::persistent()).unwrap();
+            let ep = vm.new_pool(PoolSpec::ephemeral()).unwrap();
+            let obj1 = pages(seed + 1, 300);
+            let obj2 = pages(seed + 2, 300);
+            let eph = pages(seed + 3, 200);
+            // Two queues driven from two threads at once, one object each
+            // (the protocol orders operations per queue only).
+            thread::scope(|s| {
+                for (q, (obj, data)) in [(1u64, &obj1), (2u64, &obj2)].into_iter().enumerate() {
+                    let vm = &vm;
+                    s.spawn(move || {
+                        let st = vm.queue(q).put_batch(&items(pp, obj, data)).unwrap();
+                        assert!(st.iter().all(|s| *s == Status::Ok), "{st:?}");
+                    });
+                }
+            });
+            let st = vm.put_batch(&items(ep, 9, &eph)).unwrap();
+            assert!(st.iter().all(|s| *s == Status::Ok), "ephemeral puts {st:?}");
+
+            // Persistent: everything back, byte for byte.
+            for (obj, data) in [(1u64, &obj1), (2u64, &obj2)] {
+                let hs: Vec<_> = (0..data.len() as u64).map(|i| h(pp, obj, i)).collect();
+                for (i, (s, p)) in vm.get_batch(&hs).unwrap().iter().enumerate() {
+                    assert_eq!(*s, Status::Ok, "persistent {obj}/{i}");
+                    assert_eq!(checksum(p), checksum(&data[i]), "persistent {obj}/{i}");
+                }
+            }
+            // Ephemeral: hits must be right; private ephemeral gets are
+            // exclusive, so a second get of a hit misses.
+            let hs: Vec<_> = (0..eph.len() as u64).map(|i| h(ep, 9, i)).collect();
+            let first = vm.get_batch(&hs).unwrap();
+            for (i, (s, p)) in first.iter().enumerate() {
+                match s {
+                    Status::Ok => assert_eq!(checksum(p), checksum(&eph[i]), "ephemeral {i}"),
+                    Status::Miss => {}
+                    other => panic!("ephemeral get {i}: {other}"),
+                }
+            }
+            for (s, _) in vm.get_batch(&hs).unwrap() {
+                assert_eq!(s, Status::Miss, "exclusive get left the page behind");
+            }
+
+            // Flush one page, one object; replace one page.
+            assert_eq!(vm.flush_page(h(pp, 1, 0)).unwrap(), Status::Ok);
+            assert_eq!(
+                vm.flush_object(pp, ObjectId([2, 0, 0])).unwrap(),
+                Status::Ok
+            );
+            let newer = random_page(seed + 99);
+            assert_eq!(
+                vm.put_batch(&[(h(pp, 1, 5), &*newer)]).unwrap(),
+                vec![Status::Ok]
+            );
+            let got = vm
+                .get_batch(&[h(pp, 1, 0), h(pp, 1, 1), h(pp, 2, 7), h(pp, 1, 5)])
+                .unwrap();
+            assert_eq!(got[0].0, Status::Miss, "flushed page");
+            assert_eq!(got[1].0, Status::Ok);
+            assert_eq!(checksum(&got[1].1), checksum(&obj1[1]));
+            assert_eq!(got[2].0, Status::Miss, "page of a flushed object");
+            assert_eq!(got[3].0, Status::Ok);
+            assert_eq!(checksum(&got[3].1), checksum(&newer), "replaced page");
+            (vm, pp)
+        }));
+    }
+    let vms: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+
+    // The store agrees: 299 persistent pages per VM (300 - 1 flushed; the
+    // flushed object's 300 are gone).
+    let mut ctl = d.control().unwrap();
+    for name in names {
+        let c = ctl.client(name).unwrap();
+        assert_eq!(c["persistent_pages"].as_u64(), Some(299), "{name}: {c}");
+    }
+    for (vm, pp) in &vms {
+        assert_eq!(vm.destroy_pool(*pp).unwrap(), Status::Ok);
+        assert_eq!(vm.get_batch(&[h(*pp, 1, 1)]).unwrap()[0].0, Status::NoPool);
+    }
+    assert_alive(&d);
+}
+
+#[test]
+fn shared_pool_is_joined_by_authorised_vms_only() {
+    let d = daemon(
+        &[
+            VmSpec::new("s1").auth(UUID_TEXT),
+            VmSpec::new("s2").auth(UUID_TEXT),
+            VmSpec::new("s3"),
+        ],
+        |_| {},
+    );
+    let (v1, v2, v3) = (connect(&d, "s1"), connect(&d, "s2"), connect(&d, "s3"));
+    let p1 = v1.new_pool(PoolSpec::shared(UUID)).unwrap();
+    let p2 = v2.new_pool(PoolSpec::shared(UUID)).unwrap();
+    match v3.new_pool(PoolSpec::shared(UUID)) {
+        Err(Error::Status(Status::NotAuthorized)) => {}
+        other => panic!("unauthorised join: {other:?}"),
+    }
+    let data = pages(77, 64);
+    let st = v1.put_batch(&items(p1, 3, &data)).unwrap();
+    assert!(st.iter().all(|s| *s == Status::Ok));
+    // The other member sees the pages (or misses: the pool is ephemeral),
+    // and shared gets keep them.
+    let hs: Vec<_> = (0..64).map(|i| h(p2, 3, i)).collect();
+    for round in 0..2 {
+        let mut hits = 0;
+        for (i, (s, p)) in v2.get_batch(&hs).unwrap().iter().enumerate() {
+            match s {
+                Status::Ok => {
+                    hits += 1;
+                    assert_eq!(checksum(p), checksum(&data[i]), "shared page {i}");
+                }
+                Status::Miss => {}
+                other => panic!("shared get: {other}"),
+            }
+        }
+        assert!(hits > 0, "round {round}: nothing shared");
+    }
+    assert_alive(&d);
+}
+
+#[test]
+fn ops_of_one_request_run_in_order() {
+    let d = daemon(&[VmSpec::new("o")], |_| {});
+    let vm = connect(&d, "o");
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let a = random_page(1);
+    let b = random_page(2);
+    // PUT a, GET, PUT b, GET, FLUSH, GET in one request.
+    let hh = h(pool, 1, 1);
+    let ops = [
+        Op::Put {
+            handle: hh,
+            reserved: false,
+        },
+        Op::Get { handle: hh },
+        Op::Put {
+            handle: hh,
+            reserved: false,
+        },
+        Op::Get { handle: hh },
+        Op::FlushPage { handle: hh },
+        Op::Get { handle: hh },
+    ];
+    let c = vm.queue(0).execute(&ops, &[&*a, &*b]).unwrap();
+    let st = c.statuses().unwrap();
+    assert_eq!(
+        st,
+        vec![
+            Status::Ok,
+            Status::Ok,
+            Status::Ok,
+            Status::Ok,
+            Status::Ok,
+            Status::Miss
+        ]
+    );
+    assert_eq!(checksum(c.pages[1].as_ref().unwrap()), checksum(&a));
+    assert_eq!(checksum(c.pages[3].as_ref().unwrap()), checksum(&b));
+    assert!(c.pages[5].is_none());
+}
