@@ -2,7 +2,7 @@
 /*
  * memtest - make the guest swap, and check that every page comes back.
  *
- * Usage: memtest [-m MiB] [-p passes] [-s stats-file] [-r seed]
+ * Usage: memtest [-m MiB] [-p passes] [-s stats-file] [-r seed] [-k hold-file]
  *
  * Maps MiB of anonymous memory (meant to be well beyond the guest's RAM)
  * and, for each pass:
@@ -14,6 +14,11 @@
  *   3. shuffle: checks every page again in a pseudo-random order (swap-in
  *      of scattered slots, readahead defeated).
  * A page that does not match is reported with its first bad offset.
+ *
+ * With -k FILE, after the last pass memtest creates FILE, waits until
+ * someone removes it (while its memory stays swapped out), then checks
+ * every page once more ("hold" phase). A test uses that window to poke at
+ * the swap backend while it holds pages.
  *
  * With -s, the contents of that file (the driver's statistics) are printed
  * before and after each phase, one "memtest-stats PHASE KEY VALUE" line per
@@ -151,17 +156,19 @@ int main(int argc, char **argv)
 {
 	unsigned long mib = 256, passes = 2;
 	const char *stats = NULL;
+	const char *hold = NULL;
 	unsigned long long errors = 0, checked = 0;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "m:p:s:r:")) != -1) {
+	while ((opt = getopt(argc, argv, "m:p:s:r:k:")) != -1) {
 		switch (opt) {
 		case 'm': mib = strtoul(optarg, NULL, 0); break;
 		case 'p': passes = strtoul(optarg, NULL, 0); break;
 		case 's': stats = optarg; break;
 		case 'r': seed = strtoull(optarg, NULL, 0); break;
+		case 'k': hold = optarg; break;
 		default:
-			fprintf(stderr, "usage: %s [-m MiB] [-p passes] [-s stats-file] [-r seed]\n", argv[0]);
+			fprintf(stderr, "usage: %s [-m MiB] [-p passes] [-s stats-file] [-r seed] [-k hold-file]\n", argv[0]);
 			return 2;
 		}
 	}
@@ -229,6 +236,31 @@ int main(int argc, char **argv)
 		       pass, npages, bad, now() - t);
 		dump_stats(stats, phase);
 		fflush(stdout);
+	}
+
+	if (hold && passes > 0) {
+		FILE *f = fopen(hold, "w");
+		unsigned long long bad = 0;
+
+		if (f)
+			fclose(f);
+		printf("memtest: holding %zu pages until %s is removed\n", npages, hold);
+		fflush(stdout);
+		while (access(hold, F_OK) == 0)
+			usleep(100000);
+		for (size_t i = 0; i < npages; i++) {
+			long off = check(mem + i * PAGE, i, passes);
+
+			if (off >= 0) {
+				if (bad < 10)
+					printf("memtest: BAD page %zu at offset %ld (after hold)\n", i, off);
+				bad++;
+			}
+		}
+		checked += npages;
+		errors += bad;
+		printf("memtest: hold verify: %zu pages, %llu errors\n", npages, bad);
+		dump_stats(stats, "hold");
 	}
 
 	printf("memtest: RESULT %s pages=%llu errors=%llu\n", errors ? "FAIL" : "ok", checked, errors);
