@@ -113,12 +113,18 @@ fn failed_put_drops_the_old_copy() {
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     c.put(&h(p, 1, 0), &text_page(1), false).unwrap();
     c.freeze();
-    assert_eq!(c.put(&h(p, 1, 0), &text_page(2), false), Err(TmemError::Frozen));
+    assert_eq!(
+        c.put(&h(p, 1, 0), &text_page(2), false),
+        Err(TmemError::Frozen)
+    );
     assert_eq!(get(&c, h(p, 1, 0)), None, "old data must not survive");
     c.thaw();
     // Reserved put without a reservation: refused, old copy dropped too.
     c.put(&h(p, 1, 1), &text_page(3), false).unwrap();
-    assert_eq!(c.put(&h(p, 1, 1), &text_page(4), true), Err(TmemError::NoReservation));
+    assert_eq!(
+        c.put(&h(p, 1, 1), &text_page(4), true),
+        Err(TmemError::NoReservation)
+    );
     assert_eq!(get(&c, h(p, 1, 1)), None);
     let st = c.stats().counters;
     assert_eq!((st.puts_refused_frozen, st.puts_refused_other), (1, 1));
@@ -133,7 +139,10 @@ fn full_quota_rewrite_succeeds_by_dropping_the_old_copy() {
     // Quota for exactly one raw page.
     c.set_quota(PAGE_SIZE as u64 + CLIENT_PAGE_COST, u64::MAX);
     c.put(&h(p, 1, 0), &random_page(1), false).unwrap();
-    assert_eq!(c.put(&h(p, 1, 1), &random_page(2), false), Err(TmemError::OverQuota));
+    assert_eq!(
+        c.put(&h(p, 1, 1), &random_page(2), false),
+        Err(TmemError::OverQuota)
+    );
     c.put(&h(p, 1, 0), &random_page(3), false).unwrap();
     assert_eq!(get(&c, h(p, 1, 0)), Some(random_page(3)));
 }
@@ -189,15 +198,24 @@ fn pool_limits_and_errors() {
         .map(|_| c.new_pool(PoolSpec::ephemeral()).unwrap())
         .collect();
     assert_eq!(ids, (0..16).collect::<Vec<_>>());
-    assert_eq!(c.new_pool(PoolSpec::persistent()), Err(TmemError::TooManyPools));
+    assert_eq!(
+        c.new_pool(PoolSpec::persistent()),
+        Err(TmemError::TooManyPools)
+    );
     c.destroy_pool(7).unwrap();
     assert_eq!(c.destroy_pool(7), Err(TmemError::NoPool));
     assert_eq!(c.new_pool(PoolSpec::persistent()), Ok(7));
-    assert_eq!(c.put(&h(99, 0, 0), &text_page(0), false), Err(TmemError::NoPool));
+    assert_eq!(
+        c.put(&h(99, 0, 0), &text_page(0), false),
+        Err(TmemError::NoPool)
+    );
     let mut out = [0u8; PAGE_SIZE];
     assert_eq!(c.get(&h(99, 0, 0), &mut out), Err(TmemError::NoPool));
     assert_eq!(c.flush_page(&h(99, 0, 0)), Err(TmemError::NoPool));
-    assert_eq!(c.reserve(0, 1), Err(TmemError::Invalid("reservations need a persistent pool")));
+    assert_eq!(
+        c.reserve(0, 1),
+        Err(TmemError::Invalid("reservations need a persistent pool"))
+    );
     assert_eq!(
         c.new_pool(PoolSpec {
             persistent: true,
@@ -206,7 +224,10 @@ fn pool_limits_and_errors() {
         }),
         Err(TmemError::Invalid("shared pools must be ephemeral"))
     );
-    assert_eq!(c.set_weight(0), Err(TmemError::Invalid("weight must be at least 1")));
+    assert_eq!(
+        c.set_weight(0),
+        Err(TmemError::Invalid("weight must be at least 1"))
+    );
     assert_eq!(TmemError::NoSpace.status(), Status::NoSpace);
     assert_eq!(TmemError::NoReservation.status(), Status::NoReservation);
 }
@@ -225,9 +246,16 @@ fn shared_pools_need_authorisation_and_keep_pages_on_get() {
         )
         .unwrap();
     let b = s.add_client("b", ClientConfig::default()).unwrap();
-    assert_eq!(b.new_pool(PoolSpec::shared(uuid)), Err(TmemError::NotAuthorized));
+    assert_eq!(
+        b.new_pool(PoolSpec::shared(uuid)),
+        Err(TmemError::NotAuthorized)
+    );
     let pa = a.new_pool(PoolSpec::shared(uuid)).unwrap();
-    assert_eq!(a.new_pool(PoolSpec::shared(uuid)), Ok(pa), "same pool again");
+    assert_eq!(
+        a.new_pool(PoolSpec::shared(uuid)),
+        Ok(pa),
+        "same pool again"
+    );
     b.authorize(uuid);
     b.new_pool(PoolSpec::ephemeral()).unwrap();
     let pb = b.new_pool(PoolSpec::shared(uuid)).unwrap();
@@ -288,7 +316,8 @@ fn zero_and_same_filled_pages_store_no_data() {
     let c = s.add_client("vm", ClientConfig::default()).unwrap();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     c.put(&h(p, 1, 0), &[0u8; PAGE_SIZE], false).unwrap();
-    c.put(&h(p, 1, 1), &same_page(0x0101_0101_0101_0101), false).unwrap();
+    c.put(&h(p, 1, 1), &same_page(0x0101_0101_0101_0101), false)
+        .unwrap();
     c.put(&h(p, 1, 2), &same_page(u64::MAX), false).unwrap();
     let st = s.stats();
     assert_eq!(st.data_bytes, 0);
@@ -336,7 +365,10 @@ fn dedup_within_a_client_and_charges_each_page() {
     assert_eq!(cs.deduplicated_pages, 9);
     assert_eq!(cs.counters.dedup_hits, 9);
     // Each page charged in full to the client, once to the host.
-    assert_eq!(cs.persistent_bytes, 10 * (PAGE_SIZE as u64 + CLIENT_PAGE_COST));
+    assert_eq!(
+        cs.persistent_bytes,
+        10 * (PAGE_SIZE as u64 + CLIENT_PAGE_COST)
+    );
     assert_host_accounting(&s);
     for i in 0..10 {
         assert_eq!(get(&c, h(p, 1, i)), Some(random_page(42)));
@@ -390,7 +422,10 @@ fn dedup_group_change_needs_an_empty_client() {
     let pb = b.new_pool(PoolSpec::persistent()).unwrap();
     assert_eq!(a.reserve(pa, 3), Ok(3));
     a.put(&h(pa, 1, 0), &random_page(1), false).unwrap();
-    assert_eq!(a.set_dedup_group(Some("g".into())), Err(TmemError::Busy("the client holds pages")));
+    assert_eq!(
+        a.set_dedup_group(Some("g".into())),
+        Err(TmemError::Busy("the client holds pages"))
+    );
     a.flush_page(&h(pa, 1, 0)).unwrap();
     a.set_dedup_group(Some("g".into())).unwrap();
     assert_eq!(a.config().dedup_group.as_deref(), Some("g"));
@@ -413,9 +448,15 @@ fn persistent_quota_is_exact_and_lowering_it_keeps_pages() {
     for i in 0..5 {
         c.put(&h(p, 1, i), &random_page(i), false).unwrap();
     }
-    assert_eq!(c.put(&h(p, 1, 5), &random_page(5), false), Err(TmemError::OverQuota));
+    assert_eq!(
+        c.put(&h(p, 1, 5), &random_page(5), false),
+        Err(TmemError::OverQuota)
+    );
     // Zero pages still cost their metadata.
-    assert_eq!(c.put(&h(p, 1, 6), &[0u8; PAGE_SIZE], false), Err(TmemError::OverQuota));
+    assert_eq!(
+        c.put(&h(p, 1, 6), &[0u8; PAGE_SIZE], false),
+        Err(TmemError::OverQuota)
+    );
     c.set_quota(per, u64::MAX);
     for i in 0..5 {
         assert_eq!(get(&c, h(p, 1, i)), Some(random_page(i)));
@@ -462,8 +503,14 @@ fn host_limit_persistent_never_evicted_ephemeral_evicted() {
     }
     assert_eq!(c.stats().ephemeral_pages, 0);
     // Full of persistent pages: both kinds refused now.
-    assert_eq!(c.put(&h(p, 1, 100), &random_page(100), false), Err(TmemError::NoSpace));
-    assert_eq!(c.put(&h(e, 1, 0), &random_page(7), false), Err(TmemError::NoSpace));
+    assert_eq!(
+        c.put(&h(p, 1, 100), &random_page(100), false),
+        Err(TmemError::NoSpace)
+    );
+    assert_eq!(
+        c.put(&h(e, 1, 0), &random_page(7), false),
+        Err(TmemError::NoSpace)
+    );
     for i in 0..100 {
         assert_eq!(get(&c, h(p, 1, i)), Some(random_page(i)));
     }
@@ -485,7 +532,11 @@ fn lowering_the_host_limit_evicts_at_once() {
     s.set_host_limit(MIB);
     let st = s.stats();
     assert!(st.host_used <= MIB);
-    assert!(st.stored_pages > 200, "evicts only what it must: {}", st.stored_pages);
+    assert!(
+        st.stored_pages > 200,
+        "evicts only what it must: {}",
+        st.stored_pages
+    );
     assert_host_accounting(&s);
 }
 
@@ -498,7 +549,9 @@ fn reservations_guarantee_puts() {
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     let e = other.new_pool(PoolSpec::ephemeral()).unwrap();
     for i in 0..45 {
-        other.put(&h(e, 1, i), &random_page(500 + i), false).unwrap();
+        other
+            .put(&h(e, 1, i), &random_page(500 + i), false)
+            .unwrap();
     }
     // Reserving evicts the other client's ephemeral pages.
     assert_eq!(c.reserve(p, 20), Ok(20));
@@ -515,8 +568,14 @@ fn reservations_guarantee_puts() {
     for i in 0..20 {
         c.put(&h(p, 1, i), &random_page(i), true).unwrap();
     }
-    assert_eq!(c.put(&h(p, 1, 20), &random_page(20), true), Err(TmemError::NoReservation));
-    assert_eq!(c.put(&h(p, 1, 21), &random_page(21), false), Err(TmemError::Frozen));
+    assert_eq!(
+        c.put(&h(p, 1, 20), &random_page(20), true),
+        Err(TmemError::NoReservation)
+    );
+    assert_eq!(
+        c.put(&h(p, 1, 21), &random_page(21), false),
+        Err(TmemError::Frozen)
+    );
     for i in 0..20 {
         assert_eq!(get(&c, h(p, 1, i)), Some(random_page(i)));
     }
@@ -578,23 +637,39 @@ fn reset_and_remove_client_free_everything() {
     a.reset();
     assert_eq!(a.stats().pools.len(), 0);
     assert_eq!(a.stats().persistent_charged, 0);
-    assert_eq!(get(&b, h(sb, 1, 3)), Some(text_page(1003)), "shared pool lives on");
+    assert_eq!(
+        get(&b, h(sb, 1, 3)),
+        Some(text_page(1003)),
+        "shared pool lives on"
+    );
     assert_eq!(b.stats().ephemeral_pages, 50);
     let pa = a.new_pool(PoolSpec::persistent()).unwrap();
     a.put(&h(pa, 1, 0), &text_page(0), false).unwrap();
     assert_eq!(s.client_names(), vec!["a".to_string(), "b".to_string()]);
     s.remove_client("a").unwrap();
-    assert_eq!(a.put(&h(pa, 1, 0), &text_page(0), false), Err(TmemError::ClientGone));
-    assert_eq!(a.new_pool(PoolSpec::persistent()), Err(TmemError::ClientGone));
+    assert_eq!(
+        a.put(&h(pa, 1, 0), &text_page(0), false),
+        Err(TmemError::ClientGone)
+    );
+    assert_eq!(
+        a.new_pool(PoolSpec::persistent()),
+        Err(TmemError::ClientGone)
+    );
     assert!(s.client("a").is_none());
-    assert_eq!(s.remove_client("a"), Err(TmemError::UnknownClient("a".into())));
+    assert_eq!(
+        s.remove_client("a"),
+        Err(TmemError::UnknownClient("a".into()))
+    );
     assert_eq!(
         s.add_client("b", ClientConfig::default()).err(),
         Some(TmemError::ClientExists("b".into()))
     );
     s.remove_client("b").unwrap();
     let st = s.stats();
-    assert_eq!((st.host_used, st.stored_pages, st.allocator_footprint), (0, 0, 0));
+    assert_eq!(
+        (st.host_used, st.stored_pages, st.allocator_footprint),
+        (0, 0, 0)
+    );
     // Counters of removed clients stay in the global total.
     assert_eq!(st.counters.puts, 101);
 }
@@ -680,5 +755,8 @@ fn stats_report_metadata_and_fragmentation() {
     assert!(json.contains("metadata_bytes"));
     c.flush_object(p, &ObjectId([1, 0, 0])).unwrap();
     let st = s.stats();
-    assert_eq!((st.host_used, st.allocator_footprint, st.data_bytes), (0, 0, 0));
+    assert_eq!(
+        (st.host_used, st.allocator_footprint, st.data_bytes),
+        (0, 0, 0)
+    );
 }
