@@ -421,6 +421,16 @@ impl Queue {
         Ok(ticket)
     }
 
+    /// Fault injection: see [`SplitRing::publish_raw_head`].
+    pub fn inject_head(&mut self, head: u16) -> Result<()> {
+        self.ring.publish_raw_head(&self.ram, head)
+    }
+
+    /// Fault injection: see [`SplitRing::corrupt_avail_idx`].
+    pub fn inject_avail_idx(&mut self, idx: u16) -> Result<()> {
+        self.ring.corrupt_avail_idx(&self.ram, idx)
+    }
+
     /// Notifies the device if it asked to be (EVENT_IDX) or did not ask not
     /// to be. Returns whether a kick was sent.
     pub fn kick(&mut self) -> Result<bool> {

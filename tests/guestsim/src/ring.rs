@@ -369,6 +369,25 @@ impl SplitRing {
         Ok(head)
     }
 
+    /// Fault injection: makes `head` available without it being a chain
+    /// this driver built (it may be out of range). Nothing is tracked: the
+    /// device should not return it.
+    pub fn publish_raw_head(&mut self, ram: &GuestRam, head: u16) -> Result<()> {
+        ram.store(
+            self.layout.avail_entry(self.avail_idx),
+            head,
+            Ordering::Relaxed,
+        )?;
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        ram.store(self.layout.avail_idx(), self.avail_idx, Ordering::Release)
+    }
+
+    /// Fault injection: writes `idx` to `avail->idx` (the shadow index is
+    /// left alone, so the ring is unusable afterwards).
+    pub fn corrupt_avail_idx(&mut self, ram: &GuestRam, idx: u16) -> Result<()> {
+        ram.store(self.layout.avail_idx(), idx, Ordering::Release)
+    }
+
     /// Whether the device must be notified of the chains added since the
     /// last call: `avail_event` with EVENT_IDX, `NO_NOTIFY` otherwise.
     pub fn kick_needed(&mut self, ram: &GuestRam) -> Result<bool> {
