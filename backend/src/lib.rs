@@ -23,6 +23,7 @@ use log::{info, warn};
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod daemon;
 pub mod device;
 pub mod exec;

@@ -1,0 +1,324 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Typed views of the control API's results, and the rates computed from
+//! two samples of the store's counters.
+//!
+//! `status` results decode into the store's own [`StoreStats`]. The VM
+//! summaries of `list` and `show` have views here; their fields default
+//! when absent, and unknown fields are ignored, as the API asks of clients.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{ClientStats, OpCounters, StoreStats};
+
+/// A VM's configuration as the control API shows it (UUIDs as text).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct VmConfigView {
+    /// Persistent quota in bytes (`u64::MAX`: unlimited).
+    pub persistent_quota: u64,
+    /// Ephemeral quota in bytes.
+    pub ephemeral_quota: u64,
+    /// Weight.
+    pub weight: u32,
+    /// Dedup group, if any.
+    pub dedup_group: Option<String>,
+    /// Authorised shared-pool UUIDs (8-4-4-4-12).
+    pub authorized_uuids: Vec<String>,
+}
+
+/// One VM of `list` (also the result of `add-vm`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct VmSummary {
+    /// Name.
+    pub name: String,
+    /// Its vhost-user socket.
+    pub socket: PathBuf,
+    /// Whether a VMM is attached now.
+    pub connected: bool,
+    /// Connections accepted since the VM was added.
+    pub connections: u64,
+    /// Its configuration.
+    pub config: VmConfigView,
+}
+
+/// The device counters of `show`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct DeviceView {
+    /// Descriptor chains taken from the request queues.
+    pub chains: u64,
+    /// Operations in valid chains.
+    pub ops: u64,
+    /// Operations that failed to decode.
+    pub invalid_ops: u64,
+    /// Chains answered with a request-level error.
+    pub rejected_chains: u64,
+    /// Chains returned with used length 0.
+    pub dropped_chains: u64,
+    /// Used-ring interrupts sent.
+    pub notifications: u64,
+    /// Queue events handled.
+    pub kicks: u64,
+    /// Batches found by busy-polling.
+    pub poll_hits: u64,
+    /// Page bytes copied from the guest by puts.
+    pub bytes_from_guest: u64,
+    /// Page bytes copied to the guest by get hits.
+    pub bytes_to_guest: u64,
+}
+
+/// The result of `show`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct VmDetails {
+    /// The summary fields.
+    #[serde(flatten)]
+    pub info: VmSummary,
+    /// Device counters.
+    pub device: DeviceView,
+    /// The store's statistics of the VM's client.
+    pub stats: ClientStats,
+}
+
+/// Hit rate of a set of counters: hits / gets, `None` without gets.
+pub fn hit_rate(c: &OpCounters) -> Option<f64> {
+    (c.gets > 0).then(|| c.get_hits as f64 / c.gets as f64)
+}
+
+/// Puts refused for any reason.
+pub fn refused(c: &OpCounters) -> u64 {
+    c.puts_refused_no_space + c.puts_refused_quota + c.puts_refused_frozen + c.puts_refused_other
+}
+
+/// The counters that moved between two snapshots (each saturating at 0, so
+/// that a VM removed and added again between them cannot go negative).
+pub fn delta(before: &OpCounters, after: &OpCounters) -> OpCounters {
+    OpCounters {
+        puts: after.puts.saturating_sub(before.puts),
+        puts_stored: after.puts_stored.saturating_sub(before.puts_stored),
+        puts_refused_no_space: after
+            .puts_refused_no_space
+            .saturating_sub(before.puts_refused_no_space),
+        puts_refused_quota: after
+            .puts_refused_quota
+            .saturating_sub(before.puts_refused_quota),
+        puts_refused_frozen: after
+            .puts_refused_frozen
+            .saturating_sub(before.puts_refused_frozen),
+        puts_refused_other: after
+            .puts_refused_other
+            .saturating_sub(before.puts_refused_other),
+        gets: after.gets.saturating_sub(before.gets),
+        get_hits: after.get_hits.saturating_sub(before.get_hits),
+        get_misses: after.get_misses.saturating_sub(before.get_misses),
+        flush_pages: after.flush_pages.saturating_sub(before.flush_pages),
+        flush_objects: after.flush_objects.saturating_sub(before.flush_objects),
+        evictions: after.evictions.saturating_sub(before.evictions),
+        dedup_hits: after.dedup_hits.saturating_sub(before.dedup_hits),
+        zero_pages: after.zero_pages.saturating_sub(before.zero_pages),
+        same_filled_pages: after
+            .same_filled_pages
+            .saturating_sub(before.same_filled_pages),
+        bytes_in: after.bytes_in.saturating_sub(before.bytes_in),
+        bytes_stored: after.bytes_stored.saturating_sub(before.bytes_stored),
+    }
+}
+
+/// One `status` result and when it was taken.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    /// When the answer arrived.
+    pub at: Instant,
+    /// The store's statistics.
+    pub stats: StoreStats,
+}
+
+/// What one VM did between two samples.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VmActivity {
+    /// VM name.
+    pub name: String,
+    /// Whether a VMM is attached (`None` if the VM was not in `list`).
+    pub connected: Option<bool>,
+    /// Whether puts are frozen.
+    pub frozen: bool,
+    /// Put calls per second.
+    pub puts_per_sec: f64,
+    /// Get calls per second.
+    pub gets_per_sec: f64,
+    /// Hits / gets over the interval (`None` without gets).
+    pub hit_rate: Option<f64>,
+    /// Ephemeral pages evicted per second.
+    pub evictions_per_sec: f64,
+    /// Puts refused per second (every reason).
+    pub refused_per_sec: f64,
+    /// Uncompressed bytes stored per second.
+    pub bytes_in_per_sec: f64,
+    /// Persistent bytes held now.
+    pub persistent_bytes: u64,
+    /// Ephemeral bytes held now.
+    pub ephemeral_bytes: u64,
+    /// Pages held now (both kinds).
+    pub pages: u64,
+}
+
+/// The store's activity between two samples.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Activity {
+    /// Seconds between the samples.
+    pub interval_secs: f64,
+    /// Host limit now.
+    pub host_limit: u64,
+    /// Host memory used now.
+    pub host_used: u64,
+    /// Pages stored now.
+    pub stored_pages: u64,
+    /// Evictions per second, all VMs.
+    pub evictions_per_sec: f64,
+    /// Puts per second, all VMs.
+    pub puts_per_sec: f64,
+    /// Gets per second, all VMs.
+    pub gets_per_sec: f64,
+    /// Per VM, in the order of the later sample.
+    pub vms: Vec<VmActivity>,
+}
+
+/// Compares two samples. A VM present only in the later one counts from
+/// zero (it was added during the interval); a VM gone from it is left out.
+/// `connected` looks VMs up in a `list` result taken with the later sample.
+pub fn activity(before: &Sample, after: &Sample, list: &[VmSummary]) -> Activity {
+    let secs = after
+        .at
+        .saturating_duration_since(before.at)
+        .as_secs_f64()
+        .max(1e-3);
+    let per_sec = |n: u64| n as f64 / secs;
+    let zero = OpCounters::default();
+    let mut total = OpCounters::default();
+    let vms = after
+        .stats
+        .clients
+        .iter()
+        .map(|c| {
+            let prev = before
+                .stats
+                .clients
+                .iter()
+                .find(|p| p.name == c.name)
+                .map_or(&zero, |p| &p.counters);
+            let d = delta(prev, &c.counters);
+            total.accumulate(&d);
+            VmActivity {
+                name: c.name.clone(),
+                connected: list.iter().find(|v| v.name == c.name).map(|v| v.connected),
+                frozen: c.frozen,
+                puts_per_sec: per_sec(d.puts),
+                gets_per_sec: per_sec(d.gets),
+                hit_rate: hit_rate(&d),
+                evictions_per_sec: per_sec(d.evictions),
+                refused_per_sec: per_sec(refused(&d)),
+                bytes_in_per_sec: per_sec(d.bytes_in),
+                persistent_bytes: c.persistent_bytes,
+                ephemeral_bytes: c.ephemeral_bytes,
+                pages: c.persistent_pages + c.ephemeral_pages,
+            }
+        })
+        .collect();
+    Activity {
+        interval_secs: secs,
+        host_limit: after.stats.host_limit,
+        host_used: after.stats.host_used,
+        stored_pages: after.stats.stored_pages,
+        evictions_per_sec: per_sec(total.evictions),
+        puts_per_sec: per_sec(total.puts),
+        gets_per_sec: per_sec(total.gets),
+        vms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn client(name: &str, puts: u64, gets: u64, hits: u64, evictions: u64) -> ClientStats {
+        ClientStats {
+            name: name.to_string(),
+            persistent_bytes: 4096,
+            counters: OpCounters {
+                puts,
+                gets,
+                get_hits: hits,
+                evictions,
+                puts_refused_quota: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rates_between_samples() {
+        let t0 = Instant::now();
+        let before = Sample {
+            at: t0,
+            stats: StoreStats {
+                clients: vec![client("a", 10, 10, 5, 0), client("gone", 5, 5, 5, 5)],
+                ..Default::default()
+            },
+        };
+        let after = Sample {
+            at: t0 + Duration::from_secs(2),
+            stats: StoreStats {
+                clients: vec![client("a", 30, 14, 8, 4), client("new", 2, 0, 0, 0)],
+                ..Default::default()
+            },
+        };
+        let list = vec![VmSummary {
+            name: "a".into(),
+            connected: true,
+            ..Default::default()
+        }];
+        let act = activity(&before, &after, &list);
+        assert_eq!(act.interval_secs, 2.0);
+        assert_eq!(act.vms.len(), 2);
+        let a = &act.vms[0];
+        assert_eq!(a.connected, Some(true));
+        assert_eq!(a.puts_per_sec, 10.0);
+        assert_eq!(a.gets_per_sec, 2.0);
+        assert_eq!(a.hit_rate, Some(0.75));
+        assert_eq!(a.evictions_per_sec, 2.0);
+        assert_eq!(a.refused_per_sec, 0.0);
+        let n = &act.vms[1];
+        assert_eq!(n.connected, None);
+        assert_eq!(n.puts_per_sec, 1.0);
+        assert_eq!(n.refused_per_sec, 0.5);
+        assert_eq!(n.hit_rate, None);
+        assert_eq!(act.puts_per_sec, 11.0);
+        assert_eq!(act.evictions_per_sec, 2.0);
+    }
+
+    #[test]
+    fn counters_never_go_negative() {
+        let before = OpCounters {
+            puts: 10,
+            ..Default::default()
+        };
+        assert_eq!(delta(&before, &OpCounters::default()).puts, 0);
+    }
+
+    #[test]
+    fn views_tolerate_extra_and_missing_fields() {
+        let v: VmSummary = serde_json::from_value(serde_json::json!({
+            "name": "vm1", "connected": true, "future_field": 1
+        }))
+        .unwrap();
+        assert_eq!(v.name, "vm1");
+        assert!(v.connected);
+        assert_eq!(v.config, VmConfigView::default());
+    }
+}

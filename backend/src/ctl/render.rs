@@ -1,0 +1,548 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Human output of `status`, `list`, `show` and `top`.
+
+use super::format::{self, Align, Fields, Table};
+use super::model::{hit_rate, refused, Activity, VmDetails, VmSummary};
+use crate::config::format_uuid;
+use crate::store::{ClientStats, PoolStats, StoreStats};
+
+/// The eviction rate shown by `status`, measured by sampling the counters
+/// twice.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvictionRate {
+    /// Evictions per second.
+    pub per_sec: f64,
+    /// Seconds between the two samples.
+    pub over_secs: f64,
+}
+
+/// `status`: the store as a whole.
+pub fn status(stats: &StoreStats, evictions: Option<EvictionRate>) -> String {
+    let c = &stats.counters;
+    let mut f = Fields::new();
+    f.add("host limit", format::bytes(stats.host_limit));
+    f.add(
+        "host used",
+        format!(
+            "{} ({} of the limit)",
+            format::bytes(stats.host_used),
+            format::percent(stats.host_used, stats.host_limit)
+        ),
+    );
+    f.add(
+        "stored pages",
+        format!(
+            "{} (unique contents {}, zero {}, same-filled {}, stored raw {})",
+            stats.stored_pages,
+            stats.unique_pages,
+            stats.zero_pages,
+            stats.same_filled_pages,
+            stats.raw_pages
+        ),
+    );
+    f.add("reserved pages", stats.reserved_pages.to_string());
+    f.add(
+        "data",
+        format!(
+            "{} in slabs of {} (fragmentation {})",
+            format::bytes(stats.data_bytes),
+            format::bytes(stats.allocator_footprint),
+            format::ratio(stats.fragmentation)
+        ),
+    );
+    f.add(
+        "metadata",
+        format!(
+            "{} ({} B per stored page)",
+            format::bytes(stats.metadata_bytes),
+            format::ratio(stats.metadata_bytes_per_page)
+        ),
+    );
+    f.add("compression ratio", format::ratio(stats.compression_ratio));
+    f.add("dedup ratio", format::ratio(stats.dedup_ratio));
+    f.add(
+        "evictions",
+        match evictions {
+            Some(r) => format!(
+                "{}/s (sampled over {:.2} s; {} in total)",
+                format::rate(r.per_sec),
+                r.over_secs,
+                c.evictions
+            ),
+            None => format!("{} in total (rate not sampled)", c.evictions),
+        },
+    );
+    f.add(
+        "puts",
+        format!(
+            "{} (stored {}, refused {}: no space {}, quota {}, frozen {}, other {})",
+            c.puts,
+            c.puts_stored,
+            refused(c),
+            c.puts_refused_no_space,
+            c.puts_refused_quota,
+            c.puts_refused_frozen,
+            c.puts_refused_other
+        ),
+    );
+    f.add(
+        "gets",
+        format!(
+            "{} (hits {}, hit rate {})",
+            c.gets,
+            c.get_hits,
+            format::fraction(hit_rate(c))
+        ),
+    );
+    f.add(
+        "VMs",
+        format!(
+            "{} (pools {}, dedup domains {})",
+            stats.clients.len(),
+            stats.pools,
+            stats.dedup_domains
+        ),
+    );
+    f.render(0)
+}
+
+fn refused_cell(stats: &ClientStats) -> String {
+    let c = &stats.counters;
+    format!(
+        "{}/{}/{}/{}",
+        c.puts_refused_no_space, c.puts_refused_quota, c.puts_refused_frozen, c.puts_refused_other
+    )
+}
+
+fn state(stats: Option<&ClientStats>) -> &'static str {
+    match stats {
+        Some(s) if s.frozen => "frozen",
+        Some(_) => "active",
+        None => "-",
+    }
+}
+
+fn pool_kind(p: &PoolStats) -> &'static str {
+    if p.persistent {
+        "persistent"
+    } else {
+        "ephemeral"
+    }
+}
+
+fn pools_table(pools: &[(&str, &PoolStats)], with_vm: bool) -> Table {
+    let mut cols = vec![
+        ("POOL", Align::Right),
+        ("KIND", Align::Left),
+        ("SHARED", Align::Left),
+        ("OWNER", Align::Left),
+        ("EXCL", Align::Left),
+        ("PAGES", Align::Right),
+        ("BYTES", Align::Right),
+        ("RESERVED", Align::Right),
+        ("PUTS", Align::Right),
+        ("GETS", Align::Right),
+        ("HIT RATE", Align::Right),
+        ("EVICTIONS", Align::Right),
+    ];
+    if with_vm {
+        cols.insert(0, ("VM", Align::Left));
+    }
+    let mut t = Table::new(&cols);
+    for (vm, p) in pools {
+        let mut row = vec![
+            p.id.to_string(),
+            pool_kind(p).to_string(),
+            p.shared.as_ref().map_or("-".to_string(), format_uuid),
+            format::yes_no(p.owned).to_string(),
+            format::yes_no(p.exclusive_gets).to_string(),
+            p.pages.to_string(),
+            format::bytes(p.bytes),
+            p.reserved_pages.to_string(),
+            p.counters.puts.to_string(),
+            p.counters.gets.to_string(),
+            format::fraction(hit_rate(&p.counters)),
+            p.counters.evictions.to_string(),
+        ];
+        if with_vm {
+            row.insert(0, vm.to_string());
+        }
+        t.row(row);
+    }
+    t
+}
+
+/// `list`: one row per VM, then one row per pool. `clients` comes from a
+/// `status` taken right after `list`; a VM missing from it shows `-`.
+pub fn list(vms: &[VmSummary], clients: &[ClientStats]) -> String {
+    let mut t = Table::new(&[
+        ("NAME", Align::Left),
+        ("CONN", Align::Left),
+        ("STATE", Align::Left),
+        ("WEIGHT", Align::Right),
+        ("P-QUOTA", Align::Right),
+        ("P-PAGES", Align::Right),
+        ("P-BYTES", Align::Right),
+        ("E-QUOTA", Align::Right),
+        ("E-PAGES", Align::Right),
+        ("E-BYTES", Align::Right),
+        ("ZERO", Align::Right),
+        ("DEDUP", Align::Right),
+        ("HIT RATE", Align::Right),
+        ("REFUSED S/Q/F/O", Align::Right),
+    ]);
+    let mut pools = Vec::new();
+    for vm in vms {
+        let stats = clients.iter().find(|c| c.name == vm.name);
+        let num = |f: fn(&ClientStats) -> u64| stats.map_or("-".to_string(), |s| f(s).to_string());
+        let size =
+            |f: fn(&ClientStats) -> u64| stats.map_or("-".to_string(), |s| format::bytes(f(s)));
+        t.row(vec![
+            vm.name.clone(),
+            format::yes_no(vm.connected).to_string(),
+            state(stats).to_string(),
+            vm.config.weight.to_string(),
+            format::quota(vm.config.persistent_quota),
+            num(|s| s.persistent_pages),
+            size(|s| s.persistent_bytes),
+            format::quota(vm.config.ephemeral_quota),
+            num(|s| s.ephemeral_pages),
+            size(|s| s.ephemeral_bytes),
+            num(|s| s.zero_pages),
+            num(|s| s.deduplicated_pages),
+            stats.map_or("-".to_string(), |s| format::fraction(hit_rate(&s.counters))),
+            stats.map_or("-".to_string(), refused_cell),
+        ]);
+        if let Some(s) = stats {
+            pools.extend(s.pools.iter().map(|p| (vm.name.as_str(), p)));
+        }
+    }
+    if vms.is_empty() {
+        return "no VMs\n".to_string();
+    }
+    let mut out = t.render();
+    if !pools.is_empty() {
+        out.push('\n');
+        out.push_str(&pools_table(&pools, true).render());
+    }
+    out
+}
+
+/// `show VM`: everything about one VM.
+pub fn show(d: &VmDetails) -> String {
+    let i = &d.info;
+    let s = &d.stats;
+    let c = &s.counters;
+    let dev = &d.device;
+    let mut f = Fields::new();
+    f.add("socket", i.socket.display().to_string());
+    f.add(
+        "connected",
+        format!(
+            "{} ({} connection{} since added)",
+            format::yes_no(i.connected),
+            i.connections,
+            if i.connections == 1 { "" } else { "s" }
+        ),
+    );
+    f.add(
+        "state",
+        if s.frozen {
+            "frozen (puts refused)"
+        } else {
+            "active"
+        },
+    );
+    f.add("weight", i.config.weight.to_string());
+    f.add(
+        "dedup group",
+        i.config.dedup_group.as_deref().unwrap_or("none"),
+    );
+    f.add(
+        "authorized UUIDs",
+        if i.config.authorized_uuids.is_empty() {
+            "none".to_string()
+        } else {
+            i.config.authorized_uuids.join("\n")
+        },
+    );
+    f.add(
+        "persistent",
+        format!(
+            "{} pages, {} of {} quota (charged {} with reservations)",
+            s.persistent_pages,
+            format::bytes(s.persistent_bytes),
+            format::quota(i.config.persistent_quota),
+            format::bytes(s.persistent_charged)
+        ),
+    );
+    f.add(
+        "ephemeral",
+        format!(
+            "{} pages, {} of {} quota",
+            s.ephemeral_pages,
+            format::bytes(s.ephemeral_bytes),
+            format::quota(i.config.ephemeral_quota)
+        ),
+    );
+    f.add(
+        "special pages",
+        format!(
+            "zero {}, same-filled {}, deduplicated {}, reserved {}",
+            s.zero_pages, s.same_filled_pages, s.deduplicated_pages, s.reserved_pages
+        ),
+    );
+    f.add(
+        "puts",
+        format!(
+            "{} (stored {}, dedup hits {}; refused: no space {}, quota {}, frozen {}, other {})",
+            c.puts,
+            c.puts_stored,
+            c.dedup_hits,
+            c.puts_refused_no_space,
+            c.puts_refused_quota,
+            c.puts_refused_frozen,
+            c.puts_refused_other
+        ),
+    );
+    f.add(
+        "gets",
+        format!(
+            "{} (hits {}, misses {}, hit rate {})",
+            c.gets,
+            c.get_hits,
+            c.get_misses,
+            format::fraction(hit_rate(c))
+        ),
+    );
+    f.add(
+        "flushes",
+        format!("pages {}, objects {}", c.flush_pages, c.flush_objects),
+    );
+    f.add("evictions", c.evictions.to_string());
+    f.add(
+        "bytes",
+        format!(
+            "{} put, {} stored after compression",
+            format::bytes(c.bytes_in),
+            format::bytes(c.bytes_stored)
+        ),
+    );
+    f.add(
+        "device",
+        format!(
+            "chains {}, ops {}, invalid ops {}, rejected chains {}, dropped chains {}\n\
+             kicks {}, notifications {}, poll hits {}\n\
+             {} from the guest, {} to the guest",
+            dev.chains,
+            dev.ops,
+            dev.invalid_ops,
+            dev.rejected_chains,
+            dev.dropped_chains,
+            dev.kicks,
+            dev.notifications,
+            dev.poll_hits,
+            format::bytes(dev.bytes_from_guest),
+            format::bytes(dev.bytes_to_guest)
+        ),
+    );
+    let mut out = format!("{}\n{}", i.name, f.render(2));
+    if s.pools.is_empty() {
+        out.push_str("\nno pools\n");
+    } else {
+        let pools: Vec<_> = s.pools.iter().map(|p| ("", p)).collect();
+        out.push('\n');
+        out.push_str(&pools_table(&pools, false).render());
+    }
+    out
+}
+
+/// One `top` frame (without the screen-clearing escape).
+pub fn top(a: &Activity, interval: f64) -> String {
+    let mut out = format!(
+        "vtmemctl top: every {interval:.1} s; host {} of {} used ({}), {} pages; \
+         {} puts/s, {} gets/s, {} evictions/s\n\n",
+        format::bytes(a.host_used),
+        format::bytes(a.host_limit),
+        format::percent(a.host_used, a.host_limit),
+        a.stored_pages,
+        format::rate(a.puts_per_sec),
+        format::rate(a.gets_per_sec),
+        format::rate(a.evictions_per_sec),
+    );
+    let mut t = Table::new(&[
+        ("VM", Align::Left),
+        ("CONN", Align::Left),
+        ("STATE", Align::Left),
+        ("PUTS/S", Align::Right),
+        ("GETS/S", Align::Right),
+        ("HIT RATE", Align::Right),
+        ("EVICT/S", Align::Right),
+        ("REFUSED/S", Align::Right),
+        ("IN/S", Align::Right),
+        ("PAGES", Align::Right),
+        ("PERSISTENT", Align::Right),
+        ("EPHEMERAL", Align::Right),
+    ]);
+    for v in &a.vms {
+        t.row(vec![
+            v.name.clone(),
+            v.connected.map_or("-", format::yes_no).to_string(),
+            if v.frozen { "frozen" } else { "active" }.to_string(),
+            format::rate(v.puts_per_sec),
+            format::rate(v.gets_per_sec),
+            format::fraction(v.hit_rate),
+            format::rate(v.evictions_per_sec),
+            format::rate(v.refused_per_sec),
+            format::byte_rate(v.bytes_in_per_sec),
+            v.pages.to_string(),
+            format::bytes(v.persistent_bytes),
+            format::bytes(v.ephemeral_bytes),
+        ]);
+    }
+    if a.vms.is_empty() {
+        out.push_str("no VMs\n");
+    } else {
+        out.push_str(&t.render());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ctl::model::{VmActivity, VmConfigView};
+    use crate::store::OpCounters;
+
+    fn summary(name: &str) -> VmSummary {
+        VmSummary {
+            name: name.into(),
+            socket: format!("/run/vtmem/{name}.sock").into(),
+            connected: true,
+            connections: 1,
+            config: VmConfigView {
+                persistent_quota: 512 << 20,
+                ephemeral_quota: u64::MAX,
+                weight: 100,
+                dedup_group: None,
+                authorized_uuids: vec![],
+            },
+        }
+    }
+
+    fn stats(name: &str) -> ClientStats {
+        ClientStats {
+            name: name.into(),
+            persistent_pages: 3,
+            persistent_bytes: 12288,
+            frozen: true,
+            counters: OpCounters {
+                gets: 4,
+                get_hits: 3,
+                puts_refused_quota: 2,
+                ..Default::default()
+            },
+            pools: vec![PoolStats {
+                id: 0,
+                persistent: true,
+                pages: 3,
+                bytes: 12288,
+                owned: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn list_rows_and_pools() {
+        let out = list(&[summary("vm1"), summary("vm2")], &[stats("vm1")]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("NAME  CONN  STATE"), "{out}");
+        assert!(lines[1].contains("frozen"), "{out}");
+        assert!(lines[1].contains("512.0 MiB"), "{out}");
+        assert!(lines[1].contains("unlimited"), "{out}");
+        assert!(lines[1].contains("12.0 KiB"), "{out}");
+        assert!(lines[1].contains("75.00%"), "{out}");
+        assert!(lines[1].ends_with("0/2/0/0"), "{out}");
+        assert!(lines[2].starts_with("vm2"), "{out}");
+        assert!(lines[2].ends_with(" -"), "{out}");
+        assert_eq!(lines[3], "");
+        assert!(lines[4].starts_with("VM   POOL  KIND"), "{out}");
+        assert!(lines[5].contains("persistent"), "{out}");
+        assert_eq!(list(&[], &[]), "no VMs\n");
+    }
+
+    #[test]
+    fn show_fields() {
+        let d = VmDetails {
+            info: summary("vm1"),
+            device: Default::default(),
+            stats: stats("vm1"),
+        };
+        let out = show(&d);
+        assert!(out.starts_with("vm1\n  socket:"), "{out}");
+        assert!(out.contains("frozen (puts refused)"), "{out}");
+        assert!(out.contains("authorized UUIDs:  none"), "{out}");
+        assert!(
+            out.contains("3 pages, 12.0 KiB of 512.0 MiB quota"),
+            "{out}"
+        );
+        assert!(out.contains("hit rate 75.00%"), "{out}");
+    }
+
+    #[test]
+    fn status_fields() {
+        let s = StoreStats {
+            host_limit: 1 << 30,
+            host_used: 1 << 20,
+            compression_ratio: 2.5,
+            dedup_ratio: 1.0,
+            ..Default::default()
+        };
+        let out = status(
+            &s,
+            Some(EvictionRate {
+                per_sec: 2.0,
+                over_secs: 0.5,
+            }),
+        );
+        assert!(out.contains("host limit:         1.0 GiB"), "{out}");
+        assert!(out.contains("1.0 MiB (0.10% of the limit)"), "{out}");
+        assert!(out.contains("compression ratio:  2.50"), "{out}");
+        assert!(out.contains("dedup ratio:        1.00"), "{out}");
+        assert!(out.contains("2.0/s (sampled over 0.50 s"), "{out}");
+        assert!(status(&s, None).contains("rate not sampled"));
+    }
+
+    #[test]
+    fn top_frame() {
+        let a = Activity {
+            interval_secs: 1.0,
+            host_limit: 1 << 30,
+            host_used: 0,
+            stored_pages: 0,
+            evictions_per_sec: 0.0,
+            puts_per_sec: 5.0,
+            gets_per_sec: 0.0,
+            vms: vec![VmActivity {
+                name: "vm1".into(),
+                connected: Some(false),
+                frozen: false,
+                puts_per_sec: 5.0,
+                gets_per_sec: 0.0,
+                hit_rate: None,
+                evictions_per_sec: 0.0,
+                refused_per_sec: 0.0,
+                bytes_in_per_sec: 20480.0,
+                persistent_bytes: 0,
+                ephemeral_bytes: 0,
+                pages: 0,
+            }],
+        };
+        let out = top(&a, 1.0);
+        assert!(out.starts_with("vtmemctl top: every 1.0 s"), "{out}");
+        assert!(out.contains("VM   CONN  STATE"), "{out}");
+        assert!(out.contains("20.0 KiB/s"), "{out}");
+    }
+}
