@@ -1,0 +1,240 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Connection and device lifecycle: a VMM that vanishes mid-batch and
+//! reconnects (pools and pages kept), a clean stop, the driver's RESET (pools
+//! dropped), and VM removal through the control socket (memory freed).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use vtmem_guestsim::pages::checksum;
+use vtmem_guestsim::{Op, PageSource, PoolSpec, Status, VmOptions, VmSpec};
+
+fn no_reset() -> VmOptions {
+    VmOptions {
+        reset_on_connect: false,
+        ..VmOptions::default()
+    }
+}
+
+/// Waits until `f` holds (the daemon notices disconnects asynchronously).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn disconnect_mid_batch_then_reconnect_keeps_pools_and_pages() {
+    let d = daemon(&[VmSpec::new("m")], |_| {});
+    let vm = connect(&d, "m");
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let kept = pages(1, 256);
+    assert!(vm
+        .put_batch(&items(pool, 1, &kept))
+        .unwrap()
+        .iter()
+        .all(|s| *s == Status::Ok));
+
+    // Eight 128-page batches in flight, then the VMM is gone.
+    let inflight = pages(2, 8 * 128);
+    {
+        let mut q = vm.queue(0);
+        for b in 0..8 {
+            let chunk = &inflight[b * 128..(b + 1) * 128];
+            let ops: Vec<Op> = (0..128)
+                .map(|i| Op::Put {
+                    handle: h(pool, 2, (b * 128 + i) as u64),
+                    reserved: false,
+                })
+                .collect();
+            let pg: Vec<_> = chunk.iter().map(|p| &**p).collect();
+            q.submit_with(&ops, &PageSource::Copied(pg)).unwrap();
+            q.kick().unwrap();
+        }
+    }
+    vm.disconnect();
+    assert_alive(&d);
+
+    // The VMM reconnects (no driver re-initialisation): same pool id.
+    let vm = connect_with(&d, "m", no_reset());
+    let hs: Vec<_> = (0..256).map(|i| h(pool, 1, i)).collect();
+    for (i, (s, p)) in vm.get_batch(&hs).unwrap().iter().enumerate() {
+        assert_eq!(*s, Status::Ok, "page {i} lost across the reconnect");
+        assert_eq!(checksum(p), checksum(&kept[i]));
+    }
+    // The interrupted batches: each page is there intact or not at all.
+    let hs: Vec<_> = (0..8 * 128).map(|i| h(pool, 2, i)).collect();
+    let mut present = 0;
+    for (i, (s, p)) in vm.get_batch(&hs).unwrap().iter().enumerate() {
+        match s {
+            Status::Ok => {
+                present += 1;
+                assert_eq!(checksum(p), checksum(&inflight[i]), "interrupted page {i}");
+            }
+            Status::Miss => {}
+            other => panic!("interrupted page {i}: {other}"),
+        }
+    }
+    eprintln!("{present} of 1024 interrupted puts had been stored");
+    let mut ctl = d.control().unwrap();
+    let c = ctl.client("m").unwrap();
+    assert_eq!(c["persistent_pages"].as_u64(), Some(256 + present));
+    // And the device works normally again.
+    let more = pages(3, 10);
+    assert!(vm
+        .put_batch(&items(pool, 3, &more))
+        .unwrap()
+        .iter()
+        .all(|s| *s == Status::Ok));
+    assert_alive(&d);
+}
+
+#[test]
+fn clean_stop_reports_the_ring_position_and_pages_survive() {
+    let d = daemon(&[VmSpec::new("s")], |_| {});
+    let vm = connect(&d, "s");
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let data = pages(4, 20);
+    for (i, p) in data.iter().enumerate() {
+        let st = vm.put_batch(&[(h(pool, 1, i as u64), &**p)]).unwrap();
+        assert_eq!(st, vec![Status::Ok]);
+    }
+    // RESET + NEW_POOL + 20 puts = 22 chains consumed.
+    let requests = vm.stats().requests;
+    assert_eq!(requests, 22);
+    let bases = vm.shutdown().unwrap();
+    assert_eq!(bases, vec![22], "GET_VRING_BASE after the stop");
+    let vm = connect_with(&d, "s", no_reset());
+    let got = vm.get_batch(&[h(pool, 1, 0), h(pool, 1, 19)]).unwrap();
+    assert!(got.iter().all(|(s, _)| *s == Status::Ok));
+    assert_eq!(checksum(&got[0].1), checksum(&data[0]));
+    assert_eq!(checksum(&got[1].1), checksum(&data[19]));
+}
+
+#[test]
+fn reset_drops_every_pool() {
+    let d = daemon(&[VmSpec::new("r")], |_| {});
+    let vm = connect(&d, "r");
+    let pp = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let ep = vm.new_pool(PoolSpec::ephemeral()).unwrap();
+    let data = pages(5, 64);
+    assert!(vm
+        .put_batch(&items(pp, 1, &data))
+        .unwrap()
+        .iter()
+        .all(|s| *s == Status::Ok));
+    assert!(vm
+        .put_batch(&items(ep, 1, &data))
+        .unwrap()
+        .iter()
+        .all(|s| *s == Status::Ok));
+    assert_eq!(vm.reserve(pp, 4).unwrap(), 4);
+    let mut ctl = d.control().unwrap();
+    let base = ctl.host_used().unwrap();
+
+    assert_eq!(vm.reset().unwrap(), Status::Ok);
+    for p in [pp, ep] {
+        assert_eq!(vm.get_batch(&[h(p, 1, 0)]).unwrap()[0].0, Status::NoPool);
+    }
+    let c = ctl.client("r").unwrap();
+    assert_eq!(c["persistent_pages"].as_u64(), Some(0), "{c}");
+    assert_eq!(c["ephemeral_pages"].as_u64(), Some(0), "{c}");
+    assert_eq!(c["reserved_pages"].as_u64(), Some(0), "{c}");
+    assert_eq!(c["pools"].as_array().map(Vec::len), Some(0), "{c}");
+    assert!(ctl.host_used().unwrap() < base, "reset freed nothing");
+
+    // Pools work again, and a driver that re-initialises (RESET at connect)
+    // drops them too.
+    let again = vm.new_pool(PoolSpec::persistent()).unwrap();
+    assert!(vm
+        .put_batch(&items(again, 1, &data[..4]))
+        .unwrap()
+        .iter()
+        .all(|s| *s == Status::Ok));
+    vm.disconnect();
+    let vm = connect(&d, "r");
+    assert_eq!(
+        vm.get_batch(&[h(again, 1, 0)]).unwrap()[0].0,
+        Status::NoPool
+    );
+    eventually("pages freed by the driver's RESET", || {
+        ctl.client("r").unwrap()["persistent_pages"].as_u64() == Some(0)
+    });
+}
+
+#[test]
+fn removing_a_vm_frees_its_memory_and_spares_the_others() {
+    let d = daemon(&[VmSpec::new("gone"), VmSpec::new("stay")], |_| {});
+    let mut ctl = d.control().unwrap();
+    let base = ctl.host_used().unwrap();
+    let gone = connect(&d, "gone");
+    let stay = connect(&d, "stay");
+    let gp = gone.new_pool(PoolSpec::persistent()).unwrap();
+    let sp = stay.new_pool(PoolSpec::persistent()).unwrap();
+    let gdata = pages(6, 256);
+    let sdata = pages(7, 128);
+    assert!(gone
+        .put_batch(&items(gp, 1, &gdata))
+        .unwrap()
+        .iter()
+        .all(|s| *s == Status::Ok));
+    assert!(stay
+        .put_batch(&items(sp, 1, &sdata))
+        .unwrap()
+        .iter()
+        .all(|s| *s == Status::Ok));
+    let before = ctl.host_used().unwrap();
+    let stay_only = {
+        let c = ctl.client("stay").unwrap();
+        c["persistent_bytes"].as_u64().unwrap()
+    };
+
+    ctl.remove_vm("gone").unwrap();
+    let after = ctl.host_used().unwrap();
+    assert!(
+        before - after >= 256 * 4096,
+        "removal freed {} bytes of at least {}",
+        before - after,
+        256 * 4096
+    );
+    assert!(
+        after - base <= stay_only + 64 * 1024,
+        "host_used {after} after removal"
+    );
+    let st = ctl.status().unwrap();
+    assert!(
+        st["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["name"] != "gone"),
+        "removed VM still listed"
+    );
+    eventually("the removed VM's socket to go", || {
+        !d.socket("gone").exists()
+    });
+    drop(gone);
+    assert_alive(&d);
+
+    // The other VM is untouched.
+    let hs: Vec<_> = (0..128).map(|i| h(sp, 1, i)).collect();
+    for (i, (s, p)) in stay.get_batch(&hs).unwrap().iter().enumerate() {
+        assert_eq!(*s, Status::Ok);
+        assert_eq!(checksum(p), checksum(&sdata[i]));
+    }
+
+    // Added again, it is a new client: no pools.
+    ctl.add_vm("gone", serde_json::json!({ "persistent_quota": "16M" }))
+        .unwrap();
+    eventually("the re-added VM's socket", || d.socket("gone").exists());
+    let gone = connect_with(&d, "gone", no_reset());
+    assert_eq!(gone.get_batch(&[h(gp, 1, 0)]).unwrap()[0].0, Status::NoPool);
+    let c = ctl.client("gone").unwrap();
+    assert_eq!(c["persistent_pages"].as_u64(), Some(0));
+    assert_eq!(c["config"]["persistent_quota"].as_u64(), Some(16 << 20));
+    assert_alive(&d);
+}
