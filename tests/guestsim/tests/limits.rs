@@ -234,7 +234,7 @@ fn host_limit_holds_exactly_and_refusals_say_no_space() {
     assert!(
         st.iter().all(|s| *s == Status::Ok),
         "ephemeral puts refused: {:?}",
-        st.iter().filter(|s| **s != Status::Ok).next()
+        st.iter().find(|s| **s != Status::Ok)
     );
     let used = ctl.host_used().unwrap();
     assert!(used <= limit, "host_used {used} after the ephemeral flood");

@@ -618,7 +618,7 @@ fn cases() -> Vec<Case> {
                 RawDescriptor::new(r, req.len() as u32, 0).then(1),
                 RawDescriptor::new(w, 32, W),
             ];
-            let tb: Vec<u8> = table.iter().flat_map(|d| desc_bytes(d)).collect();
+            let tb: Vec<u8> = table.iter().flat_map(desc_bytes).collect();
             let t = b.buf(&tb).map_err(e)?;
             let w2 = b.writable_buf(32).map_err(e)?;
             let out = b
@@ -638,7 +638,7 @@ fn cases() -> Vec<Case> {
                 RawDescriptor::new(r, req.len() as u32, 0).then(1),
                 RawDescriptor::new(w, 32, W),
             ];
-            let ib: Vec<u8> = inner.iter().flat_map(|d| desc_bytes(d)).collect();
+            let ib: Vec<u8> = inner.iter().flat_map(desc_bytes).collect();
             let it = b.buf(&ib).map_err(e)?;
             let out = b
                 .indirect(&[RawDescriptor::new(it, 32, VRING_DESC_F_INDIRECT)])
@@ -657,7 +657,7 @@ fn cases() -> Vec<Case> {
                 RawDescriptor::new(r, req.len() as u32, 0).then(1),
                 RawDescriptor::new(w, 32, W),
             ];
-            let tb: Vec<u8> = table.iter().flat_map(|d| desc_bytes(d)).collect();
+            let tb: Vec<u8> = table.iter().flat_map(desc_bytes).collect();
             let t = b.buf(&tb).map_err(e)?;
             let out = b
                 .desc(RawDescriptor::new(t, 24, VRING_DESC_F_INDIRECT))

@@ -46,7 +46,7 @@ pub fn pages(seed: u64, n: usize) -> Vec<Box<Page>> {
 }
 
 /// Pairs handles with pages for `put_batch`.
-pub fn items<'a>(pool: u32, obj: u64, pages: &'a [Box<Page>]) -> Vec<(Handle, &'a Page)> {
+pub fn items(pool: u32, obj: u64, pages: &[Box<Page>]) -> Vec<(Handle, &Page)> {
     pages
         .iter()
         .enumerate()
