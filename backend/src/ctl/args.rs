@@ -293,8 +293,20 @@ pub fn usage_error_line(e: &clap::Error) -> Option<String> {
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         return None;
     }
-    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        return Some("no command given; see 'vtmemctl --help'".to_string());
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand
+    ) {
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let names: Vec<&str> = cmd
+            .get_subcommands()
+            .map(|c| c.get_name())
+            .filter(|n| *n != "help")
+            .collect();
+        return Some(format!(
+            "no command given (one of: {}); see 'vtmemctl --help'",
+            names.join(", ")
+        ));
     }
     let text = e.render().to_string();
     // clap's first paragraph names the problem; later ones are tips and usage.
