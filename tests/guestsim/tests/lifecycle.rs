@@ -30,7 +30,11 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn disconnect_mid_batch_then_reconnect_keeps_pools_and_pages() {
     let d = daemon(&[VmSpec::new("m")], |_| {});
-    let vm = connect(&d, "m");
+    let deep = VmOptions {
+        depth: 32,
+        ..VmOptions::default()
+    };
+    let vm = connect_with(&d, "m", deep);
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
     let kept = pages(1, 256);
     assert!(vm
@@ -39,11 +43,11 @@ fn disconnect_mid_batch_then_reconnect_keeps_pools_and_pages() {
         .iter()
         .all(|s| *s == Status::Ok));
 
-    // Eight 128-page batches in flight, then the VMM is gone.
-    let inflight = pages(2, 8 * 128);
+    // Thirty-two 128-page batches in flight, then the VMM is gone.
+    let inflight = pages(2, 32 * 128);
     {
         let mut q = vm.queue(0);
-        for b in 0..8 {
+        for b in 0..32 {
             let chunk = &inflight[b * 128..(b + 1) * 128];
             let ops: Vec<Op> = (0..128)
                 .map(|i| Op::Put {
@@ -67,7 +71,7 @@ fn disconnect_mid_batch_then_reconnect_keeps_pools_and_pages() {
         assert_eq!(checksum(p), checksum(&kept[i]));
     }
     // The interrupted batches: each page is there intact or not at all.
-    let hs: Vec<_> = (0..8 * 128).map(|i| h(pool, 2, i)).collect();
+    let hs: Vec<_> = (0..32 * 128).map(|i| h(pool, 2, i)).collect();
     let mut present = 0;
     for (i, (s, p)) in vm.get_batch(&hs).unwrap().iter().enumerate() {
         match s {
@@ -79,7 +83,7 @@ fn disconnect_mid_batch_then_reconnect_keeps_pools_and_pages() {
             other => panic!("interrupted page {i}: {other}"),
         }
     }
-    eprintln!("{present} of 1024 interrupted puts had been stored");
+    eprintln!("{present} of 4096 interrupted puts had been stored");
     let mut ctl = d.control().unwrap();
     let c = ctl.client("m").unwrap();
     assert_eq!(c["persistent_pages"].as_u64(), Some(256 + present));

@@ -113,6 +113,10 @@ fn persistent_quota_holds_exactly_under_a_flood() {
         u64_field(&c, "persistent_pages").unwrap(),
         accepted.len() as u64
     );
+    eprintln!(
+        "quota {QUOTA}: {} pages accepted, {bytes} bytes charged",
+        accepted.len()
+    );
     assert!(bytes <= QUOTA, "{bytes} > quota");
     assert!(
         QUOTA - bytes < MAX_PAGE_CHARGE,
@@ -213,6 +217,7 @@ fn host_limit_holds_exactly_and_refusals_say_no_space() {
     let st = ctl.status().unwrap();
     let used = u64_field(&st, "host_used").unwrap();
     assert_eq!(u64_field(&st, "host_limit").unwrap(), limit);
+    eprintln!("host limit {limit}: {ok} pages accepted, host_used {used}");
     assert!(
         used <= limit && limit - used < MAX_PAGE_CHARGE,
         "host_used {used} of {limit}"
