@@ -120,14 +120,12 @@ fn missing_daemon() {
         all.extend_from_slice(args);
         let out = vtmemctl_env(&all, None);
         let line = out.fails(3);
-        assert_eq!(
-            line,
-            format!(
-                "vtmemctl: cannot connect to vtmemd at {}: No such file or directory (os error 2) \
-                 (is vtmemd running? see --socket and VTMEM_CONTROL_SOCKET)",
-                sock.display()
-            ),
-            "{args:?}"
+        let want = format!("vtmemctl: cannot connect to vtmemd at {}: ", sock.display());
+        assert!(line.starts_with(&want), "{args:?}: {line}");
+        assert!(line.contains("(os error 2)"), "{args:?}: {line}");
+        assert!(
+            line.ends_with("(is vtmemd running? see --socket and VTMEM_CONTROL_SOCKET)"),
+            "{args:?}: {line}"
         );
     }
 
@@ -135,7 +133,7 @@ fn missing_daemon() {
     let stale = d.path().join("stale.ctl");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     let out = vtmemctl_env(&["--socket", stale.to_str().unwrap(), "list"], None);
-    assert!(out.fails(3).contains("Connection refused"), "{out:?}");
+    assert!(out.fails(3).contains("(os error 111)"), "{out:?}");
 
     // The default path, when neither --socket nor the environment names
     // one (no daemon runs there in a test environment).
