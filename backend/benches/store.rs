@@ -1,1 +1,471 @@
-fn main() {}
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Store throughput and footprint.
+//!
+//! `cargo bench -p vtmem-backend --bench store` (add `-- --quick`, or set
+//! `VTMEM_BENCH_QUICK=1`, for a shorter run).
+//!
+//! For zero, duplicate, compressible (pages cut from files shipped with the
+//! OS) and random pages it measures puts and gets per second through the
+//! store, and in the same run a baseline that only hashes (xxh3-128),
+//! compresses (LZ4) and copies the same pages: the ratio is what the
+//! store's bookkeeping costs. It also reports host and metadata bytes per
+//! stored page, compression and dedup ratios, and one versus two threads
+//! putting for two clients.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vtmem_backend::store::*;
+use xxhash_rust::xxh3::xxh3_128;
+
+const LZ4_BOUND: usize = lz4_flex::block::get_maximum_output_size(PAGE_SIZE);
+
+fn random_pages(n: usize, seed: u64) -> Vec<Page> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            let mut p = [0u8; PAGE_SIZE];
+            for w in p.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            p
+        })
+        .collect()
+}
+
+fn same_filled(p: &Page) -> bool {
+    let first = &p[..8];
+    p.chunks_exact(8).all(|w| w == first)
+}
+
+/// Pages cut from real files: shared libraries, binaries, documentation.
+fn file_pages(n: usize) -> Vec<Page> {
+    let mut files = Vec::new();
+    for dir in [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/bin",
+        "/usr/share/doc",
+        "/usr/lib",
+        "/usr/share",
+    ] {
+        collect_files(Path::new(dir), &mut files, 3, 4000);
+    }
+    files.sort();
+    files.dedup();
+    // Interleave sources so every kind of file is represented.
+    let mut pages = Vec::with_capacity(n);
+    let per_file = 64;
+    let mut round = 0;
+    while pages.len() < n && round < 64 {
+        let before = pages.len();
+        for f in &files {
+            if pages.len() >= n {
+                break;
+            }
+            let Ok(data) = std::fs::read(f) else {
+                continue;
+            };
+            let chunks: Vec<&[u8]> = data.chunks_exact(PAGE_SIZE).collect();
+            for c in chunks.iter().skip(round * per_file).take(per_file) {
+                let mut p = [0u8; PAGE_SIZE];
+                p.copy_from_slice(c);
+                if !same_filled(&p) {
+                    pages.push(p);
+                }
+                if pages.len() >= n {
+                    break;
+                }
+            }
+        }
+        if pages.len() == before {
+            break;
+        }
+        round += 1;
+    }
+    pages
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>, depth: u32, max: usize) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if out.len() >= max {
+            return;
+        }
+        let Ok(ft) = e.file_type() else { continue };
+        let path = e.path();
+        if ft.is_file() {
+            if e.metadata().is_ok_and(|m| m.len() >= PAGE_SIZE as u64) {
+                out.push(path);
+            }
+        } else if ft.is_dir() && depth > 0 {
+            collect_files(&path, out, depth - 1, max);
+        }
+    }
+}
+
+fn handle(i: usize) -> Handle {
+    Handle {
+        pool: 0,
+        object: ObjectId([(i / 65536) as u64, 0, 0]),
+        index: i as u64,
+    }
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+/// Pages per timed batch.
+const BATCH: usize = 256;
+
+/// Per-batch minimum over repetitions. The machine may be shared: the
+/// minimum of each short batch filters out the time other processes took,
+/// and every repetition replays the same work, batch by batch.
+#[derive(Default)]
+struct BatchMin(Vec<Duration>);
+
+impl BatchMin {
+    fn add(&mut self, times: Vec<Duration>) {
+        if self.0.is_empty() {
+            self.0 = times;
+        } else {
+            for (m, t) in self.0.iter_mut().zip(times) {
+                *m = (*m).min(t);
+            }
+        }
+    }
+
+    fn total(&self) -> Duration {
+        self.0.iter().sum()
+    }
+}
+
+/// Runs `f` on each batch of `n` items, timing each batch.
+fn timed_batches(n: usize, mut f: impl FnMut(std::ops::Range<usize>)) -> Vec<Duration> {
+    (0..n)
+        .step_by(BATCH)
+        .map(|start| {
+            let t = Instant::now();
+            f(start..(start + BATCH).min(n));
+            t.elapsed()
+        })
+        .collect()
+}
+
+/// Baseline put: hash, compress into a fixed buffer, copy into memory
+/// taken in 64 KiB chunks from the system allocator, as the store takes it
+/// (so both pay the same for fresh memory).
+fn baseline_put(
+    pages: &[Page],
+    arena: &mut Vec<Box<[u8]>>,
+    locs: &mut Vec<(usize, usize, usize)>,
+) -> Vec<Duration> {
+    let mut buf = [0u8; LZ4_BOUND];
+    let mut at = CHUNK_BYTES;
+    arena.clear();
+    locs.clear();
+    timed_batches(pages.len(), |range| {
+        for p in &pages[range] {
+            black_box(xxh3_128(p));
+            let src: &[u8] = match lz4_flex::block::compress_into(p, &mut buf) {
+                Ok(n) if n <= RAW_THRESHOLD => &buf[..n],
+                _ => p,
+            };
+            if at + src.len() > CHUNK_BYTES {
+                arena.push(vec![0u8; CHUNK_BYTES].into_boxed_slice());
+                at = 0;
+            }
+            let chunk = arena.len() - 1;
+            arena[chunk][at..at + src.len()].copy_from_slice(src);
+            locs.push((chunk, at, src.len()));
+            at += src.len();
+        }
+    })
+}
+
+/// Baseline get: decompress (or copy) into an output page.
+fn baseline_get(arena: &[Box<[u8]>], locs: &[(usize, usize, usize)]) -> Vec<Duration> {
+    let mut out = [0u8; PAGE_SIZE];
+    timed_batches(locs.len(), |range| {
+        for &(chunk, at, len) in &locs[range] {
+            let src = &arena[chunk][at..at + len];
+            if len == PAGE_SIZE {
+                out.copy_from_slice(src);
+            } else {
+                lz4_flex::block::decompress_into(src, &mut out).unwrap();
+            }
+            black_box(&out);
+        }
+    })
+}
+
+struct KindResult {
+    name: &'static str,
+    pages: usize,
+    put: f64,
+    get: f64,
+    base_put: f64,
+    base_get: f64,
+    host_per_page: f64,
+    meta_per_page: f64,
+    compression: f64,
+    dedup: f64,
+    fragmentation: f64,
+}
+
+fn measure(name: &'static str, pages: &[Page], reps: usize) -> KindResult {
+    let n = pages.len();
+    let mut locs = Vec::with_capacity(n);
+    let (mut base_put, mut base_get) = (BatchMin::default(), BatchMin::default());
+    let (mut put, mut get) = (BatchMin::default(), BatchMin::default());
+    let mut last_stats = None;
+    // Baseline and store runs alternate, so both see the same conditions.
+    for _ in 0..reps {
+        let mut arena = Vec::new();
+        base_put.add(baseline_put(pages, &mut arena, &mut locs));
+        base_get.add(baseline_get(&arena, &locs));
+        drop(arena);
+
+        let store = Store::new(StoreConfig {
+            host_limit: u64::MAX,
+        });
+        let c = store.add_client("bench", ClientConfig::default()).unwrap();
+        c.new_pool(PoolSpec::persistent()).unwrap();
+        put.add(timed_batches(n, |range| {
+            for i in range {
+                c.put(&handle(i), &pages[i], false).unwrap();
+            }
+        }));
+        let mut out = [0u8; PAGE_SIZE];
+        get.add(timed_batches(n, |range| {
+            for i in range {
+                black_box(c.get(&handle(i), &mut out).unwrap());
+            }
+        }));
+        // Spot-check correctness outside the timed loops.
+        for i in (0..n).step_by(97) {
+            assert!(c.get(&handle(i), &mut out).unwrap());
+            assert!(out == pages[i], "{name}: page {i} differs");
+        }
+        last_stats = Some(store.stats());
+    }
+    let st = last_stats.unwrap();
+    KindResult {
+        name,
+        pages: n,
+        put: rate(n, put.total()),
+        get: rate(n, get.total()),
+        base_put: rate(n, base_put.total()),
+        base_get: rate(n, base_get.total()),
+        host_per_page: st.host_used as f64 / n as f64,
+        meta_per_page: st.metadata_bytes_per_page,
+        compression: st.compression_ratio,
+        dedup: st.dedup_ratio,
+        fragmentation: st.fragmentation,
+    }
+}
+
+/// Metadata per page of an ephemeral pool (adds the LRU queue).
+fn ephemeral_metadata(pages: &[Page]) -> f64 {
+    let store = Store::new(StoreConfig {
+        host_limit: u64::MAX,
+    });
+    let c = store.add_client("eph", ClientConfig::default()).unwrap();
+    c.new_pool(PoolSpec::ephemeral()).unwrap();
+    for (i, p) in pages.iter().enumerate() {
+        c.put(&handle(i), p, false).unwrap();
+    }
+    store.stats().metadata_bytes_per_page
+}
+
+/// Puts per second of two clients, each with its share of `pages`, on one
+/// thread (one client after the other) or on two threads at once.
+fn multi_client(pages: &[Page], threads: usize, reps: usize) -> f64 {
+    let half = pages.len() / 2;
+    let parts = [&pages[..half], &pages[half..2 * half]];
+    let mut mins = [BatchMin::default(), BatchMin::default()];
+    for _ in 0..reps {
+        let store = Store::new(StoreConfig {
+            host_limit: u64::MAX,
+        });
+        let clients: Vec<ClientHandle> = (0..2)
+            .map(|i| {
+                let c = store
+                    .add_client(&format!("vm{i}"), ClientConfig::default())
+                    .unwrap();
+                c.new_pool(PoolSpec::persistent()).unwrap();
+                c
+            })
+            .collect();
+        let run = |c: &ClientHandle, part: &[Page]| {
+            timed_batches(part.len(), |range| {
+                for i in range {
+                    c.put(&handle(i), &part[i], false).unwrap();
+                }
+            })
+        };
+        if threads == 1 {
+            let mut times = run(&clients[0], parts[0]);
+            times.extend(run(&clients[1], parts[1]));
+            mins[0].add(times);
+        } else {
+            let barrier = Barrier::new(2);
+            let times: Vec<Vec<Duration>> = std::thread::scope(|s| {
+                let hs: Vec<_> = clients
+                    .iter()
+                    .zip(parts)
+                    .map(|(c, part)| {
+                        let barrier = &barrier;
+                        s.spawn(move || {
+                            barrier.wait();
+                            run(c, part)
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (m, t) in mins.iter_mut().zip(times) {
+                m.add(t);
+            }
+        }
+    }
+    let elapsed = mins.iter().map(BatchMin::total).max().unwrap_or_default();
+    rate(2 * half, elapsed)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick")
+        || std::env::var("VTMEM_BENCH_QUICK").is_ok_and(|v| v != "0");
+    let n = if quick { 4096 } else { 16384 };
+    let reps = if quick { 3 } else { 5 };
+    let started = Instant::now();
+
+    let mut compressible = file_pages(n);
+    let from_files = compressible.len();
+    if compressible.len() < n {
+        eprintln!(
+            "only {} pages found in OS files; topping up with generated text",
+            compressible.len()
+        );
+        let words = b"a generated page of text, compressible like documentation. ";
+        while compressible.len() < n {
+            let k = compressible.len();
+            let mut p = [0u8; PAGE_SIZE];
+            for (i, b) in p.iter_mut().enumerate() {
+                *b = words[(i * 3 + k) % words.len()];
+            }
+            p[..8].copy_from_slice(&(k as u64).to_le_bytes());
+            compressible.push(p);
+        }
+    }
+    let zero = vec![[0u8; PAGE_SIZE]; n];
+    let distinct: Vec<Page> = compressible.iter().take(16).copied().collect();
+    let duplicate: Vec<Page> = (0..n).map(|i| distinct[i % distinct.len()]).collect();
+    let random = random_pages(n, 0x5EED);
+
+    let kinds = [
+        ("zero", &zero),
+        ("duplicate", &duplicate),
+        ("compressible", &compressible),
+        ("random", &random),
+    ];
+    // VTMEM_BENCH_KINDS=random,zero runs only those kinds.
+    let only = std::env::var("VTMEM_BENCH_KINDS").ok();
+    let results: Vec<KindResult> = kinds
+        .iter()
+        .filter(|(name, _)| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|k| k == *name))
+        })
+        .map(|(name, pages)| measure(name, pages, reps))
+        .collect();
+    let eph_meta = ephemeral_metadata(&compressible);
+    let mt1 = multi_client(&compressible, 1, reps);
+    let mt2 = multi_client(&compressible, 2, reps);
+
+    println!(
+        "vtmem store bench: {n} pages per kind ({from_files} compressible pages from OS files), best of {reps}"
+    );
+    println!(
+        "{:<13} {:>10} {:>10} {:>7} {:>10} {:>10} {:>7} {:>9} {:>9} {:>6} {:>6} {:>6}",
+        "kind",
+        "put/s",
+        "base put/s",
+        "ratio",
+        "get/s",
+        "base get/s",
+        "ratio",
+        "host B/pg",
+        "meta B/pg",
+        "compr",
+        "dedup",
+        "frag"
+    );
+    let mut json_kinds = serde_json::Map::new();
+    for r in &results {
+        println!(
+            "{:<13} {:>10.0} {:>10.0} {:>7.2} {:>10.0} {:>10.0} {:>7.2} {:>9.1} {:>9.1} {:>6.2} {:>6.1} {:>6.3}",
+            r.name,
+            r.put,
+            r.base_put,
+            r.put / r.base_put,
+            r.get,
+            r.base_get,
+            r.get / r.base_get,
+            r.host_per_page,
+            r.meta_per_page,
+            r.compression,
+            r.dedup,
+            r.fragmentation,
+        );
+        json_kinds.insert(
+            r.name.to_string(),
+            json!({
+                "pages": r.pages,
+                "put_pages_per_s": r.put.round(),
+                "baseline_put_pages_per_s": r.base_put.round(),
+                "put_ratio": (r.put / r.base_put * 1000.0).round() / 1000.0,
+                "get_pages_per_s": r.get.round(),
+                "baseline_get_pages_per_s": r.base_get.round(),
+                "get_ratio": (r.get / r.base_get * 1000.0).round() / 1000.0,
+                "host_bytes_per_page": (r.host_per_page * 10.0).round() / 10.0,
+                "metadata_bytes_per_page": (r.meta_per_page * 10.0).round() / 10.0,
+                "compression_ratio": (r.compression * 1000.0).round() / 1000.0,
+                "dedup_ratio": (r.dedup * 1000.0).round() / 1000.0,
+                "fragmentation": (r.fragmentation * 1000.0).round() / 1000.0,
+            }),
+        );
+    }
+    println!("ephemeral pool, compressible: {eph_meta:.1} metadata B/page (with LRU queue)");
+    println!(
+        "two clients putting compressible pages: 1 thread {mt1:.0}/s, 2 threads {mt2:.0}/s (x{:.2})",
+        mt2 / mt1
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split_whitespace().next().unwrap_or("?").to_string();
+    println!(
+        "elapsed {:.1} s, {} CPUs, load average {load}",
+        started.elapsed().as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let out = json!({
+        "bench": "store",
+        "pages_per_kind": n,
+        "compressible_pages_from_files": from_files,
+        "kinds": json_kinds,
+        "ephemeral_metadata_bytes_per_page": (eph_meta * 10.0).round() / 10.0,
+        "multi_client_put_pages_per_s": { "threads_1": mt1.round(), "threads_2": mt2.round(), "speedup": (mt2 / mt1 * 100.0).round() / 100.0 },
+        "elapsed_s": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        "load_average": load,
+    });
+    println!("{out}");
+}

@@ -15,6 +15,12 @@ use super::evict::{evict_own, EVICT_BATCH};
 use super::pool::{NewPage, Pool, DEDUP_BIT};
 use super::{read, write, ClientConfig, ClientStats, Page, PoolStats, Store, TmemError, PAGE_SIZE};
 
+thread_local! {
+    /// Compression output buffer of this thread's puts (not zeroed per put).
+    static LZ4_BUF: std::cell::RefCell<Box<[u8; LZ4_BOUND]>> =
+        std::cell::RefCell::new(Box::new([0u8; LZ4_BOUND]));
+}
+
 /// Rounds of eviction a put tries before it is refused.
 const MAX_EVICT_ROUNDS: u32 = 8;
 
@@ -255,7 +261,11 @@ impl ClientHandle {
             return Err(TmemError::NoPool);
         };
         self.count(Some(pool), |c| &c.puts);
-        match self.put_inner(pool, handle, page, reserved) {
+        let res = LZ4_BUF.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => self.put_inner(pool, handle, page, reserved, &mut buf),
+            Err(_) => self.put_inner(pool, handle, page, reserved, &mut [0u8; LZ4_BOUND]),
+        });
+        match res {
             Ok(info) => {
                 let p = Some(&**pool);
                 self.count(p, |c| &c.puts_stored);
@@ -294,6 +304,7 @@ impl ClientHandle {
         h: &Handle,
         page: &Page,
         reserved: bool,
+        buf: &mut [u8; LZ4_BOUND],
     ) -> Result<PutInfo, TmemError> {
         let g = &self.store.g;
         if reserved {
@@ -320,7 +331,6 @@ impl ClientHandle {
         };
 
         let domain = &pool.domain;
-        let mut buf = [0u8; LZ4_BOUND];
         let class = classify(page);
         let prep = match class {
             Class::Zero => Prep::Zero,
@@ -336,7 +346,7 @@ impl ClientHandle {
                 match domain.acquire(&key, page) {
                     Some((r, b)) => Prep::Hit(r, b),
                     None => {
-                        let data = match compress(page, &mut buf) {
+                        let data = match compress(page, buf) {
                             Some(n) => NewData::Lz4(&buf[..n]),
                             None => NewData::Raw,
                         };
