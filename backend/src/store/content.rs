@@ -127,8 +127,9 @@ impl Key {
     }
 
     fn shard_hash(&self) -> u32 {
-        // Independent bits of the same seeded hash.
-        self.words[1] >> 16 ^ self.words[0] >> 24
+        // Bits 32..63 of the seeded hash: the top bits pick the shard, the
+        // low bits of word 0 pick the index bucket.
+        self.words[1]
     }
 
     fn pattern(&self) -> u64 {
@@ -396,7 +397,9 @@ impl Shard {
             n
         } else {
             let total = self.blocks.len() * ENTRY_BLOCK;
-            if total > ENTRY_MASK as usize {
+            // The last entry number stays unused: with the last shard it
+            // would spell ZERO_REF.
+            if total + ENTRY_BLOCK > ENTRY_MASK as usize {
                 return None;
             }
             self.blocks
@@ -899,6 +902,35 @@ mod tests {
         d.read(c, &mut out).unwrap();
         assert_eq!(out, q);
         assert_eq!(d.stats().slot_bytes, 0, "patterns store no data");
+    }
+
+    #[test]
+    fn contents_spread_over_all_shards() {
+        let d = Domain::new(16, 0xabc);
+        let mut used = [0u32; 16];
+        for i in 0..1600u64 {
+            let (r, _) = store(&d, &random_page(i + 1));
+            used[(r >> ENTRY_BITS) as usize] += 1;
+        }
+        assert!(used.iter().all(|&n| n > 50), "{used:?}");
+        for i in 0..200u64 {
+            let mut p = [0u8; PAGE_SIZE];
+            fill_pattern(&mut p, i * 0x0101 + 1);
+            let (r, _) = store(&d, &p);
+            used[(r >> ENTRY_BITS) as usize] += 1;
+        }
+        assert!(used.iter().all(|&n| n > 55), "{used:?}");
+    }
+
+    #[test]
+    fn no_content_id_spells_the_zero_marker() {
+        let largest =
+            (MAX_SHARDS as u32 - 1) << ENTRY_BITS | (ENTRY_MASK + 1 - ENTRY_BLOCK as u32 - 1);
+        assert!(largest < ZERO_REF);
+        // The table refuses before reaching the reserved number.
+        let mut sh = Shard::new();
+        sh.blocks = vec![vec![FREE_ENTRY; 0].into_boxed_slice(); ENTRY_MASK as usize / ENTRY_BLOCK];
+        assert_eq!(sh.new_entry(FREE_ENTRY), None);
     }
 
     #[test]
