@@ -171,6 +171,7 @@ if [ "$force" -eq 1 ] || ! stage patched; then
         cp -a "$seed/patches" "$out/patches"
         if revert_patches; then
             apply_patches
+            printf '%s\n' "$seed" > "$out/.vtmem-seeded"
             stamp_time seed "$ts"
         else
             log "cannot revert the seed's patches; starting from scratch"
@@ -236,6 +237,22 @@ if ! stage configured; then
 fi
 
 # --- build -----------------------------------------------------------------------
+# A seeded tree sits at a new path. objtool is built with absolute paths,
+# so it is relinked, and every object depends on the objtool binary's
+# mtime: give the relinked binary (same sources) the old mtime back so
+# that make only rebuilds what the patches and the config changed.
+if [ -f "$out/.vtmem-seeded" ] && [ -x "$kdir/tools/objtool/objtool" ] \
+    && ! grep -qE '^\+\+\+ b/tools/' "$out/patches"/*.patch "$(cat "$out/.vtmem-seeded")"/patches/*.patch 2>/dev/null; then
+    touch -r "$kdir/tools/objtool/objtool" "$out/.vtmem-objtool-mtime"
+    log "rebuilding objtool for the new tree path"
+    kmake -j"$jobs" tools/objtool
+    # Everything the relink produced gets the old mtime, so neither the
+    # objtool build nor the objects see anything newer.
+    find "$kdir/tools/objtool" -newer "$out/.vtmem-objtool-mtime" \
+        -exec touch -h -r "$out/.vtmem-objtool-mtime" {} +
+    rm -f "$out/.vtmem-seeded"
+fi
+
 ts=$SECONDS
 log "building bzImage and modules with -j$jobs (about 10 minutes on 2 cores from scratch)"
 kmake -j"$jobs" bzImage modules
