@@ -69,6 +69,14 @@ fn assert_host_accounting(s: &Store) {
 }
 
 #[test]
+fn store_and_handles_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Store>();
+    check::<ClientHandle>();
+    check::<Arc<Store>>();
+}
+
+#[test]
 fn persistent_put_get_flush() {
     let s = store(64 * MIB);
     let c = s.add_client("vm", ClientConfig::default()).unwrap();
@@ -646,6 +654,11 @@ fn reset_and_remove_client_free_everything() {
     let pa = a.new_pool(PoolSpec::persistent()).unwrap();
     a.put(&h(pa, 1, 0), &text_page(0), false).unwrap();
     assert_eq!(s.client_names(), vec!["a".to_string(), "b".to_string()]);
+    // Looking a client up from a plain reference gives a working handle.
+    let by_ref: &Store = &s;
+    let again = by_ref.client("a").unwrap();
+    assert_eq!(again.name(), "a");
+    assert_eq!(get(&again, h(pa, 1, 0)), Some(text_page(0)));
     s.remove_client("a").unwrap();
     assert_eq!(
         a.put(&h(pa, 1, 0), &text_page(0), false),

@@ -160,6 +160,8 @@ const SHARED_POOL_SHARDS: usize = 4;
 /// The store. `Send + Sync`; share it as `Arc<Store>`.
 #[derive(Debug)]
 pub struct Store {
+    /// This store, for handles created from `&self`.
+    me: Weak<Store>,
     g: Global,
     clients: RwLock<BTreeMap<String, Arc<Client>>>,
     /// Accounts of the live clients, scanned to pick eviction victims.
@@ -189,7 +191,8 @@ impl Store {
         let rs = std::collections::hash_map::RandomState::new();
         let seed = rs.hash_one(0x766d_746d_u64);
         let hseed = rs.hash_one(seed);
-        Arc::new(Store {
+        Arc::new_cyclic(|me| Store {
+            me: me.clone(),
             g: Global::new(config.host_limit),
             clients: RwLock::new(BTreeMap::new()),
             accts: RwLock::new(Vec::new()),
@@ -249,9 +252,9 @@ impl Store {
     }
 
     /// A handle of the client named `name`.
-    pub fn client(self: &Arc<Self>, name: &str) -> Option<ClientHandle> {
+    pub fn client(&self, name: &str) -> Option<ClientHandle> {
         let c = read(&self.clients).get(name).cloned()?;
-        Some(ClientHandle::new(self.clone(), c))
+        Some(ClientHandle::new(self.me.upgrade()?, c))
     }
 
     /// Frees everything the client holds; later calls on its handles return
