@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use log::{debug, error, info, warn};
+use log::{debug, error, warn};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -428,7 +428,7 @@ impl ControlServer {
         let thread = thread::Builder::new()
             .name("vtmem-control".to_string())
             .spawn(move || accept_loop(daemon, listener, thread_stop))?;
-        info!("control socket listening on {}", path.display());
+        debug!("control socket listening on {}", path.display());
         Ok(ControlServer {
             path: path.to_path_buf(),
             stop_evt,

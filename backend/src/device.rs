@@ -137,11 +137,15 @@ impl VtmemBackend {
         let mut heads: Vec<u16> = Vec::with_capacity(MAX_BATCH);
         let mut used: Vec<(u16, u32)> = Vec::with_capacity(MAX_BATCH);
 
+        // Rounds in which the ring claimed work but yielded none: a ring
+        // whose entries cannot be read would otherwise spin forever.
+        let mut fruitless = 0;
         loop {
             if let Err(e) = vring.disable_notification() {
                 self.log
                     .warn(format_args!("queue {q}: cannot disable notifications: {e}"));
             }
+            let mut processed = 0;
             loop {
                 match self.drain_once(
                     q,
@@ -152,13 +156,17 @@ impl VtmemBackend {
                     &mut heads,
                     &mut used,
                 ) {
-                    Drain::Busy => continue,
-                    Drain::Broken => {
-                        // Leave the ring alone until the next kick.
+                    Drain::Full => {
+                        processed += MAX_BATCH;
+                        continue;
+                    }
+                    Drain::Stop => {
+                        // Stopped or corrupt ring: leave it until the next
+                        // kick or until it is started again.
                         let _ = vring.enable_notification();
                         return;
                     }
-                    Drain::Empty => {}
+                    Drain::Done(n) => processed += n,
                 }
                 if !self.settings.poll.is_zero() && self.poll_for_work(vring, &mem) {
                     DeviceCounters::add_one(&self.counters.poll_hits);
@@ -167,7 +175,15 @@ impl VtmemBackend {
                 break;
             }
             match vring.enable_notification() {
-                Ok(true) => continue,
+                Ok(true) => {
+                    fruitless = if processed == 0 { fruitless + 1 } else { 0 };
+                    if fruitless > 1 {
+                        self.log.warn(format_args!(
+                            "queue {q}: available ring announces chains that cannot be read"
+                        ));
+                        return;
+                    }
+                }
                 Ok(false) => break,
                 Err(e) => {
                     self.log
@@ -222,16 +238,16 @@ impl VtmemBackend {
             let size = queue.size();
             match queue.iter(mem) {
                 Ok(iter) => heads.extend(iter.take(MAX_BATCH).map(|c| c.head_index())),
-                Err(QueueError::QueueNotReady) => return Drain::Empty,
+                Err(QueueError::QueueNotReady) => return Drain::Stop,
                 Err(e) => {
                     self.log.warn(format_args!("queue {q}: ring unusable: {e}"));
-                    return Drain::Broken;
+                    return Drain::Stop;
                 }
             }
             (table, size)
         };
         if heads.is_empty() {
-            return Drain::Empty;
+            return Drain::Done(0);
         }
         let full = heads.len() == MAX_BATCH;
 
@@ -270,9 +286,9 @@ impl VtmemBackend {
             }
         }
         if full {
-            Drain::Busy
+            Drain::Full
         } else {
-            Drain::Empty
+            Drain::Done(heads.len())
         }
     }
 }
@@ -280,11 +296,11 @@ impl VtmemBackend {
 /// Result of one pass over a queue.
 enum Drain {
     /// The batch was full: look again.
-    Busy,
-    /// Nothing more right now.
-    Empty,
-    /// The ring itself is corrupt (e.g. an impossible available index).
-    Broken,
+    Full,
+    /// This many chains were handled; nothing more right now.
+    Done(usize),
+    /// The ring is stopped, or corrupt (e.g. an impossible available index).
+    Stop,
 }
 
 impl VhostUserBackend for VtmemBackend {
@@ -391,5 +407,271 @@ impl VhostUserBackend for VtmemBackend {
 impl DeviceCounters {
     fn add_one(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ClientConfig, Store, StoreConfig};
+    use crate::testutil::*;
+    use vm_memory::{Address, Bytes};
+    use vtmem_protocol::{Op, PoolSpec, Response, Status, CONFIG_SIZE};
+
+    const QSIZE: u16 = 256;
+
+    fn backend(queues: u16, poll_us: u64) -> (Arc<Store>, VtmemBackend) {
+        let store = Store::new(StoreConfig {
+            host_limit: 64 << 20,
+        });
+        let client = store.add_client("vm", ClientConfig::default()).unwrap();
+        let settings = DeviceSettings {
+            queues,
+            queue_size: QSIZE,
+            poll: std::time::Duration::from_micros(poll_us),
+        };
+        let b = VtmemBackend::new(
+            client,
+            settings,
+            Arc::new(DeviceCounters::default()),
+            Arc::new(RateLimitedLog::new("test")),
+        );
+        (store, b)
+    }
+
+    /// A vring over `ring`, set up the way the vhost-user handler does.
+    fn vring(
+        b: &VtmemBackend,
+        mem: &GuestMemoryMmap,
+        ring: &TestRing<'_>,
+        event_idx: bool,
+    ) -> VringRwLock {
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        b.update_memory(atomic.clone()).unwrap();
+        let features = DEVICE_FEATURES
+            & !(if event_idx {
+                0
+            } else {
+                1 << VIRTIO_RING_F_EVENT_IDX
+            });
+        b.acked_features(features);
+        b.set_event_idx(event_idx);
+        let v = VringRwLock::new(atomic, QSIZE).unwrap();
+        v.set_queue_size(QSIZE);
+        v.set_queue_info(
+            ring.mock.desc_table_addr().raw_value(),
+            ring.mock.avail_addr().raw_value(),
+            ring.mock.used_addr().raw_value(),
+        )
+        .unwrap();
+        v.set_queue_event_idx(event_idx);
+        v.set_queue_ready(true);
+        v.set_enabled(true);
+        v
+    }
+
+    /// Adds a one-op chain (a persistent NEW_POOL) and makes it available.
+    fn add_request(ring: &mut TestRing<'_>) -> (u16, Buf) {
+        let req = request_bytes(&[Op::NewPool(PoolSpec::persistent())], 7);
+        let r = ring.readable(&req);
+        let resp = ring.writable(32);
+        let head = ring.chain(&[r, resp]);
+        ring.make_available(head);
+        (head, resp)
+    }
+
+    #[test]
+    fn advertises_the_device() {
+        let (_s, b) = backend(4, 0);
+        assert_eq!(b.num_queues(), 4);
+        assert_eq!(b.max_queue_size(), usize::from(QSIZE));
+        assert_eq!(b.queues_per_thread(), vec![1, 2, 4, 8]);
+        let f = b.features();
+        for bit in [32, 29, 28, 30, 0, 1, 2, 3] {
+            assert!(f & (1 << bit) != 0, "feature bit {bit}");
+        }
+        let p = b.protocol_features();
+        assert!(p.contains(VhostUserProtocolFeatures::MQ));
+        assert!(p.contains(VhostUserProtocolFeatures::CONFIG));
+        assert!(p.contains(VhostUserProtocolFeatures::REPLY_ACK));
+        let cfg = b.get_config(0, CONFIG_SIZE as u32);
+        assert_eq!(DeviceConfig::decode(&cfg).unwrap(), DeviceConfig::new(4));
+        assert_eq!(b.get_config(8, 2), 1u16.to_le_bytes().to_vec());
+        assert!(b.get_config(8, 16).is_empty());
+        assert!(b.get_config(u32::MAX, 2).is_empty());
+        assert!(b.set_config(0, &[0]).is_err());
+        assert!(b.exit_event(0).is_some());
+    }
+
+    #[test]
+    fn a_batch_is_signalled_once() {
+        let (_s, b) = backend(1, 0);
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, false);
+        let resps: Vec<Buf> = (0..5).map(|_| add_request(&mut ring).1).collect();
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 5);
+        for (i, resp) in resps.iter().enumerate() {
+            let (id, len) = ring.used_elem(i as u16);
+            assert_eq!(len, 32);
+            assert_eq!(id, (i * 2) as u32);
+            let bytes = ring.read(*resp);
+            let r = Response::parse(&bytes).unwrap();
+            assert_eq!(r.status(0).unwrap().status, Status::Ok);
+        }
+        let c = b.counters.snapshot();
+        assert_eq!((c.chains, c.notifications, c.kicks), (5, 1, 1));
+    }
+
+    #[test]
+    fn event_idx_asks_for_the_next_kick() {
+        let (_s, b) = backend(1, 0);
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, true);
+        // The driver wants an interrupt after the first used entry.
+        let used_event = ring
+            .mock
+            .avail_addr()
+            .unchecked_add(4 + 2 * u64::from(QSIZE));
+        mem.write_obj(0u16, used_event).unwrap();
+        for _ in 0..3 {
+            add_request(&mut ring);
+        }
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 3);
+        // avail_event (after the used ring) tells the driver to kick at 3.
+        let avail_event = ring
+            .mock
+            .used_addr()
+            .unchecked_add(4 + 8 * u64::from(QSIZE));
+        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 3);
+        assert_eq!(b.counters.snapshot().notifications, 1);
+        // The driver asks for no interrupt before used index 10: none is sent.
+        mem.write_obj(9u16, used_event).unwrap();
+        add_request(&mut ring);
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 4);
+        assert_eq!(b.counters.snapshot().notifications, 1);
+    }
+
+    #[test]
+    fn corrupt_available_index_does_not_hang() {
+        let (_s, b) = backend(1, 0);
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, true);
+        ring.set_avail_idx(QSIZE + 7);
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 0);
+    }
+
+    #[test]
+    fn unreadable_available_entries_do_not_hang() {
+        let (_s, b) = backend(1, 0);
+        let mem = guest_memory();
+        let ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, true);
+        // The available ring's header is the last 4 bytes of guest memory:
+        // its index is readable, its entries are not.
+        let avail = MEM_SIZE - 4;
+        v.set_queue_info(
+            ring.mock.desc_table_addr().raw_value(),
+            avail,
+            ring.mock.used_addr().raw_value(),
+        )
+        .unwrap();
+        mem.write_obj(3u16, GuestAddress(avail + 2)).unwrap();
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 0);
+    }
+
+    #[test]
+    fn bad_heads_are_skipped_and_the_rest_served() {
+        let (_s, b) = backend(1, 0);
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, false);
+        ring.make_available(QSIZE + 1);
+        let (head, _) = add_request(&mut ring);
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 1);
+        assert_eq!(ring.used_elem(0), (u32::from(head), 32));
+        let c = b.counters.snapshot();
+        assert_eq!((c.chains, c.dropped_chains), (2, 1));
+    }
+
+    #[test]
+    fn malformed_chain_is_returned_unused() {
+        let (_s, b) = backend(1, 0);
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, false);
+        let req = request_bytes(&[Op::Reset], 1);
+        let r = ring.readable(&req);
+        let head = ring.chain(&[r]);
+        ring.make_available(head);
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_elem(0), (u32::from(head), 0));
+    }
+
+    #[test]
+    fn stopped_ring_is_left_alone() {
+        let (_s, b) = backend(1, 0);
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, false);
+        add_request(&mut ring);
+        v.set_queue_ready(false);
+        b.stop_vring(0).unwrap();
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 0);
+    }
+
+    #[test]
+    fn busy_poll_picks_up_late_work() {
+        let (_s, b) = backend(1, 500_000.min(crate::config::MAX_POLL_US));
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, true);
+        add_request(&mut ring);
+        // Prepare a second chain but publish it from another thread later.
+        let req = request_bytes(&[Op::NewPool(PoolSpec::persistent())], 8);
+        let r = ring.readable(&req);
+        let resp = ring.writable(32);
+        let head = ring.chain(&[r, resp]);
+        let avail = ring.mock.avail_addr();
+        let mem2 = mem.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            mem2.write_obj(head, avail.unchecked_add(4 + 2)).unwrap();
+            mem2.write_obj(2u16, avail.unchecked_add(2)).unwrap();
+        });
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        t.join().unwrap();
+        assert_eq!(ring.used_idx(), 2);
+        let c = b.counters.snapshot();
+        assert_eq!(c.poll_hits, 1);
+        assert_eq!(c.kicks, 1);
+    }
+
+    #[test]
+    fn exit_events_stop_workers() {
+        let (_s, b) = backend(2, 0);
+        let (c0, _n0) = b.exit_event(0).unwrap();
+        let (c1, _n1) = b.exit_event(1).unwrap();
+        b.stop_workers();
+        c0.consume().unwrap();
+        c1.consume().unwrap();
     }
 }

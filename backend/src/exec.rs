@@ -420,3 +420,423 @@ fn execute_op<M: GuestMemoryBackend>(
     };
     (status, Copied::Nothing)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ClientConfig, Store, StoreConfig};
+    use crate::testutil::*;
+    use vm_memory::GuestMemoryMmap;
+    use vtmem_protocol::{Handle, ObjectId, PoolSpec, Response, WireError};
+
+    const QSIZE: u16 = 256;
+
+    struct Fixture {
+        store: Arc<Store>,
+        exec: Executor,
+    }
+
+    fn fixture() -> Fixture {
+        let store = Store::new(StoreConfig {
+            host_limit: 64 << 20,
+        });
+        let client = store.add_client("vm", ClientConfig::default()).unwrap();
+        let exec = Executor::new(
+            client,
+            Arc::new(DeviceCounters::default()),
+            Arc::new(RateLimitedLog::new("test")),
+        );
+        Fixture { store, exec }
+    }
+
+    fn h(pool: u32, index: u64) -> Handle {
+        Handle {
+            pool,
+            object: ObjectId([7, 0, 0]),
+            index,
+        }
+    }
+
+    /// Sends `ops` (with `puts` as put pages, in order) through a direct or
+    /// indirect chain; returns the outcome, the response bytes and the get
+    /// pages.
+    fn send(
+        f: &mut Fixture,
+        mem: &GuestMemoryMmap,
+        ring: &mut TestRing<'_>,
+        ops: &[Op],
+        puts: &[Vec<u8>],
+        indirect: bool,
+        features: Features,
+    ) -> (ChainOutcome, Vec<u8>, Vec<Vec<u8>>) {
+        let req = request_bytes(ops, 0x1234);
+        let mut bufs = vec![ring.readable(&req)];
+        for p in puts {
+            bufs.push(ring.readable(p));
+        }
+        let resp = ring.writable(vtmem_protocol::response_len(ops.len() as u16) as u32);
+        bufs.push(resp);
+        let gets: Vec<Buf> = ops
+            .iter()
+            .filter(|o| matches!(o, Op::Get { .. }))
+            .map(|_| {
+                let b = ring.writable(PAGE_SIZE as u32);
+                mem.write_slice(&page_of(0xaa), GuestAddress(b.addr))
+                    .unwrap();
+                b
+            })
+            .collect();
+        bufs.extend(gets.iter().copied());
+        let head = if indirect {
+            ring.indirect_chain(&bufs)
+        } else {
+            ring.chain(&bufs)
+        };
+        let out = f.exec.run_chain(mem, ring.table(), QSIZE, head, features);
+        let resp_bytes = ring.read(resp);
+        let pages = gets.iter().map(|b| ring.read(*b)).collect();
+        (out, resp_bytes, pages)
+    }
+
+    fn statuses(resp: &[u8]) -> Vec<(Status, u64)> {
+        let r = Response::parse(resp).unwrap();
+        assert_eq!(r.header().status, Status::Ok);
+        assert_eq!(r.header().tag, 0x1234);
+        (0..r.header().num_ops)
+            .map(|i| {
+                let s = r.status(i).unwrap();
+                (s.status, s.value)
+            })
+            .collect()
+    }
+
+    fn new_pool(f: &mut Fixture, mem: &GuestMemoryMmap, ring: &mut TestRing<'_>) -> u32 {
+        let (out, resp, _) = send(
+            f,
+            mem,
+            ring,
+            &[Op::NewPool(PoolSpec::persistent())],
+            &[],
+            false,
+            Features::ALL,
+        );
+        assert_eq!(out.error, None);
+        let st = statuses(&resp);
+        assert_eq!(st[0].0, Status::Ok);
+        st[0].1 as u32
+    }
+
+    #[test]
+    fn put_then_get_round_trips() {
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        let data = patterned_page(1);
+        let (out, resp, pages) = send(
+            &mut f,
+            &mem,
+            &mut ring,
+            &[
+                Op::Put {
+                    handle: h(pool, 1),
+                    reserved: false,
+                },
+                Op::Get { handle: h(pool, 1) },
+            ],
+            std::slice::from_ref(&data),
+            false,
+            Features::ALL,
+        );
+        assert_eq!(out.error, None);
+        assert_eq!(out.used_len as usize, 16 + 2 * 16 + PAGE_SIZE);
+        assert_eq!(statuses(&resp), vec![(Status::Ok, 0), (Status::Ok, 0)]);
+        assert_eq!(pages[0], data);
+        let c = f.exec.counters.snapshot();
+        assert_eq!(c.bytes_from_guest, PAGE_SIZE as u64);
+        assert_eq!(c.bytes_to_guest, PAGE_SIZE as u64);
+        assert_eq!(f.store.stats().clients.len(), 1);
+    }
+
+    #[test]
+    fn indirect_chain_round_trips() {
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        let pages: Vec<Vec<u8>> = (0..8).map(patterned_page).collect();
+        let mut ops: Vec<Op> = (0..8)
+            .map(|i| Op::Put {
+                handle: h(pool, i),
+                reserved: false,
+            })
+            .collect();
+        ops.extend((0..8).rev().map(|i| Op::Get { handle: h(pool, i) }));
+        let (out, resp, got) = send(&mut f, &mem, &mut ring, &ops, &pages, true, Features::ALL);
+        assert_eq!(out.error, None);
+        assert!(statuses(&resp).iter().all(|s| s.0 == Status::Ok));
+        for (k, i) in (0..8).rev().enumerate() {
+            assert_eq!(got[k], pages[i]);
+        }
+        assert_eq!(out.used_len as usize, 16 + 16 * 16 + 8 * PAGE_SIZE);
+    }
+
+    #[test]
+    fn get_miss_writes_nothing() {
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        let (out, resp, pages) = send(
+            &mut f,
+            &mem,
+            &mut ring,
+            &[Op::Get { handle: h(pool, 9) }],
+            &[],
+            false,
+            Features::ALL,
+        );
+        assert_eq!(statuses(&resp), vec![(Status::Miss, 0)]);
+        assert_eq!(out.used_len, 32);
+        assert_eq!(pages[0], page_of(0xaa));
+    }
+
+    #[test]
+    fn invalid_ops_get_their_own_status() {
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        let ops = [
+            Op::Put {
+                handle: h(pool, 1),
+                reserved: false,
+            },
+            Op::Reset, // patched below into an unknown opcode
+            Op::Put {
+                handle: h(pool, 2),
+                reserved: false,
+            }, // patched below: undefined flags
+            Op::Get { handle: h(pool, 1) },
+            Op::DestroyPool { pool: 99 },
+        ];
+        let mut req = request_bytes(&ops, 0x1234);
+        req[16 + 48] = 0xee;
+        req[16 + 2 * 48 + 1] = 0x80;
+        let r = ring.readable(&req);
+        let p1 = ring.readable(&patterned_page(1));
+        let p2 = ring.readable(&patterned_page(2));
+        let resp = ring.writable(16 + 5 * 16);
+        let g = ring.writable(PAGE_SIZE as u32);
+        let head = ring.chain(&[r, p1, p2, resp, g]);
+        let out = f
+            .exec
+            .run_chain(&mem, ring.table(), QSIZE, head, Features::ALL);
+        assert_eq!(out.error, None);
+        assert_eq!(
+            statuses(&ring.read(resp)),
+            vec![
+                (Status::Ok, 0),
+                (Status::Unsupported, 0),
+                (Status::Invalid, 0),
+                (Status::Ok, 0),
+                (Status::NoPool, 0),
+            ]
+        );
+        // The GET used the first page buffer after the response, so the
+        // invalid PUT's page did not shift the layout.
+        assert_eq!(ring.read(g), patterned_page(1));
+        assert_eq!(f.exec.counters.snapshot().invalid_ops, 2);
+        assert_eq!(WireError::UnknownOpcode(0xee).status(), Status::Unsupported);
+    }
+
+    #[test]
+    fn features_gate_operations() {
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        let none = Features::default();
+        let (_, resp, _) = send(
+            &mut f,
+            &mem,
+            &mut ring,
+            &[
+                Op::NewPool(PoolSpec::ephemeral()),
+                Op::NewPool(PoolSpec::shared([1; 16])),
+                Op::Reserve { pool, pages: 4 },
+                Op::Unreserve { pool, pages: 4 },
+                Op::Put {
+                    handle: h(pool, 1),
+                    reserved: true,
+                },
+                Op::NewPool(PoolSpec::persistent()),
+            ],
+            &[patterned_page(3)],
+            false,
+            none,
+        );
+        let st: Vec<Status> = statuses(&resp).into_iter().map(|s| s.0).collect();
+        assert_eq!(
+            st,
+            vec![
+                Status::Unsupported,
+                Status::Unsupported,
+                Status::Unsupported,
+                Status::Unsupported,
+                Status::Unsupported,
+                Status::Ok,
+            ]
+        );
+    }
+
+    #[test]
+    fn reserve_and_reserved_put() {
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        let (_, resp, _) = send(
+            &mut f,
+            &mem,
+            &mut ring,
+            &[
+                Op::Reserve { pool, pages: 2 },
+                Op::Put {
+                    handle: h(pool, 1),
+                    reserved: true,
+                },
+                Op::Unreserve { pool, pages: 1 },
+            ],
+            &[patterned_page(4)],
+            false,
+            Features::ALL,
+        );
+        assert_eq!(
+            statuses(&resp),
+            vec![(Status::Ok, 2), (Status::Ok, 0), (Status::Ok, 0)]
+        );
+    }
+
+    #[test]
+    fn reset_drops_every_pool() {
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        let (_, resp, _) = send(
+            &mut f,
+            &mem,
+            &mut ring,
+            &[
+                Op::Put {
+                    handle: h(pool, 1),
+                    reserved: false,
+                },
+                Op::Reset,
+                Op::Get { handle: h(pool, 1) },
+            ],
+            &[patterned_page(5)],
+            false,
+            Features::ALL,
+        );
+        let st: Vec<Status> = statuses(&resp).into_iter().map(|s| s.0).collect();
+        assert_eq!(st, vec![Status::Ok, Status::Ok, Status::NoPool]);
+    }
+
+    #[test]
+    fn request_level_error_writes_only_a_header() {
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let mut req = request_bytes(&[Op::Reset], 0x55);
+        req[0] = 9;
+        let r = ring.readable(&req);
+        let resp = ring.writable(32);
+        mem.write_slice(&[0xcc; 32], GuestAddress(resp.addr))
+            .unwrap();
+        let head = ring.chain(&[r, resp]);
+        let out = f
+            .exec
+            .run_chain(&mem, ring.table(), QSIZE, head, Features::ALL);
+        assert_eq!(out.used_len, 16);
+        assert_eq!(
+            out.error,
+            Some(ChainError::BadHeader(WireError::BadVersion(9)))
+        );
+        let bytes = ring.read(resp);
+        let hdr = ResponseHeader::decode(&bytes).unwrap();
+        assert_eq!(
+            hdr,
+            ResponseHeader {
+                num_ops: 0,
+                status: Status::BadVersion,
+                tag: 0x55
+            }
+        );
+        assert_eq!(&bytes[16..], &[0xcc; 16]);
+        assert_eq!(f.exec.counters.snapshot().rejected_chains, 1);
+    }
+
+    #[test]
+    fn dropped_chain_touches_nothing() {
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        // A PUT whose response buffer is too short: nothing executes.
+        let req = request_bytes(
+            &[Op::Put {
+                handle: h(pool, 1),
+                reserved: false,
+            }],
+            1,
+        );
+        let r = ring.readable(&req);
+        let p = ring.readable(&patterned_page(6));
+        let resp = ring.writable(20);
+        mem.write_slice(&[0xcc; 20], GuestAddress(resp.addr))
+            .unwrap();
+        let head = ring.chain(&[r, p, resp]);
+        let out = f
+            .exec
+            .run_chain(&mem, ring.table(), QSIZE, head, Features::ALL);
+        assert_eq!(out.used_len, 0);
+        assert!(matches!(
+            out.error,
+            Some(ChainError::ResponseTooShort { .. })
+        ));
+        assert_eq!(ring.read(resp), vec![0xcc; 20]);
+        let (_, resp, _) = send(
+            &mut f,
+            &mem,
+            &mut ring,
+            &[Op::Get { handle: h(pool, 1) }],
+            &[],
+            false,
+            Features::ALL,
+        );
+        assert_eq!(statuses(&resp)[0].0, Status::Miss);
+        assert_eq!(f.exec.counters.snapshot().dropped_chains, 1);
+    }
+
+    #[test]
+    fn removed_client_answers_device_error() {
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        f.store.remove_client("vm").unwrap();
+        let (out, resp, _) = send(
+            &mut f,
+            &mem,
+            &mut ring,
+            &[Op::Get { handle: h(pool, 1) }],
+            &[],
+            false,
+            Features::ALL,
+        );
+        assert_eq!(out.error, None);
+        assert_eq!(statuses(&resp)[0].0, Status::DeviceError);
+    }
+}
