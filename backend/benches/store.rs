@@ -10,7 +10,18 @@
 //! compresses (LZ4) and copies the same pages: the ratio is what the
 //! store's bookkeeping costs. It also reports host and metadata bytes per
 //! stored page, compression and dedup ratios, and one versus two threads
-//! putting for two clients.
+//! putting for two clients. `VTMEM_BENCH_KINDS=random,zero` limits the
+//! kinds measured.
+//!
+//! Timing: each repetition replays the same work; the time of every batch
+//! of 256 pages is the minimum over repetitions, which filters out other
+//! processes on a shared machine. Both the baseline and the store copy into
+//! memory freshly taken from the allocator in 64 KiB chunks, so both pay
+//! first-touch page faults; on random (raw) pages those faults are most of
+//! the store's extra time (with `MALLOC_TRIM_THRESHOLD_=4000000000` the
+//! allocator keeps freed memory and the ratio rises to about 0.8). Gets of
+//! the baseline read its arena in order, the store's slots are spread over
+//! its shards, which shows on random pages (a plain 4 KiB copy).
 
 use std::hint::black_box;
 use std::path::Path;

@@ -51,7 +51,9 @@ const fn slots_per_chunk(class: usize) -> usize {
 
 #[derive(Debug)]
 struct Chunk {
-    data: Box<[u8]>,
+    /// Allocated at full size, filled as slots are first used (bump), so
+    /// the memory is written once, never zeroed first.
+    data: Vec<u8>,
     used: u32,
     /// Head of the intrusive free list (slot number) or NIL.
     free_head: u32,
@@ -95,11 +97,12 @@ impl Slab {
         }
     }
 
-    /// Allocates a slot for `len` bytes (1..=PAGE_SIZE) and returns its address.
+    /// Stores `src` (1..=PAGE_SIZE bytes) in a new slot; returns its address.
     ///
     /// Panics only if a class runs out of chunk numbers (2^22 chunks of
     /// 64 KiB: 256 GiB in one class of one shard).
-    pub fn alloc(&mut self, len: usize) -> u32 {
+    pub fn alloc(&mut self, src: &[u8]) -> u32 {
+        let len = src.len();
         debug_assert!((1..=PAGE_SIZE).contains(&len));
         let class_no = class_of(len);
         let size = class_size(class_no);
@@ -125,7 +128,7 @@ impl Slab {
                     assert!(n < MAX_CHUNKS, "slab class exhausted");
                     let bytes = per_chunk as usize * size;
                     class.chunks[n as usize] = Some(Chunk {
-                        data: vec![0u8; bytes].into_boxed_slice(),
+                        data: Vec::with_capacity(bytes),
                         used: 0,
                         free_head: NIL,
                         bump: 0,
@@ -147,8 +150,12 @@ impl Slab {
             let mut next = [0u8; 4];
             next.copy_from_slice(&chunk.data[at..at + 4]);
             chunk.free_head = u32::from_le_bytes(next);
+            chunk.data[at..at + len].copy_from_slice(src);
             slot
         } else {
+            debug_assert_eq!(chunk.data.len(), chunk.bump as usize * size);
+            chunk.data.extend_from_slice(src);
+            chunk.data.resize(chunk.data.len() + size - len, 0);
             chunk.bump += 1;
             chunk.bump - 1
         };
@@ -179,16 +186,6 @@ impl Slab {
         &chunk.data[at..at + len]
     }
 
-    /// The `len` bytes at `addr`, for writing.
-    pub fn get_mut(&mut self, len: usize, addr: u32) -> &mut [u8] {
-        let class_no = class_of(len);
-        let at = (addr & SLOT_MASK) as usize * class_size(class_no);
-        let chunk = self.classes[class_no].chunks[(addr >> SLOT_BITS) as usize]
-            .as_mut()
-            .expect("slot address names a live chunk");
-        &mut chunk.data[at..at + len]
-    }
-
     /// Frees the slot at `addr` that was allocated for `len` bytes.
     pub fn free(&mut self, len: usize, addr: u32) {
         let class_no = class_of(len);
@@ -203,7 +200,7 @@ impl Slab {
         chunk.used -= 1;
         self.live -= size as u64;
         if chunk.used == 0 {
-            let bytes = chunk.data.len() as u64;
+            let bytes = (slots_per_chunk(class_no) * size) as u64;
             if chunk.listed {
                 if let Some(pos) = class.avail.iter().rposition(|&n| n == chunk_no) {
                     class.avail.swap_remove(pos);
@@ -290,9 +287,8 @@ mod tests {
         let mut held = Vec::new();
         for i in 0..3000usize {
             let len = 1 + (i * 37) % PAGE_SIZE;
-            let addr = slab.alloc(len);
             let byte = (i % 251) as u8;
-            slab.get_mut(len, addr).fill(byte);
+            let addr = slab.alloc(&vec![byte; len]);
             held.push((len, addr, byte));
         }
         for &(len, addr, byte) in &held {
@@ -313,18 +309,24 @@ mod tests {
     fn free_slots_are_reused_before_new_chunks() {
         let mut slab = Slab::new();
         let per = slots_per_chunk(class_of(1000));
-        let addrs: Vec<u32> = (0..per).map(|_| slab.alloc(1000)).collect();
+        let data = [7u8; 1000];
+        let addrs: Vec<u32> = (0..per).map(|_| slab.alloc(&data)).collect();
         assert_eq!(slab.chunks(), 1);
         slab.free(1000, addrs[3]);
         slab.free(1000, addrs[7]);
-        let a = slab.alloc(1000);
-        let b = slab.alloc(1000);
+        let a = slab.alloc(&[1u8; 1000]);
+        let b = slab.alloc(&[2u8; 1000]);
         assert_eq!(slab.chunks(), 1, "freed slots reused");
         let mut got = [a, b];
         got.sort_unstable();
         assert_eq!(got, [addrs[3], addrs[7]]);
         // The chunk is full again: the next allocation needs a new chunk.
-        let c = slab.alloc(1000);
+        assert!(
+            slab.get(1000, a).iter().all(|&x| x == 1),
+            "reused slot rewritten"
+        );
+        assert!(slab.get(1000, addrs[0]).iter().all(|&x| x == 7));
+        let c = slab.alloc(&data);
         assert_eq!(slab.chunks(), 2);
         slab.free(1000, c);
         assert_eq!(slab.chunks(), 1, "empty chunk released");
@@ -334,7 +336,7 @@ mod tests {
     fn empty_chunks_in_the_middle_are_released_and_renumbered() {
         let mut slab = Slab::new();
         let per = slots_per_chunk(class_of(4096));
-        let all: Vec<u32> = (0..per * 3).map(|_| slab.alloc(4096)).collect();
+        let all: Vec<u32> = (0..per * 3).map(|_| slab.alloc(&[1u8; 4096])).collect();
         assert_eq!(slab.chunks(), 3);
         // Empty the middle chunk.
         for &a in &all[per..2 * per] {
@@ -343,10 +345,8 @@ mod tests {
         assert_eq!(slab.chunks(), 2);
         assert_eq!(slab.footprint(), 2 * (per * 4096) as u64);
         // A new chunk reuses the released number, the rest still reads back.
-        let x = slab.alloc(4096);
+        let x = slab.alloc(&[9u8; 4096]);
         assert_eq!(x >> SLOT_BITS, 1);
-        slab.get_mut(4096, x).fill(9);
-        slab.get_mut(4096, all[0]).fill(1);
         assert!(slab.get(4096, all[0]).iter().all(|&b| b == 1));
         assert!(slab.get(4096, x).iter().all(|&b| b == 9));
     }
@@ -354,9 +354,9 @@ mod tests {
     #[test]
     fn alternating_alloc_free_keeps_footprint_bounded() {
         let mut slab = Slab::new();
-        let keep = slab.alloc(200);
+        let keep = slab.alloc(&[0u8; 200]);
         for _ in 0..10_000 {
-            let a = slab.alloc(200);
+            let a = slab.alloc(&[1u8; 200]);
             slab.free(200, a);
         }
         assert_eq!(slab.chunks(), 1);

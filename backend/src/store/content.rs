@@ -618,16 +618,8 @@ impl Domain {
             }
         }
         let (loc, len) = match data {
-            NewData::Lz4(bytes) => {
-                let loc = shard.slab.alloc(bytes.len());
-                shard.slab.get_mut(bytes.len(), loc).copy_from_slice(bytes);
-                (loc, bytes.len())
-            }
-            NewData::Raw => {
-                let loc = shard.slab.alloc(PAGE_SIZE);
-                shard.slab.get_mut(PAGE_SIZE, loc).copy_from_slice(page);
-                (loc, PAGE_SIZE)
-            }
+            NewData::Lz4(bytes) => (shard.slab.alloc(bytes), bytes.len()),
+            NewData::Raw => (shard.slab.alloc(page), PAGE_SIZE),
             NewData::Pattern => (NIL, 0),
         };
         let entry = Entry {

@@ -150,12 +150,15 @@ use pool::{KeyedState, Pool};
 /// One page of data.
 pub type Page = [u8; PAGE_SIZE];
 
-/// Shards of a client's own dedup domain.
-const CLIENT_SHARDS: usize = 4;
+/// Shards of a client's own dedup domain. Each shard has its own slab
+/// allocator, whose partly filled chunks (up to one per size class) are
+/// slack: more shards mean less contention between one client's threads
+/// but more slack per client.
+const CLIENT_SHARDS: usize = 2;
 /// Shards of a dedup group's domain (many clients put into it).
-const GROUP_SHARDS: usize = 16;
+const GROUP_SHARDS: usize = 8;
 /// Shards of a shared pool's domain.
-const SHARED_POOL_SHARDS: usize = 4;
+const SHARED_POOL_SHARDS: usize = 2;
 
 /// The store. `Send + Sync`; share it as `Arc<Store>`.
 #[derive(Debug)]
