@@ -43,11 +43,11 @@ module! {
             description: "Pages per batch (request); at most 128",
         },
         batch_timeout_us: u32 {
-            default: 2000,
+            default: 10000,
             description: "A partly filled batch goes out after this many microseconds",
         },
         batches_per_queue: u32 {
-            default: 4,
+            default: 6,
             description: "Preallocated batch buffers per request queue",
         },
         reserve_pages: u32 {

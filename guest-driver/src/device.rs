@@ -56,6 +56,9 @@ pub(crate) const MAX_SWAP_TYPES: usize = 32;
 /// Swap slots per cluster: the unit of queue selection.
 const CLUSTER_SHIFT: u32 = 9;
 
+/// Invalidations a queue can park while all its batches are busy.
+const OVERFLOW_FLUSHES: usize = 1024;
+
 /// Stores without refill attempts after the device granted nothing.
 const RESERVE_BACKOFF: u32 = 64;
 
@@ -177,7 +180,7 @@ pub(crate) struct Shared {
 impl Shared {
     fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.stats.for_each(&mut |name, v| writeln!(f, "{name} {v}"))?;
-        let mut sums = [0u64; 9];
+        let mut sums = [0u64; 16];
         for qs in self.queue_stats.iter() {
             let mut i = 0;
             qs.for_each(&mut |_, v| {
@@ -215,6 +218,54 @@ impl Shared {
 // ---------------------------------------------------------------------------
 // Queues
 
+/// Invalidations waiting for a free batch, oldest first (fixed capacity,
+/// never allocates).
+struct FlushRing {
+    buf: KVec<Handle>,
+    head: usize,
+    len: usize,
+}
+
+impl FlushRing {
+    fn new(cap: usize) -> Result<Self> {
+        let mut buf = KVec::with_capacity(cap.max(1), GFP_KERNEL)?;
+        buf.extend_with(cap.max(1), Handle::default(), GFP_KERNEL)?;
+        Ok(Self { buf, head: 0, len: 0 })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, h: Handle) -> bool {
+        let cap = self.buf.len();
+        if self.len == cap {
+            return false;
+        }
+        if let Some(slot) = self.buf.get_mut((self.head + self.len) % cap) {
+            *slot = h;
+            self.len += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn front(&self) -> Option<Handle> {
+        if self.len == 0 {
+            return None;
+        }
+        self.buf.get(self.head).copied()
+    }
+
+    fn pop(&mut self) {
+        if self.len > 0 {
+            self.head = (self.head + 1) % self.buf.len();
+            self.len -= 1;
+        }
+    }
+}
+
 struct QueueInner {
     vq: Option<sys::Virtqueue<Batch>>,
     open: Option<KBox<Batch>>,
@@ -223,8 +274,9 @@ struct QueueInner {
     done: KVec<KBox<Batch>>,
     in_flight: usize,
     next_seq: u64,
-    /// Invalidations that found no batch; sent first in the next one.
-    overflow: KVec<Handle>,
+    /// Invalidations that found no batch. While it is not empty no other
+    /// operation is added to a batch: they go out first, in order.
+    overflow: FlushRing,
     timer_armed: bool,
     timer_seq: u64,
     dead: bool,
@@ -237,12 +289,18 @@ impl QueueInner {
     /// The open batch if it has room for `n` operations, `pages` of them with
     /// a page; otherwise seals it and opens a free one. `None` if no batch is
     /// free (or the device is gone).
+    ///
+    /// Parked invalidations (`overflow`) are moved into fresh batches first,
+    /// so that they reach the device before any later operation.
     fn open_with_room(&mut self, stats: &QueueStats, n: usize, pages: usize) -> Option<&mut Batch> {
         if self.dead {
             return None;
         }
-        let fits = self.open.as_ref().is_some_and(|b| b.has_room(n, pages));
-        if !fits {
+        loop {
+            let fits = self.open.as_ref().is_some_and(|b| b.has_room(n, pages));
+            if fits && self.overflow.is_empty() {
+                break;
+            }
             if self.open.as_ref().is_some_and(|b| !b.is_empty()) {
                 stats.full_flushes.add(1, kernel::sync::atomic::Relaxed);
             }
@@ -250,13 +308,15 @@ impl QueueInner {
             let mut b = self.free.pop()?;
             self.next_seq += 1;
             b.reset(self.next_seq);
-            for handle in self.overflow.drain_all() {
-                // The overflow never exceeds half a batch: this fits.
-                let _ = b.push(Op::FlushPage { handle });
+            while let Some(handle) = self.overflow.front() {
+                if b.push(Op::FlushPage { handle }).is_err() {
+                    break;
+                }
+                self.overflow.pop();
             }
             self.open = Some(b);
         }
-        self.open.as_deref_mut().filter(|b| b.has_room(n, pages))
+        self.open.as_deref_mut()
     }
 
     /// Seals the open batch: it goes out at the next `pump`.
@@ -403,7 +463,7 @@ impl Queue {
             done: KVec::with_capacity(n, GFP_KERNEL)?,
             in_flight: 0,
             next_seq: 0,
-            overflow: KVec::with_capacity(max_ops as usize / 2, GFP_KERNEL)?,
+            overflow: FlushRing::new(OVERFLOW_FLUSHES)?,
             timer_armed: false,
             timer_seq: 0,
             dead: false,
@@ -706,9 +766,11 @@ impl Device {
         if let Some(page) = b.page_mut(index) {
             fill(page);
         }
+        let mut refilling = false;
         if let Some(pages) = refill {
             if b.push(Op::Reserve { pool, pages }).is_ok() {
                 counter(&self.stats().reserve_requests);
+                refilling = true;
             } else {
                 self.shared.pools.lock().reserve_done(pool, pages, 0);
             }
@@ -718,6 +780,12 @@ impl Device {
             if b.is_full() {
                 g.seal();
                 q.stats().full_flushes.add(1, Relaxed);
+                g.pump(q.stats());
+            } else if refilling {
+                // Stores on other queues spend the same reservation: the
+                // refill must not wait for this batch to fill up.
+                g.seal();
+                q.stats().refill_flushes.add(1, Relaxed);
                 g.pump(q.stats());
             } else {
                 q.as_ref().arm(&mut g);
@@ -813,9 +881,12 @@ impl Device {
             }
             Some(false) => q.as_ref().arm(&mut g),
             None => {
-                if g.overflow.push_within_capacity(handle).is_err() {
+                if !g.overflow.push(handle) {
                     counter(&self.stats().invalidates_dropped);
                 }
+                // A batch half filled from the overflow must not wait for
+                // the next operation.
+                q.as_ref().arm(&mut g);
             }
         }
         g.pump(q.stats());
@@ -1074,6 +1145,11 @@ impl VirtioDriver for Device {
             if g.vq.as_mut().is_none_or(|vq| vq.enable_cb()) {
                 break;
             }
+        }
+        if !g.overflow.is_empty() {
+            // Batches came back: send the parked invalidations.
+            let _ = g.open_with_room(q.stats(), 0, 0);
+            q.as_ref().arm(&mut g);
         }
         g.pump(q.stats());
         if answered && g.sleepers > 0 {

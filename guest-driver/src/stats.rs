@@ -86,6 +86,8 @@ counters! {
         timer_flushes,
         /// Requests sent at once to get an answer (load, synchronous store).
         sync_flushes,
+        /// Requests sent early to carry a reservation refill.
+        refill_flushes,
         /// Times a request found the ring full and had to wait.
         ring_full,
     }
