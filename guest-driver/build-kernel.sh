@@ -99,6 +99,19 @@ if [ "$force" -eq 0 ] && [ -f "$out/.vtmem-complete" ]; then
     exit 0
 fi
 
+# One build at a time; a second caller waits and then finds the result.
+mkdir -p "$cache"
+exec 9>"$cache/.build-kernel.lock"
+if ! flock -n 9; then
+    log "waiting for another build-kernel.sh to finish"
+    flock 9
+fi
+if [ "$force" -eq 0 ] && [ -f "$out/.vtmem-complete" ]; then
+    log "cached: $kdir"
+    printf '%s\n' "$kdir"
+    exit 0
+fi
+
 # --- toolchain ---------------------------------------------------------------
 [ -d "$HOME/.cargo/bin" ] && PATH="$HOME/.cargo/bin:$PATH"
 vtmem_apt_install clang-19 libclang-19-dev lld-19 llvm-19 flex bison bc \

@@ -23,6 +23,7 @@
 # Environment:
 #   XDG_CACHE_HOME        cache root (default ~/.cache)
 #   VTMEM_QEMU_SUITE      suite to take the source from (default trixie)
+#   VTMEM_QEMU_KEEP       installed versions to keep (default 3)
 #   VTMEM_QEMU_KEEP_BUILD=1  keep the build tree after installing
 
 set -euo pipefail
@@ -82,6 +83,19 @@ key=$( {
 out="$cache/qemu-$key"
 bin="$out/bin/qemu-system-x86_64"
 
+if [ "$force" -eq 0 ] && [ -f "$out/.vtmem-complete" ] && [ -x "$bin" ]; then
+    log "cached: $bin"
+    printf '%s\n' "$bin"
+    exit 0
+fi
+
+# One build at a time; a second caller waits and then finds the result.
+mkdir -p "$cache"
+exec 9>"$cache/.build-qemu.lock"
+if ! flock -n 9; then
+    log "waiting for another build-qemu.sh to finish"
+    flock 9
+fi
 if [ "$force" -eq 0 ] && [ -f "$out/.vtmem-complete" ] && [ -x "$bin" ]; then
     log "cached: $bin"
     printf '%s\n' "$bin"
@@ -184,5 +198,18 @@ printf '%s\n' "$version" > "$out/.vtmem-source-version"
 : > "$out/.vtmem-complete"
 [ "${VTMEM_QEMU_KEEP_BUILD:-0}" = 1 ] || rm -rf "$work"
 log "done in $((SECONDS - t0))s"
+
+# Keep the newest $VTMEM_QEMU_KEEP (default 3) installed versions.
+keep=${VTMEM_QEMU_KEEP:-3}
+if [ "$keep" -gt 0 ]; then
+    # shellcheck disable=SC2012
+    ls -1dt "$cache"/qemu-*/ 2>/dev/null | grep -E '/qemu-[0-9a-f]{16}/$' \
+        | tail -n +"$((keep + 1))" | while read -r old; do
+            old=${old%/}
+            [ "$old" = "$out" ] && continue
+            log "pruning $old"
+            rm -rf "$old"
+        done
+fi
 
 printf '%s\n' "$bin"
