@@ -22,6 +22,8 @@ use crate::{Error, Page, Result};
 pub const BATCHES: [usize; 4] = [1, 8, 32, 128];
 /// VM counts of the multi-VM run.
 pub const VM_COUNTS: [usize; 3] = [1, 4, 16];
+/// Fewest pages each VM stores in the multi-VM run.
+pub const MIN_MULTI_VM_PAGES: usize = 2048;
 /// Batch size of the headline figures and of the multi-VM run.
 pub const HEADLINE_BATCH: usize = 32;
 
@@ -38,6 +40,8 @@ pub struct BenchOptions {
     pub depth: usize,
     /// Device busy-poll window for the second latency run, microseconds.
     pub poll_us: u32,
+    /// Rounds per figure (the median is reported); default 7 quick, 9 full.
+    pub rounds: Option<usize>,
 }
 
 impl Default for BenchOptions {
@@ -48,6 +52,7 @@ impl Default for BenchOptions {
             pages: None,
             depth: 8,
             poll_us: 50,
+            rounds: None,
         }
     }
 }
@@ -120,6 +125,8 @@ pub struct Report {
     pub corpus: CorpusMix,
     /// Requests in flight when streaming.
     pub depth: usize,
+    /// Rounds per figure (medians reported).
+    pub rounds: usize,
     /// Per batch size.
     pub batches: Vec<BatchFigures>,
     /// Streaming puts at batch 32: vhost-user rate / in-process rate.
@@ -227,9 +234,14 @@ fn vm_options(guest_pages: usize, depth: usize) -> VmOptions {
 }
 
 /// Connects a VM and copies `pages` into its own memory.
-fn connect(daemon: &Daemon, name: &str, pages: &[Box<Page>], depth: usize) -> Result<Vm> {
+fn connect<'p>(
+    daemon: &Daemon,
+    name: &str,
+    pages: impl ExactSizeIterator<Item = &'p Page>,
+    depth: usize,
+) -> Result<Vm> {
     let vm = Vm::connect(daemon.socket(name), &vm_options(pages.len(), depth))?;
-    for (i, p) in pages.iter().enumerate() {
+    for (i, p) in pages.enumerate() {
         vm.write_guest_page(i as u64, p)?;
     }
     Ok(vm)
@@ -282,41 +294,53 @@ fn stream(
     Ok((rate(n, d), s.kicks, s.interrupts))
 }
 
-fn batch_figures(
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One round of one batch size: in-process and vhost-user back to back,
+/// so both see the same background load.
+struct Round {
+    in_put: f64,
+    in_get: f64,
+    put: f64,
+    get: f64,
+    sync: f64,
+    kicks: u64,
+    irqs: u64,
+    get_kicks: u64,
+    verified: usize,
+}
+
+fn batch_round(
     vm: &Vm,
     inproc: &InProcess,
     pages: &[Box<Page>],
     batch: usize,
     depth: usize,
-) -> Result<(BatchFigures, usize)> {
+) -> Result<Round> {
     let n = pages.len();
     let tag = batch as u64;
     let (in_put, in_get) = inproc.run(pages, tag)?;
 
     let pool = vm.new_pool(PoolSpec::persistent())?;
-    let (put, kicks, irqs) = stream(
-        vm,
-        n,
-        batch,
-        depth,
-        |i| Op::Put {
+    let put_op = |pool: u32| {
+        move |i| Op::Put {
             handle: handle(pool, tag, i),
             reserved: false,
-        },
-        Status::Ok,
-    )?;
-    let (get, get_kicks, _) = stream(
-        vm,
-        n,
-        batch,
-        depth,
-        |i| Op::Get {
-            handle: handle(pool, tag, i),
-        },
-        Status::Ok,
-    )?;
+        }
+    };
+    let (put, kicks, irqs) = stream(vm, n, batch, depth, put_op(pool), Status::Ok)?;
+    let get_op = |i| Op::Get {
+        handle: handle(pool, tag, i),
+    };
+    let (get, get_kicks, _) = stream(vm, n, batch, depth, get_op, Status::Ok)?;
     // Read a sample back through the copying path and compare.
-    let step = (n / 256).max(1);
+    let step = (n / 64).max(1);
     let sample: Vec<usize> = (0..n).step_by(step).collect();
     let handles: Vec<Handle> = sample.iter().map(|&i| handle(pool, tag, i)).collect();
     let got = vm.get_batch(&handles)?;
@@ -331,34 +355,55 @@ fn batch_figures(
 
     // One request at a time.
     let pool = vm.new_pool(PoolSpec::persistent())?;
-    let (sync, _, _) = stream(
-        vm,
-        n,
-        batch,
-        1,
-        |i| Op::Put {
-            handle: handle(pool, tag, i),
-            reserved: false,
-        },
-        Status::Ok,
-    )?;
+    let (sync, _, _) = stream(vm, n, batch, 1, put_op(pool), Status::Ok)?;
     vm.destroy_pool(pool)?;
+    Ok(Round {
+        in_put,
+        in_get,
+        put,
+        get,
+        sync,
+        kicks,
+        irqs,
+        get_kicks,
+        verified: sample.len(),
+    })
+}
 
+fn batch_figures(
+    vm: &Vm,
+    inproc: &InProcess,
+    pages: &[Box<Page>],
+    batch: usize,
+    depth: usize,
+    rounds: usize,
+) -> Result<(BatchFigures, usize)> {
+    let mut r = Vec::with_capacity(rounds);
+    for _ in 0..rounds.max(1) {
+        r.push(batch_round(vm, inproc, pages, batch, depth)?);
+    }
+    let med = |f: fn(&Round) -> f64| median(&mut r.iter().map(f).collect::<Vec<_>>());
+    let ops = (pages.len() * r.len()) as f64;
+    let (put, in_put) = (med(|x| x.put), med(|x| x.in_put));
+    let (get, in_get) = (med(|x| x.get), med(|x| x.in_get));
+    // Efficiency per round (each pair saw the same load), then the median.
+    let put_eff = med(|x| ratio(x.put, x.in_put));
+    let get_eff = med(|x| ratio(x.get, x.in_get));
     Ok((
         BatchFigures {
             batch,
             vhost_put_per_s: put,
-            vhost_put_sync_per_s: sync,
+            vhost_put_sync_per_s: med(|x| x.sync),
             inproc_put_per_s: in_put,
-            put_efficiency: ratio(put, in_put),
+            put_efficiency: put_eff,
             vhost_get_per_s: get,
             inproc_get_per_s: in_get,
-            get_efficiency: ratio(get, in_get),
-            kicks_per_op: kicks as f64 / n as f64,
-            interrupts_per_op: irqs as f64 / n as f64,
-            get_kicks_per_op: get_kicks as f64 / n as f64,
+            get_efficiency: get_eff,
+            kicks_per_op: r.iter().map(|x| x.kicks).sum::<u64>() as f64 / ops,
+            interrupts_per_op: r.iter().map(|x| x.irqs).sum::<u64>() as f64 / ops,
+            get_kicks_per_op: r.iter().map(|x| x.get_kicks).sum::<u64>() as f64 / ops,
         },
-        sample.len(),
+        r.iter().map(|x| x.verified).sum(),
     ))
 }
 
@@ -428,11 +473,14 @@ fn latency(vm: &Vm, pages: usize, samples: usize, poll_us: u32) -> Result<Latenc
 }
 
 fn multi_vm(daemon: &Daemon, pages: &[Box<Page>], vms: usize, depth: usize) -> Result<MultiVm> {
-    let share = pages.len() / vms;
+    // Each VM stores its own stretch of the corpus (wrapping around), at
+    // least MIN_MULTI_VM_PAGES so that a run lasts long enough to measure.
+    let n = pages.len();
+    let share = (n / vms).max(MIN_MULTI_VM_PAGES.min(n));
     let mut conns = Vec::with_capacity(vms);
     for v in 0..vms {
-        let slice = &pages[v * share..(v + 1) * share];
-        conns.push(connect(daemon, &format!("bench{v}"), slice, depth)?);
+        let mine = (0..share).map(|k| &*pages[(v * (n / vms) + k) % n]);
+        conns.push(connect(daemon, &format!("bench{v}"), mine, depth)?);
     }
     let start = Arc::new(Barrier::new(vms + 1));
     let mid = Arc::new(Barrier::new(vms + 1));
@@ -521,6 +569,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     let n = opts.pages.unwrap_or(if opts.quick { 8192 } else { 32768 });
     let lat_samples = if opts.quick { 3000 } else { 20000 };
     let depth = opts.depth.max(1);
+    let rounds = opts.rounds.unwrap_or(if opts.quick { 7 } else { 9 }).max(1);
     let corpus = Corpus::load(n);
     eprintln!("corpus: {} pages ({:?})", corpus.pages.len(), corpus.mix);
     let pages = &corpus.pages;
@@ -532,13 +581,14 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         pages: n,
         corpus: corpus.mix,
         depth,
+        rounds,
         ..Report::default()
     };
 
     {
-        let vm = connect(&daemon, "bench0", pages, depth)?;
+        let vm = connect(&daemon, "bench0", pages.iter().map(|p| &**p), depth)?;
         for &b in &BATCHES {
-            let (f, verified) = batch_figures(&vm, &inproc, pages, b, depth)?;
+            let (f, verified) = batch_figures(&vm, &inproc, pages, b, depth, rounds)?;
             eprintln!("batch {b:>3}: put {:.0}/s (in-process {:.0}/s), get {:.0}/s (in-process {:.0}/s), {:.4} kicks/op", f.vhost_put_per_s, f.inproc_put_per_s, f.vhost_get_per_s, f.inproc_get_per_s, f.kicks_per_op);
             report.verified_pages += verified;
             report.batches.push(f);
@@ -548,7 +598,17 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
             .push(latency(&vm, n.min(4096), lat_samples, 0)?);
     }
     for &v in &VM_COUNTS {
-        let m = multi_vm(&daemon, pages, v, depth)?;
+        let mut runs = Vec::new();
+        for _ in 0..rounds.div_ceil(2) {
+            runs.push(multi_vm(&daemon, pages, v, depth)?);
+        }
+        let med = |f: fn(&MultiVm) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+        let m = MultiVm {
+            vms: v,
+            put_per_s: med(|m| m.put_per_s),
+            get_per_s: med(|m| m.get_per_s),
+            kicks_per_op: med(|m| m.kicks_per_op),
+        };
         eprintln!(
             "{v:>2} VMs: put {:.0}/s, get {:.0}/s",
             m.put_per_s, m.get_per_s
@@ -559,7 +619,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     daemon.restart(daemon_config(opts, Some(opts.poll_us)))?;
     {
         let lat_pages = &pages[..n.min(4096)];
-        let vm = connect(&daemon, "bench0", lat_pages, depth)?;
+        let vm = connect(&daemon, "bench0", lat_pages.iter().map(|p| &**p), depth)?;
         report
             .latency
             .push(latency(&vm, lat_pages.len(), lat_samples, opts.poll_us)?);
@@ -586,14 +646,15 @@ impl Report {
     pub fn table(&self) -> String {
         let mut s = String::new();
         s.push_str(&format!(
-            "vtmem-guestsim bench{}: {} pages (libraries {}, text {}, zero {}, synthetic {}), {} requests in flight\n\n",
+            "vtmem-guestsim bench{}: {} pages (libraries {}, text {}, zero {}, synthetic {}), {} requests in flight, medians of {} rounds\n\n",
             if self.quick { " --quick" } else { "" },
             self.pages,
             self.corpus.library,
             self.corpus.text,
             self.corpus.zero,
             self.corpus.synthetic,
-            self.depth
+            self.depth,
+            self.rounds
         ));
         s.push_str("batch | put/s vhost | put/s 1-deep | put/s in-proc | put eff | get/s vhost | get/s in-proc | get eff | kicks/op | irqs/op\n");
         s.push_str("------+-------------+--------------+---------------+---------+-------------+---------------+---------+----------+--------\n");

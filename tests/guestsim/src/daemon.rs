@@ -166,7 +166,7 @@ pub fn locate_vtmemd() -> Result<PathBuf> {
             if let Some(p) = candidates
                 .iter()
                 .map(|d| d.join("vtmemd"))
-                .find(|p| p.is_file())
+                .find(|p| p.is_file() && !stale(p))
             {
                 return Ok(p);
             }
@@ -182,6 +182,31 @@ pub fn locate_vtmemd() -> Result<PathBuf> {
         })
         .clone()
         .map_err(Error::Daemon)
+}
+
+/// Whether `bin` is older than the daemon's sources in this workspace (a
+/// test run of this crate alone does not rebuild it). Outside the
+/// workspace nothing is known to be newer.
+fn stale(bin: &Path) -> bool {
+    fn newest(p: &Path) -> Option<std::time::SystemTime> {
+        let md = fs::metadata(p).ok()?;
+        if md.is_file() {
+            return md.modified().ok();
+        }
+        fs::read_dir(p)
+            .ok()?
+            .flatten()
+            .filter_map(|e| newest(&e.path()))
+            .max()
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let Ok(built) = fs::metadata(bin).and_then(|m| m.modified()) else {
+        return true;
+    };
+    ["backend/src", "backend/Cargo.toml", "protocol/src"]
+        .iter()
+        .filter_map(|p| newest(&root.join(p)))
+        .any(|t| t > built)
 }
 
 /// `target/<profile>` directories the executable may live in.

@@ -39,6 +39,10 @@ enum Command {
         /// Device busy-poll window of the second latency run.
         #[arg(long, value_name = "US", default_value_t = 50)]
         poll_us: u32,
+        /// Rounds per figure; medians are reported (default 7, or 9
+        /// without --quick).
+        #[arg(long, value_name = "N")]
+        rounds: Option<usize>,
     },
     /// Connect to a running vtmemd VM socket, store pages in a persistent
     /// pool, read them back and compare.
@@ -99,12 +103,14 @@ fn main() {
             pages,
             depth,
             poll_us,
+            rounds,
         } => bench::run(&BenchOptions {
             quick,
             vtmemd,
             pages,
             depth,
             poll_us,
+            rounds,
         })
         .and_then(|r| {
             print!("{}", r.table());

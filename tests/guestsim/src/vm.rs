@@ -3,7 +3,9 @@
 //! QEMU does, the driver half runs the request queues in shared guest RAM.
 
 use std::ffi::CString;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -57,6 +59,13 @@ pub struct VmOptions {
     /// Pages of guest RAM set aside as the guest's own memory
     /// ([`Vm::guest_pages`]), for zero-copy requests.
     pub guest_pages: u64,
+    /// Negotiate `REPLY_ACK` and wait for every message to be acknowledged
+    /// (without it, messages race ahead of the backend as with a VMM that
+    /// does not wait).
+    pub reply_ack: bool,
+    /// Leave the rings disabled after setting them up; [`Vm::enable_queues`]
+    /// enables them (no `RESET` is sent at connect then).
+    pub defer_enable: bool,
 }
 
 impl Default for VmOptions {
@@ -72,6 +81,8 @@ impl Default for VmOptions {
             timeout: Duration::from_secs(20),
             spin: Duration::ZERO,
             guest_pages: 0,
+            reply_ack: true,
+            defer_enable: false,
         }
     }
 }
@@ -101,6 +112,8 @@ impl Negotiated {
 /// A connected, running simulated VM.
 pub struct Vm {
     socket: PathBuf,
+    /// The vhost-user connection (a clone, for the watchdog of [`Vm::shutdown`]).
+    stream: UnixStream,
     frontend: Mutex<Frontend>,
     ram: Arc<GuestRam>,
     queues: Vec<Mutex<Queue>>,
@@ -140,6 +153,37 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+/// Shuts a vhost-user socket down if a setup step outlasts its deadline, so
+/// that a blocked read returns.
+struct Watchdog {
+    cancel: mpsc::Sender<()>,
+    fired: std::thread::JoinHandle<bool>,
+}
+
+impl Watchdog {
+    fn arm(stream: &UnixStream, timeout: Duration) -> Result<Self> {
+        let s = stream.try_clone().map_err(Error::Io)?;
+        let (cancel, rx) = mpsc::channel::<()>();
+        let fired = std::thread::spawn(move || match rx.recv_timeout(timeout) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                true
+            }
+            _ => false,
+        });
+        Ok(Watchdog { cancel, fired })
+    }
+
+    /// Stops the watchdog; fails if it had fired.
+    fn disarm(self) -> Result<()> {
+        let _ = self.cancel.send(());
+        if self.fired.join().unwrap_or(true) {
+            return Err(Error::Setup("vhost-user setup timed out".into()));
+        }
+        Ok(())
+    }
+}
+
 fn vhost_err(what: &'static str) -> impl FnOnce(vhost::Error) -> Error {
     move |e| Error::Vhost(what, e)
 }
@@ -148,12 +192,30 @@ impl Vm {
     /// Connects to a vtmemd VM socket and brings the device up.
     pub fn connect(socket: impl AsRef<Path>, opts: &VmOptions) -> Result<Vm> {
         let socket = socket.as_ref().to_path_buf();
-        let mut fe =
-            Frontend::connect(&socket, MAX_REQUEST_QUEUES as u64).map_err(vhost_err("connect"))?;
+        let stream = UnixStream::connect(&socket)
+            .map_err(|e| Error::Setup(format!("connect {}: {e}", socket.display())))?;
+        // A backend that never answers (or serves another frontend) must not
+        // hang the VMM forever: the vhost crate retries timed-out reads, so
+        // a watchdog shuts the socket down instead.
+        let watchdog = Watchdog::arm(&stream, opts.timeout)?;
+        let res = Self::setup(socket, stream, opts);
+        let fired = watchdog.disarm().is_err();
+        match res {
+            Err(_) if fired => Err(Error::Timeout(opts.timeout)),
+            Ok(_) if fired => Err(Error::Timeout(opts.timeout)),
+            res => res,
+        }
+    }
+
+    fn setup(socket: PathBuf, stream: UnixStream, opts: &VmOptions) -> Result<Vm> {
+        let stream_clone = stream.try_clone().map_err(Error::Io)?;
+        let mut fe = Frontend::from_stream(stream, MAX_REQUEST_QUEUES as u64);
         // Every message asks for an acknowledgement once REPLY_ACK is
         // negotiated, so nothing races ahead of the backend (in particular
         // no kick before SET_VRING_ENABLE is processed).
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        if opts.reply_ack {
+            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
         fe.set_owner().map_err(vhost_err("SET_OWNER"))?;
         let offered = fe.get_features().map_err(vhost_err("GET_FEATURES"))?;
         let pf = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -170,9 +232,10 @@ impl Vm {
         let proto_offered = fe
             .get_protocol_features()
             .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
-        let wanted_proto = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK;
+        let mut wanted_proto = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG;
+        if opts.reply_ack {
+            wanted_proto |= VhostUserProtocolFeatures::REPLY_ACK;
+        }
         let proto = proto_offered & wanted_proto;
         if !proto.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(Error::Setup(
@@ -284,13 +347,16 @@ impl Vm {
                 .map_err(vhost_err("SET_VRING_KICK"))?;
             fe.set_vring_call(qi, queue.call_fd())
                 .map_err(vhost_err("SET_VRING_CALL"))?;
-            fe.set_vring_enable(qi, true)
-                .map_err(vhost_err("SET_VRING_ENABLE"))?;
+            if !opts.defer_enable {
+                fe.set_vring_enable(qi, true)
+                    .map_err(vhost_err("SET_VRING_ENABLE"))?;
+            }
             queues.push(Mutex::new(queue));
         }
 
         let vm = Vm {
             socket,
+            stream: stream_clone,
             frontend: Mutex::new(fe),
             ram,
             queues,
@@ -298,7 +364,7 @@ impl Vm {
             guest_pages,
             negotiated,
         };
-        if opts.reset_on_connect {
+        if opts.reset_on_connect && !opts.defer_enable {
             let st = vm.reset()?;
             if st != Status::Ok {
                 return Err(Error::Status(st));
@@ -454,18 +520,36 @@ impl Vm {
         self.queue(0).unreserve(pool, pages)
     }
 
+    /// `SET_VRING_ENABLE 1` on every queue (after [`VmOptions::defer_enable`]).
+    pub fn enable_queues(&self) -> Result<()> {
+        let mut fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
+        for i in 0..self.queues.len() {
+            fe.set_vring_enable(i, true)
+                .map_err(vhost_err("SET_VRING_ENABLE"))?;
+        }
+        Ok(())
+    }
+
     /// Stops the rings the way a VMM stops a device (`SET_VRING_ENABLE 0`,
     /// `GET_VRING_BASE`), then closes the connection. Returns each queue's
     /// ring base as the backend reported it.
     pub fn shutdown(self) -> Result<Vec<u32>> {
-        let mut fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
-        let mut bases = Vec::new();
-        for i in 0..self.queues.len() {
-            fe.set_vring_enable(i, false)
-                .map_err(vhost_err("SET_VRING_ENABLE"))?;
-            bases.push(fe.get_vring_base(i).map_err(vhost_err("GET_VRING_BASE"))?);
+        let timeout = self.queue(0).timeout();
+        let watchdog = Watchdog::arm(&self.stream, timeout)?;
+        let res = (|| {
+            let mut fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
+            let mut bases = Vec::new();
+            for i in 0..self.queues.len() {
+                fe.set_vring_enable(i, false)
+                    .map_err(vhost_err("SET_VRING_ENABLE"))?;
+                bases.push(fe.get_vring_base(i).map_err(vhost_err("GET_VRING_BASE"))?);
+            }
+            Ok(bases)
+        })();
+        if watchdog.disarm().is_err() {
+            return Err(Error::Timeout(timeout));
         }
-        Ok(bases)
+        res
     }
 
     /// Closes the connection at once, whatever is in flight (a VMM crash or

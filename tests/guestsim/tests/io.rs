@@ -196,3 +196,130 @@ fn ops_of_one_request_run_in_order() {
     assert_eq!(checksum(c.pages[3].as_ref().unwrap()), checksum(&b));
     assert!(c.pages[5].is_none());
 }
+
+#[test]
+fn config_space_and_queue_count_follow_the_daemon() {
+    let d = daemon(&[VmSpec::new("mq")], |c| c.queues = Some(3));
+    let vm = connect_with(
+        &d,
+        "mq",
+        VmOptions {
+            queues: 8,
+            ..VmOptions::default()
+        },
+    );
+    let n = vm.negotiated();
+    assert_eq!(n.backend_queues, 3, "GET_QUEUE_NUM");
+    assert_eq!(n.config.num_request_queues, 3);
+    assert_eq!(n.config.max_ops_per_request, 128);
+    assert_eq!(n.config.max_pools, 16);
+    assert_eq!(vm.num_queues(), 3, "a driver uses what the device offers");
+    for bit in [
+        vtmem_protocol::VTMEM_F_EPHEMERAL,
+        vtmem_protocol::VTMEM_F_SHARED,
+        vtmem_protocol::VTMEM_F_MQ,
+        vtmem_protocol::VTMEM_F_RESERVE,
+        vtmem_guestsim::vm::VIRTIO_F_VERSION_1,
+        vtmem_guestsim::vm::VIRTIO_RING_F_EVENT_IDX,
+        vtmem_guestsim::vm::VIRTIO_RING_F_INDIRECT_DESC,
+    ] {
+        assert!(n.has(bit), "feature bit {bit} not offered");
+    }
+    // Every queue serves requests, and all see the same pools.
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    for q in 0..3 {
+        let p = random_page(q as u64);
+        let st = vm
+            .queue(q)
+            .put_batch(&[(h(pool, 5, q as u64), &*p)])
+            .unwrap();
+        assert_eq!(st, vec![Status::Ok], "queue {q}");
+        let got = vm
+            .queue((q + 1) % 3)
+            .get_batch(&[h(pool, 5, q as u64)])
+            .unwrap();
+        assert_eq!(checksum(&got[0].1), checksum(&p));
+    }
+}
+
+#[test]
+fn plain_rings_without_event_idx_or_indirect_work() {
+    let d = daemon(&[VmSpec::new("plain")], |_| {});
+    let vm = connect_with(
+        &d,
+        "plain",
+        VmOptions {
+            event_idx: false,
+            indirect: false,
+            ..VmOptions::default()
+        },
+    );
+    let n = vm.negotiated();
+    assert!(!n.has(vtmem_guestsim::vm::VIRTIO_RING_F_EVENT_IDX));
+    assert!(!n.has(vtmem_guestsim::vm::VIRTIO_RING_F_INDIRECT_DESC));
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let data = pages(11, 600);
+    let st = vm.put_batch(&items(pool, 1, &data)).unwrap();
+    assert!(st.iter().all(|s| *s == Status::Ok));
+    let hs: Vec<_> = (0..600).map(|i| h(pool, 1, i)).collect();
+    for (i, (s, p)) in vm.get_batch(&hs).unwrap().iter().enumerate() {
+        assert_eq!(*s, Status::Ok);
+        assert_eq!(checksum(p), checksum(&data[i]));
+    }
+    let s = vm.stats();
+    assert!(s.kicks <= s.requests, "{s:?}");
+}
+
+#[test]
+fn small_ring_with_indirect_tables_carries_full_batches() {
+    let d = daemon(&[VmSpec::new("small")], |_| {});
+    let vm = connect_with(
+        &d,
+        "small",
+        VmOptions {
+            queue_size: 16,
+            ..VmOptions::default()
+        },
+    );
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let data = pages(12, 128 * 4);
+    let st = vm.put_batch(&items(pool, 1, &data)).unwrap();
+    assert!(st.iter().all(|s| *s == Status::Ok));
+    let hs: Vec<_> = (0..128).map(|i| h(pool, 1, i)).collect();
+    let got = vm.get_batch(&hs).unwrap();
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, (s, p))| *s == Status::Ok && checksum(p) == checksum(&data[i])));
+}
+
+#[test]
+fn operations_of_features_not_negotiated_are_unsupported() {
+    let d = daemon(&[VmSpec::new("bare").auth(UUID_TEXT)], |_| {});
+    let vm = connect_with(
+        &d,
+        "bare",
+        VmOptions {
+            device_features: 0,
+            ..VmOptions::default()
+        },
+    );
+    for spec in [PoolSpec::ephemeral(), PoolSpec::shared(UUID)] {
+        match vm.new_pool(spec) {
+            Err(Error::Status(Status::Unsupported)) => {}
+            other => panic!("{spec:?} without its feature: {other:?}"),
+        }
+    }
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    match vm.reserve(pool, 1) {
+        Err(Error::Status(Status::Unsupported)) => {}
+        other => panic!("RESERVE without VTMEM_F_RESERVE: {other:?}"),
+    }
+    let p = random_page(3);
+    let st = vm.put_batch_reserved(&[(h(pool, 1, 1), &*p)]).unwrap();
+    assert_eq!(st, vec![Status::Unsupported]);
+    assert_eq!(
+        vm.put_batch(&[(h(pool, 1, 1), &*p)]).unwrap(),
+        vec![Status::Ok]
+    );
+}

@@ -242,3 +242,117 @@ fn removing_a_vm_frees_its_memory_and_spares_the_others() {
     assert_eq!(c["config"]["persistent_quota"].as_u64(), Some(16 << 20));
     assert_alive(&d);
 }
+
+#[test]
+fn a_second_vmm_on_a_busy_socket_does_not_disturb_the_first() {
+    let d = daemon(&[VmSpec::new("one")], |_| {});
+    let first = connect(&d, "one");
+    let pool = first.new_pool(PoolSpec::persistent()).unwrap();
+    let data = pages(8, 32);
+    assert!(first
+        .put_batch(&items(pool, 1, &data))
+        .unwrap()
+        .iter()
+        .all(|s| *s == Status::Ok));
+    // A second frontend on the same socket is refused or left waiting; it
+    // must not take the device from the first.
+    let second = vtmem_guestsim::Vm::connect(
+        d.socket("one"),
+        &VmOptions {
+            timeout: Duration::from_secs(1),
+            ..no_reset()
+        },
+    );
+    assert!(second.is_err(), "two VMMs on one VM socket");
+    drop(second);
+    let hs: Vec<_> = (0..32).map(|i| h(pool, 1, i)).collect();
+    for (i, (s, p)) in first.get_batch(&hs).unwrap().iter().enumerate() {
+        assert_eq!(*s, Status::Ok);
+        assert_eq!(checksum(p), checksum(&data[i]));
+    }
+    first.disconnect();
+    let again = connect_with(&d, "one", no_reset());
+    assert_eq!(again.get_batch(&hs[..1]).unwrap()[0].0, Status::Ok);
+    assert_alive(&d);
+}
+
+#[test]
+fn work_queued_before_the_ring_is_enabled_is_served_once_enabled() {
+    let d = daemon(&[VmSpec::new("early")], |_| {});
+    // No REPLY_ACK, rings left disabled: a request is queued and kicked
+    // before SET_VRING_ENABLE, as a VMM that does not wait might do.
+    let vm = connect_with(
+        &d,
+        "early",
+        VmOptions {
+            reply_ack: false,
+            defer_enable: true,
+            ..VmOptions::default()
+        },
+    );
+    let t = {
+        let mut q = vm.queue(0);
+        let t = q.submit(&[Op::Reset], &[]).unwrap();
+        q.force_kick().unwrap();
+        t
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(vm.queue(0).reap().unwrap(), 0, "a disabled ring was served");
+    vm.enable_queues().unwrap();
+    // No further kick: enabling must be enough.
+    let c = vm.queue(0).wait(t).unwrap();
+    assert_eq!(c.single().unwrap().status, Status::Ok);
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let data = pages(9, 4);
+    assert!(vm
+        .put_batch(&items(pool, 1, &data))
+        .unwrap()
+        .iter()
+        .all(|s| *s == Status::Ok));
+}
+
+#[test]
+fn removing_a_vm_while_it_streams_puts() {
+    let d = daemon(&[VmSpec::new("busy"), VmSpec::new("calm")], |_| {});
+    let calm = Neighbour::start(&d, "calm");
+    let vm = connect_with(
+        &d,
+        "busy",
+        VmOptions {
+            timeout: Duration::from_secs(3),
+            ..VmOptions::default()
+        },
+    );
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let data = pages(10, 128);
+    let streamer = std::thread::spawn(move || {
+        let mut rounds = 0u64;
+        loop {
+            match vm.put_batch(&items(pool, rounds, &data)) {
+                Ok(st) if st.iter().all(|s| *s == Status::Ok) => rounds += 1,
+                Ok(st) => return (rounds, format!("refused: {:?}", st[0])),
+                Err(e) => return (rounds, e.to_string()),
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let mut ctl = d.control().unwrap();
+    ctl.remove_vm("busy").unwrap();
+    let (rounds, why) = streamer.join().unwrap();
+    eprintln!("streamed {rounds} batches, then: {why}");
+    assert!(rounds > 0);
+    assert_alive(&d);
+    calm.wait_rounds(2);
+    calm.finish();
+    let st = ctl.status().unwrap();
+    assert!(st["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["name"] != "busy"));
+    eventually("memory of the removed VM freed", || {
+        let used = ctl.host_used().unwrap();
+        // What is left is the neighbour's (it flushes every round).
+        used < 64 * 4160 + 64 * 1024
+    });
+}
