@@ -260,37 +260,22 @@ impl VirtioDevice {
         unsafe { (*self.dev.as_ptr()).index }
     }
 
-    /// Whether feature `bit` (below 64) was negotiated.
+    /// Whether feature `bit` was negotiated.
     pub(crate) fn has_feature(&self, bit: u32) -> bool {
-        if bit >= 64 {
-            return false;
-        }
-        // SAFETY: `dev` is valid; the features are fixed once probe runs.
-        let features = unsafe { (*self.dev.as_ptr()).__bindgen_anon_1.features };
-        features & (1u64 << bit) != 0
+        // SAFETY: `dev` is valid (type invariant); the features are fixed
+        // once probe runs.
+        unsafe { bindings::virtio_has_feature(self.dev.as_ptr(), bit) }
     }
 
     /// Reads the configuration space from offset 0 into `buf`, retrying until
-    /// the device's configuration generation is stable (`virtio_cread_bytes`).
+    /// the device's configuration generation is stable. Process context.
     pub(crate) fn read_config(&self, buf: &mut [u8]) -> Result {
-        let ops = self.ops();
-        let get = ops.get.ok_or(ENODEV)?;
-        let dev = self.dev.as_ptr();
-        let generation = || match ops.generation {
-            // SAFETY: `dev` is valid; the transport implements the operation.
-            Some(g) => unsafe { g(dev) },
-            None => 0,
+        // SAFETY: `dev` is valid (type invariant); `buf` is writable for its
+        // length.
+        unsafe {
+            bindings::virtio_cread_bytes(self.dev.as_ptr(), 0, buf.as_mut_ptr().cast(), buf.len())
         };
-        loop {
-            let before = generation();
-            for (i, byte) in buf.iter_mut().enumerate() {
-                // SAFETY: `dev` is valid and `byte` is a writable byte.
-                unsafe { get(dev, i as c_uint, core::ptr::from_mut(byte).cast(), 1) };
-            }
-            if generation() == before {
-                return Ok(());
-            }
-        }
+        Ok(())
     }
 
     /// Creates `n` virtqueues whose used-buffer callbacks call
@@ -322,14 +307,13 @@ impl VirtioDevice {
             sgp.extend_with(max_segs, core::ptr::null_mut(), GFP_KERNEL)?;
             tables.push((sg, sgp), GFP_KERNEL)?;
         }
-        let find = self.ops().find_vqs.ok_or(ENODEV)?;
         let n_c = c_uint::try_from(n).map_err(|_| EINVAL)?;
         // SAFETY: `dev` is valid and in probe; `raw` and `info` hold `n`
         // entries; the names are static strings and the callbacks are
         // functions of this module, which outlives the queues (they are
         // deleted in remove, before the module can go away).
         to_result(unsafe {
-            find(
+            bindings::virtio_find_vqs(
                 self.dev.as_ptr(),
                 n_c,
                 raw.as_mut_ptr(),
@@ -369,30 +353,11 @@ impl VirtioDevice {
         }
     }
 
-    /// Sets DRIVER_OK: the device may now process the queues
-    /// (`virtio_device_ready`).
+    /// Sets DRIVER_OK: the device may now process the queues.
     fn ready(&self) {
-        let ops = self.ops();
-        let dev = self.dev.as_ptr();
-        let (Some(get_status), Some(set_status)) = (ops.get_status, ops.set_status) else {
-            return;
-        };
-        #[cfg(CONFIG_VIRTIO_HARDEN_NOTIFICATION)]
-        {
-            match ops.synchronize_cbs {
-                // SAFETY: `dev` is valid.
-                Some(sync) => unsafe { sync(dev) },
-                // SAFETY: always callable from process context.
-                None => unsafe { bindings::synchronize_rcu() },
-            }
-            // SAFETY: `dev` is valid; probe has set up everything the
-            // callbacks use.
-            unsafe { bindings::__virtio_unbreak_device(dev) };
-        }
-        // SAFETY: `dev` is valid; this is process context (probe).
-        let status = unsafe { get_status(dev) };
-        // SAFETY: as above.
-        unsafe { set_status(dev, status | bindings::VIRTIO_CONFIG_S_DRIVER_OK as u8) };
+        // SAFETY: `dev` is valid; this is probe, after the queues were set up
+        // and the driver data stored, as `virtio_device_ready()` requires.
+        unsafe { bindings::virtio_device_ready(self.dev.as_ptr()) };
     }
 
     /// Resets the device: it stops using every queue and forgets the
