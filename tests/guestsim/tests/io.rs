@@ -323,3 +323,73 @@ fn operations_of_features_not_negotiated_are_unsupported() {
         vec![Status::Ok]
     );
 }
+
+#[test]
+fn ephemeral_pages_under_eviction_pressure_are_never_wrong() {
+    // Four VMs (two sharing a dedup group and half their content) flood
+    // ephemeral pools through a 3 MiB host limit, so evictions race the
+    // gets; every hit must carry exactly the data put under that handle.
+    let d = daemon(
+        &[
+            VmSpec::new("e1").dedup_group("g"),
+            VmSpec::new("e2").dedup_group("g"),
+            VmSpec::new("e3"),
+            VmSpec::new("e4"),
+        ],
+        |c| c.host_limit = Some("3M".into()),
+    );
+    let content = |vm: u64, round: u64, i: u64| {
+        // e1 and e2 store the same content for even indices.
+        let owner = if i % 2 == 0 && vm < 2 { 0 } else { vm };
+        random_page(owner << 40 | round << 20 | i)
+    };
+    let mut threads = Vec::new();
+    for v in 0..4u64 {
+        let vm = connect(&d, &format!("e{}", v + 1));
+        threads.push(thread::spawn(move || {
+            let pool = vm.new_pool(PoolSpec::ephemeral()).unwrap();
+            let (mut hits, mut misses) = (0u64, 0u64);
+            for round in 0..8u64 {
+                let data: Vec<_> = (0..256).map(|i| content(v, round, i)).collect();
+                let st = vm.put_batch(&items(pool, round, &data)).unwrap();
+                assert!(
+                    st.iter().all(|s| *s == Status::Ok),
+                    "ephemeral put refused: {st:?}"
+                );
+                // Read back this round and the previous one.
+                for r in round.saturating_sub(1)..=round {
+                    let hs: Vec<_> = (0..256).map(|i| h(pool, r, i)).collect();
+                    for (i, (s, p)) in vm.get_batch(&hs).unwrap().iter().enumerate() {
+                        match s {
+                            Status::Ok => {
+                                hits += 1;
+                                assert_eq!(
+                                    checksum(p),
+                                    checksum(&content(v, r, i as u64)),
+                                    "vm {v} round {r} page {i}: wrong data"
+                                );
+                            }
+                            Status::Miss => misses += 1,
+                            other => panic!("ephemeral get: {other}"),
+                        }
+                    }
+                }
+            }
+            (hits, misses)
+        }));
+    }
+    let (mut hits, mut misses) = (0, 0);
+    for t in threads {
+        let (h, m) = t.join().unwrap();
+        hits += h;
+        misses += m;
+    }
+    eprintln!("ephemeral pressure: {hits} hits, {misses} misses");
+    assert!(
+        hits > 0 && misses > 0,
+        "{hits} hits, {misses} misses: no pressure?"
+    );
+    let used = d.control().unwrap().host_used().unwrap();
+    assert!(used <= 3 << 20, "host_used {used}");
+    assert_alive(&d);
+}
