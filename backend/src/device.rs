@@ -252,9 +252,20 @@ impl VtmemBackend {
         let full = heads.len() == MAX_BATCH;
 
         for &head in heads.iter() {
-            let outcome = executor.run_chain(mem, table, size, head, features);
+            // A bug (never guest input) that panics must cost this chain
+            // only, not the worker thread and with it the whole queue.
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                executor.run_chain(mem, table, size, head, features)
+            }));
+            let used_len = match run {
+                Ok(outcome) => outcome.used_len,
+                Err(_) => {
+                    log::error!("queue {q}: internal error while handling chain {head}");
+                    0
+                }
+            };
             if head < size {
-                used.push((head, outcome.used_len));
+                used.push((head, used_len));
             }
         }
 
