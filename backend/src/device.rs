@@ -132,8 +132,6 @@ impl VtmemBackend {
             return;
         };
         let mut executor = lock(executor);
-        let mem = lock(&self.mem).memory();
-        let features = self.features_in_use();
         let mut heads: Vec<u16> = Vec::with_capacity(MAX_BATCH);
         let mut used: Vec<(u16, u32)> = Vec::with_capacity(MAX_BATCH);
 
@@ -146,8 +144,14 @@ impl VtmemBackend {
                     .warn(format_args!("queue {q}: cannot disable notifications: {e}"));
             }
             let mut processed = 0;
+            let mut polled = false;
             loop {
-                match self.drain_once(
+                // A fresh memory map and feature set for every pass: a
+                // busy-polling worker may run for long, and a memory map
+                // update must reach it.
+                let mem = lock(&self.mem).memory();
+                let features = self.features_in_use();
+                let n = match self.drain_once(
                     q,
                     vring,
                     &mem,
@@ -166,10 +170,16 @@ impl VtmemBackend {
                         let _ = vring.enable_notification();
                         return;
                     }
-                    Drain::Done(n) => processed += n,
+                    Drain::Done(n) => n,
+                };
+                processed += n;
+                if polled && n == 0 {
+                    // Polling saw an index move that yielded no chain.
+                    break;
                 }
                 if !self.settings.poll.is_zero() && self.poll_for_work(vring, &mem) {
                     DeviceCounters::add_one(&self.counters.poll_hits);
+                    polled = true;
                     continue;
                 }
                 break;
@@ -590,6 +600,25 @@ mod tests {
         let v = vring(&b, &mem, &ring, true);
         // The available ring's header is the last 4 bytes of guest memory:
         // its index is readable, its entries are not.
+        let avail = MEM_SIZE - 4;
+        v.set_queue_info(
+            ring.mock.desc_table_addr().raw_value(),
+            avail,
+            ring.mock.used_addr().raw_value(),
+        )
+        .unwrap();
+        mem.write_obj(3u16, GuestAddress(avail + 2)).unwrap();
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 0);
+    }
+
+    #[test]
+    fn unreadable_available_entries_do_not_hang_a_polling_worker() {
+        let (_s, b) = backend(1, 1000);
+        let mem = guest_memory();
+        let ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, false);
         let avail = MEM_SIZE - 4;
         v.set_queue_info(
             ring.mock.desc_table_addr().raw_value(),
