@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use log::{error, info, warn};
 use serde::Serialize;
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -519,9 +519,12 @@ fn serve(vm: Arc<Vm>, mut listener: Listener, settings: DeviceSettings) {
         backend.stop_workers();
         vm.disconnected();
         match result {
-            Ok(()) => info!("vm {}: frontend disconnected", vm.name),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!("vm {}: frontend disconnected", vm.name),
             Err(e) if vm.stopping() => info!("vm {}: connection closed ({e})", vm.name),
-            Err(e) => info!("vm {}: frontend disconnected: {e}", vm.name),
+            Err(e) => warn!("vm {}: connection ended: {e}", vm.name),
         }
     }
     // Dropping the listener removes the socket file.
