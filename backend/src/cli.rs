@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use clap::{Parser, ValueEnum};
 
 use crate::config::{
-    parse_size, resolve_group, validate_poll_us, validate_queue_size, validate_queues, ConfigError,
-    DaemonConfig, DeviceSettings, FileConfig, VmConfig, DEFAULT_CONTROL_SOCKET_NAME,
-    DEFAULT_HOST_LIMIT,
+    parse_metrics_address, parse_size, resolve_group, validate_poll_us, validate_queue_size,
+    validate_queues, ConfigError, DaemonConfig, DeviceSettings, FileConfig, VmConfig,
+    DEFAULT_CONTROL_SOCKET_NAME, DEFAULT_HOST_LIMIT,
 };
 
 const LONG_ABOUT: &str = "\
@@ -116,6 +116,17 @@ pub struct Args {
     #[arg(long, value_name = "GROUP")]
     pub control_group: Option<String>,
 
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics ([HOST]:PORT;
+    /// ':PORT' or 'PORT' binds the loopback address; port 0 picks one).
+    /// Off by default. Keep it on loopback or a management network.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_address: Option<String>,
+
+    /// Record run-time changes (control socket) in this JSON file and apply
+    /// it over the configuration at start. Off by default.
+    #[arg(long, value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+
     /// Log level; RUST_LOG, if set, refines it (e.g. RUST_LOG=vtmem_backend::device=debug).
     #[arg(long, value_enum, value_name = "LEVEL", default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
@@ -172,6 +183,11 @@ impl TryFrom<Args> for DaemonConfig {
         for spec in &args.vms {
             vms.push(VmConfig::parse_spec(spec)?);
         }
+        let metrics_address = match args.metrics_address.or(file.metrics_address.clone()) {
+            Some(a) => Some(parse_metrics_address(&a)?),
+            None => None,
+        };
+        let state_file = args.state_file.or(file.state_file.clone());
         let config = DaemonConfig {
             socket_dir,
             control_socket,
@@ -179,6 +195,8 @@ impl TryFrom<Args> for DaemonConfig {
             host_limit,
             device,
             vms,
+            metrics_address,
+            state_file,
         };
         config.validate()?;
         Ok(config)

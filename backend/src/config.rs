@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,6 +30,12 @@ pub const MAX_POLL_US: u64 = 100_000;
 pub const MAX_VM_NAME_LEN: usize = 64;
 /// File name of the default control socket inside the socket directory.
 pub const DEFAULT_CONTROL_SOCKET_NAME: &str = "vtmemd.ctl";
+/// The usual socket directory (`--socket-dir`), as the documentation and
+/// packaging use it.
+pub const DEFAULT_SOCKET_DIR: &str = "/run/vtmem";
+/// The control socket of a `vtmemd` using [`DEFAULT_SOCKET_DIR`]: where
+/// `vtmemctl` looks by default.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/vtmem/vtmemd.ctl";
 /// Longest path a Unix socket address can hold (`sun_path` minus the NUL).
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
 
@@ -91,6 +98,9 @@ pub enum ConfigError {
     /// The configuration file does not parse.
     #[error("configuration file {0}: {1}")]
     ParseFile(PathBuf, String),
+    /// A metrics address that does not parse or resolve.
+    #[error("invalid metrics address '{0}': expected [HOST]:PORT, e.g. 127.0.0.1:9464 or :9464")]
+    BadMetricsAddress(String),
 }
 
 /// Result of the parsers in this module.
@@ -342,6 +352,28 @@ pub fn validate_poll_us(us: u64) -> Result<Duration> {
     }
 }
 
+/// Parses `--metrics-address`: `HOST:PORT`, `[V6]:PORT`, `:PORT` or a bare
+/// `PORT` (both meaning the loopback address). Port 0 picks a free port.
+pub fn parse_metrics_address(s: &str) -> Result<SocketAddr> {
+    let bad = || ConfigError::BadMetricsAddress(s.to_string());
+    let t = s.trim();
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    if let Some(port) = t
+        .strip_prefix(':')
+        .or(Some(t).filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit())))
+    {
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        return Ok(SocketAddr::new(loopback, port));
+    }
+    if let Ok(addr) = t.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    t.to_socket_addrs()
+        .map_err(|_| bad())?
+        .next()
+        .ok_or_else(bad)
+}
+
 /// Everything `vtmemd` needs to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DaemonConfig {
@@ -357,6 +389,10 @@ pub struct DaemonConfig {
     pub device: DeviceSettings,
     /// VMs to serve from the start.
     pub vms: Vec<VmConfig>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics_address: Option<SocketAddr>,
+    /// The state file recording run-time changes, if any.
+    pub state_file: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -457,6 +493,10 @@ pub struct FileConfig {
     pub queue_size: Option<u64>,
     /// Busy-poll window in microseconds.
     pub poll_us: Option<u64>,
+    /// Prometheus metrics address.
+    pub metrics_address: Option<String>,
+    /// State file.
+    pub state_file: Option<PathBuf>,
     /// The VMs.
     #[serde(default)]
     pub vm: Vec<FileVm>,

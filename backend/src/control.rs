@@ -53,6 +53,20 @@ pub const COMMANDS: &[&str] = &[
     "flush",
 ];
 
+/// Commands whose success rewrites the state file (`--state-file`).
+pub const CHANGES_STATE: &[&str] = &[
+    "add-vm",
+    "remove-vm",
+    "set-quota",
+    "set-weight",
+    "set-limit",
+    "set-dedup-group",
+    "auth",
+    "deauth",
+    "freeze",
+    "thaw",
+];
+
 /// A control request: `{"version":1,"command":"...","args":{...}}`.
 ///
 /// For convenience the arguments may instead be given as top-level fields
@@ -121,6 +135,15 @@ pub fn handle_line(daemon: &Daemon, line: &str) -> String {
             req.version
         )),
         Ok(req) => match dispatch(daemon, &req.command, req.args) {
+            Ok(result) if CHANGES_STATE.contains(&req.command.as_str()) => {
+                match daemon.save_state() {
+                    Ok(()) => json!({"ok": true, "result": result}),
+                    Err(e) => {
+                        error!("{e}");
+                        error_value(format!("{} done, but not saved: {e}", req.command))
+                    }
+                }
+            }
             Ok(result) => json!({"ok": true, "result": result}),
             Err(e) => error_value(e),
         },
@@ -221,11 +244,19 @@ pub fn dispatch(daemon: &Daemon, command: &str, raw: Value) -> Result<Value, Str
     match command {
         "status" => {
             let _: NoArgs = args(command, raw)?;
-            to_value(&daemon.store().stats())
+            let mut stats = to_value(&daemon.store().stats())?;
+            if let Value::Object(map) = &mut stats {
+                let up = daemon.uptime().as_secs_f64();
+                map.insert(
+                    "uptime_seconds".into(),
+                    json!((up * 1000.0).round() / 1000.0),
+                );
+            }
+            Ok(stats)
         }
         "list" => {
             let _: NoArgs = args(command, raw)?;
-            let vms: Vec<_> = daemon.vms().iter().map(|vm| vm.info()).collect();
+            let vms: Vec<_> = daemon.vms().iter().map(|vm| vm.details()).collect();
             to_value(&vms)
         }
         "show" => {

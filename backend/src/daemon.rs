@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use serde::Serialize;
@@ -34,6 +34,7 @@ use crate::config::{
 use crate::device::VtmemBackend;
 use crate::exec::{DeviceCounters, DeviceCountersSnapshot};
 use crate::ratelimit::RateLimitedLog;
+use crate::state::{StateError, StateFile};
 use crate::store::{ClientConfig, ClientHandle, ClientStats, Store, TmemError};
 
 /// Errors of VM management.
@@ -189,6 +190,7 @@ impl Vm {
             socket: self.socket.clone(),
             connected: self.is_connected(),
             connections: self.connections(),
+            frozen: self.client.is_frozen(),
             config: ClientConfigView::from(&self.client.config()),
         }
     }
@@ -241,6 +243,8 @@ pub struct VmInfo {
     pub connected: bool,
     /// Connections accepted since the VM was added.
     pub connections: u64,
+    /// Puts are refused (`freeze`).
+    pub frozen: bool,
     /// Its client configuration.
     pub config: ClientConfigView,
 }
@@ -266,6 +270,8 @@ pub struct Daemon {
     vms: Mutex<BTreeMap<String, Arc<Vm>>>,
     /// Serialises add and remove (they block on sockets and threads).
     admin: Mutex<bool>,
+    started: Instant,
+    state: std::sync::OnceLock<StateFile>,
 }
 
 impl Daemon {
@@ -277,7 +283,33 @@ impl Daemon {
             settings: config.device,
             vms: Mutex::new(BTreeMap::new()),
             admin: Mutex::new(false),
+            started: Instant::now(),
+            state: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Records run-time changes in `file` from now on (see
+    /// [`Daemon::save_state`]). Only the first call counts.
+    pub fn attach_state_file(&self, file: StateFile) {
+        let _ = self.state.set(file);
+    }
+
+    /// The state file, if any.
+    pub fn state_file(&self) -> Option<&StateFile> {
+        self.state.get()
+    }
+
+    /// Writes the state file, if there is one.
+    pub fn save_state(&self) -> Result<(), StateError> {
+        match self.state.get() {
+            Some(f) => f.save(self),
+            None => Ok(()),
+        }
+    }
+
+    /// Time since the daemon was created.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// The store.

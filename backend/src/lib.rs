@@ -11,9 +11,12 @@
 //! - [`daemon`]: many VMs in one process: sockets, serving threads,
 //!   reconnects, adding and removing VMs.
 //! - [`control`]: the JSON control socket.
+//! - [`metrics`]: Prometheus metrics over HTTP.
+//! - [`state`]: the state file that carries run-time changes over restarts.
 //! - [`config`], [`cli`]: configuration file, `--vm` specs, command line.
 //! - [`ratelimit`], [`sys`]: helpers.
 
+use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,8 +30,10 @@ pub mod ctl;
 pub mod daemon;
 pub mod device;
 pub mod exec;
+pub mod metrics;
 pub mod ratelimit;
 pub mod request;
+pub mod state;
 pub mod store;
 pub mod sys;
 #[cfg(test)]
@@ -40,6 +45,7 @@ pub use config::DaemonConfig;
 use config::ConfigError;
 use control::ControlServer;
 use daemon::{Daemon, DaemonError};
+use metrics::MetricsServer;
 use store::{Store, StoreConfig};
 
 /// Why `vtmemd` could not start or run.
@@ -57,6 +63,12 @@ pub enum Error {
     /// The control socket cannot be served.
     #[error("control socket {0}: {1}")]
     Control(PathBuf, io::Error),
+    /// The metrics address cannot be served.
+    #[error("metrics address {0}: {1}")]
+    Metrics(std::net::SocketAddr, io::Error),
+    /// The state file cannot be read, applied or written.
+    #[error(transparent)]
+    State(#[from] state::StateError),
     /// Signal handling cannot be set up.
     #[error("cannot set up signal handling: {0}")]
     Signals(io::Error),
@@ -76,6 +88,7 @@ pub fn capabilities() -> String {
 pub struct Running {
     daemon: Arc<Daemon>,
     control: ControlServer,
+    metrics: Option<MetricsServer>,
 }
 
 impl Running {
@@ -84,8 +97,16 @@ impl Running {
         &self.daemon
     }
 
+    /// The address the metrics server bound, if it runs.
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
     /// Stops everything and removes every socket.
     pub fn shutdown(mut self) {
+        if let Some(m) = self.metrics.as_mut() {
+            m.stop();
+        }
         self.control.stop();
         self.daemon.shutdown();
     }
@@ -107,8 +128,32 @@ fn prepare_socket_dir(dir: &std::path::Path) -> Result<(), Error> {
 
 /// Creates the store, binds the control socket and every VM's socket, and
 /// returns once all of them listen.
+///
+/// With a state file (`config.state_file`), the file, if it exists, is
+/// applied over `config` first ([`state::apply`]), and it is written once
+/// everything listens.
 pub fn launch(config: &DaemonConfig) -> Result<Running, Error> {
     config.validate()?;
+    let mut config = config.clone();
+    let mut frozen = Vec::new();
+    let state_file = match config.state_file.clone() {
+        Some(path) => {
+            let declared: Vec<String> = config.vms.iter().map(|v| v.name.clone()).collect();
+            if let Some(st) = state::load(&path)? {
+                frozen = state::apply(&st, &mut config, &path)?;
+                config.validate()?;
+                info!(
+                    "state file {}: {} VM(s), host limit {}",
+                    path.display(),
+                    st.vms.len(),
+                    config::format_size(st.host_limit)
+                );
+            }
+            Some(state::StateFile::new(&path, declared))
+        }
+        None => None,
+    };
+    let config = &config;
     prepare_socket_dir(&config.socket_dir)?;
     let store = Store::new(StoreConfig {
         host_limit: config.host_limit,
@@ -124,7 +169,35 @@ pub fn launch(config: &DaemonConfig) -> Result<Running, Error> {
             return Err(e.into());
         }
     }
-    Ok(Running { daemon, control })
+    for name in &frozen {
+        if let Ok(vm) = daemon.vm(name) {
+            vm.client().freeze();
+        }
+    }
+    if let Some(file) = state_file {
+        daemon.attach_state_file(file);
+        if let Err(e) = daemon.save_state() {
+            control.stop();
+            daemon.shutdown();
+            return Err(e.into());
+        }
+    }
+    let metrics = match config.metrics_address {
+        Some(addr) => match MetricsServer::start(daemon.clone(), addr) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                control.stop();
+                daemon.shutdown();
+                return Err(Error::Metrics(addr, e));
+            }
+        },
+        None => None,
+    };
+    Ok(Running {
+        daemon,
+        control,
+        metrics,
+    })
 }
 
 /// Runs `vtmemd` until SIGINT or SIGTERM, then removes every socket and
@@ -135,15 +208,18 @@ pub fn start(config: DaemonConfig) -> Result<(), Error> {
     let signals = sys::SignalSet::block_termination().map_err(Error::Signals)?;
     let running = launch(&config)?;
 
-    let ready = format!(
+    let mut ready = format!(
         "vtmemd ready: {} VM(s) in {}, control socket {}, host limit {}, {} queue(s) of {}",
-        config.vms.len(),
+        running.daemon.vms().len(),
         config.socket_dir.display(),
         config.control_socket.display(),
-        config::format_size(config.host_limit),
+        config::format_size(running.daemon.store().host_limit()),
         config.device.queues,
         config.device.queue_size,
     );
+    if let Some(addr) = running.metrics_address() {
+        let _ = write!(ready, ", metrics http://{addr}/metrics");
+    }
     info!("{ready}");
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "{ready}");

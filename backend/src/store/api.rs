@@ -25,7 +25,9 @@ pub struct ClientConfig {
     /// Dedup group: clients in the same named group share content across VMs.
     /// None = dedup only within this client.
     pub dedup_group: Option<String>,
-    /// UUIDs of shared pools this client may create/join.
+    /// UUIDs of shared pools this client may create/join (serialised as
+    /// `8-4-4-4-12` strings; byte arrays are accepted when reading).
+    #[serde(default, with = "uuid_text::list")]
     pub authorized_uuids: Vec<Uuid>,
 }
 
@@ -112,7 +114,8 @@ pub struct PoolStats {
     /// The pool's id for this client.
     pub id: u32,
     pub persistent: bool,
-    /// UUID of a shared pool.
+    /// UUID of a shared pool (serialised as an `8-4-4-4-12` string).
+    #[serde(default, with = "uuid_text::option")]
     pub shared: Option<Uuid>,
     pub exclusive_gets: bool,
     /// Pages held.
@@ -195,4 +198,77 @@ pub struct StoreStats {
     pub pools: u64,
     /// Dedup domains alive.
     pub dedup_domains: u64,
+}
+
+/// Serde of UUIDs as `8-4-4-4-12` text, reading either text or the
+/// 16-byte arrays older versions wrote.
+mod uuid_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use vtmem_protocol::Uuid;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Text(String),
+        Bytes(Uuid),
+    }
+
+    fn format(u: &Uuid) -> String {
+        let mut s = String::with_capacity(36);
+        for (i, b) in u.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                s.push('-');
+            }
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    fn parse<E: serde::de::Error>(r: Repr) -> Result<Uuid, E> {
+        let text = match r {
+            Repr::Bytes(b) => return Ok(b),
+            Repr::Text(t) => t,
+        };
+        let hex: Vec<u8> = text.bytes().filter(|&b| b != b'-').collect();
+        let bad = || E::custom(format!("invalid UUID '{text}'"));
+        if hex.len() != 32 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 16];
+        for (i, pair) in hex.chunks(2).enumerate() {
+            let digits = std::str::from_utf8(pair).map_err(|_| bad())?;
+            out[i] = u8::from_str_radix(digits, 16).map_err(|_| bad())?;
+        }
+        Ok(out)
+    }
+
+    pub mod list {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &[Uuid], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(format))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Uuid>, D::Error> {
+            Vec::<Repr>::deserialize(d)?
+                .into_iter()
+                .map(parse)
+                .collect()
+        }
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &Option<Uuid>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(u) => s.serialize_some(&format(u)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Uuid>, D::Error> {
+            Option::<Repr>::deserialize(d)?.map(parse).transpose()
+        }
+    }
 }

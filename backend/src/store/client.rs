@@ -707,12 +707,36 @@ impl ClientHandle {
         }
     }
 
-    /// Withdraws the authorisation (a pool already joined stays open).
-    pub fn deauthorize(&self, uuid: Uuid) {
-        let mut meta = lock(&self.client.meta);
-        if let Ok(pos) = meta.authorized.binary_search(&uuid) {
-            meta.authorized.remove(pos);
+    /// Withdraws the authorisation and leaves the shared pool of that UUID
+    /// if the client has joined it: its pool id becomes unknown (`NO_POOL`)
+    /// while the pool and its pages stay for the other members. Returns the
+    /// number of pool ids closed.
+    pub fn deauthorize(&self, uuid: Uuid) -> usize {
+        {
+            let mut meta = lock(&self.client.meta);
+            if let Ok(pos) = meta.authorized.binary_search(&uuid) {
+                meta.authorized.remove(pos);
+            }
         }
+        let mut table = write(&self.client.table);
+        if table.removed {
+            return 0;
+        }
+        let mut closed = 0;
+        for slot in table.pools.iter_mut() {
+            if slot.as_ref().is_some_and(|p| p.shared == Some(uuid)) {
+                if let Some(pool) = slot.take() {
+                    self.store.leave_pool(&pool, self.acct());
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+
+    /// Whether puts are refused (`freeze`).
+    pub fn is_frozen(&self) -> bool {
+        self.acct().frozen.load(Ordering::Acquire)
     }
 
     /// Moves the client to another dedup group (None: its own domain).

@@ -1,0 +1,313 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `vtmemd --metrics-address`: the Prometheus endpoint, scraped over
+//! loopback, parsed, and checked against the control socket.
+
+mod daemon_util;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use daemon_util::{find_vm, Vtmemd};
+use serde_json::json;
+
+/// One sample: metric name, labels, value.
+type Sample = (String, BTreeMap<String, String>, f64);
+
+fn valid_name(n: &str) -> bool {
+    let mut chars = n.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn valid_label(n: &str) -> bool {
+    let mut chars = n.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Parses the text exposition format strictly: every sample belongs to a
+/// family announced by HELP then TYPE lines before it, names and labels
+/// are valid, a family's samples are contiguous, counters end in `_total`.
+fn parse(text: &str) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    let mut helped: Option<String> = None;
+    let mut current: Option<(String, String)> = None;
+    let mut families = Vec::new();
+    for line in text.lines() {
+        assert!(!line.is_empty(), "blank line in the exposition");
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').expect("HELP has text");
+            assert!(valid_name(name) && !help.is_empty(), "{line}");
+            assert!(name.starts_with("vtmem_"), "{line}");
+            assert!(!families.contains(&name.to_string()), "{name} twice");
+            families.push(name.to_string());
+            helped = Some(name.to_string());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE has a kind");
+            assert_eq!(helped.as_deref(), Some(name), "TYPE without HELP: {line}");
+            assert!(matches!(kind, "counter" | "gauge"), "{line}");
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+            current = Some((name.to_string(), kind.to_string()));
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unexpected comment {line}");
+        let (series, value) = line.rsplit_once(' ').expect("name value");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').expect("labels end with }");
+                let mut labels = BTreeMap::new();
+                for pair in body.split(',') {
+                    let (k, v) = pair.split_once('=').expect("label=value");
+                    assert!(valid_label(k), "{line}");
+                    let v = v
+                        .strip_prefix('"')
+                        .and_then(|v| v.strip_suffix('"'))
+                        .expect("quoted label value");
+                    assert!(labels.insert(k.to_string(), v.to_string()).is_none());
+                }
+                (name.to_string(), labels)
+            }
+        };
+        assert!(valid_name(&name), "{line}");
+        let (family, _) = current.as_ref().expect("sample before any TYPE");
+        assert_eq!(&name, family, "sample outside its family: {line}");
+        samples.push((name, labels, value));
+    }
+    samples
+}
+
+/// One HTTP request; returns (status code, headers, body).
+fn http(addr: &str, request: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("a response head");
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, head.to_string(), body.to_string())
+}
+
+fn metrics_addr(d: &Vtmemd) -> String {
+    let l = &d.ready_line;
+    let start = l
+        .find("metrics http://")
+        .expect("metrics in the ready line")
+        + 15;
+    let rest = &l[start..];
+    rest[..rest.find("/metrics").unwrap()].to_string()
+}
+
+fn get(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let found: Vec<&Sample> = samples
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "{name} {labels:?}: {found:?}");
+    found[0].2
+}
+
+#[test]
+fn metrics_match_the_control_socket() {
+    let d = Vtmemd::start(&[
+        "--host-limit",
+        "64M",
+        "--metrics-address",
+        "127.0.0.1:0",
+        "--vm",
+        "name=vm1,persistent-quota=16M,ephemeral-quota=32M,weight=100",
+        "--vm",
+        "vm2",
+    ]);
+    let addr = metrics_addr(&d);
+    let mut c = d.control();
+    c.ok("set-weight", json!({"vm": "vm2", "weight": 250}));
+    c.ok("freeze", json!({"vm": "vm1"}));
+    c.ok("set-limit", json!({"bytes": "48M"}));
+
+    let (code, head, body) = http(&addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code, 200, "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let samples = parse(&body);
+
+    let status = c.ok("status", json!({}));
+    let list = c.ok("list", json!({}));
+    assert_eq!(
+        get(&samples, "vtmem_host_limit_bytes", &[]),
+        status["host_limit"].as_f64().unwrap()
+    );
+    assert_eq!(
+        get(&samples, "vtmem_host_limit_bytes", &[]),
+        48.0 * 1048576.0
+    );
+    assert_eq!(
+        get(&samples, "vtmem_host_used_bytes", &[]),
+        status["host_used"].as_f64().unwrap()
+    );
+    assert_eq!(
+        get(&samples, "vtmem_stored_pages", &[]),
+        status["stored_pages"].as_f64().unwrap()
+    );
+    assert_eq!(
+        get(&samples, "vtmem_unique_pages", &[]),
+        status["unique_pages"].as_f64().unwrap()
+    );
+    assert_eq!(get(&samples, "vtmem_vms", &[]), 2.0);
+    assert!(
+        get(&samples, "vtmem_uptime_seconds", &[])
+            <= status["uptime_seconds"].as_f64().unwrap() + 0.01
+    );
+    for (result, field) in [
+        ("stored", "puts_stored"),
+        ("no_space", "puts_refused_no_space"),
+        ("over_quota", "puts_refused_quota"),
+        ("frozen", "puts_refused_frozen"),
+        ("other", "puts_refused_other"),
+    ] {
+        assert_eq!(
+            get(&samples, "vtmem_store_puts_total", &[("result", result)]),
+            status["counters"][field].as_f64().unwrap()
+        );
+    }
+
+    for name in ["vm1", "vm2"] {
+        let vm = find_vm(&list, name).unwrap();
+        let cfg = &vm["config"];
+        let l = [("vm", name)];
+        assert_eq!(
+            get(&samples, "vtmem_vm_weight", &l),
+            cfg["weight"].as_f64().unwrap()
+        );
+        assert_eq!(
+            get(&samples, "vtmem_vm_frozen", &l),
+            f64::from(u8::from(vm["frozen"].as_bool().unwrap()))
+        );
+        assert_eq!(
+            get(&samples, "vtmem_vm_connected", &l),
+            f64::from(u8::from(vm["connected"].as_bool().unwrap()))
+        );
+        for kind in ["persistent", "ephemeral"] {
+            let q = cfg[format!("{kind}_quota")].as_u64().unwrap();
+            let want = if q == u64::MAX {
+                f64::INFINITY
+            } else {
+                q as f64
+            };
+            let kl = [("vm", name), ("kind", kind)];
+            assert_eq!(get(&samples, "vtmem_vm_quota_bytes", &kl), want);
+            assert_eq!(
+                get(&samples, "vtmem_vm_pages", &kl),
+                vm["stats"][format!("{kind}_pages")].as_f64().unwrap()
+            );
+            assert_eq!(
+                get(&samples, "vtmem_vm_bytes", &kl),
+                vm["stats"][format!("{kind}_bytes")].as_f64().unwrap()
+            );
+        }
+        for result in ["hit", "miss"] {
+            get(
+                &samples,
+                "vtmem_vm_gets_total",
+                &[("vm", name), ("result", result)],
+            );
+        }
+        assert_eq!(
+            get(&samples, "vtmem_vm_device_chains_total", &l),
+            vm["device"]["chains"].as_f64().unwrap()
+        );
+        for m in [
+            "vtmem_vm_device_rejected_chains_total",
+            "vtmem_vm_device_kicks_total",
+            "vtmem_vm_device_notifications_total",
+            "vtmem_vm_evictions_total",
+            "vtmem_vm_dedup_hits_total",
+            "vtmem_vm_flushed_pages_total",
+        ] {
+            get(&samples, m, &l);
+        }
+    }
+    assert_eq!(get(&samples, "vtmem_vm_weight", &[("vm", "vm2")]), 250.0);
+    assert_eq!(get(&samples, "vtmem_vm_frozen", &[("vm", "vm1")]), 1.0);
+    assert_eq!(
+        get(
+            &samples,
+            "vtmem_vm_quota_bytes",
+            &[("vm", "vm2"), ("kind", "ephemeral")]
+        ),
+        f64::INFINITY
+    );
+    assert_eq!(
+        get(
+            &samples,
+            "vtmem_vm_quota_bytes",
+            &[("vm", "vm1"), ("kind", "persistent")]
+        ),
+        16.0 * 1048576.0
+    );
+
+    // A VM removed disappears from the per-VM series.
+    c.ok("remove-vm", json!({"vm": "vm2"}));
+    let (_, _, body) = http(&addr, "GET /metrics HTTP/1.0\r\n\r\n");
+    let samples = parse(&body);
+    assert!(!samples
+        .iter()
+        .any(|(_, l, _)| l.get("vm").map(String::as_str) == Some("vm2")));
+    assert_eq!(get(&samples, "vtmem_vms", &[]), 1.0);
+}
+
+#[test]
+fn metrics_endpoint_is_bounded() {
+    let d = Vtmemd::start(&["--metrics-address", "127.0.0.1:0", "--vm", "vm1"]);
+    let addr = metrics_addr(&d);
+    assert_eq!(http(&addr, "GET / HTTP/1.1\r\n\r\n").0, 404);
+    assert_eq!(http(&addr, "GET /metricsx HTTP/1.1\r\n\r\n").0, 404);
+    assert_eq!(http(&addr, "POST /metrics HTTP/1.1\r\n\r\n").0, 405);
+    assert_eq!(http(&addr, "garbage\r\n\r\n").0, 400);
+    let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20000));
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = s.write_all(huge.as_bytes());
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    // HEAD: the head only.
+    let (code, head, body) = http(&addr, "HEAD /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(code, 200);
+    assert!(body.is_empty(), "{head}");
+    // Still serving after all that.
+    let (code, _, body) = http(&addr, "GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(code, 200);
+    parse(&body);
+}
+
+#[test]
+fn metrics_are_off_by_default_and_address_errors_are_one_line() {
+    let d = Vtmemd::start(&["--vm", "vm1"]);
+    assert!(!d.ready_line.contains("metrics"), "{}", d.ready_line);
+    let out = daemon_util::run(&["--socket-dir", "/tmp", "--metrics-address", "nowhere:port"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid metrics address"), "{err}");
+}
