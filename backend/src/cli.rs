@@ -216,6 +216,44 @@ mod tests {
     }
 
     #[test]
+    fn default_paths_agree() {
+        use crate::config::{DEFAULT_CONTROL_SOCKET, DEFAULT_SOCKET_DIR};
+        let c = parse(&["--socket-dir", DEFAULT_SOCKET_DIR]).unwrap();
+        assert_eq!(c.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
+        assert_eq!(crate::ctl::DEFAULT_SOCKET, DEFAULT_CONTROL_SOCKET);
+    }
+
+    #[test]
+    fn metrics_and_state_flags() {
+        let c = parse(&["--socket-dir", "/x"]).unwrap();
+        assert_eq!((c.metrics_address, c.state_file), (None, None));
+        for (given, want) in [
+            (":9464", "127.0.0.1:9464"),
+            ("9464", "127.0.0.1:9464"),
+            ("0.0.0.0:1", "0.0.0.0:1"),
+            ("[::1]:2", "[::1]:2"),
+        ] {
+            let c = parse(&["--socket-dir", "/x", "--metrics-address", given]).unwrap();
+            assert_eq!(c.metrics_address.unwrap().to_string(), want, "{given}");
+        }
+        assert!(matches!(
+            parse(&["--socket-dir", "/x", "--metrics-address", ":99999"]).unwrap_err(),
+            ConfigError::BadMetricsAddress(_)
+        ));
+        let c = parse(&[
+            "--socket-dir",
+            "/x",
+            "--state-file",
+            "/var/lib/vtmem/s.json",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.state_file.as_deref(),
+            Some(Path::new("/var/lib/vtmem/s.json"))
+        );
+    }
+
+    #[test]
     fn defaults() {
         let c = parse(&["--socket-dir", "/run/vtmem"]).unwrap();
         assert_eq!(c.socket_dir, Path::new("/run/vtmem"));

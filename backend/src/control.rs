@@ -403,6 +403,16 @@ fn serve_connection(daemon: Arc<Daemon>, stream: UnixStream) {
             }
         };
         let response = if n > MAX_LINE && !line.ends_with(b"\n") {
+            // Discard the rest of the line (bounded in size and time) so
+            // that closing does not reset the connection before the client
+            // has read the answer.
+            let _ = reader
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_secs(1)));
+            let mut rest = Vec::new();
+            let _ = (&mut reader)
+                .take(16 * MAX_LINE as u64)
+                .read_until(b'\n', &mut rest);
             let r = error_value(format!("request line longer than {MAX_LINE} bytes")).to_string();
             let _ = writeln!(writer, "{r}");
             return;

@@ -773,3 +773,63 @@ fn stats_report_metadata_and_fragmentation() {
         (0, 0, 0)
     );
 }
+
+#[test]
+fn deauthorize_expels_from_a_joined_shared_pool() {
+    let s = store(64 * MIB);
+    let uuid = [5u8; 16];
+    let auth = || ClientConfig {
+        authorized_uuids: vec![uuid],
+        ..Default::default()
+    };
+    let a = s.add_client("a", auth()).unwrap();
+    let b = s.add_client("b", auth()).unwrap();
+    let pa = a.new_pool(PoolSpec::shared(uuid)).unwrap();
+    let pb = b.new_pool(PoolSpec::shared(uuid)).unwrap();
+    let private = b.new_pool(PoolSpec::ephemeral()).unwrap();
+    b.put(&h(pb, 1, 0), &text_page(1), false).unwrap();
+    b.put(&h(private, 1, 0), &text_page(2), false).unwrap();
+    assert_eq!(b.deauthorize(uuid), 1);
+    // b's id for the shared pool is gone, its private pool stays...
+    assert_eq!(
+        b.put(&h(pb, 1, 1), &text_page(3), false),
+        Err(TmemError::NoPool)
+    );
+    assert_eq!(get(&b, h(private, 1, 0)), Some(text_page(2)));
+    assert_eq!(
+        b.new_pool(PoolSpec::shared(uuid)),
+        Err(TmemError::NotAuthorized)
+    );
+    // ...and the shared pool's pages stay for a.
+    assert_eq!(get(&a, h(pa, 1, 0)), Some(text_page(1)));
+    assert!(b.stats().config.authorized_uuids.is_empty());
+    // Deauthorising again, or a UUID never joined, closes nothing.
+    assert_eq!(b.deauthorize(uuid), 0);
+    assert_eq!(a.deauthorize([6u8; 16]), 0);
+}
+
+#[test]
+fn stats_show_uuids_as_text_and_read_both_forms() {
+    let s = store(64 * MIB);
+    let uuid = [0xab; 16];
+    let a = s
+        .add_client(
+            "a",
+            ClientConfig {
+                authorized_uuids: vec![uuid],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    a.new_pool(PoolSpec::shared(uuid)).unwrap();
+    let text = "abababab-abab-abab-abab-abababababab";
+    let v = serde_json::to_value(s.stats()).unwrap();
+    assert_eq!(v["clients"][0]["config"]["authorized_uuids"][0], text);
+    assert_eq!(v["clients"][0]["pools"][0]["shared"], text);
+    let back: vtmem_backend::store::StoreStats = serde_json::from_value(v).unwrap();
+    assert_eq!(back.clients[0].config.authorized_uuids, vec![uuid]);
+    let old = serde_json::json!({"persistent_quota": 1, "ephemeral_quota": 1, "weight": 1,
+        "dedup_group": null, "authorized_uuids": [uuid.to_vec()]});
+    let cfg: ClientConfig = serde_json::from_value(old).unwrap();
+    assert_eq!(cfg.authorized_uuids, vec![uuid]);
+}

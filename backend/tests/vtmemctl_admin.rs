@@ -265,8 +265,12 @@ fn human_output() {
         "{status}"
     );
     assert!(status.contains("VMs:                2 "), "{status}");
+    assert!(status.contains("\nuptime:             "), "{status}");
     let status = d.ctl(&["status", "--interval", "0"]).ok().to_string();
-    assert!(status.contains("rate not sampled"), "{status}");
+    assert!(
+        status.contains("evictions:          0 in total (0.0/s on average since vtmemd started)"),
+        "{status}"
+    );
 
     // A daemon with no VMs.
     let empty = Vtmemd::start(&[], &[]);

@@ -14,8 +14,8 @@ use crate::config::{
 /// Environment variable naming the control socket.
 pub const SOCKET_ENV: &str = "VTMEM_CONTROL_SOCKET";
 /// Control socket used when neither `--socket` nor the environment name one:
-/// `vtmemd.ctl` in the socket directory the documentation uses.
-pub const DEFAULT_SOCKET: &str = "/run/vtmem/vtmemd.ctl";
+/// `vtmemd.ctl` in the usual socket directory (shared with `vtmemd`).
+pub const DEFAULT_SOCKET: &str = crate::config::DEFAULT_CONTROL_SOCKET;
 
 const LONG_ABOUT: &str = "\
 vtmemctl administers a running vtmemd through its control socket: store

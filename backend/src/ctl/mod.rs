@@ -281,11 +281,11 @@ fn change(
 }
 
 fn sample(c: &mut ControlClient) -> Result<Sample, CtlError> {
-    let stats = c.call_as("status", json!({}))?;
-    Ok(Sample {
-        at: Instant::now(),
-        stats,
-    })
+    let result = c.call("status", json!({}))?;
+    let at = Instant::now();
+    let uptime = result.get("uptime_seconds").and_then(Value::as_f64);
+    let stats = client::decode("status", result)?;
+    Ok(Sample { at, stats, uptime })
 }
 
 fn status(
@@ -300,7 +300,7 @@ fn status(
     }
     let first = sample(c)?;
     if interval <= 0.0 {
-        return emit(out, &render::status(&first.stats, None));
+        return emit(out, &render::status(&first.stats, None, first.uptime));
     }
     std::thread::sleep(Duration::from_secs_f64(interval));
     let second = sample(c)?;
@@ -309,7 +309,10 @@ fn status(
         per_sec: a.evictions_per_sec,
         over_secs: a.interval_secs,
     };
-    emit(out, &render::status(&second.stats, Some(rate)))
+    emit(
+        out,
+        &render::status(&second.stats, Some(rate), second.uptime),
+    )
 }
 
 fn list(c: &mut ControlClient, json: bool, out: &mut dyn Write) -> Result<(), CtlError> {
@@ -317,9 +320,11 @@ fn list(c: &mut ControlClient, json: bool, out: &mut dyn Write) -> Result<(), Ct
     if json {
         return emit_json(out, &result);
     }
-    let vms: Vec<VmSummary> = client::decode("list", result)?;
-    let stats: crate::store::StoreStats = c.call_as("status", json!({}))?;
-    emit(out, &render::list(&vms, &stats.clients))
+    // One request: each entry of `list` carries the VM's store statistics.
+    let vms: Vec<VmDetails> = client::decode("list", result)?;
+    let summaries: Vec<VmSummary> = vms.iter().map(|d| d.info.clone()).collect();
+    let clients: Vec<_> = vms.into_iter().map(|d| d.stats).collect();
+    emit(out, &render::list(&summaries, &clients))
 }
 
 /// How `top` runs.

@@ -41,6 +41,8 @@ pub struct VmSummary {
     pub connected: bool,
     /// Connections accepted since the VM was added.
     pub connections: u64,
+    /// Whether puts are refused (`freeze`).
+    pub frozen: bool,
     /// Its configuration.
     pub config: VmConfigView,
 }
@@ -135,6 +137,8 @@ pub struct Sample {
     pub at: Instant,
     /// The store's statistics.
     pub stats: StoreStats,
+    /// The daemon's `uptime_seconds` in that answer, if it reports one.
+    pub uptime: Option<f64>,
 }
 
 /// What one VM did between two samples.
@@ -191,11 +195,13 @@ pub struct Activity {
 /// zero (it was added during the interval); a VM gone from it is left out.
 /// `connected` looks VMs up in a `list` result taken with the later sample.
 pub fn activity(before: &Sample, after: &Sample, list: &[VmSummary]) -> Activity {
-    let secs = after
-        .at
-        .saturating_duration_since(before.at)
-        .as_secs_f64()
-        .max(1e-3);
+    // The daemon's own clock, when it reports one, measures the interval
+    // without the answers' transit times.
+    let secs = match (before.uptime, after.uptime) {
+        (Some(b), Some(a)) if a > b => a - b,
+        _ => after.at.saturating_duration_since(before.at).as_secs_f64(),
+    }
+    .max(1e-3);
     let per_sec = |n: u64| n as f64 / secs;
     let zero = OpCounters::default();
     let mut total = OpCounters::default();
@@ -266,6 +272,7 @@ mod tests {
         let t0 = Instant::now();
         let before = Sample {
             at: t0,
+            uptime: None,
             stats: StoreStats {
                 clients: vec![client("a", 10, 10, 5, 0), client("gone", 5, 5, 5, 5)],
                 ..Default::default()
@@ -273,6 +280,7 @@ mod tests {
         };
         let after = Sample {
             at: t0 + Duration::from_secs(2),
+            uptime: None,
             stats: StoreStats {
                 clients: vec![client("a", 30, 14, 8, 4), client("new", 2, 0, 0, 0)],
                 ..Default::default()

@@ -17,7 +17,21 @@ pub struct EvictionRate {
 }
 
 /// `status`: the store as a whole.
-pub fn status(stats: &StoreStats, evictions: Option<EvictionRate>) -> String {
+/// A duration for humans: `45s`, `12m 05s`, `3h 02m 05s`, `2d 03h 02m`.
+pub fn duration(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    let (d, h, m, s) = (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s:02}s"),
+        (0, _, _) => format!("{h}h {m:02}m {s:02}s"),
+        _ => format!("{d}d {h:02}h {m:02}m"),
+    }
+}
+
+/// `status`: the store as a whole; `uptime` is the daemon's, in seconds
+/// (absent from daemons that do not report it).
+pub fn status(stats: &StoreStats, evictions: Option<EvictionRate>, uptime: Option<f64>) -> String {
     let c = &stats.counters;
     let mut f = Fields::new();
     f.add("host limit", format::bytes(stats.host_limit));
@@ -69,7 +83,14 @@ pub fn status(stats: &StoreStats, evictions: Option<EvictionRate>) -> String {
                 r.over_secs,
                 c.evictions
             ),
-            None => format!("{} in total (rate not sampled)", c.evictions),
+            None => match uptime {
+                Some(up) if up > 0.0 => format!(
+                    "{} in total ({}/s on average since vtmemd started)",
+                    c.evictions,
+                    format::rate(c.evictions as f64 / up)
+                ),
+                _ => format!("{} in total (rate not sampled)", c.evictions),
+            },
         },
     );
     f.add(
@@ -103,6 +124,9 @@ pub fn status(stats: &StoreStats, evictions: Option<EvictionRate>) -> String {
             stats.dedup_domains
         ),
     );
+    if let Some(up) = uptime {
+        f.add("uptime", duration(up));
+    }
     f.render(0)
 }
 
@@ -420,6 +444,7 @@ mod tests {
             socket: format!("/run/vtmem/{name}.sock").into(),
             connected: true,
             connections: 1,
+            frozen: false,
             config: VmConfigView {
                 persistent_quota: 512 << 20,
                 ephemeral_quota: u64::MAX,
@@ -506,13 +531,16 @@ mod tests {
                 per_sec: 2.0,
                 over_secs: 0.5,
             }),
+            Some(3725.0),
         );
+        assert!(out.contains("uptime:             1h 02m 05s"), "{out}");
         assert!(out.contains("host limit:         1.0 GiB"), "{out}");
         assert!(out.contains("1.0 MiB (0.10% of the limit)"), "{out}");
         assert!(out.contains("compression ratio:  2.50"), "{out}");
         assert!(out.contains("dedup ratio:        1.00"), "{out}");
         assert!(out.contains("2.0/s (sampled over 0.50 s"), "{out}");
-        assert!(status(&s, None).contains("rate not sampled"));
+        assert!(status(&s, None, None).contains("rate not sampled"));
+        assert!(status(&s, None, Some(10.0)).contains("on average since vtmemd started"));
     }
 
     #[test]
