@@ -16,6 +16,7 @@ pub mod bench;
 pub mod control;
 pub mod daemon;
 pub mod memory;
+pub mod multivm;
 pub mod pages;
 pub mod queue;
 pub mod raw;

@@ -7,6 +7,7 @@ use std::process::exit;
 use clap::{Parser, Subcommand};
 use log::error;
 use vtmem_guestsim::bench::{self, BenchOptions};
+use vtmem_guestsim::multivm::{self, MultiVmOptions};
 use vtmem_guestsim::pages::{checksum, random_page};
 use vtmem_guestsim::{Handle, ObjectId, PoolSpec, Status, Vm, VmOptions};
 
@@ -43,6 +44,32 @@ enum Command {
         /// without --quick).
         #[arg(long, value_name = "N")]
         rounds: Option<usize>,
+    },
+    /// Start a private vtmemd per VM count with that many VMs in one dedup
+    /// group, each storing a realistic page mix from its own thread; print
+    /// progress to stderr, a table, and write every figure as JSON.
+    Multivm {
+        /// VM counts, comma-separated.
+        #[arg(
+            long,
+            value_name = "N,N,...",
+            value_delimiter = ',',
+            default_value = "1,2,4,8,16,32,64"
+        )]
+        vms: Vec<usize>,
+        /// Pages each VM stores (default 1024 with --quick, else 8192).
+        #[arg(long, value_name = "N")]
+        pages_per_vm: Option<usize>,
+        /// Short run: fewer pages and operations per step.
+        #[arg(long)]
+        quick: bool,
+        /// Write the JSON result to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// vtmemd binary (default: $VTMEMD, else next to this executable,
+        /// else built with cargo).
+        #[arg(long, value_name = "PATH")]
+        vtmemd: Option<PathBuf>,
     },
     /// Connect to a running vtmemd VM socket, store pages in a persistent
     /// pool, read them back and compare.
@@ -117,6 +144,28 @@ fn main() {
             let line = serde_json::to_string(&r)
                 .map_err(|e| vtmem_guestsim::Error::Setup(e.to_string()))?;
             println!("{line}");
+            Ok(())
+        }),
+        Command::Multivm {
+            vms,
+            pages_per_vm,
+            quick,
+            json,
+            vtmemd,
+        } => multivm::run(&MultiVmOptions {
+            vms,
+            pages_per_vm,
+            quick,
+            vtmemd,
+        })
+        .and_then(|r| {
+            print!("{}", r.table());
+            let text = serde_json::to_string_pretty(&r)
+                .map_err(|e| vtmem_guestsim::Error::Setup(e.to_string()))?;
+            if let Some(path) = json {
+                std::fs::write(&path, text + "\n").map_err(vtmem_guestsim::Error::Io)?;
+                eprintln!("wrote {}", path.display());
+            }
             Ok(())
         }),
         Command::Check { socket, pages } => check(socket, pages),
