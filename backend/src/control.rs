@@ -11,7 +11,6 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,9 +21,9 @@ use log::{debug, error, warn};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::accept::accept_until_stopped;
 use crate::config::{
     parse_quota, parse_size, parse_uuid, validate_dedup_group, validate_weight, SizeValue, VmConfig,
 };
@@ -499,62 +498,24 @@ impl Drop for ControlServer {
 }
 
 fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, stop: EventFd) {
-    let epoll = match Epoll::new().and_then(|ep| {
-        ep.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, 0),
-        )?;
-        ep.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, 1),
-        )?;
-        Ok(ep)
-    }) {
-        Ok(ep) => ep,
-        Err(e) => {
-            error!("control: cannot set up epoll: {e}");
-            return;
-        }
-    };
     if let Err(e) = listener.set_nonblocking(true) {
         error!("control: {e}");
         return;
     }
-    let mut events = [EpollEvent::default(); 2];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                error!("control: epoll: {e}");
-                return;
+    accept_until_stopped(
+        "control",
+        &listener,
+        &stop,
+        |l| l.accept(),
+        |(stream, _)| {
+            let _ = stream.set_nonblocking(false);
+            let d = daemon.clone();
+            if let Err(e) = thread::Builder::new()
+                .name("vtmem-ctl-conn".to_string())
+                .spawn(move || serve_connection(d, stream))
+            {
+                warn!("control: cannot start a connection thread: {e}");
             }
-        };
-        if events[..n].iter().any(|e| e.data() == 1) {
-            return;
-        }
-        loop {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nonblocking(false);
-                    let d = daemon.clone();
-                    if let Err(e) = thread::Builder::new()
-                        .name("vtmem-ctl-conn".to_string())
-                        .spawn(move || serve_connection(d, stream))
-                    {
-                        warn!("control: cannot start a connection thread: {e}");
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    warn!("control: accept: {e}");
-                    thread::sleep(Duration::from_millis(50));
-                    break;
-                }
-            }
-        }
-    }
+        },
+    );
 }

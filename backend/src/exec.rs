@@ -111,8 +111,10 @@ impl DeviceCounters {
     }
 }
 
-/// A copy of [`DeviceCounters`].
+/// A copy of [`DeviceCounters`] (fields as documented there). Missing
+/// fields read as zero, so clients accept answers from older daemons.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 #[allow(missing_docs)]
 pub struct DeviceCountersSnapshot {
     pub chains: u64,

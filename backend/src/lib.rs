@@ -14,7 +14,8 @@
 //! - [`metrics`]: Prometheus metrics over HTTP.
 //! - [`state`]: the state file that carries run-time changes over restarts.
 //! - [`config`], [`cli`]: configuration file, `--vm` specs, command line.
-//! - [`ratelimit`], [`sys`]: helpers.
+//! - [`ctl`]: `vtmemctl`, the control socket's client.
+//! - [`accept`], [`ratelimit`], [`sys`]: helpers.
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
@@ -23,6 +24,7 @@ use std::sync::Arc;
 
 use log::{info, warn};
 
+pub mod accept;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -12,16 +12,15 @@
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use log::{debug, error, warn};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use log::{debug, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::accept::accept_until_stopped;
 use crate::daemon::Daemon;
 use crate::store::OpCounters;
 
@@ -468,83 +467,45 @@ impl Drop for MetricsServer {
 }
 
 fn accept_loop(daemon: Arc<Daemon>, listener: TcpListener, stop: EventFd) {
-    let epoll = match Epoll::new().and_then(|ep| {
-        ep.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, 0),
-        )?;
-        ep.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, 1),
-        )?;
-        Ok(ep)
-    }) {
-        Ok(ep) => ep,
-        Err(e) => {
-            error!("metrics: cannot set up epoll: {e}");
-            return;
-        }
-    };
     let active = Arc::new(AtomicUsize::new(0));
-    let mut events = [EpollEvent::default(); 2];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                error!("metrics: epoll: {e}");
+    accept_until_stopped(
+        "metrics",
+        &listener,
+        &stop,
+        |l| l.accept(),
+        |(stream, peer)| {
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+            let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+            if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                active.fetch_sub(1, Ordering::AcqRel);
+                let mut s = stream;
+                let _ = respond(
+                    &mut s,
+                    503,
+                    "Service Unavailable",
+                    "text/plain",
+                    b"busy\n",
+                    false,
+                );
                 return;
             }
-        };
-        if events[..n].iter().any(|e| e.data() == 1) {
-            return;
-        }
-        loop {
-            match listener.accept() {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nonblocking(false);
-                    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-                    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-                    if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-                        active.fetch_sub(1, Ordering::AcqRel);
-                        let mut s = stream;
-                        let _ = respond(
-                            &mut s,
-                            503,
-                            "Service Unavailable",
-                            "text/plain",
-                            b"busy\n",
-                            false,
-                        );
-                        continue;
+            let d = daemon.clone();
+            let a = active.clone();
+            let spawned = thread::Builder::new()
+                .name("vtmem-metrics-conn".to_string())
+                .spawn(move || {
+                    if let Err(e) = serve_connection(&d, stream) {
+                        debug!("metrics: {peer}: {e}");
                     }
-                    let d = daemon.clone();
-                    let a = active.clone();
-                    let spawned = thread::Builder::new()
-                        .name("vtmem-metrics-conn".to_string())
-                        .spawn(move || {
-                            if let Err(e) = serve_connection(&d, stream) {
-                                debug!("metrics: {peer}: {e}");
-                            }
-                            a.fetch_sub(1, Ordering::AcqRel);
-                        });
-                    if let Err(e) = spawned {
-                        active.fetch_sub(1, Ordering::AcqRel);
-                        warn!("metrics: cannot start a connection thread: {e}");
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    warn!("metrics: accept: {e}");
-                    thread::sleep(Duration::from_millis(50));
-                    break;
-                }
+                    a.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = spawned {
+                active.fetch_sub(1, Ordering::AcqRel);
+                warn!("metrics: cannot start a connection thread: {e}");
             }
-        }
-    }
+        },
+    );
 }
 
 /// Writes one response and closes (`Connection: close`).

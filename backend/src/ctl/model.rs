@@ -47,31 +47,9 @@ pub struct VmSummary {
     pub config: VmConfigView,
 }
 
-/// The device counters of `show`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub struct DeviceView {
-    /// Descriptor chains taken from the request queues.
-    pub chains: u64,
-    /// Operations in valid chains.
-    pub ops: u64,
-    /// Operations that failed to decode.
-    pub invalid_ops: u64,
-    /// Chains answered with a request-level error.
-    pub rejected_chains: u64,
-    /// Chains returned with used length 0.
-    pub dropped_chains: u64,
-    /// Used-ring interrupts sent.
-    pub notifications: u64,
-    /// Queue events handled.
-    pub kicks: u64,
-    /// Batches found by busy-polling.
-    pub poll_hits: u64,
-    /// Page bytes copied from the guest by puts.
-    pub bytes_from_guest: u64,
-    /// Page bytes copied to the guest by get hits.
-    pub bytes_to_guest: u64,
-}
+/// The device counters of `show`: the daemon's own snapshot type, so the
+/// two cannot drift apart.
+pub type DeviceView = crate::exec::DeviceCountersSnapshot;
 
 /// The result of `show`.
 #[derive(Clone, Debug, Default, Deserialize)]
