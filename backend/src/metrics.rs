@@ -103,6 +103,18 @@ impl Exposition {
             self.sample(name, &[("vm", vm)], *v);
         }
     }
+
+    /// A gauge family with one `persistent` and one `ephemeral` sample per
+    /// VM; VMs with `None` are left out.
+    fn per_vm_by_kind(&mut self, name: &str, help: &str, rows: &[(&str, Option<(f64, f64)>)]) {
+        self.family(name, "gauge", help);
+        for (vm, values) in rows {
+            if let Some((persistent, ephemeral)) = values {
+                self.sample(name, &[("vm", vm), ("kind", "persistent")], *persistent);
+                self.sample(name, &[("vm", vm), ("kind", "ephemeral")], *ephemeral);
+            }
+        }
+    }
 }
 
 /// The put and get result breakdowns, as `(label value, count)`.
@@ -281,63 +293,41 @@ pub fn render(daemon: &Daemon) -> String {
         "The VM's weight for sharing ephemeral capacity.",
         &gauge(&|r| r.stats.map_or(0.0, |s| f64::from(s.config.weight))),
     );
-    e.family(
+    let by_kind = |f: &dyn Fn(&Row) -> Option<(f64, f64)>| -> Vec<(&str, Option<(f64, f64)>)> {
+        rows.iter().map(|r| (r.name, f(r))).collect()
+    };
+    e.per_vm_by_kind(
         "vtmem_vm_quota_bytes",
-        "gauge",
         "The VM's quota by pool kind (+Inf: unlimited).",
+        &by_kind(&|r| {
+            r.stats.map(|s| {
+                (
+                    quota(s.config.persistent_quota),
+                    quota(s.config.ephemeral_quota),
+                )
+            })
+        }),
     );
-    for r in &rows {
-        if let Some(s) = r.stats {
-            e.sample(
-                "vtmem_vm_quota_bytes",
-                &[("vm", r.name), ("kind", "persistent")],
-                quota(s.config.persistent_quota),
-            );
-            e.sample(
-                "vtmem_vm_quota_bytes",
-                &[("vm", r.name), ("kind", "ephemeral")],
-                quota(s.config.ephemeral_quota),
-            );
-        }
-    }
-    e.family(
+    e.per_vm_by_kind(
         "vtmem_vm_pages",
-        "gauge",
         "Pages the VM holds, by pool kind.",
+        &by_kind(&|r| {
+            Some((
+                st(r, &|s| s.persistent_pages),
+                st(r, &|s| s.ephemeral_pages),
+            ))
+        }),
     );
-    for r in &rows {
-        let p = st(r, &|s| s.persistent_pages);
-        let q = st(r, &|s| s.ephemeral_pages);
-        e.sample(
-            "vtmem_vm_pages",
-            &[("vm", r.name), ("kind", "persistent")],
-            p,
-        );
-        e.sample(
-            "vtmem_vm_pages",
-            &[("vm", r.name), ("kind", "ephemeral")],
-            q,
-        );
-    }
-    e.family(
+    e.per_vm_by_kind(
         "vtmem_vm_bytes",
-        "gauge",
         "Bytes charged to the VM (data and metadata), by pool kind.",
+        &by_kind(&|r| {
+            Some((
+                st(r, &|s| s.persistent_bytes),
+                st(r, &|s| s.ephemeral_bytes),
+            ))
+        }),
     );
-    for r in &rows {
-        let p = st(r, &|s| s.persistent_bytes);
-        let q = st(r, &|s| s.ephemeral_bytes);
-        e.sample(
-            "vtmem_vm_bytes",
-            &[("vm", r.name), ("kind", "persistent")],
-            p,
-        );
-        e.sample(
-            "vtmem_vm_bytes",
-            &[("vm", r.name), ("kind", "ephemeral")],
-            q,
-        );
-    }
     let zero = OpCounters::default();
     let counters =
         |r: &Row<'_>| -> OpCounters { r.stats.map_or(zero.clone(), |s| s.counters.clone()) };
