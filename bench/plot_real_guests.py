@@ -48,7 +48,7 @@ def main():
     ax.set_title(title, fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=len(cfgs))
-    fig.text(0.01, 0.01, "read = pswpin x 4 KiB (vm.page-cluster=0)", fontsize=7, alpha=0.7)
+    fig.text(0.01, 0.01, "read and written: the guests' /proc/diskstats for the swap disk", fontsize=7, alpha=0.7)
     fig.tight_layout()
     path = os.path.join(out, "real-guests-disk-io.png")
     fig.savefig(path)
