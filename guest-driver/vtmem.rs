@@ -7,12 +7,14 @@
 //! backend: swap pages go to a persistent pool in host memory instead of the
 //! swap disk, in batches of many pages per notification, and a store
 //! reported to the kernel as done is never lost (see docs/guest-driver.md).
+//! It also registers as the cleancache backend: clean file pages the guest
+//! evicts go to an ephemeral host pool and later reads find them there.
 //!
 //! Layout:
 //! - `sys`: every call into C, wrapped in safe types;
 //! - `batch`: a request of many operations and its buffers;
 //! - `device`: probe/remove, queues, batching, reservations, the frontswap
-//!   operations;
+//!   operations; its child `device::cleancache` the cleancache operations;
 //! - `stats`: counters shown in debugfs;
 //! - `wire`: the protocol's wire format, compiled from the protocol crate's
 //!   own source file (the single definition of the format).
@@ -35,7 +37,7 @@ module! {
     type: VtmemModule,
     name: "vtmem",
     authors: ["vtmem developers"],
-    description: "Paravirtual transcendent memory (frontswap backend over virtio)",
+    description: "Paravirtual transcendent memory (frontswap and cleancache backend over virtio)",
     license: "GPL",
     params: {
         batch_size: u32 {
@@ -62,6 +64,14 @@ module! {
             default: false,
             description: "At probe, store and load a few pages through a temporary pool and report",
         },
+        cleancache: bool {
+            default: true,
+            description: "Register as the cleancache backend: clean page-cache pages of ext4 go to an ephemeral host pool",
+        },
+        cleancache_shared: bool {
+            default: false,
+            description: "Ask for a shared pool named by the filesystem UUID (the host admin must authorise it; otherwise a private pool)",
+        },
     },
 }
 
@@ -74,6 +84,8 @@ pub(crate) fn params() -> device::Params {
         reserve_pages: module_parameters::reserve_pages.value(),
         max_queues: module_parameters::max_queues.value(),
         selftest: module_parameters::selftest.value(),
+        cleancache: module_parameters::cleancache.value(),
+        cleancache_shared: module_parameters::cleancache_shared.value(),
     }
 }
 

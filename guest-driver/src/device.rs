@@ -29,13 +29,14 @@
 //! a page of the pool's reservation (`RESERVE`), which the device promises
 //! never to refuse. Otherwise the store waits for the device's answer and a
 //! refusal makes the kernel write the swap disk. See docs/guest-driver.md.
+//!
+//! The cleancache operations (clean page-cache pages, ephemeral pools) are
+//! in the child module `cleancache`; they share the queues and batches.
 
 use crate::batch::Batch;
-use crate::stats::{QueueStats, Stats};
+use crate::stats::{CacheStats, QueueStats, Stats};
 use crate::sys::{self, VirtioDevice, VirtioDriver};
-use crate::wire::{
-    self, DeviceConfig, Handle, ObjectId, Op, OpStatus, PoolSpec, Status,
-};
+use crate::wire::{self, DeviceConfig, Handle, ObjectId, Op, OpStatus, PoolSpec, Status};
 use core::fmt;
 use kernel::{
     debugfs::{Dir, File},
@@ -49,6 +50,9 @@ use kernel::{
         Delta, Monotonic,
     },
 };
+
+#[path = "cleancache.rs"]
+mod cleancache;
 
 /// Swap areas the kernel can have (`MAX_SWAPFILES` is below this).
 pub(crate) const MAX_SWAP_TYPES: usize = 32;
@@ -68,6 +72,12 @@ type SwapRegistration = sys::FrontswapRegistration;
 #[cfg(not(CONFIG_FRONTSWAP))]
 type SwapRegistration = ();
 
+#[cfg(CONFIG_CLEANCACHE)]
+type CacheRegistration = sys::CleancacheRegistration;
+/// Without cleancache in the kernel there is nothing to register.
+#[cfg(not(CONFIG_CLEANCACHE))]
+type CacheRegistration = ();
+
 /// Tunables, from the module parameters.
 #[derive(Clone, Copy)]
 pub(crate) struct Params {
@@ -77,6 +87,8 @@ pub(crate) struct Params {
     pub(crate) reserve_pages: u32,
     pub(crate) max_queues: u32,
     pub(crate) selftest: bool,
+    pub(crate) cleancache: bool,
+    pub(crate) cleancache_shared: bool,
 }
 
 
@@ -173,13 +185,16 @@ impl Pools {
 /// Counters and pool state, shared with the debugfs file.
 pub(crate) struct Shared {
     stats: Stats,
+    cache_stats: CacheStats,
     queue_stats: KVec<QueueStats>,
     pools: Pin<KBox<SpinLockIrq<Pools>>>,
+    cache_pools: Pin<KBox<SpinLockIrq<cleancache::CachePools>>>,
 }
 
 impl Shared {
     fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.stats.for_each(&mut |name, v| writeln!(f, "{name} {v}"))?;
+        self.cache_stats.for_each(&mut |name, v| writeln!(f, "{name} {v}"))?;
         let mut sums = [0u64; 16];
         for qs in self.queue_stats.iter() {
             let mut i = 0;
@@ -211,17 +226,18 @@ impl Shared {
                 writeln!(f, "pool type={ty} id={id} reserved={} pending={}", s.avail, s.pending)?;
             }
         }
-        Ok(())
+        drop(pools);
+        self.cache_pools.lock().show(f)
     }
 }
 
 // ---------------------------------------------------------------------------
 // Queues
 
-/// Invalidations waiting for a free batch, oldest first (fixed capacity,
-/// never allocates).
+/// Invalidations (`FLUSH_PAGE`, `FLUSH_OBJECT`) waiting for a free batch,
+/// oldest first (fixed capacity, never allocates).
 struct FlushRing {
-    buf: KVec<Handle>,
+    buf: KVec<Op>,
     head: usize,
     len: usize,
 }
@@ -229,7 +245,10 @@ struct FlushRing {
 impl FlushRing {
     fn new(cap: usize) -> Result<Self> {
         let mut buf = KVec::with_capacity(cap.max(1), GFP_KERNEL)?;
-        buf.extend_with(cap.max(1), Handle::default(), GFP_KERNEL)?;
+        let filler = Op::FlushPage {
+            handle: Handle::default(),
+        };
+        buf.extend_with(cap.max(1), filler, GFP_KERNEL)?;
         Ok(Self { buf, head: 0, len: 0 })
     }
 
@@ -237,13 +256,13 @@ impl FlushRing {
         self.len == 0
     }
 
-    fn push(&mut self, h: Handle) -> bool {
+    fn push(&mut self, op: Op) -> bool {
         let cap = self.buf.len();
         if self.len == cap {
             return false;
         }
         if let Some(slot) = self.buf.get_mut((self.head + self.len) % cap) {
-            *slot = h;
+            *slot = op;
             self.len += 1;
             true
         } else {
@@ -251,7 +270,7 @@ impl FlushRing {
         }
     }
 
-    fn front(&self) -> Option<Handle> {
+    fn front(&self) -> Option<Op> {
         if self.len == 0 {
             return None;
         }
@@ -308,8 +327,8 @@ impl QueueInner {
             let mut b = self.free.pop()?;
             self.next_seq += 1;
             b.reset(self.next_seq);
-            while let Some(handle) = self.overflow.front() {
-                if b.push(Op::FlushPage { handle }).is_err() {
+            while let Some(op) = self.overflow.front() {
+                if b.push(op).is_err() {
                     break;
                 }
                 self.overflow.pop();
@@ -601,6 +620,12 @@ pub(crate) struct Device {
     /// The frontswap registration, from start to remove.
     #[pin]
     swap: Mutex<Option<SwapRegistration>>,
+    /// The cleancache registration, from start to remove.
+    #[pin]
+    cache: Mutex<Option<CacheRegistration>>,
+    /// Serialises creating, replacing and destroying cache pools.
+    #[pin]
+    cache_admin: Mutex<()>,
     _debugfs: Dir,
     #[pin]
     _stats_file: File<Arc<Shared>>,
@@ -818,19 +843,38 @@ impl Device {
     pub(crate) fn get_page(&self, ty: usize, offset: u64, out: impl FnOnce(&[u8])) -> Result {
         counter(&self.stats().loads);
         let pool = self.pool_id(ty).ok_or(ENODEV)?;
-        let q = self.queue_for(offset)?;
+        let h = handle(pool, ty, offset);
+        let res = self.fetch(self.queue_for(offset)?, || Some(h), out);
+        match res {
+            Ok(()) => counter(&self.stats().hits),
+            Err(e) if e == ENOENT => counter(&self.stats().misses),
+            Err(_) => counter(&self.stats().load_errors),
+        }
+        res
+    }
+
+    /// Sends a `GET` on `q` at once (behind every operation queued there
+    /// before) and waits for it. `Ok` on a hit, after `out` read the page;
+    /// `ENOENT` on a miss. `handle` names the page; it is called with the
+    /// queue locked, right before the `GET` is queued (`None`: a miss).
+    /// Process context only.
+    fn fetch(
+        &self,
+        q: &Queue,
+        handle: impl FnOnce() -> Option<Handle>,
+        out: impl FnOnce(&[u8]),
+    ) -> Result {
         let mut g = q.inner.lock();
         q.wait_open(&mut g, 1, 1)?;
+        let handle = handle().ok_or(ENOENT)?;
         let Some(b) = g.open.as_deref_mut() else {
             return Err(EIO);
         };
-        let index = b.push(Op::Get {
-            handle: handle(pool, ty, offset),
-        })?;
+        let index = b.push(Op::Get { handle })?;
         b.waiters += 1;
         let seq = b.seq;
         q.flush_for_answer(&mut g);
-        let res = q.wait_result(&mut g, seq, |b| {
+        q.wait_result(&mut g, seq, |b| {
             match b.ops().get(index).and_then(|m| m.result).map(|s| s.status) {
                 Some(Status::Ok) => match b.page(index) {
                     Some(page) => {
@@ -842,19 +886,11 @@ impl Device {
                 Some(Status::Miss) => Err(ENOENT),
                 _ => Err(EIO),
             }
-        })?;
-        drop(g);
-        match res {
-            Ok(()) => counter(&self.stats().hits),
-            Err(e) if e == ENOENT => counter(&self.stats().misses),
-            Err(_) => counter(&self.stats().load_errors),
-        }
-        res
+        })?
     }
 
     /// Drops one page. May be called in atomic context: never sleeps.
     pub(crate) fn flush_page(&self, ty: usize, offset: u64) {
-        use kernel::sync::atomic::Relaxed;
         counter(&self.stats().invalidates);
         let Some(pool) = self.pool_id(ty) else {
             return;
@@ -862,34 +898,49 @@ impl Device {
         let Ok(q) = self.queue_for(offset) else {
             return;
         };
-        let handle = handle(pool, ty, offset);
+        if !self.invalidate(q, Op::FlushPage { handle: handle(pool, ty, offset) }) {
+            counter(&self.stats().invalidates_dropped);
+        }
+    }
+
+    /// Queues an invalidation (`FLUSH_PAGE`, `FLUSH_OBJECT`) on `q` without
+    /// sleeping: into the open batch, or parked until a batch is free.
+    /// `false` if even the parking ring was full and `op` is lost.
+    fn invalidate(&self, q: &Pin<KBox<Queue>>, op: Op) -> bool {
         let mut g = q.inner.lock();
+        Self::queue_invalidation(q, &mut g, op)
+    }
+
+    /// [`Device::invalidate`] with the queue already locked.
+    fn queue_invalidation(q: &Pin<KBox<Queue>>, g: &mut QGuard<'_>, op: Op) -> bool {
+        use kernel::sync::atomic::Relaxed;
         if g.dead {
-            return;
+            // The device and everything it held are gone.
+            return true;
         }
         let full = match g.open_with_room(q.stats(), 1, 0) {
             Some(b) => {
-                let _ = b.push(Op::FlushPage { handle });
+                let _ = b.push(op);
                 Some(b.is_full())
             }
             None => None,
         };
+        let mut kept = true;
         match full {
             Some(true) => {
                 g.seal();
                 q.stats().full_flushes.add(1, Relaxed);
             }
-            Some(false) => q.as_ref().arm(&mut g),
+            Some(false) => q.as_ref().arm(g),
             None => {
-                if !g.overflow.push(handle) {
-                    counter(&self.stats().invalidates_dropped);
-                }
+                kept = g.overflow.push(op);
                 // A batch half filled from the overflow must not wait for
                 // the next operation.
-                q.as_ref().arm(&mut g);
+                q.as_ref().arm(g);
             }
         }
         g.pump(q.stats());
+        kept
     }
 
     /// A swap area was turned off: every page of it is gone.
@@ -908,14 +959,21 @@ impl Device {
         }
     }
 
-    /// Sends every pending operation and waits until the device answered
-    /// them all.
+    /// Sends every pending operation, parked invalidations included, and
+    /// waits until the device answered them all.
     fn drain(&self) {
         for q in self.queues.iter() {
             let mut g = q.inner.lock();
-            g.seal();
-            g.pump(q.stats());
-            while !g.dead && (g.in_flight > 0 || !g.ready.is_empty()) {
+            loop {
+                if !g.overflow.is_empty() {
+                    let _ = g.open_with_room(q.stats(), 0, 0);
+                }
+                g.seal();
+                g.pump(q.stats());
+                let idle = g.in_flight == 0 && g.ready.is_empty() && g.overflow.is_empty();
+                if g.dead || idle {
+                    break;
+                }
                 g.sleepers += 1;
                 q.cv.wait(&mut g);
                 g.sleepers -= 1;
@@ -976,6 +1034,7 @@ impl Device {
 
     /// Stops all use of the device and deletes its queues.
     fn teardown(&self) {
+        self.close_cache_pools();
         for ty in 0..MAX_SWAP_TYPES {
             if self.pool_id(ty).is_some() {
                 self.flush_area(ty);
@@ -1032,6 +1091,7 @@ impl VirtioDriver for Device {
         let shared = Arc::new(
             Shared {
                 stats: Stats::new(),
+                cache_stats: CacheStats::new(),
                 queue_stats,
                 pools: KBox::pin_init(
                     new_spinlock_irq!(
@@ -1041,6 +1101,10 @@ impl VirtioDriver for Device {
                         },
                         "vtmem_pools"
                     ),
+                    GFP_KERNEL,
+                )?,
+                cache_pools: KBox::pin_init(
+                    new_spinlock_irq!(cleancache::CachePools::new(), "vtmem_cache_pools"),
                     GFP_KERNEL,
                 )?,
             },
@@ -1067,6 +1131,8 @@ impl VirtioDriver for Device {
                 shared: shared.clone(),
                 queues,
                 swap <- new_mutex!(None, "vtmem_swap"),
+                cache <- new_mutex!(None, "vtmem_cache"),
+                cache_admin <- new_mutex!((), "vtmem_cache_admin"),
                 _stats_file <- debugfs.read_callback_file(
                     c"stats",
                     file_data,
@@ -1120,6 +1186,9 @@ impl VirtioDriver for Device {
         }
         #[cfg(not(CONFIG_FRONTSWAP))]
         pr_warn!("kernel without frontswap: the device is not used for swap\n");
+        if this.params.cleancache {
+            Self::register_cache(this)?;
+        }
         Ok(())
     }
 
@@ -1158,6 +1227,7 @@ impl VirtioDriver for Device {
     }
 
     fn remove(&self) {
+        self.unregister_cache();
         #[cfg(CONFIG_FRONTSWAP)]
         if let Some(mut reg) = self.swap.lock().take() {
             // frontswap pins the module while it holds pages, so this only

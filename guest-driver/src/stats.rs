@@ -68,6 +68,34 @@ counters! {
 }
 
 counters! {
+    /// Counters of cleancache traffic (clean page-cache pages).
+    CacheStats {
+        /// Filesystems that got a host pool.
+        cleancache_pools,
+        /// Pages the kernel offered on eviction.
+        cleancache_puts,
+        /// Offered pages not sent: no free batch, pool unusable, or device
+        /// gone (their older copies are invalidated).
+        cleancache_puts_dropped,
+        /// Reads that asked the host.
+        cleancache_gets,
+        /// Reads the host answered with the page (no disk I/O).
+        cleancache_hits,
+        /// Reads the host did not have (or that failed): the disk is read.
+        cleancache_misses,
+        /// Pages invalidated by the kernel.
+        cleancache_invalidate_pages,
+        /// Files invalidated (truncate, punch hole, direct I/O, delete).
+        cleancache_invalidate_inodes,
+        /// Filesystems invalidated (unmount).
+        cleancache_invalidate_fs,
+        /// Pools recreated because an invalidation could not be queued (the
+        /// only way to be sure no stale page survives).
+        cleancache_pool_resets,
+    }
+}
+
+counters! {
     /// Per-queue transport counters.
     QueueStats {
         /// Requests (batches) made available to the device.

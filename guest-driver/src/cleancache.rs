@@ -1,0 +1,501 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The cleancache operations: clean page-cache pages in ephemeral pools.
+//!
+//! A child of `device`: it shares the device's queues and batches.
+//!
+//! # Pools
+//!
+//! The kernel names a filesystem's pool by the small integer `init_fs`
+//! returned: an index into [`CachePools`], which maps it to the device's
+//! pool id. The index stays while the device pool behind it may be
+//! replaced (see below). A pool is private (gets are exclusive: a hit
+//! removes the host copy, so a page lives in one place) unless
+//! `cleancache_shared` is set and the host admin authorised the
+//! filesystem's UUID for this VM; then it is the shared pool of that UUID
+//! and gets keep the page.
+//!
+//! # Coherency
+//!
+//! Every operation on one file (puts, gets, invalidations of its pages and
+//! of the whole file) goes to one queue, chosen from the pool index and the
+//! file key, and the device processes a queue in order. So a get behind a
+//! put of the same page sees it, and an invalidation behind a put removes
+//! it, however long the put waited in an unsent batch.
+//!
+//! A put runs in atomic context and cannot wait for a batch. When none is
+//! free the put is dropped, and the host may still hold an older copy of
+//! the page: a `FLUSH_PAGE` for it is then parked, as is every
+//! invalidation that finds no batch, and parked operations go out before
+//! anything else queued later. If even the parking ring is full, the pool
+//! is marked stale: gets miss and puts are dropped until the next get
+//! (process context) has drained the queues and replaced the device pool
+//! with a new, empty one. Nothing older than a change is ever read back.
+//!
+//! The device pool id is read with the queue locked, right before an
+//! operation is queued, and a pool is only destroyed after its slot was
+//! closed and every queue drained: no operation can reach a device pool
+//! that was destroyed, whose id the device may have given to a new pool.
+
+#![cfg_attr(not(CONFIG_CLEANCACHE), allow(dead_code))]
+
+use super::{counter, Device, QGuard, Queue};
+use crate::wire::{Handle, ObjectId, Op, PoolSpec, Status, Uuid};
+use core::fmt;
+use kernel::{prelude::*, sync::Arc};
+
+/// Filesystems with a cache pool at one time.
+pub(crate) const MAX_CACHE_POOLS: usize = 64;
+
+#[derive(Clone, Copy, Default)]
+struct CachePool {
+    /// Device pool id; `None` while the slot is free.
+    id: Option<u32>,
+    /// The filesystem's UUID.
+    uuid: Uuid,
+    /// The device pool is the shared pool of `uuid`.
+    shared: bool,
+    /// An invalidation was lost: serve nothing until the pool is replaced.
+    stale: bool,
+    /// A thread is replacing the device pool.
+    resetting: bool,
+}
+
+/// The cache pools, by kernel pool index.
+pub(crate) struct CachePools {
+    slots: [CachePool; MAX_CACHE_POOLS],
+}
+
+impl CachePools {
+    pub(crate) fn new() -> Self {
+        Self {
+            slots: [CachePool::default(); MAX_CACHE_POOLS],
+        }
+    }
+
+    fn slot(&mut self, pool: i32) -> Option<&mut CachePool> {
+        usize::try_from(pool)
+            .ok()
+            .and_then(|i| self.slots.get_mut(i))
+    }
+
+    /// The device pool id of `pool` if operations may use it.
+    fn usable(&mut self, pool: i32) -> Option<u32> {
+        self.slot(pool).filter(|s| !s.stale).and_then(|s| s.id)
+    }
+
+    /// Writes one line per pool for debugfs.
+    pub(crate) fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, s) in self.slots.iter().enumerate() {
+            if let Some(id) = s.id {
+                write!(f, "cache_pool index={i} id={id} uuid=")?;
+                write_uuid(f, &s.uuid)?;
+                writeln!(
+                    f,
+                    " shared={} stale={}",
+                    u8::from(s.shared),
+                    u8::from(s.stale)
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `uuid` in its usual text form.
+fn write_uuid(f: &mut fmt::Formatter<'_>, uuid: &Uuid) -> fmt::Result {
+    for (i, b) in uuid.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            f.write_str("-")?;
+        }
+        write!(f, "{b:02x}")?;
+    }
+    Ok(())
+}
+
+/// Formats a UUID with `{}`.
+struct UuidText<'a>(&'a Uuid);
+
+impl kernel::fmt::Display for UuidText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_uuid(f, self.0)
+    }
+}
+
+/// The handle of page `index` of file `key` in device pool `id`.
+fn page_handle(id: u32, key: [u64; 3], index: u64) -> Handle {
+    Handle {
+        pool: id,
+        object: ObjectId(key),
+        index,
+    }
+}
+
+impl Device {
+    /// Registers as the cleancache backend (at start).
+    pub(super) fn register_cache(this: &Arc<Self>) -> Result {
+        #[cfg(CONFIG_CLEANCACHE)]
+        {
+            let reg = crate::sys::CleancacheRegistration::register(this.clone())?;
+            *this.cache.lock() = Some(reg);
+            pr_info!("registered as the cleancache backend\n");
+        }
+        #[cfg(not(CONFIG_CLEANCACHE))]
+        {
+            let _ = this;
+            pr_warn!("kernel without cleancache: the device does not cache file pages\n");
+        }
+        Ok(())
+    }
+
+    /// Unregisters from cleancache (at remove); no cleancache operation
+    /// runs once this returns.
+    pub(super) fn unregister_cache(&self) {
+        // The registration is dropped (unregistered) with the condition.
+        if self.cache.lock().take().is_some() {
+            pr_info!("unregistered from cleancache\n");
+        }
+    }
+
+    fn cstats(&self) -> &crate::stats::CacheStats {
+        &self.shared.cache_stats
+    }
+
+    /// The queue of every operation on file `key` of kernel pool `pool`.
+    fn cache_queue(&self, pool: i32, key: &[u64; 3]) -> Option<&Pin<KBox<Queue>>> {
+        let n = self.queues.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        // Inode numbers are often sequential: mix before taking the rest.
+        let h = (key[0] ^ key[1].rotate_left(32) ^ (pool as u64).rotate_left(48))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.queues.get(((h >> 32) % n) as usize)
+    }
+
+    /// The device pool id of `pool`, if usable. Called with the pool's
+    /// queue locked (see the module documentation).
+    fn cache_pool_id(&self, _queue_locked: &QGuard<'_>, pool: i32) -> Option<u32> {
+        self.shared.cache_pools.lock().usable(pool)
+    }
+
+    /// Creates a pool for the filesystem `uuid`; returns its kernel index.
+    pub(crate) fn cache_init_fs(&self, uuid: &Uuid) -> Result<i32> {
+        let _admin = self.cache_admin.lock();
+        let index = self
+            .shared
+            .cache_pools
+            .lock()
+            .slots
+            .iter()
+            .position(|s| s.id.is_none())
+            .ok_or(ENOSPC)?;
+        let (id, shared) = self.new_cache_pool(uuid)?;
+        if let Some(s) = self.shared.cache_pools.lock().slots.get_mut(index) {
+            *s = CachePool {
+                id: Some(id),
+                uuid: *uuid,
+                shared,
+                ..CachePool::default()
+            };
+        }
+        counter(&self.cstats().cleancache_pools);
+        pr_info!(
+            "filesystem {}: cache pool {index} (device pool {id}, {})\n",
+            UuidText(uuid),
+            if shared { "shared" } else { "private" }
+        );
+        Ok(index as i32)
+    }
+
+    /// Asks the device for a pool for `uuid`: the shared one if wanted and
+    /// authorised, else a private one. Returns its id and whether shared.
+    fn new_cache_pool(&self, uuid: &Uuid) -> Result<(u32, bool)> {
+        if self.params.cleancache_shared {
+            let [st] = self.call(0, [Op::NewPool(PoolSpec::shared(*uuid))])?;
+            if st.status == Status::Ok {
+                return Ok((st.value as u32, true));
+            }
+            pr_info!(
+                "filesystem {}: no shared pool ({}), using a private one\n",
+                UuidText(uuid),
+                st.status.name()
+            );
+        }
+        let [st] = self.call(0, [Op::NewPool(PoolSpec::ephemeral())])?;
+        if st.status != Status::Ok {
+            pr_warn!(
+                "filesystem {}: device refused a cache pool: {}\n",
+                UuidText(uuid),
+                st.status.name()
+            );
+            return Err(ENOSPC);
+        }
+        Ok((st.value as u32, false))
+    }
+
+    /// Offers a clean page being evicted. Atomic context: never sleeps;
+    /// `fill` copies the page into the batch.
+    pub(crate) fn cache_put(
+        &self,
+        pool: i32,
+        key: [u64; 3],
+        index: u64,
+        fill: impl FnOnce(&mut [u8]),
+    ) {
+        use kernel::sync::atomic::Relaxed;
+        counter(&self.cstats().cleancache_puts);
+        let Some(q) = self.cache_queue(pool, &key) else {
+            counter(&self.cstats().cleancache_puts_dropped);
+            return;
+        };
+        let mut g = q.inner.lock();
+        let Some(id) = self.cache_pool_id(&g, pool) else {
+            // No pool, or a stale one that serves nothing.
+            counter(&self.cstats().cleancache_puts_dropped);
+            return;
+        };
+        let handle = page_handle(id, key, index);
+        let queued = match g.open_with_room(q.stats(), 1, 1) {
+            Some(b) => match b.push(Op::Put {
+                handle,
+                reserved: false,
+            }) {
+                Ok(i) => {
+                    if let Some(page) = b.page_mut(i) {
+                        fill(page);
+                    }
+                    Some(b.is_full())
+                }
+                Err(_) => None,
+            },
+            None => None,
+        };
+        match queued {
+            Some(true) => {
+                g.seal();
+                q.stats().full_flushes.add(1, Relaxed);
+                g.pump(q.stats());
+            }
+            Some(false) => q.as_ref().arm(&mut g),
+            None => {
+                // Not sent: the host must not keep an older copy either.
+                counter(&self.cstats().cleancache_puts_dropped);
+                if !Self::queue_invalidation(q, &mut g, Op::FlushPage { handle }) {
+                    drop(g);
+                    self.mark_stale(pool);
+                }
+            }
+        }
+    }
+
+    /// Reads a page from the host. Process context. `Ok` on a hit (after
+    /// `out` read the page), `ENOENT` on a miss.
+    pub(crate) fn cache_get(
+        &self,
+        pool: i32,
+        key: [u64; 3],
+        index: u64,
+        out: impl FnOnce(&[u8]),
+    ) -> Result {
+        counter(&self.cstats().cleancache_gets);
+        let res = self.cache_fetch(pool, key, index, out);
+        match res {
+            Ok(()) => counter(&self.cstats().cleancache_hits),
+            Err(_) => counter(&self.cstats().cleancache_misses),
+        }
+        res
+    }
+
+    fn cache_fetch(&self, pool: i32, key: [u64; 3], index: u64, out: impl FnOnce(&[u8])) -> Result {
+        let needs_reset = {
+            let mut pools = self.shared.cache_pools.lock();
+            match pools.slot(pool) {
+                Some(s) if s.id.is_some() && s.stale && !s.resetting => {
+                    s.resetting = true;
+                    true
+                }
+                Some(s) if s.id.is_some() && !s.stale => false,
+                _ => return Err(ENOENT),
+            }
+        };
+        if needs_reset {
+            self.reset_cache_pool(pool);
+            return Err(ENOENT);
+        }
+        let q = self.cache_queue(pool, &key).ok_or(ENOENT)?;
+        let pools = &self.shared.cache_pools;
+        // The pool id is read with the queue locked (`fetch` calls this
+        // closure under the lock).
+        let handle = || {
+            pools
+                .lock()
+                .usable(pool)
+                .map(|id| page_handle(id, key, index))
+        };
+        // Any failure is a miss to the kernel: it reads the disk.
+        self.fetch(q, handle, out)
+    }
+
+    /// Drops page `index` of file `key`. May run in atomic context.
+    pub(crate) fn cache_invalidate_page(&self, pool: i32, key: [u64; 3], index: u64) {
+        counter(&self.cstats().cleancache_invalidate_pages);
+        self.cache_invalidate(pool, &key, |id| Op::FlushPage {
+            handle: page_handle(id, key, index),
+        });
+    }
+
+    /// Drops every page of file `key`. May run in atomic context.
+    pub(crate) fn cache_invalidate_inode(&self, pool: i32, key: [u64; 3]) {
+        counter(&self.cstats().cleancache_invalidate_inodes);
+        self.cache_invalidate(pool, &key, |id| Op::FlushObject {
+            pool: id,
+            object: ObjectId(key),
+        });
+    }
+
+    fn cache_invalidate(&self, pool: i32, key: &[u64; 3], op: impl FnOnce(u32) -> Op) {
+        let Some(q) = self.cache_queue(pool, key) else {
+            return;
+        };
+        let mut g = q.inner.lock();
+        // A stale pool is emptied as a whole before it serves again.
+        let Some(id) = self.cache_pool_id(&g, pool) else {
+            return;
+        };
+        if !Self::queue_invalidation(q, &mut g, op(id)) {
+            drop(g);
+            self.mark_stale(pool);
+        }
+    }
+
+    /// An invalidation of `pool` was lost: serve nothing from it until the
+    /// device pool was replaced.
+    fn mark_stale(&self, pool: i32) {
+        let mut pools = self.shared.cache_pools.lock();
+        if let Some(s) = pools.slot(pool).filter(|s| s.id.is_some() && !s.stale) {
+            s.stale = true;
+            drop(pools);
+            pr_warn!(
+                "cache pool {pool}: an invalidation found no buffer; the pool will be emptied\n"
+            );
+        }
+    }
+
+    /// Replaces the stale device pool of `pool` with a new, empty one.
+    /// Process context; the caller set `resetting`.
+    fn reset_cache_pool(&self, pool: i32) {
+        let _admin = self.cache_admin.lock();
+        let Some((old, uuid)) = self
+            .shared
+            .cache_pools
+            .lock()
+            .slot(pool)
+            .and_then(|s| s.id.map(|id| (id, s.uuid)))
+        else {
+            return;
+        };
+        // Every operation queued for the old pool reaches the device first.
+        self.drain();
+        self.destroy_cache_pool(old);
+        let new = self.new_cache_pool(&uuid);
+        let mut pools = self.shared.cache_pools.lock();
+        if let Some(s) = pools.slot(pool) {
+            match new {
+                Ok((id, shared)) => {
+                    s.id = Some(id);
+                    s.shared = shared;
+                    s.stale = false;
+                }
+                // No pool: the filesystem is served no more (gets miss).
+                Err(_) => *s = CachePool::default(),
+            }
+            s.resetting = false;
+        }
+        drop(pools);
+        counter(&self.cstats().cleancache_pool_resets);
+    }
+
+    fn destroy_cache_pool(&self, id: u32) {
+        match self.call(0, [Op::DestroyPool { pool: id }]) {
+            Ok([st]) if st.status == Status::Ok || st.status == Status::NoPool => {}
+            Ok([st]) => pr_warn!(
+                "cache pool (device {id}): DESTROY_POOL: {}\n",
+                st.status.name()
+            ),
+            Err(e) => pr_warn!("cache pool (device {id}): DESTROY_POOL failed: {:?}\n", e),
+        }
+    }
+
+    /// The filesystem of `pool` is going away: drop its pool. Process
+    /// context.
+    pub(crate) fn cache_invalidate_fs(&self, pool: i32) {
+        counter(&self.cstats().cleancache_invalidate_fs);
+        let _admin = self.cache_admin.lock();
+        let closed = self.shared.cache_pools.lock().slot(pool).and_then(|s| {
+            let id = s.id;
+            *s = CachePool::default();
+            id
+        });
+        if let Some(id) = closed {
+            // Operations already queued for it reach the device first: none
+            // may arrive after the id was given to another pool.
+            self.drain();
+            self.destroy_cache_pool(id);
+        }
+    }
+
+    /// Drops every cache pool (device removal, after unregistering).
+    pub(super) fn close_cache_pools(&self) {
+        for pool in 0..MAX_CACHE_POOLS as i32 {
+            let open = self
+                .shared
+                .cache_pools
+                .lock()
+                .slot(pool)
+                .is_some_and(|s| s.id.is_some());
+            if open {
+                self.cache_invalidate_fs(pool);
+            }
+        }
+    }
+}
+
+#[cfg(CONFIG_CLEANCACHE)]
+impl crate::sys::CleancacheBackend for Device {
+    fn init_fs(&self, uuid: &[u8; 16]) -> Result<i32> {
+        self.cache_init_fs(uuid)
+    }
+
+    fn get_page(
+        &self,
+        pool: i32,
+        key: crate::sys::FileKey,
+        index: u64,
+        page: &mut crate::sys::PageRef<'_>,
+    ) -> Result {
+        self.cache_get(pool, key.0, index, |src| page.write(src))
+    }
+
+    fn put_page(
+        &self,
+        pool: i32,
+        key: crate::sys::FileKey,
+        index: u64,
+        page: &crate::sys::PageRef<'_>,
+    ) {
+        self.cache_put(pool, key.0, index, |dst| page.read(dst));
+    }
+
+    fn invalidate_page(&self, pool: i32, key: crate::sys::FileKey, index: u64) {
+        self.cache_invalidate_page(pool, key.0, index);
+    }
+
+    fn invalidate_inode(&self, pool: i32, key: crate::sys::FileKey) {
+        self.cache_invalidate_inode(pool, key.0);
+    }
+
+    fn invalidate_fs(&self, pool: i32) {
+        self.cache_invalidate_fs(pool);
+    }
+}
