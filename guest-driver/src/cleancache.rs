@@ -132,20 +132,22 @@ fn page_handle(id: u32, key: [u64; 3], index: u64) -> Handle {
 }
 
 impl Device {
-    /// Registers as the cleancache backend (at start).
-    pub(super) fn register_cache(this: &Arc<Self>) -> Result {
+    /// Registers as the cleancache backend (at start). A failure leaves
+    /// the device serving swap only.
+    pub(super) fn register_cache(this: &Arc<Self>) {
         #[cfg(CONFIG_CLEANCACHE)]
-        {
-            let reg = crate::sys::CleancacheRegistration::register(this.clone())?;
-            *this.cache.lock() = Some(reg);
-            pr_info!("registered as the cleancache backend\n");
+        match crate::sys::CleancacheRegistration::register(this.clone()) {
+            Ok(reg) => {
+                *this.cache.lock() = Some(reg);
+                pr_info!("registered as the cleancache backend\n");
+            }
+            Err(e) => pr_warn!("cannot register as the cleancache backend: {:?}\n", e),
         }
         #[cfg(not(CONFIG_CLEANCACHE))]
         {
             let _ = this;
             pr_warn!("kernel without cleancache: the device does not cache file pages\n");
         }
-        Ok(())
     }
 
     /// Unregisters from cleancache (at remove); no cleancache operation

@@ -1187,7 +1187,7 @@ impl VirtioDriver for Device {
         #[cfg(not(CONFIG_FRONTSWAP))]
         pr_warn!("kernel without frontswap: the device is not used for swap\n");
         if this.params.cleancache {
-            Self::register_cache(this)?;
+            Self::register_cache(this);
         }
         Ok(())
     }
