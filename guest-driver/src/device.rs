@@ -1252,11 +1252,11 @@ impl sys::FrontswapBackend for Device {
         self.init_area(ty);
     }
 
-    fn store(&self, ty: usize, offset: u64, page: &sys::SwapPage<'_>) -> Result {
+    fn store(&self, ty: usize, offset: u64, page: &sys::PageRef<'_>) -> Result {
         self.put_page(ty, offset, |dst| page.read(dst))
     }
 
-    fn load(&self, ty: usize, offset: u64, page: &mut sys::SwapPage<'_>) -> Result {
+    fn load(&self, ty: usize, offset: u64, page: &mut sys::PageRef<'_>) -> Result {
         self.get_page(ty, offset, |src| page.write(src))
     }
 

@@ -14,7 +14,10 @@
 //! - [`start_timer`] / [`cancel_timer`]: arming a flush timer embedded in a
 //!   pinned object without keeping a handle.
 //! - the frontswap glue (with `CONFIG_FRONTSWAP`): registering the driver
-//!   as the backend of the kernel's frontswap hooks, and [`SwapPage`].
+//!   as the backend of the kernel's frontswap hooks.
+//! - the cleancache glue (with `CONFIG_CLEANCACHE`): registering the driver
+//!   as the backend of the kernel's cleancache hooks, and [`FileKey`].
+//! - [`PageRef`]: the page a frontswap or cleancache operation hands over.
 //!
 //! The driver logic in the other modules contains no `unsafe` block.
 
@@ -571,8 +574,69 @@ fn to_result(ret: c_int) -> Result {
     }
 }
 
+/// A page that the kernel hands to a frontswap or cleancache operation for
+/// the duration of the call: the page of a swap folio being stored or
+/// loaded, or a page cache page being put into or read from cleancache.
+///
+/// # Invariants
+///
+/// `page` is a valid page for the lifetime `'a`, and its contents do not
+/// change during it: the kernel holds the folio locked (frontswap, and
+/// cleancache gets) or has it out of everyone else's reach (a cleancache
+/// put runs while the page cache removes the clean, unmapped folio). A
+/// `&mut PageRef` is only handed out for a page being read in, which
+/// nobody else reads until the operation returns.
+#[cfg(any(CONFIG_FRONTSWAP, CONFIG_CLEANCACHE))]
+pub(crate) struct PageRef<'a> {
+    page: NonNull<bindings::page>,
+    _page: PhantomData<&'a mut bindings::page>,
+}
+
+#[cfg(any(CONFIG_FRONTSWAP, CONFIG_CLEANCACHE))]
+impl PageRef<'_> {
+    /// Wraps `page`.
+    ///
+    /// # Safety
+    ///
+    /// `page` must satisfy the type invariants for the lifetime chosen by
+    /// the caller (the duration of the kernel's call into the backend).
+    unsafe fn new(page: NonNull<bindings::page>) -> Self {
+        // INVARIANT: guaranteed by the caller.
+        Self {
+            page,
+            _page: PhantomData,
+        }
+    }
+
+    /// Copies the page into `dst` (up to a page). Never sleeps: usable in
+    /// atomic context.
+    pub(crate) fn read(&self, dst: &mut [u8]) {
+        let len = dst.len().min(bindings::PAGE_SIZE as usize);
+        // SAFETY: `page` is valid (type invariant); the mapping is
+        // released before returning, on the same CPU (no sleep between).
+        unsafe {
+            let src = bindings::kmap_local_page(self.page.as_ptr());
+            core::ptr::copy_nonoverlapping(src.cast::<u8>(), dst.as_mut_ptr(), len);
+            bindings::kunmap_local(src);
+        }
+    }
+
+    /// Overwrites the page with `src` (up to a page).
+    pub(crate) fn write(&mut self, src: &[u8]) {
+        let len = src.len().min(bindings::PAGE_SIZE as usize);
+        // SAFETY: `page` is valid and being read in by the caller of the
+        // operation, which is the only one using it (type invariant); the
+        // mapping is released before returning, on the same CPU.
+        unsafe {
+            let dst = bindings::kmap_local_page(self.page.as_ptr());
+            core::ptr::copy_nonoverlapping(src.as_ptr(), dst.cast::<u8>(), len);
+            bindings::kunmap_local(dst);
+        }
+    }
+}
+
 #[cfg(CONFIG_FRONTSWAP)]
-pub(crate) use frontswap::{FrontswapBackend, FrontswapRegistration, SwapPage};
+pub(crate) use frontswap::{FrontswapBackend, FrontswapRegistration};
 
 /// Glue to the kernel's frontswap hooks (`<linux/frontswap.h>`).
 ///
@@ -594,9 +658,9 @@ mod frontswap {
         /// Swap area `ty` of `nr_pages` slots was switched on.
         fn init(&self, ty: usize, nr_pages: u64);
         /// Keep a copy of `page` for slot `offset` of area `ty`.
-        fn store(&self, ty: usize, offset: u64, page: &SwapPage<'_>) -> Result;
+        fn store(&self, ty: usize, offset: u64, page: &PageRef<'_>) -> Result;
         /// Copy slot `offset` of area `ty` into `page`.
-        fn load(&self, ty: usize, offset: u64, page: &mut SwapPage<'_>) -> Result;
+        fn load(&self, ty: usize, offset: u64, page: &mut PageRef<'_>) -> Result;
         /// Drop slot `offset` of area `ty`. Atomic context: must not sleep.
         fn invalidate_page(&self, ty: usize, offset: u64);
         /// Area `ty` is being switched off: drop all of it.
@@ -619,43 +683,6 @@ mod frontswap {
         BACKEND.lock().clone()
     }
 
-    /// The page of a swap folio that frontswap hands to a store or load;
-    /// locked by the kernel for the duration of the call.
-    ///
-    /// # Invariants
-    ///
-    /// `page` is a valid, locked page for the lifetime `'a`.
-    pub(crate) struct SwapPage<'a> {
-        page: NonNull<bindings::page>,
-        _page: PhantomData<&'a mut bindings::page>,
-    }
-
-    impl SwapPage<'_> {
-        /// Copies the page into `dst` (up to a page).
-        pub(crate) fn read(&self, dst: &mut [u8]) {
-            let len = dst.len().min(bindings::PAGE_SIZE as usize);
-            // SAFETY: `page` is valid (type invariant); the mapping is
-            // released before returning, on the same CPU (no sleep between).
-            unsafe {
-                let src = bindings::kmap_local_page(self.page.as_ptr());
-                core::ptr::copy_nonoverlapping(src.cast::<u8>(), dst.as_mut_ptr(), len);
-                bindings::kunmap_local(src);
-            }
-        }
-
-        /// Overwrites the page with `src` (up to a page).
-        pub(crate) fn write(&mut self, src: &[u8]) {
-            let len = src.len().min(bindings::PAGE_SIZE as usize);
-            // SAFETY: `page` is valid and locked by the caller of the
-            // frontswap operation, which is reading it in (type invariant).
-            unsafe {
-                let dst = bindings::kmap_local_page(self.page.as_ptr());
-                core::ptr::copy_nonoverlapping(src.as_ptr(), dst.cast::<u8>(), len);
-                bindings::kunmap_local(dst);
-            }
-        }
-    }
-
     unsafe extern "C" fn fs_init(ty: c_uint, nr_pages: c_ulong) {
         if let Some(b) = backend() {
             b.init(ty as usize, nr_pages as u64);
@@ -666,12 +693,9 @@ mod frontswap {
         let (Some(b), Some(page)) = (backend(), NonNull::new(page)) else {
             return ENODEV.to_errno();
         };
-        // INVARIANT: frontswap passes the locked page of the folio being
-        // written out, valid for this call.
-        let page = SwapPage {
-            page,
-            _page: PhantomData,
-        };
+        // SAFETY: frontswap passes the locked page of the folio being
+        // written out, valid and unchanging for this call.
+        let page = unsafe { PageRef::new(page) };
         match b.store(ty as usize, offset as u64, &page) {
             Ok(()) => 0,
             Err(e) => e.to_errno(),
@@ -682,12 +706,9 @@ mod frontswap {
         let (Some(b), Some(page)) = (backend(), NonNull::new(page)) else {
             return EIO.to_errno();
         };
-        // INVARIANT: frontswap passes the locked page of the folio being
-        // read in, valid for this call.
-        let mut page = SwapPage {
-            page,
-            _page: PhantomData,
-        };
+        // SAFETY: frontswap passes the locked page of the folio being
+        // read in, valid for this call and used by nobody else.
+        let mut page = unsafe { PageRef::new(page) };
         match b.load(ty as usize, offset as u64, &mut page) {
             Ok(()) => 0,
             Err(e) => e.to_errno(),
@@ -781,8 +802,247 @@ mod frontswap {
     }
 }
 
+#[cfg(CONFIG_CLEANCACHE)]
+pub(crate) use cleancache::{CleancacheBackend, CleancacheRegistration, FileKey};
+
+/// Glue to the kernel's cleancache hooks (`<linux/cleancache.h>`).
+///
+/// Like frontswap, cleancache calls its backend through a table of plain
+/// functions without a context argument, so the registered backend lives
+/// in a global, set before registering (registration calls `init_fs` for
+/// the filesystems already mounted) and cleared after unregistering (which
+/// waits for running operations).
+#[cfg(CONFIG_CLEANCACHE)]
+mod cleancache {
+    use super::*;
+    use kernel::{ffi::c_ulong, sync::global_lock};
+
+    /// The name of a file within a cleancache pool: inode number, inode
+    /// generation, 0 (`struct cleancache_filekey`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) struct FileKey(pub(crate) [u64; 3]);
+
+    /// A cleancache backend: an ephemeral pool per filesystem, which may
+    /// drop any page at any time but must never return data older than the
+    /// last put of the page, or data invalidated since.
+    ///
+    /// See `struct cleancache_ops` for the contexts: [`Self::put_page`] runs
+    /// in atomic context (the page cache's xarray lock held, interrupts
+    /// off), and [`Self::invalidate_page`] and [`Self::invalidate_inode`] may;
+    /// they must neither sleep nor allocate with a sleeping allocation.
+    pub(crate) trait CleancacheBackend: Send + Sync {
+        /// A filesystem with UUID `uuid` opted in (at mount, or before this
+        /// backend registered): returns its pool id (>= 0). The pool must
+        /// not hold older data of this filesystem. Process context.
+        fn init_fs(&self, uuid: &[u8; 16]) -> Result<i32>;
+        /// Copies page `index` of file `key` into `page`; `Err(ENOENT)` on a
+        /// miss (any error is a miss). Process context, may sleep (no I/O:
+        /// called from readahead with the folio locked).
+        fn get_page(&self, pool: i32, key: FileKey, index: u64, page: &mut PageRef<'_>)
+            -> Result;
+        /// Keeps a copy of `page` as page `index` of file `key`, replacing
+        /// any older one; if it is dropped instead, no older copy may be
+        /// returned later. Atomic context.
+        fn put_page(&self, pool: i32, key: FileKey, index: u64, page: &PageRef<'_>);
+        /// Drops page `index` of file `key`. Maybe atomic context; must not
+        /// be lost.
+        fn invalidate_page(&self, pool: i32, key: FileKey, index: u64);
+        /// Drops every page of file `key`. Maybe atomic context; must not be
+        /// lost.
+        fn invalidate_inode(&self, pool: i32, key: FileKey);
+        /// The filesystem of `pool` is unmounted: drops the pool. Process
+        /// context.
+        fn invalidate_fs(&self, pool: i32);
+    }
+
+    global_lock! {
+        // SAFETY: initialised by `init()`, called from the module's init
+        // before anything else uses it.
+        unsafe(uninit) static CC_BACKEND: SpinLockIrq<Option<Arc<dyn CleancacheBackend>>> = None;
+    }
+
+    /// Initialises the global state. Called once, from module init.
+    pub(crate) fn init() {
+        // SAFETY: called once, before any other use of `CC_BACKEND`.
+        unsafe { CC_BACKEND.init() };
+    }
+
+    fn backend() -> Option<Arc<dyn CleancacheBackend>> {
+        CC_BACKEND.lock().clone()
+    }
+
+    /// Reads the key cleancache passes.
+    ///
+    /// # Safety
+    ///
+    /// `key` must be null or point to a valid `struct cleancache_filekey`.
+    unsafe fn file_key(key: *const bindings::cleancache_filekey) -> Option<FileKey> {
+        // SAFETY: `key` is null or valid (the caller's guarantee).
+        let key = unsafe { key.as_ref() }?;
+        Some(FileKey([key.u[0], key.u[1], key.u[2]]))
+    }
+
+    unsafe extern "C" fn cc_init_fs(uuid: *const u8) -> c_int {
+        let Some(b) = backend() else {
+            return ENODEV.to_errno();
+        };
+        // SAFETY: cleancache passes the super_block's `s_uuid`, 16 bytes,
+        // valid for this call (or null, which `as_ref` catches).
+        let Some(uuid) = (unsafe { uuid.cast::<[u8; 16]>().as_ref() }) else {
+            return EINVAL.to_errno();
+        };
+        match b.init_fs(uuid) {
+            Ok(pool) if pool >= 0 => pool,
+            Ok(_) => EINVAL.to_errno(),
+            Err(e) => e.to_errno(),
+        }
+    }
+
+    unsafe extern "C" fn cc_get_page(
+        pool: c_int,
+        key: *const bindings::cleancache_filekey,
+        index: c_ulong,
+        page: *mut bindings::page,
+    ) -> c_int {
+        // SAFETY: cleancache passes a valid key for this call.
+        let key = unsafe { file_key(key) };
+        let (Some(b), Some(key), Some(page)) = (backend(), key, NonNull::new(page)) else {
+            return ENOENT.to_errno();
+        };
+        // SAFETY: cleancache passes the page of a locked, not up to date
+        // folio being read in: valid for this call and used by nobody else.
+        let mut page = unsafe { PageRef::new(page) };
+        match b.get_page(pool, key, index as u64, &mut page) {
+            Ok(()) => 0,
+            Err(e) => e.to_errno(),
+        }
+    }
+
+    unsafe extern "C" fn cc_put_page(
+        pool: c_int,
+        key: *const bindings::cleancache_filekey,
+        index: c_ulong,
+        page: *mut bindings::page,
+    ) {
+        // SAFETY: cleancache passes a valid key for this call.
+        let key = unsafe { file_key(key) };
+        if let (Some(b), Some(key), Some(page)) = (backend(), key, NonNull::new(page)) {
+            // SAFETY: cleancache passes the page of a clean, locked,
+            // unmapped folio that the page cache is removing: valid and
+            // unchanging for this call.
+            let page = unsafe { PageRef::new(page) };
+            b.put_page(pool, key, index as u64, &page);
+        }
+    }
+
+    unsafe extern "C" fn cc_invalidate_page(
+        pool: c_int,
+        key: *const bindings::cleancache_filekey,
+        index: c_ulong,
+    ) {
+        // SAFETY: cleancache passes a valid key for this call.
+        let key = unsafe { file_key(key) };
+        if let (Some(b), Some(key)) = (backend(), key) {
+            b.invalidate_page(pool, key, index as u64);
+        }
+    }
+
+    unsafe extern "C" fn cc_invalidate_inode(
+        pool: c_int,
+        key: *const bindings::cleancache_filekey,
+    ) {
+        // SAFETY: cleancache passes a valid key for this call.
+        let key = unsafe { file_key(key) };
+        if let (Some(b), Some(key)) = (backend(), key) {
+            b.invalidate_inode(pool, key);
+        }
+    }
+
+    unsafe extern "C" fn cc_invalidate_fs(pool: c_int) {
+        if let Some(b) = backend() {
+            b.invalidate_fs(pool);
+        }
+    }
+
+    /// The driver registered as the cleancache backend.
+    ///
+    /// # Invariants
+    ///
+    /// While `ops` is `Some`, it is registered with cleancache and
+    /// `CC_BACKEND` holds the backend.
+    pub(crate) struct CleancacheRegistration {
+        ops: Option<KBox<Opaque<bindings::cleancache_ops>>>,
+    }
+
+    // SAFETY: only the address of `ops` is used after registration.
+    unsafe impl Send for CleancacheRegistration {}
+    // SAFETY: no `&self` method exists.
+    unsafe impl Sync for CleancacheRegistration {}
+
+    impl CleancacheRegistration {
+        /// Registers `backend`; cleancache calls its `init_fs` for the
+        /// opted-in filesystems already mounted before this returns.
+        /// `EBUSY` if another cleancache backend is registered.
+        pub(crate) fn register(backend: Arc<dyn CleancacheBackend>) -> Result<Self> {
+            let ops = KBox::new(
+                Opaque::new(bindings::cleancache_ops {
+                    init_fs: Some(cc_init_fs),
+                    get_page: Some(cc_get_page),
+                    put_page: Some(cc_put_page),
+                    invalidate_page: Some(cc_invalidate_page),
+                    invalidate_inode: Some(cc_invalidate_inode),
+                    invalidate_fs: Some(cc_invalidate_fs),
+                    owner: <crate::LocalModule as kernel::ModuleMetadata>::THIS_MODULE.as_ptr(),
+                }),
+                GFP_KERNEL,
+            )?;
+            let old = CC_BACKEND.lock().replace(backend);
+            drop(old);
+            // SAFETY: `ops` is fully initialised and stays allocated while
+            // registered (it is only freed after unregistering).
+            let ret = unsafe { bindings::cleancache_register_ops(ops.get()) };
+            if ret < 0 {
+                let old = CC_BACKEND.lock().take();
+                drop(old);
+                return Err(Error::from_errno(ret));
+            }
+            // INVARIANT: registered, and `CC_BACKEND` is set.
+            Ok(Self { ops: Some(ops) })
+        }
+
+        /// Unregisters: no operation runs any more when this returns. The
+        /// backend drops its pools itself (`invalidate_fs` is not called).
+        /// Does nothing if already unregistered.
+        pub(crate) fn unregister(&mut self) {
+            let Some(ops) = self.ops.take() else {
+                return;
+            };
+            // SAFETY: `ops` is registered (type invariant). On success no
+            // operation runs any more when this returns.
+            let ret = unsafe { bindings::cleancache_unregister_ops(ops.get()) };
+            if ret < 0 {
+                // Cannot happen for registered ops; if it did, the kernel
+                // could still use the table and the backend.
+                pr_err!("cleancache_unregister_ops failed: {}\n", ret);
+                KBox::leak(ops);
+                return;
+            }
+            let old = CC_BACKEND.lock().take();
+            drop(old);
+        }
+    }
+
+    impl Drop for CleancacheRegistration {
+        fn drop(&mut self) {
+            self.unregister();
+        }
+    }
+}
+
 /// Initialises global state of this module. Called once, from module init.
 pub(crate) fn init_globals() {
     #[cfg(CONFIG_FRONTSWAP)]
     frontswap::init();
+    #[cfg(CONFIG_CLEANCACHE)]
+    cleancache::init();
 }
