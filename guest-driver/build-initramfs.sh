@@ -3,8 +3,8 @@
 #
 # Usage: guest-driver/build-initramfs.sh [--kdir KDIR] [--module vtmem.ko]
 #
-# Contents: busybox (Debian's busybox-static), vtmem.ko, the memtest and
-# filetest programs (tests/e2e/guest/*.c, built with gcc -static) and
+# Contents: busybox (Debian's busybox-static), vtmem.ko, the memtest
+# program (tests/e2e/guest/memtest.c, built with gcc -static) and
 # guest-driver/initramfs/init (see its header for the kernel command line
 # it understands). The archive is made with the kernel tree's
 # usr/gen_init_cpio, so no root is needed for device nodes.
@@ -54,8 +54,7 @@ gen="$kdir/usr/gen_init_cpio"
 
 init="$here/initramfs/init"
 memtest_src="$repo/tests/e2e/guest/memtest.c"
-filetest_src="$repo/tests/e2e/guest/filetest.c"
-key=$(sha256sum "$init" "$memtest_src" "$filetest_src" "$module" "$busybox" "${BASH_SOURCE[0]}" \
+key=$(sha256sum "$init" "$memtest_src" "$module" "$busybox" "${BASH_SOURCE[0]}" \
     | awk '{ print $1 }' | sha256sum | cut -c1-16)
 out="$cache/initramfs-$key.cpio.gz"
 if [ -f "$out" ]; then
@@ -68,7 +67,6 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 log "compiling memtest"
 gcc -O2 -static -Wall -o "$work/memtest" "$memtest_src" >&2
-gcc -O2 -static -Wall -o "$work/filetest" "$filetest_src" >&2
 
 cat > "$work/list" <<LIST
 dir /dev 0755 0 0
@@ -88,7 +86,6 @@ file /init $init 0755 0 0
 file /bin/busybox $busybox 0755 0 0
 slink /bin/sh busybox 0777 0 0
 file /bin/memtest $work/memtest 0755 0 0
-file /bin/filetest $work/filetest 0755 0 0
 file /lib/modules/vtmem.ko $module 0644 0 0
 LIST
 
