@@ -27,8 +27,10 @@
 //! free the put is dropped, and the host may still hold an older copy of
 //! the page: a `FLUSH_PAGE` for it is then parked, as is every
 //! invalidation that finds no batch, and parked operations go out before
-//! anything else queued later. If even the parking ring is full, the pool
-//! is marked stale: gets miss and puts are dropped until the next get
+//! anything else queued later. A full parking ring first merges runs of
+//! invalidations of one file into one `FLUSH_OBJECT` of it (dropping more
+//! of the cache, never less). If that frees nothing, the pool is marked
+//! stale: gets miss and puts are dropped until the next get
 //! (process context) has drained the queues and replaced the device pool
 //! with a new, empty one. Nothing older than a change is ever read back.
 //!
@@ -135,6 +137,10 @@ impl Device {
     /// Registers as the cleancache backend (at start). A failure leaves
     /// the device serving swap only.
     pub(super) fn register_cache(this: &Arc<Self>) {
+        if !this.vdev.has_feature(crate::wire::VTMEM_F_EPHEMERAL) {
+            pr_info!("the device offers no ephemeral pools: no cleancache\n");
+            return;
+        }
         #[cfg(CONFIG_CLEANCACHE)]
         match crate::sys::CleancacheRegistration::register(this.clone()) {
             Ok(reg) => {
@@ -213,7 +219,7 @@ impl Device {
     /// Asks the device for a pool for `uuid`: the shared one if wanted and
     /// authorised, else a private one. Returns its id and whether shared.
     fn new_cache_pool(&self, uuid: &Uuid) -> Result<(u32, bool)> {
-        if self.params.cleancache_shared {
+        if self.params.cleancache_shared && self.vdev.has_feature(crate::wire::VTMEM_F_SHARED) {
             let [st] = self.call(0, [Op::NewPool(PoolSpec::shared(*uuid))])?;
             if st.status == Status::Ok {
                 return Ok((st.value as u32, true));
@@ -283,7 +289,7 @@ impl Device {
             None => {
                 // Not sent: the host must not keep an older copy either.
                 counter(&self.cstats().cleancache_puts_dropped);
-                if !Self::queue_invalidation(q, &mut g, Op::FlushPage { handle }) {
+                if !Self::queue_invalidation(q, &mut g, Op::FlushPage { handle }, true) {
                     drop(g);
                     self.mark_stale(pool);
                 }
@@ -365,7 +371,7 @@ impl Device {
         let Some(id) = self.cache_pool_id(&g, pool) else {
             return;
         };
-        if !Self::queue_invalidation(q, &mut g, op(id)) {
+        if !Self::queue_invalidation(q, &mut g, op(id), true) {
             drop(g);
             self.mark_stale(pool);
         }

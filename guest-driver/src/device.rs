@@ -234,10 +234,29 @@ impl Shared {
 // ---------------------------------------------------------------------------
 // Queues
 
+/// An invalidation parked in a [`FlushRing`].
+#[derive(Clone, Copy)]
+struct Parked {
+    op: Op,
+    /// May be widened to a `FLUSH_OBJECT` of its object. Only for ephemeral
+    /// pools: dropping more of a cache is harmless, while a swap area is one
+    /// object whose pages must stay.
+    widen: bool,
+}
+
+/// The (pool, object) an invalidation applies to.
+fn flushed_object(op: &Op) -> Option<(u32, ObjectId)> {
+    match *op {
+        Op::FlushPage { handle } => Some((handle.pool, handle.object)),
+        Op::FlushObject { pool, object } => Some((pool, object)),
+        _ => None,
+    }
+}
+
 /// Invalidations (`FLUSH_PAGE`, `FLUSH_OBJECT`) waiting for a free batch,
 /// oldest first (fixed capacity, never allocates).
 struct FlushRing {
-    buf: KVec<Op>,
+    buf: KVec<Parked>,
     head: usize,
     len: usize,
 }
@@ -245,8 +264,11 @@ struct FlushRing {
 impl FlushRing {
     fn new(cap: usize) -> Result<Self> {
         let mut buf = KVec::with_capacity(cap.max(1), GFP_KERNEL)?;
-        let filler = Op::FlushPage {
-            handle: Handle::default(),
+        let filler = Parked {
+            op: Op::FlushPage {
+                handle: Handle::default(),
+            },
+            widen: false,
         };
         buf.extend_with(cap.max(1), filler, GFP_KERNEL)?;
         Ok(Self { buf, head: 0, len: 0 })
@@ -256,13 +278,18 @@ impl FlushRing {
         self.len == 0
     }
 
-    fn push(&mut self, op: Op) -> bool {
+    /// Parks `op`; when the ring is full, first makes room by widening (see
+    /// [`FlushRing::compact`]). `false` if there is still no room.
+    fn push(&mut self, op: Op, widen: bool) -> bool {
         let cap = self.buf.len();
+        if self.len == cap {
+            self.compact();
+        }
         if self.len == cap {
             return false;
         }
         if let Some(slot) = self.buf.get_mut((self.head + self.len) % cap) {
-            *slot = op;
+            *slot = Parked { op, widen };
             self.len += 1;
             true
         } else {
@@ -270,11 +297,39 @@ impl FlushRing {
         }
     }
 
+    /// Merges each run of widenable invalidations of one object into one
+    /// `FLUSH_OBJECT` of it. Page cache eviction goes file by file, so the
+    /// runs are long. Invalidations commute and nothing else is parked
+    /// between them, so the device still sees everything in order.
+    fn compact(&mut self) {
+        let cap = self.buf.len();
+        let mut kept = 0;
+        for i in 0..self.len {
+            let Some(entry) = self.buf.get((self.head + i) % cap).copied() else {
+                return;
+            };
+            if kept > 0 {
+                if let Some(prev) = self.buf.get_mut((self.head + kept - 1) % cap) {
+                    let same = flushed_object(&prev.op).filter(|_| prev.widen && entry.widen);
+                    if let Some((pool, object)) = same.filter(|o| Some(*o) == flushed_object(&entry.op)) {
+                        prev.op = Op::FlushObject { pool, object };
+                        continue;
+                    }
+                }
+            }
+            if let Some(slot) = self.buf.get_mut((self.head + kept) % cap) {
+                *slot = entry;
+            }
+            kept += 1;
+        }
+        self.len = kept;
+    }
+
     fn front(&self) -> Option<Op> {
         if self.len == 0 {
             return None;
         }
-        self.buf.get(self.head).copied()
+        self.buf.get(self.head).map(|p| p.op)
     }
 
     fn pop(&mut self) {
@@ -898,7 +953,10 @@ impl Device {
         let Ok(q) = self.queue_for(offset) else {
             return;
         };
-        if !self.invalidate(q, Op::FlushPage { handle: handle(pool, ty, offset) }) {
+        let op = Op::FlushPage {
+            handle: handle(pool, ty, offset),
+        };
+        if !self.invalidate(q, op, false) {
             counter(&self.stats().invalidates_dropped);
         }
     }
@@ -906,13 +964,16 @@ impl Device {
     /// Queues an invalidation (`FLUSH_PAGE`, `FLUSH_OBJECT`) on `q` without
     /// sleeping: into the open batch, or parked until a batch is free.
     /// `false` if even the parking ring was full and `op` is lost.
-    fn invalidate(&self, q: &Pin<KBox<Queue>>, op: Op) -> bool {
+    /// Frontswap's invalidations are never widened.
+    fn invalidate(&self, q: &Pin<KBox<Queue>>, op: Op, widen: bool) -> bool {
         let mut g = q.inner.lock();
-        Self::queue_invalidation(q, &mut g, op)
+        Self::queue_invalidation(q, &mut g, op, widen)
     }
 
     /// [`Device::invalidate`] with the queue already locked.
-    fn queue_invalidation(q: &Pin<KBox<Queue>>, g: &mut QGuard<'_>, op: Op) -> bool {
+    /// `widen`: if parking room runs out, the device may be asked to drop
+    /// the whole object instead (ephemeral pools only).
+    fn queue_invalidation(q: &Pin<KBox<Queue>>, g: &mut QGuard<'_>, op: Op, widen: bool) -> bool {
         use kernel::sync::atomic::Relaxed;
         if g.dead {
             // The device and everything it held are gone.
@@ -933,7 +994,7 @@ impl Device {
             }
             Some(false) => q.as_ref().arm(g),
             None => {
-                kept = g.overflow.push(op);
+                kept = g.overflow.push(op, widen);
                 // A batch half filled from the overflow must not wait for
                 // the next operation.
                 q.as_ref().arm(g);
@@ -1065,7 +1126,12 @@ impl Device {
 impl VirtioDriver for Device {
     const NAME: &'static CStr = c"vtmem";
     const DEVICE_ID: u32 = wire::VIRTIO_ID_TMEM;
-    const FEATURES: &'static [u32] = &[wire::VTMEM_F_MQ, wire::VTMEM_F_RESERVE];
+    const FEATURES: &'static [u32] = &[
+        wire::VTMEM_F_EPHEMERAL,
+        wire::VTMEM_F_SHARED,
+        wire::VTMEM_F_MQ,
+        wire::VTMEM_F_RESERVE,
+    ];
 
     fn probe(vdev: VirtioDevice) -> Result<Arc<Self>> {
         let params = crate::params();
