@@ -47,7 +47,7 @@ use core::fmt;
 use kernel::{prelude::*, sync::Arc};
 
 /// Filesystems with a cache pool at one time.
-pub(crate) const MAX_CACHE_POOLS: usize = 64;
+const MAX_CACHE_POOLS: usize = 64;
 
 #[derive(Clone, Copy, Default)]
 struct CachePool {
