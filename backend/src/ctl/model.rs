@@ -64,9 +64,14 @@ pub struct VmDetails {
     pub stats: ClientStats,
 }
 
-/// Hit rate of a set of counters: hits / gets, `None` without gets.
+/// Hit rate of a set of counters: hits over answered gets (hits + misses),
+/// `None` without any. Not hits / gets: `gets` is bumped before the lookup
+/// and `get_hits` after it, so a snapshot taken in between would show a hit
+/// as missing; each answered get bumps exactly one of hits and misses.
+/// Gets that failed (no such pool) are errors, not misses.
 pub fn hit_rate(c: &OpCounters) -> Option<f64> {
-    (c.gets > 0).then(|| c.get_hits as f64 / c.gets as f64)
+    let answered = c.get_hits + c.get_misses;
+    (answered > 0).then(|| c.get_hits as f64 / answered as f64)
 }
 
 /// Puts refused for any reason.
@@ -237,12 +242,37 @@ mod tests {
                 puts,
                 gets,
                 get_hits: hits,
+                get_misses: gets - hits,
                 evictions,
                 puts_refused_quota: 1,
                 ..Default::default()
             },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn hit_rate_ignores_gets_still_in_flight() {
+        // A snapshot taken between a get's `gets` bump and its `get_hits`
+        // bump: every answered get hit, so the rate is exactly 1.
+        let c = OpCounters {
+            gets: 11,
+            get_hits: 10,
+            ..Default::default()
+        };
+        assert_eq!(hit_rate(&c), Some(1.0));
+        let failed_only = OpCounters {
+            gets: 3,
+            ..Default::default()
+        };
+        assert_eq!(hit_rate(&failed_only), None);
+        let mixed = OpCounters {
+            gets: 4,
+            get_hits: 1,
+            get_misses: 3,
+            ..Default::default()
+        };
+        assert_eq!(hit_rate(&mixed), Some(0.25));
     }
 
     #[test]

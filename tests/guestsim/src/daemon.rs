@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::control::Control;
@@ -146,42 +146,56 @@ impl Drop for TempDir {
     }
 }
 
-/// Finds the `vtmemd` binary: `$VTMEMD`, else next to the running
-/// executable in the cargo target directory, else builds it once with
-/// `cargo build -p vtmem-backend --bin vtmemd`.
+/// Finds the `vtmemd` binary; see [`locate_backend_binary`].
 pub fn locate_vtmemd() -> Result<PathBuf> {
-    static FOUND: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    FOUND
-        .get_or_init(|| {
-            if let Some(p) = std::env::var_os("VTMEMD") {
-                let p = PathBuf::from(p);
-                return if p.is_file() {
-                    Ok(p)
-                } else {
-                    Err(format!("VTMEMD={} is not a file", p.display()))
-                };
-            }
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let candidates = profile_dirs(&exe);
-            if let Some(p) = candidates
-                .iter()
-                .map(|d| d.join("vtmemd"))
-                .find(|p| p.is_file() && !stale(p))
-            {
-                return Ok(p);
-            }
-            let release = candidates
-                .first()
-                .is_some_and(|d| d.file_name().is_some_and(|n| n == "release"));
-            build_vtmemd(release)?;
-            candidates
-                .iter()
-                .map(|d| d.join("vtmemd"))
-                .find(|p| p.is_file())
-                .ok_or_else(|| "vtmemd not found after building it".to_string())
-        })
-        .clone()
-        .map_err(Error::Daemon)
+    locate_backend_binary("vtmemd")
+}
+
+/// Finds a binary of the backend crate (`vtmemd`, `vtmemctl`): `$VTMEMD` /
+/// `$VTMEMCTL` (the name in upper case), else next to the running
+/// executable in the cargo target directory if it is not older than the
+/// backend's sources, else builds the backend's binaries once with
+/// `cargo build -p vtmem-backend --bins`.
+pub fn locate_backend_binary(name: &str) -> Result<PathBuf> {
+    type Found = std::result::Result<PathBuf, String>;
+    static FOUND: Mutex<Vec<(String, Found)>> = Mutex::new(Vec::new());
+    let mut found = FOUND.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, r)) = found.iter().find(|(n, _)| n == name) {
+        return r.clone().map_err(Error::Daemon);
+    }
+    let r = find_or_build(name);
+    found.push((name.to_string(), r.clone()));
+    r.map_err(Error::Daemon)
+}
+
+fn find_or_build(name: &str) -> std::result::Result<PathBuf, String> {
+    let var = name.to_uppercase();
+    if let Some(p) = std::env::var_os(&var) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("{var}={} is not a file", p.display()))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let candidates = profile_dirs(&exe);
+    if let Some(p) = candidates
+        .iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file() && !stale(p))
+    {
+        return Ok(p);
+    }
+    let release = candidates
+        .first()
+        .is_some_and(|d| d.file_name().is_some_and(|n| n == "release"));
+    build_backend_binaries(release)?;
+    candidates
+        .iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| format!("{name} not found after building it"))
 }
 
 /// Whether `bin` is older than the daemon's sources in this workspace (a
@@ -224,10 +238,10 @@ fn profile_dirs(exe: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn build_vtmemd(release: bool) -> std::result::Result<(), String> {
+fn build_backend_binaries(release: bool) -> std::result::Result<(), String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "vtmem-backend", "--bin", "vtmemd"]);
+    cmd.args(["build", "-p", "vtmem-backend", "--bins"]);
     if release {
         cmd.arg("--release");
     }
@@ -237,7 +251,7 @@ fn build_vtmemd(release: bool) -> std::result::Result<(), String> {
     if st.success() {
         Ok(())
     } else {
-        Err(format!("cargo build of vtmemd failed: {st}"))
+        Err(format!("cargo build of the backend binaries failed: {st}"))
     }
 }
 

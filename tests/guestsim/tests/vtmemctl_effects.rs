@@ -9,12 +9,11 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use vtmem_guestsim::daemon::locate_vtmemd;
+use vtmem_guestsim::daemon::locate_backend_binary;
 use vtmem_guestsim::pages::checksum;
 use vtmem_guestsim::{Daemon, Error, PoolSpec, Status, VmOptions, VmSpec};
 
@@ -23,30 +22,9 @@ const UUID_BYTES: [u8; 16] = [
     0x6b, 0x0e, 0x2a, 0x54, 0x3f, 0x4c, 0x4c, 0xde, 0x9a, 0x57, 0x0d, 0x6e, 0x1f, 0x3a, 0xd3, 0xa1,
 ];
 
-/// `$VTMEMCTL`, else `vtmemctl` next to `vtmemd` in the target directory,
-/// built with `cargo build -p vtmem-backend --bins` if it is not there.
+/// `vtmemctl`, found (or rebuilt when older than its sources) like `vtmemd`.
 fn vtmemctl_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("VTMEMCTL") {
-            return PathBuf::from(p);
-        }
-        let vtmemd = locate_vtmemd().expect("vtmemd");
-        let dir = vtmemd.parent().expect("target directory").to_path_buf();
-        let bin = dir.join("vtmemctl");
-        if !bin.is_file() {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "vtmem-backend", "--bins"]);
-            if dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            assert!(cmd.status().expect("cargo build").success());
-        }
-        assert!(bin.is_file(), "{} missing", bin.display());
-        bin
-    })
-    .clone()
+    locate_backend_binary("vtmemctl").expect("vtmemctl")
 }
 
 /// Runs `vtmemctl` against `d`; returns (exit status, stdout, stderr).
