@@ -464,6 +464,7 @@ mod tests {
             counters: OpCounters {
                 gets: 4,
                 get_hits: 3,
+                get_misses: 1,
                 puts_refused_quota: 2,
                 ..Default::default()
             },
