@@ -456,12 +456,13 @@ impl ControlServer {
             }
             std::fs::remove_file(path)?;
         }
-        let listener = crate::sys::bind_private(path)?;
-        let mode = if group.is_some() { 0o660 } else { 0o600 };
-        if let Some(gid) = group {
-            std::os::unix::fs::chown(path, None, Some(gid))?;
-        }
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        let listener = crate::sys::bind_ready(path, true, |tmp| {
+            let mode = if group.is_some() { 0o660 } else { 0o600 };
+            if let Some(gid) = group {
+                std::os::unix::fs::chown(tmp, None, Some(gid))?;
+            }
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))
+        })?;
 
         let stop_evt = EventFd::new(EFD_NONBLOCK)?;
         let thread_stop = stop_evt.try_clone()?;

@@ -355,8 +355,11 @@ impl Daemon {
         clear_stale_socket(&socket)?;
 
         let client = self.store.add_client(&vm.name, vm.client.clone())?;
-        let listener = match Listener::new(&socket, false) {
-            Ok(l) => l,
+        let listener = match crate::sys::bind_ready(&socket, false, |_| Ok(())) {
+            Ok(l) => VmListener {
+                listener: Listener::from(l),
+                path: socket.clone(),
+            },
             Err(e) => {
                 let _ = self.store.remove_client(&vm.name);
                 return Err(DaemonError::Listen(socket, e.to_string()));
@@ -492,8 +495,21 @@ fn wait_for_connection(epoll: &Epoll, vm: &Vm) -> bool {
     }
 }
 
+/// A VM's listening socket; its file goes with it.
+struct VmListener {
+    listener: Listener,
+    path: PathBuf,
+}
+
+impl Drop for VmListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// The serving thread of one VM: accept, serve, repeat.
-fn serve(vm: Arc<Vm>, mut listener: Listener, settings: DeviceSettings) {
+fn serve(vm: Arc<Vm>, mut socket: VmListener, settings: DeviceSettings) {
+    let listener = &mut socket.listener;
     let epoll = match Epoll::new().and_then(|ep| {
         ep.ctl(
             ControlOperation::Add,
@@ -534,7 +550,7 @@ fn serve(vm: Arc<Vm>, mut listener: Listener, settings: DeviceSettings) {
                 continue;
             }
         };
-        if let Err(e) = daemon.start(&mut listener) {
+        if let Err(e) = daemon.start(listener) {
             warn!("vm {}: cannot accept a connection: {e}", vm.name);
             backend.stop_workers();
             thread::sleep(Duration::from_millis(50));
@@ -560,5 +576,5 @@ fn serve(vm: Arc<Vm>, mut listener: Listener, settings: DeviceSettings) {
         }
     }
     // Dropping the listener removes the socket file.
-    drop(listener);
+    drop(socket);
 }

@@ -1,11 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The few raw system calls the daemon needs, behind safe functions:
-//! blocking and waiting for termination signals, and binding a socket that
-//! no other user can connect to, even for an instant.
+//! blocking and waiting for termination signals, and binding sockets that
+//! appear only once they listen, and that no other user can connect to,
+//! even for an instant, when they are private.
 
+use std::ffi::CString;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// A set of signals blocked in the calling thread (and inherited by every
@@ -85,7 +89,7 @@ static UMASK_LOCK: Mutex<()> = Mutex::new(());
 
 /// Binds a Unix socket at `path` created with mode 0600 (under a umask of
 /// 0177), so that no other user can connect between bind and chmod.
-pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
     let _guard = UMASK_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     // SAFETY: umask only changes this process's file creation mask; it
     // cannot fail and has no memory-safety preconditions.
@@ -96,20 +100,151 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
     result
 }
 
+/// Longest socket path the kernel takes (`sun_path` less its NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// Creates a listening Unix socket at `path` that appears there only when
+/// it is ready: bound and listening under a temporary name in the same
+/// directory, given its final owner and mode by `prepare`, then renamed
+/// into place. A client (QEMU, a test, a supervisor) that sees the path
+/// can connect at once; with a plain bind there is an instant between
+/// bind() creating the file and listen() where it gets ECONNREFUSED.
+///
+/// `private` creates it with mode 0600 (see [`bind_private`]), else under
+/// the process umask. Fails with `AlreadyExists` if something appeared at
+/// `path` meanwhile: a socket in use is never replaced.
+pub fn bind_ready(
+    path: &Path,
+    private: bool,
+    prepare: impl FnOnce(&Path) -> io::Result<()>,
+) -> io::Result<UnixListener> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let bind = |p: &Path| {
+        if private {
+            bind_private(p)
+        } else {
+            UnixListener::bind(p)
+        }
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp: PathBuf = dir.join(format!(
+        ".vtmem-{}-{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    if tmp.as_os_str().len() > SUN_PATH_MAX {
+        // No room for a temporary name: bind in place.
+        let listener = bind(path)?;
+        prepare(path)?;
+        return Ok(listener);
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let listener = bind(&tmp)?;
+    let placed = prepare(&tmp).and_then(|()| rename_no_replace(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+/// Renames `from` to `to`, failing with `AlreadyExists` if `to` exists.
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+    };
+    let (from_c, to_c) = (c(from)?, c(to)?);
+    // SAFETY: both pointers are NUL-terminated strings that outlive the
+    // call; renameat2 only reads them.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        // A filesystem without RENAME_NOREPLACE: link() never replaces.
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        _ => Err(err),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vtmem-sys-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
     fn private_socket_mode() {
-        let dir = std::env::temp_dir().join(format!("vtmem-sys-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("mode");
         let path = dir.join("p.sock");
-        let _ = std::fs::remove_file(&path);
-        let _l = bind_private(&path).unwrap();
+        let mut seen = None;
+        let _l = bind_ready(&path, true, |tmp| {
+            seen = Some(std::fs::metadata(tmp)?.permissions().mode() & 0o777);
+            Ok(())
+        })
+        .unwrap();
+        // Private from the start, not only once in place.
+        assert_eq!(seen, Some(0o600));
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn socket_appears_listening_and_nothing_else_is_left() {
+        let dir = scratch("ready");
+        let path = dir.join("vm.sock");
+        let l = bind_ready(&path, false, |tmp| {
+            // Not yet visible at its final path while being prepared.
+            assert!(!path.exists());
+            assert!(tmp.exists());
+            Ok(())
+        })
+        .unwrap();
+        let _c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        assert!(l.accept().is_ok());
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["vm.sock"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_existing_path_is_never_replaced() {
+        let dir = scratch("exists");
+        let path = dir.join("vm.sock");
+        let _first = bind_ready(&path, false, |_| Ok(())).unwrap();
+        let err = bind_ready(&path, false, |_| Ok(())).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        // The first socket still answers, and no temporary file is left.
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        // A failing `prepare` leaves nothing behind either.
+        let other = dir.join("other.sock");
+        let err = bind_ready(&other, true, |_| Err(io::Error::other("no"))).unwrap_err();
+        assert_eq!(err.to_string(), "no");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
