@@ -325,17 +325,25 @@ fn removing_a_vm_while_it_streams_puts() {
     );
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
     let data = pages(10, 128);
+    let streamed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = streamed.clone();
     let streamer = std::thread::spawn(move || {
         let mut rounds = 0u64;
         loop {
             match vm.put_batch(&items(pool, rounds, &data)) {
-                Ok(st) if st.iter().all(|s| *s == Status::Ok) => rounds += 1,
+                Ok(st) if st.iter().all(|s| *s == Status::Ok) => {
+                    rounds += 1;
+                    counter.store(rounds, std::sync::atomic::Ordering::Relaxed);
+                }
                 Ok(st) => return (rounds, format!("refused: {:?}", st[0])),
                 Err(e) => return (rounds, e.to_string()),
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(200));
+    // Remove it in the middle of the stream, not before it started.
+    eventually("a few batches streamed", || {
+        streamed.load(std::sync::atomic::Ordering::Relaxed) >= 3
+    });
     let mut ctl = d.control().unwrap();
     ctl.remove_vm("busy").unwrap();
     let (rounds, why) = streamer.join().unwrap();

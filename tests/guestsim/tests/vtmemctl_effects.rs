@@ -311,15 +311,16 @@ fn status_measures_the_eviction_rate() {
     assert!(st.iter().all(|s| *s == Status::Ok));
 
     // Lower the limit while `status` samples: the evictions land between
-    // its two samples.
+    // its two samples (a generous window each side: a loaded machine may
+    // take a while to start the sampler).
     let sampler = Command::new(vtmemctl_bin())
         .arg("--socket")
         .arg(d.control_path())
-        .args(["status", "--interval", "1.5"])
+        .args(["status", "--interval", "3"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(400));
+    std::thread::sleep(Duration::from_millis(1200));
     ctl(&d, &["set-limit", "1M"]);
     let out = sampler.wait_with_output().unwrap();
     assert!(out.status.success());
