@@ -38,13 +38,25 @@
 //! operation is queued, and a pool is only destroyed after its slot was
 //! closed and every queue drained: no operation can reach a device pool
 //! that was destroyed, whose id the device may have given to a new pool.
+//! The data path reads the id from [`CacheRoutes`], one atomic word per
+//! slot, not under the `CachePools` lock: every put and get would
+//! otherwise take that one lock, on every CPU. Closing stores the word
+//! before the drain takes each queue lock, so an operation that locks a
+//! queue after the drain passed it reads the closed word, and one that
+//! locked it before is queued ahead of the drain.
 
 #![cfg_attr(not(CONFIG_CLEANCACHE), allow(dead_code))]
 
 use super::{counter, Device, QGuard, Queue};
 use crate::wire::{Handle, ObjectId, Op, PoolSpec, Status, Uuid};
 use core::fmt;
-use kernel::{prelude::*, sync::Arc};
+use kernel::{
+    prelude::*,
+    sync::{
+        atomic::{Acquire, Atomic, Release},
+        Arc,
+    },
+};
 
 /// Filesystems with a cache pool at one time.
 const MAX_CACHE_POOLS: usize = 64;
@@ -63,6 +75,38 @@ struct CachePool {
     resetting: bool,
 }
 
+impl CachePool {
+    /// This slot's word in [`CacheRoutes`].
+    fn route(&self) -> u64 {
+        match self.id {
+            Some(id) if !self.stale => ROUTE_OPEN | u64::from(id),
+            _ => 0,
+        }
+    }
+}
+
+/// Set in a route while the slot's pool is usable; the low 32 bits are
+/// then the device pool id.
+const ROUTE_OPEN: u64 = 1 << 32;
+
+/// Each slot's device pool id as the data path sees it, read without a
+/// lock: `ROUTE_OPEN | id` while the pool is usable (open, not stale), else
+/// 0. Written with the `CachePools` lock held whenever a slot changes.
+pub(crate) struct CacheRoutes([Atomic<u64>; MAX_CACHE_POOLS]);
+
+impl CacheRoutes {
+    pub(crate) fn new() -> Self {
+        Self(core::array::from_fn(|_| Atomic::new(0)))
+    }
+
+    /// The device pool id of `pool` if operations may use it.
+    fn usable(&self, pool: i32) -> Option<u32> {
+        let word = usize::try_from(pool).ok().and_then(|i| self.0.get(i))?;
+        let route = word.load(Acquire);
+        (route & ROUTE_OPEN != 0).then_some(route as u32)
+    }
+}
+
 /// The cache pools, by kernel pool index.
 pub(crate) struct CachePools {
     slots: [CachePool; MAX_CACHE_POOLS],
@@ -79,11 +123,6 @@ impl CachePools {
         usize::try_from(pool)
             .ok()
             .and_then(|i| self.slots.get_mut(i))
-    }
-
-    /// The device pool id of `pool` if operations may use it.
-    fn usable(&mut self, pool: i32) -> Option<u32> {
-        self.slot(pool).filter(|s| !s.stale).and_then(|s| s.id)
     }
 
     /// Writes one line per pool for debugfs.
@@ -184,7 +223,23 @@ impl Device {
     /// The device pool id of `pool`, if usable. Called with the pool's
     /// queue locked (see the module documentation).
     fn cache_pool_id(&self, _queue_locked: &QGuard<'_>, pool: i32) -> Option<u32> {
-        self.shared.cache_pools.lock().usable(pool)
+        self.shared.cache_routes.usable(pool)
+    }
+
+    /// Changes slot `pool` with `f` and publishes its route; `None` if
+    /// there is no such slot.
+    fn update_cache_pool<R>(&self, pool: i32, f: impl FnOnce(&mut CachePool) -> R) -> Option<R> {
+        let mut pools = self.shared.cache_pools.lock();
+        let s = pools.slot(pool)?;
+        let r = f(s);
+        let route = s.route();
+        if let Some(word) = usize::try_from(pool)
+            .ok()
+            .and_then(|i| self.shared.cache_routes.0.get(i))
+        {
+            word.store(route, Release);
+        }
+        Some(r)
     }
 
     /// Creates a pool for the filesystem `uuid`; returns its kernel index.
@@ -199,14 +254,14 @@ impl Device {
             .position(|s| s.id.is_none())
             .ok_or(ENOSPC)?;
         let (id, shared) = self.new_cache_pool(uuid)?;
-        if let Some(s) = self.shared.cache_pools.lock().slots.get_mut(index) {
+        self.update_cache_pool(index as i32, |s| {
             *s = CachePool {
                 id: Some(id),
                 uuid: *uuid,
                 shared,
                 ..CachePool::default()
-            };
-        }
+            }
+        });
         counter(&self.cstats().cleancache_pools);
         pr_info!(
             "filesystem {}: cache pool {index} (device pool {id}, {})\n",
@@ -316,31 +371,24 @@ impl Device {
     }
 
     fn cache_fetch(&self, pool: i32, key: [u64; 3], index: u64, out: impl FnOnce(&[u8])) -> Result {
-        let needs_reset = {
-            let mut pools = self.shared.cache_pools.lock();
-            match pools.slot(pool) {
-                Some(s) if s.id.is_some() && s.stale && !s.resetting => {
-                    s.resetting = true;
-                    true
-                }
-                Some(s) if s.id.is_some() && !s.stale => false,
-                _ => return Err(ENOENT),
+        let needs_reset = self.update_cache_pool(pool, |s| match s.id {
+            Some(_) if s.stale && !s.resetting => {
+                s.resetting = true;
+                Some(true)
             }
-        };
+            Some(_) if !s.stale => Some(false),
+            _ => None,
+        });
+        let needs_reset = needs_reset.flatten().ok_or(ENOENT)?;
         if needs_reset {
             self.reset_cache_pool(pool);
             return Err(ENOENT);
         }
         let q = self.cache_queue(pool, &key).ok_or(ENOENT)?;
-        let pools = &self.shared.cache_pools;
+        let routes = &self.shared.cache_routes;
         // The pool id is read with the queue locked (`fetch` calls this
         // closure under the lock).
-        let handle = || {
-            pools
-                .lock()
-                .usable(pool)
-                .map(|id| page_handle(id, key, index))
-        };
+        let handle = || routes.usable(pool).map(|id| page_handle(id, key, index));
         // Any failure is a miss to the kernel: it reads the disk.
         self.fetch(q, handle, out)
     }
@@ -380,10 +428,12 @@ impl Device {
     /// An invalidation of `pool` was lost: serve nothing from it until the
     /// device pool was replaced.
     fn mark_stale(&self, pool: i32) {
-        let mut pools = self.shared.cache_pools.lock();
-        if let Some(s) = pools.slot(pool).filter(|s| s.id.is_some() && !s.stale) {
-            s.stale = true;
-            drop(pools);
+        let marked = self.update_cache_pool(pool, |s| {
+            let fresh = s.id.is_some() && !s.stale;
+            s.stale |= fresh;
+            fresh
+        });
+        if marked == Some(true) {
             pr_warn!(
                 "cache pool {pool}: an invalidation found no buffer; the pool will be emptied\n"
             );
@@ -407,8 +457,7 @@ impl Device {
         self.drain();
         self.destroy_cache_pool(old);
         let new = self.new_cache_pool(&uuid);
-        let mut pools = self.shared.cache_pools.lock();
-        if let Some(s) = pools.slot(pool) {
+        self.update_cache_pool(pool, |s| {
             match new {
                 Ok((id, shared)) => {
                     s.id = Some(id);
@@ -419,8 +468,7 @@ impl Device {
                 Err(_) => *s = CachePool::default(),
             }
             s.resetting = false;
-        }
-        drop(pools);
+        });
         counter(&self.cstats().cleancache_pool_resets);
     }
 
@@ -440,11 +488,9 @@ impl Device {
     pub(crate) fn cache_invalidate_fs(&self, pool: i32) {
         counter(&self.cstats().cleancache_invalidate_fs);
         let _admin = self.cache_admin.lock();
-        let closed = self.shared.cache_pools.lock().slot(pool).and_then(|s| {
-            let id = s.id;
-            *s = CachePool::default();
-            id
-        });
+        let closed = self
+            .update_cache_pool(pool, |s| core::mem::take(s).id)
+            .flatten();
         if let Some(id) = closed {
             // Operations already queued for it reach the device first: none
             // may arrive after the id was given to another pool.

@@ -189,6 +189,7 @@ pub(crate) struct Shared {
     queue_stats: KVec<QueueStats>,
     pools: Pin<KBox<SpinLockIrq<Pools>>>,
     cache_pools: Pin<KBox<SpinLockIrq<cleancache::CachePools>>>,
+    cache_routes: cleancache::CacheRoutes,
 }
 
 impl Shared {
@@ -1173,6 +1174,7 @@ impl VirtioDriver for Device {
                     new_spinlock_irq!(cleancache::CachePools::new(), "vtmem_cache_pools"),
                     GFP_KERNEL,
                 )?,
+                cache_routes: cleancache::CacheRoutes::new(),
             },
             GFP_KERNEL,
         )?;
