@@ -319,6 +319,15 @@ impl Device {
             return;
         };
         let handle = page_handle(id, key, index);
+        if !g.has_room(1, 1) && self.reap(q, &mut g) {
+            // Answered batches were waiting for the interrupt (which may be
+            // held off on this very CPU): take them back instead of
+            // dropping the page.
+            counter(&self.cstats().cleancache_put_reaps);
+            if g.sleepers > 0 {
+                q.cv.notify_all();
+            }
+        }
         let queued = match g.open_with_room(q.stats(), 1, 1) {
             Some(b) => match b.push(Op::Put {
                 handle,

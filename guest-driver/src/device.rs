@@ -361,6 +361,13 @@ struct QueueInner {
 type QGuard<'a> = SpinLockIrqGuard<'a, QueueInner>;
 
 impl QueueInner {
+    /// Whether [`Self::open_with_room`] can succeed with the batches at
+    /// hand (the open one, or a free one).
+    fn has_room(&self, n: usize, pages: usize) -> bool {
+        let open_fits = self.open.as_ref().is_some_and(|b| b.has_room(n, pages));
+        !self.dead && ((open_fits && self.overflow.is_empty()) || !self.free.is_empty())
+    }
+
     /// The open batch if it has room for `n` operations, `pages` of them with
     /// a page; otherwise seals it and opens a free one. `None` if no batch is
     /// free (or the device is gone).
@@ -740,6 +747,22 @@ impl Device {
             }
             out
         })
+    }
+
+    /// Takes back every batch the device has answered on `q` (also outside
+    /// its interrupt: a put that found no free batch may find one here).
+    /// True if any came back; the caller wakes sleepers.
+    fn reap(&self, q: &Queue, g: &mut QGuard<'_>) -> bool {
+        let mut answered = false;
+        while let Some((mut b, len)) = g.vq.as_mut().and_then(|vq| vq.get_buf()) {
+            g.in_flight = g.in_flight.saturating_sub(1);
+            q.stats().completions.add(1, kernel::sync::atomic::Relaxed);
+            let _ = b.complete(len);
+            self.account(&b);
+            g.finish(b);
+            answered = true;
+        }
+        answered
     }
 
     /// Applies the side effects of an answered batch: reservations granted,
@@ -1271,14 +1294,7 @@ impl VirtioDriver for Device {
                 break;
             };
             vq.disable_cb();
-            while let Some((mut b, len)) = g.vq.as_mut().and_then(|vq| vq.get_buf()) {
-                g.in_flight = g.in_flight.saturating_sub(1);
-                q.stats().completions.add(1, kernel::sync::atomic::Relaxed);
-                let _ = b.complete(len);
-                self.account(&b);
-                g.finish(b);
-                answered = true;
-            }
+            answered |= self.reap(q, &mut g);
             if g.vq.as_mut().is_none_or(|vq| vq.enable_cb()) {
                 break;
             }

@@ -77,6 +77,9 @@ counters! {
         /// Offered pages not sent: no free batch, pool unusable, or device
         /// gone (their older copies are invalidated).
         cleancache_puts_dropped,
+        /// Puts that found no free batch until they took back batches the
+        /// device had answered before its interrupt was handled.
+        cleancache_put_reaps,
         /// Reads that asked the host.
         cleancache_gets,
         /// Reads the host answered with the page (no disk I/O).
