@@ -136,11 +136,12 @@ t0=$SECONDS
 stamp_time() { printf '%s %ss\n' "$1" "$((SECONDS - $2))" >> "$out/.vtmem-times"; }
 
 # --- patching helpers ----------------------------------------------------------
-apply_patches() {
-    local p n=0
+apply_patches() {    # apply the patches after the first $1 (default 0)
+    local p n=0 keep=${1:-0}
     mkdir -p "$out/patches"
     for p in "${patches[@]}"; do
         n=$((n + 1))
+        [ "$n" -le "$keep" ] && continue
         log "applying $(basename "$p")"
         patch -d "$kdir" -p1 --forward --batch --no-backup-if-mismatch -s < "$p" >&2 \
             || die "$(basename "$p") does not apply"
@@ -148,10 +149,21 @@ apply_patches() {
     done
 }
 
-revert_patches() {   # revert the patches a seeded tree carries, newest first
-    local p list
+shared_prefix() {    # how many of the seed's first patches equal ours, in order
+    local n=0 p seeded
+    for p in "${patches[@]}"; do
+        seeded="$out/patches/$(printf '%04d' $((n + 1)))-$(basename "$p")"
+        cmp -s "$p" "$seeded" || break
+        n=$((n + 1))
+    done
+    printf '%s' "$n"
+}
+
+revert_patches() {   # revert the seed's patches after the first $1, newest first
+    local p list keep=${1:-0}
     list=$(find "$out/patches" -name '*.patch' 2>/dev/null | sort -r)
     for p in $list; do
+        [ "$((10#$(basename "$p" | cut -c1-4)))" -le "$keep" ] && continue
         patch -d "$kdir" -p1 -R --batch --no-backup-if-mismatch -s < "$p" >&2 || return 1
         rm -f "$p"
     done
@@ -182,8 +194,12 @@ if [ "$force" -eq 1 ] || ! stage patched; then
         log "seeding from $seed"
         cp -a --reflink=auto "$seed/linux" "$kdir"
         cp -a "$seed/patches" "$out/patches"
-        if revert_patches; then
-            apply_patches
+        # Patches the seed shares with us stay applied, so their files keep
+        # their timestamps and make rebuilds only what the others touch.
+        keep=$(shared_prefix)
+        log "keeping the seed's first $keep patch(es)"
+        if revert_patches "$keep"; then
+            apply_patches "$keep"
             printf '%s\n' "$seed" > "$out/.vtmem-seeded"
             stamp_time seed "$ts"
         else

@@ -62,7 +62,8 @@ dmesg | grep -q "fsmoke: second register: -16" || fail "second registration not 
 echo 256M > /sys/block/zram0/disksize || fail "zram"
 mkswap /dev/zram0 >/dev/null && swapon /dev/zram0 || fail "swapon"
 
-# Large folios (THP, 64 KiB mTHP) are refused by frontswap and go to zram.
+# Large folios (THP, 64 KiB mTHP): split on swap-out once a backend is
+# registered; any large folio that still reaches frontswap goes to zram.
 thp=/sys/kernel/mm/transparent_hugepage
 [ -w \$thp/enabled ] && echo always > \$thp/enabled
 [ -w \$thp/hugepages-64kB/enabled ] && echo always > \$thp/hugepages-64kB/enabled
