@@ -380,15 +380,20 @@ impl Device {
     }
 
     fn cache_fetch(&self, pool: i32, key: [u64; 3], index: u64, out: impl FnOnce(&[u8])) -> Result {
-        let needs_reset = self.update_cache_pool(pool, |s| match s.id {
-            Some(_) if s.stale && !s.resetting => {
-                s.resetting = true;
-                Some(true)
-            }
-            Some(_) if !s.stale => Some(false),
-            _ => None,
-        });
-        let needs_reset = needs_reset.flatten().ok_or(ENOENT)?;
+        // A usable pool needs no reset: no table lock on the hot path. A
+        // route that closes meanwhile is read again under the queue lock.
+        let needs_reset = self.shared.cache_routes.usable(pool).is_none()
+            && self
+                .update_cache_pool(pool, |s| match s.id {
+                    Some(_) if s.stale && !s.resetting => {
+                        s.resetting = true;
+                        Some(true)
+                    }
+                    Some(_) if !s.stale => Some(false),
+                    _ => None,
+                })
+                .flatten()
+                .ok_or(ENOENT)?;
         if needs_reset {
             self.reset_cache_pool(pool);
             return Err(ENOENT);
