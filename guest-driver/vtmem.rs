@@ -97,7 +97,10 @@ impl kernel::Module for VtmemModule {
     fn init(module: &'static ThisModule) -> Result<Self> {
         sys::init_globals();
         let driver = sys::Registration::new(module)?;
-        pr_info!("driver registered (virtio device id {})\n", wire::VIRTIO_ID_TMEM);
+        pr_info!(
+            "driver registered (virtio device id {})\n",
+            wire::VIRTIO_ID_TMEM
+        );
         Ok(Self { _driver: driver })
     }
 }

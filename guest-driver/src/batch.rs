@@ -175,7 +175,11 @@ impl Batch {
         let used = used as usize;
         let resp_len = wire::response_len(n);
         let outcome = (|| {
-            let bytes = self.resp.as_slice().get(..used.min(resp_len)).ok_or(Status::DeviceError)?;
+            let bytes = self
+                .resp
+                .as_slice()
+                .get(..used.min(resp_len))
+                .ok_or(Status::DeviceError)?;
             let resp = Response::parse(bytes).map_err(|_| Status::DeviceError)?;
             let header = resp.header();
             if header.status != Status::Ok {
@@ -230,13 +234,19 @@ impl Chain for Batch {
         f(Seg::Out(&self.req, wire::request_len(n)))?;
         for meta in self.ops.iter() {
             if meta.op.page_buffer() == PageBuffer::ToDevice {
-                f(Seg::Out(self.pages.get(meta.slot as usize).ok_or(EINVAL)?, PAGE_SIZE))?;
+                f(Seg::Out(
+                    self.pages.get(meta.slot as usize).ok_or(EINVAL)?,
+                    PAGE_SIZE,
+                ))?;
             }
         }
         f(Seg::In(&self.resp, wire::response_len(n)))?;
         for meta in self.ops.iter() {
             if meta.op.page_buffer() == PageBuffer::FromDevice {
-                f(Seg::In(self.pages.get(meta.slot as usize).ok_or(EINVAL)?, PAGE_SIZE))?;
+                f(Seg::In(
+                    self.pages.get(meta.slot as usize).ok_or(EINVAL)?,
+                    PAGE_SIZE,
+                ))?;
             }
         }
         Ok(())

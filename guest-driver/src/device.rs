@@ -91,7 +91,6 @@ pub(crate) struct Params {
     pub(crate) cleancache_shared: bool,
 }
 
-
 // ---------------------------------------------------------------------------
 // Pools and reservations
 
@@ -194,8 +193,10 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.stats.for_each(&mut |name, v| writeln!(f, "{name} {v}"))?;
-        self.cache_stats.for_each(&mut |name, v| writeln!(f, "{name} {v}"))?;
+        self.stats
+            .for_each(&mut |name, v| writeln!(f, "{name} {v}"))?;
+        self.cache_stats
+            .for_each(&mut |name, v| writeln!(f, "{name} {v}"))?;
         let mut sums = [0u64; 16];
         for qs in self.queue_stats.iter() {
             let mut i = 0;
@@ -224,7 +225,11 @@ impl Shared {
         let pools = self.pools.lock();
         for (ty, s) in pools.slots.iter().enumerate() {
             if let Some(id) = s.id {
-                writeln!(f, "pool type={ty} id={id} reserved={} pending={}", s.avail, s.pending)?;
+                writeln!(
+                    f,
+                    "pool type={ty} id={id} reserved={} pending={}",
+                    s.avail, s.pending
+                )?;
             }
         }
         drop(pools);
@@ -272,7 +277,11 @@ impl FlushRing {
             widen: false,
         };
         buf.extend_with(cap.max(1), filler, GFP_KERNEL)?;
-        Ok(Self { buf, head: 0, len: 0 })
+        Ok(Self {
+            buf,
+            head: 0,
+            len: 0,
+        })
     }
 
     fn is_empty(&self) -> bool {
@@ -312,7 +321,9 @@ impl FlushRing {
             if kept > 0 {
                 if let Some(prev) = self.buf.get_mut((self.head + kept - 1) % cap) {
                     let same = flushed_object(&prev.op).filter(|_| prev.widen && entry.widen);
-                    if let Some((pool, object)) = same.filter(|o| Some(*o) == flushed_object(&entry.op)) {
+                    if let Some((pool, object)) =
+                        same.filter(|o| Some(*o) == flushed_object(&entry.op))
+                    {
                         prev.op = Op::FlushObject { pool, object };
                         continue;
                     }
@@ -587,7 +598,9 @@ impl Queue {
         }
         if seq == g.timer_seq {
             g.seal();
-            self.stats().timer_flushes.add(1, kernel::sync::atomic::Relaxed);
+            self.stats()
+                .timer_flushes
+                .add(1, kernel::sync::atomic::Relaxed);
             g.pump(self.stats());
         } else {
             // The batch the timer was armed for left already; this one is
@@ -629,7 +642,12 @@ impl Queue {
 
     /// Waits for the batch `seq` to be answered and reads its results with
     /// `f`. Process context only.
-    fn wait_result<R>(&self, g: &mut QGuard<'_>, seq: u64, f: impl FnOnce(&Batch) -> R) -> Result<R> {
+    fn wait_result<R>(
+        &self,
+        g: &mut QGuard<'_>,
+        seq: u64,
+        f: impl FnOnce(&Batch) -> R,
+    ) -> Result<R> {
         loop {
             if g.dead {
                 return Err(ENODEV);
@@ -662,7 +680,9 @@ impl Queue {
     /// Sends the open batch now, for a waiting thread.
     fn flush_for_answer(&self, g: &mut QGuard<'_>) {
         g.seal();
-        self.stats().sync_flushes.add(1, kernel::sync::atomic::Relaxed);
+        self.stats()
+            .sync_flushes
+            .add(1, kernel::sync::atomic::Relaxed);
         g.pump(self.stats());
     }
 }
@@ -815,7 +835,10 @@ impl Device {
             }
         };
         if st.status != Status::Ok {
-            pr_warn!("swap area {ty}: device refused a pool: {}\n", st.status.name());
+            pr_warn!(
+                "swap area {ty}: device refused a pool: {}\n",
+                st.status.name()
+            );
             return;
         }
         let pool = st.value as u32;
@@ -830,7 +853,13 @@ impl Device {
         counter(&self.stats().pools_created);
         if self.reserve && target > 0 {
             counter(&self.stats().reserve_requests);
-            if let Err(e) = self.call(0, [Op::Reserve { pool, pages: target }]) {
+            if let Err(e) = self.call(
+                0,
+                [Op::Reserve {
+                    pool,
+                    pages: target,
+                }],
+            ) {
                 pr_warn!("swap area {ty}: RESERVE failed: {:?}\n", e);
             }
         }
@@ -1097,7 +1126,11 @@ impl Device {
         for off in 0..N {
             pattern(off * 3, &mut expect);
             let mut same = false;
-            if self.get_page(ty, off * 3, |p| same = p == &expect[..]).is_ok() && same {
+            if self
+                .get_page(ty, off * 3, |p| same = p == &expect[..])
+                .is_ok()
+                && same
+            {
                 good += 1;
             }
         }
@@ -1106,7 +1139,11 @@ impl Device {
         }
         let miss = self.get_page(ty, 0, |_| ());
         self.flush_area(ty);
-        let after_flush = if miss == Err(ENOENT) { "miss" } else { "UNEXPECTED" };
+        let after_flush = if miss == Err(ENOENT) {
+            "miss"
+        } else {
+            "UNEXPECTED"
+        };
         pr_info!(
             "selftest: stored {stored}/{N}, verified {good}/{N}, load after flush: {after_flush}\n"
         );
@@ -1132,18 +1169,17 @@ impl Device {
             drop(g);
             sys::cancel_timer(&**q);
         }
-        self.vdev
-            .del_vqs(self.queues.iter().filter_map(|q| {
-                let mut g = q.inner.lock();
-                let vq = g.vq.take();
-                // Requests still queued are failed for their waiters, who
-                // already left (the queue is dead).
-                if let Some(mut b) = g.open.take() {
-                    b.fail(Status::DeviceError);
-                    g.recycle(b);
-                }
-                vq
-            }));
+        self.vdev.del_vqs(self.queues.iter().filter_map(|q| {
+            let mut g = q.inner.lock();
+            let vq = g.vq.take();
+            // Requests still queued are failed for their waiters, who
+            // already left (the queue is dead).
+            if let Some(mut b) = g.open.take() {
+                b.fail(Status::DeviceError);
+                g.recycle(b);
+            }
+            vq
+        }));
     }
 }
 

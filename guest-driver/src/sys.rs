@@ -647,10 +647,7 @@ pub(crate) use frontswap::{FrontswapBackend, FrontswapRegistration};
 #[cfg(CONFIG_FRONTSWAP)]
 mod frontswap {
     use super::*;
-    use kernel::{
-        ffi::c_ulong,
-        sync::global_lock,
-    };
+    use kernel::{ffi::c_ulong, sync::global_lock};
 
     /// A frontswap backend. See `struct frontswap_ops` for the contexts:
     /// everything may sleep except [`FrontswapBackend::invalidate_page`].
@@ -838,8 +835,7 @@ mod cleancache {
         /// Copies page `index` of file `key` into `page`; `Err(ENOENT)` on a
         /// miss (any error is a miss). Process context, may sleep (no I/O:
         /// called from readahead with the folio locked).
-        fn get_page(&self, pool: i32, key: FileKey, index: u64, page: &mut PageRef<'_>)
-            -> Result;
+        fn get_page(&self, pool: i32, key: FileKey, index: u64, page: &mut PageRef<'_>) -> Result;
         /// Keeps a copy of `page` as page `index` of file `key`, replacing
         /// any older one; if it is dropped instead, no older copy may be
         /// returned later. Atomic context.
