@@ -94,6 +94,11 @@ const ROUTE_OPEN: u64 = 1 << 32;
 /// 0. Written with the `CachePools` lock held whenever a slot changes.
 pub(crate) struct CacheRoutes([Atomic<u64>; MAX_CACHE_POOLS]);
 
+/// The slot of kernel pool index `pool`, if it is one.
+fn slot_index(pool: i32) -> Option<usize> {
+    usize::try_from(pool).ok()
+}
+
 impl CacheRoutes {
     pub(crate) fn new() -> Self {
         Self(core::array::from_fn(|_| Atomic::new(0)))
@@ -101,9 +106,15 @@ impl CacheRoutes {
 
     /// The device pool id of `pool` if operations may use it.
     fn usable(&self, pool: i32) -> Option<u32> {
-        let word = usize::try_from(pool).ok().and_then(|i| self.0.get(i))?;
-        let route = word.load(Acquire);
+        let route = self.0.get(slot_index(pool)?)?.load(Acquire);
         (route & ROUTE_OPEN != 0).then_some(route as u32)
+    }
+
+    /// Publishes `slot`'s route (with the `CachePools` lock held).
+    fn publish(&self, pool: i32, slot: &CachePool) {
+        if let Some(word) = slot_index(pool).and_then(|i| self.0.get(i)) {
+            word.store(slot.route(), Release);
+        }
     }
 }
 
@@ -120,9 +131,7 @@ impl CachePools {
     }
 
     fn slot(&mut self, pool: i32) -> Option<&mut CachePool> {
-        usize::try_from(pool)
-            .ok()
-            .and_then(|i| self.slots.get_mut(i))
+        self.slots.get_mut(slot_index(pool)?)
     }
 
     /// Writes one line per pool for debugfs.
@@ -232,13 +241,7 @@ impl Device {
         let mut pools = self.shared.cache_pools.lock();
         let s = pools.slot(pool)?;
         let r = f(s);
-        let route = s.route();
-        if let Some(word) = usize::try_from(pool)
-            .ok()
-            .and_then(|i| self.shared.cache_routes.0.get(i))
-        {
-            word.store(route, Release);
-        }
+        self.shared.cache_routes.publish(pool, s);
         Some(r)
     }
 
@@ -324,9 +327,6 @@ impl Device {
             // held off on this very CPU): take them back instead of
             // dropping the page.
             counter(&self.cstats().cleancache_put_reaps);
-            if g.sleepers > 0 {
-                q.cv.notify_all();
-            }
         }
         let queued = match g.open_with_room(q.stats(), 1, 1) {
             Some(b) => match b.push(Op::Put {
@@ -382,8 +382,8 @@ impl Device {
     fn cache_fetch(&self, pool: i32, key: [u64; 3], index: u64, out: impl FnOnce(&[u8])) -> Result {
         // A usable pool needs no reset: no table lock on the hot path. A
         // route that closes meanwhile is read again under the queue lock.
-        let needs_reset = self.shared.cache_routes.usable(pool).is_none()
-            && self
+        if self.shared.cache_routes.usable(pool).is_none() {
+            let needs_reset = self
                 .update_cache_pool(pool, |s| match s.id {
                     Some(_) if s.stale && !s.resetting => {
                         s.resetting = true;
@@ -394,9 +394,10 @@ impl Device {
                 })
                 .flatten()
                 .ok_or(ENOENT)?;
-        if needs_reset {
-            self.reset_cache_pool(pool);
-            return Err(ENOENT);
+            if needs_reset {
+                self.reset_cache_pool(pool);
+                return Err(ENOENT);
+            }
         }
         let q = self.cache_queue(pool, &key).ok_or(ENOENT)?;
         let routes = &self.shared.cache_routes;

@@ -313,20 +313,21 @@ impl FlushRing {
     /// between them, so the device still sees everything in order.
     fn compact(&mut self) {
         let cap = self.buf.len();
-        let mut kept = 0;
+        let mut kept: usize = 0;
         for i in 0..self.len {
             let Some(entry) = self.buf.get((self.head + i) % cap).copied() else {
                 return;
             };
-            if kept > 0 {
-                if let Some(prev) = self.buf.get_mut((self.head + kept - 1) % cap) {
-                    let same = flushed_object(&prev.op).filter(|_| prev.widen && entry.widen);
-                    if let Some((pool, object)) =
-                        same.filter(|o| Some(*o) == flushed_object(&entry.op))
-                    {
-                        prev.op = Op::FlushObject { pool, object };
-                        continue;
-                    }
+            let prev = kept
+                .checked_sub(1)
+                .and_then(|k| self.buf.get_mut((self.head + k) % cap))
+                .filter(|prev| prev.widen && entry.widen);
+            if let Some(prev) = prev {
+                let object = flushed_object(&prev.op);
+                if let Some((pool, object)) = object.filter(|_| object == flushed_object(&entry.op))
+                {
+                    prev.op = Op::FlushObject { pool, object };
+                    continue;
                 }
             }
             if let Some(slot) = self.buf.get_mut((self.head + kept) % cap) {
@@ -770,8 +771,8 @@ impl Device {
     }
 
     /// Takes back every batch the device has answered on `q` (also outside
-    /// its interrupt: a put that found no free batch may find one here).
-    /// True if any came back; the caller wakes sleepers.
+    /// its interrupt: a put that found no free batch may find one here) and
+    /// wakes the threads waiting on the queue. True if any came back.
     fn reap(&self, q: &Queue, g: &mut QGuard<'_>) -> bool {
         let mut answered = false;
         while let Some((mut b, len)) = g.vq.as_mut().and_then(|vq| vq.get_buf()) {
@@ -781,6 +782,9 @@ impl Device {
             self.account(&b);
             g.finish(b);
             answered = true;
+        }
+        if answered && g.sleepers > 0 {
+            q.cv.notify_all();
         }
         answered
     }
@@ -1324,13 +1328,12 @@ impl VirtioDriver for Device {
             return;
         };
         let mut g = q.inner.lock();
-        let mut answered = false;
         loop {
             let Some(vq) = g.vq.as_mut() else {
                 break;
             };
             vq.disable_cb();
-            answered |= self.reap(q, &mut g);
+            self.reap(q, &mut g);
             if g.vq.as_mut().is_none_or(|vq| vq.enable_cb()) {
                 break;
             }
@@ -1341,9 +1344,6 @@ impl VirtioDriver for Device {
             q.as_ref().arm(&mut g);
         }
         g.pump(q.stats());
-        if answered && g.sleepers > 0 {
-            q.cv.notify_all();
-        }
     }
 
     fn remove(&self) {
