@@ -6,7 +6,6 @@
 //! store. [`DaemonConfig`] is what [`crate::start`] runs.
 
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -155,36 +154,14 @@ pub fn format_size(bytes: u64) -> String {
     bytes.to_string()
 }
 
-/// Parses a UUID: 32 hex digits, dashes anywhere ignored (the usual
-/// `8-4-4-4-12` form). The bytes are in RFC 4122 (text) order.
+/// Parses a UUID (see [`Uuid`]'s `FromStr`).
 pub fn parse_uuid(s: &str) -> Result<Uuid> {
-    let bad = || ConfigError::BadUuid(s.to_string());
-    let hex: Vec<u8> = s.trim().bytes().filter(|&b| b != b'-').collect();
-    if hex.len() != 32 {
-        return Err(bad());
-    }
-    let mut out = [0u8; 16];
-    for (i, pair) in hex.chunks(2).enumerate() {
-        let text = std::str::from_utf8(pair).map_err(|_| bad())?;
-        out[i] = u8::from_str_radix(text, 16).map_err(|_| bad())?;
-    }
-    if out == [0u8; 16] {
-        // The nil UUID means "private pool" on the wire.
-        return Err(bad());
-    }
-    Ok(out)
+    s.parse().map_err(|_| ConfigError::BadUuid(s.to_string()))
 }
 
 /// Formats a UUID in the 8-4-4-4-12 form.
 pub fn format_uuid(uuid: &Uuid) -> String {
-    let mut s = String::with_capacity(36);
-    for (i, b) in uuid.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            s.push('-');
-        }
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    uuid.to_string()
 }
 
 /// Checks a VM name: it becomes `<socket-dir>/<name>.sock` and the client's
@@ -595,8 +572,8 @@ mod tests {
     #[test]
     fn uuids() {
         let u = parse_uuid("00112233-4455-6677-8899-aabbccddeeff").unwrap();
-        assert_eq!(u[0], 0x00);
-        assert_eq!(u[15], 0xff);
+        assert_eq!(u.as_bytes()[0], 0x00);
+        assert_eq!(u.as_bytes()[15], 0xff);
         assert_eq!(format_uuid(&u), "00112233-4455-6677-8899-aabbccddeeff");
         assert_eq!(parse_uuid("00112233445566778899AABBCCDDEEFF").unwrap(), u);
         assert!(parse_uuid("0011").is_err());

@@ -426,7 +426,7 @@ fn execute_op<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ClientConfig, Store, StoreConfig};
+    use crate::store::{ClientConfig, Store, StoreConfig, Uuid};
     use crate::testutil::*;
     use vm_memory::GuestMemoryMmap;
     use vtmem_protocol::{Handle, ObjectId, PoolSpec, Response, WireError};
@@ -665,7 +665,7 @@ mod tests {
             &mut ring,
             &[
                 Op::NewPool(PoolSpec::ephemeral()),
-                Op::NewPool(PoolSpec::shared([1; 16])),
+                Op::NewPool(PoolSpec::shared(Uuid::from_bytes([1; 16]).unwrap())),
                 Op::Reserve { pool, pages: 4 },
                 Op::Unreserve { pool, pages: 4 },
                 Op::Put {

@@ -16,7 +16,7 @@ use proptest::prelude::*;
 use vtmem_backend::store::*;
 
 const CLIENTS: usize = 3;
-const UUID: Uuid = [0x5A; 16];
+const UUID: Uuid = Uuid::from_bytes([0x5A; 16]).unwrap();
 const RAW_PAGE: u64 = RESERVED_PAGE_HOST_COST;
 const HOST_LIMIT: u64 = 10 * RAW_PAGE;
 

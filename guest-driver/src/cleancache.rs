@@ -66,7 +66,7 @@ struct CachePool {
     /// Device pool id; `None` while the slot is free.
     id: Option<u32>,
     /// The filesystem's UUID.
-    uuid: Uuid,
+    uuid: Option<Uuid>,
     /// The device pool is the shared pool of `uuid`.
     shared: bool,
     /// An invalidation was lost: serve nothing until the pool is replaced.
@@ -138,8 +138,7 @@ impl CachePools {
     pub(crate) fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, s) in self.slots.iter().enumerate() {
             if let Some(id) = s.id {
-                write!(f, "cache_pool index={i} id={id} uuid=")?;
-                write_uuid(f, &s.uuid)?;
+                write!(f, "cache_pool index={i} id={id} uuid={}", UuidText(s.uuid))?;
                 writeln!(
                     f,
                     " shared={} stale={}",
@@ -152,23 +151,15 @@ impl CachePools {
     }
 }
 
-/// Writes `uuid` in its usual text form.
-fn write_uuid(f: &mut fmt::Formatter<'_>, uuid: &Uuid) -> fmt::Result {
-    for (i, b) in uuid.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            f.write_str("-")?;
-        }
-        write!(f, "{b:02x}")?;
-    }
-    Ok(())
-}
+/// A filesystem UUID for the kernel's `{}` (the nil UUID prints as such).
+struct UuidText(Option<Uuid>);
 
-/// Formats a UUID with `{}`.
-struct UuidText<'a>(&'a Uuid);
-
-impl kernel::fmt::Display for UuidText<'_> {
+impl kernel::fmt::Display for UuidText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_uuid(f, self.0)
+        match &self.0 {
+            Some(uuid) => fmt::Display::fmt(uuid, f),
+            None => f.write_str("00000000-0000-0000-0000-000000000000"),
+        }
     }
 }
 
@@ -246,7 +237,8 @@ impl Device {
     }
 
     /// Creates a pool for the filesystem `uuid`; returns its kernel index.
-    pub(crate) fn cache_init_fs(&self, uuid: &Uuid) -> Result<i32> {
+    /// A filesystem without a UUID (nil) gets a private pool.
+    pub(crate) fn cache_init_fs(&self, uuid: Option<Uuid>) -> Result<i32> {
         let _admin = self.cache_admin.lock();
         let index = self
             .shared
@@ -260,7 +252,7 @@ impl Device {
         self.update_cache_pool(index as i32, |s| {
             *s = CachePool {
                 id: Some(id),
-                uuid: *uuid,
+                uuid,
                 shared,
                 ..CachePool::default()
             }
@@ -276,9 +268,11 @@ impl Device {
 
     /// Asks the device for a pool for `uuid`: the shared one if wanted and
     /// authorised, else a private one. Returns its id and whether shared.
-    fn new_cache_pool(&self, uuid: &Uuid) -> Result<(u32, bool)> {
-        if self.params.cleancache_shared && self.vdev.has_feature(crate::wire::VTMEM_F_SHARED) {
-            let [st] = self.call(0, [Op::NewPool(PoolSpec::shared(*uuid))])?;
+    fn new_cache_pool(&self, uuid: Option<Uuid>) -> Result<(u32, bool)> {
+        if let Some(shared) = uuid.filter(|_| {
+            self.params.cleancache_shared && self.vdev.has_feature(crate::wire::VTMEM_F_SHARED)
+        }) {
+            let [st] = self.call(0, [Op::NewPool(PoolSpec::shared(shared))])?;
             if st.status == Status::Ok {
                 return Ok((st.value as u32, true));
             }
@@ -471,7 +465,7 @@ impl Device {
         // Every operation queued for the old pool reaches the device first.
         self.drain();
         self.destroy_cache_pool(old);
-        let new = self.new_cache_pool(&uuid);
+        let new = self.new_cache_pool(uuid);
         self.update_cache_pool(pool, |s| {
             match new {
                 Ok((id, shared)) => {
@@ -533,7 +527,7 @@ impl Device {
 #[cfg(CONFIG_CLEANCACHE)]
 impl crate::sys::CleancacheBackend for Device {
     fn init_fs(&self, uuid: &[u8; 16]) -> Result<i32> {
-        self.cache_init_fs(uuid)
+        self.cache_init_fs(Uuid::from_bytes(*uuid))
     }
 
     fn get_page(

@@ -15,7 +15,7 @@ fn all_ops() -> [Op; 11] {
     [
         Op::NewPool(PoolSpec::persistent()),
         Op::NewPool(PoolSpec::ephemeral()),
-        Op::NewPool(PoolSpec::shared([7u8; 16])),
+        Op::NewPool(PoolSpec::shared(Uuid::from_bytes([7u8; 16]).unwrap())),
         Op::DestroyPool { pool: 3 },
         Op::Put {
             handle: handle(1, 2, 3),
@@ -110,7 +110,7 @@ fn malformed_ops_are_rejected_with_the_right_error() {
     b[40] = 13;
     assert_eq!(Op::decode(&b), Err(WireError::BadPageShift(13)));
 
-    let mut b = Op::NewPool(PoolSpec::shared([1; 16])).encode();
+    let mut b = Op::NewPool(PoolSpec::shared(Uuid::from_bytes([1; 16]).unwrap())).encode();
     b[1] |= POOL_PERSISTENT;
     assert_eq!(
         Op::decode(&b),
@@ -118,7 +118,7 @@ fn malformed_ops_are_rejected_with_the_right_error() {
         "shared persistent is refused"
     );
 
-    let mut b = Op::NewPool(PoolSpec::shared([1; 16])).encode();
+    let mut b = Op::NewPool(PoolSpec::shared(Uuid::from_bytes([1; 16]).unwrap())).encode();
     b[8..24].fill(0);
     assert_eq!(
         Op::decode(&b),
@@ -402,4 +402,38 @@ fn decoders_never_panic_on_random_bytes() {
         }
         let _ = DeviceConfig::decode(bytes);
     }
+}
+
+#[test]
+fn uuid_text_round_trip_and_refusals() {
+    use core::str::FromStr;
+    extern crate std;
+    use std::string::ToString;
+
+    let u = Uuid::from_str("00112233-4455-6677-8899-aabbccddeeff").unwrap();
+    assert_eq!(u.to_string(), "00112233-4455-6677-8899-aabbccddeeff");
+    assert_eq!(Uuid::from_str(" 00112233445566778899AABBCCDDEEFF\n"), Ok(u));
+    assert_eq!(u.as_bytes()[0], 0x00);
+    assert_eq!(u.as_bytes()[15], 0xff);
+    assert_eq!(Uuid::from_str("0011"), Err(UuidError::Malformed));
+    assert_eq!(
+        Uuid::from_str("00112233-4455-6677-8899-aabbccddeeff00"),
+        Err(UuidError::Malformed)
+    );
+    assert_eq!(
+        Uuid::from_str("zz112233445566778899aabbccddeeff"),
+        Err(UuidError::Malformed)
+    );
+    assert_eq!(
+        Uuid::from_str("00000000-0000-0000-0000-000000000000"),
+        Err(UuidError::Nil)
+    );
+    assert_eq!(Uuid::from_bytes([0; 16]), None);
+}
+
+#[test]
+fn shared_pool_uuid_survives_the_wire() {
+    let uuid = Uuid::from_bytes([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]).unwrap();
+    let op = Op::NewPool(PoolSpec::shared(uuid));
+    assert_eq!(Op::decode(&op.encode()), Ok(op));
 }

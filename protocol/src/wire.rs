@@ -363,8 +363,110 @@ pub struct Handle {
     pub index: u64,
 }
 
-/// 128-bit UUID of a shared pool, in RFC 4122 byte order.
-pub type Uuid = [u8; 16];
+/// The 128-bit UUID naming a shared pool, in RFC 4122 (text) byte order.
+///
+/// Never nil: on the wire an all-zero UUID means "private pool", so a nil
+/// UUID cannot name a shared one. [`Uuid::from_bytes`] and the text parser
+/// refuse it, which makes the rule a property of the type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Uuid([u8; 16]);
+
+/// Why a text is not a [`Uuid`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UuidError {
+    /// Not 32 hexadecimal digits (dashes aside).
+    Malformed,
+    /// The nil UUID, which names no shared pool.
+    Nil,
+}
+
+impl fmt::Display for UuidError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UuidError::Malformed => f.write_str("not a UUID (32 hex digits, 8-4-4-4-12)"),
+            UuidError::Nil => f.write_str("the nil UUID names no shared pool"),
+        }
+    }
+}
+
+impl Uuid {
+    /// The UUID with these bytes, or `None` for the nil UUID.
+    pub const fn from_bytes(bytes: [u8; 16]) -> Option<Self> {
+        let mut i = 0;
+        while i < 16 {
+            if bytes[i] != 0 {
+                return Some(Uuid(bytes));
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Its 16 bytes in RFC 4122 order.
+    pub const fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    /// The two little-endian words that carry it in a `NEW_POOL` object id.
+    const fn to_words(self) -> [u64; 2] {
+        let b = self.0;
+        [
+            u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+            u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+        ]
+    }
+
+    /// The UUID carried by a `NEW_POOL` object id, `None` if both words are 0.
+    const fn from_words(lo: u64, hi: u64) -> Option<Self> {
+        let (l, h) = (lo.to_le_bytes(), hi.to_le_bytes());
+        Uuid::from_bytes([
+            l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7], h[0], h[1], h[2], h[3], h[4], h[5],
+            h[6], h[7],
+        ])
+    }
+}
+
+impl fmt::Display for Uuid {
+    /// The usual `8-4-4-4-12` lower-case form.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                f.write_str("-")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl core::str::FromStr for Uuid {
+    type Err = UuidError;
+
+    /// Parses 32 hex digits in either case; dashes anywhere are ignored
+    /// (so `8-4-4-4-12` and the bare form both parse), as is surrounding
+    /// white space.
+    fn from_str(s: &str) -> Result<Self, UuidError> {
+        let mut out = [0u8; 16];
+        let mut digits = 0usize;
+        for c in s.trim().bytes().filter(|&c| c != b'-') {
+            let v = match c {
+                b'0'..=b'9' => c - b'0',
+                b'a'..=b'f' => c - b'a' + 10,
+                b'A'..=b'F' => c - b'A' + 10,
+                _ => return Err(UuidError::Malformed),
+            };
+            let Some(byte) = out.get_mut(digits / 2) else {
+                return Err(UuidError::Malformed);
+            };
+            *byte = (*byte << 4) | v;
+            digits += 1;
+        }
+        if digits != 32 {
+            return Err(UuidError::Malformed);
+        }
+        Uuid::from_bytes(out).ok_or(UuidError::Nil)
+    }
+}
 
 /// `NEW_POOL` flag: pages must survive until flushed (frontswap).
 pub const POOL_PERSISTENT: u8 = 1 << 0;
@@ -486,12 +588,7 @@ impl Op {
             Op::NewPool(spec) => {
                 let mut obj = [0u64; 3];
                 if let Some(uuid) = spec.shared {
-                    let mut lo = [0u8; 8];
-                    let mut hi = [0u8; 8];
-                    lo.copy_from_slice(&uuid[..8]);
-                    hi.copy_from_slice(&uuid[8..]);
-                    obj[0] = u64::from_le_bytes(lo);
-                    obj[1] = u64::from_le_bytes(hi);
+                    [obj[0], obj[1]] = uuid.to_words();
                 }
                 (spec.flags(), 0, ObjectId(obj), 0, PAGE_SHIFT as u64)
             }
@@ -564,18 +661,11 @@ impl Op {
                 if shared && persistent {
                     return Err(WireError::BadPoolKind);
                 }
-                let uuid_set = object.0[0] != 0 || object.0[1] != 0;
-                if uuid_set != shared {
+                let uuid = Uuid::from_words(object.0[0], object.0[1]);
+                if uuid.is_some() != shared {
                     return Err(WireError::BadPoolKind);
                 }
-                let shared = if shared {
-                    let mut uuid = [0u8; 16];
-                    uuid[..8].copy_from_slice(&object.0[0].to_le_bytes());
-                    uuid[8..].copy_from_slice(&object.0[1].to_le_bytes());
-                    Some(uuid)
-                } else {
-                    None
-                };
+                let shared = uuid;
                 // A private ephemeral pool is exclusive by definition: the
                 // data must live in one place, guest or host.
                 let exclusive_gets =

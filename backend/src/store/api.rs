@@ -200,57 +200,25 @@ pub struct StoreStats {
     pub dedup_domains: u64,
 }
 
-/// Serde of UUIDs as `8-4-4-4-12` text, reading either text or the
-/// 16-byte arrays older versions wrote.
+/// Serde of UUIDs as their `8-4-4-4-12` text.
 mod uuid_text {
     use serde::{Deserialize, Deserializer, Serializer};
     use vtmem_protocol::Uuid;
 
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Repr {
-        Text(String),
-        Bytes(Uuid),
-    }
-
-    fn format(u: &Uuid) -> String {
-        let mut s = String::with_capacity(36);
-        for (i, b) in u.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                s.push('-');
-            }
-            s.push_str(&format!("{b:02x}"));
-        }
-        s
-    }
-
-    fn parse<E: serde::de::Error>(r: Repr) -> Result<Uuid, E> {
-        let text = match r {
-            Repr::Bytes(b) => return Ok(b),
-            Repr::Text(t) => t,
-        };
-        let hex: Vec<u8> = text.bytes().filter(|&b| b != b'-').collect();
-        let bad = || E::custom(format!("invalid UUID '{text}'"));
-        if hex.len() != 32 {
-            return Err(bad());
-        }
-        let mut out = [0u8; 16];
-        for (i, pair) in hex.chunks(2).enumerate() {
-            let digits = std::str::from_utf8(pair).map_err(|_| bad())?;
-            out[i] = u8::from_str_radix(digits, 16).map_err(|_| bad())?;
-        }
-        Ok(out)
+    fn parse<E: serde::de::Error>(text: String) -> Result<Uuid, E> {
+        text.parse()
+            .map_err(|e| E::custom(format!("invalid UUID '{text}': {e}")))
     }
 
     pub mod list {
         use super::*;
 
         pub fn serialize<S: Serializer>(v: &[Uuid], s: S) -> Result<S::Ok, S::Error> {
-            s.collect_seq(v.iter().map(format))
+            s.collect_seq(v.iter().map(Uuid::to_string))
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Uuid>, D::Error> {
-            Vec::<Repr>::deserialize(d)?
+            Vec::<String>::deserialize(d)?
                 .into_iter()
                 .map(parse)
                 .collect()
@@ -262,13 +230,13 @@ mod uuid_text {
 
         pub fn serialize<S: Serializer>(v: &Option<Uuid>, s: S) -> Result<S::Ok, S::Error> {
             match v {
-                Some(u) => s.serialize_some(&format(u)),
+                Some(u) => s.serialize_some(&u.to_string()),
                 None => s.serialize_none(),
             }
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Uuid>, D::Error> {
-            Option::<Repr>::deserialize(d)?.map(parse).transpose()
+            Option::<String>::deserialize(d)?.map(parse).transpose()
         }
     }
 }

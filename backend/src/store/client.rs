@@ -186,9 +186,6 @@ impl ClientHandle {
             if spec.persistent {
                 return Err(TmemError::Invalid("shared pools must be ephemeral"));
             }
-            if uuid == [0u8; 16] {
-                return Err(TmemError::Invalid("shared pool UUID is zero"));
-            }
             let open = table
                 .pools
                 .iter()

@@ -126,7 +126,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::store::account::{CONTENT_METADATA_COST, PAGE_METADATA_COST};
-    use crate::store::{ClientConfig, Handle, ObjectId, Page, PoolSpec, StoreConfig, PAGE_SIZE};
+    use crate::store::{ClientConfig, Handle, ObjectId, Page, PoolSpec, StoreConfig, Uuid, PAGE_SIZE};
 
     const HOST_PER_RAW: u64 = PAGE_SIZE as u64 + CONTENT_METADATA_COST + PAGE_METADATA_COST;
 
@@ -225,7 +225,7 @@ mod tests {
         let s = Store::new(StoreConfig {
             host_limit: u64::MAX,
         });
-        let uuid = [1u8; 16];
+        let uuid = Uuid::from_bytes([1u8; 16]).unwrap();
         let c = s
             .add_client(
                 "vm",

@@ -11,10 +11,12 @@ use std::thread;
 use common::*;
 use vtmem_guestsim::pages::{checksum, random_page};
 use vtmem_guestsim::{Error, ObjectId, Op, PoolSpec, Status, VmOptions, VmSpec};
+use vtmem_protocol::Uuid;
 
-const UUID: [u8; 16] = [
+const UUID: Uuid = Uuid::from_bytes([
     0x5e, 0x11, 0xd0, 0x0d, 0, 1, 0x40, 2, 0x80, 3, 4, 5, 6, 7, 8, 9,
-];
+])
+.unwrap();
 const UUID_TEXT: &str = "5e11d00d-0001-4002-8003-040506070809";
 
 #[test]

@@ -16,11 +16,13 @@ use serde_json::Value;
 use vtmem_guestsim::daemon::locate_backend_binary;
 use vtmem_guestsim::pages::checksum;
 use vtmem_guestsim::{Daemon, Error, PoolSpec, Status, VmOptions, VmSpec};
+use vtmem_protocol::Uuid;
 
 const UUID: &str = "6b0e2a54-3f4c-4cde-9a57-0d6e1f3ad3a1";
-const UUID_BYTES: [u8; 16] = [
+const UUID_BYTES: Uuid = Uuid::from_bytes([
     0x6b, 0x0e, 0x2a, 0x54, 0x3f, 0x4c, 0x4c, 0xde, 0x9a, 0x57, 0x0d, 0x6e, 0x1f, 0x3a, 0xd3, 0xa1,
-];
+])
+.unwrap();
 
 /// `vtmemctl`, found (or rebuilt when older than its sources) like `vtmemd`.
 fn vtmemctl_bin() -> PathBuf {
