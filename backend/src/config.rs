@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use vtmem_protocol::{Uuid, MAX_REQUEST_QUEUES};
 
-use crate::store::ClientConfig;
+use vtmem_store::ClientConfig;
 
 /// Default descriptors per request queue.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;

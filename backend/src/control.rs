@@ -28,7 +28,7 @@ use crate::config::{
     parse_quota, parse_size, parse_uuid, validate_dedup_group, validate_weight, SizeValue, VmConfig,
 };
 use crate::daemon::Daemon;
-use crate::store::ClientConfig;
+use vtmem_store::ClientConfig;
 
 /// The control API version this daemon speaks.
 pub const CONTROL_API_VERSION: u64 = 1;

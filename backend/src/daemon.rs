@@ -16,11 +16,12 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
+use parking_lot::Mutex;
 use serde::Serialize;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -35,7 +36,7 @@ use crate::device::VtmemBackend;
 use crate::exec::{DeviceCounters, DeviceCountersSnapshot};
 use crate::ratelimit::RateLimitedLog;
 use crate::state::{StateError, StateFile};
-use crate::store::{ClientConfig, ClientHandle, ClientStats, Store, TmemError};
+use vtmem_store::{AdminHandle, ClientConfig, ClientStats, Store, TmemError};
 
 /// Errors of VM management.
 #[derive(Debug, thiserror::Error)]
@@ -69,10 +70,6 @@ pub enum DaemonError {
     ShuttingDown,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[derive(Default)]
 struct Connection {
     stopping: bool,
@@ -83,7 +80,7 @@ struct Connection {
 pub struct Vm {
     name: String,
     socket: PathBuf,
-    client: ClientHandle,
+    client: AdminHandle,
     counters: Arc<DeviceCounters>,
     log: Arc<RateLimitedLog>,
     connected: AtomicBool,
@@ -115,7 +112,7 @@ impl Vm {
     }
 
     /// Its store client.
-    pub fn client(&self) -> &ClientHandle {
+    pub fn client(&self) -> &AdminHandle {
         &self.client
     }
 
@@ -137,7 +134,7 @@ impl Vm {
     /// Records a new connection; false if the VM is being stopped (the
     /// caller then shuts the connection down itself).
     fn connected(&self, handle: Option<ShutdownHandle>) -> bool {
-        let mut conn = lock(&self.conn);
+        let mut conn = self.conn.lock();
         if conn.stopping {
             return false;
         }
@@ -148,20 +145,20 @@ impl Vm {
     }
 
     fn disconnected(&self) {
-        let mut conn = lock(&self.conn);
+        let mut conn = self.conn.lock();
         conn.shutdown = None;
         self.connected.store(false, Ordering::Release);
     }
 
     fn stopping(&self) -> bool {
-        lock(&self.conn).stopping
+        self.conn.lock().stopping
     }
 
     /// Asks the serving thread to finish: drop the connection, stop
     /// listening.
     fn request_stop(&self) {
         let handle = {
-            let mut conn = lock(&self.conn);
+            let mut conn = self.conn.lock();
             conn.stopping = true;
             conn.shutdown.take()
         };
@@ -175,7 +172,7 @@ impl Vm {
     }
 
     fn join(&self) {
-        let handle = lock(&self.thread).take();
+        let handle = self.thread.lock().take();
         if let Some(h) = handle {
             if h.join().is_err() {
                 error!("vm {}: serving thread panicked", self.name);
@@ -329,7 +326,8 @@ impl Daemon {
 
     /// A VM by name.
     pub fn vm(&self, name: &str) -> Result<Arc<Vm>, DaemonError> {
-        lock(&self.vms)
+        self.vms
+            .lock()
             .get(name)
             .cloned()
             .ok_or_else(|| DaemonError::UnknownVm(name.to_string()))
@@ -337,17 +335,17 @@ impl Daemon {
 
     /// All VMs, by name.
     pub fn vms(&self) -> Vec<Arc<Vm>> {
-        lock(&self.vms).values().cloned().collect()
+        self.vms.lock().values().cloned().collect()
     }
 
     /// Starts serving a VM: creates its client and its socket.
     pub fn add_vm(&self, vm: &VmConfig) -> Result<Arc<Vm>, DaemonError> {
-        let admin = lock(&self.admin);
+        let admin = self.admin.lock();
         if *admin {
             return Err(DaemonError::ShuttingDown);
         }
         validate_vm_name(&vm.name)?;
-        if lock(&self.vms).contains_key(&vm.name) {
+        if self.vms.lock().contains_key(&vm.name) {
             return Err(DaemonError::VmExists(vm.name.clone()));
         }
         let socket = DaemonConfig::vm_socket_path(&self.socket_dir, &vm.name);
@@ -390,14 +388,14 @@ impl Daemon {
             .name(format!("vtmem-{}", vm.name))
             .spawn(move || serve(thread_vm, listener, settings));
         match spawned {
-            Ok(h) => *lock(&entry.thread) = Some(h),
+            Ok(h) => *entry.thread.lock() = Some(h),
             Err(e) => {
                 // The listener went down with the closure: socket removed.
                 let _ = self.store.remove_client(&vm.name);
                 return Err(DaemonError::Thread(e));
             }
         }
-        lock(&self.vms).insert(vm.name.clone(), entry.clone());
+        self.vms.lock().insert(vm.name.clone(), entry.clone());
         info!(
             "vm {}: listening on {} (persistent quota {}, ephemeral quota {}, weight {})",
             vm.name,
@@ -413,11 +411,13 @@ impl Daemon {
     /// Stops serving a VM, frees everything its client holds and removes
     /// its socket.
     pub fn remove_vm(&self, name: &str) -> Result<(), DaemonError> {
-        let admin = lock(&self.admin);
+        let admin = self.admin.lock();
         if *admin {
             return Err(DaemonError::ShuttingDown);
         }
-        let vm = lock(&self.vms)
+        let vm = self
+            .vms
+            .lock()
             .remove(name)
             .ok_or_else(|| DaemonError::UnknownVm(name.to_string()))?;
         vm.request_stop();
@@ -432,9 +432,9 @@ impl Daemon {
     /// Stops every VM (the clients stay in the store). Later add and remove
     /// calls fail.
     pub fn shutdown(&self) {
-        let mut admin = lock(&self.admin);
+        let mut admin = self.admin.lock();
         *admin = true;
-        let vms: Vec<Arc<Vm>> = std::mem::take(&mut *lock(&self.vms))
+        let vms: Vec<Arc<Vm>> = std::mem::take(&mut *self.vms.lock())
             .into_values()
             .collect();
         for vm in &vms {
@@ -532,7 +532,7 @@ fn serve(vm: Arc<Vm>, mut socket: VmListener, settings: DeviceSettings) {
 
     while wait_for_connection(&epoll, &vm) {
         let backend = Arc::new(VtmemBackend::new(
-            vm.client.clone(),
+            vm.client.data(),
             settings,
             vm.counters.clone(),
             vm.log.clone(),

@@ -31,7 +31,7 @@ use vtmem_protocol::{
 use crate::config::DeviceSettings;
 use crate::exec::{DeviceCounters, Executor, Features};
 use crate::ratelimit::RateLimitedLog;
-use crate::store::ClientHandle;
+use vtmem_store::DataHandle;
 
 /// Guest memory as the vhost-user crates share it.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -83,7 +83,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl VtmemBackend {
     /// A backend acting for `client`.
     pub fn new(
-        client: ClientHandle,
+        client: DataHandle,
         settings: DeviceSettings,
         counters: Arc<DeviceCounters>,
         log: Arc<RateLimitedLog>,
@@ -434,10 +434,10 @@ impl DeviceCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ClientConfig, Store, StoreConfig};
     use crate::testutil::*;
     use vm_memory::{Address, Bytes};
     use vtmem_protocol::{Op, PoolSpec, Response, Status, CONFIG_SIZE};
+    use vtmem_store::{ClientConfig, Store, StoreConfig};
 
     const QSIZE: u16 = 256;
 
@@ -445,7 +445,10 @@ mod tests {
         let store = Store::new(StoreConfig {
             host_limit: 64 << 20,
         });
-        let client = store.add_client("vm", ClientConfig::default()).unwrap();
+        let client = store
+            .add_client("vm", ClientConfig::default())
+            .unwrap()
+            .data();
         let settings = DeviceSettings {
             queues,
             queue_size: QSIZE,

@@ -25,7 +25,7 @@ use vtmem_protocol::{
 
 use crate::ratelimit::RateLimitedLog;
 use crate::request::{ChainError, ChainParser, ValidChain};
-use crate::store::{ClientHandle, Page};
+use vtmem_store::{DataHandle, Page, TmemError};
 
 /// Device features that change what operations may do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -141,7 +141,7 @@ pub struct ChainOutcome {
 /// Executes chains for one client on one queue.
 #[derive(Debug)]
 pub struct Executor {
-    client: ClientHandle,
+    client: DataHandle,
     parser: ChainParser,
     page: Box<Page>,
     response: Box<[u8; MAX_RESPONSE_LEN]>,
@@ -152,7 +152,7 @@ pub struct Executor {
 impl Executor {
     /// An executor acting for `client`.
     pub fn new(
-        client: ClientHandle,
+        client: DataHandle,
         counters: Arc<DeviceCounters>,
         log: Arc<RateLimitedLog>,
     ) -> Self {
@@ -167,7 +167,7 @@ impl Executor {
     }
 
     /// The client this executor acts for.
-    pub fn client(&self) -> &ClientHandle {
+    pub fn client(&self) -> &DataHandle {
         &self.client
     }
 
@@ -249,7 +249,7 @@ impl Executor {
 /// the response header; returns the used length.
 #[allow(clippy::too_many_arguments)]
 fn execute<M: GuestMemoryBackend>(
-    client: &ClientHandle,
+    client: &DataHandle,
     mem: &M,
     chain: &ValidChain<'_>,
     features: Features,
@@ -338,10 +338,33 @@ enum Copied {
     ToGuest,
 }
 
+/// The wire status a guest sees for a store error.
+///
+/// The store's errors are its own; this is the one place they meet the
+/// protocol. Errors a guest cannot cause by itself (its client removed,
+/// an admin-only refusal, content failing its integrity check) become
+/// `DEVICE_ERROR`.
+pub fn wire_status(error: &TmemError) -> Status {
+    match error {
+        TmemError::NoSpace => Status::NoSpace,
+        TmemError::OverQuota => Status::OverQuota,
+        TmemError::Frozen => Status::Frozen,
+        TmemError::NoPool => Status::NoPool,
+        TmemError::TooManyPools => Status::TooManyPools,
+        TmemError::NotAuthorized => Status::NotAuthorized,
+        TmemError::NoReservation => Status::NoReservation,
+        TmemError::Invalid(_) => Status::Invalid,
+        TmemError::ClientGone
+        | TmemError::UnknownClient(_)
+        | TmemError::ClientExists(_)
+        | TmemError::Busy(_) => Status::DeviceError,
+    }
+}
+
 /// Executes one decoded operation. Returns its status and the page it
 /// copied, if any.
 fn execute_op<M: GuestMemoryBackend>(
-    client: &ClientHandle,
+    client: &DataHandle,
     mem: &M,
     op: Op,
     page_addr: Option<GuestAddress>,
@@ -349,16 +372,16 @@ fn execute_op<M: GuestMemoryBackend>(
     page: &mut Page,
 ) -> (OpStatus, Copied) {
     let st = OpStatus::new;
-    let from = |r: Result<(), crate::store::TmemError>| match r {
+    let from = |r: Result<(), TmemError>| match r {
         Ok(()) => st(Status::Ok),
-        Err(e) => st(e.status()),
+        Err(e) => st(wire_status(&e)),
     };
-    let valued = |r: Result<u64, crate::store::TmemError>| match r {
+    let valued = |r: Result<u64, TmemError>| match r {
         Ok(value) => OpStatus {
             status: Status::Ok,
             value,
         },
-        Err(e) => st(e.status()),
+        Err(e) => st(wire_status(&e)),
     };
     let status = match op {
         Op::NewPool(spec) => {
@@ -396,7 +419,7 @@ fn execute_op<M: GuestMemoryBackend>(
                     }
                 }
                 Ok(false) => (st(Status::Miss), Copied::Nothing),
-                Err(e) => (st(e.status()), Copied::Nothing),
+                Err(e) => (st(wire_status(&e)), Copied::Nothing),
             };
         }
         Op::FlushPage { handle } => from(client.flush_page(&handle)),
@@ -426,10 +449,10 @@ fn execute_op<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ClientConfig, Store, StoreConfig, Uuid};
     use crate::testutil::*;
     use vm_memory::GuestMemoryMmap;
     use vtmem_protocol::{Handle, ObjectId, PoolSpec, Response, WireError};
+    use vtmem_store::{ClientConfig, Store, StoreConfig, Uuid};
 
     const QSIZE: u16 = 256;
 
@@ -442,7 +465,10 @@ mod tests {
         let store = Store::new(StoreConfig {
             host_limit: 64 << 20,
         });
-        let client = store.add_client("vm", ClientConfig::default()).unwrap();
+        let client = store
+            .add_client("vm", ClientConfig::default())
+            .unwrap()
+            .data();
         let exec = Executor::new(
             client,
             Arc::new(DeviceCounters::default()),
@@ -650,6 +676,25 @@ mod tests {
         assert_eq!(ring.read(g), patterned_page(1));
         assert_eq!(f.exec.counters.snapshot().invalid_ops, 2);
         assert_eq!(WireError::UnknownOpcode(0xee).status(), Status::Unsupported);
+    }
+
+    #[test]
+    fn store_errors_reach_the_guest_as_their_own_statuses() {
+        let cases = [
+            (TmemError::NoSpace, Status::NoSpace),
+            (TmemError::OverQuota, Status::OverQuota),
+            (TmemError::Frozen, Status::Frozen),
+            (TmemError::NoPool, Status::NoPool),
+            (TmemError::TooManyPools, Status::TooManyPools),
+            (TmemError::NotAuthorized, Status::NotAuthorized),
+            (TmemError::NoReservation, Status::NoReservation),
+            (TmemError::Invalid("x"), Status::Invalid),
+            (TmemError::ClientGone, Status::DeviceError),
+            (TmemError::Busy("x"), Status::DeviceError),
+        ];
+        for (error, status) in cases {
+            assert_eq!(wire_status(&error), status, "{error}");
+        }
     }
 
     #[test]

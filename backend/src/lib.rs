@@ -36,7 +36,7 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod request;
 pub mod state;
-pub mod store;
+
 pub mod sys;
 #[cfg(test)]
 mod testutil;
@@ -48,7 +48,7 @@ use config::ConfigError;
 use control::ControlServer;
 use daemon::{Daemon, DaemonError};
 use metrics::MetricsServer;
-use store::{Store, StoreConfig};
+use vtmem_store::{Store, StoreConfig};
 
 /// Why `vtmemd` could not start or run.
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::accept::accept_until_stopped;
 use crate::daemon::Daemon;
-use crate::store::OpCounters;
+use vtmem_store::OpCounters;
 
 /// Longest request head (request line and headers) accepted.
 pub const MAX_REQUEST: usize = 8 * 1024;
@@ -251,7 +251,7 @@ pub fn render(daemon: &Daemon) -> String {
         connected: bool,
         connections: u64,
         device: crate::exec::DeviceCountersSnapshot,
-        stats: Option<&'a crate::store::ClientStats>,
+        stats: Option<&'a vtmem_store::ClientStats>,
     }
     let rows: Vec<Row> = vms
         .iter()
@@ -267,7 +267,7 @@ pub fn render(daemon: &Daemon) -> String {
         rows.iter().map(|r| (r.name, f(r))).collect()
     };
     let st =
-        |r: &Row, f: &dyn Fn(&crate::store::ClientStats) -> u64| r.stats.map(f).unwrap_or(0) as f64;
+        |r: &Row, f: &dyn Fn(&vtmem_store::ClientStats) -> u64| r.stats.map(f).unwrap_or(0) as f64;
 
     e.per_vm(
         "vtmem_vm_connected",
@@ -624,7 +624,7 @@ mod tests {
     #[test]
     fn counts_follow_the_store() {
         use crate::config::{DaemonConfig, DeviceSettings, VmConfig};
-        use crate::store::{Handle, ObjectId, PoolSpec, Store, StoreConfig, PAGE_SIZE};
+        use vtmem_store::{Handle, ObjectId, PoolSpec, Store, StoreConfig, PAGE_SIZE};
         let dir = std::env::temp_dir().join(format!("vtmem-metrics-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = DaemonConfig {
@@ -644,7 +644,7 @@ mod tests {
             &config,
         );
         let vm = daemon.add_vm(&VmConfig::new("a").unwrap()).unwrap();
-        let c = vm.client();
+        let c = vm.client().data();
         let pool = c.new_pool(PoolSpec::persistent()).unwrap();
         let h = |i| Handle {
             pool,
@@ -659,7 +659,7 @@ mod tests {
         let mut out = [0u8; PAGE_SIZE];
         assert!(c.get(&h(0), &mut out).unwrap());
         assert!(!c.get(&h(9), &mut out).unwrap());
-        c.freeze();
+        vm.client().freeze();
         assert!(c.put(&h(5), &page, false).is_err());
         let text = render(&daemon);
         for line in [

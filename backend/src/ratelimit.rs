@@ -2,8 +2,8 @@
 //! A small token bucket, and a logger built on it, so that a guest that
 //! sends garbage in a tight loop cannot flood the host's log.
 
+use parking_lot::Mutex;
 use std::fmt;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A token bucket: `burst` events at once, then `per_sec` a second.
@@ -85,10 +85,7 @@ impl RateLimitedLog {
     /// the message was logged.
     pub fn log(&self, level: log::Level, args: fmt::Arguments<'_>) -> bool {
         let suppressed = {
-            let mut st = match self.state.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut st = self.state.lock();
             if !st.bucket.take() {
                 st.suppressed = st.suppressed.saturating_add(1);
                 return false;
@@ -153,6 +150,6 @@ mod tests {
         assert!(l.warn(format_args!("a")));
         assert!(l.warn(format_args!("b")));
         assert!(!l.warn(format_args!("c")));
-        assert_eq!(l.state.lock().unwrap().suppressed, 1);
+        assert_eq!(l.state.lock().suppressed, 1);
     }
 }

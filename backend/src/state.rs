@@ -10,11 +10,11 @@
 //! over the configuration file and flags (see [`apply`]). Pages are never
 //! in it: the store lives in memory.
 
+use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +23,7 @@ use crate::config::{
     VmConfig,
 };
 use crate::daemon::Daemon;
-use crate::store::ClientConfig;
+use vtmem_store::ClientConfig;
 
 /// Version of the state file format.
 pub const STATE_VERSION: u32 = 1;
@@ -224,7 +224,7 @@ impl StateFile {
 
     /// Writes the daemon's state atomically.
     pub fn save(&self, daemon: &Daemon) -> Result<(), StateError> {
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.lock.lock();
         let state = self.snapshot(daemon);
         write_atomically(&self.path, &state).map_err(|e| StateError {
             path: self.path.clone(),

@@ -17,7 +17,22 @@ fn init_logging(args: &Args) {
     builder.format_timestamp_millis().init();
 }
 
+/// A panic anywhere ends the process.
+///
+/// Locks do not poison (parking_lot), so a thread that panicked in the
+/// middle of a store operation could leave half-updated state behind for
+/// the other threads to trust. Nothing a guest or VMM sends may panic; if
+/// a bug does, vtmemd stops at once rather than serve from such a state.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
+}
+
 fn main() {
+    abort_on_panic();
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{ClientStats, OpCounters, StoreStats};
+use vtmem_store::{ClientStats, OpCounters, StoreStats};
 
 /// A VM's configuration as the control API shows it (UUIDs as text).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]

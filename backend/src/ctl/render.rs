@@ -4,7 +4,7 @@
 use super::format::{self, Align, Fields, Table};
 use super::model::{hit_rate, refused, Activity, VmDetails, VmSummary};
 use crate::config::format_uuid;
-use crate::store::{ClientStats, PoolStats, StoreStats};
+use vtmem_store::{ClientStats, PoolStats, StoreStats};
 
 /// The eviction rate shown by `status`, measured by sampling the counters
 /// twice.
@@ -436,7 +436,7 @@ pub fn top(a: &Activity, interval: f64) -> String {
 mod tests {
     use super::*;
     use crate::ctl::model::{VmActivity, VmConfigView};
-    use crate::store::OpCounters;
+    use vtmem_store::OpCounters;
 
     fn summary(name: &str) -> VmSummary {
         VmSummary {

@@ -9,8 +9,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vtmem_backend::store::{ClientConfig, ClientHandle, Store, StoreConfig};
 use vtmem_protocol::{Handle, ObjectId, Op, PoolSpec, Status, PAGE_SIZE};
+use vtmem_store::{ClientConfig, DataHandle, Store, StoreConfig};
 
 use crate::daemon::{Daemon, DaemonConfig, VmSpec};
 use crate::pages::{checksum, Corpus, CorpusMix};
@@ -169,7 +169,7 @@ fn ratio(a: f64, b: f64) -> f64 {
 
 /// Direct store calls: the reference the transport is compared with.
 struct InProcess {
-    client: ClientHandle,
+    client: DataHandle,
 }
 
 impl InProcess {
@@ -180,7 +180,9 @@ impl InProcess {
         let client = store
             .add_client("inproc", ClientConfig::default())
             .map_err(|e| Error::Setup(format!("in-process store: {e}")))?;
-        Ok(InProcess { client })
+        Ok(InProcess {
+            client: client.data(),
+        })
     }
 
     fn store_err(e: impl std::fmt::Display) -> Error {

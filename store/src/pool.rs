@@ -21,15 +21,16 @@
 //! a page's charge always leaves the account that holds it then (the pool's
 //! owner); lock order is pool, then content shard.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vtmem_protocol::{ObjectId, Uuid};
 
 use super::account::{
-    lock, Acct, AtomicCounters, Global, CLIENT_PAGE_COST, CONTENT_METADATA_COST, PAGE_METADATA_COST,
+    Acct, AtomicCounters, Global, CLIENT_PAGE_COST, CONTENT_METADATA_COST, PAGE_METADATA_COST,
 };
 use super::content::{Corrupt, Domain, Released, ID_MASK, ZERO_REF};
 use super::Page;
@@ -610,8 +611,8 @@ impl Pool {
         }
     }
 
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, PoolIndex> {
-        lock(&self.index)
+    pub fn lock(&self) -> parking_lot::MutexGuard<'_, PoolIndex> {
+        self.index.lock()
     }
 
     fn publish_head(&self, idx: &PoolIndex) {

@@ -17,7 +17,7 @@
 //!   shared-pool gets keep the page.
 //! * A miss is final: nothing brings a page back but a new put.
 //! * Shared pools are ephemeral only and joined by UUID, only if the admin
-//!   authorised that UUID for the client ([`ClientHandle::authorize`];
+//!   authorised that UUID for the client ([`AdminHandle::authorize`];
 //!   de-authorising does not expel a member that already joined). A shared
 //!   pool lives while any member has it open. Its pages are charged to its
 //!   owner: the client that created it; when the owner leaves, ownership
@@ -100,7 +100,7 @@
 //!
 //! # Reservations
 //!
-//! [`ClientHandle::reserve`] grants up to `n` pages of a persistent pool,
+//! [`DataHandle::reserve`] grants up to `n` pages of a persistent pool,
 //! charging each at its worst case ([`RESERVED_PAGE_CLIENT_COST`] against
 //! the persistent quota, [`RESERVED_PAGE_HOST_COST`] against the host
 //! limit) up front, evicting ephemeral pages if needed. A put with
@@ -133,14 +133,16 @@ mod api;
 mod client;
 mod content;
 mod evict;
+mod evictable;
 mod pool;
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Weak};
 
-pub use vtmem_protocol::{Handle, ObjectId, PoolSpec, Status, Uuid, PAGE_SIZE};
+pub use vtmem_protocol::{Handle, ObjectId, PoolSpec, Uuid, PAGE_SIZE};
 
 pub use account::{
     OpCounters, CLIENT_PAGE_COST, CONTENT_METADATA_COST, PAGE_METADATA_COST,
@@ -148,13 +150,14 @@ pub use account::{
 };
 pub use alloc::{CHUNK_BYTES, CLASS_STEP};
 pub use api::{ClientConfig, ClientStats, PoolStats, StoreConfig, StoreStats, TmemError};
-pub use client::ClientHandle;
+pub use client::{AdminHandle, DataHandle};
 pub use content::RAW_THRESHOLD;
 pub use evict::EVICT_BATCH;
 
-use account::{lock, Acct, Global};
+use account::{Acct, Global};
 use client::{Client, Meta, Table};
 use content::Domain;
+use evictable::EvictableLists;
 use pool::{KeyedState, Pool};
 
 /// One page of data.
@@ -179,6 +182,8 @@ pub struct Store {
     clients: RwLock<BTreeMap<String, Arc<Client>>>,
     /// Accounts of the live clients, scanned to pick eviction victims.
     accts: RwLock<Vec<Arc<Acct>>>,
+    /// Each client's ephemeral pools, for eviction.
+    evictable: EvictableLists,
     /// Live shared pools by UUID.
     shared: Mutex<HashMap<Uuid, Arc<Pool>>>,
     /// Dedup groups' domains.
@@ -188,14 +193,6 @@ pub struct Store {
     next_client: AtomicU64,
     seed: u64,
     hasher: KeyedState,
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Store {
@@ -209,6 +206,7 @@ impl Store {
             g: Global::new(config.host_limit),
             clients: RwLock::new(BTreeMap::new()),
             accts: RwLock::new(Vec::new()),
+            evictable: EvictableLists::default(),
             shared: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
             retired: Mutex::new(OpCounters::default()),
@@ -223,14 +221,14 @@ impl Store {
         self: &Arc<Self>,
         name: &str,
         config: ClientConfig,
-    ) -> Result<ClientHandle, TmemError> {
+    ) -> Result<AdminHandle, TmemError> {
         if name.is_empty() {
             return Err(TmemError::Invalid("empty client name"));
         }
         if config.weight == 0 {
             return Err(TmemError::Invalid("weight must be at least 1"));
         }
-        let mut clients = write(&self.clients);
+        let mut clients = self.clients.write();
         if clients.contains_key(name) {
             return Err(TmemError::ClientExists(name.to_string()));
         }
@@ -259,25 +257,27 @@ impl Store {
             }),
         });
         clients.insert(name.to_string(), client.clone());
-        write(&self.accts).push(acct);
+        self.accts.write().push(acct);
         drop(clients);
-        Ok(ClientHandle::new(self.clone(), client))
+        Ok(AdminHandle::new(self.clone(), client))
     }
 
     /// A handle of the client named `name`.
-    pub fn client(&self, name: &str) -> Option<ClientHandle> {
-        let c = read(&self.clients).get(name).cloned()?;
-        Some(ClientHandle::new(self.me.upgrade()?, c))
+    pub fn client(&self, name: &str) -> Option<AdminHandle> {
+        let c = self.clients.read().get(name).cloned()?;
+        Some(AdminHandle::new(self.me.upgrade()?, c))
     }
 
     /// Frees everything the client holds; later calls on its handles return
     /// `ClientGone`.
     pub fn remove_client(&self, name: &str) -> Result<(), TmemError> {
-        let client = write(&self.clients)
+        let client = self
+            .clients
+            .write()
             .remove(name)
             .ok_or_else(|| TmemError::UnknownClient(name.to_string()))?;
-        write(&self.accts).retain(|a| !Arc::ptr_eq(a, &client.acct));
-        let mut table = write(&client.table);
+        self.accts.write().retain(|a| !Arc::ptr_eq(a, &client.acct));
+        let mut table = client.table.write();
         table.removed = true;
         for slot in table.pools.iter_mut() {
             if let Some(pool) = slot.take() {
@@ -285,7 +285,9 @@ impl Store {
             }
         }
         drop(table);
-        lock(&self.retired).accumulate(&client.acct.counters.snapshot());
+        self.retired
+            .lock()
+            .accumulate(&client.acct.counters.snapshot());
         debug_assert_eq!(client.acct.eph_charged.load(Ordering::Relaxed), 0);
         debug_assert_eq!(client.acct.pers_charged.load(Ordering::Relaxed), 0);
         Ok(())
@@ -293,7 +295,7 @@ impl Store {
 
     /// Names of all clients, sorted.
     pub fn client_names(&self) -> Vec<String> {
-        read(&self.clients).keys().cloned().collect()
+        self.clients.read().keys().cloned().collect()
     }
 
     /// Sets the host limit; lowering it evicts ephemeral pages at once.
@@ -317,7 +319,7 @@ impl Store {
         let Some(group) = group else {
             return Arc::new(Domain::new(CLIENT_SHARDS, self.seed));
         };
-        let mut groups = lock(&self.groups);
+        let mut groups = self.groups.lock();
         if let Some(d) = groups.get(group).and_then(Weak::upgrade) {
             return d;
         }
@@ -329,7 +331,7 @@ impl Store {
 
     /// Joins (or creates) the shared pool `uuid` for `acct`.
     fn join_shared(&self, uuid: Uuid, acct: &Arc<Acct>) -> Arc<Pool> {
-        let mut shared = lock(&self.shared);
+        let mut shared = self.shared.lock();
         if let Some(pool) = shared.get(&uuid) {
             let mut idx = pool.lock();
             debug_assert!(!idx.destroyed);
@@ -345,7 +347,7 @@ impl Store {
             acct.clone(),
             self.hasher,
         ));
-        acct.add_evictable(&pool);
+        self.evictable.add(acct, &pool);
         shared.insert(uuid, pool.clone());
         pool
     }
@@ -363,10 +365,10 @@ impl Store {
             let r = pool.take_reservation();
             account::uncharge(&acct.pers_charged, r * RESERVED_PAGE_CLIENT_COST);
             g.uncharge(r * RESERVED_PAGE_HOST_COST);
-            acct.remove_evictable(pool);
+            self.evictable.remove(acct, pool);
             return;
         };
-        let mut shared = lock(&self.shared);
+        let mut shared = self.shared.lock();
         let mut idx = pool.lock();
         idx.members.retain(|m| !Arc::ptr_eq(m, acct));
         if idx.members.is_empty() {
@@ -378,7 +380,7 @@ impl Store {
             pool.clear_locked(&mut idx, g);
             let owner = idx.owner.clone();
             drop(idx);
-            owner.remove_evictable(pool);
+            self.evictable.remove(&owner, pool);
         } else if Arc::ptr_eq(&idx.owner, acct) {
             drop(shared);
             let heir = idx.members[0].clone();
@@ -387,21 +389,21 @@ impl Store {
             account::charge(&heir.eph_charged, bytes);
             idx.owner = heir.clone();
             drop(idx);
-            acct.remove_evictable(pool);
-            heir.add_evictable(pool);
+            self.evictable.remove(acct, pool);
+            self.evictable.add(&heir, pool);
             let excess = heir.eph_excess(0);
             if excess > 0 {
-                evict::evict_own(&heir, excess, g);
+                self.evict_own(&heir, excess);
             }
         }
     }
 
     /// Statistics of the store and every client.
     pub fn stats(&self) -> StoreStats {
-        let clients: Vec<Arc<Client>> = read(&self.clients).values().cloned().collect();
+        let clients: Vec<Arc<Client>> = self.clients.read().values().cloned().collect();
         let mut st = StoreStats {
             host_limit: self.g.limit(),
-            counters: lock(&self.retired).clone(),
+            counters: self.retired.lock().clone(),
             ..Default::default()
         };
         let mut pools_seen: HashSet<*const Pool> = HashSet::new();

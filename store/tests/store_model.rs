@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use vtmem_backend::store::*;
+use vtmem_store::*;
 
 const CLIENTS: usize = 3;
 const UUID: Uuid = Uuid::from_bytes([0x5A; 16]).unwrap();
@@ -148,7 +148,8 @@ enum PoolKey {
 
 struct Harness {
     store: Arc<Store>,
-    clients: Vec<ClientHandle>,
+    clients: Vec<DataHandle>,
+    admins: Vec<AdminHandle>,
     contents: Vec<Page>,
     /// Client charge of each content (host charge when stored as new
     /// content is the same, except for zero pages).
@@ -179,7 +180,8 @@ impl Harness {
                 let s = Store::new(StoreConfig {
                     host_limit: u64::MAX,
                 });
-                let c = s.add_client("m", ClientConfig::default()).unwrap();
+                let c_admin = s.add_client("m", ClientConfig::default()).unwrap();
+                let c = c_admin.data();
                 let pool = c.new_pool(PoolSpec::persistent()).unwrap();
                 c.put(
                     &Handle {
@@ -190,14 +192,14 @@ impl Harness {
                     false,
                 )
                 .unwrap();
-                c.stats().persistent_bytes
+                c_admin.stats().persistent_bytes
             })
             .collect();
         let store = Store::new(StoreConfig {
             host_limit: HOST_LIMIT,
         });
         let names = ["solo", "g1", "g2"];
-        let clients: Vec<ClientHandle> = names
+        let admins: Vec<AdminHandle> = names
             .iter()
             .enumerate()
             .map(|(i, n)| {
@@ -210,9 +212,11 @@ impl Harness {
                 store.add_client(n, cfg).unwrap()
             })
             .collect();
+        let clients = admins.iter().map(AdminHandle::data).collect();
         let mut h = Harness {
             store,
             clients,
+            admins,
             contents,
             cost,
             pages: HashMap::new(),
@@ -333,14 +337,14 @@ impl Harness {
                             TmemError::OverQuota => {
                                 assert!(!reserved, "reserved put refused for quota");
                                 if persistent {
-                                    let st = self.clients[c].stats();
+                                    let st = self.admins[c].stats();
                                     assert!(
                                         st.persistent_charged + cost > self.pers_quota[c],
                                         "refused though the quota had room: {st:?}"
                                     );
                                 } else {
                                     let owner = if pool == 2 { self.members[0] } else { c };
-                                    let st = self.clients[owner].stats();
+                                    let st = self.admins[owner].stats();
                                     assert_eq!(st.ephemeral_pages, 0, "own pages left to evict");
                                     assert!(cost > self.eph_quota[owner]);
                                 }
@@ -435,7 +439,7 @@ impl Harness {
                     self.reserved[c] += g;
                     if g < n {
                         let st = self.store.stats();
-                        let cs = self.clients[c].stats();
+                        let cs = self.admins[c].stats();
                         let quota_full =
                             cs.persistent_charged + RESERVED_PAGE_CLIENT_COST > self.pers_quota[c];
                         let host_full = st.host_used + RESERVED_PAGE_HOST_COST > HOST_LIMIT
@@ -451,16 +455,16 @@ impl Harness {
             }
             Op::Freeze { c, on } => {
                 if on {
-                    self.clients[c].freeze();
+                    self.admins[c].freeze();
                 } else {
-                    self.clients[c].thaw();
+                    self.admins[c].thaw();
                 }
                 self.frozen[c] = on;
             }
             Op::Quota { c, pers, eph } => {
                 let p = pers.map_or(u64::MAX, |k| k * RAW_PAGE);
                 let e = eph.map_or(u64::MAX, |k| k * RAW_PAGE);
-                self.clients[c].set_quota(p, e);
+                self.admins[c].set_quota(p, e);
                 self.pers_quota[c] = p;
                 self.eph_quota[c] = e;
             }
@@ -475,7 +479,7 @@ impl Harness {
                 self.open_pools(c);
             }
             Op::FlushAll { c, eph_only } => {
-                self.clients[c].flush_all(eph_only);
+                self.admins[c].flush_all(eph_only);
                 if !eph_only {
                     self.drop_pool(PoolKey::Private(c, 0));
                 }

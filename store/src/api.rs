@@ -2,7 +2,7 @@
 //! Public configuration, error and statistics types of the store.
 
 use serde::{Deserialize, Serialize};
-use vtmem_protocol::{Status, Uuid};
+use vtmem_protocol::Uuid;
 
 use super::account::OpCounters;
 
@@ -44,8 +44,8 @@ impl Default for ClientConfig {
     }
 }
 
-/// Errors of data-path and admin calls. [`TmemError::status`] maps
-/// data-path errors onto the wire.
+/// Errors of data-path and admin calls. The store's own: the device layer
+/// decides how each reaches a guest.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum TmemError {
     /// The host has no memory left for this put.
@@ -86,26 +86,6 @@ pub enum TmemError {
     /// device error) if stored content fails its integrity check.
     #[error("busy: {0}")]
     Busy(&'static str),
-}
-
-impl TmemError {
-    /// The wire status of an error.
-    pub fn status(&self) -> Status {
-        match self {
-            TmemError::NoSpace => Status::NoSpace,
-            TmemError::OverQuota => Status::OverQuota,
-            TmemError::Frozen => Status::Frozen,
-            TmemError::NoPool => Status::NoPool,
-            TmemError::TooManyPools => Status::TooManyPools,
-            TmemError::NotAuthorized => Status::NotAuthorized,
-            TmemError::NoReservation => Status::NoReservation,
-            TmemError::Invalid(_) => Status::Invalid,
-            TmemError::ClientGone
-            | TmemError::UnknownClient(_)
-            | TmemError::ClientExists(_)
-            | TmemError::Busy(_) => Status::DeviceError,
-        }
-    }
 }
 
 /// Statistics of one pool.

@@ -29,7 +29,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vtmem_backend::store::*;
+use vtmem_store::*;
 use xxhash_rust::xxh3::xxh3_128;
 
 const LZ4_BOUND: usize = lz4_flex::block::get_maximum_output_size(PAGE_SIZE);
@@ -249,7 +249,10 @@ fn measure(name: &'static str, pages: &[Page], reps: usize) -> KindResult {
         let store = Store::new(StoreConfig {
             host_limit: u64::MAX,
         });
-        let c = store.add_client("bench", ClientConfig::default()).unwrap();
+        let c = store
+            .add_client("bench", ClientConfig::default())
+            .unwrap()
+            .data();
         c.new_pool(PoolSpec::persistent()).unwrap();
         put.add(timed_batches(n, |range| {
             for i in range {
@@ -290,7 +293,10 @@ fn ephemeral_metadata(pages: &[Page]) -> f64 {
     let store = Store::new(StoreConfig {
         host_limit: u64::MAX,
     });
-    let c = store.add_client("eph", ClientConfig::default()).unwrap();
+    let c = store
+        .add_client("eph", ClientConfig::default())
+        .unwrap()
+        .data();
     c.new_pool(PoolSpec::ephemeral()).unwrap();
     for (i, p) in pages.iter().enumerate() {
         c.put(&handle(i), p, false).unwrap();
@@ -308,16 +314,17 @@ fn multi_client(pages: &[Page], threads: usize, reps: usize) -> f64 {
         let store = Store::new(StoreConfig {
             host_limit: u64::MAX,
         });
-        let clients: Vec<ClientHandle> = (0..2)
+        let clients: Vec<DataHandle> = (0..2)
             .map(|i| {
                 let c = store
                     .add_client(&format!("vm{i}"), ClientConfig::default())
-                    .unwrap();
+                    .unwrap()
+                    .data();
                 c.new_pool(PoolSpec::persistent()).unwrap();
                 c
             })
             .collect();
-        let run = |c: &ClientHandle, part: &[Page]| {
+        let run = |c: &DataHandle, part: &[Page]| {
             timed_batches(part.len(), |range| {
                 for i in range {
                     c.put(&handle(i), &part[i], false).unwrap();

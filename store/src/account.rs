@@ -7,12 +7,9 @@
 //! check-then-add, so that a flood of concurrent puts cannot overshoot.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, Weak};
 
 use serde::{Deserialize, Serialize};
 use vtmem_protocol::PAGE_SIZE;
-
-use super::pool::Pool;
 
 /// Host cost of one stored page's own metadata (its slot in the page index,
 /// its LRU entry and its share of the index maps), counted once per page.
@@ -218,9 +215,6 @@ pub(crate) struct Acct {
     pub weight: AtomicU32,
     pub frozen: AtomicBool,
     pub counters: AtomicCounters,
-    /// Ephemeral pools whose pages are charged to this client: where its
-    /// own evictions look.
-    pub evictable: Mutex<Vec<Weak<Pool>>>,
 }
 
 impl Acct {
@@ -234,7 +228,6 @@ impl Acct {
             weight: AtomicU32::new(weight),
             frozen: AtomicBool::new(false),
             counters: AtomicCounters::default(),
-            evictable: Mutex::new(Vec::new()),
         }
     }
 
@@ -262,23 +255,6 @@ impl Acct {
         (self.eph_charged.load(Ordering::Acquire) + extra)
             .saturating_sub(self.eph_quota.load(Ordering::Acquire))
     }
-
-    pub fn add_evictable(&self, pool: &std::sync::Arc<Pool>) {
-        let mut list = lock(&self.evictable);
-        list.retain(|w| w.strong_count() > 0);
-        list.push(std::sync::Arc::downgrade(pool));
-    }
-
-    pub fn remove_evictable(&self, pool: &Pool) {
-        let mut list = lock(&self.evictable);
-        list.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), pool));
-    }
-}
-
-/// Locks a mutex, ignoring poisoning: every critical section of the store
-/// leaves its data consistent before anything that can panic.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -1,19 +1,20 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Clients and their handles: the data path and the per-client admin calls.
 
+use parking_lot::{Mutex, RwLock};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use vtmem_protocol::{Handle, ObjectId, PoolSpec, Uuid, MAX_POOLS_PER_CLIENT};
 
 use super::account::{
-    self, bump, bump_by, lock, Acct, AtomicCounters, CLIENT_PAGE_COST, CONTENT_METADATA_COST,
+    self, bump, bump_by, Acct, AtomicCounters, CLIENT_PAGE_COST, CONTENT_METADATA_COST,
     PAGE_METADATA_COST, RESERVED_PAGE_CLIENT_COST, RESERVED_PAGE_HOST_COST,
 };
 use super::content::{classify, compress, Class, Domain, Inserted, NewData, LZ4_BOUND, ZERO_REF};
-use super::evict::{evict_own, EVICT_BATCH};
+use super::evict::EVICT_BATCH;
 use super::pool::{NewPage, Pool, DEDUP_BIT};
-use super::{read, write, ClientConfig, ClientStats, Page, PoolStats, Store, TmemError, PAGE_SIZE};
+use super::{ClientConfig, ClientStats, Page, PoolStats, Store, TmemError, PAGE_SIZE};
 
 thread_local! {
     /// Compression output buffer of this thread's puts (not zeroed per put).
@@ -57,7 +58,7 @@ pub(crate) struct Client {
 
 impl Client {
     fn config(&self) -> ClientConfig {
-        let meta = lock(&self.meta);
+        let meta = self.meta.lock();
         ClientConfig {
             persistent_quota: self.acct.pers_quota.load(Ordering::Relaxed),
             ephemeral_quota: self.acct.eph_quota.load(Ordering::Relaxed),
@@ -70,7 +71,7 @@ impl Client {
     /// Statistics, the pools open and the client's domain.
     pub fn stats(&self) -> (ClientStats, Vec<Arc<Pool>>, Arc<Domain>) {
         let (pools, domain) = {
-            let t = read(&self.table);
+            let t = self.table.read();
             let pools: Vec<(u32, Arc<Pool>)> = t
                 .pools
                 .iter()
@@ -124,9 +125,22 @@ impl Client {
     }
 }
 
-/// A handle on one client: cheap to clone, `Send + Sync`.
+/// A client's data path: pools, puts, gets, flushes, reservations and
+/// reset, what a guest may ask for. Cheap to clone, `Send + Sync`.
+///
+/// It cannot change the client's quotas, weight, freeze state, dedup group
+/// or authorisations: those belong to [`AdminHandle`].
 #[derive(Clone, Debug)]
-pub struct ClientHandle {
+pub struct DataHandle {
+    pub(crate) store: Arc<Store>,
+    pub(crate) client: Arc<Client>,
+}
+
+/// A client's administration: quotas, weight, freezing, dedup group,
+/// shared-pool authorisations, statistics. What the host administrator
+/// (the control socket) holds. Cheap to clone, `Send + Sync`.
+#[derive(Clone, Debug)]
+pub struct AdminHandle {
     pub(crate) store: Arc<Store>,
     pub(crate) client: Arc<Client>,
 }
@@ -145,11 +159,7 @@ enum Prep<'a> {
     New(super::content::Key, NewData<'a>),
 }
 
-impl ClientHandle {
-    pub(crate) fn new(store: Arc<Store>, client: Arc<Client>) -> Self {
-        ClientHandle { store, client }
-    }
-
+impl DataHandle {
     /// The client's name.
     pub fn name(&self) -> &str {
         &self.client.name
@@ -170,15 +180,13 @@ impl ClientHandle {
         }
     }
 
-    // ---- data path -------------------------------------------------------
-
     /// Creates a pool, or joins the shared pool named by `spec.shared`.
     ///
     /// Private ephemeral pools always have exclusive gets, shared pools
     /// never; persistent pools follow `spec.exclusive_gets`. A client that
     /// already has the shared pool open gets the same id again.
     pub fn new_pool(&self, spec: PoolSpec) -> Result<u32, TmemError> {
-        let mut table = write(&self.client.table);
+        let mut table = self.client.table.write();
         if table.removed {
             return Err(TmemError::ClientGone);
         }
@@ -193,7 +201,10 @@ impl ClientHandle {
             if let Some(id) = open {
                 return Ok(id as u32);
             }
-            if lock(&self.client.meta)
+            if self
+                .client
+                .meta
+                .lock()
                 .authorized
                 .binary_search(&uuid)
                 .is_err()
@@ -219,7 +230,7 @@ impl ClientHandle {
                     self.store.hasher,
                 ));
                 if !spec.persistent {
-                    self.acct().add_evictable(&pool);
+                    self.store.evictable.add(self.acct(), &pool);
                 }
                 pool
             }
@@ -230,7 +241,7 @@ impl ClientHandle {
 
     /// Destroys a pool (or leaves a shared one) and every page in it.
     pub fn destroy_pool(&self, pool: u32) -> Result<(), TmemError> {
-        let mut table = write(&self.client.table);
+        let mut table = self.client.table.write();
         if table.removed {
             return Err(TmemError::ClientGone);
         }
@@ -248,7 +259,7 @@ impl ClientHandle {
     ///
     /// On any refusal the handle's old copy is dropped.
     pub fn put(&self, handle: &Handle, page: &Page, reserved: bool) -> Result<(), TmemError> {
-        let table = read(&self.client.table);
+        let table = self.client.table.read();
         if table.removed {
             return Err(TmemError::ClientGone);
         }
@@ -464,7 +475,12 @@ impl ClientHandle {
                 return Err(TmemError::OverQuota);
             }
             rounds += 1;
-            if evict_own(charged, charged.eph_excess(client_cost), g).pages == 0 {
+            if self
+                .store
+                .evict_own(charged, charged.eph_excess(client_cost))
+                .pages
+                == 0
+            {
                 return Err(TmemError::OverQuota);
             }
         }
@@ -490,7 +506,7 @@ impl ClientHandle {
     /// Copies the page at `handle` into `out`. Ok(true) = hit; Ok(false) =
     /// miss (`out` untouched).
     pub fn get(&self, handle: &Handle, out: &mut Page) -> Result<bool, TmemError> {
-        let table = read(&self.client.table);
+        let table = self.client.table.read();
         if table.removed {
             return Err(TmemError::ClientGone);
         }
@@ -522,7 +538,7 @@ impl ClientHandle {
 
     /// Drops one page (no error if there is none).
     pub fn flush_page(&self, handle: &Handle) -> Result<(), TmemError> {
-        let table = read(&self.client.table);
+        let table = self.client.table.read();
         if table.removed {
             return Err(TmemError::ClientGone);
         }
@@ -534,7 +550,7 @@ impl ClientHandle {
 
     /// Drops every page of an object.
     pub fn flush_object(&self, pool: u32, object: &ObjectId) -> Result<(), TmemError> {
-        let table = read(&self.client.table);
+        let table = self.client.table.read();
         if table.removed {
             return Err(TmemError::ClientGone);
         }
@@ -547,7 +563,7 @@ impl ClientHandle {
     /// Reserves room for up to `pages` puts in a persistent pool; returns
     /// the pages granted (0..=pages), charged up front.
     pub fn reserve(&self, pool: u32, pages: u64) -> Result<u64, TmemError> {
-        let table = read(&self.client.table);
+        let table = self.client.table.read();
         if table.removed {
             return Err(TmemError::ClientGone);
         }
@@ -606,7 +622,7 @@ impl ClientHandle {
     /// Gives back up to `pages` unspent reserved pages; returns the pages
     /// still reserved afterwards.
     pub fn unreserve(&self, pool: u32, pages: u64) -> Result<u64, TmemError> {
-        let table = read(&self.client.table);
+        let table = self.client.table.read();
         if table.removed {
             return Err(TmemError::ClientGone);
         }
@@ -633,7 +649,7 @@ impl ClientHandle {
     /// Device reset / guest reboot: destroys every pool of this client
     /// (leaves shared ones), keeping the client and its settings.
     pub fn reset(&self) {
-        let mut table = write(&self.client.table);
+        let mut table = self.client.table.write();
         if table.removed {
             return;
         }
@@ -643,8 +659,29 @@ impl ClientHandle {
             }
         }
     }
+}
 
-    // ---- admin -----------------------------------------------------------
+impl AdminHandle {
+    pub(crate) fn new(store: Arc<Store>, client: Arc<Client>) -> Self {
+        AdminHandle { store, client }
+    }
+
+    /// The client's data path, for the device that serves its guest.
+    pub fn data(&self) -> DataHandle {
+        DataHandle {
+            store: self.store.clone(),
+            client: self.client.clone(),
+        }
+    }
+
+    /// The client's name.
+    pub fn name(&self) -> &str {
+        &self.client.name
+    }
+
+    fn acct(&self) -> &Arc<Acct> {
+        &self.client.acct
+    }
 
     /// Sets both quotas (bytes). Lowering the ephemeral quota evicts at
     /// once; lowering the persistent quota below use refuses new puts and
@@ -655,7 +692,7 @@ impl ClientHandle {
         acct.eph_quota.store(ephemeral, Ordering::Release);
         let excess = acct.eph_excess(0);
         if excess > 0 {
-            evict_own(acct, excess, &self.store.g);
+            self.store.evict_own(acct, excess);
         }
     }
 
@@ -668,7 +705,7 @@ impl ClientHandle {
         Ok(())
     }
 
-    /// Refuses puts (except reserved ones) until [`ClientHandle::thaw`].
+    /// Refuses puts (except reserved ones) until [`AdminHandle::thaw`].
     pub fn freeze(&self) {
         self.acct().frozen.store(true, Ordering::Release);
     }
@@ -681,7 +718,7 @@ impl ClientHandle {
     /// Drops the pages of every pool charged to this client (only the
     /// ephemeral ones if `ephemeral_only`); pools and reservations stay.
     pub fn flush_all(&self, ephemeral_only: bool) {
-        let table = read(&self.client.table);
+        let table = self.client.table.read();
         if table.removed {
             return;
         }
@@ -698,7 +735,7 @@ impl ClientHandle {
 
     /// Allows the client to create or join the shared pool `uuid`.
     pub fn authorize(&self, uuid: Uuid) {
-        let mut meta = lock(&self.client.meta);
+        let mut meta = self.client.meta.lock();
         if let Err(pos) = meta.authorized.binary_search(&uuid) {
             meta.authorized.insert(pos, uuid);
         }
@@ -710,12 +747,12 @@ impl ClientHandle {
     /// number of pool ids closed.
     pub fn deauthorize(&self, uuid: Uuid) -> usize {
         {
-            let mut meta = lock(&self.client.meta);
+            let mut meta = self.client.meta.lock();
             if let Ok(pos) = meta.authorized.binary_search(&uuid) {
                 meta.authorized.remove(pos);
             }
         }
-        let mut table = write(&self.client.table);
+        let mut table = self.client.table.write();
         if table.removed {
             return 0;
         }
@@ -739,11 +776,11 @@ impl ClientHandle {
     /// Moves the client to another dedup group (None: its own domain).
     /// `Busy` if any of its private pools holds pages.
     pub fn set_dedup_group(&self, group: Option<String>) -> Result<(), TmemError> {
-        let mut table = write(&self.client.table);
+        let mut table = self.client.table.write();
         if table.removed {
             return Err(TmemError::ClientGone);
         }
-        let mut meta = lock(&self.client.meta);
+        let mut meta = self.client.meta.lock();
         if meta.dedup_group == group {
             return Ok(());
         }
@@ -781,9 +818,9 @@ impl ClientHandle {
             new.reserved
                 .store(old.take_reservation(), Ordering::Release);
             new.counters.absorb(&old.counters.snapshot());
-            acct.remove_evictable(&old);
+            self.store.evictable.remove(acct, &old);
             if !new.persistent {
-                acct.add_evictable(&new);
+                self.store.evictable.add(acct, &new);
             }
             *slot = Some(new);
         }
@@ -809,7 +846,7 @@ impl ClientHandle {
         while done < pages {
             let want =
                 super::pool::Freed::want((pages - done).min(EVICT_BATCH), u64::MAX, u64::MAX);
-            let f = super::evict::evict_from(self.acct(), want, &self.store.g);
+            let f = self.store.evict_from(self.acct(), want);
             if f.pages == 0 {
                 break;
             }

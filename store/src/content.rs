@@ -24,13 +24,12 @@
 //!   past it the saving does not pay for the decompression) the page is
 //!   stored raw.
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use vtmem_protocol::PAGE_SIZE;
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
-use super::account::lock;
 use super::alloc::{slot_bytes, Slab};
 use super::Page;
 
@@ -589,7 +588,7 @@ impl Domain {
     /// Returns the reference and the content's data bytes.
     pub fn acquire(&self, key: &Key, page: &Page) -> Option<(ContentRef, u64)> {
         let s = self.shard_of(key);
-        let mut shard = lock(&self.shards[s]);
+        let mut shard = self.shards[s].lock();
         let n = shard.find(key, page)?;
         let e = shard.entry_mut(n);
         if e.refs == u32::MAX {
@@ -606,7 +605,7 @@ impl Domain {
     /// table is full (2^26 entries).
     pub fn insert(&self, key: &Key, page: &Page, data: NewData<'_>) -> Option<Inserted> {
         let s = self.shard_of(key);
-        let mut shard = lock(&self.shards[s]);
+        let mut shard = self.shards[s].lock();
         let key = Self::keyed(key, &data);
         if let Some(n) = shard.find(&key, page) {
             let e = shard.entry_mut(n);
@@ -651,19 +650,19 @@ impl Domain {
     /// Drops one reference.
     pub fn release(&self, r: ContentRef) -> Released {
         let (s, n) = self.split(r);
-        lock(&self.shards[s]).release(n)
+        self.shards[s].lock().release(n)
     }
 
     /// Copies the content out.
     pub fn read(&self, r: ContentRef, out: &mut Page) -> Result<(), Corrupt> {
         let (s, n) = self.split(r);
-        lock(&self.shards[s]).read(n, out)
+        self.shards[s].lock().read(n, out)
     }
 
     /// Copies the content out and drops one reference, under one lock.
     pub fn read_release(&self, r: ContentRef, out: &mut Page) -> (Result<(), Corrupt>, Released) {
         let (s, n) = self.split(r);
-        let mut shard = lock(&self.shards[s]);
+        let mut shard = self.shards[s].lock();
         let res = shard.read(n, out);
         (res, shard.release(n))
     }
@@ -677,7 +676,7 @@ impl Domain {
             ..Default::default()
         };
         for shard in self.shards.iter() {
-            let sh = lock(shard);
+            let sh = shard.lock();
             st.data_entries += sh.data_entries;
             st.pattern_entries += sh.pattern_entries;
             st.raw_entries += sh.raw_entries;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use vtmem_backend::store::*;
+use vtmem_store::*;
 use xxhash_rust::xxh3::xxh3_64;
 
 const CLIENTS: usize = 6;
@@ -102,7 +102,7 @@ struct Tally {
 
 /// One worker: owns objects `2 * w` and `2 * w + 1` of its client's pools,
 /// so it knows what every one of its handles must hold.
-fn worker(c: &ClientHandle, client_no: u64, w: u64, seed: u64, stop_err: &AtomicBool) -> Tally {
+fn worker(c: &DataHandle, client_no: u64, w: u64, seed: u64, stop_err: &AtomicBool) -> Tally {
     let mut rng = Rng(seed | 1);
     let mut tally = Tally::default();
     // pool 0 persistent, pool 1 ephemeral, pool 2 persistent with reservations
@@ -200,7 +200,7 @@ fn worker(c: &ClientHandle, client_no: u64, w: u64, seed: u64, stop_err: &Atomic
 /// A hostile guest: several threads hammer the same few handles of one
 /// pool with concurrent puts, gets and flushes. Whatever a get returns must
 /// be a whole page that was put at that very handle.
-fn hostile(c: &ClientHandle, client_no: u64, pool: u32, seed: u64) {
+fn hostile(c: &DataHandle, client_no: u64, pool: u32, seed: u64) {
     let mut rng = Rng(seed | 1);
     let mut out = [0u8; PAGE_SIZE];
     for op in 0..OPS_PER_WORKER {
@@ -233,7 +233,7 @@ fn many_clients_many_threads() {
         host_limit: HOST_LIMIT,
     });
     let per = RESERVED_PAGE_CLIENT_COST;
-    let clients: Vec<ClientHandle> = (0..CLIENTS)
+    let admins: Vec<AdminHandle> = (0..CLIENTS)
         .map(|i| {
             let cfg = ClientConfig {
                 persistent_quota: if i % 3 == 0 { 40 * per } else { u64::MAX },
@@ -242,15 +242,17 @@ fn many_clients_many_threads() {
                 dedup_group: (i < 2).then(|| "pair".to_string()),
                 authorized_uuids: vec![SHARED],
             };
-            let c = store.add_client(&format!("vm{i}"), cfg).unwrap();
+            let admin = store.add_client(&format!("vm{i}"), cfg).unwrap();
+            let c = admin.data();
             assert_eq!(c.new_pool(PoolSpec::persistent()), Ok(0));
             assert_eq!(c.new_pool(PoolSpec::ephemeral()), Ok(1));
             assert_eq!(c.new_pool(PoolSpec::persistent()), Ok(2));
             assert_eq!(c.new_pool(PoolSpec::shared(SHARED)), Ok(3));
             assert_eq!(c.new_pool(PoolSpec::persistent()), Ok(4));
-            c
+            admin
         })
         .collect();
+    let clients: Vec<DataHandle> = admins.iter().map(AdminHandle::data).collect();
 
     let done = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicBool::new(false));
@@ -261,12 +263,12 @@ fn many_clients_many_threads() {
         // The watcher: limits hold at every moment it looks.
         let watcher = {
             let (store, done, samples, barrier) = (&store, &done, &samples, &barrier);
-            let clients = &clients;
+            let admins = &admins;
             s.spawn(move || {
                 barrier.wait();
                 while !done.load(Ordering::Relaxed) {
                     assert!(store.host_used() <= HOST_LIMIT, "host limit exceeded");
-                    for (i, c) in clients.iter().enumerate() {
+                    for (i, c) in admins.iter().enumerate() {
                         let st = c.stats();
                         if i % 2 == 0 {
                             assert!(st.ephemeral_bytes <= 20 * per, "eph quota of vm{i}");
@@ -373,7 +375,8 @@ fn concurrent_flood_never_exceeds_the_host_limit() {
             s.spawn(move || {
                 let c = store
                     .add_client(&format!("flood{t}"), ClientConfig::default())
-                    .unwrap();
+                    .unwrap()
+                    .data();
                 let p = c.new_pool(PoolSpec::persistent()).unwrap();
                 for i in 0..200u64 {
                     // Random distinct pages: each costs exactly one raw page.

@@ -2,7 +2,7 @@
 //! Eviction of ephemeral pages.
 //!
 //! * Over a client's ephemeral quota: that client loses its own oldest
-//!   pages ([`evict_own`]).
+//!   pages ([`Store::evict_own`]).
 //! * Over the host limit: weighted LRU ([`Store::evict_weighted`]). The
 //!   victim is the client whose ephemeral charge per unit of weight is
 //!   largest (the one most above its weighted share); it loses a batch of
@@ -16,63 +16,59 @@
 //! with a pool lock held.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
-use super::account::{lock, Acct, Global};
-use super::pool::{Freed, Pool};
+use super::account::Acct;
+use super::pool::Freed;
 use super::Store;
 
 /// Pages evicted per victim selection.
 pub const EVICT_BATCH: u64 = 16;
 
-/// Evicts from the pools charged to `acct`, oldest first, until `want`
-/// is met (see [`Freed::covers`]).
-pub(crate) fn evict_from(acct: &Acct, want: Freed, g: &Global) -> Freed {
-    let mut pools: Vec<Arc<Pool>> = lock(&acct.evictable)
-        .iter()
-        .filter_map(Weak::upgrade)
-        .collect();
-    pools.sort_by_key(|p| p.head_stamp.load(Ordering::Relaxed));
-    let mut freed = Freed::default();
-    for p in pools {
-        if freed.covers(&want) {
-            break;
-        }
-        if p.head_stamp.load(Ordering::Relaxed) == u64::MAX {
-            continue;
-        }
-        let rest = Freed::want(
-            want.pages - freed.pages,
-            want.client - freed.client,
-            want.host - freed.host,
-        );
-        freed.add(p.evict(rest, g));
-    }
-    freed
-}
-
-/// Evicts `acct`'s own pages until `need` bytes of its charge are freed or
-/// none are left.
-pub(crate) fn evict_own(acct: &Acct, need: u64, g: &Global) -> Freed {
-    let mut total = Freed::default();
-    while total.client < need {
-        let f = evict_from(
-            acct,
-            Freed::want(EVICT_BATCH, need - total.client, u64::MAX),
-            g,
-        );
-        if f.pages == 0 {
-            break;
-        }
-        total.add(f);
-    }
-    total
-}
-
 impl Store {
+    /// Evicts from the pools charged to `acct`, oldest first, until `want`
+    /// is met (see [`Freed::covers`]).
+    pub(crate) fn evict_from(&self, acct: &Acct, want: Freed) -> Freed {
+        let mut pools = self.evictable.pools_of(acct);
+        pools.sort_by_key(|p| p.head_stamp.load(Ordering::Relaxed));
+        let mut freed = Freed::default();
+        for p in pools {
+            if freed.covers(&want) {
+                break;
+            }
+            if p.head_stamp.load(Ordering::Relaxed) == u64::MAX {
+                continue;
+            }
+            let rest = Freed::want(
+                want.pages - freed.pages,
+                want.client - freed.client,
+                want.host - freed.host,
+            );
+            freed.add(p.evict(rest, &self.g));
+        }
+        freed
+    }
+
+    /// Evicts `acct`'s own pages until `need` bytes of its charge are freed
+    /// or none are left.
+    pub(crate) fn evict_own(&self, acct: &Acct, need: u64) -> Freed {
+        let mut total = Freed::default();
+        while total.client < need {
+            let f = self.evict_from(
+                acct,
+                Freed::want(EVICT_BATCH, need - total.client, u64::MAX),
+            );
+            if f.pages == 0 {
+                break;
+            }
+            total.add(f);
+        }
+        total
+    }
+
     /// The client most above its weighted share of ephemeral memory.
     fn pick_victim(&self, skip: &[u64]) -> Option<Arc<Acct>> {
-        let accts = self.accts.read().unwrap_or_else(|e| e.into_inner());
+        let accts = self.accts.read();
         let mut best: Option<(&Arc<Acct>, u64, u64)> = None;
         for a in accts.iter() {
             let bytes = a.eph_charged.load(Ordering::Relaxed);
@@ -100,7 +96,7 @@ impl Store {
                 break;
             };
             let want = Freed::want(EVICT_BATCH, u64::MAX, need - total.host);
-            let f = evict_from(&victim, want, &self.g);
+            let f = self.evict_from(&victim, want);
             if f.pages == 0 {
                 // Charged but nothing queued (puts in flight): look elsewhere.
                 skip.push(victim.client_id);
@@ -125,8 +121,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::account::{CONTENT_METADATA_COST, PAGE_METADATA_COST};
-    use crate::store::{ClientConfig, Handle, ObjectId, Page, PoolSpec, StoreConfig, Uuid, PAGE_SIZE};
+    use crate::account::{CONTENT_METADATA_COST, PAGE_METADATA_COST};
+    use crate::{ClientConfig, Handle, ObjectId, Page, PoolSpec, StoreConfig, Uuid, PAGE_SIZE};
 
     const HOST_PER_RAW: u64 = PAGE_SIZE as u64 + CONTENT_METADATA_COST + PAGE_METADATA_COST;
 
@@ -150,9 +146,9 @@ mod tests {
         }
     }
 
-    fn has(c: &crate::store::ClientHandle, handle: Handle) -> bool {
+    fn has(c: &crate::DataHandle, handle: Handle) -> bool {
         // Reads through the index without the exclusive get's removal.
-        let table = crate::store::read(&c.client.table);
+        let table = c.client.table.read();
         let pool = table.pools[handle.pool as usize].as_ref().unwrap();
         let idx = pool.lock();
         idx.pages.lookup(&handle.object, handle.index).is_some()
@@ -200,7 +196,8 @@ mod tests {
         let s = Store::new(StoreConfig {
             host_limit: u64::MAX,
         });
-        let c = s.add_client("vm", ClientConfig::default()).unwrap();
+        let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+        let c = c_admin.data();
         let old = c.new_pool(PoolSpec::ephemeral()).unwrap();
         let new = c.new_pool(PoolSpec::ephemeral()).unwrap();
         for i in 0..200 {
@@ -209,7 +206,7 @@ mod tests {
         for i in 0..200 {
             c.put(&h(new, i), &page(1000 + i), false).unwrap();
         }
-        assert_eq!(c.evict_ephemeral(150), 150);
+        assert_eq!(c_admin.evict_ephemeral(150), 150);
         for i in 0..150 {
             assert!(!has(&c, h(old, i)), "old page {i} evicted first");
         }
@@ -217,7 +214,7 @@ mod tests {
             assert!(has(&c, h(old, i)));
             assert!(has(&c, h(new, i)));
         }
-        assert_eq!(c.stats().counters.evictions, 150);
+        assert_eq!(c_admin.stats().counters.evictions, 150);
     }
 
     #[test]
@@ -226,7 +223,7 @@ mod tests {
             host_limit: u64::MAX,
         });
         let uuid = Uuid::from_bytes([1u8; 16]).unwrap();
-        let c = s
+        let c_admin = s
             .add_client(
                 "vm",
                 ClientConfig {
@@ -235,6 +232,7 @@ mod tests {
                 },
             )
             .unwrap();
+        let c = c_admin.data();
         let p = c.new_pool(PoolSpec::shared(uuid)).unwrap();
         for i in 0..10 {
             c.put(&h(p, i), &page(i), false).unwrap();
@@ -242,7 +240,7 @@ mod tests {
         let mut out = [0u8; PAGE_SIZE];
         assert!(c.get(&h(p, 0), &mut out).unwrap());
         assert!(c.get(&h(p, 1), &mut out).unwrap());
-        assert_eq!(c.evict_ephemeral(3), 3);
+        assert_eq!(c_admin.evict_ephemeral(3), 3);
         assert!(
             has(&c, h(p, 0)) && has(&c, h(p, 1)),
             "referenced pages kept"
@@ -251,9 +249,9 @@ mod tests {
             assert!(!has(&c, h(p, i)));
         }
         // They went to the back of the queue; their chance is used up.
-        assert_eq!(c.evict_ephemeral(5), 5);
+        assert_eq!(c_admin.evict_ephemeral(5), 5);
         assert!(has(&c, h(p, 0)) && has(&c, h(p, 1)));
-        assert_eq!(c.evict_ephemeral(2), 2);
+        assert_eq!(c_admin.evict_ephemeral(2), 2);
         assert!(!has(&c, h(p, 0)) && !has(&c, h(p, 1)));
     }
 
@@ -262,14 +260,15 @@ mod tests {
         let s = Store::new(StoreConfig {
             host_limit: 20 * HOST_PER_RAW,
         });
-        let c = s.add_client("vm", ClientConfig::default()).unwrap();
+        let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+        let c = c_admin.data();
         let p = c.new_pool(PoolSpec::persistent()).unwrap();
         for i in 0..20 {
             c.put(&h(p, i), &page(i), false).unwrap();
         }
         assert_eq!(s.evict_weighted(u64::MAX).pages, 0);
-        assert_eq!(c.evict_ephemeral(100), 0);
-        assert_eq!(c.stats().persistent_pages, 20);
+        assert_eq!(c_admin.evict_ephemeral(100), 0);
+        assert_eq!(c_admin.stats().persistent_pages, 20);
     }
 
     #[test]
@@ -277,7 +276,7 @@ mod tests {
         let s = Store::new(StoreConfig {
             host_limit: u64::MAX,
         });
-        let c = s.add_client("vm", ClientConfig::default()).unwrap();
+        let c = s.add_client("vm", ClientConfig::default()).unwrap().data();
         let p = c.new_pool(PoolSpec::ephemeral()).unwrap();
         let mut out = [0u8; PAGE_SIZE];
         // Put and get (exclusive) many times: every get leaves a stale entry.
@@ -287,7 +286,7 @@ mod tests {
                 c.get(&h(p, i % 7), &mut out).unwrap();
             }
         }
-        let table = crate::store::read(&c.client.table);
+        let table = c.client.table.read();
         let idx = table.pools[p as usize].as_ref().unwrap().lock();
         assert!(idx.queue.len() <= 2 * idx.pages.len() as usize + 1025);
     }
@@ -297,7 +296,8 @@ mod tests {
         let s = Store::new(StoreConfig {
             host_limit: u64::MAX,
         });
-        let a = s.add_client("a", ClientConfig::default()).unwrap();
+        let a_admin = s.add_client("a", ClientConfig::default()).unwrap();
+        let a = a_admin.data();
         let p = a.new_pool(PoolSpec::ephemeral()).unwrap();
         for i in 0..100 {
             a.put(&h(p, i), &page(i), false).unwrap();
@@ -305,6 +305,6 @@ mod tests {
         let f = s.evict_weighted(5 * HOST_PER_RAW);
         assert_eq!(f.pages, 5, "raw pages: exactly five cover it");
         assert_eq!(f.host, 5 * HOST_PER_RAW);
-        assert_eq!(a.stats().ephemeral_pages, 95);
+        assert_eq!(a_admin.stats().ephemeral_pages, 95);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use vtmem_backend::store::*;
+use vtmem_store::*;
 
 const MIB: u64 = 1 << 20;
 
@@ -52,7 +52,7 @@ fn same_page(word: u64) -> Page {
     p
 }
 
-fn get(c: &ClientHandle, handle: Handle) -> Option<Page> {
+fn get(c: &DataHandle, handle: Handle) -> Option<Page> {
     let mut out = [0xAAu8; PAGE_SIZE];
     c.get(&handle, &mut out).unwrap().then_some(out)
 }
@@ -72,14 +72,15 @@ fn assert_host_accounting(s: &Store) {
 fn store_and_handles_are_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<Store>();
-    check::<ClientHandle>();
+    check::<DataHandle>();
     check::<Arc<Store>>();
 }
 
 #[test]
 fn persistent_put_get_flush() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     for i in 0..100 {
         c.put(&h(p, 1, i), &text_page(i), false).unwrap();
@@ -94,21 +95,22 @@ fn persistent_put_get_flush() {
     assert_eq!(get(&c, h(p, 1, 5)), None);
     c.flush_object(p, &ObjectId([1, 0, 0])).unwrap();
     assert_eq!(get(&c, h(p, 1, 6)), None);
-    assert_eq!(c.stats().persistent_pages, 0);
+    assert_eq!(c_admin.stats().persistent_pages, 0);
     assert_eq!(s.stats().host_used, 0);
 }
 
 #[test]
 fn duplicate_put_replaces() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     c.put(&h(p, 1, 0), &text_page(1), false).unwrap();
     c.put(&h(p, 1, 0), &random_page(2), false).unwrap();
     assert_eq!(get(&c, h(p, 1, 0)), Some(random_page(2)));
     c.put(&h(p, 1, 0), &[0u8; PAGE_SIZE], false).unwrap();
     assert_eq!(get(&c, h(p, 1, 0)), Some([0u8; PAGE_SIZE]));
-    let st = c.stats();
+    let st = c_admin.stats();
     assert_eq!((st.persistent_pages, st.zero_pages), (1, 1));
     assert_eq!(st.persistent_bytes, CLIENT_PAGE_COST);
     assert_host_accounting(&s);
@@ -117,16 +119,17 @@ fn duplicate_put_replaces() {
 #[test]
 fn failed_put_drops_the_old_copy() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     c.put(&h(p, 1, 0), &text_page(1), false).unwrap();
-    c.freeze();
+    c_admin.freeze();
     assert_eq!(
         c.put(&h(p, 1, 0), &text_page(2), false),
         Err(TmemError::Frozen)
     );
     assert_eq!(get(&c, h(p, 1, 0)), None, "old data must not survive");
-    c.thaw();
+    c_admin.thaw();
     // Reserved put without a reservation: refused, old copy dropped too.
     c.put(&h(p, 1, 1), &text_page(3), false).unwrap();
     assert_eq!(
@@ -134,7 +137,7 @@ fn failed_put_drops_the_old_copy() {
         Err(TmemError::NoReservation)
     );
     assert_eq!(get(&c, h(p, 1, 1)), None);
-    let st = c.stats().counters;
+    let st = c_admin.stats().counters;
     assert_eq!((st.puts_refused_frozen, st.puts_refused_other), (1, 1));
     assert_eq!(s.stats().host_used, 0);
 }
@@ -142,10 +145,11 @@ fn failed_put_drops_the_old_copy() {
 #[test]
 fn full_quota_rewrite_succeeds_by_dropping_the_old_copy() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     // Quota for exactly one raw page.
-    c.set_quota(PAGE_SIZE as u64 + CLIENT_PAGE_COST, u64::MAX);
+    c_admin.set_quota(PAGE_SIZE as u64 + CLIENT_PAGE_COST, u64::MAX);
     c.put(&h(p, 1, 0), &random_page(1), false).unwrap();
     assert_eq!(
         c.put(&h(p, 1, 1), &random_page(2), false),
@@ -158,7 +162,8 @@ fn full_quota_rewrite_succeeds_by_dropping_the_old_copy() {
 #[test]
 fn private_ephemeral_gets_are_exclusive() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     // Even if the spec asks otherwise.
     let spec = PoolSpec {
         persistent: false,
@@ -169,14 +174,14 @@ fn private_ephemeral_gets_are_exclusive() {
     c.put(&h(p, 1, 0), &text_page(1), false).unwrap();
     assert_eq!(get(&c, h(p, 1, 0)), Some(text_page(1)));
     assert_eq!(get(&c, h(p, 1, 0)), None, "the hit removed the page");
-    assert!(c.stats().pools[0].exclusive_gets);
+    assert!(c_admin.stats().pools[0].exclusive_gets);
     assert_eq!(s.stats().host_used, 0);
 }
 
 #[test]
 fn persistent_exclusive_gets_option() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = s.add_client("vm", ClientConfig::default()).unwrap().data();
     let spec = PoolSpec {
         persistent: true,
         exclusive_gets: true,
@@ -191,7 +196,7 @@ fn persistent_exclusive_gets_option() {
 #[test]
 fn miss_leaves_output_untouched() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = s.add_client("vm", ClientConfig::default()).unwrap().data();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     let mut out = [0x5Au8; PAGE_SIZE];
     assert!(!c.get(&h(p, 1, 0), &mut out).unwrap());
@@ -201,7 +206,8 @@ fn miss_leaves_output_untouched() {
 #[test]
 fn pool_limits_and_errors() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     let ids: Vec<u32> = (0..16)
         .map(|_| c.new_pool(PoolSpec::ephemeral()).unwrap())
         .collect();
@@ -233,18 +239,16 @@ fn pool_limits_and_errors() {
         Err(TmemError::Invalid("shared pools must be ephemeral"))
     );
     assert_eq!(
-        c.set_weight(0),
+        c_admin.set_weight(0),
         Err(TmemError::Invalid("weight must be at least 1"))
     );
-    assert_eq!(TmemError::NoSpace.status(), Status::NoSpace);
-    assert_eq!(TmemError::NoReservation.status(), Status::NoReservation);
 }
 
 #[test]
 fn shared_pools_need_authorisation_and_keep_pages_on_get() {
     let s = store(64 * MIB);
     let uuid = Uuid::from_bytes([7u8; 16]).unwrap();
-    let a = s
+    let a_admin = s
         .add_client(
             "a",
             ClientConfig {
@@ -253,7 +257,9 @@ fn shared_pools_need_authorisation_and_keep_pages_on_get() {
             },
         )
         .unwrap();
-    let b = s.add_client("b", ClientConfig::default()).unwrap();
+    let a = a_admin.data();
+    let b_admin = s.add_client("b", ClientConfig::default()).unwrap();
+    let b = b_admin.data();
     assert_eq!(
         b.new_pool(PoolSpec::shared(uuid)),
         Err(TmemError::NotAuthorized)
@@ -264,7 +270,7 @@ fn shared_pools_need_authorisation_and_keep_pages_on_get() {
         Ok(pa),
         "same pool again"
     );
-    b.authorize(uuid);
+    b_admin.authorize(uuid);
     b.new_pool(PoolSpec::ephemeral()).unwrap();
     let pb = b.new_pool(PoolSpec::shared(uuid)).unwrap();
     assert_eq!(pb, 1);
@@ -274,15 +280,15 @@ fn shared_pools_need_authorisation_and_keep_pages_on_get() {
     assert_eq!(get(&a, h(pa, 1, 0)), Some(text_page(1)));
     b.put(&h(pb, 1, 1), &text_page(2), false).unwrap();
     // Charged to the creator.
-    assert_eq!(a.stats().ephemeral_pages, 2);
-    assert_eq!(b.stats().ephemeral_pages, 0);
-    assert!(!b.stats().pools[1].owned);
+    assert_eq!(a_admin.stats().ephemeral_pages, 2);
+    assert_eq!(b_admin.stats().ephemeral_pages, 0);
+    assert!(!b_admin.stats().pools[1].owned);
     // The creator leaves: the pool lives on, charged to b now.
     a.destroy_pool(pa).unwrap();
     assert_eq!(get(&b, h(pb, 1, 0)), Some(text_page(1)));
-    assert_eq!(a.stats().ephemeral_bytes, 0);
-    assert_eq!(b.stats().ephemeral_pages, 2);
-    assert!(b.stats().pools[1].owned);
+    assert_eq!(a_admin.stats().ephemeral_bytes, 0);
+    assert_eq!(b_admin.stats().ephemeral_pages, 2);
+    assert!(b_admin.stats().pools[1].owned);
     // a rejoins the same pool.
     let pa = a.new_pool(PoolSpec::shared(uuid)).unwrap();
     assert_eq!(get(&a, h(pa, 1, 1)), Some(text_page(2)));
@@ -302,17 +308,18 @@ fn ownership_transfer_respects_the_heirs_quota() {
         authorized_uuids: vec![uuid],
         ..Default::default()
     };
-    let a = s.add_client("a", cfg.clone()).unwrap();
-    let b = s.add_client("b", cfg).unwrap();
+    let a = s.add_client("a", cfg.clone()).unwrap().data();
+    let b_admin = s.add_client("b", cfg).unwrap();
+    let b = b_admin.data();
     let pa = a.new_pool(PoolSpec::shared(uuid)).unwrap();
     b.new_pool(PoolSpec::shared(uuid)).unwrap();
     for i in 0..100 {
         a.put(&h(pa, 1, i), &random_page(i), false).unwrap();
     }
     let quota = 10 * (PAGE_SIZE as u64 + CLIENT_PAGE_COST);
-    b.set_quota(u64::MAX, quota);
+    b_admin.set_quota(u64::MAX, quota);
     a.destroy_pool(pa).unwrap();
-    let st = b.stats();
+    let st = b_admin.stats();
     assert!(st.ephemeral_bytes <= quota, "{st:?}");
     assert_eq!(st.ephemeral_pages, 10);
     assert_host_accounting(&s);
@@ -321,7 +328,8 @@ fn ownership_transfer_respects_the_heirs_quota() {
 #[test]
 fn zero_and_same_filled_pages_store_no_data() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     c.put(&h(p, 1, 0), &[0u8; PAGE_SIZE], false).unwrap();
     c.put(&h(p, 1, 1), &same_page(0x0101_0101_0101_0101), false)
@@ -334,15 +342,15 @@ fn zero_and_same_filled_pages_store_no_data() {
     assert_eq!(get(&c, h(p, 1, 1)), Some(same_page(0x0101_0101_0101_0101)));
     assert_eq!(get(&c, h(p, 1, 2)), Some(same_page(u64::MAX)));
     assert_eq!(get(&c, h(p, 1, 0)), Some([0u8; PAGE_SIZE]));
-    assert_eq!(c.stats().persistent_bytes, 3 * CLIENT_PAGE_COST);
-    assert_eq!(c.stats().counters.zero_pages, 1);
+    assert_eq!(c_admin.stats().persistent_bytes, 3 * CLIENT_PAGE_COST);
+    assert_eq!(c_admin.stats().counters.zero_pages, 1);
     assert_host_accounting(&s);
 }
 
 #[test]
 fn compression_and_raw_storage() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = s.add_client("vm", ClientConfig::default()).unwrap().data();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     c.put(&h(p, 1, 0), &text_page(1), false).unwrap();
     let st = s.stats();
@@ -360,7 +368,8 @@ fn compression_and_raw_storage() {
 #[test]
 fn dedup_within_a_client_and_charges_each_page() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     for i in 0..10 {
         c.put(&h(p, 1, i), &random_page(42), false).unwrap();
@@ -369,7 +378,7 @@ fn dedup_within_a_client_and_charges_each_page() {
     assert_eq!((st.stored_pages, st.unique_pages), (10, 1));
     assert_eq!(st.data_bytes, PAGE_SIZE as u64);
     assert!((st.dedup_ratio - 10.0).abs() < 1e-9);
-    let cs = c.stats();
+    let cs = c_admin.stats();
     assert_eq!(cs.deduplicated_pages, 9);
     assert_eq!(cs.counters.dedup_hits, 9);
     // Each page charged in full to the client, once to the host.
@@ -390,9 +399,12 @@ fn dedup_across_clients_only_within_a_group() {
         dedup_group: Some("g".into()),
         ..Default::default()
     };
-    let a = s.add_client("a", grp.clone()).unwrap();
-    let b = s.add_client("b", grp).unwrap();
-    let c = s.add_client("c", ClientConfig::default()).unwrap();
+    let a_admin = s.add_client("a", grp.clone()).unwrap();
+    let a = a_admin.data();
+    let b_admin = s.add_client("b", grp).unwrap();
+    let b = b_admin.data();
+    let c_admin = s.add_client("c", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     let (pa, pb, pc) = (
         a.new_pool(PoolSpec::persistent()).unwrap(),
         b.new_pool(PoolSpec::persistent()).unwrap(),
@@ -401,12 +413,22 @@ fn dedup_across_clients_only_within_a_group() {
     a.put(&h(pa, 1, 0), &random_page(5), false).unwrap();
     b.put(&h(pb, 1, 0), &random_page(5), false).unwrap();
     c.put(&h(pc, 1, 0), &random_page(5), false).unwrap();
-    assert_eq!(b.stats().counters.dedup_hits, 1, "same group shares");
-    assert_eq!(c.stats().counters.dedup_hits, 0, "no group, no sharing");
+    assert_eq!(b_admin.stats().counters.dedup_hits, 1, "same group shares");
+    assert_eq!(
+        c_admin.stats().counters.dedup_hits,
+        0,
+        "no group, no sharing"
+    );
     assert_eq!(s.stats().unique_pages, 2);
     // Charges are equal whatever others hold: no quota side channel.
-    assert_eq!(a.stats().persistent_bytes, b.stats().persistent_bytes);
-    assert_eq!(a.stats().persistent_bytes, c.stats().persistent_bytes);
+    assert_eq!(
+        a_admin.stats().persistent_bytes,
+        b_admin.stats().persistent_bytes
+    );
+    assert_eq!(
+        a_admin.stats().persistent_bytes,
+        c_admin.stats().persistent_bytes
+    );
     // a's flush keeps b's page.
     a.flush_page(&h(pa, 1, 0)).unwrap();
     assert_eq!(get(&b, h(pb, 1, 0)), Some(random_page(5)));
@@ -416,7 +438,8 @@ fn dedup_across_clients_only_within_a_group() {
 #[test]
 fn dedup_group_change_needs_an_empty_client() {
     let s = store(64 * MIB);
-    let a = s.add_client("a", ClientConfig::default()).unwrap();
+    let a_admin = s.add_client("a", ClientConfig::default()).unwrap();
+    let a = a_admin.data();
     let b = s
         .add_client(
             "b",
@@ -425,34 +448,36 @@ fn dedup_group_change_needs_an_empty_client() {
                 ..Default::default()
             },
         )
-        .unwrap();
+        .unwrap()
+        .data();
     let pa = a.new_pool(PoolSpec::persistent()).unwrap();
     let pb = b.new_pool(PoolSpec::persistent()).unwrap();
     assert_eq!(a.reserve(pa, 3), Ok(3));
     a.put(&h(pa, 1, 0), &random_page(1), false).unwrap();
     assert_eq!(
-        a.set_dedup_group(Some("g".into())),
+        a_admin.set_dedup_group(Some("g".into())),
         Err(TmemError::Busy("the client holds pages"))
     );
     a.flush_page(&h(pa, 1, 0)).unwrap();
-    a.set_dedup_group(Some("g".into())).unwrap();
-    assert_eq!(a.config().dedup_group.as_deref(), Some("g"));
+    a_admin.set_dedup_group(Some("g".into())).unwrap();
+    assert_eq!(a_admin.config().dedup_group.as_deref(), Some("g"));
     // Pools and reservations carried over; dedup now reaches b.
-    assert_eq!(a.stats().reserved_pages, 3);
+    assert_eq!(a_admin.stats().reserved_pages, 3);
     b.put(&h(pb, 1, 0), &random_page(1), false).unwrap();
     a.put(&h(pa, 1, 0), &random_page(1), true).unwrap();
-    assert_eq!(a.stats().counters.dedup_hits, 1);
-    assert_eq!(a.stats().reserved_pages, 2);
+    assert_eq!(a_admin.stats().counters.dedup_hits, 1);
+    assert_eq!(a_admin.stats().reserved_pages, 2);
     assert_host_accounting(&s);
 }
 
 #[test]
 fn persistent_quota_is_exact_and_lowering_it_keeps_pages() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     let per = PAGE_SIZE as u64 + CLIENT_PAGE_COST;
-    c.set_quota(5 * per, u64::MAX);
+    c_admin.set_quota(5 * per, u64::MAX);
     for i in 0..5 {
         c.put(&h(p, 1, i), &random_page(i), false).unwrap();
     }
@@ -465,33 +490,34 @@ fn persistent_quota_is_exact_and_lowering_it_keeps_pages() {
         c.put(&h(p, 1, 6), &[0u8; PAGE_SIZE], false),
         Err(TmemError::OverQuota)
     );
-    c.set_quota(per, u64::MAX);
+    c_admin.set_quota(per, u64::MAX);
     for i in 0..5 {
         assert_eq!(get(&c, h(p, 1, i)), Some(random_page(i)));
     }
-    assert_eq!(c.stats().counters.puts_refused_quota, 2);
+    assert_eq!(c_admin.stats().counters.puts_refused_quota, 2);
 }
 
 #[test]
 fn ephemeral_quota_evicts_own_oldest_pages() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     let p = c.new_pool(PoolSpec::ephemeral()).unwrap();
     let per = PAGE_SIZE as u64 + CLIENT_PAGE_COST;
-    c.set_quota(u64::MAX, 50 * per);
+    c_admin.set_quota(u64::MAX, 50 * per);
     for i in 0..200 {
         c.put(&h(p, 1, i), &random_page(i), false).unwrap();
     }
-    let st = c.stats();
+    let st = c_admin.stats();
     assert!(st.ephemeral_bytes <= 50 * per);
     assert!(st.ephemeral_pages >= 40, "{st:?}");
     // The newest survive, the oldest went.
     assert_eq!(get(&c, h(p, 1, 199)), Some(random_page(199)));
     assert_eq!(get(&c, h(p, 1, 0)), None);
-    assert!(c.stats().counters.evictions >= 150);
+    assert!(c_admin.stats().counters.evictions >= 150);
     // Lowering the quota evicts at once.
-    c.set_quota(u64::MAX, 10 * per);
-    assert!(c.stats().ephemeral_bytes <= 10 * per);
+    c_admin.set_quota(u64::MAX, 10 * per);
+    assert!(c_admin.stats().ephemeral_bytes <= 10 * per);
     assert_host_accounting(&s);
 }
 
@@ -499,7 +525,8 @@ fn ephemeral_quota_evicts_own_oldest_pages() {
 fn host_limit_persistent_never_evicted_ephemeral_evicted() {
     let per_host = PAGE_SIZE as u64 + CONTENT_METADATA_COST + PAGE_METADATA_COST;
     let s = store(100 * per_host);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     let e = c.new_pool(PoolSpec::ephemeral()).unwrap();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     for i in 0..60 {
@@ -509,7 +536,7 @@ fn host_limit_persistent_never_evicted_ephemeral_evicted() {
     for i in 0..100 {
         c.put(&h(p, 1, i), &random_page(i), false).unwrap();
     }
-    assert_eq!(c.stats().ephemeral_pages, 0);
+    assert_eq!(c_admin.stats().ephemeral_pages, 0);
     // Full of persistent pages: both kinds refused now.
     assert_eq!(
         c.put(&h(p, 1, 100), &random_page(100), false),
@@ -524,7 +551,7 @@ fn host_limit_persistent_never_evicted_ephemeral_evicted() {
     }
     // Lowering the limit never drops persistent pages.
     s.set_host_limit(10 * per_host);
-    assert_eq!(c.stats().persistent_pages, 100);
+    assert_eq!(c_admin.stats().persistent_pages, 100);
     s.set_host_limit(200 * per_host);
     assert_host_accounting(&s);
 }
@@ -532,7 +559,7 @@ fn host_limit_persistent_never_evicted_ephemeral_evicted() {
 #[test]
 fn lowering_the_host_limit_evicts_at_once() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = s.add_client("vm", ClientConfig::default()).unwrap().data();
     let e = c.new_pool(PoolSpec::ephemeral()).unwrap();
     for i in 0..500 {
         c.put(&h(e, 1, i), &random_page(i), false).unwrap();
@@ -552,8 +579,10 @@ fn lowering_the_host_limit_evicts_at_once() {
 fn reservations_guarantee_puts() {
     let per_host = RESERVED_PAGE_HOST_COST;
     let s = store(50 * per_host);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
-    let other = s.add_client("other", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
+    let other_admin = s.add_client("other", ClientConfig::default()).unwrap();
+    let other = other_admin.data();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     let e = other.new_pool(PoolSpec::ephemeral()).unwrap();
     for i in 0..45 {
@@ -563,7 +592,7 @@ fn reservations_guarantee_puts() {
     }
     // Reserving evicts the other client's ephemeral pages.
     assert_eq!(c.reserve(p, 20), Ok(20));
-    assert!(other.stats().ephemeral_pages < 45);
+    assert!(other_admin.stats().ephemeral_pages < 45);
     // The rest of the host fills with persistent pages of the other client.
     let q = other.new_pool(PoolSpec::persistent()).unwrap();
     let mut i = 0;
@@ -571,8 +600,8 @@ fn reservations_guarantee_puts() {
         i += 1;
     }
     // Frozen and full, reserved puts still succeed.
-    c.freeze();
-    c.set_quota(0, 0);
+    c_admin.freeze();
+    c_admin.set_quota(0, 0);
     for i in 0..20 {
         c.put(&h(p, 1, i), &random_page(i), true).unwrap();
     }
@@ -588,8 +617,8 @@ fn reservations_guarantee_puts() {
         assert_eq!(get(&c, h(p, 1, i)), Some(random_page(i)));
     }
     assert_host_accounting(&s);
-    c.thaw();
-    c.set_quota(u64::MAX, u64::MAX);
+    c_admin.thaw();
+    c_admin.set_quota(u64::MAX, u64::MAX);
     // Reserve, unreserve, and destroy release the charge.
     let before = s.stats().host_used;
     for i in 0..20 {
@@ -598,10 +627,10 @@ fn reservations_guarantee_puts() {
     let granted = c.reserve(p, 10).unwrap();
     assert!(granted > 0);
     assert_eq!(c.unreserve(p, 3), Ok(granted - 3));
-    assert_eq!(c.stats().reserved_pages, granted - 3);
+    assert_eq!(c_admin.stats().reserved_pages, granted - 3);
     assert_host_accounting(&s);
     c.destroy_pool(p).unwrap();
-    assert_eq!(c.stats().persistent_charged, 0);
+    assert_eq!(c_admin.stats().persistent_charged, 0);
     assert!(s.stats().host_used < before);
     assert_host_accounting(&s);
 }
@@ -609,14 +638,15 @@ fn reservations_guarantee_puts() {
 #[test]
 fn reservation_is_bounded_by_quota_and_host() {
     let s = store(10 * RESERVED_PAGE_HOST_COST);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
-    c.set_quota(4 * RESERVED_PAGE_CLIENT_COST, u64::MAX);
+    c_admin.set_quota(4 * RESERVED_PAGE_CLIENT_COST, u64::MAX);
     assert_eq!(c.reserve(p, u64::MAX), Ok(4));
-    c.set_quota(u64::MAX, u64::MAX);
+    c_admin.set_quota(u64::MAX, u64::MAX);
     assert_eq!(c.reserve(p, 100), Ok(6));
     assert_eq!(c.reserve(p, 1), Ok(0));
-    assert_eq!(c.stats().reserved_pages, 10);
+    assert_eq!(c_admin.stats().reserved_pages, 10);
     // A reserved page's real cost is charged once spent: compressed pages
     // free most of it again.
     c.put(&h(p, 1, 0), &text_page(1), true).unwrap();
@@ -632,8 +662,10 @@ fn reset_and_remove_client_free_everything() {
         authorized_uuids: vec![uuid],
         ..Default::default()
     };
-    let a = s.add_client("a", cfg.clone()).unwrap();
-    let b = s.add_client("b", cfg).unwrap();
+    let a_admin = s.add_client("a", cfg.clone()).unwrap();
+    let a = a_admin.data();
+    let b_admin = s.add_client("b", cfg).unwrap();
+    let b = b_admin.data();
     let pa = a.new_pool(PoolSpec::persistent()).unwrap();
     let sa = a.new_pool(PoolSpec::shared(uuid)).unwrap();
     let sb = b.new_pool(PoolSpec::shared(uuid)).unwrap();
@@ -643,14 +675,14 @@ fn reset_and_remove_client_free_everything() {
         a.put(&h(sa, 1, i), &text_page(1000 + i), false).unwrap();
     }
     a.reset();
-    assert_eq!(a.stats().pools.len(), 0);
-    assert_eq!(a.stats().persistent_charged, 0);
+    assert_eq!(a_admin.stats().pools.len(), 0);
+    assert_eq!(a_admin.stats().persistent_charged, 0);
     assert_eq!(
         get(&b, h(sb, 1, 3)),
         Some(text_page(1003)),
         "shared pool lives on"
     );
-    assert_eq!(b.stats().ephemeral_pages, 50);
+    assert_eq!(b_admin.stats().ephemeral_pages, 50);
     let pa = a.new_pool(PoolSpec::persistent()).unwrap();
     a.put(&h(pa, 1, 0), &text_page(0), false).unwrap();
     assert_eq!(s.client_names(), vec!["a".to_string(), "b".to_string()]);
@@ -658,7 +690,7 @@ fn reset_and_remove_client_free_everything() {
     let by_ref: &Store = &s;
     let again = by_ref.client("a").unwrap();
     assert_eq!(again.name(), "a");
-    assert_eq!(get(&again, h(pa, 1, 0)), Some(text_page(0)));
+    assert_eq!(get(&again.data(), h(pa, 1, 0)), Some(text_page(0)));
     s.remove_client("a").unwrap();
     assert_eq!(
         a.put(&h(pa, 1, 0), &text_page(0), false),
@@ -690,18 +722,19 @@ fn reset_and_remove_client_free_everything() {
 #[test]
 fn flush_all_keeps_pools() {
     let s = store(64 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c_admin = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = c_admin.data();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     let e = c.new_pool(PoolSpec::ephemeral()).unwrap();
     for i in 0..10 {
         c.put(&h(p, 1, i), &text_page(i), false).unwrap();
         c.put(&h(e, 1, i), &text_page(i), false).unwrap();
     }
-    c.flush_all(true);
-    let st = c.stats();
+    c_admin.flush_all(true);
+    let st = c_admin.stats();
     assert_eq!((st.persistent_pages, st.ephemeral_pages), (10, 0));
-    c.flush_all(false);
-    assert_eq!(c.stats().persistent_pages, 0);
+    c_admin.flush_all(false);
+    assert_eq!(c_admin.stats().persistent_pages, 0);
     c.put(&h(p, 1, 0), &text_page(0), false).unwrap();
     assert_eq!(get(&c, h(p, 1, 0)), Some(text_page(0)));
 }
@@ -710,7 +743,7 @@ fn flush_all_keeps_pools() {
 fn weights_share_ephemeral_capacity() {
     let per_host = PAGE_SIZE as u64 + CONTENT_METADATA_COST + PAGE_METADATA_COST;
     let s = store(1000 * per_host);
-    let light = s
+    let light_admin = s
         .add_client(
             "light",
             ClientConfig {
@@ -719,7 +752,8 @@ fn weights_share_ephemeral_capacity() {
             },
         )
         .unwrap();
-    let heavy = s
+    let light = light_admin.data();
+    let heavy_admin = s
         .add_client(
             "heavy",
             ClientConfig {
@@ -728,6 +762,7 @@ fn weights_share_ephemeral_capacity() {
             },
         )
         .unwrap();
+    let heavy = heavy_admin.data();
     let pl = light.new_pool(PoolSpec::ephemeral()).unwrap();
     let ph = heavy.new_pool(PoolSpec::ephemeral()).unwrap();
     for i in 0..2000 {
@@ -740,8 +775,8 @@ fn weights_share_ephemeral_capacity() {
             light.put(&h(pl, 2, k), &random_page(k + 5), false).unwrap();
         }
     }
-    let l = light.stats().ephemeral_pages as f64;
-    let hv = heavy.stats().ephemeral_pages as f64;
+    let l = light_admin.stats().ephemeral_pages as f64;
+    let hv = heavy_admin.stats().ephemeral_pages as f64;
     let ratio = hv / l;
     assert!((2.5..3.5).contains(&ratio), "heavy {hv} light {l}");
     assert_host_accounting(&s);
@@ -750,7 +785,7 @@ fn weights_share_ephemeral_capacity() {
 #[test]
 fn stats_report_metadata_and_fragmentation() {
     let s = store(256 * MIB);
-    let c = s.add_client("vm", ClientConfig::default()).unwrap();
+    let c = s.add_client("vm", ClientConfig::default()).unwrap().data();
     let p = c.new_pool(PoolSpec::persistent()).unwrap();
     for i in 0..4096 {
         c.put(&h(p, 1, i), &text_page(i), false).unwrap();
@@ -782,14 +817,16 @@ fn deauthorize_expels_from_a_joined_shared_pool() {
         authorized_uuids: vec![uuid],
         ..Default::default()
     };
-    let a = s.add_client("a", auth()).unwrap();
-    let b = s.add_client("b", auth()).unwrap();
+    let a_admin = s.add_client("a", auth()).unwrap();
+    let a = a_admin.data();
+    let b_admin = s.add_client("b", auth()).unwrap();
+    let b = b_admin.data();
     let pa = a.new_pool(PoolSpec::shared(uuid)).unwrap();
     let pb = b.new_pool(PoolSpec::shared(uuid)).unwrap();
     let private = b.new_pool(PoolSpec::ephemeral()).unwrap();
     b.put(&h(pb, 1, 0), &text_page(1), false).unwrap();
     b.put(&h(private, 1, 0), &text_page(2), false).unwrap();
-    assert_eq!(b.deauthorize(uuid), 1);
+    assert_eq!(b_admin.deauthorize(uuid), 1);
     // b's id for the shared pool is gone, its private pool stays...
     assert_eq!(
         b.put(&h(pb, 1, 1), &text_page(3), false),
@@ -802,10 +839,10 @@ fn deauthorize_expels_from_a_joined_shared_pool() {
     );
     // ...and the shared pool's pages stay for a.
     assert_eq!(get(&a, h(pa, 1, 0)), Some(text_page(1)));
-    assert!(b.stats().config.authorized_uuids.is_empty());
+    assert!(b_admin.stats().config.authorized_uuids.is_empty());
     // Deauthorising again, or a UUID never joined, closes nothing.
-    assert_eq!(b.deauthorize(uuid), 0);
-    assert_eq!(a.deauthorize(Uuid::from_bytes([6u8; 16]).unwrap()), 0);
+    assert_eq!(b_admin.deauthorize(uuid), 0);
+    assert_eq!(a_admin.deauthorize(Uuid::from_bytes([6u8; 16]).unwrap()), 0);
 }
 
 #[test]
@@ -820,12 +857,13 @@ fn stats_show_uuids_as_text_and_read_both_forms() {
                 ..Default::default()
             },
         )
-        .unwrap();
+        .unwrap()
+        .data();
     a.new_pool(PoolSpec::shared(uuid)).unwrap();
     let text = "abababab-abab-abab-abab-abababababab";
     let v = serde_json::to_value(s.stats()).unwrap();
     assert_eq!(v["clients"][0]["config"]["authorized_uuids"][0], text);
     assert_eq!(v["clients"][0]["pools"][0]["shared"], text);
-    let back: vtmem_backend::store::StoreStats = serde_json::from_value(v).unwrap();
+    let back: vtmem_store::StoreStats = serde_json::from_value(v).unwrap();
     assert_eq!(back.clients[0].config.authorized_uuids, vec![uuid]);
 }
