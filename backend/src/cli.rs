@@ -5,10 +5,12 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+use vtmem_api::{ByteSize, VmSpec};
+
 use crate::config::{
-    parse_metrics_address, parse_size, resolve_group, validate_poll_us, validate_queue_size,
-    validate_queues, ConfigError, DaemonConfig, DeviceSettings, FileConfig, VmConfig,
-    DEFAULT_CONTROL_SOCKET_NAME, DEFAULT_HOST_LIMIT,
+    parse_metrics_address, resolve_group, validate_poll_us, validate_queue_size, validate_queues,
+    ConfigError, DaemonConfig, DeviceSettings, FileConfig, DEFAULT_CONTROL_SOCKET_NAME,
+    DEFAULT_HOST_LIMIT,
 };
 
 const LONG_ABOUT: &str = "\
@@ -88,11 +90,11 @@ pub struct Args {
     /// A VM to serve, e.g. name=vm1,persistent-quota=512M,ephemeral-quota=1G,weight=100,dedup-group=web,auth=UUID
     /// (repeatable; 'auth' may repeat).
     #[arg(long = "vm", value_name = "SPEC")]
-    pub vms: Vec<String>,
+    pub vms: Vec<VmSpec>,
 
     /// Host memory the store may use for pages and metadata [default: 1G].
     #[arg(long, value_name = "SIZE")]
-    pub host_limit: Option<String>,
+    pub host_limit: Option<ByteSize>,
 
     /// Request queues per VM, each with its own worker thread (1-64) [default: 1].
     #[arg(long, value_name = "N")]
@@ -156,11 +158,10 @@ impl TryFrom<Args> for DaemonConfig {
             Some(g) => Some(resolve_group(&g)?),
             None => None,
         };
-        let host_limit = match (&args.host_limit, &file.host_limit) {
-            (Some(s), _) => parse_size(s)?,
-            (None, Some(v)) => v.size()?,
-            (None, None) => DEFAULT_HOST_LIMIT,
-        };
+        let host_limit = args
+            .host_limit
+            .or(file.host_limit)
+            .unwrap_or(DEFAULT_HOST_LIMIT);
         let defaults = DeviceSettings::default();
         let device = DeviceSettings {
             queues: match args.queues.or(file.queues) {
@@ -176,13 +177,8 @@ impl TryFrom<Args> for DaemonConfig {
                 None => defaults.poll,
             },
         };
-        let mut vms = Vec::new();
-        for vm in &file.vm {
-            vms.push(vm.to_vm_config()?);
-        }
-        for spec in &args.vms {
-            vms.push(VmConfig::parse_spec(spec)?);
-        }
+        let mut vms = file.vm.clone();
+        vms.extend(args.vms);
         let metrics_address = match args.metrics_address.or(file.metrics_address.clone()) {
             Some(a) => Some(parse_metrics_address(&a)?),
             None => None,
@@ -215,12 +211,18 @@ mod tests {
         DaemonConfig::try_from(args)
     }
 
+    /// What clap itself refuses: the typed values.
+    fn clap_error(argv: &[&str]) -> String {
+        Args::try_parse_from(std::iter::once("vtmemd").chain(argv.iter().copied()))
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn default_paths_agree() {
         use crate::config::{DEFAULT_CONTROL_SOCKET, DEFAULT_SOCKET_DIR};
         let c = parse(&["--socket-dir", DEFAULT_SOCKET_DIR]).unwrap();
         assert_eq!(c.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
-        assert_eq!(crate::ctl::DEFAULT_SOCKET, DEFAULT_CONTROL_SOCKET);
     }
 
     #[test]
@@ -287,14 +289,14 @@ mod tests {
             "b",
         ])
         .unwrap();
-        assert_eq!(c.host_limit, 2 << 30);
+        assert_eq!(c.host_limit, ByteSize(2 << 30));
         assert_eq!(c.device.queues, 4);
         assert_eq!(c.device.queue_size, 1024);
         assert_eq!(c.device.poll, Duration::from_micros(30));
         assert_eq!(c.control_socket, Path::new("/tmp/ctl"));
         assert_eq!(c.control_group, Some(0));
         assert_eq!(c.vms.len(), 2);
-        assert_eq!(c.vms[0].client.persistent_quota, 1 << 20);
+        assert_eq!(c.vms[0].persistent_quota.bytes(), 1 << 20);
     }
 
     #[test]
@@ -308,10 +310,10 @@ mod tests {
             parse(&["--socket-dir", "/x", "--queue-size", "300"]).unwrap_err(),
             ConfigError::BadQueueSize(300)
         ));
-        assert!(matches!(
-            parse(&["--socket-dir", "/x", "--host-limit", "lots"]).unwrap_err(),
-            ConfigError::BadSize(_)
-        ));
+        let e = clap_error(&["--socket-dir", "/x", "--host-limit", "lots"]);
+        assert!(e.contains("invalid size 'lots'"), "{e}");
+        let e = clap_error(&["--socket-dir", "/x", "--vm", "a,weight=0"]);
+        assert!(e.contains("invalid weight '0'"), "{e}");
         assert!(matches!(
             parse(&["--socket-dir", "/x", "--vm", "a", "--vm", "a"]).unwrap_err(),
             ConfigError::DuplicateVm(_)

@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The daemon's validated configuration, and the parsers it is built from:
-//! human sizes (`512M`), UUIDs, `--vm` specs and the TOML configuration file.
+//! The daemon's validated configuration and the TOML configuration file.
 //!
-//! Everything here is plain data: nothing opens a socket or touches the
-//! store. [`DaemonConfig`] is what [`crate::start`] runs.
+//! VM specs, sizes and names are the control API's validated types
+//! ([`vtmem_api`]), so a `--vm` flag, a `[[vm]]` table, an `add-vm`
+//! request and the state file go through one parser. Everything here is
+//! plain data: nothing opens a socket or touches the store.
+//! [`DaemonConfig`] is what [`crate::start`] runs.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
@@ -11,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use vtmem_protocol::{Uuid, MAX_REQUEST_QUEUES};
-
+use vtmem_api::{ByteSize, SpecError, ValueError, VmName, VmSpec};
+use vtmem_protocol::MAX_REQUEST_QUEUES;
 use vtmem_store::ClientConfig;
 
 /// Default descriptors per request queue.
@@ -22,51 +24,25 @@ pub const MIN_QUEUE_SIZE: u16 = 4;
 /// Largest split virtqueue size.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Default host memory limit when none is configured: 1 GiB.
-pub const DEFAULT_HOST_LIMIT: u64 = 1 << 30;
+pub const DEFAULT_HOST_LIMIT: ByteSize = ByteSize(1 << 30);
 /// Longest busy-poll window accepted, in microseconds.
 pub const MAX_POLL_US: u64 = 100_000;
-/// Longest VM name (it becomes a socket file name).
-pub const MAX_VM_NAME_LEN: usize = 64;
-/// File name of the default control socket inside the socket directory.
-pub const DEFAULT_CONTROL_SOCKET_NAME: &str = "vtmemd.ctl";
-/// The usual socket directory (`--socket-dir`), as the documentation and
-/// packaging use it.
-pub const DEFAULT_SOCKET_DIR: &str = "/run/vtmem";
-/// The control socket of a `vtmemd` using [`DEFAULT_SOCKET_DIR`]: where
-/// `vtmemctl` looks by default.
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/vtmem/vtmemd.ctl";
+pub use vtmem_api::{DEFAULT_CONTROL_SOCKET, DEFAULT_CONTROL_SOCKET_NAME, DEFAULT_SOCKET_DIR};
 /// Longest path a Unix socket address can hold (`sun_path` minus the NUL).
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
 
 /// A configuration error: one line, naming what is wrong.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ConfigError {
-    /// A size that does not parse.
-    #[error("invalid size '{0}': expected bytes or a number with K, M, G or T (e.g. 512M)")]
-    BadSize(String),
-    /// A UUID that does not parse.
-    #[error("invalid UUID '{0}': expected 32 hex digits, optionally in 8-4-4-4-12 form")]
-    BadUuid(String),
-    /// A VM name that cannot be a socket file name.
-    #[error("invalid VM name '{0}': use 1 to 64 characters from A-Z a-z 0-9 . _ - and do not start with '.' or '-'")]
-    BadVmName(String),
-    /// A dedup group name that is empty or unreasonable.
-    #[error("invalid dedup group '{0}': use 1 to 64 printable characters without spaces or ','")]
-    BadDedupGroup(String),
+    /// A value (size, name, weight...) that does not parse.
+    #[error(transparent)]
+    Value(#[from] ValueError),
     /// A `--vm` spec that does not parse.
-    #[error("invalid --vm spec '{spec}': {reason}")]
-    BadVmSpec {
-        /// The spec as given.
-        spec: String,
-        /// What is wrong with it.
-        reason: String,
-    },
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     /// A VM declared twice.
     #[error("VM '{0}' is declared more than once")]
-    DuplicateVm(String),
-    /// Weight zero or absurd.
-    #[error("invalid weight {0}: must be between 1 and 1000000")]
-    BadWeight(u64),
+    DuplicateVm(VmName),
     /// `--queues` out of range.
     #[error("invalid number of queues {0}: must be between 1 and {MAX_REQUEST_QUEUES}")]
     BadQueues(u64),
@@ -82,9 +58,6 @@ pub enum ConfigError {
     /// No socket directory anywhere.
     #[error("no socket directory: give --socket-dir or socket-dir in the configuration file")]
     NoSocketDir,
-    /// The socket directory is not usable.
-    #[error("socket directory {0}: {1}")]
-    SocketDir(PathBuf, String),
     /// A socket path longer than a Unix socket address.
     #[error("socket path {0} is longer than {MAX_SOCKET_PATH_LEN} bytes")]
     SocketPathTooLong(PathBuf),
@@ -105,180 +78,30 @@ pub enum ConfigError {
 /// Result of the parsers in this module.
 pub type Result<T> = std::result::Result<T, ConfigError>;
 
-/// Parses a size: plain bytes, or a number with a binary unit
-/// (`K`, `M`, `G`, `T`, optionally followed by `i`, `iB` or `B`; any case).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let bad = || ConfigError::BadSize(s.to_string());
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits_end);
-    if num.is_empty() {
-        return Err(bad());
-    }
-    let num: u64 = num.parse().map_err(|_| bad())?;
-    let unit = unit.trim().to_ascii_lowercase();
-    let unit = unit
-        .strip_suffix("ib")
-        .or_else(|| unit.strip_suffix('b'))
-        .or_else(|| unit.strip_suffix('i'))
-        .unwrap_or(&unit);
-    let shift = match unit {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        _ => return Err(bad()),
-    };
-    num.checked_mul(1u64 << shift).ok_or_else(bad)
-}
-
-/// Parses a quota: a size, or `unlimited` (`u64::MAX`).
-pub fn parse_quota(s: &str) -> Result<u64> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "unlimited" | "none" | "max" => Ok(u64::MAX),
-        _ => parse_size(s),
+/// The store's configuration of a VM's client.
+pub fn client_config(vm: &VmSpec) -> ClientConfig {
+    ClientConfig {
+        persistent_quota: vm.persistent_quota.bytes(),
+        ephemeral_quota: vm.ephemeral_quota.bytes(),
+        weight: vm.weight.get(),
+        dedup_group: vm.dedup_group.as_ref().map(|g| g.as_str().to_string()),
+        authorized_uuids: vm.authorized_uuids.iter().copied().collect(),
     }
 }
 
-/// Formats a byte count for humans (`512M`, `unlimited`).
-pub fn format_size(bytes: u64) -> String {
-    if bytes == u64::MAX {
-        return "unlimited".to_string();
+/// The spec of a VM whose client has this configuration (the inverse of
+/// [`client_config`]; the store only ever holds configurations made from
+/// specs, so every field is valid).
+pub fn vm_spec(name: &VmName, c: &ClientConfig) -> VmSpec {
+    let mut vm = VmSpec::new(name.clone());
+    vm.persistent_quota = c.persistent_quota.into();
+    vm.ephemeral_quota = c.ephemeral_quota.into();
+    if let Ok(w) = vtmem_api::Weight::new(u64::from(c.weight)) {
+        vm.weight = w;
     }
-    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
-            return format!("{}{unit}", bytes >> shift);
-        }
-    }
-    bytes.to_string()
-}
-
-/// Parses a UUID (see [`Uuid`]'s `FromStr`).
-pub fn parse_uuid(s: &str) -> Result<Uuid> {
-    s.parse().map_err(|_| ConfigError::BadUuid(s.to_string()))
-}
-
-/// Formats a UUID in the 8-4-4-4-12 form.
-pub fn format_uuid(uuid: &Uuid) -> String {
-    uuid.to_string()
-}
-
-/// Checks a VM name: it becomes `<socket-dir>/<name>.sock` and the client's
-/// name in the store.
-pub fn validate_vm_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_VM_NAME_LEN
-        && !name.starts_with('.')
-        && !name.starts_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::BadVmName(name.to_string()))
-    }
-}
-
-/// Checks a dedup group name.
-pub fn validate_dedup_group(group: &str) -> Result<()> {
-    let ok = !group.is_empty()
-        && group.len() <= 64
-        && group.chars().all(|c| c.is_ascii_graphic() && c != ',');
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::BadDedupGroup(group.to_string()))
-    }
-}
-
-/// Checks a weight.
-pub fn validate_weight(weight: u64) -> Result<u32> {
-    if (1..=1_000_000).contains(&weight) {
-        Ok(weight as u32)
-    } else {
-        Err(ConfigError::BadWeight(weight))
-    }
-}
-
-/// One VM (one store client, one vhost-user socket).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VmConfig {
-    /// The VM's name: socket file name and store client name.
-    pub name: String,
-    /// Quotas, weight, dedup group, authorised UUIDs.
-    pub client: ClientConfig,
-}
-
-impl VmConfig {
-    /// A VM with the default client configuration.
-    pub fn new(name: &str) -> Result<Self> {
-        validate_vm_name(name)?;
-        Ok(VmConfig {
-            name: name.to_string(),
-            client: ClientConfig::default(),
-        })
-    }
-
-    /// Parses a `--vm` spec:
-    /// `name=vm1,persistent-quota=512M,ephemeral-quota=1G,weight=100,dedup-group=web,auth=UUID`.
-    /// `auth` may repeat; a first item without `=` is the name.
-    pub fn parse_spec(spec: &str) -> Result<Self> {
-        let bad = |reason: String| ConfigError::BadVmSpec {
-            spec: spec.to_string(),
-            reason,
-        };
-        let mut name = None;
-        let mut client = ClientConfig::default();
-        for (i, item) in spec.split(',').enumerate() {
-            let item = item.trim();
-            if item.is_empty() {
-                continue;
-            }
-            let (key, value) = match item.split_once('=') {
-                Some((k, v)) => (k.trim(), v.trim()),
-                None if i == 0 => ("name", item),
-                None => return Err(bad(format!("'{item}' is not key=value"))),
-            };
-            let e = |err: ConfigError| bad(err.to_string());
-            match key {
-                "name" => {
-                    validate_vm_name(value).map_err(e)?;
-                    name = Some(value.to_string());
-                }
-                "persistent-quota" => client.persistent_quota = parse_quota(value).map_err(e)?,
-                "ephemeral-quota" => client.ephemeral_quota = parse_quota(value).map_err(e)?,
-                "weight" => {
-                    let w: u64 = value
-                        .parse()
-                        .map_err(|_| bad(format!("weight '{value}' is not a number")))?;
-                    client.weight = validate_weight(w).map_err(e)?;
-                }
-                "dedup-group" => {
-                    if value.is_empty() || value == "none" {
-                        client.dedup_group = None;
-                    } else {
-                        validate_dedup_group(value).map_err(e)?;
-                        client.dedup_group = Some(value.to_string());
-                    }
-                }
-                "auth" | "authorized-uuid" => {
-                    let uuid = parse_uuid(value).map_err(e)?;
-                    if !client.authorized_uuids.contains(&uuid) {
-                        client.authorized_uuids.push(uuid);
-                    }
-                }
-                other => {
-                    return Err(bad(format!(
-                        "unknown key '{other}' (known: name, persistent-quota, ephemeral-quota, weight, dedup-group, auth)"
-                    )))
-                }
-            }
-        }
-        let name = name.ok_or_else(|| bad("no name= given".to_string()))?;
-        Ok(VmConfig { name, client })
-    }
+    vm.dedup_group = c.dedup_group.as_deref().and_then(|g| g.parse().ok());
+    vm.authorized_uuids = c.authorized_uuids.iter().copied().collect();
+    vm
 }
 
 /// Settings of the vhost-user device every VM gets.
@@ -360,12 +183,12 @@ pub struct DaemonConfig {
     pub control_socket: PathBuf,
     /// Group owning the control socket (mode 0660), or none (mode 0600).
     pub control_group: Option<u32>,
-    /// Host memory limit of the store, in bytes.
-    pub host_limit: u64,
+    /// Host memory limit of the store.
+    pub host_limit: ByteSize,
     /// Device settings shared by all VMs.
     pub device: DeviceSettings,
     /// VMs to serve from the start.
-    pub vms: Vec<VmConfig>,
+    pub vms: Vec<VmSpec>,
     /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics_address: Option<SocketAddr>,
     /// The state file recording run-time changes, if any.
@@ -374,7 +197,7 @@ pub struct DaemonConfig {
 
 impl DaemonConfig {
     /// The socket path of VM `name`.
-    pub fn vm_socket_path(socket_dir: &Path, name: &str) -> PathBuf {
+    pub fn vm_socket_path(socket_dir: &Path, name: &VmName) -> PathBuf {
         socket_dir.join(format!("{name}.sock"))
     }
 
@@ -382,14 +205,13 @@ impl DaemonConfig {
     pub fn validate(&self) -> Result<()> {
         let mut names = BTreeSet::new();
         for vm in &self.vms {
-            validate_vm_name(&vm.name)?;
-            if !names.insert(vm.name.as_str()) {
+            if !names.insert(&vm.name) {
                 return Err(ConfigError::DuplicateVm(vm.name.clone()));
             }
             check_socket_path(&Self::vm_socket_path(&self.socket_dir, &vm.name))?;
         }
         check_socket_path(&self.control_socket)?;
-        if self.host_limit == 0 {
+        if self.host_limit.bytes() == 0 {
             return Err(ConfigError::BadHostLimit);
         }
         Ok(())
@@ -423,35 +245,6 @@ pub fn resolve_group(group: &str) -> Result<u32> {
         .ok_or_else(|| ConfigError::UnknownGroup(group.to_string()))
 }
 
-/// A size in the configuration file: bytes as an integer, or a string with
-/// units (`"512M"`, `"unlimited"` for quotas).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(untagged)]
-pub enum SizeValue {
-    /// Plain bytes.
-    Bytes(u64),
-    /// Text with a unit.
-    Text(String),
-}
-
-impl SizeValue {
-    /// Bytes, for a limit (no `unlimited`).
-    pub fn size(&self) -> Result<u64> {
-        match self {
-            SizeValue::Bytes(b) => Ok(*b),
-            SizeValue::Text(s) => parse_size(s),
-        }
-    }
-
-    /// Bytes, for a quota (`unlimited` allowed).
-    pub fn quota(&self) -> Result<u64> {
-        match self {
-            SizeValue::Bytes(b) => Ok(*b),
-            SizeValue::Text(s) => parse_quota(s),
-        }
-    }
-}
-
 /// The TOML configuration file.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -463,7 +256,7 @@ pub struct FileConfig {
     /// Group of the control socket.
     pub control_group: Option<String>,
     /// Host memory limit.
-    pub host_limit: Option<SizeValue>,
+    pub host_limit: Option<ByteSize>,
     /// Request queues per VM.
     pub queues: Option<u64>,
     /// Queue size.
@@ -474,55 +267,9 @@ pub struct FileConfig {
     pub metrics_address: Option<String>,
     /// State file.
     pub state_file: Option<PathBuf>,
-    /// The VMs.
+    /// The VMs (`[[vm]]` tables).
     #[serde(default)]
-    pub vm: Vec<FileVm>,
-}
-
-/// One `[[vm]]` table of the configuration file.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileVm {
-    /// The VM's name.
-    pub name: String,
-    /// Persistent quota.
-    pub persistent_quota: Option<SizeValue>,
-    /// Ephemeral quota.
-    pub ephemeral_quota: Option<SizeValue>,
-    /// Weight.
-    pub weight: Option<u64>,
-    /// Dedup group.
-    pub dedup_group: Option<String>,
-    /// Authorised shared-pool UUIDs.
-    #[serde(default)]
-    pub authorized_uuids: Vec<String>,
-}
-
-impl FileVm {
-    /// Converts to a checked [`VmConfig`].
-    pub fn to_vm_config(&self) -> Result<VmConfig> {
-        let mut vm = VmConfig::new(&self.name)?;
-        if let Some(q) = &self.persistent_quota {
-            vm.client.persistent_quota = q.quota()?;
-        }
-        if let Some(q) = &self.ephemeral_quota {
-            vm.client.ephemeral_quota = q.quota()?;
-        }
-        if let Some(w) = self.weight {
-            vm.client.weight = validate_weight(w)?;
-        }
-        if let Some(g) = &self.dedup_group {
-            validate_dedup_group(g)?;
-            vm.client.dedup_group = Some(g.clone());
-        }
-        for u in &self.authorized_uuids {
-            let uuid = parse_uuid(u)?;
-            if !vm.client.authorized_uuids.contains(&uuid) {
-                vm.client.authorized_uuids.push(uuid);
-            }
-        }
-        Ok(vm)
-    }
+    pub vm: Vec<VmSpec>,
 }
 
 impl FileConfig {
@@ -549,79 +296,7 @@ impl FileConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("0").unwrap(), 0);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
-        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
-        assert_eq!(parse_size("3GiB").unwrap(), 3 << 30);
-        assert_eq!(parse_size("4kb").unwrap(), 4096);
-        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
-        for bad in ["", "M", "12X", "-1", "1.5G", "99999999999T", "1 G B"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-        assert_eq!(parse_quota("unlimited").unwrap(), u64::MAX);
-        assert_eq!(format_size(512 << 20), "512M");
-        assert_eq!(format_size(u64::MAX), "unlimited");
-        assert_eq!(format_size(1000), "1000");
-    }
-
-    #[test]
-    fn uuids() {
-        let u = parse_uuid("00112233-4455-6677-8899-aabbccddeeff").unwrap();
-        assert_eq!(u.as_bytes()[0], 0x00);
-        assert_eq!(u.as_bytes()[15], 0xff);
-        assert_eq!(format_uuid(&u), "00112233-4455-6677-8899-aabbccddeeff");
-        assert_eq!(parse_uuid("00112233445566778899AABBCCDDEEFF").unwrap(), u);
-        assert!(parse_uuid("0011").is_err());
-        assert!(parse_uuid("zz112233445566778899aabbccddeeff").is_err());
-        assert!(parse_uuid("00000000-0000-0000-0000-000000000000").is_err());
-    }
-
-    #[test]
-    fn vm_specs() {
-        let vm = VmConfig::parse_spec(
-            "name=vm1,persistent-quota=512M,ephemeral-quota=1G,weight=100,dedup-group=web,auth=00112233-4455-6677-8899-aabbccddeeff",
-        )
-        .unwrap();
-        assert_eq!(vm.name, "vm1");
-        assert_eq!(vm.client.persistent_quota, 512 << 20);
-        assert_eq!(vm.client.ephemeral_quota, 1 << 30);
-        assert_eq!(vm.client.weight, 100);
-        assert_eq!(vm.client.dedup_group.as_deref(), Some("web"));
-        assert_eq!(vm.client.authorized_uuids.len(), 1);
-
-        let vm = VmConfig::parse_spec("vm2").unwrap();
-        assert_eq!(vm.name, "vm2");
-        assert_eq!(vm.client, ClientConfig::default());
-
-        for bad in [
-            "",
-            "weight=3",
-            "name=../x",
-            "name=vm,weight=0",
-            "name=vm,weight=x",
-            "name=vm,colour=red",
-            "name=vm,persistent-quota=lots",
-            "name=vm,auth=nope",
-            "name=vm,junk",
-        ] {
-            assert!(VmConfig::parse_spec(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn names() {
-        for good in ["vm1", "a", "web-01.prod", "A_B"] {
-            validate_vm_name(good).unwrap();
-        }
-        for bad in ["", ".hidden", "-x", "a/b", "a b", &"x".repeat(65)] {
-            assert!(validate_vm_name(bad).is_err(), "{bad}");
-        }
-    }
+    use vtmem_api::{Quota, Weight};
 
     #[test]
     fn file() {
@@ -641,19 +316,34 @@ authorized-uuids = ["00112233-4455-6677-8899-aabbccddeeff"]
 
 [[vm]]
 name = "vm2"
+dedup-group = "none"
 "#;
         let f = FileConfig::parse(text, Path::new("x.toml")).unwrap();
         assert_eq!(f.socket_dir.as_deref(), Some(Path::new("/run/vtmem")));
-        assert_eq!(f.host_limit.as_ref().unwrap().size().unwrap(), 4 << 30);
+        assert_eq!(f.host_limit, Some(ByteSize(4 << 30)));
         assert_eq!(f.vm.len(), 2);
-        let vm1 = f.vm[0].to_vm_config().unwrap();
-        assert_eq!(vm1.client.ephemeral_quota, 1 << 30);
-        assert_eq!(vm1.client.weight, 200);
-
+        assert_eq!(f.vm[0].ephemeral_quota, Quota::Limited(ByteSize(1 << 30)));
+        assert_eq!(f.vm[0].weight, Weight::new(200).unwrap());
+        assert_eq!(f.vm[1].dedup_group, None);
         let err = FileConfig::parse("sockets = 1\n", Path::new("x.toml")).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("x.toml") && msg.contains("line 1"), "{msg}");
         assert!(!msg.contains('\n'));
+        let err = FileConfig::parse("[[vm]]\nname = \"a\"\nwieght = 3\n", Path::new("x.toml"));
+        assert!(err.unwrap_err().to_string().contains("wieght"));
+    }
+
+    #[test]
+    fn client_config_and_spec_are_inverses() {
+        let vm: VmSpec = "vm1,persistent-quota=512M,weight=7,dedup-group=web,auth=00112233445566778899aabbccddeeff"
+            .parse()
+            .unwrap();
+        let c = client_config(&vm);
+        assert_eq!(c.persistent_quota, 512 << 20);
+        assert_eq!(c.ephemeral_quota, u64::MAX);
+        assert_eq!(c.weight, 7);
+        assert_eq!(c.dedup_group.as_deref(), Some("web"));
+        assert_eq!(vm_spec(&vm.name, &c), vm);
     }
 
     #[test]

@@ -22,21 +22,21 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use parking_lot::Mutex;
-use serde::Serialize;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use vtmem_api::{ByteSize, DeviceStats, VmDetails, VmInfo, VmName, VmSpec};
+
 use crate::config::{
-    check_socket_path, format_uuid, validate_vm_name, ConfigError, DaemonConfig, DeviceSettings,
-    VmConfig,
+    check_socket_path, client_config, vm_spec, ConfigError, DaemonConfig, DeviceSettings,
 };
 use crate::device::VtmemBackend;
-use crate::exec::{DeviceCounters, DeviceCountersSnapshot};
+use crate::exec::DeviceCounters;
 use crate::ratelimit::RateLimitedLog;
-use crate::state::{StateError, StateFile};
-use vtmem_store::{AdminHandle, ClientConfig, ClientStats, Store, TmemError};
+use crate::state::{StateError, StateFile, VmState};
+use vtmem_store::{AdminHandle, Store, TmemError};
 
 /// Errors of VM management.
 #[derive(Debug, thiserror::Error)]
@@ -49,10 +49,10 @@ pub enum DaemonError {
     Store(#[from] TmemError),
     /// A VM of that name is served already.
     #[error("VM '{0}' already exists")]
-    VmExists(String),
+    VmExists(VmName),
     /// No VM of that name.
     #[error("no VM named '{0}'")]
-    UnknownVm(String),
+    UnknownVm(VmName),
     /// Another process listens on the socket path.
     #[error("socket {0} is in use by another process")]
     SocketInUse(PathBuf),
@@ -78,7 +78,7 @@ struct Connection {
 
 /// One served VM.
 pub struct Vm {
-    name: String,
+    name: VmName,
     socket: PathBuf,
     client: AdminHandle,
     counters: Arc<DeviceCounters>,
@@ -102,7 +102,7 @@ impl std::fmt::Debug for Vm {
 
 impl Vm {
     /// The VM's name.
-    pub fn name(&self) -> &str {
+    pub fn name(&self) -> &VmName {
         &self.name
     }
 
@@ -127,7 +127,7 @@ impl Vm {
     }
 
     /// The device counters.
-    pub fn counters(&self) -> DeviceCountersSnapshot {
+    pub fn counters(&self) -> DeviceStats {
         self.counters.snapshot()
     }
 
@@ -180,7 +180,12 @@ impl Vm {
         }
     }
 
-    /// A summary for `list`.
+    /// Its settings now.
+    pub fn spec(&self) -> VmSpec {
+        vm_spec(&self.name, &self.client.config())
+    }
+
+    /// A summary, as `add-vm` answers.
     pub fn info(&self) -> VmInfo {
         VmInfo {
             name: self.name.clone(),
@@ -188,11 +193,11 @@ impl Vm {
             connected: self.is_connected(),
             connections: self.connections(),
             frozen: self.client.is_frozen(),
-            config: ClientConfigView::from(&self.client.config()),
+            config: self.spec(),
         }
     }
 
-    /// Everything about the VM, for `show`.
+    /// Everything about the VM, for `show` and `list`.
     pub fn details(&self) -> VmDetails {
         VmDetails {
             info: self.info(),
@@ -202,69 +207,13 @@ impl Vm {
     }
 }
 
-/// A client configuration with readable UUIDs.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct ClientConfigView {
-    /// Persistent quota, bytes (18446744073709551615 = unlimited).
-    pub persistent_quota: u64,
-    /// Ephemeral quota, bytes.
-    pub ephemeral_quota: u64,
-    /// Weight.
-    pub weight: u32,
-    /// Dedup group.
-    pub dedup_group: Option<String>,
-    /// Authorised shared-pool UUIDs.
-    pub authorized_uuids: Vec<String>,
-}
-
-impl From<&ClientConfig> for ClientConfigView {
-    fn from(c: &ClientConfig) -> Self {
-        ClientConfigView {
-            persistent_quota: c.persistent_quota,
-            ephemeral_quota: c.ephemeral_quota,
-            weight: c.weight,
-            dedup_group: c.dedup_group.clone(),
-            authorized_uuids: c.authorized_uuids.iter().map(format_uuid).collect(),
-        }
-    }
-}
-
-/// A VM in `list`.
-#[derive(Clone, Debug, Serialize)]
-pub struct VmInfo {
-    /// Name.
-    pub name: String,
-    /// Socket path.
-    pub socket: PathBuf,
-    /// A frontend is connected.
-    pub connected: bool,
-    /// Connections accepted since the VM was added.
-    pub connections: u64,
-    /// Puts are refused (`freeze`).
-    pub frozen: bool,
-    /// Its client configuration.
-    pub config: ClientConfigView,
-}
-
-/// A VM in `show`.
-#[derive(Clone, Debug, Serialize)]
-pub struct VmDetails {
-    /// The summary.
-    #[serde(flatten)]
-    pub info: VmInfo,
-    /// Device counters (chains, notifications...).
-    pub device: DeviceCountersSnapshot,
-    /// The store's statistics of the client.
-    pub stats: ClientStats,
-}
-
 /// The VM registry and the shared store.
 #[derive(Debug)]
 pub struct Daemon {
     store: Arc<Store>,
     socket_dir: PathBuf,
     settings: DeviceSettings,
-    vms: Mutex<BTreeMap<String, Arc<Vm>>>,
+    vms: Mutex<BTreeMap<VmName, Arc<Vm>>>,
     /// Serialises add and remove (they block on sockets and threads).
     admin: Mutex<bool>,
     started: Instant,
@@ -299,7 +248,17 @@ impl Daemon {
     /// Writes the state file, if there is one.
     pub fn save_state(&self) -> Result<(), StateError> {
         match self.state.get() {
-            Some(f) => f.save(self),
+            Some(f) => f.save(|| {
+                let vms = self
+                    .vms()
+                    .iter()
+                    .map(|vm| VmState {
+                        spec: vm.spec(),
+                        frozen: vm.client().is_frozen(),
+                    })
+                    .collect();
+                f.state(ByteSize(self.store.host_limit()), vms)
+            }),
             None => Ok(()),
         }
     }
@@ -325,12 +284,12 @@ impl Daemon {
     }
 
     /// A VM by name.
-    pub fn vm(&self, name: &str) -> Result<Arc<Vm>, DaemonError> {
+    pub fn vm(&self, name: &VmName) -> Result<Arc<Vm>, DaemonError> {
         self.vms
             .lock()
             .get(name)
             .cloned()
-            .ok_or_else(|| DaemonError::UnknownVm(name.to_string()))
+            .ok_or_else(|| DaemonError::UnknownVm(name.clone()))
     }
 
     /// All VMs, by name.
@@ -339,12 +298,11 @@ impl Daemon {
     }
 
     /// Starts serving a VM: creates its client and its socket.
-    pub fn add_vm(&self, vm: &VmConfig) -> Result<Arc<Vm>, DaemonError> {
+    pub fn add_vm(&self, vm: &VmSpec) -> Result<Arc<Vm>, DaemonError> {
         let admin = self.admin.lock();
         if *admin {
             return Err(DaemonError::ShuttingDown);
         }
-        validate_vm_name(&vm.name)?;
         if self.vms.lock().contains_key(&vm.name) {
             return Err(DaemonError::VmExists(vm.name.clone()));
         }
@@ -352,21 +310,21 @@ impl Daemon {
         check_socket_path(&socket)?;
         clear_stale_socket(&socket)?;
 
-        let client = self.store.add_client(&vm.name, vm.client.clone())?;
+        let client = self.store.add_client(vm.name.as_str(), client_config(vm))?;
         let listener = match crate::sys::bind_ready(&socket, false, |_| Ok(())) {
             Ok(l) => VmListener {
                 listener: Listener::from(l),
                 path: socket.clone(),
             },
             Err(e) => {
-                let _ = self.store.remove_client(&vm.name);
+                let _ = self.store.remove_client(vm.name.as_str());
                 return Err(DaemonError::Listen(socket, e.to_string()));
             }
         };
         let stop_evt = match EventFd::new(EFD_NONBLOCK) {
             Ok(e) => e,
             Err(e) => {
-                let _ = self.store.remove_client(&vm.name);
+                let _ = self.store.remove_client(vm.name.as_str());
                 return Err(DaemonError::Thread(e));
             }
         };
@@ -391,7 +349,7 @@ impl Daemon {
             Ok(h) => *entry.thread.lock() = Some(h),
             Err(e) => {
                 // The listener went down with the closure: socket removed.
-                let _ = self.store.remove_client(&vm.name);
+                let _ = self.store.remove_client(vm.name.as_str());
                 return Err(DaemonError::Thread(e));
             }
         }
@@ -400,9 +358,9 @@ impl Daemon {
             "vm {}: listening on {} (persistent quota {}, ephemeral quota {}, weight {})",
             vm.name,
             socket.display(),
-            crate::config::format_size(vm.client.persistent_quota),
-            crate::config::format_size(vm.client.ephemeral_quota),
-            vm.client.weight
+            vm.persistent_quota,
+            vm.ephemeral_quota,
+            vm.weight
         );
         drop(admin);
         Ok(entry)
@@ -410,7 +368,7 @@ impl Daemon {
 
     /// Stops serving a VM, frees everything its client holds and removes
     /// its socket.
-    pub fn remove_vm(&self, name: &str) -> Result<(), DaemonError> {
+    pub fn remove_vm(&self, name: &VmName) -> Result<(), DaemonError> {
         let admin = self.admin.lock();
         if *admin {
             return Err(DaemonError::ShuttingDown);
@@ -419,11 +377,11 @@ impl Daemon {
             .vms
             .lock()
             .remove(name)
-            .ok_or_else(|| DaemonError::UnknownVm(name.to_string()))?;
+            .ok_or_else(|| DaemonError::UnknownVm(name.clone()))?;
         vm.request_stop();
         vm.join();
         let _ = std::fs::remove_file(&vm.socket);
-        let result = self.store.remove_client(name);
+        let result = self.store.remove_client(name.as_str());
         drop(admin);
         info!("vm {name}: removed");
         result.map_err(DaemonError::from)

@@ -25,6 +25,7 @@ use vtmem_protocol::{
 
 use crate::ratelimit::RateLimitedLog;
 use crate::request::{ChainError, ChainParser, ValidChain};
+use vtmem_api::DeviceStats;
 use vtmem_store::{DataHandle, Page, TmemError};
 
 /// Device features that change what operations may do.
@@ -62,8 +63,8 @@ impl Features {
     }
 }
 
-/// Per-VM device counters, kept across connections; shown by the control
-/// socket's `show` command.
+/// Per-VM device counters, kept across connections; `show` reports a
+/// [`DeviceStats`] copy of them.
 #[derive(Debug, Default)]
 pub struct DeviceCounters {
     /// Chains taken from the rings.
@@ -94,9 +95,9 @@ impl DeviceCounters {
     }
 
     /// A plain copy, for reporting.
-    pub fn snapshot(&self) -> DeviceCountersSnapshot {
+    pub fn snapshot(&self) -> DeviceStats {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        DeviceCountersSnapshot {
+        DeviceStats {
             chains: l(&self.chains),
             ops: l(&self.ops),
             invalid_ops: l(&self.invalid_ops),
@@ -109,24 +110,6 @@ impl DeviceCounters {
             bytes_to_guest: l(&self.bytes_to_guest),
         }
     }
-}
-
-/// A copy of [`DeviceCounters`] (fields as documented there). Missing
-/// fields read as zero, so clients accept answers from older daemons.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-#[allow(missing_docs)]
-pub struct DeviceCountersSnapshot {
-    pub chains: u64,
-    pub ops: u64,
-    pub invalid_ops: u64,
-    pub rejected_chains: u64,
-    pub dropped_chains: u64,
-    pub notifications: u64,
-    pub kicks: u64,
-    pub poll_hits: u64,
-    pub bytes_from_guest: u64,
-    pub bytes_to_guest: u64,
 }
 
 /// What became of one chain.

@@ -28,7 +28,6 @@ pub mod accept;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod ctl;
 pub mod daemon;
 pub mod device;
 pub mod exec;
@@ -140,7 +139,7 @@ pub fn launch(config: &DaemonConfig) -> Result<Running, Error> {
     let mut frozen = Vec::new();
     let state_file = match config.state_file.clone() {
         Some(path) => {
-            let declared: Vec<String> = config.vms.iter().map(|v| v.name.clone()).collect();
+            let declared: Vec<_> = config.vms.iter().map(|v| v.name.clone()).collect();
             if let Some(st) = state::load(&path)? {
                 frozen = state::apply(&st, &mut config, &path)?;
                 config.validate()?;
@@ -148,7 +147,7 @@ pub fn launch(config: &DaemonConfig) -> Result<Running, Error> {
                     "state file {}: {} VM(s), host limit {}",
                     path.display(),
                     st.vms.len(),
-                    config::format_size(st.host_limit)
+                    st.host_limit
                 );
             }
             Some(state::StateFile::new(&path, declared))
@@ -158,7 +157,7 @@ pub fn launch(config: &DaemonConfig) -> Result<Running, Error> {
     let config = &config;
     prepare_socket_dir(&config.socket_dir)?;
     let store = Store::new(StoreConfig {
-        host_limit: config.host_limit,
+        host_limit: config.host_limit.bytes(),
     });
     let daemon = Daemon::new(store, config);
     let mut control =
@@ -215,7 +214,7 @@ pub fn start(config: DaemonConfig) -> Result<(), Error> {
         running.daemon.vms().len(),
         config.socket_dir.display(),
         config.control_socket.display(),
-        config::format_size(running.daemon.store().host_limit()),
+        vtmem_api::ByteSize(running.daemon.store().host_limit()),
         config.device.queues,
         config.device.queue_size,
     );

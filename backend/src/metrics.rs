@@ -250,17 +250,17 @@ pub fn render(daemon: &Daemon) -> String {
         name: &'a str,
         connected: bool,
         connections: u64,
-        device: crate::exec::DeviceCountersSnapshot,
+        device: vtmem_api::DeviceStats,
         stats: Option<&'a vtmem_store::ClientStats>,
     }
     let rows: Vec<Row> = vms
         .iter()
         .map(|vm| Row {
-            name: vm.name(),
+            name: vm.name().as_str(),
             connected: vm.is_connected(),
             connections: vm.connections(),
             device: vm.counters(),
-            stats: stats.clients.iter().find(|s| s.name == vm.name()),
+            stats: stats.clients.iter().find(|s| s.name == vm.name().as_str()),
         })
         .collect();
     let gauge = |f: &dyn Fn(&Row) -> f64| -> Vec<(&str, f64)> {
@@ -623,7 +623,8 @@ mod tests {
 
     #[test]
     fn counts_follow_the_store() {
-        use crate::config::{DaemonConfig, DeviceSettings, VmConfig};
+        use crate::config::{DaemonConfig, DeviceSettings};
+        use vtmem_api::{ByteSize, VmSpec};
         use vtmem_store::{Handle, ObjectId, PoolSpec, Store, StoreConfig, PAGE_SIZE};
         let dir = std::env::temp_dir().join(format!("vtmem-metrics-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -631,7 +632,7 @@ mod tests {
             socket_dir: dir.clone(),
             control_socket: dir.join("ctl"),
             control_group: None,
-            host_limit: 1 << 26,
+            host_limit: ByteSize(1 << 26),
             device: DeviceSettings::default(),
             vms: Vec::new(),
             metrics_address: None,
@@ -643,7 +644,7 @@ mod tests {
             }),
             &config,
         );
-        let vm = daemon.add_vm(&VmConfig::new("a").unwrap()).unwrap();
+        let vm = daemon.add_vm(&"a".parse::<VmSpec>().unwrap()).unwrap();
         let c = vm.client().data();
         let pool = c.new_pool(PoolSpec::persistent()).unwrap();
         let h = |i| Handle {
@@ -675,7 +676,7 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }
         // Store totals keep counting a VM after it is removed.
-        daemon.remove_vm("a").unwrap();
+        daemon.remove_vm(vm.name()).unwrap();
         let text = render(&daemon);
         assert!(text
             .lines()

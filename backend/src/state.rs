@@ -10,58 +10,43 @@
 //! over the configuration file and flags (see [`apply`]). Pages are never
 //! in it: the store lives in memory.
 
-use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use vtmem_api::{ByteSize, VmName, VmSpec};
 
-use crate::config::{
-    format_uuid, parse_uuid, validate_dedup_group, validate_vm_name, validate_weight, DaemonConfig,
-    VmConfig,
-};
-use crate::daemon::Daemon;
-use vtmem_store::ClientConfig;
+use crate::config::DaemonConfig;
 
 /// Version of the state file format.
 pub const STATE_VERSION: u32 = 1;
 
 /// The state file's contents.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct State {
     /// Format version, [`STATE_VERSION`].
     pub version: u32,
-    /// The store's host limit in bytes.
-    pub host_limit: u64,
+    /// The store's host limit.
+    pub host_limit: ByteSize,
     /// Every VM served when the file was written.
     pub vms: Vec<VmState>,
     /// VMs of the configuration file or flags removed at run time: they
     /// stay removed.
     #[serde(default)]
-    pub removed: Vec<String>,
+    pub removed: Vec<VmName>,
 }
 
-/// One VM in the state file.
+/// One VM in the state file: its spec (the control API's `add-vm`
+/// arguments) and whether it is frozen.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmState {
-    /// Name.
-    pub name: String,
-    /// Persistent quota, bytes (18446744073709551615: unlimited).
-    pub persistent_quota: u64,
-    /// Ephemeral quota, bytes.
-    pub ephemeral_quota: u64,
-    /// Weight.
-    pub weight: u32,
-    /// Dedup group.
-    #[serde(default)]
-    pub dedup_group: Option<String>,
-    /// Authorised shared-pool UUIDs (8-4-4-4-12).
-    #[serde(default)]
-    pub authorized_uuids: Vec<String>,
+    /// Name and settings.
+    pub spec: VmSpec,
     /// Puts refused.
     #[serde(default)]
     pub frozen: bool,
@@ -75,33 +60,6 @@ pub struct StateError {
     pub path: PathBuf,
     /// What is wrong (one line).
     pub msg: String,
-}
-
-impl VmState {
-    fn to_vm_config(&self) -> Result<VmConfig, String> {
-        validate_vm_name(&self.name).map_err(|e| e.to_string())?;
-        let mut client = ClientConfig {
-            persistent_quota: self.persistent_quota,
-            ephemeral_quota: self.ephemeral_quota,
-            weight: validate_weight(u64::from(self.weight)).map_err(|e| e.to_string())?,
-            dedup_group: None,
-            authorized_uuids: Vec::new(),
-        };
-        if let Some(g) = &self.dedup_group {
-            validate_dedup_group(g).map_err(|e| e.to_string())?;
-            client.dedup_group = Some(g.clone());
-        }
-        for u in &self.authorized_uuids {
-            let uuid = parse_uuid(u).map_err(|e| e.to_string())?;
-            if !client.authorized_uuids.contains(&uuid) {
-                client.authorized_uuids.push(uuid);
-            }
-        }
-        Ok(VmConfig {
-            name: self.name.clone(),
-            client,
-        })
-    }
 }
 
 /// Reads a state file: `Ok(None)` if it does not exist.
@@ -122,7 +80,7 @@ pub fn load(path: &Path) -> Result<Option<State>, StateError> {
             state.version
         )));
     }
-    if state.host_limit == 0 {
+    if state.host_limit.bytes() == 0 {
         return Err(err("host_limit is 0".to_string()));
     }
     Ok(Some(state))
@@ -136,7 +94,7 @@ pub fn apply(
     state: &State,
     config: &mut DaemonConfig,
     path: &Path,
-) -> Result<Vec<String>, StateError> {
+) -> Result<Vec<VmName>, StateError> {
     let err = |msg: String| StateError {
         path: path.to_path_buf(),
         msg: format!("{msg} (fix or remove the file)"),
@@ -145,14 +103,14 @@ pub fn apply(
     let mut frozen = Vec::new();
     let mut names = BTreeSet::new();
     for v in &state.vms {
-        let vm = v.to_vm_config().map_err(&err)?;
+        let vm = &v.spec;
         if !names.insert(vm.name.clone()) {
             return Err(err(format!("VM '{}' is listed twice", vm.name)));
         }
         if v.frozen {
             frozen.push(vm.name.clone());
         }
-        vms.push(vm);
+        vms.push(vm.clone());
     }
     for vm in &config.vms {
         if !names.contains(&vm.name) && !state.removed.contains(&vm.name) {
@@ -164,12 +122,13 @@ pub fn apply(
     Ok(frozen)
 }
 
-/// The state file of a running daemon.
+/// The state file of a running daemon. The daemon hands it snapshots;
+/// it never looks at the daemon itself.
 #[derive(Debug)]
 pub struct StateFile {
     path: PathBuf,
     /// VMs declared by the configuration file and flags.
-    declared: BTreeSet<String>,
+    declared: BTreeSet<VmName>,
     /// Serialises writers.
     lock: Mutex<()>,
 }
@@ -177,7 +136,7 @@ pub struct StateFile {
 impl StateFile {
     /// A state file at `path`; `declared` are the configuration's VM names
     /// (before the state was applied).
-    pub fn new(path: &Path, declared: impl IntoIterator<Item = String>) -> Self {
+    pub fn new(path: &Path, declared: impl IntoIterator<Item = VmName>) -> Self {
         StateFile {
             path: path.to_path_buf(),
             declared: declared.into_iter().collect(),
@@ -190,43 +149,27 @@ impl StateFile {
         &self.path
     }
 
-    /// The daemon's state now.
-    pub fn snapshot(&self, daemon: &Daemon) -> State {
-        let vms: Vec<VmState> = daemon
-            .vms()
-            .iter()
-            .map(|vm| {
-                let c = vm.client().config();
-                VmState {
-                    name: vm.name().to_string(),
-                    persistent_quota: c.persistent_quota,
-                    ephemeral_quota: c.ephemeral_quota,
-                    weight: c.weight,
-                    dedup_group: c.dedup_group.clone(),
-                    authorized_uuids: c.authorized_uuids.iter().map(format_uuid).collect(),
-                    frozen: vm.client().is_frozen(),
-                }
-            })
-            .collect();
+    /// The state of a daemon serving `vms` under `host_limit`.
+    pub fn state(&self, host_limit: ByteSize, vms: Vec<VmState>) -> State {
         let removed = self
             .declared
             .iter()
-            .filter(|n| !vms.iter().any(|v| &v.name == *n))
+            .filter(|n| !vms.iter().any(|v| &v.spec.name == *n))
             .cloned()
             .collect();
         State {
             version: STATE_VERSION,
-            host_limit: daemon.store().host_limit(),
+            host_limit,
             vms,
             removed,
         }
     }
 
-    /// Writes the daemon's state atomically.
-    pub fn save(&self, daemon: &Daemon) -> Result<(), StateError> {
+    /// Writes a snapshot atomically. `snapshot` is taken under the file's
+    /// lock, so concurrent writers leave the newest state behind.
+    pub fn save(&self, snapshot: impl FnOnce() -> State) -> Result<(), StateError> {
         let _guard = self.lock.lock();
-        let state = self.snapshot(daemon);
-        write_atomically(&self.path, &state).map_err(|e| StateError {
+        write_atomically(&self.path, &snapshot()).map_err(|e| StateError {
             path: self.path.clone(),
             msg: e.to_string(),
         })
@@ -266,10 +209,8 @@ fn write_atomically(path: &Path, state: &State) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    fn vm(name: &str, weight: u32) -> VmConfig {
-        let mut v = VmConfig::new(name).unwrap();
-        v.client.weight = weight;
-        v
+    fn vm(spec: &str) -> VmSpec {
+        spec.parse().unwrap()
     }
 
     #[test]
@@ -278,59 +219,58 @@ mod tests {
             socket_dir: "/x".into(),
             control_socket: "/x/ctl".into(),
             control_group: None,
-            host_limit: 1 << 30,
+            host_limit: ByteSize(1 << 30),
             device: Default::default(),
-            vms: vec![vm("a", 100), vm("b", 100), vm("new", 7)],
+            vms: vec![vm("a"), vm("b"), vm("new,weight=7")],
             metrics_address: None,
             state_file: None,
         };
         let state = State {
             version: 1,
-            host_limit: 1 << 20,
+            host_limit: ByteSize(1 << 20),
             vms: vec![VmState {
-                name: "a".into(),
-                persistent_quota: 4096,
-                ephemeral_quota: u64::MAX,
-                weight: 300,
-                dedup_group: Some("web".into()),
-                authorized_uuids: vec!["00112233-4455-6677-8899-aabbccddeeff".into()],
+                spec: vm("a,persistent-quota=4096,weight=300,dedup-group=web,auth=00112233-4455-6677-8899-aabbccddeeff"),
                 frozen: true,
             }],
-            removed: vec!["b".into()],
+            removed: vec!["b".parse().unwrap()],
         };
         let frozen = apply(&state, &mut config, Path::new("s")).unwrap();
-        assert_eq!(frozen, vec!["a".to_string()]);
-        assert_eq!(config.host_limit, 1 << 20);
+        assert_eq!(frozen, vec!["a".parse::<VmName>().unwrap()]);
+        assert_eq!(config.host_limit, ByteSize(1 << 20));
         let names: Vec<&str> = config.vms.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, ["a", "new"]);
-        assert_eq!(config.vms[0].client.weight, 300);
-        assert_eq!(config.vms[0].client.persistent_quota, 4096);
-        assert_eq!(config.vms[1].client.weight, 7);
+        assert_eq!(config.vms[0].weight.get(), 300);
+        assert_eq!(config.vms[0].persistent_quota.bytes(), 4096);
+        assert_eq!(config.vms[1].weight.get(), 7);
     }
 
     #[test]
     fn bad_files_are_one_line_errors() {
-        let dir = std::env::temp_dir().join(format!("vtmem-state-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("state.json");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
         assert!(load(&p).unwrap().is_none());
         for text in [
             "{not json",
             "{\"version\":2,\"host_limit\":1,\"vms\":[]}",
             "{\"version\":1,\"host_limit\":1,\"vms\":[],\"extra\":1}",
+            "{\"version\":1,\"host_limit\":1,\"vms\":[{\"spec\":{\"name\":\"a\",\"wieght\":1}}]}",
+            "{\"version\":1,\"host_limit\":1,\"vms\":[{\"spec\":{\"name\":\"../a\"}}]}",
+            "{\"version\":1,\"host_limit\":0,\"vms\":[]}",
         ] {
             std::fs::write(&p, text).unwrap();
             let e = load(&p).unwrap_err().to_string();
             assert!(e.starts_with("state file ") && !e.contains('\n'), "{e}");
         }
-        let st = State {
-            version: 1,
-            host_limit: 5,
-            vms: Vec::new(),
-            removed: Vec::new(),
-        };
-        write_atomically(&p, &st).unwrap();
+        let file = StateFile::new(&p, ["gone".parse().unwrap()]);
+        let st = file.state(
+            ByteSize(5),
+            vec![VmState {
+                spec: vm("a,dedup-group=g"),
+                frozen: true,
+            }],
+        );
+        assert_eq!(st.removed, vec!["gone".parse::<VmName>().unwrap()]);
+        file.save(|| st.clone()).unwrap();
         assert_eq!(load(&p).unwrap(), Some(st));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

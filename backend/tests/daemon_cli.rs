@@ -80,6 +80,20 @@ fn command_line_errors_are_one_line() {
     fails_with(&["--no-such-flag"], 2, "--no-such-flag");
     fails_with(&["--socket-dir", "/tmp", "--queues", "abc"], 2, "--queues");
     fails_with(&["--socket-dir", "/tmp", "--log-level", "loud"], 2, "loud");
+    // Typed values are refused while the command line is parsed.
+    fails_with(&["--socket-dir", "/tmp", "--host-limit", "12Q"], 2, "12Q");
+    fails_with(&["--socket-dir", "/tmp", "--vm", "weight=5"], 2, "name");
+    fails_with(&["--socket-dir", "/tmp", "--vm", "name=a/b"], 2, "a/b");
+    fails_with(
+        &["--socket-dir", "/tmp", "--vm", "name=a,colour=red"],
+        2,
+        "colour",
+    );
+    fails_with(
+        &["--socket-dir", "/tmp", "--vm", "name=a,auth=xyz"],
+        2,
+        "xyz",
+    );
 }
 
 #[test]
@@ -89,16 +103,7 @@ fn configuration_errors_are_one_line() {
     fails_with(&[], 1, "socket directory");
     fails_with(&["--socket-dir", d, "--queues", "65"], 1, "queues");
     fails_with(&["--socket-dir", d, "--queue-size", "100"], 1, "queue size");
-    fails_with(&["--socket-dir", d, "--host-limit", "12Q"], 1, "12Q");
     fails_with(&["--socket-dir", d, "--poll-us", "1000000000"], 1, "poll");
-    fails_with(&["--socket-dir", d, "--vm", "weight=5"], 1, "name");
-    fails_with(&["--socket-dir", d, "--vm", "name=a/b"], 1, "a/b");
-    fails_with(
-        &["--socket-dir", d, "--vm", "name=a,colour=red"],
-        1,
-        "colour",
-    );
-    fails_with(&["--socket-dir", d, "--vm", "name=a,auth=xyz"], 1, "xyz");
     fails_with(
         &["--socket-dir", d, "--vm", "a", "--vm", "a"],
         1,

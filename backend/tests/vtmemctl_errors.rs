@@ -57,20 +57,20 @@ fn usage_errors() {
     let cases: &[(&[&str], &str)] = &[
         (
             &["set-quota", "vm1", "--persistent", "12X"],
-            "invalid size '12X'",
+            "invalid quota '12X'",
         ),
         (
             &["set-quota", "vm1", "--ephemeral", "1.5G"],
-            "invalid size '1.5G'",
+            "invalid quota '1.5G'",
         ),
         (&["set-quota", "vm1"], "required"),
         (&["set-limit", "lots"], "invalid size 'lots'"),
         (&["set-limit", "unlimited"], "invalid size 'unlimited'"),
         (
             &["add-vm", "vm3", "--persistent-quota", "9Q"],
-            "invalid size '9Q'",
+            "invalid quota '9Q'",
         ),
-        (&["set-weight", "vm1", "0"], "invalid weight 0"),
+        (&["set-weight", "vm1", "0"], "invalid weight '0'"),
         (&["set-weight", "vm1", "heavy"], "invalid weight 'heavy'"),
         (&["auth", "vm1", "not-a-uuid"], "invalid UUID 'not-a-uuid'"),
         (

@@ -1,11 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vtmemctl`: parses the command line, runs the command against vtmemd's
 //! control socket, reports errors in one line with an exit status.
+//!
+//! The program is the `vtmem-ctl` crate, which knows only the control API.
+//! Its binary is built here, beside `vtmemd`, because the two ship and are
+//! versioned together and the daemon's integration tests drive both.
 
 use std::process::exit;
 
 use clap::Parser;
-use vtmem_backend::ctl::{self, args::usage_error_line, Cli, CtlError, SOCKET_ENV};
+use vtmem_ctl::{args::usage_error_line, Cli, CtlError};
 
 fn main() {
     let cli = match Cli::try_parse() {
@@ -22,9 +26,8 @@ fn main() {
             }
         },
     };
-    let socket = cli.socket_path(std::env::var_os(SOCKET_ENV));
     let mut stdout = std::io::stdout().lock();
-    if let Err(e) = ctl::run(&cli, &socket, &mut stdout) {
+    if let Err(e) = vtmem_ctl::run(&cli, &cli.socket, &mut stdout) {
         if e.is_broken_pipe() {
             exit(0);
         }

@@ -39,15 +39,7 @@ impl Control {
         let mut msg = Map::new();
         msg.insert("version".into(), json!(1));
         msg.insert("command".into(), json!(command));
-        match args {
-            Value::Object(m) => msg.extend(m),
-            Value::Null => {}
-            other => {
-                return Err(Error::Control(format!(
-                    "arguments must be an object, not {other}"
-                )))
-            }
-        }
+        msg.insert("args".into(), args);
         let mut line = serde_json::to_string(&Value::Object(msg))
             .map_err(|e| Error::Control(e.to_string()))?;
         line.push('\n');

@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Human output of `status`, `list`, `show` and `top`.
 
-use super::format::{self, Align, Fields, Table};
-use super::model::{hit_rate, refused, Activity, VmDetails, VmSummary};
-use crate::config::format_uuid;
-use vtmem_store::{ClientStats, PoolStats, StoreStats};
+use vtmem_api::{ClientStats, PoolStats, StoreStats, VmDetails};
+
+use crate::format::{self, Align, Fields, Table};
+use crate::model::{hit_rate, refused, Activity};
 
 /// The eviction rate shown by `status`, measured by sampling the counters
 /// twice.
@@ -138,11 +138,11 @@ fn refused_cell(stats: &ClientStats) -> String {
     )
 }
 
-fn state(stats: Option<&ClientStats>) -> &'static str {
-    match stats {
-        Some(s) if s.frozen => "frozen",
-        Some(_) => "active",
-        None => "-",
+fn state(stats: &ClientStats) -> &'static str {
+    if stats.frozen {
+        "frozen"
+    } else {
+        "active"
     }
 }
 
@@ -177,7 +177,9 @@ fn pools_table(pools: &[(&str, &PoolStats)], with_vm: bool) -> Table {
         let mut row = vec![
             p.id.to_string(),
             pool_kind(p).to_string(),
-            p.shared.as_ref().map_or("-".to_string(), format_uuid),
+            p.shared
+                .as_ref()
+                .map_or("-".to_string(), ToString::to_string),
             format::yes_no(p.owned).to_string(),
             format::yes_no(p.exclusive_gets).to_string(),
             p.pages.to_string(),
@@ -196,9 +198,8 @@ fn pools_table(pools: &[(&str, &PoolStats)], with_vm: bool) -> Table {
     t
 }
 
-/// `list`: one row per VM, then one row per pool. `clients` comes from a
-/// `status` taken right after `list`; a VM missing from it shows `-`.
-pub fn list(vms: &[VmSummary], clients: &[ClientStats]) -> String {
+/// `list`: one row per VM, then one row per pool.
+pub fn list(vms: &[VmDetails]) -> String {
     let mut t = Table::new(&[
         ("NAME", Align::Left),
         ("CONN", Align::Left),
@@ -216,30 +217,25 @@ pub fn list(vms: &[VmSummary], clients: &[ClientStats]) -> String {
         ("REFUSED S/Q/F/O", Align::Right),
     ]);
     let mut pools = Vec::new();
-    for vm in vms {
-        let stats = clients.iter().find(|c| c.name == vm.name);
-        let num = |f: fn(&ClientStats) -> u64| stats.map_or("-".to_string(), |s| f(s).to_string());
-        let size =
-            |f: fn(&ClientStats) -> u64| stats.map_or("-".to_string(), |s| format::bytes(f(s)));
+    for d in vms {
+        let (vm, s) = (&d.info, &d.stats);
         t.row(vec![
-            vm.name.clone(),
+            vm.name.to_string(),
             format::yes_no(vm.connected).to_string(),
-            state(stats).to_string(),
+            state(s).to_string(),
             vm.config.weight.to_string(),
-            format::quota(vm.config.persistent_quota),
-            num(|s| s.persistent_pages),
-            size(|s| s.persistent_bytes),
-            format::quota(vm.config.ephemeral_quota),
-            num(|s| s.ephemeral_pages),
-            size(|s| s.ephemeral_bytes),
-            num(|s| s.zero_pages),
-            num(|s| s.deduplicated_pages),
-            stats.map_or("-".to_string(), |s| format::fraction(hit_rate(&s.counters))),
-            stats.map_or("-".to_string(), refused_cell),
+            format::quota(vm.config.persistent_quota.bytes()),
+            s.persistent_pages.to_string(),
+            format::bytes(s.persistent_bytes),
+            format::quota(vm.config.ephemeral_quota.bytes()),
+            s.ephemeral_pages.to_string(),
+            format::bytes(s.ephemeral_bytes),
+            s.zero_pages.to_string(),
+            s.deduplicated_pages.to_string(),
+            format::fraction(hit_rate(&s.counters)),
+            refused_cell(s),
         ]);
-        if let Some(s) = stats {
-            pools.extend(s.pools.iter().map(|p| (vm.name.as_str(), p)));
-        }
+        pools.extend(s.pools.iter().map(|p| (vm.name.as_str(), p)));
     }
     if vms.is_empty() {
         return "no VMs\n".to_string();
@@ -280,14 +276,22 @@ pub fn show(d: &VmDetails) -> String {
     f.add("weight", i.config.weight.to_string());
     f.add(
         "dedup group",
-        i.config.dedup_group.as_deref().unwrap_or("none"),
+        i.config
+            .dedup_group
+            .as_ref()
+            .map_or("none".to_string(), ToString::to_string),
     );
     f.add(
         "authorized UUIDs",
         if i.config.authorized_uuids.is_empty() {
             "none".to_string()
         } else {
-            i.config.authorized_uuids.join("\n")
+            i.config
+                .authorized_uuids
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
         },
     );
     f.add(
@@ -296,7 +300,7 @@ pub fn show(d: &VmDetails) -> String {
             "{} pages, {} of {} quota (charged {} with reservations)",
             s.persistent_pages,
             format::bytes(s.persistent_bytes),
-            format::quota(i.config.persistent_quota),
+            format::quota(i.config.persistent_quota.bytes()),
             format::bytes(s.persistent_charged)
         ),
     );
@@ -306,7 +310,7 @@ pub fn show(d: &VmDetails) -> String {
             "{} pages, {} of {} quota",
             s.ephemeral_pages,
             format::bytes(s.ephemeral_bytes),
-            format::quota(i.config.ephemeral_quota)
+            i.config.ephemeral_quota
         ),
     );
     f.add(
@@ -435,23 +439,23 @@ pub fn top(a: &Activity, interval: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ctl::model::{VmActivity, VmConfigView};
-    use vtmem_store::OpCounters;
+    use crate::model::VmActivity;
+    use vtmem_api::{OpCounters, VmInfo, VmSpec};
 
-    fn summary(name: &str) -> VmSummary {
-        VmSummary {
-            name: name.into(),
-            socket: format!("/run/vtmem/{name}.sock").into(),
-            connected: true,
-            connections: 1,
-            frozen: false,
-            config: VmConfigView {
-                persistent_quota: 512 << 20,
-                ephemeral_quota: u64::MAX,
-                weight: 100,
-                dedup_group: None,
-                authorized_uuids: vec![],
+    fn details(name: &str, stats: ClientStats) -> VmDetails {
+        VmDetails {
+            info: VmInfo {
+                name: name.parse().unwrap(),
+                socket: format!("/run/vtmem/{name}.sock").into(),
+                connected: true,
+                connections: 1,
+                frozen: false,
+                config: format!("{name},persistent-quota=512M")
+                    .parse::<VmSpec>()
+                    .unwrap(),
             },
+            device: Default::default(),
+            stats,
         }
     }
 
@@ -482,7 +486,11 @@ mod tests {
 
     #[test]
     fn list_rows_and_pools() {
-        let out = list(&[summary("vm1"), summary("vm2")], &[stats("vm1")]);
+        let idle = ClientStats {
+            name: "vm2".into(),
+            ..Default::default()
+        };
+        let out = list(&[details("vm1", stats("vm1")), details("vm2", idle)]);
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[0].starts_with("NAME  CONN  STATE"), "{out}");
         assert!(lines[1].contains("frozen"), "{out}");
@@ -492,21 +500,16 @@ mod tests {
         assert!(lines[1].contains("75.00%"), "{out}");
         assert!(lines[1].ends_with("0/2/0/0"), "{out}");
         assert!(lines[2].starts_with("vm2"), "{out}");
-        assert!(lines[2].ends_with(" -"), "{out}");
+        assert!(lines[2].ends_with(" 0/0/0/0"), "{out}");
         assert_eq!(lines[3], "");
         assert!(lines[4].starts_with("VM   POOL  KIND"), "{out}");
         assert!(lines[5].contains("persistent"), "{out}");
-        assert_eq!(list(&[], &[]), "no VMs\n");
+        assert_eq!(list(&[]), "no VMs\n");
     }
 
     #[test]
     fn show_fields() {
-        let d = VmDetails {
-            info: summary("vm1"),
-            device: Default::default(),
-            stats: stats("vm1"),
-        };
-        let out = show(&d);
+        let out = show(&details("vm1", stats("vm1")));
         assert!(out.starts_with("vm1\n  socket:"), "{out}");
         assert!(out.contains("frozen (puts refused)"), "{out}");
         assert!(out.contains("authorized UUIDs:  none"), "{out}");

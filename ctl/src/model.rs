@@ -1,68 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Typed views of the control API's results, and the rates computed from
-//! two samples of the store's counters.
-//!
-//! `status` results decode into the store's own [`StoreStats`]. The VM
-//! summaries of `list` and `show` have views here; their fields default
-//! when absent, and unknown fields are ignored, as the API asks of clients.
+//! Rates computed from two samples of the store's counters.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
-use vtmem_store::{ClientStats, OpCounters, StoreStats};
-
-/// A VM's configuration as the control API shows it (UUIDs as text).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub struct VmConfigView {
-    /// Persistent quota in bytes (`u64::MAX`: unlimited).
-    pub persistent_quota: u64,
-    /// Ephemeral quota in bytes.
-    pub ephemeral_quota: u64,
-    /// Weight.
-    pub weight: u32,
-    /// Dedup group, if any.
-    pub dedup_group: Option<String>,
-    /// Authorised shared-pool UUIDs (8-4-4-4-12).
-    pub authorized_uuids: Vec<String>,
-}
-
-/// One VM of `list` (also the result of `add-vm`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub struct VmSummary {
-    /// Name.
-    pub name: String,
-    /// Its vhost-user socket.
-    pub socket: PathBuf,
-    /// Whether a VMM is attached now.
-    pub connected: bool,
-    /// Connections accepted since the VM was added.
-    pub connections: u64,
-    /// Whether puts are refused (`freeze`).
-    pub frozen: bool,
-    /// Its configuration.
-    pub config: VmConfigView,
-}
-
-/// The device counters of `show`: the daemon's own snapshot type, so the
-/// two cannot drift apart.
-pub type DeviceView = crate::exec::DeviceCountersSnapshot;
-
-/// The result of `show`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct VmDetails {
-    /// The summary fields.
-    #[serde(flatten)]
-    pub info: VmSummary,
-    /// Device counters.
-    pub device: DeviceView,
-    /// The store's statistics of the VM's client.
-    pub stats: ClientStats,
-}
+use serde::Serialize;
+use vtmem_api::{OpCounters, StoreStats, VmDetails};
 
 /// Hit rate of a set of counters: hits over answered gets (hits + misses),
 /// `None` without any. Not hits / gets: `gets` is bumped before the lookup
@@ -177,7 +119,7 @@ pub struct Activity {
 /// Compares two samples. A VM present only in the later one counts from
 /// zero (it was added during the interval); a VM gone from it is left out.
 /// `connected` looks VMs up in a `list` result taken with the later sample.
-pub fn activity(before: &Sample, after: &Sample, list: &[VmSummary]) -> Activity {
+pub fn activity(before: &Sample, after: &Sample, list: &[VmDetails]) -> Activity {
     // The daemon's own clock, when it reports one, measures the interval
     // without the answers' transit times.
     let secs = match (before.uptime, after.uptime) {
@@ -203,7 +145,10 @@ pub fn activity(before: &Sample, after: &Sample, list: &[VmSummary]) -> Activity
             total.accumulate(&d);
             VmActivity {
                 name: c.name.clone(),
-                connected: list.iter().find(|v| v.name == c.name).map(|v| v.connected),
+                connected: list
+                    .iter()
+                    .find(|v| v.info.name.as_str() == c.name)
+                    .map(|v| v.info.connected),
                 frozen: c.frozen,
                 puts_per_sec: per_sec(d.puts),
                 gets_per_sec: per_sec(d.gets),
@@ -233,6 +178,7 @@ pub fn activity(before: &Sample, after: &Sample, list: &[VmSummary]) -> Activity
 mod tests {
     use super::*;
     use std::time::Duration;
+    use vtmem_api::ClientStats;
 
     fn client(name: &str, puts: u64, gets: u64, hits: u64, evictions: u64) -> ClientStats {
         ClientStats {
@@ -294,10 +240,17 @@ mod tests {
                 ..Default::default()
             },
         };
-        let list = vec![VmSummary {
-            name: "a".into(),
-            connected: true,
-            ..Default::default()
+        let list = vec![VmDetails {
+            info: vtmem_api::VmInfo {
+                name: "a".parse().unwrap(),
+                socket: "/run/vtmem/a.sock".into(),
+                connected: true,
+                connections: 1,
+                frozen: false,
+                config: "a".parse().unwrap(),
+            },
+            device: Default::default(),
+            stats: client("a", 0, 0, 0, 0),
         }];
         let act = activity(&before, &after, &list);
         assert_eq!(act.interval_secs, 2.0);
@@ -325,16 +278,5 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(delta(&before, &OpCounters::default()).puts, 0);
-    }
-
-    #[test]
-    fn views_tolerate_extra_and_missing_fields() {
-        let v: VmSummary = serde_json::from_value(serde_json::json!({
-            "name": "vm1", "connected": true, "future_field": 1
-        }))
-        .unwrap();
-        assert_eq!(v.name, "vm1");
-        assert!(v.connected);
-        assert_eq!(v.config, VmConfigView::default());
     }
 }

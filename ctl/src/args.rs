@@ -6,16 +6,11 @@ use std::path::PathBuf;
 use clap::error::ErrorKind;
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use crate::config::{
-    format_uuid, parse_quota, parse_size, parse_uuid, validate_dedup_group, validate_vm_name,
-    validate_weight,
+use vtmem_api::types::{parse_dedup_group, parse_uuid};
+use vtmem_api::{
+    ByteSize, DedupGroup, Quota, Uuid, VmName, VmSpec, Weight, CONTROL_SOCKET_ENV,
+    DEFAULT_CONTROL_SOCKET,
 };
-
-/// Environment variable naming the control socket.
-pub const SOCKET_ENV: &str = "VTMEM_CONTROL_SOCKET";
-/// Control socket used when neither `--socket` nor the environment name one:
-/// `vtmemd.ctl` in the usual socket directory (shared with `vtmemd`).
-pub const DEFAULT_SOCKET: &str = crate::config::DEFAULT_CONTROL_SOCKET;
 
 const LONG_ABOUT: &str = "\
 vtmemctl administers a running vtmemd through its control socket: store
@@ -49,10 +44,16 @@ Examples:
     propagate_version = true
 )]
 pub struct Cli {
-    /// vtmemd's control socket [env: VTMEM_CONTROL_SOCKET]
-    /// [default: /run/vtmem/vtmemd.ctl]
-    #[arg(long, short = 's', global = true, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
+    /// vtmemd's control socket; an empty variable counts as unset.
+    #[arg(
+        long,
+        short = 's',
+        global = true,
+        value_name = "PATH",
+        env = CONTROL_SOCKET_ENV,
+        default_value = DEFAULT_CONTROL_SOCKET
+    )]
+    pub socket: PathBuf,
     /// Print the daemon's result as JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -64,21 +65,6 @@ pub struct Cli {
     pub command: Command,
 }
 
-impl Cli {
-    /// The control socket: `--socket`, else `$VTMEM_CONTROL_SOCKET` (if
-    /// set and not empty), else [`DEFAULT_SOCKET`].
-    pub fn socket_path(&self, env: Option<std::ffi::OsString>) -> PathBuf {
-        if let Some(p) = &self.socket {
-            return p.clone();
-        }
-        match env {
-            Some(p) if !p.is_empty() => PathBuf::from(p),
-            _ => PathBuf::from(DEFAULT_SOCKET),
-        }
-    }
-}
-
-/// The commands.
 #[derive(Clone, Debug, Subcommand)]
 pub enum Command {
     /// Store status: host limit and use, pages, ratios, eviction rate.
@@ -94,49 +80,48 @@ pub enum Command {
     /// One VM in detail, with its pools and device counters.
     Show {
         /// VM name.
-        vm: String,
+        vm: VmName,
     },
     /// Set a VM's quotas (lowering the ephemeral quota evicts at once).
     #[command(group(ArgGroup::new("quota").required(true).multiple(true).args(["persistent", "ephemeral"])))]
     SetQuota {
         /// VM name.
-        vm: String,
+        vm: VmName,
         /// Persistent quota (size or 'unlimited').
-        #[arg(long, short = 'p', value_name = "SIZE", value_parser = parse_quota_arg)]
-        persistent: Option<u64>,
+        #[arg(long, short = 'p', value_name = "SIZE")]
+        persistent: Option<Quota>,
         /// Ephemeral quota (size or 'unlimited').
-        #[arg(long, short = 'e', value_name = "SIZE", value_parser = parse_quota_arg)]
-        ephemeral: Option<u64>,
+        #[arg(long, short = 'e', value_name = "SIZE")]
+        ephemeral: Option<Quota>,
     },
     /// Set a VM's weight for sharing ephemeral capacity (1 to 1000000).
     SetWeight {
         /// VM name.
-        vm: String,
+        vm: VmName,
         /// The weight.
-        #[arg(value_parser = parse_weight)]
-        weight: u32,
+        weight: Weight,
     },
     /// Set the host memory limit of the store (lowering it evicts ephemeral
     /// pages at once).
     SetLimit {
         /// The limit.
-        #[arg(value_name = "SIZE", value_parser = parse_size_arg)]
-        size: u64,
+        #[arg(value_name = "SIZE")]
+        size: ByteSize,
     },
     /// Refuse a VM's puts (gets and flushes keep working).
     Freeze {
         /// VM name.
-        vm: String,
+        vm: VmName,
     },
     /// Accept a frozen VM's puts again.
     Thaw {
         /// VM name.
-        vm: String,
+        vm: VmName,
     },
     /// Drop a VM's pages (its pools stay).
     Flush {
         /// VM name.
-        vm: String,
+        vm: VmName,
         /// Drop only ephemeral pages.
         #[arg(long)]
         ephemeral: bool,
@@ -146,15 +131,15 @@ pub enum Command {
     /// Remove a VM: drop its connection and socket, free all its pages.
     RemoveVm {
         /// VM name.
-        vm: String,
+        vm: VmName,
     },
     /// Show or set a VM's dedup group (set only while it holds no pages).
     DedupGroup {
         /// VM name.
-        vm: String,
+        vm: VmName,
         /// The group to put it in.
-        #[arg(value_parser = parse_group, conflicts_with = "none")]
-        group: Option<String>,
+        #[arg(value_parser = parse_group_choice, conflicts_with = "none")]
+        group: Option<GroupChoice>,
         /// Take it out of any group.
         #[arg(long)]
         none: bool,
@@ -162,19 +147,19 @@ pub enum Command {
     /// Authorise a VM to create or join the shared pool with this UUID.
     Auth {
         /// VM name.
-        vm: String,
+        vm: VmName,
         /// Shared-pool UUID.
-        #[arg(value_parser = parse_uuid_arg)]
-        uuid: String,
+        #[arg(value_parser = parse_uuid)]
+        uuid: Uuid,
     },
     /// Withdraw a shared-pool authorisation (later NEW_POOL requests for
     /// it fail).
     Deauth {
         /// VM name.
-        vm: String,
+        vm: VmName,
         /// Shared-pool UUID.
-        #[arg(value_parser = parse_uuid_arg)]
-        uuid: String,
+        #[arg(value_parser = parse_uuid)]
+        uuid: Uuid,
     },
     /// Live per-VM activity, redrawn every interval (Ctrl-C to quit).
     Top {
@@ -194,57 +179,43 @@ pub enum Command {
 #[derive(Clone, Debug, Args)]
 pub struct AddVm {
     /// VM name: 1 to 64 of A-Z a-z 0-9 . _ -, not starting with . or -.
-    #[arg(value_parser = parse_name)]
-    pub name: String,
+    pub name: VmName,
     /// Persistent quota (default unlimited).
-    #[arg(long, value_name = "SIZE", value_parser = parse_quota_arg)]
-    pub persistent_quota: Option<u64>,
+    #[arg(long, value_name = "SIZE")]
+    pub persistent_quota: Option<Quota>,
     /// Ephemeral quota (default unlimited).
-    #[arg(long, value_name = "SIZE", value_parser = parse_quota_arg)]
-    pub ephemeral_quota: Option<u64>,
+    #[arg(long, value_name = "SIZE")]
+    pub ephemeral_quota: Option<Quota>,
     /// Weight (default 100).
-    #[arg(long, value_parser = parse_weight)]
-    pub weight: Option<u32>,
+    #[arg(long)]
+    pub weight: Option<Weight>,
     /// Dedup group (default none).
-    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
-    pub dedup_group: Option<String>,
+    #[arg(long, value_name = "GROUP", value_parser = parse_group_choice)]
+    pub dedup_group: Option<GroupChoice>,
     /// A shared-pool UUID the VM may create or join; repeatable.
-    #[arg(long = "auth", value_name = "UUID", value_parser = parse_uuid_arg)]
-    pub auth: Vec<String>,
+    #[arg(long = "auth", value_name = "UUID", value_parser = parse_uuid)]
+    pub auth: Vec<Uuid>,
 }
 
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
+impl AddVm {
+    /// The VM it asks for.
+    pub fn spec(&self) -> VmSpec {
+        let mut vm = VmSpec::new(self.name.clone());
+        vm.persistent_quota = self.persistent_quota.unwrap_or_default();
+        vm.ephemeral_quota = self.ephemeral_quota.unwrap_or_default();
+        vm.weight = self.weight.unwrap_or_default();
+        vm.dedup_group = self.dedup_group.clone().and_then(|g| g.0);
+        vm.authorized_uuids = self.auth.iter().copied().collect();
+        vm
+    }
 }
 
-fn parse_quota_arg(s: &str) -> Result<u64, String> {
-    parse_quota(s).map_err(|e| e.to_string())
-}
+/// A dedup group given on the command line: a name, or `none`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupChoice(pub Option<DedupGroup>);
 
-fn parse_weight(s: &str) -> Result<u32, String> {
-    let n: u64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid weight '{s}': must be between 1 and 1000000"))?;
-    validate_weight(n).map_err(|e| e.to_string())
-}
-
-fn parse_uuid_arg(s: &str) -> Result<String, String> {
-    parse_uuid(s)
-        .map(|u| format_uuid(&u))
-        .map_err(|e| e.to_string())
-}
-
-fn parse_group(s: &str) -> Result<String, String> {
-    validate_dedup_group(s)
-        .map(|()| s.to_string())
-        .map_err(|e| e.to_string())
-}
-
-fn parse_name(s: &str) -> Result<String, String> {
-    validate_vm_name(s)
-        .map(|()| s.to_string())
-        .map_err(|e| e.to_string())
+fn parse_group_choice(s: &str) -> Result<GroupChoice, vtmem_api::ValueError> {
+    parse_dedup_group(s).map(GroupChoice)
 }
 
 fn parse_secs(s: &str, min_exclusive: Option<f64>) -> Result<f64, String> {
@@ -349,16 +320,16 @@ mod tests {
                 persistent,
                 ephemeral,
             } => {
-                assert_eq!(vm, "vm1");
-                assert_eq!(persistent, Some(512 << 20));
-                assert_eq!(ephemeral, Some(u64::MAX));
+                assert_eq!(vm.as_str(), "vm1");
+                assert_eq!(persistent, Some(Quota::Limited(ByteSize(512 << 20))));
+                assert_eq!(ephemeral, Some(Quota::Unlimited));
             }
             other => panic!("{other:?}"),
         }
         let c = parse(&["set-limit", "2G", "--json", "--socket", "/x.ctl"]).unwrap();
         assert!(c.json);
-        assert_eq!(c.socket_path(None), PathBuf::from("/x.ctl"));
-        assert!(matches!(c.command, Command::SetLimit { size } if size == 2 << 30));
+        assert_eq!(c.socket, PathBuf::from("/x.ctl"));
+        assert!(matches!(c.command, Command::SetLimit { size } if size == ByteSize(2 << 30)));
         let c = parse(&[
             "add-vm",
             "vm3",
@@ -373,9 +344,17 @@ mod tests {
         let Command::AddVm(a) = c.command else {
             panic!()
         };
-        assert_eq!(a.persistent_quota, Some(256 << 20));
-        assert_eq!(a.auth[0], "00112233-4455-6677-8899-aabbccddeeff");
-        assert_eq!(a.auth.len(), 2);
+        assert_eq!(
+            a.persistent_quota,
+            Some(Quota::Limited(ByteSize(256 << 20)))
+        );
+        assert_eq!(
+            a.auth[0].to_string(),
+            "00112233-4455-6677-8899-aabbccddeeff"
+        );
+        let spec = a.spec();
+        assert_eq!(spec.authorized_uuids.len(), 2);
+        assert_eq!(spec.weight, Weight::DEFAULT);
         assert!(matches!(
             parse(&["top", "-n", "2", "-i", "0.1"]).unwrap().command,
             Command::Top {
@@ -395,22 +374,27 @@ mod tests {
     }
 
     #[test]
-    fn socket_precedence() {
-        let c = parse(&["list"]).unwrap();
-        assert_eq!(c.socket_path(None), PathBuf::from(DEFAULT_SOCKET));
-        assert_eq!(
-            c.socket_path(Some("".into())),
-            PathBuf::from(DEFAULT_SOCKET)
-        );
-        assert_eq!(
-            c.socket_path(Some("/e.ctl".into())),
-            PathBuf::from("/e.ctl")
-        );
+    fn socket_defaults_to_the_daemons() {
+        // The environment variable is exercised through the binary, where
+        // it can be set for one process.
+        if std::env::var_os(CONTROL_SOCKET_ENV).is_none() {
+            let c = parse(&["list"]).unwrap();
+            assert_eq!(c.socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        }
         let c = parse(&["-s", "/f.ctl", "list"]).unwrap();
-        assert_eq!(
-            c.socket_path(Some("/e.ctl".into())),
-            PathBuf::from("/f.ctl")
-        );
+        assert_eq!(c.socket, PathBuf::from("/f.ctl"));
+    }
+
+    #[test]
+    fn dedup_group_none_is_no_group() {
+        let c = parse(&["dedup-group", "vm1", "none"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::DedupGroup {
+                group: Some(GroupChoice(None)),
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -435,7 +419,7 @@ mod tests {
             assert!(line.ends_with("see 'vtmemctl --help'"), "{args:?}: {line}");
         }
         let line = err_line(&["set-quota", "vm1", "--persistent", "12X"]);
-        assert!(line.contains("invalid size '12X'"), "{line}");
+        assert!(line.contains("invalid quota '12X'"), "{line}");
         assert!(err_line(&["set-quota", "vm1"]).contains("required"));
         assert!(err_line(&["auth", "vm1", "nope"]).contains("invalid UUID 'nope'"));
         assert!(usage_error_line(&parse(&["--help"]).unwrap_err()).is_none());

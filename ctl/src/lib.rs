@@ -2,32 +2,32 @@
 //! `vtmemctl`, the host administrator's tool: a client of `vtmemd`'s
 //! control socket (`docs/control-api.md`), documented in `docs/vtmemctl.md`.
 //!
-//! - [`args`]: the command line (clap), with sizes, UUIDs, names and
-//!   weights checked by the parsers of [`crate::config`].
-//! - [`client`]: one control connection, newline-delimited JSON.
-//! - [`model`]: typed views of results, and rates from two samples.
+//! - [`args`]: the command line (clap), every value one of the control
+//!   API's validated types ([`vtmem_api`]).
+//! - [`model`]: rates from two samples of the store's counters.
 //! - [`render`], [`format`]: tables and units for humans.
 //!
-//! [`run`] executes a parsed command; `src/bin/vtmemctl.rs` only parses,
-//! calls it and turns its error into one line and an exit status.
+//! It talks to the daemon only through [`vtmem_api::Client`] and typed
+//! [`Request`]s; this crate does not depend on the daemon's. [`run`]
+//! executes a parsed command; the `vtmemctl` binary only parses, calls it
+//! and turns its error into one line and an exit status.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map, Value};
+use serde_json::Value;
+use vtmem_api::{Client, ClientError, Request, StatusReport, VmDetails, VmInfo};
 
 pub mod args;
-pub mod client;
 pub mod format;
 pub mod model;
 pub mod render;
 
-pub use args::{Cli, Command, DEFAULT_SOCKET, SOCKET_ENV};
-pub use client::ControlClient;
+pub use args::{Cli, Command};
 
-use model::{activity, Sample, VmDetails, VmSummary};
+use model::{activity, Sample};
 use render::EvictionRate;
 
 /// Exit status when the daemon reported an error (or answered nonsense).
@@ -70,6 +70,17 @@ pub enum CtlError {
     System(String),
 }
 
+impl From<ClientError> for CtlError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Unreachable { path, source } => CtlError::Unreachable { path, source },
+            ClientError::Connection { path, msg } => CtlError::Connection { path, msg },
+            ClientError::Refused(msg) => CtlError::Daemon(msg),
+            e @ ClientError::UnexpectedResult { .. } => CtlError::Daemon(e.to_string()),
+        }
+    }
+}
+
 impl CtlError {
     /// The process exit status for this error.
     pub fn exit_code(&self) -> i32 {
@@ -98,28 +109,29 @@ fn emit_json(out: &mut dyn Write, value: &Value) -> Result<(), CtlError> {
     emit(out, &format!("{text}\n"))
 }
 
-fn vm_args(vm: &str) -> Value {
-    json!({ "vm": vm })
-}
-
 /// Runs one command against the control socket at `socket`, writing its
 /// output to `out`.
 pub fn run(cli: &Cli, socket: &Path, out: &mut dyn Write) -> Result<(), CtlError> {
     let timeout = Duration::from_secs_f64(cli.timeout);
-    let mut c = ControlClient::connect(socket, timeout)?;
+    let mut c = Client::connect(socket, timeout)?;
     let json = cli.json;
-    let simple = |c: &mut ControlClient, out: &mut dyn Write, command: &str, args, done| {
-        change(c, out, json, command, args, done)
+    let mut change = |request: Request, done: String| -> Result<(), CtlError> {
+        let result = c.call(&request)?;
+        if json {
+            emit_json(out, &result)
+        } else {
+            emit(out, &format!("{done}\n"))
+        }
     };
     match &cli.command {
         Command::Status { interval } => status(&mut c, json, *interval, out),
         Command::List => list(&mut c, json, out),
         Command::Show { vm } => {
-            let result = c.call("show", vm_args(vm))?;
+            let request = Request::Show { vm: vm.clone() };
             if json {
-                return emit_json(out, &result);
+                return emit_json(out, &c.call(&request)?);
             }
-            let d: VmDetails = client::decode("show", result)?;
+            let d: VmDetails = c.call_as(&request)?;
             emit(out, &render::show(&d))
         }
         Command::SetQuota {
@@ -127,47 +139,44 @@ pub fn run(cli: &Cli, socket: &Path, out: &mut dyn Write) -> Result<(), CtlError
             persistent,
             ephemeral,
         } => {
-            let mut args = Map::new();
-            args.insert("vm".into(), json!(vm));
             let mut said = Vec::new();
             if let Some(p) = persistent {
-                args.insert("persistent".into(), json!(p));
-                said.push(format!("persistent quota {}", format::quota(*p)));
+                said.push(format!("persistent quota {}", format::quota(p.bytes())));
             }
             if let Some(e) = ephemeral {
-                args.insert("ephemeral".into(), json!(e));
-                said.push(format!("ephemeral quota {}", format::quota(*e)));
+                said.push(format!("ephemeral quota {}", format::quota(e.bytes())));
             }
             let done = format!("{vm}: {}", said.join(", "));
-            simple(&mut c, out, "set-quota", Value::Object(args), done)
+            change(
+                Request::SetQuota {
+                    vm: vm.clone(),
+                    persistent: *persistent,
+                    ephemeral: *ephemeral,
+                },
+                done,
+            )
         }
-        Command::SetWeight { vm, weight } => simple(
-            &mut c,
-            out,
-            "set-weight",
-            json!({"vm": vm, "weight": weight}),
+        Command::SetWeight { vm, weight } => change(
+            Request::SetWeight {
+                vm: vm.clone(),
+                weight: *weight,
+            },
             format!("{vm}: weight {weight}"),
         ),
-        Command::SetLimit { size } => simple(
-            &mut c,
-            out,
-            "set-limit",
-            json!({ "bytes": size }),
-            format!("host limit {}", format::bytes(*size)),
+        Command::SetLimit { size } => change(
+            Request::SetLimit { bytes: *size },
+            format!("host limit {}", format::bytes(size.bytes())),
         ),
-        Command::Freeze { vm } => simple(
-            &mut c,
-            out,
-            "freeze",
-            vm_args(vm),
+        Command::Freeze { vm } => change(
+            Request::Freeze { vm: vm.clone() },
             format!("{vm}: frozen (puts refused until thawed)"),
         ),
-        Command::Thaw { vm } => simple(&mut c, out, "thaw", vm_args(vm), format!("{vm}: thawed")),
-        Command::Flush { vm, ephemeral } => simple(
-            &mut c,
-            out,
-            "flush",
-            json!({"vm": vm, "ephemeral_only": ephemeral}),
+        Command::Thaw { vm } => change(Request::Thaw { vm: vm.clone() }, format!("{vm}: thawed")),
+        Command::Flush { vm, ephemeral } => change(
+            Request::Flush {
+                vm: vm.clone(),
+                ephemeral_only: *ephemeral,
+            },
             if *ephemeral {
                 format!("{vm}: ephemeral pages flushed")
             } else {
@@ -175,74 +184,61 @@ pub fn run(cli: &Cli, socket: &Path, out: &mut dyn Write) -> Result<(), CtlError
             },
         ),
         Command::AddVm(a) => {
-            let mut args = Map::new();
-            args.insert("name".into(), json!(a.name));
-            if let Some(q) = a.persistent_quota {
-                args.insert("persistent_quota".into(), json!(q));
-            }
-            if let Some(q) = a.ephemeral_quota {
-                args.insert("ephemeral_quota".into(), json!(q));
-            }
-            if let Some(w) = a.weight {
-                args.insert("weight".into(), json!(w));
-            }
-            if let Some(g) = &a.dedup_group {
-                args.insert("dedup_group".into(), json!(g));
-            }
-            if !a.auth.is_empty() {
-                args.insert("authorized_uuids".into(), json!(a.auth));
-            }
-            let result = c.call("add-vm", Value::Object(args))?;
+            let request = Request::AddVm(a.spec());
             if json {
-                return emit_json(out, &result);
+                return emit_json(out, &c.call(&request)?);
             }
-            let vm: VmSummary = client::decode("add-vm", result)?;
+            let vm: VmInfo = c.call_as(&request)?;
             emit(
                 out,
                 &format!("added {}: listening on {}\n", vm.name, vm.socket.display()),
             )
         }
-        Command::RemoveVm { vm } => simple(
-            &mut c,
-            out,
-            "remove-vm",
-            vm_args(vm),
+        Command::RemoveVm { vm } => change(
+            Request::RemoveVm { vm: vm.clone() },
             format!("removed {vm}"),
         ),
         Command::DedupGroup { vm, group, none } => {
-            if group.is_none() && !none {
-                let d: VmDetails = c.call_as("show", vm_args(vm))?;
-                let g = d.info.config.dedup_group;
-                return if json {
-                    emit_json(out, &json!(g))
-                } else {
-                    emit(out, &format!("{}\n", g.as_deref().unwrap_or("none")))
-                };
-            }
-            let done = match group {
+            let group = match (group, none) {
+                (Some(g), _) => g.0.clone(),
+                (None, true) => None,
+                (None, false) => {
+                    let d: VmDetails = c.call_as(&Request::Show { vm: vm.clone() })?;
+                    let g = d.info.config.dedup_group;
+                    return if json {
+                        emit_json(out, &serde_json::to_value(&g).unwrap_or(Value::Null))
+                    } else {
+                        emit(
+                            out,
+                            &format!("{}\n", g.as_ref().map_or("none", |g| g.as_str())),
+                        )
+                    };
+                }
+            };
+            let done = match &group {
                 Some(g) => format!("{vm}: dedup group {g}"),
                 None => format!("{vm}: no dedup group"),
             };
-            simple(
-                &mut c,
-                out,
-                "set-dedup-group",
-                json!({"vm": vm, "group": group}),
+            change(
+                Request::SetDedupGroup {
+                    vm: vm.clone(),
+                    group,
+                },
                 done,
             )
         }
-        Command::Auth { vm, uuid } => simple(
-            &mut c,
-            out,
-            "auth",
-            json!({"vm": vm, "uuid": uuid}),
+        Command::Auth { vm, uuid } => change(
+            Request::Auth {
+                vm: vm.clone(),
+                uuid: *uuid,
+            },
             format!("{vm}: authorized shared pool {uuid}"),
         ),
-        Command::Deauth { vm, uuid } => simple(
-            &mut c,
-            out,
-            "deauth",
-            json!({"vm": vm, "uuid": uuid}),
+        Command::Deauth { vm, uuid } => change(
+            Request::Deauth {
+                vm: vm.clone(),
+                uuid: *uuid,
+            },
             format!("{vm}: deauthorized shared pool {uuid}"),
         ),
         Command::Top {
@@ -262,41 +258,18 @@ pub fn run(cli: &Cli, socket: &Path, out: &mut dyn Write) -> Result<(), CtlError
     }
 }
 
-/// A command that only changes something: send it, then confirm in one
-/// line (or print its `null` result with `--json`).
-fn change(
-    c: &mut ControlClient,
-    out: &mut dyn Write,
-    json: bool,
-    command: &str,
-    args: Value,
-    done: String,
-) -> Result<(), CtlError> {
-    let result = c.call(command, args)?;
-    if json {
-        emit_json(out, &result)
-    } else {
-        emit(out, &format!("{done}\n"))
-    }
+fn sample(c: &mut Client) -> Result<Sample, CtlError> {
+    let report: StatusReport = c.call_as(&Request::Status {})?;
+    Ok(Sample {
+        at: Instant::now(),
+        stats: report.store,
+        uptime: Some(report.uptime_seconds),
+    })
 }
 
-fn sample(c: &mut ControlClient) -> Result<Sample, CtlError> {
-    let result = c.call("status", json!({}))?;
-    let at = Instant::now();
-    let uptime = result.get("uptime_seconds").and_then(Value::as_f64);
-    let stats = client::decode("status", result)?;
-    Ok(Sample { at, stats, uptime })
-}
-
-fn status(
-    c: &mut ControlClient,
-    json: bool,
-    interval: f64,
-    out: &mut dyn Write,
-) -> Result<(), CtlError> {
+fn status(c: &mut Client, json: bool, interval: f64, out: &mut dyn Write) -> Result<(), CtlError> {
     if json {
-        let result = c.call("status", json!({}))?;
-        return emit_json(out, &result);
+        return emit_json(out, &c.call(&Request::Status {})?);
     }
     let first = sample(c)?;
     if interval <= 0.0 {
@@ -315,16 +288,13 @@ fn status(
     )
 }
 
-fn list(c: &mut ControlClient, json: bool, out: &mut dyn Write) -> Result<(), CtlError> {
-    let result = c.call("list", json!({}))?;
+fn list(c: &mut Client, json: bool, out: &mut dyn Write) -> Result<(), CtlError> {
     if json {
-        return emit_json(out, &result);
+        return emit_json(out, &c.call(&Request::List {})?);
     }
     // One request: each entry of `list` carries the VM's store statistics.
-    let vms: Vec<VmDetails> = client::decode("list", result)?;
-    let summaries: Vec<VmSummary> = vms.iter().map(|d| d.info.clone()).collect();
-    let clients: Vec<_> = vms.into_iter().map(|d| d.stats).collect();
-    emit(out, &render::list(&summaries, &clients))
+    let vms: Vec<VmDetails> = c.call_as(&Request::List {})?;
+    emit(out, &render::list(&vms))
 }
 
 /// How `top` runs.
@@ -343,7 +313,7 @@ pub struct TopOptions {
 /// Clears the screen and moves the cursor home.
 pub const CLEAR_SCREEN: &str = "\x1b[H\x1b[2J";
 
-/// SIGINT and SIGTERM, blocked and received by a thread, so that `top`
+/// SIGINT and SIGTERM, caught and passed on by a thread, so that `top`
 /// notices them between frames and ends cleanly.
 struct Interrupt {
     rx: mpsc::Receiver<i32>,
@@ -351,13 +321,14 @@ struct Interrupt {
 
 impl Interrupt {
     fn install() -> Result<Self, CtlError> {
-        let set = crate::sys::SignalSet::block_termination()
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
             .map_err(|e| CtlError::System(format!("cannot set up signal handling: {e}")))?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("vtmemctl-signals".to_string())
             .spawn(move || {
-                if let Ok(sig) = set.wait() {
+                if let Some(sig) = signals.forever().next() {
                     let _ = tx.send(sig);
                 }
             })
@@ -380,7 +351,7 @@ impl Interrupt {
 
 /// `top`: samples `status` (and `list`, for connections) every interval
 /// and draws per-VM rates over the last interval.
-pub fn top(c: &mut ControlClient, opts: &TopOptions, out: &mut dyn Write) -> Result<(), CtlError> {
+pub fn top(c: &mut Client, opts: &TopOptions, out: &mut dyn Write) -> Result<(), CtlError> {
     let interrupt = Interrupt::install()?;
     let mut prev = sample(c)?;
     let mut frames = 0u64;
@@ -388,7 +359,7 @@ pub fn top(c: &mut ControlClient, opts: &TopOptions, out: &mut dyn Write) -> Res
         if interrupt.sleep(opts.interval) {
             break;
         }
-        let vms: Vec<VmSummary> = c.call_as("list", json!({}))?;
+        let vms: Vec<VmDetails> = c.call_as(&Request::List {})?;
         let cur = sample(c)?;
         let a = activity(&prev, &cur, &vms);
         if opts.json {
