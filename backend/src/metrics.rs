@@ -187,11 +187,17 @@ fn by_kind<M>(vm: &str, persistent: M, ephemeral: M) -> [([(&'static str, &str);
 
 impl Collector for Snapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
-        let e = &mut e;
+        self.encode_store(&mut e)?;
+        self.encode_vms(&mut e)
+    }
+}
+
+impl Snapshot {
+    /// The store's families: gauges, and counters that include the VMs
+    /// removed since the start.
+    fn encode_store(&self, e: &mut DescriptorEncoder) -> fmt::Result {
         let s = &self.store;
         let (bytes, seconds) = (Some(&Unit::Bytes), Some(&Unit::Seconds));
-
-        // The store.
         single(
             e,
             "uptime",
@@ -270,7 +276,6 @@ impl Collector for Snapshot {
         )?;
         single(e, "pools", "Pools alive.", None, ConstGauge::new(s.pools))?;
 
-        // Store-wide counters, including VMs removed since the start.
         let c = &s.counters;
         family(
             e,
@@ -305,9 +310,14 @@ impl Collector for Snapshot {
         ] {
             single(e, name, help, None, ConstCounter::new(v))?;
         }
+        Ok(())
+    }
 
-        // Per VM: the VMs of the registry, with the store's view of each.
+    /// The per-VM families: the VMs of the registry, with the store's view
+    /// of each.
+    fn encode_vms(&self, e: &mut DescriptorEncoder) -> fmt::Result {
         let vms = &self.vms;
+        let bytes = Some(&Unit::Bytes);
         let per_vm =
             |e: &mut DescriptorEncoder, name, help, metric: &dyn Fn(&VmSnapshot) -> u64| {
                 family(
