@@ -17,6 +17,9 @@
 //! - [`ctl`]: `vtmemctl`, the control socket's client.
 //! - [`accept`], [`ratelimit`], [`sys`]: helpers.
 
+// Only `sys`'s signal module opts out, with a reason there.
+#![deny(unsafe_code)]
+
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::path::PathBuf;

@@ -1,6 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Prometheus metrics: the text exposition format (version 0.0.4) served by
-//! a small HTTP/1.1 responder on a TCP socket (`--metrics-address`).
+//! Prometheus metrics served by a small HTTP/1.1 responder on a TCP socket
+//! (`--metrics-address`).
+//!
+//! Every scrape takes a [`Snapshot`] of the daemon's statistics (the
+//! store's, each VM's and its device counters) and encodes it with
+//! `prometheus-client` as a [`Collector`] of a fresh registry: nothing is
+//! kept or updated on the data path for the metrics' sake. The page is in
+//! the Prometheus text format 0.0.4 (the library's OpenMetrics encoder
+//! writes an unlimited quota as `inf`, which OpenMetrics does not allow).
 //!
 //! The responder answers `GET /metrics` (and `HEAD`), 404 for any other
 //! path, 405 for other methods, one request per connection. Requests are
@@ -9,20 +16,28 @@
 //! answered 503 and closed). There is no authentication: keep the address
 //! on loopback or a management network.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use log::{debug, warn};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    prometheus_text, DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
+    GaugeValueEncoder,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::accept::accept_until_stopped;
 use crate::daemon::Daemon;
-use vtmem_store::OpCounters;
+use vtmem_api::{ClientStats, DeviceStats, OpCounters, StoreStats};
 
 /// Longest request head (request line and headers) accepted.
 pub const MAX_REQUEST: usize = 8 * 1024;
@@ -30,91 +45,120 @@ pub const MAX_REQUEST: usize = 8 * 1024;
 pub const MAX_CONNECTIONS: usize = 8;
 /// Read and write timeout of a connection.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// The exposition format's content type.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Builds one exposition: metric families, each with HELP and TYPE lines
-/// before its samples.
-#[derive(Default)]
-struct Exposition {
-    out: String,
-}
+/// The prefix of every metric name.
+const PREFIX: &str = "vtmem";
 
-/// Escapes a label value (`\`, `"`, newline).
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+/// The `Content-Type` of the page: the Prometheus text format 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
-/// Formats a sample value: integers as such, infinity as `+Inf`.
-fn value(v: f64) -> String {
-    if v.is_infinite() {
-        if v > 0.0 { "+Inf" } else { "-Inf" }.to_string()
-    } else if v.is_nan() {
-        "NaN".to_string()
-    } else if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{}", v as i64)
-    } else {
-        format!("{v}")
-    }
-}
+/// A VM's quota as a gauge value: unlimited is `+Inf`.
+#[derive(Clone, Copy, Debug)]
+struct Quota(u64);
 
-/// A quota as a gauge value: unlimited is `+Inf`.
-fn quota(bytes: u64) -> f64 {
-    if bytes == u64::MAX {
-        f64::INFINITY
-    } else {
-        bytes as f64
-    }
-}
-
-impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {help}");
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
-        self.out.push_str(name);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (i, (k, val)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.out.push(',');
-                }
-                let _ = write!(self.out, "{k}=\"{}\"", escape_label(val));
-            }
-            self.out.push('}');
-        }
-        let _ = writeln!(self.out, " {}", value(v));
-    }
-
-    /// A family with one unlabelled sample.
-    fn single(&mut self, name: &str, kind: &str, help: &str, v: f64) {
-        self.family(name, kind, help);
-        self.sample(name, &[], v);
-    }
-
-    /// A family with one sample per VM (`rows`: name and value).
-    fn per_vm(&mut self, name: &str, kind: &str, help: &str, rows: &[(&str, f64)]) {
-        self.family(name, kind, help);
-        for (vm, v) in rows {
-            self.sample(name, &[("vm", vm)], *v);
+impl EncodeGaugeValue for Quota {
+    fn encode(&self, encoder: &mut GaugeValueEncoder) -> fmt::Result {
+        if self.0 == u64::MAX {
+            f64::INFINITY.encode(encoder)
+        } else {
+            self.0.encode(encoder)
         }
     }
+}
 
-    /// A gauge family with one `persistent` and one `ephemeral` sample per
-    /// VM; VMs with `None` are left out.
-    fn per_vm_by_kind(&mut self, name: &str, help: &str, rows: &[(&str, Option<(f64, f64)>)]) {
-        self.family(name, "gauge", help);
-        for (vm, values) in rows {
-            if let Some((persistent, ephemeral)) = values {
-                self.sample(name, &[("vm", vm), ("kind", "persistent")], *persistent);
-                self.sample(name, &[("vm", vm), ("kind", "ephemeral")], *ephemeral);
-            }
+/// The daemon's statistics at one instant: what one scrape shows.
+#[derive(Debug)]
+pub struct Snapshot {
+    uptime: Duration,
+    store: StoreStats,
+    vms: Vec<VmSnapshot>,
+}
+
+/// One VM of a [`Snapshot`].
+#[derive(Debug)]
+struct VmSnapshot {
+    name: String,
+    connected: bool,
+    connections: u64,
+    device: DeviceStats,
+    /// The store's view of the VM's client; `None` if it is being removed.
+    client: Option<ClientStats>,
+}
+
+impl VmSnapshot {
+    /// The store's view of the VM: zeros while it is being removed.
+    fn stats(&self) -> &ClientStats {
+        static ZERO: LazyLock<ClientStats> = LazyLock::new(ClientStats::default);
+        self.client.as_ref().unwrap_or(&ZERO)
+    }
+}
+
+impl Snapshot {
+    /// Reads the daemon's statistics now.
+    pub fn take(daemon: &Daemon) -> Self {
+        let mut store = daemon.store().stats();
+        let mut clients = std::mem::take(&mut store.clients);
+        let vms = daemon
+            .vms()
+            .iter()
+            .map(|vm| VmSnapshot {
+                name: vm.name().to_string(),
+                connected: vm.is_connected(),
+                connections: vm.connections(),
+                device: vm.counters(),
+                client: clients
+                    .iter()
+                    .position(|c| c.name == vm.name().as_str())
+                    .map(|i| clients.swap_remove(i)),
+            })
+            .collect();
+        Snapshot {
+            uptime: daemon.uptime(),
+            store,
+            vms,
         }
     }
+
+    /// Encodes the snapshot as a page of the text format.
+    pub fn encode(self) -> Result<String, fmt::Error> {
+        let mut registry = Registry::with_prefix(PREFIX);
+        registry.register_collector(Box::new(self));
+        let mut out = String::new();
+        prometheus_text::encode(&mut out, &registry)?;
+        Ok(out)
+    }
+}
+
+/// Encodes one family: `name` (before the prefix and the unit and counter
+/// suffixes the encoder adds), its help text, and a metric per label set.
+/// A family without samples is left out.
+fn family<L: EncodeLabelSet, M: EncodeMetric>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: impl IntoIterator<Item = (L, M)>,
+) -> fmt::Result {
+    let mut samples = samples.into_iter().peekable();
+    let Some((_, first)) = samples.peek() else {
+        return Ok(());
+    };
+    let mut m = e.encode_descriptor(name, help, unit, first.metric_type())?;
+    for (labels, metric) in samples {
+        metric.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Encodes a family with one unlabelled sample.
+fn single<M: EncodeMetric>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    metric: M,
+) -> fmt::Result {
+    metric.encode(e.encode_descriptor(name, help, unit, metric.metric_type())?)
 }
 
 /// The put and get result breakdowns, as `(label value, count)`.
@@ -132,280 +176,320 @@ fn get_results(c: &OpCounters) -> [(&'static str, u64); 2] {
     [("hit", c.get_hits), ("miss", c.get_misses)]
 }
 
-/// Renders every metric of the daemon.
-pub fn render(daemon: &Daemon) -> String {
-    let stats = daemon.store().stats();
-    let vms = daemon.vms();
-    let mut e = Exposition::default();
+/// A VM's two samples of a family by pool kind.
+fn by_kind<M>(vm: &str, persistent: M, ephemeral: M) -> [([(&'static str, &str); 2], M); 2] {
+    [
+        ([("vm", vm), ("kind", "persistent")], persistent),
+        ([("vm", vm), ("kind", "ephemeral")], ephemeral),
+    ]
+}
 
-    // The store.
-    e.single(
-        "vtmem_uptime_seconds",
-        "gauge",
-        "Seconds since vtmemd started.",
-        daemon.uptime().as_secs_f64(),
-    );
-    e.single(
-        "vtmem_host_limit_bytes",
-        "gauge",
-        "Host memory the store may use for pages and metadata.",
-        stats.host_limit as f64,
-    );
-    e.single(
-        "vtmem_host_used_bytes",
-        "gauge",
-        "Host memory charged against the limit (data, metadata, reservations).",
-        stats.host_used as f64,
-    );
-    e.single(
-        "vtmem_data_bytes",
-        "gauge",
-        "Bytes of stored page data (compressed or raw).",
-        stats.data_bytes as f64,
-    );
-    e.single(
-        "vtmem_metadata_bytes",
-        "gauge",
-        "Bytes of store metadata.",
-        stats.metadata_bytes as f64,
-    );
-    e.single(
-        "vtmem_stored_pages",
-        "gauge",
-        "Pages held in all pools (a shared pool counted once).",
-        stats.stored_pages as f64,
-    );
-    e.single(
-        "vtmem_unique_pages",
-        "gauge",
-        "Distinct page contents stored.",
-        stats.unique_pages as f64,
-    );
-    e.single(
-        "vtmem_zero_pages",
-        "gauge",
-        "Zero pages held.",
-        stats.zero_pages as f64,
-    );
-    e.single(
-        "vtmem_reserved_pages",
-        "gauge",
-        "Pages reserved and not yet spent.",
-        stats.reserved_pages as f64,
-    );
-    e.single(
-        "vtmem_compression_ratio",
-        "gauge",
-        "Uncompressed bytes of unique contents divided by their stored bytes.",
-        stats.compression_ratio,
-    );
-    e.single(
-        "vtmem_dedup_ratio",
-        "gauge",
-        "Non-zero pages held divided by distinct contents.",
-        stats.dedup_ratio,
-    );
-    e.single("vtmem_vms", "gauge", "VMs served.", vms.len() as f64);
-    e.single("vtmem_pools", "gauge", "Pools alive.", stats.pools as f64);
-
-    // Store-wide counters, including VMs removed since the start.
-    let c = &stats.counters;
-    e.family(
-        "vtmem_store_puts_total",
-        "counter",
-        "Puts by result, all VMs (including removed ones).",
-    );
-    for (result, n) in put_results(c) {
-        e.sample("vtmem_store_puts_total", &[("result", result)], n as f64);
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        self.encode_store(&mut e)?;
+        self.encode_vms(&mut e)
     }
-    e.family(
-        "vtmem_store_gets_total",
-        "counter",
-        "Gets by result, all VMs (including removed ones).",
-    );
-    for (result, n) in get_results(c) {
-        e.sample("vtmem_store_gets_total", &[("result", result)], n as f64);
-    }
-    e.single(
-        "vtmem_store_flushed_pages_total",
-        "counter",
-        "Pages flushed by the guests, all VMs.",
-        c.flush_pages as f64,
-    );
-    e.single(
-        "vtmem_store_evictions_total",
-        "counter",
-        "Ephemeral pages evicted, all VMs.",
-        c.evictions as f64,
-    );
-    e.single(
-        "vtmem_store_dedup_hits_total",
-        "counter",
-        "Puts stored by sharing an identical stored content, all VMs.",
-        c.dedup_hits as f64,
-    );
+}
 
-    // Per VM: the VMs of the registry, with the store's view of each.
-    struct Row<'a> {
-        name: &'a str,
-        connected: bool,
-        connections: u64,
-        device: vtmem_api::DeviceStats,
-        stats: Option<&'a vtmem_store::ClientStats>,
-    }
-    let rows: Vec<Row> = vms
-        .iter()
-        .map(|vm| Row {
-            name: vm.name().as_str(),
-            connected: vm.is_connected(),
-            connections: vm.connections(),
-            device: vm.counters(),
-            stats: stats.clients.iter().find(|s| s.name == vm.name().as_str()),
-        })
-        .collect();
-    let gauge = |f: &dyn Fn(&Row) -> f64| -> Vec<(&str, f64)> {
-        rows.iter().map(|r| (r.name, f(r))).collect()
-    };
-    let st =
-        |r: &Row, f: &dyn Fn(&vtmem_store::ClientStats) -> u64| r.stats.map(f).unwrap_or(0) as f64;
+impl Snapshot {
+    /// The store's families: gauges, and counters that include the VMs
+    /// removed since the start.
+    fn encode_store(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        let s = &self.store;
+        let (bytes, seconds) = (Some(&Unit::Bytes), Some(&Unit::Seconds));
+        single(
+            e,
+            "uptime",
+            "Seconds since vtmemd started.",
+            seconds,
+            ConstGauge::new(self.uptime.as_secs_f64()),
+        )?;
+        single(
+            e,
+            "host_limit",
+            "Host memory the store may use for pages and metadata.",
+            bytes,
+            ConstGauge::new(s.host_limit),
+        )?;
+        single(
+            e,
+            "host_used",
+            "Host memory charged against the limit (data, metadata, reservations).",
+            bytes,
+            ConstGauge::new(s.host_used),
+        )?;
+        single(
+            e,
+            "data",
+            "Bytes of stored page data (compressed or raw).",
+            bytes,
+            ConstGauge::new(s.data_bytes),
+        )?;
+        single(
+            e,
+            "metadata",
+            "Bytes of store metadata.",
+            bytes,
+            ConstGauge::new(s.metadata_bytes),
+        )?;
+        for (name, help, v) in [
+            (
+                "stored_pages",
+                "Pages held in all pools (a shared pool counted once).",
+                s.stored_pages,
+            ),
+            (
+                "unique_pages",
+                "Distinct page contents stored.",
+                s.unique_pages,
+            ),
+            ("zero_pages", "Zero pages held.", s.zero_pages),
+            (
+                "reserved_pages",
+                "Pages reserved and not yet spent.",
+                s.reserved_pages,
+            ),
+        ] {
+            single(e, name, help, None, ConstGauge::new(v))?;
+        }
+        single(
+            e,
+            "compression_ratio",
+            "Uncompressed bytes of unique contents divided by their stored bytes.",
+            None,
+            ConstGauge::new(s.compression_ratio),
+        )?;
+        single(
+            e,
+            "dedup_ratio",
+            "Non-zero pages held divided by distinct contents.",
+            None,
+            ConstGauge::new(s.dedup_ratio),
+        )?;
+        single(
+            e,
+            "vms",
+            "VMs served.",
+            None,
+            ConstGauge::new(self.vms.len() as u64),
+        )?;
+        single(e, "pools", "Pools alive.", None, ConstGauge::new(s.pools))?;
 
-    e.per_vm(
-        "vtmem_vm_connected",
-        "gauge",
-        "1 if a VMM is attached to the VM's socket.",
-        &gauge(&|r| f64::from(u8::from(r.connected))),
-    );
-    e.per_vm(
-        "vtmem_vm_connections_total",
-        "counter",
-        "vhost-user connections accepted since the VM was added.",
-        &gauge(&|r| r.connections as f64),
-    );
-    e.per_vm(
-        "vtmem_vm_frozen",
-        "gauge",
-        "1 if the VM's puts are refused (frozen).",
-        &gauge(&|r| f64::from(u8::from(r.stats.is_some_and(|s| s.frozen)))),
-    );
-    e.per_vm(
-        "vtmem_vm_weight",
-        "gauge",
-        "The VM's weight for sharing ephemeral capacity.",
-        &gauge(&|r| r.stats.map_or(0.0, |s| f64::from(s.config.weight))),
-    );
-    let by_kind = |f: &dyn Fn(&Row) -> Option<(f64, f64)>| -> Vec<(&str, Option<(f64, f64)>)> {
-        rows.iter().map(|r| (r.name, f(r))).collect()
-    };
-    e.per_vm_by_kind(
-        "vtmem_vm_quota_bytes",
-        "The VM's quota by pool kind (+Inf: unlimited).",
-        &by_kind(&|r| {
-            r.stats.map(|s| {
-                (
-                    quota(s.config.persistent_quota),
-                    quota(s.config.ephemeral_quota),
+        let c = &s.counters;
+        family(
+            e,
+            "store_puts",
+            "Puts by result, all VMs (including removed ones).",
+            None,
+            put_results(c).map(|(r, n)| ([("result", r)], ConstCounter::new(n))),
+        )?;
+        family(
+            e,
+            "store_gets",
+            "Gets by result, all VMs (including removed ones).",
+            None,
+            get_results(c).map(|(r, n)| ([("result", r)], ConstCounter::new(n))),
+        )?;
+        for (name, help, v) in [
+            (
+                "store_flushed_pages",
+                "Pages flushed by the guests, all VMs.",
+                c.flush_pages,
+            ),
+            (
+                "store_evictions",
+                "Ephemeral pages evicted, all VMs.",
+                c.evictions,
+            ),
+            (
+                "store_dedup_hits",
+                "Puts stored by sharing an identical stored content, all VMs.",
+                c.dedup_hits,
+            ),
+        ] {
+            single(e, name, help, None, ConstCounter::new(v))?;
+        }
+        Ok(())
+    }
+
+    /// The per-VM families: the VMs of the registry, with the store's view
+    /// of each.
+    fn encode_vms(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        let vms = &self.vms;
+        let bytes = Some(&Unit::Bytes);
+        let per_vm =
+            |e: &mut DescriptorEncoder, name, help, metric: &dyn Fn(&VmSnapshot) -> u64| {
+                family(
+                    e,
+                    name,
+                    help,
+                    None,
+                    vms.iter()
+                        .map(|vm| ([("vm", vm.name.as_str())], ConstGauge::new(metric(vm)))),
                 )
-            })
-        }),
-    );
-    e.per_vm_by_kind(
-        "vtmem_vm_pages",
-        "Pages the VM holds, by pool kind.",
-        &by_kind(&|r| {
-            Some((
-                st(r, &|s| s.persistent_pages),
-                st(r, &|s| s.ephemeral_pages),
-            ))
-        }),
-    );
-    e.per_vm_by_kind(
-        "vtmem_vm_bytes",
-        "Bytes charged to the VM (data and metadata), by pool kind.",
-        &by_kind(&|r| {
-            Some((
-                st(r, &|s| s.persistent_bytes),
-                st(r, &|s| s.ephemeral_bytes),
-            ))
-        }),
-    );
-    let zero = OpCounters::default();
-    let counters =
-        |r: &Row<'_>| -> OpCounters { r.stats.map_or(zero.clone(), |s| s.counters.clone()) };
-    e.family("vtmem_vm_puts_total", "counter", "The VM's puts by result.");
-    for r in &rows {
-        for (result, n) in put_results(&counters(r)) {
-            e.sample(
-                "vtmem_vm_puts_total",
-                &[("vm", r.name), ("result", result)],
-                n as f64,
-            );
+            };
+        let per_vm_counter =
+            |e: &mut DescriptorEncoder, name, help, metric: &dyn Fn(&VmSnapshot) -> u64| {
+                family(
+                    e,
+                    name,
+                    help,
+                    None,
+                    vms.iter()
+                        .map(|vm| ([("vm", vm.name.as_str())], ConstCounter::new(metric(vm)))),
+                )
+            };
+
+        per_vm(
+            e,
+            "vm_connected",
+            "1 if a VMM is attached to the VM's socket.",
+            &|vm| u64::from(vm.connected),
+        )?;
+        per_vm_counter(
+            e,
+            "vm_connections",
+            "vhost-user connections accepted since the VM was added.",
+            &|vm| vm.connections,
+        )?;
+        per_vm(
+            e,
+            "vm_frozen",
+            "1 if the VM's puts are refused (frozen).",
+            &|vm| u64::from(vm.client.as_ref().is_some_and(|c| c.frozen)),
+        )?;
+        per_vm(
+            e,
+            "vm_weight",
+            "The VM's weight for sharing ephemeral capacity.",
+            &|vm| vm.client.as_ref().map_or(0, |c| u64::from(c.config.weight)),
+        )?;
+        family(
+            e,
+            "vm_quota",
+            "The VM's quota by pool kind (+Inf: unlimited).",
+            bytes,
+            vms.iter()
+                .filter_map(|vm| {
+                    let c = vm.client.as_ref()?;
+                    Some(by_kind(
+                        &vm.name,
+                        ConstGauge::new(Quota(c.config.persistent_quota)),
+                        ConstGauge::new(Quota(c.config.ephemeral_quota)),
+                    ))
+                })
+                .flatten(),
+        )?;
+        family(
+            e,
+            "vm_pages",
+            "Pages the VM holds, by pool kind.",
+            None,
+            vms.iter().flat_map(|vm| {
+                let c = vm.stats();
+                by_kind(
+                    &vm.name,
+                    ConstGauge::new(c.persistent_pages),
+                    ConstGauge::new(c.ephemeral_pages),
+                )
+            }),
+        )?;
+        family(
+            e,
+            "vm",
+            "Bytes charged to the VM (data and metadata), by pool kind.",
+            bytes,
+            vms.iter().flat_map(|vm| {
+                let c = vm.stats();
+                by_kind(
+                    &vm.name,
+                    ConstGauge::new(c.persistent_bytes),
+                    ConstGauge::new(c.ephemeral_bytes),
+                )
+            }),
+        )?;
+        family(
+            e,
+            "vm_puts",
+            "The VM's puts by result.",
+            None,
+            vms.iter().flat_map(|vm| {
+                put_results(&vm.stats().counters).map(|(r, n)| {
+                    (
+                        [("vm", vm.name.as_str()), ("result", r)],
+                        ConstCounter::new(n),
+                    )
+                })
+            }),
+        )?;
+        family(
+            e,
+            "vm_gets",
+            "The VM's gets by result.",
+            None,
+            vms.iter().flat_map(|vm| {
+                get_results(&vm.stats().counters).map(|(r, n)| {
+                    (
+                        [("vm", vm.name.as_str()), ("result", r)],
+                        ConstCounter::new(n),
+                    )
+                })
+            }),
+        )?;
+        per_vm_counter(e, "vm_flushed_pages", "Pages the VM flushed.", &|vm| {
+            vm.stats().counters.flush_pages
+        })?;
+        per_vm_counter(e, "vm_flushed_objects", "Objects the VM flushed.", &|vm| {
+            vm.stats().counters.flush_objects
+        })?;
+        per_vm_counter(
+            e,
+            "vm_evictions",
+            "The VM's ephemeral pages evicted.",
+            &|vm| vm.stats().counters.evictions,
+        )?;
+        per_vm_counter(
+            e,
+            "vm_dedup_hits",
+            "The VM's puts stored by sharing an identical content.",
+            &|vm| vm.stats().counters.dedup_hits,
+        )?;
+        for (name, help, metric) in [
+            (
+                "vm_device_chains",
+                "Descriptor chains taken from the VM's request queues.",
+                (|d: &DeviceStats| d.chains) as fn(&DeviceStats) -> u64,
+            ),
+            (
+                "vm_device_rejected_chains",
+                "Chains answered with a request-level error.",
+                |d| d.rejected_chains,
+            ),
+            (
+                "vm_device_dropped_chains",
+                "Chains returned with used length 0 (malformed).",
+                |d| d.dropped_chains,
+            ),
+            (
+                "vm_device_kicks",
+                "Queue events handled (guest kicks).",
+                |d| d.kicks,
+            ),
+            (
+                "vm_device_notifications",
+                "Used-ring interrupts sent to the guest.",
+                |d| d.notifications,
+            ),
+        ] {
+            per_vm_counter(e, name, help, &|vm| metric(&vm.device))?;
         }
+        Ok(())
     }
-    e.family("vtmem_vm_gets_total", "counter", "The VM's gets by result.");
-    for r in &rows {
-        for (result, n) in get_results(&counters(r)) {
-            e.sample(
-                "vtmem_vm_gets_total",
-                &[("vm", r.name), ("result", result)],
-                n as f64,
-            );
-        }
-    }
-    e.per_vm(
-        "vtmem_vm_flushed_pages_total",
-        "counter",
-        "Pages the VM flushed.",
-        &gauge(&|r| counters(r).flush_pages as f64),
-    );
-    e.per_vm(
-        "vtmem_vm_flushed_objects_total",
-        "counter",
-        "Objects the VM flushed.",
-        &gauge(&|r| counters(r).flush_objects as f64),
-    );
-    e.per_vm(
-        "vtmem_vm_evictions_total",
-        "counter",
-        "The VM's ephemeral pages evicted.",
-        &gauge(&|r| counters(r).evictions as f64),
-    );
-    e.per_vm(
-        "vtmem_vm_dedup_hits_total",
-        "counter",
-        "The VM's puts stored by sharing an identical content.",
-        &gauge(&|r| counters(r).dedup_hits as f64),
-    );
-    e.per_vm(
-        "vtmem_vm_device_chains_total",
-        "counter",
-        "Descriptor chains taken from the VM's request queues.",
-        &gauge(&|r| r.device.chains as f64),
-    );
-    e.per_vm(
-        "vtmem_vm_device_rejected_chains_total",
-        "counter",
-        "Chains answered with a request-level error.",
-        &gauge(&|r| r.device.rejected_chains as f64),
-    );
-    e.per_vm(
-        "vtmem_vm_device_dropped_chains_total",
-        "counter",
-        "Chains returned with used length 0 (malformed).",
-        &gauge(&|r| r.device.dropped_chains as f64),
-    );
-    e.per_vm(
-        "vtmem_vm_device_kicks_total",
-        "counter",
-        "Queue events handled (guest kicks).",
-        &gauge(&|r| r.device.kicks as f64),
-    );
-    e.per_vm(
-        "vtmem_vm_device_notifications_total",
-        "counter",
-        "Used-ring interrupts sent to the guest.",
-        &gauge(&|r| r.device.notifications as f64),
-    );
-    e.out
+}
+
+/// Renders every metric of the daemon.
+pub fn render(daemon: &Daemon) -> Result<String, fmt::Error> {
+    Snapshot::take(daemon).encode()
 }
 
 /// The metrics HTTP server.
@@ -592,8 +676,17 @@ fn serve_connection(daemon: &Daemon, mut s: TcpStream) -> io::Result<()> {
             head_only,
         );
     }
-    let body = render(daemon);
-    respond(&mut s, 200, "OK", CONTENT_TYPE, body.as_bytes(), head_only)
+    match render(daemon) {
+        Ok(body) => respond(&mut s, 200, "OK", CONTENT_TYPE, body.as_bytes(), head_only),
+        Err(fmt::Error) => respond(
+            &mut s,
+            500,
+            "Internal Server Error",
+            "text/plain",
+            b"cannot encode the metrics\n",
+            head_only,
+        ),
+    }
 }
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
@@ -607,18 +700,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn values_and_labels() {
-        assert_eq!(value(3.0), "3");
-        assert_eq!(value(0.5), "0.5");
-        assert_eq!(value(f64::INFINITY), "+Inf");
-        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-        let mut e = Exposition::default();
-        e.family("vtmem_x_total", "counter", "X.");
-        e.sample("vtmem_x_total", &[("vm", "a"), ("result", "hit")], 2.0);
-        assert_eq!(
-            e.out,
-            "# HELP vtmem_x_total X.\n# TYPE vtmem_x_total counter\nvtmem_x_total{vm=\"a\",result=\"hit\"} 2\n"
-        );
+    fn a_family_with_help_type_and_labels() {
+        let snapshot = Snapshot {
+            uptime: Duration::from_millis(1500),
+            store: StoreStats::default(),
+            vms: vec![VmSnapshot {
+                name: "vm1".to_string(),
+                connected: true,
+                connections: 2,
+                device: DeviceStats::default(),
+                client: None,
+            }],
+        };
+        let text = snapshot.encode().unwrap();
+        for block in [
+            "# HELP vtmem_uptime_seconds Seconds since vtmemd started.\n\
+             # TYPE vtmem_uptime_seconds gauge\n\
+             vtmem_uptime_seconds 1.5\n",
+            "# HELP vtmem_store_gets_total Gets by result, all VMs (including removed ones).\n\
+             # TYPE vtmem_store_gets_total counter\n\
+             vtmem_store_gets_total{result=\"hit\"} 0\n\
+             vtmem_store_gets_total{result=\"miss\"} 0\n",
+            "vtmem_vm_connections_total{vm=\"vm1\"} 2\n",
+        ] {
+            assert!(text.contains(block), "{block} missing:\n{text}");
+        }
+        // A VM the store no longer knows has no quota.
+        assert!(!text.contains("vtmem_vm_quota_bytes"), "{text}");
     }
 
     #[test]
@@ -662,7 +770,7 @@ mod tests {
         assert!(!c.get(&h(9), &mut out).unwrap());
         vm.client().freeze();
         assert!(c.put(&h(5), &page, false).is_err());
-        let text = render(&daemon);
+        let text = render(&daemon).unwrap();
         for line in [
             "vtmem_vm_puts_total{vm=\"a\",result=\"stored\"} 3",
             "vtmem_vm_puts_total{vm=\"a\",result=\"frozen\"} 1",
@@ -672,12 +780,13 @@ mod tests {
             "vtmem_vm_frozen{vm=\"a\"} 1",
             "vtmem_stored_pages 3",
             "vtmem_store_puts_total{result=\"stored\"} 3",
+            "vtmem_vm_quota_bytes{vm=\"a\",kind=\"ephemeral\"} +Inf",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }
         // Store totals keep counting a VM after it is removed.
         daemon.remove_vm(vm.name()).unwrap();
-        let text = render(&daemon);
+        let text = render(&daemon).unwrap();
         assert!(text
             .lines()
             .any(|l| l == "vtmem_store_puts_total{result=\"stored\"} 3"));

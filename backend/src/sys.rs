@@ -1,86 +1,97 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The few raw system calls the daemon needs, behind safe functions:
-//! blocking and waiting for termination signals, and binding sockets that
-//! appear only once they listen, and that no other user can connect to,
-//! even for an instant, when they are private.
+//! The daemon's system calls that the standard library lacks, behind safe
+//! functions: blocking and waiting for termination signals, and binding
+//! sockets that appear only once they listen, and that no other user can
+//! connect to, even for an instant, when they are private.
+//!
+//! Everything here goes through rustix's safe API except the signal mask
+//! and `sigwait`, which rustix offers only as `unsafe` functions of its
+//! `runtime` feature (meant for programs without a C library). They stay on
+//! the C library in [`signal`], the one module of the crate allowed
+//! `unsafe` code.
 
-use std::ffi::CString;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-/// A set of signals blocked in the calling thread (and inherited by every
-/// thread it starts afterwards).
-#[derive(Clone, Copy)]
-pub struct SignalSet {
-    set: libc::sigset_t,
-}
+use rustix::fs::{Mode, RenameFlags, CWD};
+use rustix::io::Errno;
 
-impl std::fmt::Debug for SignalSet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SignalSet")
+pub use signal::{signal_name, SignalSet};
+
+#[allow(unsafe_code)]
+mod signal {
+    use std::io;
+
+    /// A set of signals blocked in the calling thread (and inherited by
+    /// every thread it starts afterwards).
+    #[derive(Clone, Copy)]
+    pub struct SignalSet {
+        set: libc::sigset_t,
     }
-}
 
-fn check(ret: libc::c_int) -> io::Result<()> {
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(ret))
-    }
-}
-
-impl SignalSet {
-    /// Blocks SIGINT and SIGTERM in the calling thread. Call before
-    /// starting any thread, so that they all inherit the mask and the
-    /// signals wait for [`SignalSet::wait`].
-    pub fn block_termination() -> io::Result<Self> {
-        // SAFETY: sigset_t is a plain C bit set; all-zero bytes is a valid
-        // value, and sigemptyset below initialises it properly anyway.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid, writable sigset_t.
-        let r = unsafe { libc::sigemptyset(&mut set) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
+    impl std::fmt::Debug for SignalSet {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("SignalSet")
         }
-        for sig in [libc::SIGINT, libc::SIGTERM] {
-            // SAFETY: `set` is a valid sigset_t and `sig` a valid signal number.
-            let r = unsafe { libc::sigaddset(&mut set, sig) };
+    }
+
+    impl SignalSet {
+        /// Blocks SIGINT and SIGTERM in the calling thread. Call before
+        /// starting any thread, so that they all inherit the mask and the
+        /// signals wait for [`SignalSet::wait`].
+        pub fn block_termination() -> io::Result<Self> {
+            // SAFETY: sigset_t is a plain C bit set; all-zero bytes is a
+            // valid value, and sigemptyset below initialises it properly
+            // anyway.
+            let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `set` is a valid, writable sigset_t.
+            let r = unsafe { libc::sigemptyset(&mut set) };
             if r != 0 {
                 return Err(io::Error::last_os_error());
             }
+            for sig in [libc::SIGINT, libc::SIGTERM] {
+                // SAFETY: `set` is a valid sigset_t and `sig` a valid
+                // signal number.
+                let r = unsafe { libc::sigaddset(&mut set, sig) };
+                if r != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // SAFETY: `set` is initialised; a null old-set pointer is
+            // allowed.
+            let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+            if r != 0 {
+                return Err(io::Error::from_raw_os_error(r));
+            }
+            Ok(SignalSet { set })
         }
-        // SAFETY: `set` is initialised; a null old-set pointer is allowed.
-        let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        check(r)?;
-        Ok(SignalSet { set })
-    }
 
-    /// Waits for one of the blocked signals; returns its number.
-    pub fn wait(&self) -> io::Result<i32> {
-        let mut sig: libc::c_int = 0;
-        loop {
-            // SAFETY: `self.set` is an initialised sigset_t and `sig` is a
-            // valid place for the result.
-            let r = unsafe { libc::sigwait(&self.set, &mut sig) };
-            match r {
-                0 => return Ok(sig),
-                libc::EINTR => continue,
-                e => return Err(io::Error::from_raw_os_error(e)),
+        /// Waits for one of the blocked signals; returns its number.
+        pub fn wait(&self) -> io::Result<i32> {
+            let mut sig: libc::c_int = 0;
+            loop {
+                // SAFETY: `self.set` is an initialised sigset_t and `sig`
+                // is a valid place for the result.
+                let r = unsafe { libc::sigwait(&self.set, &mut sig) };
+                match r {
+                    0 => return Ok(sig),
+                    libc::EINTR => continue,
+                    e => return Err(io::Error::from_raw_os_error(e)),
+                }
             }
         }
     }
-}
 
-/// Name of a signal, for the log.
-pub fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGINT => "SIGINT",
-        libc::SIGTERM => "SIGTERM",
-        _ => "signal",
+    /// Name of a signal, for the log.
+    pub fn signal_name(sig: i32) -> &'static str {
+        match sig {
+            libc::SIGINT => "SIGINT",
+            libc::SIGTERM => "SIGTERM",
+            _ => "signal",
+        }
     }
 }
 
@@ -91,12 +102,9 @@ static UMASK_LOCK: Mutex<()> = Mutex::new(());
 /// 0177), so that no other user can connect between bind and chmod.
 fn bind_private(path: &Path) -> io::Result<UnixListener> {
     let _guard = UMASK_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    // SAFETY: umask only changes this process's file creation mask; it
-    // cannot fail and has no memory-safety preconditions.
-    let old = unsafe { libc::umask(0o177) };
+    let old = rustix::process::umask(Mode::from_raw_mode(0o177));
     let result = UnixListener::bind(path);
-    // SAFETY: as above; restores the previous mask.
-    unsafe { libc::umask(old) };
+    rustix::process::umask(old);
     result
 }
 
@@ -150,33 +158,14 @@ pub fn bind_ready(
 
 /// Renames `from` to `to`, failing with `AlreadyExists` if `to` exists.
 fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    let c = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
-    };
-    let (from_c, to_c) = (c(from)?, c(to)?);
-    // SAFETY: both pointers are NUL-terminated strings that outlive the
-    // call; renameat2 only reads them.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from_c.as_ptr(),
-            libc::AT_FDCWD,
-            to_c.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
+    match rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
         // A filesystem without RENAME_NOREPLACE: link() never replaces.
-        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+        Err(Errno::INVAL) | Err(Errno::NOSYS) => {
             std::fs::hard_link(from, to)?;
             std::fs::remove_file(from)
         }
-        _ => Err(err),
+        Err(e) => Err(e.into()),
     }
 }
 

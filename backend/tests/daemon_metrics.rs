@@ -4,89 +4,41 @@
 
 mod daemon_util;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use daemon_util::{find_vm, Vtmemd};
+use daemon_util::{find_vm, wait_until, Vtmemd};
+use prometheus_parse::{Sample, Scrape, Value};
 use serde_json::json;
 
-/// One sample: metric name, labels, value.
-type Sample = (String, BTreeMap<String, String>, f64);
-
-fn valid_name(n: &str) -> bool {
-    let mut chars = n.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-fn valid_label(n: &str) -> bool {
-    let mut chars = n.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// Parses the text exposition format strictly: every sample belongs to a
-/// family announced by HELP then TYPE lines before it, names and labels
-/// are valid, a family's samples are contiguous, counters end in `_total`.
+/// Parses a page with `prometheus-parse`, then checks what that lenient
+/// parser lets pass: no sample line was skipped, every sample has a HELP
+/// line and a counter or gauge TYPE line under its own name, counters and
+/// only counters end in `_total`, and no series appears twice.
 fn parse(text: &str) -> Vec<Sample> {
-    let mut samples = Vec::new();
-    let mut helped: Option<String> = None;
-    let mut current: Option<(String, String)> = None;
-    let mut families = Vec::new();
-    for line in text.lines() {
-        assert!(!line.is_empty(), "blank line in the exposition");
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, help) = rest.split_once(' ').expect("HELP has text");
-            assert!(valid_name(name) && !help.is_empty(), "{line}");
-            assert!(name.starts_with("vtmem_"), "{line}");
-            assert!(!families.contains(&name.to_string()), "{name} twice");
-            families.push(name.to_string());
-            helped = Some(name.to_string());
-            continue;
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("a page");
+    let lines = text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count();
+    assert_eq!(scrape.samples.len(), lines, "lines left unparsed:\n{text}");
+    for s in &scrape.samples {
+        assert!(s.metric.starts_with("vtmem_"), "{}", s.metric);
+        assert!(scrape.docs.contains_key(&s.metric), "no HELP: {}", s.metric);
+        match s.value {
+            Value::Counter(_) => assert!(s.metric.ends_with("_total"), "{}", s.metric),
+            Value::Gauge(_) => assert!(!s.metric.ends_with("_total"), "{}", s.metric),
+            ref v => panic!("{} has no counter or gauge TYPE: {v:?}", s.metric),
         }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("TYPE has a kind");
-            assert_eq!(helped.as_deref(), Some(name), "TYPE without HELP: {line}");
-            assert!(matches!(kind, "counter" | "gauge"), "{line}");
-            assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
-            current = Some((name.to_string(), kind.to_string()));
-            continue;
-        }
-        assert!(!line.starts_with('#'), "unexpected comment {line}");
-        let (series, value) = line.rsplit_once(' ').expect("name value");
-        let value: f64 = match value {
-            "+Inf" => f64::INFINITY,
-            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
-        };
-        let (name, labels) = match series.split_once('{') {
-            None => (series.to_string(), BTreeMap::new()),
-            Some((name, rest)) => {
-                let body = rest.strip_suffix('}').expect("labels end with }");
-                let mut labels = BTreeMap::new();
-                for pair in body.split(',') {
-                    let (k, v) = pair.split_once('=').expect("label=value");
-                    assert!(valid_label(k), "{line}");
-                    let v = v
-                        .strip_prefix('"')
-                        .and_then(|v| v.strip_suffix('"'))
-                        .expect("quoted label value");
-                    assert!(labels.insert(k.to_string(), v.to_string()).is_none());
-                }
-                (name.to_string(), labels)
-            }
-        };
-        assert!(valid_name(&name), "{line}");
-        let (family, _) = current.as_ref().expect("sample before any TYPE");
-        assert_eq!(&name, family, "sample outside its family: {line}");
-        samples.push((name, labels, value));
+        let same = scrape
+            .samples
+            .iter()
+            .filter(|o| o.metric == s.metric && o.labels == s.labels);
+        assert_eq!(same.count(), 1, "{} {:?} twice", s.metric, s.labels);
     }
-    samples
+    scrape.samples
 }
 
 /// One HTTP request; returns (status code, headers, body).
@@ -114,16 +66,24 @@ fn metrics_addr(d: &Vtmemd) -> String {
 fn get(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     let found: Vec<&Sample> = samples
         .iter()
-        .filter(|(n, l, _)| {
-            n == name
-                && l.len() == labels.len()
-                && labels
-                    .iter()
-                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        .filter(|s| {
+            s.metric == name
+                && s.labels.len() == labels.len()
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
         })
         .collect();
     assert_eq!(found.len(), 1, "{name} {labels:?}: {found:?}");
-    found[0].2
+    match found[0].value {
+        Value::Counter(v) | Value::Gauge(v) => v,
+        ref v => panic!("{name}: {v:?}"),
+    }
+}
+
+/// Scrapes the page and parses it.
+fn scrape(addr: &str) -> Vec<Sample> {
+    let (code, head, body) = http(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(code, 200, "{head}");
+    parse(&body)
 }
 
 #[test]
@@ -271,10 +231,33 @@ fn metrics_match_the_control_socket() {
     c.ok("remove-vm", json!({"vm": "vm2"}));
     let (_, _, body) = http(&addr, "GET /metrics HTTP/1.0\r\n\r\n");
     let samples = parse(&body);
-    assert!(!samples
-        .iter()
-        .any(|(_, l, _)| l.get("vm").map(String::as_str) == Some("vm2")));
+    assert!(!samples.iter().any(|s| s.labels.get("vm") == Some("vm2")));
     assert_eq!(get(&samples, "vtmem_vms", &[]), 1.0);
+}
+
+#[test]
+fn connections_show_while_they_last() {
+    let d = Vtmemd::start(&["--metrics-address", "127.0.0.1:0", "--vm", "vm1"]);
+    let addr = metrics_addr(&d);
+    let vm = [("vm", "vm1")];
+    let samples = scrape(&addr);
+    assert_eq!(get(&samples, "vtmem_vm_connected", &vm), 0.0);
+    assert_eq!(get(&samples, "vtmem_vm_connections_total", &vm), 0.0);
+
+    let conn = UnixStream::connect(d.socket("vm1")).unwrap();
+    wait_until("the connection counted", || {
+        let samples = scrape(&addr);
+        get(&samples, "vtmem_vm_connected", &vm) == 1.0
+            && get(&samples, "vtmem_vm_connections_total", &vm) == 1.0
+    });
+    drop(conn);
+    wait_until("the disconnection seen", || {
+        get(&scrape(&addr), "vtmem_vm_connected", &vm) == 0.0
+    });
+    let samples = scrape(&addr);
+    assert_eq!(get(&samples, "vtmem_vm_connections_total", &vm), 1.0);
+    let list = d.control().ok("list", json!({}));
+    assert_eq!(find_vm(&list, "vm1").unwrap()["connections"], 1, "{list}");
 }
 
 #[test]

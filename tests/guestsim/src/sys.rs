@@ -1,26 +1,24 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The only place that calls the C library directly: anonymous shared memory
-//! files and waiting on a file descriptor with a timeout. Everything else in
-//! the crate is safe Rust over these wrappers.
+//! The only place that calls the C library directly: waiting on a file
+//! descriptor with a timeout. Everything else in the crate is safe Rust over
+//! this wrapper and rustix.
+//!
+//! `poll` stays on the C library because the descriptors waited on are
+//! `vmm_sys_util` event fds (the type the vhost-user frontend takes), which
+//! give only a raw descriptor, not the borrowed one rustix's `poll` needs.
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
+
+use rustix::fs::MemfdFlags;
 
 /// Creates an anonymous, close-on-exec memory file of `size` bytes: guest RAM
 /// that can be handed to the backend with `SET_MEM_TABLE`.
 pub fn memfd(name: &CStr, size: u64) -> io::Result<File> {
-    // SAFETY: `name` is a valid NUL-terminated string for the duration of the
-    // call; memfd_create does not keep the pointer.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by memfd_create, is open, and nothing
-    // else owns it, so the File becomes its only owner.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = File::from(rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC)?);
     file.set_len(size)?;
     Ok(file)
 }
