@@ -5,6 +5,8 @@
 //! Layout:
 //!
 //! - [`store`]: the page store; knows nothing of virtio.
+//! - [`chain_walk`]: a fallible walk of a virtqueue descriptor chain and a
+//!   byte-stream cursor over its buffers (nothing vtmem-specific).
 //! - [`request`]: descriptor chain → validated request (typed errors).
 //! - [`exec`]: runs validated requests against a store client.
 //! - [`device`]: the thin vhost-user backend (features, config, queues).
@@ -25,6 +27,7 @@ use std::sync::Arc;
 use log::{info, warn};
 
 pub mod accept;
+pub mod chain_walk;
 pub mod cli;
 pub mod config;
 pub mod control;
