@@ -132,7 +132,6 @@ impl VtmemBackend {
             return;
         };
         let mut executor = lock(executor);
-        let mut heads: Vec<u16> = Vec::with_capacity(MAX_BATCH);
         let mut used: Vec<(u16, u32)> = Vec::with_capacity(MAX_BATCH);
 
         // Rounds in which the ring claimed work but yielded none: a ring
@@ -151,15 +150,7 @@ impl VtmemBackend {
                 // update must reach it.
                 let mem = lock(&self.mem).memory();
                 let features = self.features_in_use();
-                let n = match self.drain_once(
-                    q,
-                    vring,
-                    &mem,
-                    &mut executor,
-                    features,
-                    &mut heads,
-                    &mut used,
-                ) {
+                let n = match self.drain_once(q, vring, &mem, &mut executor, features, &mut used) {
                     Drain::Full => {
                         processed += MAX_BATCH;
                         continue;
@@ -236,36 +227,36 @@ impl VtmemBackend {
         mem: &GuestMemoryMmap,
         executor: &mut Executor,
         features: Features,
-        heads: &mut Vec<u16>,
         used: &mut Vec<(u16, u32)>,
     ) -> Drain {
-        heads.clear();
         used.clear();
-        let (table, size) = {
+        // The chains are taken under the ring lock and run without it, so
+        // that the vhost-user thread is never kept waiting by a batch.
+        let (table, size, chains) = {
             let mut state = vring.get_mut();
             let queue = state.get_queue_mut();
             let table = GuestAddress(queue.desc_table());
             let size = queue.size();
             match queue.iter(mem) {
-                Ok(iter) => heads.extend(iter.take(MAX_BATCH).map(|c| c.head_index())),
+                Ok(iter) => (table, size, iter.take(MAX_BATCH).collect::<Vec<_>>()),
                 Err(QueueError::QueueNotReady) => return Drain::Stop,
                 Err(e) => {
                     self.log.warn(format_args!("queue {q}: ring unusable: {e}"));
                     return Drain::Stop;
                 }
             }
-            (table, size)
         };
-        if heads.is_empty() {
+        if chains.is_empty() {
             return Drain::Done(0);
         }
-        let full = heads.len() == MAX_BATCH;
+        let full = chains.len() == MAX_BATCH;
 
-        for &head in heads.iter() {
+        for chain in &chains {
+            let head = chain.head_index();
             // A bug (never guest input) that panics must cost this chain
             // only, not the worker thread and with it the whole queue.
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                executor.run_chain(mem, table, size, head, features)
+                executor.run_descriptor_chain(chain, table, size, features)
             }));
             let used_len = match run {
                 Ok(outcome) => outcome.used_len,
@@ -274,6 +265,9 @@ impl VtmemBackend {
                     0
                 }
             };
+            // A head outside the table names no chain: the used ring can
+            // only return heads of the table (virtio-queue refuses others),
+            // so the entry is consumed and nothing goes back.
             if head < size {
                 used.push((head, used_len));
             }
@@ -309,7 +303,7 @@ impl VtmemBackend {
         if full {
             Drain::Full
         } else {
-            Drain::Done(heads.len())
+            Drain::Done(chains.len())
         }
     }
 }

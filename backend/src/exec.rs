@@ -16,13 +16,17 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use std::ops::Deref;
+
 use log::Level;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use virtio_queue::DescriptorChain;
+use vm_memory::{GuestAddress, GuestMemory};
 use vtmem_protocol::{
     Op, OpStatus, PageBuffer, ResponseHeader, ResponseWriter, Status, MAX_RESPONSE_LEN, PAGE_SIZE,
     RESPONSE_HEADER_SIZE, VTMEM_F_EPHEMERAL, VTMEM_F_RESERVE, VTMEM_F_SHARED,
 };
 
+use crate::chain_walk::Cursor;
 use crate::ratelimit::RateLimitedLog;
 use crate::request::{ChainError, ChainParser, ValidChain};
 use crate::store::{ClientHandle, Page};
@@ -171,9 +175,32 @@ impl Executor {
         &self.client
     }
 
+    /// Parses and executes `chain`, taken from a queue whose descriptor
+    /// table is at `table` with `queue_size` entries. Never panics on guest
+    /// input.
+    pub fn run_descriptor_chain<M, C>(
+        &mut self,
+        chain: &DescriptorChain<C>,
+        table: GuestAddress,
+        queue_size: u16,
+        features: Features,
+    ) -> ChainOutcome
+    where
+        C: Deref<Target = M>,
+        M: GuestMemory,
+    {
+        self.run_chain(
+            chain.memory(),
+            table,
+            queue_size,
+            chain.head_index(),
+            features,
+        )
+    }
+
     /// Parses and executes the chain at `head` of the descriptor table at
     /// `table` (`queue_size` entries). Never panics on guest input.
-    pub fn run_chain<M: GuestMemoryBackend>(
+    pub fn run_chain<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         table: GuestAddress,
@@ -211,13 +238,16 @@ impl Executor {
             Err(fault) => {
                 let mut used_len = 0;
                 match (fault.error.status(), fault.reply) {
-                    (Some(status), Some((buf, tag))) => {
+                    (Some(status), Some(reply)) => {
                         let header = ResponseHeader {
                             num_ops: 0,
                             status,
-                            tag,
+                            tag: reply.tag,
                         };
-                        if mem.write_slice(&header.encode(), buf.addr).is_ok() {
+                        if Cursor::new(reply.writable)
+                            .write_all(mem, &header.encode())
+                            .is_ok()
+                        {
                             used_len = RESPONSE_HEADER_SIZE as u32;
                         }
                         DeviceCounters::add(&counters.rejected_chains, 1);
@@ -248,7 +278,7 @@ impl Executor {
 /// Runs the operations of a valid chain in order; writes the statuses and
 /// the response header; returns the used length.
 #[allow(clippy::too_many_arguments)]
-fn execute<M: GuestMemoryBackend>(
+fn execute<M: GuestMemory + ?Sized>(
     client: &ClientHandle,
     mem: &M,
     chain: &ValidChain<'_>,
@@ -267,8 +297,10 @@ fn execute<M: GuestMemoryBackend>(
     let Ok(mut writer) = ResponseWriter::new(resp_buf, num_ops) else {
         return 0;
     };
-    let mut puts = chain.put_pages.iter();
-    let mut gets = chain.get_pages.iter();
+    let mut puts = chain.put_pages();
+    let mut gets = chain.response();
+    // Parsing checked that the writable part holds the response and the pages.
+    let _ = gets.skip(resp_len as u64);
     let mut pages_written: u32 = 0;
     let mut invalid = 0u64;
 
@@ -276,12 +308,14 @@ fn execute<M: GuestMemoryBackend>(
         // The opcode byte alone decides which buffer an op consumes, so the
         // buffers stay in step even when the op itself is invalid.
         let buffer = match PageBuffer::for_opcode_byte(request.opcode_byte(i)) {
-            PageBuffer::None => None,
-            PageBuffer::ToDevice => puts.next(),
-            PageBuffer::FromDevice => gets.next(),
+            PageBuffer::None => PageSlot::None,
+            PageBuffer::ToDevice => PageSlot::Put(&mut puts),
+            PageBuffer::FromDevice => PageSlot::Get(&mut gets),
         };
         let status = match request.op(i) {
             Err(e) => {
+                // The op's page is not used, but the pages after it are.
+                buffer.skip();
                 invalid += 1;
                 log.log(
                     Level::Warn,
@@ -294,8 +328,7 @@ fn execute<M: GuestMemoryBackend>(
                 OpStatus::new(e.status())
             }
             Ok(op) => {
-                let (status, copied) =
-                    execute_op(client, mem, op, buffer.map(|b| b.addr), features, page);
+                let (status, copied) = execute_op(client, mem, op, buffer, features, page);
                 match copied {
                     Copied::Nothing => {}
                     Copied::FromGuest => {
@@ -319,15 +352,32 @@ fn execute<M: GuestMemoryBackend>(
         status: Status::Ok,
         tag: request.header().tag,
     });
-    if mem
-        .write_slice(&response[..len], chain.response.addr)
-        .is_err()
-    {
+    if chain.response().write_all(mem, &response[..len]).is_err() {
         // Checked when parsing; only a memory map changing under us gets here.
         log.warn(format_args!("cannot write the response buffer"));
         return 0;
     }
     len as u32 + pages_written * PAGE_SIZE as u32
+}
+
+/// Where an operation's page is, as a cursor positioned at it.
+enum PageSlot<'c, 's> {
+    /// The operation has no page.
+    None,
+    /// A device-readable page.
+    Put(&'c mut Cursor<'s>),
+    /// A device-writable page.
+    Get(&'c mut Cursor<'s>),
+}
+
+impl PageSlot<'_, '_> {
+    /// Moves past the page without touching it.
+    fn skip(self) {
+        if let PageSlot::Put(c) | PageSlot::Get(c) = self {
+            // Parsing checked the lengths: a page is always there.
+            let _ = c.skip(PAGE_SIZE as u64);
+        }
+    }
 }
 
 /// Which way an operation copied a page.
@@ -340,11 +390,11 @@ enum Copied {
 
 /// Executes one decoded operation. Returns its status and the page it
 /// copied, if any.
-fn execute_op<M: GuestMemoryBackend>(
+fn execute_op<M: GuestMemory + ?Sized>(
     client: &ClientHandle,
     mem: &M,
     op: Op,
-    page_addr: Option<GuestAddress>,
+    slot: PageSlot<'_, '_>,
     features: Features,
     page: &mut Page,
 ) -> (OpStatus, Copied) {
@@ -360,6 +410,7 @@ fn execute_op<M: GuestMemoryBackend>(
         },
         Err(e) => st(e.status()),
     };
+    // Every path below that does not copy the page moves past it.
     let status = match op {
         Op::NewPool(spec) => {
             if (!spec.persistent && !features.ephemeral)
@@ -372,32 +423,37 @@ fn execute_op<M: GuestMemoryBackend>(
         }
         Op::DestroyPool { pool } => from(client.destroy_pool(pool)),
         Op::Put { handle, reserved } => {
-            if reserved && !features.reserve {
-                st(Status::Unsupported)
-            } else {
-                match page_addr {
-                    Some(addr) if mem.read_slice(&mut page[..], addr).is_ok() => {
-                        return (from(client.put(&handle, page, reserved)), Copied::FromGuest);
-                    }
-                    _ => st(Status::DeviceError),
-                }
-            }
-        }
-        Op::Get { handle } => {
-            let Some(addr) = page_addr else {
+            let PageSlot::Put(cursor) = slot else {
+                slot.skip();
                 return (st(Status::DeviceError), Copied::Nothing);
             };
-            return match client.get(&handle, page) {
-                Ok(true) => {
-                    if mem.write_slice(&page[..], addr).is_ok() {
-                        (st(Status::Ok), Copied::ToGuest)
-                    } else {
-                        (st(Status::DeviceError), Copied::Nothing)
-                    }
-                }
-                Ok(false) => (st(Status::Miss), Copied::Nothing),
-                Err(e) => (st(e.status()), Copied::Nothing),
+            if reserved && !features.reserve {
+                let _ = cursor.skip(PAGE_SIZE as u64);
+                return (st(Status::Unsupported), Copied::Nothing);
+            }
+            // The one copy out of guest memory: the store sees only it.
+            if cursor.read_exact(mem, &mut page[..]).is_err() {
+                return (st(Status::DeviceError), Copied::Nothing);
+            }
+            return (from(client.put(&handle, page, reserved)), Copied::FromGuest);
+        }
+        Op::Get { handle } => {
+            let PageSlot::Get(cursor) = slot else {
+                slot.skip();
+                return (st(Status::DeviceError), Copied::Nothing);
             };
+            let status = match client.get(&handle, page) {
+                Ok(true) => {
+                    if cursor.write_all(mem, &page[..]).is_ok() {
+                        return (st(Status::Ok), Copied::ToGuest);
+                    }
+                    st(Status::DeviceError)
+                }
+                Ok(false) => st(Status::Miss),
+                Err(e) => st(e.status()),
+            };
+            let _ = cursor.skip(PAGE_SIZE as u64);
+            return (status, Copied::Nothing);
         }
         Op::FlushPage { handle } => from(client.flush_page(&handle)),
         Op::FlushObject { pool, object } => from(client.flush_object(pool, &object)),
@@ -428,7 +484,7 @@ mod tests {
     use super::*;
     use crate::store::{ClientConfig, Store, StoreConfig, Uuid};
     use crate::testutil::*;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
     use vtmem_protocol::{Handle, ObjectId, PoolSpec, Response, WireError};
 
     const QSIZE: u16 = 256;
@@ -558,6 +614,50 @@ mod tests {
         assert_eq!(c.bytes_from_guest, PAGE_SIZE as u64);
         assert_eq!(c.bytes_to_guest, PAGE_SIZE as u64);
         assert_eq!(f.store.stats().clients.len(), 1);
+    }
+
+    #[test]
+    fn split_buffers_round_trip() {
+        // Every arrangement of the same PUT+GET request stores the page
+        // from the bytes across the pieces and returns it across the pieces.
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        let mut n = 0u64;
+        for rc in READABLE_CUTS {
+            for wc in WRITABLE_CUTS {
+                n += 1;
+                let data = patterned_page(n);
+                let ops = [
+                    Op::Put {
+                        handle: h(pool, n),
+                        reserved: false,
+                    },
+                    Op::Get { handle: h(pool, n) },
+                ];
+                let mut readable = request_bytes(&ops, 0x1234);
+                readable.extend_from_slice(&data);
+                let mut ring = TestRing::new(&mem, QSIZE);
+                let mut bufs = ring.readable_split(&readable, rc);
+                let writable = ring.writable_split(48 + PAGE_SIZE, wc);
+                bufs.extend(writable.iter().copied());
+                let head = ring.indirect_chain(&bufs);
+                let out = f
+                    .exec
+                    .run_chain(&mem, ring.table(), QSIZE, head, Features::ALL);
+                let what = format!("readable cut at {rc:?}, writable at {wc:?}");
+                assert_eq!(out.error, None, "{what}");
+                assert_eq!(out.used_len as usize, 48 + PAGE_SIZE, "{what}");
+                let back = ring.read_all(&writable);
+                assert_eq!(
+                    statuses(&back[..48]),
+                    vec![(Status::Ok, 0), (Status::Ok, 0)],
+                    "{what}"
+                );
+                assert!(back[48..] == data[..], "{what}");
+            }
+        }
     }
 
     #[test]
