@@ -26,7 +26,7 @@ use vtmem_protocol::{
     RESPONSE_HEADER_SIZE, VTMEM_F_EPHEMERAL, VTMEM_F_RESERVE, VTMEM_F_SHARED,
 };
 
-use crate::chain_walk::Cursor;
+use crate::chain_walk::{Cursor, CursorError};
 use crate::ratelimit::RateLimitedLog;
 use crate::request::{ChainError, ChainParser, ValidChain};
 use crate::store::{ClientHandle, Page};
@@ -298,10 +298,7 @@ fn execute<M: GuestMemory + ?Sized>(
         return 0;
     };
     let mut puts = chain.put_pages();
-    let mut gets = chain.response();
-    // Parsing checked that the writable part holds the response and the pages.
-    let _ = gets.skip(resp_len as u64);
-    let mut pages_written: u32 = 0;
+    let mut gets = GetPages::new(chain.response(), resp_len);
     let mut invalid = 0u64;
 
     for i in 0..num_ops {
@@ -335,7 +332,6 @@ fn execute<M: GuestMemory + ?Sized>(
                         DeviceCounters::add(&counters.bytes_from_guest, PAGE_SIZE as u64)
                     }
                     Copied::ToGuest => {
-                        pages_written += 1;
                         DeviceCounters::add(&counters.bytes_to_guest, PAGE_SIZE as u64);
                     }
                 }
@@ -357,25 +353,87 @@ fn execute<M: GuestMemory + ?Sized>(
         log.warn(format_args!("cannot write the response buffer"));
         return 0;
     }
-    len as u32 + pages_written * PAGE_SIZE as u32
+    // The response, then every GET page up to the last one written: the
+    // bytes written from the start of the writable part.
+    len as u32 + gets.filled * PAGE_SIZE as u32
+}
+
+/// The GET pages of a chain's writable part, after the response.
+///
+/// The used length must count bytes written from the start of the writable
+/// part (virtio 1.2, 2.7.8.2: the driver may ignore anything past it), so a
+/// hit after a miss first fills the pages of the GETs before it that
+/// returned nothing with zeros. Pages after the last hit stay untouched.
+struct GetPages<'s> {
+    /// At the first page not written yet.
+    cursor: Cursor<'s>,
+    /// GET pages handed out so far.
+    taken: u32,
+    /// GET pages written so far (data or zeros), from the first.
+    filled: u32,
+}
+
+/// What the pages of GETs that returned nothing are filled with when a
+/// later GET of the same request hits.
+static ZERO_PAGE: Page = [0u8; PAGE_SIZE];
+
+impl<'s> GetPages<'s> {
+    fn new(mut writable: Cursor<'s>, resp_len: usize) -> Self {
+        // Parsing checked that the writable part holds the response and the pages.
+        let _ = writable.skip(resp_len as u64);
+        GetPages {
+            cursor: writable,
+            taken: 0,
+            filled: 0,
+        }
+    }
+
+    /// The page of the next GET, by position among the GETs.
+    fn take(&mut self) -> u32 {
+        self.taken += 1;
+        self.taken - 1
+    }
+
+    /// Writes `page` as GET page `slot`, zeros to the pages before it that
+    /// were left out.
+    fn write<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        slot: u32,
+        page: &Page,
+    ) -> Result<(), CursorError> {
+        while self.filled < slot {
+            self.cursor.write_all(mem, &ZERO_PAGE)?;
+            self.filled += 1;
+        }
+        self.cursor.write_all(mem, page)?;
+        self.filled += 1;
+        Ok(())
+    }
 }
 
 /// Where an operation's page is, as a cursor positioned at it.
 enum PageSlot<'c, 's> {
     /// The operation has no page.
     None,
-    /// A device-readable page.
+    /// A device-readable page, at the cursor.
     Put(&'c mut Cursor<'s>),
-    /// A device-writable page.
-    Get(&'c mut Cursor<'s>),
+    /// A device-writable page, the next of these.
+    Get(&'c mut GetPages<'s>),
 }
 
 impl PageSlot<'_, '_> {
     /// Moves past the page without touching it.
     fn skip(self) {
-        if let PageSlot::Put(c) | PageSlot::Get(c) = self {
+        match self {
             // Parsing checked the lengths: a page is always there.
-            let _ = c.skip(PAGE_SIZE as u64);
+            PageSlot::Put(c) => {
+                let _ = c.skip(PAGE_SIZE as u64);
+            }
+            PageSlot::Get(g) => {
+                g.take();
+            }
+            PageSlot::None => {}
         }
     }
 }
@@ -438,22 +496,19 @@ fn execute_op<M: GuestMemory + ?Sized>(
             return (from(client.put(&handle, page, reserved)), Copied::FromGuest);
         }
         Op::Get { handle } => {
-            let PageSlot::Get(cursor) = slot else {
+            let PageSlot::Get(gets) = slot else {
                 slot.skip();
                 return (st(Status::DeviceError), Copied::Nothing);
             };
-            let status = match client.get(&handle, page) {
-                Ok(true) => {
-                    if cursor.write_all(mem, &page[..]).is_ok() {
-                        return (st(Status::Ok), Copied::ToGuest);
-                    }
-                    st(Status::DeviceError)
-                }
-                Ok(false) => st(Status::Miss),
-                Err(e) => st(e.status()),
+            let at = gets.take();
+            return match client.get(&handle, page) {
+                Ok(true) => match gets.write(mem, at, page) {
+                    Ok(()) => (st(Status::Ok), Copied::ToGuest),
+                    Err(_) => (st(Status::DeviceError), Copied::Nothing),
+                },
+                Ok(false) => (st(Status::Miss), Copied::Nothing),
+                Err(e) => (st(e.status()), Copied::Nothing),
             };
-            let _ = cursor.skip(PAGE_SIZE as u64);
-            return (status, Copied::Nothing);
         }
         Op::FlushPage { handle } => from(client.flush_page(&handle)),
         Op::FlushObject { pool, object } => from(client.flush_object(pool, &object)),
@@ -699,6 +754,56 @@ mod tests {
             Features::ALL,
         );
         assert_eq!(statuses(&resp), vec![(Status::Miss, 0)]);
+        assert_eq!(out.used_len, 32);
+        assert_eq!(pages[0], page_of(0xaa));
+    }
+
+    #[test]
+    fn used_length_counts_a_written_prefix() {
+        // GET miss, GET hit, GET miss: the page of the first miss is
+        // zeroed so that the used length covers the hit; the last stays.
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        let data = patterned_page(7);
+        let (out, _, _) = send(
+            &mut f,
+            &mem,
+            &mut ring,
+            &[Op::Put {
+                handle: h(pool, 2),
+                reserved: false,
+            }],
+            std::slice::from_ref(&data),
+            false,
+            Features::ALL,
+        );
+        assert_eq!(out.used_len, 32);
+        let ops = [
+            Op::Get { handle: h(pool, 1) },
+            Op::Get { handle: h(pool, 2) },
+            Op::Get { handle: h(pool, 3) },
+        ];
+        let (out, resp, pages) = send(&mut f, &mem, &mut ring, &ops, &[], false, Features::ALL);
+        assert_eq!(
+            statuses(&resp),
+            vec![(Status::Miss, 0), (Status::Ok, 0), (Status::Miss, 0)]
+        );
+        assert_eq!(out.used_len as usize, 16 + 3 * 16 + 2 * PAGE_SIZE);
+        assert_eq!(pages[0], page_of(0));
+        assert_eq!(pages[1], data);
+        assert_eq!(pages[2], page_of(0xaa));
+        // Misses alone write no page at all.
+        let (out, _, pages) = send(
+            &mut f,
+            &mem,
+            &mut ring,
+            &ops[..1],
+            &[],
+            false,
+            Features::ALL,
+        );
         assert_eq!(out.used_len, 32);
         assert_eq!(pages[0], page_of(0xaa));
     }

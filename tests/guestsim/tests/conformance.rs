@@ -175,3 +175,70 @@ fn any_descriptor_split_is_accepted_for_put_and_get() {
         d.log()
     );
 }
+
+#[test]
+fn used_length_is_the_written_prefix_when_a_get_misses_before_a_hit() {
+    let d = daemon(&[VmSpec::new("prefix")], |_| {});
+    let vm = connect(&d, "prefix");
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let (miss1, hit, miss2) = (h(pool, 3, 1), h(pool, 3, 2), h(pool, 3, 3));
+    let data = random_page(0x600d);
+    assert_eq!(vm.put_batch(&[(hit, &*data)]).unwrap(), [Status::Ok]);
+
+    let req = request_bytes(
+        &[
+            Op::Get { handle: miss1 },
+            Op::Get { handle: hit },
+            Op::Get { handle: miss2 },
+        ],
+        TAG,
+    );
+    let mut b = chain(&vm).readable(&req).unwrap();
+    let resp = b.writable_buf(64).unwrap();
+    b = b.writable_at(resp, 64);
+    // Page buffers the driver filled with a marker beforehand.
+    for _ in 0..3 {
+        let pg = b.writable_buf(PAGE_SIZE as u32).unwrap();
+        vm.ram().write(pg, &[0x5a; PAGE_SIZE]).unwrap();
+        b = b.writable_at(pg, PAGE_SIZE as u32);
+    }
+    let out = b.submit().unwrap();
+    assert_eq!(
+        statuses(&out.writable[0], 3),
+        [Status::Miss, Status::Ok, Status::Miss]
+    );
+    // Virtio 1.2 2.7.8.2: the used length counts bytes written from the
+    // start of the writable part, here the response and two pages.
+    assert_eq!(out.used_len as usize, 64 + 2 * PAGE_SIZE);
+    let written: Vec<u8> = out.writable.concat();
+    let prefix = &written[..out.used_len as usize];
+    assert_eq!(
+        &prefix[64..64 + PAGE_SIZE],
+        &[0u8; PAGE_SIZE][..],
+        "miss before the hit is zeroed"
+    );
+    assert_eq!(&prefix[64 + PAGE_SIZE..], &data[..]);
+    assert_eq!(
+        out.writable[3],
+        vec![0x5a; PAGE_SIZE],
+        "miss after the last hit untouched"
+    );
+
+    // A lone miss writes the response only.
+    let req = request_bytes(&[Op::Get { handle: miss1 }], TAG);
+    let out = chain(&vm)
+        .readable(&req)
+        .unwrap()
+        .writable(32 + PAGE_SIZE as u32)
+        .unwrap()
+        .submit()
+        .unwrap();
+    assert_eq!(out.used_len, 32);
+
+    // The guestsim driver checks the same rule on ordinary batches.
+    let got = vm.get_batch(&[miss1, hit, miss2, hit]).unwrap();
+    let st: Vec<Status> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(st, [Status::Miss, Status::Ok, Status::Miss, Status::Ok]);
+    assert_eq!(got[3].1[..], data[..]);
+    assert_alive(&d);
+}
