@@ -285,7 +285,7 @@ impl VtmemBackend {
             }
         }
         if added {
-            match state.needs_notification() {
+            match crate::notify::needs_notification(state.get_queue_mut(), mem) {
                 Ok(true) => match state.signal_used_queue() {
                     Ok(()) => DeviceCounters::add_one(&self.counters.notifications),
                     Err(e) => {
@@ -571,6 +571,30 @@ mod tests {
         b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
             .unwrap();
         assert_eq!(ring.used_idx(), 4);
+        assert_eq!(b.counters.snapshot().notifications, 1);
+    }
+
+    #[test]
+    fn no_interrupt_flag_is_honoured_without_event_idx() {
+        let (_s, b) = backend(1, 0);
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, false);
+        // The driver does not want interrupts: none is sent.
+        mem.write_obj(1u16, ring.mock.avail_addr()).unwrap();
+        for _ in 0..2 {
+            add_request(&mut ring);
+            b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+                .unwrap();
+        }
+        assert_eq!(ring.used_idx(), 2);
+        assert_eq!(b.counters.snapshot().notifications, 0);
+        // It wants them again: the next batch is signalled.
+        mem.write_obj(0u16, ring.mock.avail_addr()).unwrap();
+        add_request(&mut ring);
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 3);
         assert_eq!(b.counters.snapshot().notifications, 1);
     }
 

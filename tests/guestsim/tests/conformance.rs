@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use vtmem_guestsim::pages::random_page;
 use vtmem_guestsim::raw::request_bytes;
-use vtmem_guestsim::{Op, PoolSpec, RawChainBuilder, Status, Vm, VmSpec, PAGE_SIZE};
+use vtmem_guestsim::{Op, PoolSpec, RawChainBuilder, Status, Vm, VmOptions, VmSpec, PAGE_SIZE};
 use vtmem_protocol::{response_len, Response};
 
 const TAG: u64 = 0xc0f0_0000_0001;
@@ -240,5 +240,44 @@ fn used_length_is_the_written_prefix_when_a_get_misses_before_a_hit() {
     let st: Vec<Status> = got.iter().map(|(s, _)| *s).collect();
     assert_eq!(st, [Status::Miss, Status::Ok, Status::Miss, Status::Ok]);
     assert_eq!(got[3].1[..], data[..]);
+    assert_alive(&d);
+}
+
+#[test]
+fn no_interrupt_flag_is_honoured_without_event_idx() {
+    let d = daemon(&[VmSpec::new("quiet")], |_| {});
+    // A driver that never asks for interrupts: it polls the used ring (a
+    // long spin) and leaves VRING_AVAIL_F_NO_INTERRUPT set throughout.
+    let quiet = connect_with(
+        &d,
+        "quiet",
+        VmOptions {
+            event_idx: false,
+            spin: Duration::from_secs(20),
+            ..VmOptions::default()
+        },
+    );
+    assert!(!quiet
+        .negotiated()
+        .has(vtmem_guestsim::vm::VIRTIO_RING_F_EVENT_IDX));
+    let pool = quiet.new_pool(PoolSpec::persistent()).unwrap();
+    quiet.reset_stats();
+    let data = pages(7, 4);
+    for round in 0..8u64 {
+        let st = quiet.put_batch(&items(pool, round, &data)).unwrap();
+        assert!(st.iter().all(|s| *s == Status::Ok));
+    }
+    // One more request: the worker signals a batch (or not) before it takes
+    // the next, so once this completes every earlier signal has been sent.
+    quiet.flush_page(h(pool, 0, 0)).unwrap();
+    let s = quiet.stats();
+    assert_eq!(s.sleeps, 0, "the driver waited with interrupts enabled");
+    assert_eq!(
+        s.interrupts, 0,
+        "the device signalled {} times while the driver set NO_INTERRUPT",
+        s.interrupts
+    );
+    // (That the device signals while the flag is clear is checked by the
+    // device's unit tests and by every test whose driver sleeps.)
     assert_alive(&d);
 }
