@@ -358,11 +358,17 @@ impl VhostUserBackend for VtmemBackend {
         }
     }
 
-    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "the vtmem config space is read-only",
-        ))
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // The config space is read-only: a write changes nothing. It is
+        // acknowledged rather than refused because vhost-user-backend ends
+        // the connection on any error a handler returns (it sends the
+        // REPLY_ACK failure, then stops serving), and a driver poking its
+        // config space must not cost the VM its device.
+        self.log.warn(format_args!(
+            "SET_CONFIG of {} byte(s) at offset {offset} ignored: the config space is read-only",
+            buf.len()
+        ));
+        Ok(())
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
@@ -514,7 +520,11 @@ mod tests {
         assert_eq!(b.get_config(8, 2), 1u16.to_le_bytes().to_vec());
         assert!(b.get_config(8, 16).is_empty());
         assert!(b.get_config(u32::MAX, 2).is_empty());
-        assert!(b.set_config(0, &[0]).is_err());
+        assert!(b.set_config(0, &[9, 9]).is_ok());
+        assert_eq!(
+            DeviceConfig::decode(&b.get_config(0, CONFIG_SIZE as u32)).unwrap(),
+            DeviceConfig::new(4)
+        );
         assert!(b.exit_event(0).is_some());
     }
 

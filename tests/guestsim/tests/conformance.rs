@@ -281,3 +281,82 @@ fn no_interrupt_flag_is_honoured_without_event_idx() {
     // device's unit tests and by every test whose driver sleeps.)
     assert_alive(&d);
 }
+
+#[test]
+fn set_config_changes_nothing_and_keeps_the_connection() {
+    use vhost::vhost_user::message::{
+        VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+        VhostUserVirtioFeatures,
+    };
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VringConfigData};
+    use vtmem_guestsim::memory::{Allocator, GuestRam};
+    use vtmem_guestsim::{Queue, QueueConfig};
+    use vtmem_protocol::{DeviceConfig, CONFIG_SIZE};
+
+    let d = daemon(&[VmSpec::new("cfg")], |_| {});
+    // A VMM of its own, to send what guestsim's does not.
+    let mut fe = Frontend::connect(d.socket("cfg"), 1).unwrap();
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    let acked = offered & (VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | 1 << 32);
+    fe.set_features(acked).unwrap();
+    let proto = fe.get_protocol_features().unwrap()
+        & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK);
+    fe.set_protocol_features(proto).unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let read_config = |fe: &mut Frontend| {
+        let (_, bytes) = fe
+            .get_config(
+                0,
+                CONFIG_SIZE as u32,
+                VhostUserConfigFlags::empty(),
+                &[0u8; CONFIG_SIZE],
+            )
+            .unwrap();
+        DeviceConfig::decode(&bytes).unwrap()
+    };
+    let before = read_config(&mut fe);
+
+    // The driver writes its read-only config space: acknowledged, ignored.
+    fe.set_config(0, VhostUserConfigFlags::WRITABLE, &[0xff; 4])
+        .expect("SET_CONFIG answered without closing the connection");
+    assert_eq!(read_config(&mut fe), before);
+
+    // The same connection then brings a queue up and serves requests.
+    let ram = std::sync::Arc::new(GuestRam::new(c"vtmem-guest-cfg", 8 << 20).unwrap());
+    let mut alloc = Allocator::new(ram.base(), ram.end());
+    let cfg = QueueConfig {
+        indirect: false,
+        timeout: Duration::from_secs(10),
+        spin: Duration::ZERO,
+    };
+    let mut q = Queue::new(0, ram.clone(), &mut alloc, 64, 2, false, cfg).unwrap();
+    fe.set_mem_table(&[ram.region_info().unwrap()]).unwrap();
+    let l = q.ring().layout();
+    fe.set_vring_num(0, 64).unwrap();
+    fe.set_vring_base(0, 0).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: 64,
+            queue_size: 64,
+            flags: 0,
+            desc_table_addr: ram.host_address(l.desc).unwrap(),
+            used_ring_addr: ram.host_address(l.used).unwrap(),
+            avail_ring_addr: ram.host_address(l.avail).unwrap(),
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_kick(0, q.kick_fd()).unwrap();
+    fe.set_vring_call(0, q.call_fd()).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+    assert_eq!(q.reset().unwrap(), Status::Ok);
+    let pool = q.new_pool(PoolSpec::persistent()).unwrap();
+    let page = random_page(0xc0f);
+    let hh = h(pool, 1, 1);
+    assert_eq!(q.put_batch(&[(hh, &*page)]).unwrap(), [Status::Ok]);
+    assert_eq!(q.get_batch(&[hh]).unwrap()[0].1[..], page[..]);
+    assert_alive(&d);
+}
