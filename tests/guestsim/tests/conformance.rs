@@ -360,3 +360,24 @@ fn set_config_changes_nothing_and_keeps_the_connection() {
     assert_eq!(q.get_batch(&[hh]).unwrap()[0].1[..], page[..]);
     assert_alive(&d);
 }
+
+#[test]
+fn a_head_outside_the_table_is_consumed_and_never_returned() {
+    let d = daemon(&[VmSpec::new("heads")], |_| {});
+    let vm = connect(&d, "heads");
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let before = vm.queue(0).ring().used_idx(vm.ram()).unwrap();
+    {
+        let mut q = vm.queue(0);
+        q.inject_head(300).unwrap();
+        q.inject_head(u16::MAX).unwrap();
+    }
+    // The request after them is served (its kick covers all three), and
+    // the used ring gains its entry only: a used entry can only name a head
+    // of the table (docs/protocol.md section 6.4).
+    let data = pages(11, 1);
+    assert_eq!(vm.put_batch(&items(pool, 1, &data)).unwrap(), [Status::Ok]);
+    let after = vm.queue(0).ring().used_idx(vm.ram()).unwrap();
+    assert_eq!(after.wrapping_sub(before), 1);
+    assert_alive(&d);
+}
