@@ -132,7 +132,6 @@ impl VtmemBackend {
             return;
         };
         let mut executor = lock(executor);
-        let mut heads: Vec<u16> = Vec::with_capacity(MAX_BATCH);
         let mut used: Vec<(u16, u32)> = Vec::with_capacity(MAX_BATCH);
 
         // Rounds in which the ring claimed work but yielded none: a ring
@@ -151,15 +150,7 @@ impl VtmemBackend {
                 // update must reach it.
                 let mem = lock(&self.mem).memory();
                 let features = self.features_in_use();
-                let n = match self.drain_once(
-                    q,
-                    vring,
-                    &mem,
-                    &mut executor,
-                    features,
-                    &mut heads,
-                    &mut used,
-                ) {
+                let n = match self.drain_once(q, vring, &mem, &mut executor, features, &mut used) {
                     Drain::Full => {
                         processed += MAX_BATCH;
                         continue;
@@ -236,36 +227,36 @@ impl VtmemBackend {
         mem: &GuestMemoryMmap,
         executor: &mut Executor,
         features: Features,
-        heads: &mut Vec<u16>,
         used: &mut Vec<(u16, u32)>,
     ) -> Drain {
-        heads.clear();
         used.clear();
-        let (table, size) = {
+        // The chains are taken under the ring lock and run without it, so
+        // that the vhost-user thread is never kept waiting by a batch.
+        let (table, size, chains) = {
             let mut state = vring.get_mut();
             let queue = state.get_queue_mut();
             let table = GuestAddress(queue.desc_table());
             let size = queue.size();
             match queue.iter(mem) {
-                Ok(iter) => heads.extend(iter.take(MAX_BATCH).map(|c| c.head_index())),
+                Ok(iter) => (table, size, iter.take(MAX_BATCH).collect::<Vec<_>>()),
                 Err(QueueError::QueueNotReady) => return Drain::Stop,
                 Err(e) => {
                     self.log.warn(format_args!("queue {q}: ring unusable: {e}"));
                     return Drain::Stop;
                 }
             }
-            (table, size)
         };
-        if heads.is_empty() {
+        if chains.is_empty() {
             return Drain::Done(0);
         }
-        let full = heads.len() == MAX_BATCH;
+        let full = chains.len() == MAX_BATCH;
 
-        for &head in heads.iter() {
+        for chain in &chains {
+            let head = chain.head_index();
             // A bug (never guest input) that panics must cost this chain
             // only, not the worker thread and with it the whole queue.
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                executor.run_chain(mem, table, size, head, features)
+                executor.run_descriptor_chain(chain, table, size, features)
             }));
             let used_len = match run {
                 Ok(outcome) => outcome.used_len,
@@ -274,6 +265,9 @@ impl VtmemBackend {
                     0
                 }
             };
+            // A head outside the table names no chain: the used ring can
+            // only return heads of the table (virtio-queue refuses others),
+            // so the entry is consumed and nothing goes back.
             if head < size {
                 used.push((head, used_len));
             }
@@ -291,7 +285,7 @@ impl VtmemBackend {
             }
         }
         if added {
-            match state.needs_notification() {
+            match crate::notify::needs_notification(state.get_queue_mut(), mem) {
                 Ok(true) => match state.signal_used_queue() {
                     Ok(()) => DeviceCounters::add_one(&self.counters.notifications),
                     Err(e) => {
@@ -309,7 +303,7 @@ impl VtmemBackend {
         if full {
             Drain::Full
         } else {
-            Drain::Done(heads.len())
+            Drain::Done(chains.len())
         }
     }
 }
@@ -364,11 +358,17 @@ impl VhostUserBackend for VtmemBackend {
         }
     }
 
-    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "the vtmem config space is read-only",
-        ))
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // The config space is read-only: a write changes nothing. It is
+        // acknowledged rather than refused because vhost-user-backend ends
+        // the connection on any error a handler returns (it sends the
+        // REPLY_ACK failure, then stops serving), and a driver poking its
+        // config space must not cost the VM its device.
+        self.log.warn(format_args!(
+            "SET_CONFIG of {} byte(s) at offset {offset} ignored: the config space is read-only",
+            buf.len()
+        ));
+        Ok(())
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
@@ -523,7 +523,11 @@ mod tests {
         assert_eq!(b.get_config(8, 2), 1u16.to_le_bytes().to_vec());
         assert!(b.get_config(8, 16).is_empty());
         assert!(b.get_config(u32::MAX, 2).is_empty());
-        assert!(b.set_config(0, &[0]).is_err());
+        assert!(b.set_config(0, &[9, 9]).is_ok());
+        assert_eq!(
+            DeviceConfig::decode(&b.get_config(0, CONFIG_SIZE as u32)).unwrap(),
+            DeviceConfig::new(4)
+        );
         assert!(b.exit_event(0).is_some());
     }
 
@@ -580,6 +584,30 @@ mod tests {
         b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
             .unwrap();
         assert_eq!(ring.used_idx(), 4);
+        assert_eq!(b.counters.snapshot().notifications, 1);
+    }
+
+    #[test]
+    fn no_interrupt_flag_is_honoured_without_event_idx() {
+        let (_s, b) = backend(1, 0);
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, false);
+        // The driver does not want interrupts: none is sent.
+        mem.write_obj(1u16, ring.mock.avail_addr()).unwrap();
+        for _ in 0..2 {
+            add_request(&mut ring);
+            b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+                .unwrap();
+        }
+        assert_eq!(ring.used_idx(), 2);
+        assert_eq!(b.counters.snapshot().notifications, 0);
+        // It wants them again: the next batch is signalled.
+        mem.write_obj(0u16, ring.mock.avail_addr()).unwrap();
+        add_request(&mut ring);
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 3);
         assert_eq!(b.counters.snapshot().notifications, 1);
     }
 

@@ -16,13 +16,17 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use std::ops::Deref;
+
 use log::Level;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use virtio_queue::DescriptorChain;
+use vm_memory::{GuestAddress, GuestMemory};
 use vtmem_protocol::{
     Op, OpStatus, PageBuffer, ResponseHeader, ResponseWriter, Status, MAX_RESPONSE_LEN, PAGE_SIZE,
     RESPONSE_HEADER_SIZE, VTMEM_F_EPHEMERAL, VTMEM_F_RESERVE, VTMEM_F_SHARED,
 };
 
+use crate::chain_walk::{Cursor, CursorError};
 use crate::ratelimit::RateLimitedLog;
 use crate::request::{ChainError, ChainParser, ValidChain};
 use vtmem_api::DeviceStats;
@@ -154,9 +158,32 @@ impl Executor {
         &self.client
     }
 
+    /// Parses and executes `chain`, taken from a queue whose descriptor
+    /// table is at `table` with `queue_size` entries. Never panics on guest
+    /// input.
+    pub fn run_descriptor_chain<M, C>(
+        &mut self,
+        chain: &DescriptorChain<C>,
+        table: GuestAddress,
+        queue_size: u16,
+        features: Features,
+    ) -> ChainOutcome
+    where
+        C: Deref<Target = M>,
+        M: GuestMemory,
+    {
+        self.run_chain(
+            chain.memory(),
+            table,
+            queue_size,
+            chain.head_index(),
+            features,
+        )
+    }
+
     /// Parses and executes the chain at `head` of the descriptor table at
     /// `table` (`queue_size` entries). Never panics on guest input.
-    pub fn run_chain<M: GuestMemoryBackend>(
+    pub fn run_chain<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         table: GuestAddress,
@@ -194,13 +221,16 @@ impl Executor {
             Err(fault) => {
                 let mut used_len = 0;
                 match (fault.error.status(), fault.reply) {
-                    (Some(status), Some((buf, tag))) => {
+                    (Some(status), Some(reply)) => {
                         let header = ResponseHeader {
                             num_ops: 0,
                             status,
-                            tag,
+                            tag: reply.tag,
                         };
-                        if mem.write_slice(&header.encode(), buf.addr).is_ok() {
+                        if Cursor::new(reply.writable)
+                            .write_all(mem, &header.encode())
+                            .is_ok()
+                        {
                             used_len = RESPONSE_HEADER_SIZE as u32;
                         }
                         DeviceCounters::add(&counters.rejected_chains, 1);
@@ -231,7 +261,7 @@ impl Executor {
 /// Runs the operations of a valid chain in order; writes the statuses and
 /// the response header; returns the used length.
 #[allow(clippy::too_many_arguments)]
-fn execute<M: GuestMemoryBackend>(
+fn execute<M: GuestMemory + ?Sized>(
     client: &DataHandle,
     mem: &M,
     chain: &ValidChain<'_>,
@@ -250,21 +280,22 @@ fn execute<M: GuestMemoryBackend>(
     let Ok(mut writer) = ResponseWriter::new(resp_buf, num_ops) else {
         return 0;
     };
-    let mut puts = chain.put_pages.iter();
-    let mut gets = chain.get_pages.iter();
-    let mut pages_written: u32 = 0;
+    let mut puts = chain.put_pages();
+    let mut gets = GetPages::new(chain.response(), resp_len);
     let mut invalid = 0u64;
 
     for i in 0..num_ops {
         // The opcode byte alone decides which buffer an op consumes, so the
         // buffers stay in step even when the op itself is invalid.
         let buffer = match PageBuffer::for_opcode_byte(request.opcode_byte(i)) {
-            PageBuffer::None => None,
-            PageBuffer::ToDevice => puts.next(),
-            PageBuffer::FromDevice => gets.next(),
+            PageBuffer::None => PageSlot::None,
+            PageBuffer::ToDevice => PageSlot::Put(&mut puts),
+            PageBuffer::FromDevice => PageSlot::Get(&mut gets),
         };
         let status = match request.op(i) {
             Err(e) => {
+                // The op's page is not used, but the pages after it are.
+                buffer.skip();
                 invalid += 1;
                 log.log(
                     Level::Warn,
@@ -277,15 +308,13 @@ fn execute<M: GuestMemoryBackend>(
                 OpStatus::new(e.status())
             }
             Ok(op) => {
-                let (status, copied) =
-                    execute_op(client, mem, op, buffer.map(|b| b.addr), features, page);
+                let (status, copied) = execute_op(client, mem, op, buffer, features, page);
                 match copied {
                     Copied::Nothing => {}
                     Copied::FromGuest => {
                         DeviceCounters::add(&counters.bytes_from_guest, PAGE_SIZE as u64)
                     }
                     Copied::ToGuest => {
-                        pages_written += 1;
                         DeviceCounters::add(&counters.bytes_to_guest, PAGE_SIZE as u64);
                     }
                 }
@@ -302,15 +331,94 @@ fn execute<M: GuestMemoryBackend>(
         status: Status::Ok,
         tag: request.header().tag,
     });
-    if mem
-        .write_slice(&response[..len], chain.response.addr)
-        .is_err()
-    {
+    if chain.response().write_all(mem, &response[..len]).is_err() {
         // Checked when parsing; only a memory map changing under us gets here.
         log.warn(format_args!("cannot write the response buffer"));
         return 0;
     }
-    len as u32 + pages_written * PAGE_SIZE as u32
+    // The response, then every GET page up to the last one written: the
+    // bytes written from the start of the writable part.
+    len as u32 + gets.filled * PAGE_SIZE as u32
+}
+
+/// The GET pages of a chain's writable part, after the response.
+///
+/// The used length must count bytes written from the start of the writable
+/// part (virtio 1.2, 2.7.8.2: the driver may ignore anything past it), so a
+/// hit after a miss first fills the pages of the GETs before it that
+/// returned nothing with zeros. Pages after the last hit stay untouched.
+struct GetPages<'s> {
+    /// At the first page not written yet.
+    cursor: Cursor<'s>,
+    /// GET pages handed out so far.
+    taken: u32,
+    /// GET pages written so far (data or zeros), from the first.
+    filled: u32,
+}
+
+/// What the pages of GETs that returned nothing are filled with when a
+/// later GET of the same request hits.
+static ZERO_PAGE: Page = [0u8; PAGE_SIZE];
+
+impl<'s> GetPages<'s> {
+    fn new(mut writable: Cursor<'s>, resp_len: usize) -> Self {
+        // Parsing checked that the writable part holds the response and the pages.
+        let _ = writable.skip(resp_len as u64);
+        GetPages {
+            cursor: writable,
+            taken: 0,
+            filled: 0,
+        }
+    }
+
+    /// The page of the next GET, by position among the GETs.
+    fn take(&mut self) -> u32 {
+        self.taken += 1;
+        self.taken - 1
+    }
+
+    /// Writes `page` as GET page `slot`, zeros to the pages before it that
+    /// were left out.
+    fn write<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        slot: u32,
+        page: &Page,
+    ) -> Result<(), CursorError> {
+        while self.filled < slot {
+            self.cursor.write_all(mem, &ZERO_PAGE)?;
+            self.filled += 1;
+        }
+        self.cursor.write_all(mem, page)?;
+        self.filled += 1;
+        Ok(())
+    }
+}
+
+/// Where an operation's page is, as a cursor positioned at it.
+enum PageSlot<'c, 's> {
+    /// The operation has no page.
+    None,
+    /// A device-readable page, at the cursor.
+    Put(&'c mut Cursor<'s>),
+    /// A device-writable page, the next of these.
+    Get(&'c mut GetPages<'s>),
+}
+
+impl PageSlot<'_, '_> {
+    /// Moves past the page without touching it.
+    fn skip(self) {
+        match self {
+            // Parsing checked the lengths: a page is always there.
+            PageSlot::Put(c) => {
+                let _ = c.skip(PAGE_SIZE as u64);
+            }
+            PageSlot::Get(g) => {
+                g.take();
+            }
+            PageSlot::None => {}
+        }
+    }
 }
 
 /// Which way an operation copied a page.
@@ -346,11 +454,11 @@ pub fn wire_status(error: &TmemError) -> Status {
 
 /// Executes one decoded operation. Returns its status and the page it
 /// copied, if any.
-fn execute_op<M: GuestMemoryBackend>(
+fn execute_op<M: GuestMemory + ?Sized>(
     client: &DataHandle,
     mem: &M,
     op: Op,
-    page_addr: Option<GuestAddress>,
+    slot: PageSlot<'_, '_>,
     features: Features,
     page: &mut Page,
 ) -> (OpStatus, Copied) {
@@ -366,6 +474,7 @@ fn execute_op<M: GuestMemoryBackend>(
         },
         Err(e) => st(wire_status(&e)),
     };
+    // Every path below that does not copy the page moves past it.
     let status = match op {
         Op::NewPool(spec) => {
             if (!spec.persistent && !features.ephemeral)
@@ -378,29 +487,31 @@ fn execute_op<M: GuestMemoryBackend>(
         }
         Op::DestroyPool { pool } => from(client.destroy_pool(pool)),
         Op::Put { handle, reserved } => {
-            if reserved && !features.reserve {
-                st(Status::Unsupported)
-            } else {
-                match page_addr {
-                    Some(addr) if mem.read_slice(&mut page[..], addr).is_ok() => {
-                        return (from(client.put(&handle, page, reserved)), Copied::FromGuest);
-                    }
-                    _ => st(Status::DeviceError),
-                }
-            }
-        }
-        Op::Get { handle } => {
-            let Some(addr) = page_addr else {
+            let PageSlot::Put(cursor) = slot else {
+                slot.skip();
                 return (st(Status::DeviceError), Copied::Nothing);
             };
+            if reserved && !features.reserve {
+                let _ = cursor.skip(PAGE_SIZE as u64);
+                return (st(Status::Unsupported), Copied::Nothing);
+            }
+            // The one copy out of guest memory: the store sees only it.
+            if cursor.read_exact(mem, &mut page[..]).is_err() {
+                return (st(Status::DeviceError), Copied::Nothing);
+            }
+            return (from(client.put(&handle, page, reserved)), Copied::FromGuest);
+        }
+        Op::Get { handle } => {
+            let PageSlot::Get(gets) = slot else {
+                slot.skip();
+                return (st(Status::DeviceError), Copied::Nothing);
+            };
+            let at = gets.take();
             return match client.get(&handle, page) {
-                Ok(true) => {
-                    if mem.write_slice(&page[..], addr).is_ok() {
-                        (st(Status::Ok), Copied::ToGuest)
-                    } else {
-                        (st(Status::DeviceError), Copied::Nothing)
-                    }
-                }
+                Ok(true) => match gets.write(mem, at, page) {
+                    Ok(()) => (st(Status::Ok), Copied::ToGuest),
+                    Err(_) => (st(Status::DeviceError), Copied::Nothing),
+                },
                 Ok(false) => (st(Status::Miss), Copied::Nothing),
                 Err(e) => (st(wire_status(&e)), Copied::Nothing),
             };
@@ -433,7 +544,7 @@ fn execute_op<M: GuestMemoryBackend>(
 mod tests {
     use super::*;
     use crate::testutil::*;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
     use vtmem_protocol::{Handle, ObjectId, PoolSpec, Response, WireError};
     use vtmem_store::{ClientConfig, Store, StoreConfig, Uuid};
 
@@ -570,6 +681,50 @@ mod tests {
     }
 
     #[test]
+    fn split_buffers_round_trip() {
+        // Every arrangement of the same PUT+GET request stores the page
+        // from the bytes across the pieces and returns it across the pieces.
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        let mut n = 0u64;
+        for rc in READABLE_CUTS {
+            for wc in WRITABLE_CUTS {
+                n += 1;
+                let data = patterned_page(n);
+                let ops = [
+                    Op::Put {
+                        handle: h(pool, n),
+                        reserved: false,
+                    },
+                    Op::Get { handle: h(pool, n) },
+                ];
+                let mut readable = request_bytes(&ops, 0x1234);
+                readable.extend_from_slice(&data);
+                let mut ring = TestRing::new(&mem, QSIZE);
+                let mut bufs = ring.readable_split(&readable, rc);
+                let writable = ring.writable_split(48 + PAGE_SIZE, wc);
+                bufs.extend(writable.iter().copied());
+                let head = ring.indirect_chain(&bufs);
+                let out = f
+                    .exec
+                    .run_chain(&mem, ring.table(), QSIZE, head, Features::ALL);
+                let what = format!("readable cut at {rc:?}, writable at {wc:?}");
+                assert_eq!(out.error, None, "{what}");
+                assert_eq!(out.used_len as usize, 48 + PAGE_SIZE, "{what}");
+                let back = ring.read_all(&writable);
+                assert_eq!(
+                    statuses(&back[..48]),
+                    vec![(Status::Ok, 0), (Status::Ok, 0)],
+                    "{what}"
+                );
+                assert!(back[48..] == data[..], "{what}");
+            }
+        }
+    }
+
+    #[test]
     fn indirect_chain_round_trips() {
         let mut f = fixture();
         let mem = guest_memory();
@@ -608,6 +763,56 @@ mod tests {
             Features::ALL,
         );
         assert_eq!(statuses(&resp), vec![(Status::Miss, 0)]);
+        assert_eq!(out.used_len, 32);
+        assert_eq!(pages[0], page_of(0xaa));
+    }
+
+    #[test]
+    fn used_length_counts_a_written_prefix() {
+        // GET miss, GET hit, GET miss: the page of the first miss is
+        // zeroed so that the used length covers the hit; the last stays.
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        let data = patterned_page(7);
+        let (out, _, _) = send(
+            &mut f,
+            &mem,
+            &mut ring,
+            &[Op::Put {
+                handle: h(pool, 2),
+                reserved: false,
+            }],
+            std::slice::from_ref(&data),
+            false,
+            Features::ALL,
+        );
+        assert_eq!(out.used_len, 32);
+        let ops = [
+            Op::Get { handle: h(pool, 1) },
+            Op::Get { handle: h(pool, 2) },
+            Op::Get { handle: h(pool, 3) },
+        ];
+        let (out, resp, pages) = send(&mut f, &mem, &mut ring, &ops, &[], false, Features::ALL);
+        assert_eq!(
+            statuses(&resp),
+            vec![(Status::Miss, 0), (Status::Ok, 0), (Status::Miss, 0)]
+        );
+        assert_eq!(out.used_len as usize, 16 + 3 * 16 + 2 * PAGE_SIZE);
+        assert_eq!(pages[0], page_of(0));
+        assert_eq!(pages[1], data);
+        assert_eq!(pages[2], page_of(0xaa));
+        // Misses alone write no page at all.
+        let (out, _, pages) = send(
+            &mut f,
+            &mem,
+            &mut ring,
+            &ops[..1],
+            &[],
+            false,
+            Features::ALL,
+        );
         assert_eq!(out.used_len, 32);
         assert_eq!(pages[0], page_of(0xaa));
     }

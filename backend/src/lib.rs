@@ -5,6 +5,10 @@
 //! Layout:
 //!
 //! - [`store`]: the page store; knows nothing of virtio.
+//! - [`chain_walk`]: a fallible walk of a virtqueue descriptor chain and a
+//!   byte-stream cursor over its buffers (nothing vtmem-specific).
+//! - [`notify`]: used-buffer notifications that honour the driver's
+//!   `VRING_AVAIL_F_NO_INTERRUPT` (nothing vtmem-specific).
 //! - [`request`]: descriptor chain → validated request (typed errors).
 //! - [`exec`]: runs validated requests against a store client.
 //! - [`device`]: the thin vhost-user backend (features, config, queues).
@@ -28,6 +32,7 @@ use std::sync::Arc;
 use log::{info, warn};
 
 pub mod accept;
+pub mod chain_walk;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -35,6 +40,7 @@ pub mod daemon;
 pub mod device;
 pub mod exec;
 pub mod metrics;
+pub mod notify;
 pub mod ratelimit;
 pub mod request;
 pub mod state;

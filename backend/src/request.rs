@@ -1,44 +1,38 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Turns a descriptor chain into a validated request.
 //!
-//! This module walks the split-ring descriptor table itself (rather than
-//! trusting a generic iterator) so that every way a guest can break a chain
-//! has its own [`ChainError`] variant: loops, indices past the table,
-//! nested or malformed indirect tables, buffers outside guest memory, wrong
-//! buffer counts, directions or sizes, and bad request headers.
+//! The chain is walked once by [`crate::chain_walk`], which reports every
+//! way a guest can break the chain itself (loops, indices past the table,
+//! nested or malformed indirect tables, buffers outside guest memory). This
+//! module then checks the layout of the bytes, with one [`ChainError`]
+//! variant per defect: the device-readable part is the request (header and
+//! operations) followed by one page per PUT, the device-writable part is the
+//! response followed by one page per GET. Where the descriptor boundaries
+//! fall does not matter (virtio 1.2, 2.7.4.1: a device must not assume any
+//! particular arrangement of descriptors).
 //!
-//! The request buffer is copied out of guest memory once, into memory the
-//! guest cannot touch, before it is looked at: a guest that rewrites it
-//! while the device works changes nothing.
+//! The request is copied out of guest memory once, into memory the guest
+//! cannot touch, before it is looked at: a guest that rewrites it while the
+//! device works changes nothing.
 //!
 //! Nothing here touches the store; [`crate::exec`] runs what this module
 //! validated.
 
-use virtio_queue::desc::split::Descriptor;
+use std::ops::Deref;
+
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemory};
 use vtmem_protocol::{
     request_len, response_len, Request, RequestHeader, Status, WireError, MAX_OPS_PER_REQUEST,
     MAX_REQUEST_LEN, PAGE_SIZE, REQUEST_HEADER_SIZE, RESPONSE_HEADER_SIZE,
 };
 
-/// Size of one split-ring descriptor.
-const DESC_SIZE: u64 = 16;
+use crate::chain_walk::{self, Cursor, CursorError, Segment, WalkError, WalkOptions};
 
-/// Most descriptors a valid chain can have: the request buffer, a page per
-/// operation, and the response buffer.
+/// Most descriptors a chain may have: one for the request, one per page of
+/// the largest request, one for the response. A driver that splits buffers
+/// further must stay within this count (docs/protocol.md, section 5).
 pub const MAX_CHAIN_DESCRIPTORS: usize = 2 + MAX_OPS_PER_REQUEST as usize;
-
-/// One buffer of a chain: guest address, length, direction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Buffer {
-    /// Guest physical address.
-    pub addr: GuestAddress,
-    /// Length in bytes.
-    pub len: u32,
-    /// Device-writable (`VIRTQ_DESC_F_WRITE`).
-    pub writable: bool,
-}
 
 /// Everything that can be wrong with a chain.
 ///
@@ -48,103 +42,62 @@ pub struct Buffer {
 /// request-level status and no operation executed.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ChainError {
-    /// The available ring names a head past the descriptor table.
-    #[error("chain head {index} is outside the descriptor table of {size} entries")]
-    HeadOutOfRange {
-        /// The head index.
-        index: u16,
-        /// Table size.
-        size: u16,
-    },
-    /// A `next` field points past the (direct or indirect) table.
-    #[error("descriptor next index {index} is outside the table of {size} entries")]
-    NextOutOfRange {
-        /// The next index.
-        index: u16,
-        /// Table size.
-        size: u16,
-    },
-    /// A descriptor table entry is not in guest memory.
-    #[error("descriptor at {addr:#x} is not in guest memory")]
-    DescriptorUnreadable {
-        /// Address of the descriptor.
-        addr: u64,
-    },
-    /// The chain visits more descriptors than its table holds: a loop.
-    #[error("descriptor chain loops (more than the {size} entries of its table)")]
-    Loop {
-        /// Table size.
-        size: u16,
-    },
-    /// The chain is longer than any valid request.
-    #[error("descriptor chain is longer than {MAX_CHAIN_DESCRIPTORS} descriptors")]
-    TooManyDescriptors,
-    /// An indirect descriptor although `VIRTIO_RING_F_INDIRECT_DESC` was not negotiated.
-    #[error("indirect descriptor used without VIRTIO_RING_F_INDIRECT_DESC")]
-    IndirectNotNegotiated,
-    /// An indirect descriptor inside an indirect table.
-    #[error("indirect descriptor inside an indirect table")]
-    NestedIndirect,
-    /// An indirect descriptor that also has `VIRTQ_DESC_F_NEXT`.
-    #[error("indirect descriptor with the NEXT flag set")]
-    IndirectWithNext,
-    /// An indirect table whose length is zero, not a multiple of 16, or too large.
-    #[error("indirect table of {len} bytes is not a whole number of descriptors")]
-    BadIndirectTable {
-        /// Length of the table.
-        len: u32,
-    },
-    /// A buffer that is not entirely in guest memory.
-    #[error("buffer {addr:#x}+{len} is not in guest memory")]
-    BadAddress {
-        /// Guest address.
-        addr: u64,
-        /// Length.
-        len: u32,
-    },
-    /// No device-writable descriptor at all.
+    /// The chain itself is broken (see [`WalkError`]).
+    #[error(transparent)]
+    Walk(#[from] WalkError),
+    /// No device-writable bytes at all.
     #[error("chain has no device-writable response buffer")]
     NoResponseBuffer,
-    /// The response buffer cannot hold the response.
-    #[error("response buffer of {got} bytes is shorter than the {need} bytes needed")]
+    /// The device-writable part cannot hold the response.
+    #[error(
+        "device-writable part of {got} bytes is shorter than the {need} bytes of the response"
+    )]
     ResponseTooShort {
         /// Bytes needed.
         need: usize,
         /// Bytes given.
-        got: u32,
+        got: u64,
     },
-    /// The chain starts with a device-writable descriptor.
+    /// No device-readable bytes at all: the chain starts with a
+    /// device-writable descriptor.
     #[error("chain has no device-readable request buffer")]
     NoRequestBuffer,
-    /// The request buffer is malformed.
+    /// The request is malformed (including a device-readable part shorter
+    /// than the request its header announces).
     #[error("bad request buffer: {0}")]
     BadHeader(WireError),
-    /// A device-readable descriptor after the response buffer.
-    #[error("device-readable descriptor after the device-writable response buffer")]
-    ReadableAfterWritable,
-    /// Wrong number of device-readable page buffers.
-    #[error("chain carries {got} device-readable page buffers, the PUT operations need {need}")]
-    PutPageCount {
-        /// Buffers the operations need.
-        need: usize,
-        /// Buffers the chain has.
-        got: usize,
-    },
-    /// Wrong number of device-writable page buffers.
-    #[error("chain carries {got} device-writable page buffers, the GET operations need {need}")]
-    GetPageCount {
-        /// Buffers the operations need.
-        need: usize,
-        /// Buffers the chain has.
-        got: usize,
-    },
-    /// A page buffer that is not exactly one page.
-    #[error("page buffer {index} is {len} bytes, not {PAGE_SIZE}")]
-    PageBufferSize {
-        /// Position of the page buffer in the chain.
+    /// A device-readable descriptor after a device-writable one.
+    #[error("device-readable descriptor {index} follows a device-writable one")]
+    ReadableAfterWritable {
+        /// Position of the descriptor in the chain.
         index: usize,
-        /// Its length.
-        len: u32,
+    },
+    /// The page bytes in one direction are not a whole number of pages.
+    #[error(
+        "{} page bytes ({bytes}) are not a whole number of {PAGE_SIZE}-byte pages",
+        if *writable { "device-writable" } else { "device-readable" }
+    )]
+    PartialPage {
+        /// Device-writable (GET) pages, else device-readable (PUT) ones.
+        writable: bool,
+        /// Bytes after the request (readable) or the response (writable).
+        bytes: u64,
+    },
+    /// Wrong number of device-readable pages.
+    #[error("chain carries {got} device-readable pages, the PUT operations need {need}")]
+    PutPageCount {
+        /// Pages the operations need.
+        need: usize,
+        /// Pages the chain has.
+        got: u64,
+    },
+    /// Wrong number of device-writable pages.
+    #[error("chain carries {got} device-writable pages, the GET operations need {need}")]
+    GetPageCount {
+        /// Pages the operations need.
+        need: usize,
+        /// Pages the chain has.
+        got: u64,
     },
 }
 
@@ -156,53 +109,86 @@ impl ChainError {
             ChainError::NoRequestBuffer => Some(Status::BadRequest),
             ChainError::BadHeader(WireError::BadVersion(_)) => Some(Status::BadVersion),
             ChainError::BadHeader(_) => Some(Status::BadRequest),
-            ChainError::ReadableAfterWritable
+            ChainError::ReadableAfterWritable { .. }
+            | ChainError::PartialPage { .. }
             | ChainError::PutPageCount { .. }
-            | ChainError::GetPageCount { .. }
-            | ChainError::PageBufferSize { .. } => Some(Status::BadChain),
-            _ => None,
+            | ChainError::GetPageCount { .. } => Some(Status::BadChain),
+            ChainError::Walk(_)
+            | ChainError::NoResponseBuffer
+            | ChainError::ResponseTooShort { .. } => None,
         }
     }
 }
 
+/// Where to write the answer to a refused chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply<'s> {
+    /// The device-writable part (at least a response header long).
+    pub writable: &'s [Segment],
+    /// The tag to echo (0 if the header could not be read).
+    pub tag: u64,
+}
+
 /// A chain the device cannot execute, and where to answer, if anywhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChainFault {
+pub struct ChainFault<'s> {
     /// What is wrong.
     pub error: ChainError,
-    /// The response buffer and the tag to echo, when `error.status()` is `Some`.
-    pub reply: Option<(Buffer, u64)>,
+    /// Where to answer, when `error.status()` is `Some`.
+    pub reply: Option<Reply<'s>>,
 }
 
-impl ChainFault {
-    fn drop_chain(error: ChainError) -> Self {
-        ChainFault { error, reply: None }
-    }
-}
-
-impl From<ChainError> for ChainFault {
+impl From<ChainError> for ChainFault<'_> {
     fn from(error: ChainError) -> Self {
-        Self::drop_chain(error)
+        ChainFault { error, reply: None }
     }
 }
 
 /// A validated chain: the request (copied out of the guest) and its buffers.
 #[derive(Debug, Clone, Copy)]
 pub struct ValidChain<'s> {
-    /// The decoded request buffer (operations are decoded one by one).
+    /// The decoded request (operations are decoded one by one).
     pub request: Request<'s>,
-    /// The response buffer (at least `response_len(num_ops)` bytes).
-    pub response: Buffer,
-    /// One device-readable page per PUT, in operation order.
-    pub put_pages: &'s [Buffer],
-    /// One device-writable page per GET, in operation order.
-    pub get_pages: &'s [Buffer],
+    /// The device-readable part: the request, then one page per PUT.
+    pub readable: &'s [Segment],
+    /// The device-writable part: the response, then one page per GET.
+    pub writable: &'s [Segment],
+}
+
+impl<'s> ValidChain<'s> {
+    /// A cursor at the first PUT page.
+    pub fn put_pages(&self) -> Cursor<'s> {
+        let mut c = Cursor::new(self.readable);
+        // Cannot fail: parsing checked the length of the readable part.
+        let _ = c.skip(request_len(self.request.num_ops()) as u64);
+        c
+    }
+
+    /// A cursor at the start of the response.
+    pub fn response(&self) -> Cursor<'s> {
+        Cursor::new(self.writable)
+    }
+
+    /// Bytes of the response.
+    pub fn response_len(&self) -> usize {
+        response_len(self.request.num_ops())
+    }
+}
+
+/// A read the walk checked failed after all: only a memory map changing
+/// under the worker gets here.
+fn gone(e: CursorError) -> ChainFault<'static> {
+    let (addr, len) = match e {
+        CursorError::Memory { addr, len } => (addr, len as u32),
+        CursorError::Overrun { .. } => (0, 0),
+    };
+    ChainError::Walk(WalkError::BadAddress { addr, len }).into()
 }
 
 /// Reusable buffers for parsing, one per worker: no allocation per chain.
 #[derive(Debug)]
 pub struct ChainParser {
-    buffers: Vec<Buffer>,
+    segments: Vec<Segment>,
     request: Box<[u8; MAX_REQUEST_LEN]>,
     indirect_allowed: bool,
 }
@@ -218,7 +204,7 @@ impl ChainParser {
     /// [`set_indirect_allowed`](Self::set_indirect_allowed).
     pub fn new() -> Self {
         ChainParser {
-            buffers: Vec::with_capacity(MAX_CHAIN_DESCRIPTORS),
+            segments: Vec::with_capacity(MAX_CHAIN_DESCRIPTORS),
             request: Box::new([0u8; MAX_REQUEST_LEN]),
             indirect_allowed: false,
         }
@@ -229,248 +215,157 @@ impl ChainParser {
         self.indirect_allowed = allowed;
     }
 
-    /// Parses the chain of `chain`, whose queue has its descriptor table at
-    /// `table` with `queue_size` entries.
+    /// Parses `chain`, which virtio-queue took from a queue whose descriptor
+    /// table is at `table` with `queue_size` entries.
     pub fn parse_descriptor_chain<'s, M, C>(
         &'s mut self,
         chain: &DescriptorChain<C>,
         table: GuestAddress,
         queue_size: u16,
-    ) -> Result<ValidChain<'s>, ChainFault>
+    ) -> Result<ValidChain<'s>, ChainFault<'s>>
     where
-        C: std::ops::Deref<Target = M>,
-        M: GuestMemoryBackend,
+        C: Deref<Target = M>,
+        M: GuestMemory,
     {
         self.parse(chain.memory(), table, queue_size, chain.head_index())
     }
 
     /// Parses the chain starting at descriptor `head` of the table at
     /// `table` (`queue_size` entries) in `mem`.
-    pub fn parse<'s, M: GuestMemoryBackend>(
+    pub fn parse<'s, M: GuestMemory + ?Sized>(
         &'s mut self,
         mem: &M,
         table: GuestAddress,
         queue_size: u16,
         head: u16,
-    ) -> Result<ValidChain<'s>, ChainFault> {
-        walk(
-            mem,
-            table,
-            queue_size,
-            head,
-            self.indirect_allowed,
-            &mut self.buffers,
-        )?;
-        let buffers = &self.buffers[..];
+    ) -> Result<ValidChain<'s>, ChainFault<'s>> {
+        let opts = WalkOptions {
+            indirect: self.indirect_allowed,
+            max_segments: MAX_CHAIN_DESCRIPTORS,
+        };
+        chain_walk::walk(mem, table, queue_size, head, opts, &mut self.segments)
+            .map_err(ChainError::from)?;
+        let segs = &self.segments[..];
 
-        // The response buffer is the first device-writable descriptor.
-        let w = buffers
+        // The readable part runs up to the first device-writable descriptor;
+        // the writable part is the run of device-writable ones after it.
+        let w = segs.iter().position(|s| s.writable).unwrap_or(segs.len());
+        let readable = &segs[..w];
+        let run = segs[w..]
             .iter()
-            .position(|b| b.writable)
-            .ok_or(ChainError::NoResponseBuffer)?;
-        let response = buffers[w];
-        if (response.len as usize) < RESPONSE_HEADER_SIZE {
+            .position(|s| !s.writable)
+            .unwrap_or(segs.len() - w);
+        let writable = &segs[w..w + run];
+        let misplaced = (w + run < segs.len()).then_some(w + run);
+
+        let written = chain_walk::total_len(writable);
+        if written == 0 {
+            return Err(ChainError::NoResponseBuffer.into());
+        }
+        if written < RESPONSE_HEADER_SIZE as u64 {
             return Err(ChainError::ResponseTooShort {
                 need: RESPONSE_HEADER_SIZE,
-                got: response.len,
+                got: written,
             }
             .into());
         }
         let reply = |tag: u64, error: ChainError| ChainFault {
             error,
-            reply: Some((response, tag)),
+            reply: Some(Reply { writable, tag }),
         };
 
-        if w == 0 {
+        let read = chain_walk::total_len(readable);
+        if read == 0 {
             return Err(reply(0, ChainError::NoRequestBuffer));
         }
 
-        // Copy the request buffer out of guest memory, once.
-        let req = buffers[0];
-        let copy_len = (req.len as usize).min(MAX_REQUEST_LEN);
-        let bytes = &mut self.request[..copy_len];
-        if mem.read_slice(bytes, req.addr).is_err() {
-            return Err(ChainError::BadAddress {
-                addr: req.addr.raw_value(),
-                len: req.len,
-            }
-            .into());
-        }
-        let bytes = &self.request[..copy_len];
-        let tag = match bytes.get(8..REQUEST_HEADER_SIZE) {
-            Some(t) => {
+        // Copy the request out of guest memory, once: the header first,
+        // then the operations it announces.
+        let mut cursor = Cursor::new(readable);
+        let head_len = (read as usize).min(REQUEST_HEADER_SIZE);
+        cursor
+            .read_exact(mem, &mut self.request[..head_len])
+            .map_err(gone)?;
+        let tag = match self.request.get(8..head_len) {
+            Some(t) if t.len() == 8 => {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(t);
                 u64::from_le_bytes(b)
             }
-            None => 0,
+            _ => 0,
         };
-        let header =
-            RequestHeader::decode(bytes).map_err(|e| reply(tag, ChainError::BadHeader(e)))?;
+        let header = RequestHeader::decode(&self.request[..head_len])
+            .map_err(|e| reply(tag, ChainError::BadHeader(e)))?;
         let expected = request_len(header.num_ops);
-        if req.len as usize != expected {
-            let e = if (req.len as usize) < expected {
-                WireError::Truncated {
+        if read < expected as u64 {
+            return Err(reply(
+                tag,
+                ChainError::BadHeader(WireError::Truncated {
                     needed: expected,
-                    got: req.len as usize,
-                }
-            } else {
-                WireError::TrailingBytes {
-                    expected,
-                    got: req.len as usize,
-                }
-            };
-            return Err(reply(tag, ChainError::BadHeader(e)));
+                    got: read as usize,
+                }),
+            ));
         }
-        let request = Request::parse(bytes).map_err(|e| reply(tag, ChainError::BadHeader(e)))?;
+        cursor
+            .read_exact(mem, &mut self.request[head_len..expected])
+            .map_err(gone)?;
 
         let need = response_len(header.num_ops);
-        if (response.len as usize) < need {
-            return Err(ChainError::ResponseTooShort {
-                need,
-                got: response.len,
-            }
-            .into());
+        if written < need as u64 {
+            return Err(ChainError::ResponseTooShort { need, got: written }.into());
+        }
+        if let Some(index) = misplaced {
+            return Err(reply(tag, ChainError::ReadableAfterWritable { index }));
         }
 
-        let put_pages = &buffers[1..w];
-        let get_pages = &buffers[w + 1..];
-        if get_pages.iter().any(|b| !b.writable) {
-            return Err(reply(tag, ChainError::ReadableAfterWritable));
-        }
+        let request = Request::parse(&self.request[..expected])
+            .map_err(|e| reply(tag, ChainError::BadHeader(e)))?;
         let counts = request.page_buffers();
-        if put_pages.len() != usize::from(counts.to_device) {
+        let page = PAGE_SIZE as u64;
+        let put_bytes = read - expected as u64;
+        if put_bytes % page != 0 {
+            return Err(reply(
+                tag,
+                ChainError::PartialPage {
+                    writable: false,
+                    bytes: put_bytes,
+                },
+            ));
+        }
+        if put_bytes / page != u64::from(counts.to_device) {
             return Err(reply(
                 tag,
                 ChainError::PutPageCount {
                     need: counts.to_device.into(),
-                    got: put_pages.len(),
+                    got: put_bytes / page,
                 },
             ));
         }
-        if get_pages.len() != usize::from(counts.from_device) {
+        let get_bytes = written - need as u64;
+        if get_bytes % page != 0 {
+            return Err(reply(
+                tag,
+                ChainError::PartialPage {
+                    writable: true,
+                    bytes: get_bytes,
+                },
+            ));
+        }
+        if get_bytes / page != u64::from(counts.from_device) {
             return Err(reply(
                 tag,
                 ChainError::GetPageCount {
                     need: counts.from_device.into(),
-                    got: get_pages.len(),
+                    got: get_bytes / page,
                 },
             ));
-        }
-        for (i, b) in buffers.iter().enumerate() {
-            if i != 0 && i != w && b.len as usize != PAGE_SIZE {
-                return Err(reply(
-                    tag,
-                    ChainError::PageBufferSize {
-                        index: i,
-                        len: b.len,
-                    },
-                ));
-            }
         }
 
         Ok(ValidChain {
             request,
-            response,
-            put_pages,
-            get_pages,
+            readable,
+            writable,
         })
-    }
-}
-
-/// Walks the chain at `head` into `out`, checking every descriptor and that
-/// every buffer lies in guest memory.
-fn walk<M: GuestMemoryBackend>(
-    mem: &M,
-    table: GuestAddress,
-    queue_size: u16,
-    head: u16,
-    indirect_allowed: bool,
-    out: &mut Vec<Buffer>,
-) -> Result<(), ChainError> {
-    out.clear();
-    if head >= queue_size {
-        return Err(ChainError::HeadOutOfRange {
-            index: head,
-            size: queue_size,
-        });
-    }
-    let mut table = table;
-    let mut size = queue_size;
-    let mut index = head;
-    let mut in_indirect = false;
-    // Descriptors still allowed in the current table: a chain visits each
-    // entry at most once, so more visits than entries means a loop.
-    let mut ttl = u32::from(size);
-    loop {
-        if ttl == 0 {
-            return Err(ChainError::Loop { size });
-        }
-        ttl -= 1;
-        let addr = table.checked_add(u64::from(index) * DESC_SIZE).ok_or(
-            ChainError::DescriptorUnreadable {
-                addr: table.raw_value(),
-            },
-        )?;
-        let desc: Descriptor =
-            mem.read_obj(addr)
-                .map_err(|_| ChainError::DescriptorUnreadable {
-                    addr: addr.raw_value(),
-                })?;
-
-        if desc.refers_to_indirect_table() {
-            if !indirect_allowed {
-                return Err(ChainError::IndirectNotNegotiated);
-            }
-            if in_indirect {
-                return Err(ChainError::NestedIndirect);
-            }
-            if desc.has_next() {
-                return Err(ChainError::IndirectWithNext);
-            }
-            let len = desc.len();
-            let entries = u64::from(len) / DESC_SIZE;
-            if len == 0 || u64::from(len) % DESC_SIZE != 0 || entries > u64::from(u16::MAX) {
-                return Err(ChainError::BadIndirectTable { len });
-            }
-            if !mem.check_range(desc.addr(), len as usize) {
-                return Err(ChainError::BadAddress {
-                    addr: desc.addr().raw_value(),
-                    len,
-                });
-            }
-            table = desc.addr();
-            size = entries as u16;
-            index = 0;
-            ttl = u32::from(size);
-            in_indirect = true;
-            continue;
-        }
-
-        if out.len() >= MAX_CHAIN_DESCRIPTORS {
-            return Err(ChainError::TooManyDescriptors);
-        }
-        let buf = Buffer {
-            addr: desc.addr(),
-            len: desc.len(),
-            writable: desc.is_write_only(),
-        };
-        if buf.len > 0 && !mem.check_range(buf.addr, buf.len as usize) {
-            return Err(ChainError::BadAddress {
-                addr: buf.addr.raw_value(),
-                len: buf.len,
-            });
-        }
-        out.push(buf);
-
-        if !desc.has_next() {
-            return Ok(());
-        }
-        let next = desc.next();
-        if next >= size {
-            return Err(ChainError::NextOutOfRange { index: next, size });
-        }
-        index = next;
     }
 }
 
@@ -479,7 +374,9 @@ mod tests {
     use super::*;
     use crate::testutil::*;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+    use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
+    use vm_memory::Bytes;
     use vtmem_protocol::{Handle, ObjectId, Op, PoolSpec, MAX_REQUEST_LEN, REQUEST_HEADER_SIZE};
 
     const QSIZE: u16 = 256;
@@ -492,27 +389,35 @@ mod tests {
         }
     }
 
-    fn parse(ring: &TestRing<'_>, head: u16) -> Result<(usize, usize, u16), ChainFault> {
+    /// Parses the chain at `head`: (PUT pages, GET pages, operations), or
+    /// the error and the tag of the reply, if any.
+    fn parse(ring: &TestRing<'_>, head: u16) -> Result<(u64, u64, u16), (ChainError, Option<u64>)> {
         let mut p = ChainParser::new();
         p.set_indirect_allowed(true);
-        p.parse(ring.mem, ring.table(), ring.size, head)
-            .map(|c| (c.put_pages.len(), c.get_pages.len(), c.request.num_ops()))
+        match p.parse(ring.mem, ring.table(), ring.size, head) {
+            Ok(c) => {
+                let page = PAGE_SIZE as u64;
+                let puts = c.put_pages().remaining() / page;
+                let gets = (chain_walk::total_len(c.writable) - c.response_len() as u64) / page;
+                Ok((puts, gets, c.request.num_ops()))
+            }
+            Err(f) => Err((f.error, f.reply.map(|r| r.tag))),
+        }
     }
 
     /// Expects a fault that returns the chain unused.
     fn dropped(ring: &TestRing<'_>, head: u16) -> ChainError {
-        let f = parse(ring, head).unwrap_err();
-        assert_eq!(f.error.status(), None, "{:?}", f.error);
-        assert_eq!(f.reply, None);
-        f.error
+        let (error, reply) = parse(ring, head).unwrap_err();
+        assert_eq!(error.status(), None, "{error:?}");
+        assert_eq!(reply, None);
+        error
     }
 
     /// Expects a fault answered with a status; returns the error and tag.
     fn answered(ring: &TestRing<'_>, head: u16) -> (ChainError, u64) {
-        let f = parse(ring, head).unwrap_err();
-        assert!(f.error.status().is_some(), "{:?}", f.error);
-        let (_, tag) = f.reply.expect("a reply buffer");
-        (f.error, tag)
+        let (error, reply) = parse(ring, head).unwrap_err();
+        assert!(error.status().is_some(), "{error:?}");
+        (error, reply.expect("a reply buffer"))
     }
 
     /// Request (1 PUT, 1 GET), put page, response, get page.
@@ -556,11 +461,137 @@ mod tests {
         );
         ring.store_desc(first + 1, table, len, VRING_DESC_F_INDIRECT as u16, 0);
         assert_eq!(parse(&ring, first).unwrap(), (1, 1, 2));
-        // An oversize response buffer is fine.
+        // The response and the GET pages fill the writable part exactly.
         let mut bufs = good_bufs(&mut ring);
         bufs[2] = ring.writable(4096);
         let head = ring.chain(&bufs);
-        assert_eq!(parse(&ring, head).unwrap(), (1, 1, 2));
+        assert_eq!(
+            answered(&ring, head).0,
+            ChainError::PartialPage {
+                writable: true,
+                bytes: 4096 - 48 + 4096
+            }
+        );
+    }
+
+    #[test]
+    fn any_arrangement_of_descriptors_is_accepted() {
+        let mem = guest_memory();
+        let req = request_bytes(
+            &[
+                Op::Put {
+                    handle: handle(1),
+                    reserved: false,
+                },
+                Op::Get { handle: handle(2) },
+            ],
+            42,
+        );
+        let mut readable = req.clone();
+        readable.extend_from_slice(&page_of(1));
+        for rc in READABLE_CUTS {
+            for wc in WRITABLE_CUTS {
+                for indirect in [false, true] {
+                    let mut ring = TestRing::new(&mem, QSIZE);
+                    let mut bufs = ring.readable_split(&readable, rc);
+                    bufs.extend(ring.writable_split(48 + PAGE_SIZE, wc));
+                    let head = if indirect {
+                        ring.indirect_chain(&bufs)
+                    } else {
+                        ring.chain(&bufs)
+                    };
+                    assert_eq!(
+                        parse(&ring, head),
+                        Ok((1, 1, 2)),
+                        "readable cut at {rc:?}, writable at {wc:?}, indirect {indirect}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_layouts_keep_their_error_classes() {
+        // The same defects, in chains whose buffers are cut anywhere, get the
+        // same errors as in the usual layout.
+        let mem = guest_memory();
+        let ops = [
+            Op::Put {
+                handle: handle(1),
+                reserved: false,
+            },
+            Op::Get { handle: handle(2) },
+        ];
+        let req = request_bytes(&ops, 42);
+        let mut full = req.clone();
+        full.extend_from_slice(&page_of(1));
+        let mut ring = TestRing::new(&mem, QSIZE);
+        // Page half missing, in two pieces.
+        let mut bufs = ring.readable_split(&full[..112 + 2048], &[16, 112]);
+        bufs.extend(ring.writable_split(48 + PAGE_SIZE, &[16]));
+        let head = ring.chain(&bufs);
+        assert_eq!(
+            answered(&ring, head),
+            (
+                ChainError::PartialPage {
+                    writable: false,
+                    bytes: 2048
+                },
+                42
+            )
+        );
+        // The GET page missing, the response in three pieces.
+        let mut bufs = ring.readable_split(&full, &[64, 112]);
+        bufs.extend(ring.writable_split(48, &[16, 32]));
+        let head = ring.chain(&bufs);
+        assert_eq!(
+            answered(&ring, head).0,
+            ChainError::GetPageCount { need: 1, got: 0 }
+        );
+        // A header split 8+8 whose version is wrong still echoes the tag.
+        let mut bad = full.clone();
+        bad[0] = 7;
+        let mut bufs = ring.readable_split(&bad, &[8, 16]);
+        bufs.extend(ring.writable_split(48 + PAGE_SIZE, &[]));
+        let head = ring.chain(&bufs);
+        assert_eq!(
+            answered(&ring, head),
+            (ChainError::BadHeader(WireError::BadVersion(7)), 42)
+        );
+        // The request cut short in the middle of an operation.
+        let mut bufs = ring.readable_split(&req[..100], &[16, 64]);
+        bufs.extend(ring.writable_split(48, &[]));
+        let head = ring.chain(&bufs);
+        assert_eq!(
+            answered(&ring, head).0,
+            ChainError::BadHeader(WireError::Truncated {
+                needed: 112,
+                got: 100
+            })
+        );
+        // The writable part one byte short of the statuses, cut in two:
+        // nowhere to answer.
+        let mut bufs = ring.readable_split(&full, &[]);
+        bufs.extend(ring.writable_split(47, &[16]));
+        let head = ring.chain(&bufs);
+        assert_eq!(
+            dropped(&ring, head),
+            ChainError::ResponseTooShort { need: 48, got: 47 }
+        );
+        // A readable piece of the page after the writable part.
+        let mut bufs = ring.readable_split(&full[..112 + 2048], &[112]);
+        bufs.extend(ring.writable_split(48 + PAGE_SIZE, &[48]));
+        bufs.extend(ring.readable_split(&full[112 + 2048..], &[]));
+        let head = ring.chain(&bufs);
+        assert_eq!(
+            answered(&ring, head).0,
+            ChainError::ReadableAfterWritable { index: 4 }
+        );
+        // Only zero-length writable descriptors: no response buffer.
+        let mut bufs = ring.readable_split(&full, &[]);
+        bufs.extend(ring.writable_split(0, &[0]));
+        let head = ring.chain(&bufs);
+        assert_eq!(dropped(&ring, head), ChainError::NoResponseBuffer);
     }
 
     #[test]
@@ -569,10 +600,10 @@ mod tests {
         let ring = TestRing::new(&mem, QSIZE);
         assert_eq!(
             dropped(&ring, QSIZE),
-            ChainError::HeadOutOfRange {
+            ChainError::Walk(WalkError::HeadOutOfRange {
                 index: QSIZE,
                 size: QSIZE
-            }
+            })
         );
     }
 
@@ -591,10 +622,10 @@ mod tests {
         );
         assert_eq!(
             dropped(&ring, head),
-            ChainError::NextOutOfRange {
+            ChainError::Walk(WalkError::NextOutOfRange {
                 index: 999,
                 size: QSIZE
-            }
+            })
         );
     }
 
@@ -609,9 +640,9 @@ mod tests {
             .error;
         assert_eq!(
             err,
-            ChainError::DescriptorUnreadable {
+            ChainError::Walk(WalkError::DescriptorUnreadable {
                 addr: MEM_SIZE + 0x1000
-            }
+            })
         );
         drop(ring);
     }
@@ -638,7 +669,10 @@ mod tests {
             VRING_DESC_F_NEXT as u16,
             a,
         );
-        assert_eq!(dropped(&ring, a), ChainError::Loop { size: 16 });
+        assert_eq!(
+            dropped(&ring, a),
+            ChainError::Walk(WalkError::Loop { size: 16 })
+        );
     }
 
     #[test]
@@ -657,7 +691,10 @@ mod tests {
         mem.write_obj(d, GuestAddress(table + 16)).unwrap();
         let head = ring.take_descs(1);
         ring.store_desc(head, table, len, VRING_DESC_F_INDIRECT as u16, 0);
-        assert_eq!(dropped(&ring, head), ChainError::Loop { size: 2 });
+        assert_eq!(
+            dropped(&ring, head),
+            ChainError::Walk(WalkError::Loop { size: 2 })
+        );
     }
 
     #[test]
@@ -667,7 +704,12 @@ mod tests {
         let tiny = ring.readable(&[0u8; 16]);
         let bufs = vec![tiny; MAX_CHAIN_DESCRIPTORS + 1];
         let head = ring.chain(&bufs);
-        assert_eq!(dropped(&ring, head), ChainError::TooManyDescriptors);
+        assert_eq!(
+            dropped(&ring, head),
+            ChainError::Walk(WalkError::TooManyDescriptors {
+                max: MAX_CHAIN_DESCRIPTORS
+            })
+        );
     }
 
     #[test]
@@ -678,7 +720,7 @@ mod tests {
         let head = ring.indirect_chain(&bufs);
         let mut p = ChainParser::new();
         let f = p.parse(&mem, ring.table(), QSIZE, head).unwrap_err();
-        assert_eq!(f.error, ChainError::IndirectNotNegotiated);
+        assert_eq!(f.error, ChainError::Walk(WalkError::IndirectNotNegotiated));
         assert_eq!(f.reply, None);
     }
 
@@ -698,7 +740,10 @@ mod tests {
         mem.write_obj(d, GuestAddress(outer)).unwrap();
         let head = ring.take_descs(1);
         ring.store_desc(head, outer, 16, VRING_DESC_F_INDIRECT as u16, 0);
-        assert_eq!(dropped(&ring, head), ChainError::NestedIndirect);
+        assert_eq!(
+            dropped(&ring, head),
+            ChainError::Walk(WalkError::NestedIndirect)
+        );
     }
 
     #[test]
@@ -715,7 +760,10 @@ mod tests {
             (VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT) as u16,
             head + 1,
         );
-        assert_eq!(dropped(&ring, head), ChainError::IndirectWithNext);
+        assert_eq!(
+            dropped(&ring, head),
+            ChainError::Walk(WalkError::IndirectWithNext)
+        );
     }
 
     #[test]
@@ -728,12 +776,12 @@ mod tests {
         ring.store_desc(head, table, 20, VRING_DESC_F_INDIRECT as u16, 0);
         assert_eq!(
             dropped(&ring, head),
-            ChainError::BadIndirectTable { len: 20 }
+            ChainError::Walk(WalkError::BadIndirectTable { len: 20 })
         );
         ring.store_desc(head + 1, table, 0, VRING_DESC_F_INDIRECT as u16, 0);
         assert_eq!(
             dropped(&ring, head + 1),
-            ChainError::BadIndirectTable { len: 0 }
+            ChainError::Walk(WalkError::BadIndirectTable { len: 0 })
         );
     }
 
@@ -745,10 +793,10 @@ mod tests {
         ring.store_desc(head, MEM_SIZE - 16, 64, VRING_DESC_F_INDIRECT as u16, 0);
         assert_eq!(
             dropped(&ring, head),
-            ChainError::BadAddress {
+            ChainError::Walk(WalkError::BadAddress {
                 addr: MEM_SIZE - 16,
                 len: 64
-            }
+            })
         );
     }
 
@@ -761,10 +809,10 @@ mod tests {
         let head = ring.chain(&bufs);
         assert_eq!(
             dropped(&ring, head),
-            ChainError::BadAddress {
+            ChainError::Walk(WalkError::BadAddress {
                 addr: MEM_SIZE - 100,
                 len: PAGE_SIZE as u32
-            }
+            })
         );
         // Address arithmetic that wraps around is outside memory too.
         let mut bufs = good_bufs(&mut ring);
@@ -772,7 +820,7 @@ mod tests {
         let head = ring.chain(&bufs);
         assert!(matches!(
             dropped(&ring, head),
-            ChainError::BadAddress { .. }
+            ChainError::Walk(WalkError::BadAddress { .. })
         ));
     }
 
@@ -792,7 +840,7 @@ mod tests {
         // Shorter than a header.
         let mut bufs = good_bufs(&mut ring);
         bufs[2].len = 8;
-        let head = ring.chain(&bufs);
+        let head = ring.chain(&bufs[..3]);
         assert_eq!(
             dropped(&ring, head),
             ChainError::ResponseTooShort { need: 16, got: 8 }
@@ -800,7 +848,7 @@ mod tests {
         // A header but not the two statuses.
         let mut bufs = good_bufs(&mut ring);
         bufs[2].len = 16 + 16;
-        let head = ring.chain(&bufs);
+        let head = ring.chain(&bufs[..3]);
         assert_eq!(
             dropped(&ring, head),
             ChainError::ResponseTooShort { need: 48, got: 32 }
@@ -820,10 +868,10 @@ mod tests {
         );
     }
 
-    /// A chain whose request buffer is `req` with a 64-byte response.
+    /// A chain whose request buffer is `req` with a response of one status.
     fn with_request(ring: &mut TestRing<'_>, req: &[u8]) -> u16 {
         let r = ring.readable(req);
-        let resp = ring.writable(64);
+        let resp = ring.writable(32);
         ring.chain(&[r, resp])
     }
 
@@ -913,18 +961,25 @@ mod tests {
 
     #[test]
     fn request_with_trailing_bytes() {
+        // Bytes after the operations are where PUT pages go: four of them
+        // are no page.
         let mem = guest_memory();
         let mut ring = TestRing::new(&mem, QSIZE);
         let mut req = request_bytes(&[Op::Reset], 9);
         req.extend_from_slice(&[0; 4]);
         let head = with_request(&mut ring, &req);
+        let (err, tag) = answered(&ring, head);
         assert_eq!(
-            answered(&ring, head).0,
-            ChainError::BadHeader(WireError::TrailingBytes {
-                expected: 64,
-                got: 68
-            })
+            (err.clone(), tag),
+            (
+                ChainError::PartialPage {
+                    writable: false,
+                    bytes: 4
+                },
+                9
+            )
         );
+        assert_eq!(err.status(), Some(Status::BadChain));
     }
 
     #[test]
@@ -936,10 +991,10 @@ mod tests {
         let head = with_request(&mut ring, &req);
         assert_eq!(
             answered(&ring, head).0,
-            ChainError::BadHeader(WireError::TrailingBytes {
-                expected: 64,
-                got: 1 << 20
-            })
+            ChainError::PartialPage {
+                writable: false,
+                bytes: (1 << 20) - 64
+            }
         );
         const { assert!(MAX_REQUEST_LEN < 1 << 20) };
     }
@@ -952,7 +1007,10 @@ mod tests {
         // request, response, put page, get page
         let head = ring.chain(&[bufs[0], bufs[2], bufs[1], bufs[3]]);
         let (err, tag) = answered(&ring, head);
-        assert_eq!((err.clone(), tag), (ChainError::ReadableAfterWritable, 42));
+        assert_eq!(
+            (err.clone(), tag),
+            (ChainError::ReadableAfterWritable { index: 2 }, 42)
+        );
         assert_eq!(err.status(), Some(Status::BadChain));
     }
 
@@ -1006,20 +1064,28 @@ mod tests {
         let head = ring.chain(&bufs);
         assert_eq!(
             answered(&ring, head).0,
-            ChainError::PageBufferSize {
-                index: 1,
-                len: PAGE_SIZE as u32 - 1
+            ChainError::PartialPage {
+                writable: false,
+                bytes: PAGE_SIZE as u64 - 1
             }
         );
+        let mut bufs = good_bufs(&mut ring);
+        bufs[3].len = PAGE_SIZE as u32 + 1;
+        let head = ring.chain(&bufs);
+        assert_eq!(
+            answered(&ring, head).0,
+            ChainError::PartialPage {
+                writable: true,
+                bytes: PAGE_SIZE as u64 + 1
+            }
+        );
+        // Two pages where one is needed is one page too many.
         let mut bufs = good_bufs(&mut ring);
         bufs[3].len = 2 * PAGE_SIZE as u32;
         let head = ring.chain(&bufs);
         assert_eq!(
             answered(&ring, head).0,
-            ChainError::PageBufferSize {
-                index: 3,
-                len: 2 * PAGE_SIZE as u32
-            }
+            ChainError::GetPageCount { need: 1, got: 2 }
         );
     }
 
@@ -1055,16 +1121,16 @@ mod tests {
     fn every_error_has_a_disposition() {
         // Drop-class errors never carry a reply; answered ones always do.
         let drop_class = [
-            ChainError::HeadOutOfRange { index: 0, size: 0 },
-            ChainError::NextOutOfRange { index: 0, size: 0 },
-            ChainError::DescriptorUnreadable { addr: 0 },
-            ChainError::Loop { size: 0 },
-            ChainError::TooManyDescriptors,
-            ChainError::IndirectNotNegotiated,
-            ChainError::NestedIndirect,
-            ChainError::IndirectWithNext,
-            ChainError::BadIndirectTable { len: 0 },
-            ChainError::BadAddress { addr: 0, len: 0 },
+            WalkError::HeadOutOfRange { index: 0, size: 0 }.into(),
+            WalkError::NextOutOfRange { index: 0, size: 0 }.into(),
+            WalkError::DescriptorUnreadable { addr: 0 }.into(),
+            WalkError::Loop { size: 0 }.into(),
+            WalkError::TooManyDescriptors { max: 0 }.into(),
+            WalkError::IndirectNotNegotiated.into(),
+            WalkError::NestedIndirect.into(),
+            WalkError::IndirectWithNext.into(),
+            WalkError::BadIndirectTable { len: 0 }.into(),
+            WalkError::BadAddress { addr: 0, len: 0 }.into(),
             ChainError::NoResponseBuffer,
             ChainError::ResponseTooShort { need: 0, got: 0 },
         ];

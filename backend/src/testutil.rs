@@ -96,6 +96,28 @@ impl<'a> TestRing<'a> {
         }
     }
 
+    /// Device-readable buffers holding `bytes` between the offsets `cuts`
+    /// (ascending; a repeated offset makes a zero-length buffer). Each
+    /// buffer is allocated on its own, so no two are adjacent.
+    pub fn readable_split(&mut self, bytes: &[u8], cuts: &[usize]) -> Vec<Buf> {
+        bounds(bytes.len(), cuts)
+            .map(|(a, b)| self.readable(&bytes[a..b]))
+            .collect()
+    }
+
+    /// Device-writable buffers of `len` bytes in all, cut at `cuts` as
+    /// [`TestRing::readable_split`] does.
+    pub fn writable_split(&mut self, len: usize, cuts: &[usize]) -> Vec<Buf> {
+        bounds(len, cuts)
+            .map(|(a, b)| self.writable((b - a) as u32))
+            .collect()
+    }
+
+    /// The bytes of `bufs`, one after the other.
+    pub fn read_all(&self, bufs: &[Buf]) -> Vec<u8> {
+        bufs.iter().flat_map(|b| self.read(*b)).collect()
+    }
+
     /// Writes one descriptor of the main table.
     pub fn store_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
         self.mock
@@ -201,6 +223,40 @@ impl<'a> TestRing<'a> {
         v
     }
 }
+
+/// The `(start, end)` pairs of `0..len` cut at `cuts`.
+fn bounds(len: usize, cuts: &[usize]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let starts = std::iter::once(0).chain(cuts.iter().copied());
+    let ends = cuts.iter().copied().chain(std::iter::once(len));
+    starts.zip(ends)
+}
+
+/// Where a driver may cut the readable part of a PUT+GET request
+/// (112 request bytes, then a 4096-byte page): one descriptor for all,
+/// the header alone, each operation alone, the page in halves or 1+4095,
+/// a request that runs into the page, zero-length descriptors.
+pub const READABLE_CUTS: &[&[usize]] = &[
+    &[112],
+    &[],
+    &[16],
+    &[16, 64, 112],
+    &[1, 112],
+    &[112, 112 + 2048],
+    &[112, 113],
+    &[100, 200, 112 + 4095],
+    &[0, 16, 16, 112, 4208],
+];
+
+/// Where a driver may cut the writable part of a PUT+GET request (a
+/// 48-byte response, then a 4096-byte page).
+pub const WRITABLE_CUTS: &[&[usize]] = &[
+    &[48],
+    &[],
+    &[16],
+    &[16, 32, 48, 48 + 2048],
+    &[47, 49],
+    &[0, 48, 48, 4144],
+];
 
 /// Encodes a request buffer for `ops`.
 pub fn request_bytes(ops: &[Op], tag: u64) -> Vec<u8> {

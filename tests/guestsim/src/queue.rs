@@ -515,22 +515,23 @@ impl Queue {
                         .map_err(|e| Error::Device(format!("status {i}: {e}")))?,
                 );
             }
-            let mut hits = 0;
-            for &(i, addr) in &p.get_bufs {
+            // Used length = response length + the GET pages up to the last
+            // that hit (docs/protocol.md section 6).
+            let mut filled = 0;
+            for (k, &(i, addr)) in p.get_bufs.iter().enumerate() {
                 if results[i].status == Status::Ok {
                     if p.copy_out {
                         let mut page: Box<Page> = Box::new([0u8; PAGE_SIZE]);
                         self.ram.read(addr, &mut page[..])?;
                         pages[i] = Some(page);
                     }
-                    hits += 1;
+                    filled = k + 1;
                 }
             }
-            // Used length = response length + one page per GET that hit.
-            let expected = response_len(n) + hits * PAGE_SIZE;
+            let expected = response_len(n) + filled * PAGE_SIZE;
             if used_len as usize != expected {
                 return Err(Error::Device(format!(
-                    "used length {used_len}, expected {expected} ({n} ops, {hits} get hits)"
+                    "used length {used_len}, expected {expected} ({n} ops, last get hit at page {filled})"
                 )));
             }
         } else if h.num_ops != 0 {
