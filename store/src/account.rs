@@ -44,8 +44,11 @@ pub fn try_charge(counter: &AtomicU64, amount: u64, limit: u64) -> bool {
         .is_ok()
 }
 
-/// Adds as many `unit`s as fit below `limit`, at most `max`; returns how many.
+/// Adds as many `unit`s (at least 1 byte each) as fit below `limit`, at
+/// most `max`; returns how many. Never overflows: what is added is at most
+/// `limit - cur`.
 pub fn try_charge_units(counter: &AtomicU64, unit: u64, max: u64, limit: u64) -> u64 {
+    let unit = unit.max(1);
     let mut granted = 0;
     let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |cur| {
         let room = limit.saturating_sub(cur) / unit;
@@ -196,7 +199,9 @@ impl Global {
 
     /// Bytes above the limit if `extra` more were charged now.
     pub fn excess(&self, extra: u64) -> u64 {
-        (self.used() + extra).saturating_sub(self.limit())
+        self.used()
+            .saturating_add(extra)
+            .saturating_sub(self.limit())
     }
 }
 
@@ -252,7 +257,9 @@ impl Acct {
 
     /// Charge above the ephemeral quota if `extra` more were charged now.
     pub fn eph_excess(&self, extra: u64) -> u64 {
-        (self.eph_charged.load(Ordering::Acquire) + extra)
+        self.eph_charged
+            .load(Ordering::Acquire)
+            .saturating_add(extra)
             .saturating_sub(self.eph_quota.load(Ordering::Acquire))
     }
 }

@@ -25,6 +25,10 @@ thread_local! {
 /// Rounds of eviction a put tries before it is refused.
 const MAX_EVICT_ROUNDS: u32 = 8;
 
+/// Most pages one `RESERVE` can be granted (16 MiB of worst-case pages).
+/// The guest driver asks for a few hundred at a time.
+pub const MAX_RESERVE_PAGES: u64 = 4096;
+
 /// A client's pools, behind its read-write lock.
 #[derive(Debug)]
 pub(crate) struct Table {
@@ -155,7 +159,7 @@ struct PutInfo {
 /// Content prepared for a put.
 enum Prep<'a> {
     Zero,
-    Hit(u32, u64),
+    Hit(u32),
     New(super::content::Key, NewData<'a>),
 }
 
@@ -338,61 +342,60 @@ impl DataHandle {
             self.acct()
         };
 
+        // Everything the put costs is decided before the dedup index is
+        // consulted: the content's size comes from compressing it (LZ4 is
+        // deterministic, so a stored equal content has the same size), and
+        // admission charges it as if it were new. Whether a put is accepted
+        // therefore never depends on what other VMs store (a dedup hit
+        // would otherwise fit where a fresh page does not, telling a VM
+        // that a neighbour holds the page); a hit then gives back the
+        // content it shares.
         let domain = &pool.domain;
         let class = classify(page);
-        let prep = match class {
-            Class::Zero => Prep::Zero,
-            Class::Same(w) => {
-                let key = domain.pattern_key(w);
-                match domain.acquire(&key, page) {
-                    Some((r, b)) => Prep::Hit(r, b),
-                    None => Prep::New(key, NewData::Pattern),
-                }
-            }
-            Class::Data => {
-                let key = domain.data_key(page);
-                match domain.acquire(&key, page) {
-                    Some((r, b)) => Prep::Hit(r, b),
-                    None => {
-                        let data = match compress(page, buf) {
-                            Some(n) => NewData::Lz4(&buf[..n]),
-                            None => NewData::Raw,
-                        };
-                        Prep::New(key, data)
-                    }
-                }
-            }
+        let data = match class {
+            Class::Zero => None,
+            Class::Same(_) => Some(NewData::Pattern),
+            Class::Data => Some(match compress(page, buf) {
+                Some(n) => NewData::Lz4(&buf[..n]),
+                None => NewData::Raw,
+            }),
         };
-        let (mut client_cost, host_cost) = match &prep {
-            Prep::Zero => (CLIENT_PAGE_COST, PAGE_METADATA_COST),
-            Prep::Hit(_, b) => (b + CLIENT_PAGE_COST, PAGE_METADATA_COST),
-            Prep::New(_, d) => (
-                d.slot_bytes() + CLIENT_PAGE_COST,
-                d.slot_bytes() + CONTENT_METADATA_COST + PAGE_METADATA_COST,
-            ),
+        let slot = data.as_ref().map_or(0, NewData::slot_bytes);
+        let mut client_cost = slot + CLIENT_PAGE_COST;
+        let unshared_host_cost = match data {
+            None => PAGE_METADATA_COST,
+            Some(_) => slot + CONTENT_METADATA_COST + PAGE_METADATA_COST,
         };
-
         if reserved {
             // Swap the worst-case charge for the real one (never larger).
             account::uncharge(
                 &charged.pers_charged,
                 RESERVED_PAGE_CLIENT_COST - client_cost,
             );
-            g.uncharge(RESERVED_PAGE_HOST_COST - host_cost);
-        } else if let Err(e) = self.charge(pool, charged, h, client_cost, host_cost) {
-            if let Prep::Hit(r, _) = prep {
-                let rel = domain.release(r);
-                if rel.freed {
-                    g.uncharge(rel.data_bytes + CONTENT_METADATA_COST);
-                }
-            }
-            return Err(e);
+            g.uncharge(RESERVED_PAGE_HOST_COST - unshared_host_cost);
+        } else {
+            self.charge(pool, charged, h, client_cost, unshared_host_cost)?;
         }
+        let key = match class {
+            Class::Zero => None,
+            Class::Same(w) => Some(domain.pattern_key(w)),
+            Class::Data => Some(domain.data_key(page)),
+        };
+        let prep = match (key, data) {
+            (Some(key), Some(data)) => match domain.acquire(&key, page) {
+                Some((r, _)) => {
+                    g.uncharge(unshared_host_cost - PAGE_METADATA_COST);
+                    Prep::Hit(r)
+                }
+                None => Prep::New(key, data),
+            },
+            _ => Prep::Zero,
+        };
 
         let pattern = matches!(class, Class::Same(_));
         let (value, dedup_hit, stored_bytes) = match prep {
             Prep::Zero => (ZERO_REF, false, 0),
-            Prep::Hit(r, _) => (r | DEDUP_BIT, true, 0),
+            Prep::Hit(r) => (r | DEDUP_BIT, true, 0),
             Prep::New(key, data) => match domain.insert(&key, page, data) {
                 Some(Inserted::New(r)) => (r, false, data.stored_bytes()),
                 Some(Inserted::Existing(r, bytes)) => {
@@ -411,7 +414,7 @@ impl DataHandle {
                 }
                 None => {
                     charged.uncharge(pool.persistent, client_cost);
-                    g.uncharge(host_cost);
+                    g.uncharge(unshared_host_cost);
                     return Err(TmemError::NoSpace);
                 }
             },
@@ -494,7 +497,11 @@ impl DataHandle {
             }
             rounds += 1;
             if rounds > MAX_EVICT_ROUNDS
-                || self.store.evict_weighted(g.excess(host_cost).max(1)).pages == 0
+                || self
+                    .store
+                    .evict_weighted(g.excess(host_cost).max(1), Some(charged))
+                    .pages
+                    == 0
             {
                 charged.uncharge(persistent, client_cost);
                 return Err(TmemError::NoSpace);
@@ -562,6 +569,14 @@ impl DataHandle {
 
     /// Reserves room for up to `pages` puts in a persistent pool; returns
     /// the pages granted (0..=pages), charged up front.
+    ///
+    /// A grant is bounded three ways: at most [`MAX_RESERVE_PAGES`] per
+    /// request; within the client's persistent quota; and within its
+    /// weighted share of the host (`limit × weight / total weight`, less
+    /// what it already holds persistently or reserved), so that one VM's
+    /// reservation cannot take the room every other VM's puts need. Room
+    /// is made by evicting ephemeral pages only as [`Store::evict_weighted`]
+    /// allows for a requester.
     pub fn reserve(&self, pool: u32, pages: u64) -> Result<u64, TmemError> {
         let table = self.client.table.read();
         if table.removed {
@@ -576,9 +591,13 @@ impl DataHandle {
         }
         let g = &self.store.g;
         let acct = self.acct();
+        let share = self.store.weighted_share(acct);
+        let fair_pages = share.saturating_sub(acct.pers_charged.load(Ordering::Acquire))
+            / RESERVED_PAGE_HOST_COST;
+        let asked = pages.min(MAX_RESERVE_PAGES).min(fair_pages);
         let quota = acct.pers_quota.load(Ordering::Acquire);
         let wanted =
-            account::try_charge_units(&acct.pers_charged, RESERVED_PAGE_CLIENT_COST, pages, quota);
+            account::try_charge_units(&acct.pers_charged, RESERVED_PAGE_CLIENT_COST, asked, quota);
         let mut granted = 0;
         let mut rounds = 0;
         while granted < wanted {
@@ -592,8 +611,9 @@ impl DataHandle {
                 break;
             }
             rounds += 1;
+            // At most MAX_RESERVE_PAGES pages: the product cannot overflow.
             let need = g.excess((wanted - granted) * RESERVED_PAGE_HOST_COST);
-            if self.store.evict_weighted(need.max(1)).pages == 0 {
+            if self.store.evict_weighted(need.max(1), Some(acct)).pages == 0 {
                 // Whatever is free now is all there will be.
                 granted += account::try_charge_units(
                     &g.host_used,

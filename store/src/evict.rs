@@ -7,7 +7,10 @@
 //!   victim is the client whose ephemeral charge per unit of weight is
 //!   largest (the one most above its weighted share); it loses a batch of
 //!   [`EVICT_BATCH`] of its own oldest pages, then the victim is chosen
-//!   again. Choosing scans the clients (one atomic load each), so a page
+//!   again. When a client's put or reservation needs the room, other
+//!   clients lose pages only down to their weighted share of the host
+//!   (`limit × weight / total weight`); the requester may lose any of its
+//!   own. Choosing scans the clients (one atomic load each), so a page
 //!   costs `O(clients / EVICT_BATCH)` plus `O(1)` amortised queue work.
 //!
 //! Within a client, "oldest" picks the pool whose queue head carries the
@@ -66,39 +69,59 @@ impl Store {
         total
     }
 
-    /// The client most above its weighted share of ephemeral memory.
-    fn pick_victim(&self, skip: &[u64]) -> Option<Arc<Acct>> {
+    /// The client most above its weighted share of ephemeral memory, and
+    /// how many bytes of its charge may go.
+    ///
+    /// A client's weighted share is `host limit × weight / total weight`
+    /// of the live clients. With a `requester`, only the requester itself
+    /// (any of its pages) and clients above their share (down to it) are
+    /// victims: one VM's puts and reservations never push another VM's
+    /// ephemeral memory below its share. Without one (the administrator
+    /// lowered the limit), every client is.
+    fn pick_victim(&self, skip: &[u64], requester: Option<&Acct>) -> Option<(Arc<Acct>, u64)> {
         let accts = self.accts.read();
-        let mut best: Option<(&Arc<Acct>, u64, u64)> = None;
+        let (limit, total) = (self.g.limit(), super::total_weight(&accts));
+        let mut best: Option<(&Arc<Acct>, u64, u64, u64)> = None;
         for a in accts.iter() {
             let bytes = a.eph_charged.load(Ordering::Relaxed);
             if bytes == 0 || skip.contains(&a.client_id) {
                 continue;
             }
             let w = a.weight.load(Ordering::Relaxed).max(1) as u64;
+            let allowance = match requester {
+                Some(r) if r.client_id != a.client_id => {
+                    bytes.saturating_sub(super::share_of(limit, a, total))
+                }
+                _ => u64::MAX,
+            };
+            if allowance == 0 {
+                continue;
+            }
             // bytes / w > best_bytes / best_w, without division.
-            let better =
-                best.is_none_or(|(_, bb, bw)| bytes as u128 * bw as u128 > bb as u128 * w as u128);
+            let better = best
+                .is_none_or(|(_, bb, bw, _)| bytes as u128 * bw as u128 > bb as u128 * w as u128);
             if better {
-                best = Some((a, bytes, w));
+                best = Some((a, bytes, w, allowance));
             }
         }
-        best.map(|(a, _, _)| a.clone())
+        best.map(|(a, _, _, allowance)| (a.clone(), allowance))
     }
 
     /// Weighted-LRU eviction until `need` host bytes are freed or no
-    /// ephemeral page is left.
-    pub(crate) fn evict_weighted(&self, need: u64) -> Freed {
+    /// ephemeral page may go. `requester` is the client that needs the
+    /// room (see [`Store::pick_victim`]), `None` for the administrator.
+    pub(crate) fn evict_weighted(&self, need: u64, requester: Option<&Acct>) -> Freed {
         let mut total = Freed::default();
         let mut skip = Vec::new();
         while total.host < need {
-            let Some(victim) = self.pick_victim(&skip) else {
+            let Some((victim, allowance)) = self.pick_victim(&skip, requester) else {
                 break;
             };
-            let want = Freed::want(EVICT_BATCH, u64::MAX, need - total.host);
+            let want = Freed::want(EVICT_BATCH, allowance, need - total.host);
             let f = self.evict_from(&victim, want);
             if f.pages == 0 {
-                // Charged but nothing queued (puts in flight): look elsewhere.
+                // Charged but nothing queued (puts in flight), or nothing
+                // that fits the allowance: look elsewhere.
                 skip.push(victim.client_id);
                 continue;
             }
@@ -111,7 +134,7 @@ impl Store {
     pub(crate) fn enforce_host_limit(&self) {
         loop {
             let excess = self.g.excess(0);
-            if excess == 0 || self.evict_weighted(excess).pages == 0 {
+            if excess == 0 || self.evict_weighted(excess, None).pages == 0 {
                 break;
             }
         }
@@ -177,16 +200,16 @@ mod tests {
         c.client.acct.eph_charged.store(0, Ordering::Relaxed);
         // a: 10 per weight unit, b: 7.5.
         assert_eq!(
-            s.pick_victim(&[]).unwrap().client_id,
+            s.pick_victim(&[], None).unwrap().0.client_id,
             a.client.acct.client_id
         );
         b.set_weight(200).unwrap();
         assert_eq!(
-            s.pick_victim(&[]).unwrap().client_id,
+            s.pick_victim(&[], None).unwrap().0.client_id,
             b.client.acct.client_id
         );
         let skip = [b.client.acct.client_id, a.client.acct.client_id];
-        assert!(s.pick_victim(&skip).is_none(), "c holds nothing");
+        assert!(s.pick_victim(&skip, None).is_none(), "c holds nothing");
         a.client.acct.eph_charged.store(0, Ordering::Relaxed);
         b.client.acct.eph_charged.store(0, Ordering::Relaxed);
     }
@@ -266,7 +289,7 @@ mod tests {
         for i in 0..20 {
             c.put(&h(p, i), &page(i), false).unwrap();
         }
-        assert_eq!(s.evict_weighted(u64::MAX).pages, 0);
+        assert_eq!(s.evict_weighted(u64::MAX, None).pages, 0);
         assert_eq!(c_admin.evict_ephemeral(100), 0);
         assert_eq!(c_admin.stats().persistent_pages, 20);
     }
@@ -302,7 +325,7 @@ mod tests {
         for i in 0..100 {
             a.put(&h(p, i), &page(i), false).unwrap();
         }
-        let f = s.evict_weighted(5 * HOST_PER_RAW);
+        let f = s.evict_weighted(5 * HOST_PER_RAW, None);
         assert_eq!(f.pages, 5, "raw pages: exactly five cover it");
         assert_eq!(f.host, 5 * HOST_PER_RAW);
         assert_eq!(a_admin.stats().ephemeral_pages, 95);

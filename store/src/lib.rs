@@ -150,7 +150,7 @@ pub use account::{
 };
 pub use alloc::{CHUNK_BYTES, CLASS_STEP};
 pub use api::{ClientConfig, ClientStats, PoolStats, StoreConfig, StoreStats, TmemError};
-pub use client::{AdminHandle, DataHandle};
+pub use client::{AdminHandle, DataHandle, MAX_RESERVE_PAGES};
 pub use content::RAW_THRESHOLD;
 pub use evict::EVICT_BATCH;
 
@@ -193,6 +193,21 @@ pub struct Store {
     next_client: AtomicU64,
     seed: u64,
     hasher: KeyedState,
+}
+
+/// The sum of the clients' weights (at least 1).
+fn total_weight(accts: &[Arc<Acct>]) -> u64 {
+    accts
+        .iter()
+        .map(|a| u64::from(a.weight.load(Ordering::Relaxed).max(1)))
+        .sum::<u64>()
+        .max(1)
+}
+
+/// `limit × weight / total`, without overflow.
+fn share_of(limit: u64, acct: &Acct, total_weight: u64) -> u64 {
+    let w = u128::from(acct.weight.load(Ordering::Relaxed).max(1));
+    u64::try_from(u128::from(limit) * w / u128::from(total_weight)).unwrap_or(u64::MAX)
 }
 
 impl Store {
@@ -312,6 +327,13 @@ impl Store {
     /// Bytes charged against the host limit.
     pub fn host_used(&self) -> u64 {
         self.g.used()
+    }
+
+    /// A client's weighted share of the host: `limit × weight / total
+    /// weight` of the live clients.
+    pub(crate) fn weighted_share(&self, acct: &Acct) -> u64 {
+        let total = total_weight(&self.accts.read());
+        share_of(self.g.limit(), acct, total)
     }
 
     /// The dedup domain for a client in `group` (or a private one).

@@ -19,6 +19,15 @@ const CLIENTS: usize = 3;
 const UUID: Uuid = Uuid::from_bytes([0x5A; 16]).unwrap();
 const RAW_PAGE: u64 = RESERVED_PAGE_HOST_COST;
 const HOST_LIMIT: u64 = 10 * RAW_PAGE;
+/// Weights of the model's clients, and their sum.
+fn weight(i: usize) -> u64 {
+    100 + 100 * i as u64
+}
+/// Client `i`'s weighted share of the host.
+fn share(i: usize) -> u64 {
+    HOST_LIMIT * weight(i) / TOTAL_WEIGHT
+}
+const TOTAL_WEIGHT: u64 = 100 + 200 + 300;
 
 fn contents() -> Vec<Page> {
     let text = |seed: u8| {
@@ -206,7 +215,7 @@ impl Harness {
                 let cfg = ClientConfig {
                     dedup_group: (i > 0).then(|| "g".to_string()),
                     authorized_uuids: if is_member(i) { vec![UUID] } else { vec![] },
-                    weight: 100 + 100 * i as u32,
+                    weight: weight(i) as u32,
                     ..Default::default()
                 };
                 store.add_client(n, cfg).unwrap()
@@ -272,15 +281,6 @@ impl Harness {
             object: ObjectId([obj, 77, 0]),
             index: idx,
         }
-    }
-
-    fn eph_pages_total(&self) -> u64 {
-        self.store
-            .stats()
-            .clients
-            .iter()
-            .map(|c| c.ephemeral_pages)
-            .sum()
     }
 
     fn drop_pool(&mut self, key: PoolKey) {
@@ -351,17 +351,33 @@ impl Harness {
                             }
                             TmemError::NoSpace => {
                                 assert!(!reserved, "reserved put refused for space");
-                                assert_eq!(
-                                    self.eph_pages_total(),
-                                    0,
-                                    "ephemeral pages left to evict"
-                                );
+                                // Nothing was left that this put could
+                                // evict: the charged client's own pages, or
+                                // other clients' above their weighted share.
+                                let charged = if pool == 2 { self.members[0] } else { c };
+                                for (i, a) in self.admins.iter().enumerate() {
+                                    let o = a.stats();
+                                    if i == charged {
+                                        assert_eq!(o.ephemeral_pages, 0, "own pages left to evict");
+                                    } else {
+                                        assert!(
+                                            o.ephemeral_bytes <= share(i),
+                                            "{} above its share: {o:?}",
+                                            o.name
+                                        );
+                                    }
+                                }
                                 let host_cost = if content == 0 {
                                     PAGE_METADATA_COST
                                 } else {
                                     cost
                                 };
-                                assert!(self.store.stats().host_used + host_cost > HOST_LIMIT);
+                                let used = self.store.stats().host_used;
+                                assert!(
+                                    used + host_cost > HOST_LIMIT,
+                                    "refused for space though {used} + {host_cost} fit: {:?}",
+                                    self.store.stats()
+                                );
                             }
                             other => panic!("unexpected refusal {other:?}"),
                         }
@@ -442,9 +458,24 @@ impl Harness {
                         let cs = self.admins[c].stats();
                         let quota_full =
                             cs.persistent_charged + RESERVED_PAGE_CLIENT_COST > self.pers_quota[c];
-                        let host_full = st.host_used + RESERVED_PAGE_HOST_COST > HOST_LIMIT
-                            && self.eph_pages_total() == 0;
-                        assert!(quota_full || host_full, "reservation cut short: {cs:?}");
+                        // The fair-share rule: a grant stays within the
+                        // client's weighted share of the host, and evicts
+                        // other clients' pages only down to their shares.
+                        let share_full = cs.persistent_charged + RESERVED_PAGE_HOST_COST > share(c);
+                        let others_at_share = self.admins.iter().enumerate().all(|(i, a)| {
+                            let o = a.stats();
+                            if i == c {
+                                o.ephemeral_pages == 0
+                            } else {
+                                o.ephemeral_bytes <= share(i)
+                            }
+                        });
+                        let host_full =
+                            st.host_used + RESERVED_PAGE_HOST_COST > HOST_LIMIT && others_at_share;
+                        assert!(
+                            quota_full || share_full || host_full,
+                            "reservation cut short: {cs:?}"
+                        );
                     }
                 }
             },

@@ -867,3 +867,127 @@ fn stats_show_uuids_as_text_and_read_both_forms() {
     let back: vtmem_store::StoreStats = serde_json::from_value(v).unwrap();
     assert_eq!(back.clients[0].config.authorized_uuids, vec![uuid]);
 }
+
+// ---- tenants that do not trust each other ---------------------------------
+
+/// Fills `c`'s ephemeral pool with distinct incompressible pages until the
+/// host is nearly full or `max` pages are in; returns how many went in.
+fn fill_ephemeral(c: &DataHandle, pool: u32, seed: u64, max: u64) -> u64 {
+    let mut n = 0;
+    while n < max && c.put(&h(pool, 9, n), &random_page(seed + n), false).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+/// One RESERVE of u64::MAX on the default configuration (unlimited quotas)
+/// used to be granted every free page of the host, evicting everyone
+/// else's cache pages, and then overflowed its charge arithmetic.
+#[test]
+fn reserve_of_everything_leaves_the_neighbour_its_share() {
+    let limit = 32 * MIB;
+    let s = store(limit);
+    let a = s.add_client("a", ClientConfig::default()).unwrap().data();
+    let b = s.add_client("b", ClientConfig::default()).unwrap();
+    let bd = b.data();
+    let eph = bd.new_pool(PoolSpec::ephemeral()).unwrap();
+    // The neighbour holds a cache of 60 % of the host, above its half share.
+    let cached = fill_ephemeral(&bd, eph, 1, (limit * 6 / 10) / 4200);
+    assert!(cached > 0);
+    let pa = a.new_pool(PoolSpec::persistent()).unwrap();
+
+    let mut granted = 0;
+    loop {
+        let g = a.reserve(pa, u64::MAX).unwrap();
+        assert!(g <= MAX_RESERVE_PAGES, "one request granted {g} pages");
+        if g == 0 {
+            break;
+        }
+        granted += g;
+    }
+    let share = limit / 2;
+    assert!(
+        granted * RESERVED_PAGE_HOST_COST <= share,
+        "granted {granted} pages, more than the half share"
+    );
+    assert!(granted > 0);
+    // The neighbour's cache was evicted at most down to its share.
+    let st = b.stats();
+    assert!(
+        st.ephemeral_bytes >= share.min(cached * 4096) - 4 * RESERVED_PAGE_CLIENT_COST,
+        "neighbour's cache cut below its share: {} bytes",
+        st.ephemeral_bytes
+    );
+    // And it can still swap: its persistent puts succeed.
+    let pb = bd.new_pool(PoolSpec::persistent()).unwrap();
+    for i in 0..64 {
+        bd.put(&h(pb, 1, i), &random_page(10_000 + i), false)
+            .unwrap_or_else(|e| panic!("neighbour's persistent put {i}: {e}"));
+    }
+    assert!(s.host_used() <= limit);
+
+    // Nothing leaked: giving everything back returns the charges exactly.
+    assert_eq!(a.unreserve(pa, u64::MAX).unwrap(), 0);
+    assert_host_accounting(&s);
+    a.destroy_pool(pa).unwrap();
+    bd.destroy_pool(pb).unwrap();
+    bd.destroy_pool(eph).unwrap();
+    assert_eq!(s.host_used(), 0);
+}
+
+/// `used + extra` overflowed when a reservation asked for u64::MAX pages
+/// with an unlimited quota.
+#[test]
+fn huge_requests_never_overflow_the_charges() {
+    let s = store(8 * MIB);
+    let a = s.add_client("a", ClientConfig::default()).unwrap();
+    let ad = a.data();
+    let p = ad.new_pool(PoolSpec::persistent()).unwrap();
+    // Something is stored, so the host counter is not zero.
+    ad.put(&h(p, 1, 0), &random_page(1), false).unwrap();
+    let used = s.host_used();
+    let charged = a.stats().persistent_charged;
+    for pages in [u64::MAX, u64::MAX / RESERVED_PAGE_CLIENT_COST + 1, 1 << 62] {
+        let g = ad.reserve(p, pages).unwrap();
+        assert!(g * RESERVED_PAGE_HOST_COST <= 8 * MIB);
+        assert_eq!(ad.unreserve(p, g).unwrap(), 0);
+        assert_eq!(s.host_used(), used);
+        assert_eq!(a.stats().persistent_charged, charged);
+    }
+}
+
+/// Two VMs in one dedup group, the host full. Whether a PUT is admitted
+/// must not tell one VM whether the other holds that page.
+#[test]
+fn admission_does_not_reveal_a_neighbours_pages() {
+    let cfg = ClientConfig {
+        dedup_group: Some("g".into()),
+        ..Default::default()
+    };
+    let s = store(4 * MIB);
+    let victim = s.add_client("victim", cfg.clone()).unwrap().data();
+    let prober = s.add_client("prober", cfg).unwrap().data();
+    let vp = victim.new_pool(PoolSpec::persistent()).unwrap();
+    let secret = random_page(0x5ec2e7);
+    victim.put(&h(vp, 1, 0), &secret, false).unwrap();
+    // The prober fills the host with its own persistent pages.
+    let pp = prober.new_pool(PoolSpec::persistent()).unwrap();
+    let mut i = 0;
+    while prober
+        .put(&h(pp, 2, i), &random_page(1 << 40 | i), false)
+        .is_ok()
+    {
+        i += 1;
+    }
+    let fresh = prober.put(&h(pp, 3, 0), &random_page(0xf2e54), false);
+    let probe = prober.put(&h(pp, 3, 1), &secret, false);
+    assert_eq!(fresh, Err(TmemError::NoSpace));
+    assert_eq!(
+        probe, fresh,
+        "a page the neighbour holds was admitted where a fresh one was not"
+    );
+    // Room for one unshared page: both kinds are admitted alike.
+    prober.flush_page(&h(pp, 2, 0)).unwrap();
+    assert_eq!(prober.put(&h(pp, 3, 1), &secret, false), Ok(()));
+    assert_host_accounting(&s);
+}
