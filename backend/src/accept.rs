@@ -1,14 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The accept loop shared by the control socket and the metrics endpoint:
-//! wait on a listener and a stop eventfd together, so that shutdown never
-//! waits for one more client to connect.
+//! What the control socket and the metrics endpoint share: the accept loop
+//! (a listener and a stop eventfd waited on together, so that shutdown never
+//! waits for one more client to connect), and the bounded connection slots
+//! that keep idle connections from starving clients that talk.
 
 use std::io;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use log::{error, warn};
+use parking_lot::Mutex;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -72,5 +76,140 @@ pub fn accept_until_stopped<L, C>(
                 }
             }
         }
+    }
+}
+
+/// A bounded set of connections being served, shared by a server's
+/// connection threads.
+///
+/// When every slot is taken, a new connection takes the slot of the oldest
+/// one that has not yet sent a complete request: that one is shut down.
+/// Idle connections, the cheap way for a local process to exhaust the
+/// slots, therefore never keep a client that talks from being served.
+/// Only when every slot carries a client that has spoken is the newcomer
+/// refused.
+#[derive(Debug)]
+pub struct Slots {
+    max: usize,
+    next_id: AtomicU64,
+    taken: Mutex<Vec<Taken>>,
+}
+
+#[derive(Debug)]
+struct Taken {
+    id: u64,
+    spoke: Arc<AtomicBool>,
+    conn: Box<dyn Shutdown>,
+}
+
+/// A connection that can be shut down from another thread.
+pub trait Shutdown: Send + std::fmt::Debug {
+    /// Ends both directions, so its thread's blocking read returns.
+    fn shutdown_both(&self);
+}
+
+impl Shutdown for std::net::TcpStream {
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Shutdown for std::os::unix::net::UnixStream {
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// One taken slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot {
+    id: u64,
+    spoke: Arc<AtomicBool>,
+    slots: Arc<Slots>,
+}
+
+impl Slot {
+    /// The connection sent a complete request: it is no longer idle.
+    pub fn spoke(&self) {
+        self.spoke.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.taken.lock().retain(|t| t.id != self.id);
+    }
+}
+
+impl Slots {
+    /// At most `max` connections at once.
+    pub fn new(max: usize) -> Arc<Slots> {
+        Arc::new(Slots {
+            max,
+            next_id: AtomicU64::new(0),
+            taken: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A slot for a new connection (`conn` is a handle to shut it down if
+    /// it idles while the slots are full), or `None` if every slot holds a
+    /// connection that has spoken.
+    pub fn admit(self: &Arc<Self>, conn: Box<dyn Shutdown>) -> Option<Slot> {
+        let mut taken = self.taken.lock();
+        if taken.len() >= self.max {
+            let idle = taken
+                .iter()
+                .position(|t| !t.spoke.load(Ordering::Acquire))?;
+            // The oldest idle one: slots are kept in admission order.
+            taken.remove(idle).conn.shutdown_both();
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let spoke = Arc::new(AtomicBool::new(false));
+        taken.push(Taken {
+            id,
+            spoke: spoke.clone(),
+            conn,
+        });
+        Some(Slot {
+            id,
+            spoke,
+            slots: self.clone(),
+        })
+    }
+
+    /// Connections being served.
+    pub fn in_use(&self) -> usize {
+        self.taken.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn idle_connections_make_room_and_talkers_keep_theirs() {
+        let slots = Slots::new(2);
+        let (a, _a_peer) = UnixStream::pair().unwrap();
+        let (b, mut b_peer) = UnixStream::pair().unwrap();
+        let (c, _c_peer) = UnixStream::pair().unwrap();
+        let sa = slots.admit(Box::new(a.try_clone().unwrap())).unwrap();
+        sa.spoke();
+        let _sb = slots.admit(Box::new(b.try_clone().unwrap())).unwrap();
+        // Full: the idle one (b) goes, the one that spoke (a) stays.
+        let sc = slots.admit(Box::new(c.try_clone().unwrap())).unwrap();
+        assert_eq!(slots.in_use(), 2);
+        let mut buf = [0u8; 1];
+        use std::io::Read;
+        assert_eq!(b_peer.read(&mut buf).unwrap(), 0, "b was shut down");
+        sc.spoke();
+        // Every slot has spoken: a newcomer is refused.
+        let (d, _d_peer) = UnixStream::pair().unwrap();
+        assert!(slots.admit(Box::new(d)).is_none());
+        drop(sa);
+        assert_eq!(slots.in_use(), 1);
+        let (e, _e_peer) = UnixStream::pair().unwrap();
+        assert!(slots.admit(Box::new(e)).is_some());
     }
 }

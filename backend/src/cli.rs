@@ -129,6 +129,13 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub state_file: Option<PathBuf>,
 
+    /// Accept guest memory that is not sealed against shrinking (memfd
+    /// without F_SEAL_SHRINK, or a plain file). Only for file-backed
+    /// memory that cannot be sealed: a VMM that shrinks such memory kills
+    /// vtmemd and every VM's pages with it.
+    #[arg(long)]
+    pub allow_unsealed_memory: bool,
+
     /// Log level; RUST_LOG, if set, refines it (e.g. RUST_LOG=vtmem_backend::device=debug).
     #[arg(long, value_enum, value_name = "LEVEL", default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
@@ -176,6 +183,8 @@ impl TryFrom<Args> for DaemonConfig {
                 Some(us) => validate_poll_us(us)?,
                 None => defaults.poll,
             },
+            allow_unsealed_memory: args.allow_unsealed_memory
+                || file.allow_unsealed_memory.unwrap_or(false),
         };
         let mut vms = file.vm.clone();
         vms.extend(args.vms);

@@ -113,6 +113,10 @@ pub struct DeviceSettings {
     pub queue_size: u16,
     /// Busy-poll window after a queue drains (zero: none).
     pub poll: Duration,
+    /// Map guest memory that is not sealed against shrinking (file-backed
+    /// memory that cannot be sealed). A VMM that then shrinks the file
+    /// kills vtmemd, and with it every VM's pages: see docs/vtmemd.md.
+    pub allow_unsealed_memory: bool,
 }
 
 impl Default for DeviceSettings {
@@ -121,6 +125,7 @@ impl Default for DeviceSettings {
             queues: 1,
             queue_size: DEFAULT_QUEUE_SIZE,
             poll: Duration::ZERO,
+            allow_unsealed_memory: false,
         }
     }
 }
@@ -263,6 +268,8 @@ pub struct FileConfig {
     pub queue_size: Option<u64>,
     /// Busy-poll window in microseconds.
     pub poll_us: Option<u64>,
+    /// Accept guest memory not sealed against shrinking.
+    pub allow_unsealed_memory: Option<bool>,
     /// Prometheus metrics address.
     pub metrics_address: Option<String>,
     /// State file.

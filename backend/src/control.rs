@@ -18,8 +18,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vtmem_api::request::{error_line, ok_line};
 use vtmem_api::{Request, StatusReport, MAX_LINE};
 
-use crate::accept::accept_until_stopped;
+use crate::accept::{accept_until_stopped, Slot, Slots};
 use crate::daemon::Daemon;
+
+/// Control connections served at once. More idle ones are shut down to
+/// make room (see [`Slots`]); a newcomer is refused only when every
+/// connection has sent a request.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// Handles one request line; returns the answer line (without newline).
 pub fn handle_line(daemon: &Daemon, line: &str) -> String {
@@ -134,7 +139,7 @@ pub fn execute(daemon: &Daemon, request: &Request) -> Result<String, String> {
     }
 }
 
-fn serve_connection(daemon: Arc<Daemon>, stream: UnixStream) {
+fn serve_connection(daemon: Arc<Daemon>, stream: UnixStream, slot: Slot) {
     let _ = stream.set_read_timeout(None);
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
@@ -176,7 +181,10 @@ fn serve_connection(daemon: Arc<Daemon>, stream: UnixStream) {
         } else {
             match std::str::from_utf8(&line) {
                 Ok(text) if text.trim().is_empty() => continue,
-                Ok(text) => handle_line(&daemon, text.trim()),
+                Ok(text) => {
+                    slot.spoke();
+                    handle_line(&daemon, text.trim())
+                }
                 Err(_) => error_line("request is not UTF-8"),
             }
         };
@@ -261,6 +269,7 @@ fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, stop: EventFd) {
         error!("control: {e}");
         return;
     }
+    let slots = Slots::new(MAX_CONNECTIONS);
     accept_until_stopped(
         "control",
         &listener,
@@ -268,10 +277,25 @@ fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, stop: EventFd) {
         |l| l.accept(),
         |(stream, _)| {
             let _ = stream.set_nonblocking(false);
+            let slot = stream
+                .try_clone()
+                .ok()
+                .and_then(|handle| slots.admit(Box::new(handle)));
+            let Some(slot) = slot else {
+                let mut s = stream;
+                let _ = writeln!(
+                    s,
+                    "{}",
+                    error_line(&format!(
+                        "too many control connections ({MAX_CONNECTIONS} busy); try again"
+                    ))
+                );
+                return;
+            };
             let d = daemon.clone();
             if let Err(e) = thread::Builder::new()
                 .name("vtmem-ctl-conn".to_string())
-                .spawn(move || serve_connection(d, stream))
+                .spawn(move || serve_connection(d, stream, slot))
             {
                 warn!("control: cannot start a connection thread: {e}");
             }

@@ -372,6 +372,11 @@ impl VhostUserBackend for VtmemBackend {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        if !self.settings.allow_unsealed_memory {
+            check_sealed(&mem.memory()).inspect_err(|e| {
+                self.log.warn(format_args!("memory table refused: {e}"));
+            })?;
+        }
         *lock(&self.mem) = mem;
         Ok(())
     }
@@ -431,6 +436,50 @@ impl DeviceCounters {
     }
 }
 
+/// Refuses guest memory a VMM could shrink under the daemon.
+///
+/// A read of a mapping whose file was truncated raises SIGBUS, which would
+/// end vtmemd and every VM's pages with it. Each region must therefore be
+/// a file sealed against shrinking (QEMU's `memory-backend-memfd` seals by
+/// default) and at least as long as the region.
+pub fn check_sealed(mem: &GuestMemoryMmap) -> io::Result<()> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in mem.iter() {
+        let start = region.start_addr().0;
+        let refuse = |why: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("guest memory region at {start:#x}: {why}"),
+            )
+        };
+        let Some(fo) = region.file_offset() else {
+            return Err(refuse("not backed by a file descriptor".into()));
+        };
+        let seals = rustix::fs::fcntl_get_seals(fo.file())
+            .map_err(|e| refuse(format!("cannot read its seals ({e})")))?;
+        if !seals.contains(rustix::fs::SealFlags::SHRINK) {
+            return Err(refuse(
+                "its file is not sealed against shrinking (use a sealed memfd, \
+                 or --allow-unsealed-memory for memory that cannot be sealed)"
+                    .into(),
+            ));
+        }
+        let size = fo
+            .file()
+            .metadata()
+            .map_err(|e| refuse(format!("cannot read its size ({e})")))?
+            .len();
+        let end = fo.start().checked_add(region.len());
+        if end.is_none_or(|end| end > size) {
+            return Err(refuse(format!(
+                "the region ends past its file ({} bytes)",
+                size
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,6 +502,8 @@ mod tests {
             queues,
             queue_size: QSIZE,
             poll: std::time::Duration::from_micros(poll_us),
+            // The test rings live in anonymous memory.
+            allow_unsealed_memory: true,
         };
         let b = VtmemBackend::new(
             client,
@@ -502,6 +553,51 @@ mod tests {
         let head = ring.chain(&[r, resp]);
         ring.make_available(head);
         (head, resp)
+    }
+
+    #[test]
+    fn only_memory_sealed_against_shrinking_is_mapped() {
+        use rustix::fs::{fcntl_add_seals, memfd_create, MemfdFlags, SealFlags};
+        use vm_memory::{FileOffset, GuestMemoryBackend};
+        let memfd = |pages: u64, seals: SealFlags| {
+            let f = std::fs::File::from(
+                memfd_create(c"guest", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap(),
+            );
+            f.set_len(pages * 4096).unwrap();
+            if !seals.is_empty() {
+                fcntl_add_seals(&f, seals).unwrap();
+            }
+            f
+        };
+        let map = |f: std::fs::File, pages: u64| {
+            GuestMemoryMmap::from_ranges_with_files([(
+                GuestAddress(0),
+                (pages * 4096) as usize,
+                Some(FileOffset::new(f, 0)),
+            )])
+            .unwrap()
+        };
+        let anon = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096)]).unwrap();
+        let err = check_sealed(&anon).unwrap_err().to_string();
+        assert!(err.contains("not backed by a file"), "{err}");
+        let err = check_sealed(&map(memfd(2, SealFlags::empty()), 2)).unwrap_err();
+        assert!(err.to_string().contains("not sealed"), "{err}");
+        let err = check_sealed(&map(memfd(2, SealFlags::GROW), 2)).unwrap_err();
+        assert!(err.to_string().contains("not sealed"), "{err}");
+        // Sealed, but shorter than the region the VMM claims.
+        let err = check_sealed(&map(memfd(1, SealFlags::SHRINK), 2)).unwrap_err();
+        assert!(err.to_string().contains("ends past its file"), "{err}");
+        check_sealed(&map(memfd(2, SealFlags::SHRINK | SealFlags::GROW), 2)).unwrap();
+
+        // The backend refuses such a table and keeps the memory it had.
+        let (_store, b) = backend(1, 0);
+        let unsealed = GuestMemoryAtomic::new(map(memfd(2, SealFlags::empty()), 2));
+        let b = VtmemBackend {
+            settings: DeviceSettings::default(),
+            ..b
+        };
+        assert!(b.update_memory(unsealed).is_err());
+        assert_eq!(lock(&b.mem).memory().num_regions(), 0);
     }
 
     #[test]

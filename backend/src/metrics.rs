@@ -12,14 +12,14 @@
 //! The responder answers `GET /metrics` (and `HEAD`), 404 for any other
 //! path, 405 for other methods, one request per connection. Requests are
 //! bounded: at most [`MAX_REQUEST`] bytes of head, read and write timeouts,
-//! and at most [`MAX_CONNECTIONS`] connections served at once (more are
-//! answered 503 and closed). There is no authentication: keep the address
+//! and at most [`MAX_CONNECTIONS`] connections served at once: a new one
+//! takes the slot of the oldest that has not sent its request yet, and is
+//! answered 503 only when every slot is serving a request. There is no authentication: keep the address
 //! on loopback or a management network.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -35,7 +35,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::accept::accept_until_stopped;
+use crate::accept::{accept_until_stopped, Slot, Slots};
 use crate::daemon::Daemon;
 use vtmem_api::{ClientStats, DeviceStats, OpCounters, StoreStats};
 
@@ -541,7 +541,7 @@ impl Drop for MetricsServer {
 }
 
 fn accept_loop(daemon: Arc<Daemon>, listener: TcpListener, stop: EventFd) {
-    let active = Arc::new(AtomicUsize::new(0));
+    let slots = Slots::new(MAX_CONNECTIONS);
     accept_until_stopped(
         "metrics",
         &listener,
@@ -551,8 +551,11 @@ fn accept_loop(daemon: Arc<Daemon>, listener: TcpListener, stop: EventFd) {
             let _ = stream.set_nonblocking(false);
             let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
             let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-            if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-                active.fetch_sub(1, Ordering::AcqRel);
+            let slot = stream
+                .try_clone()
+                .ok()
+                .and_then(|handle| slots.admit(Box::new(handle)));
+            let Some(slot) = slot else {
                 let mut s = stream;
                 let _ = respond(
                     &mut s,
@@ -563,19 +566,16 @@ fn accept_loop(daemon: Arc<Daemon>, listener: TcpListener, stop: EventFd) {
                     false,
                 );
                 return;
-            }
+            };
             let d = daemon.clone();
-            let a = active.clone();
             let spawned = thread::Builder::new()
                 .name("vtmem-metrics-conn".to_string())
                 .spawn(move || {
-                    if let Err(e) = serve_connection(&d, stream) {
+                    if let Err(e) = serve_connection(&d, stream, &slot) {
                         debug!("metrics: {peer}: {e}");
                     }
-                    a.fetch_sub(1, Ordering::AcqRel);
                 });
             if let Err(e) = spawned {
-                active.fetch_sub(1, Ordering::AcqRel);
                 warn!("metrics: cannot start a connection thread: {e}");
             }
         },
@@ -607,7 +607,7 @@ fn respond(
 }
 
 /// Reads one request head (bounded) and answers it.
-fn serve_connection(daemon: &Daemon, mut s: TcpStream) -> io::Result<()> {
+fn serve_connection(daemon: &Daemon, mut s: TcpStream, slot: &Slot) -> io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let end = loop {
@@ -630,6 +630,7 @@ fn serve_connection(daemon: &Daemon, mut s: TcpStream) -> io::Result<()> {
         }
         buf.extend_from_slice(&chunk[..n]);
     };
+    slot.spoke();
     let head = String::from_utf8_lossy(&buf[..end]);
     let request_line = head.lines().next().unwrap_or("");
     let mut parts = request_line.split(' ');

@@ -443,7 +443,22 @@ impl DataHandle {
             client_cost,
             pattern,
         };
-        pool.store_locked(&mut idx, &h.object, h.index, new, g);
+        if pool
+            .store_locked(&mut idx, &h.object, h.index, new, g)
+            .is_err()
+        {
+            // The index is full (2^28 blocks): refuse like a full host.
+            drop(idx);
+            charged.uncharge(pool.persistent, client_cost);
+            g.uncharge(PAGE_METADATA_COST);
+            if value & super::content::ID_MASK != ZERO_REF {
+                let rel = domain.release(value & super::content::ID_MASK);
+                if rel.freed {
+                    g.uncharge(rel.data_bytes + CONTENT_METADATA_COST);
+                }
+            }
+            return Err(TmemError::NoSpace);
+        }
         drop(idx);
         Ok(PutInfo {
             class,

@@ -45,6 +45,12 @@ const NIL: u32 = u32::MAX;
 /// Indexes per block.
 pub const BLOCK_SLOTS: usize = 16;
 const SLOT_SHIFT: u32 = 4;
+/// A pool's index cannot hold another block of pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IndexFull;
+
+/// Most blocks an index holds: a location is a 32-bit block and slot.
+const MAX_BLOCKS: usize = 1 << (32 - SLOT_SHIFT);
 /// Queue pushes between two clock stamps.
 const MARK_EVERY: u64 = 64;
 
@@ -193,6 +199,8 @@ pub struct PageIndex {
     blocks: Vec<Block>,
     block_free: u32,
     len: u64,
+    /// [`MAX_BLOCKS`]; smaller in tests.
+    max_blocks: usize,
 }
 
 impl PageIndex {
@@ -205,6 +213,7 @@ impl PageIndex {
             blocks: Vec::new(),
             block_free: NIL,
             len: 0,
+            max_blocks: MAX_BLOCKS,
         }
     }
 
@@ -244,9 +253,19 @@ impl PageIndex {
     }
 
     /// Stores `v` at (object, index); returns its location and the value it
-    /// replaced.
-    pub fn insert(&mut self, obj: &ObjectId, index: u64, v: u32) -> (u32, Option<u32>) {
+    /// replaced, or `None` when the index has no room for another block
+    /// (locations are 32 bits: at most 2^28 blocks of 16 pages).
+    pub fn insert(&mut self, obj: &ObjectId, index: u64, v: u32) -> Option<(u32, Option<u32>)> {
         debug_assert!(v != EMPTY);
+        let full = self.block_free == NIL && self.blocks.len() >= self.max_blocks;
+        if full
+            && self
+                .objects
+                .get(obj)
+                .is_none_or(|&o| !self.map.contains_key(&BlockKey::new(o, index)))
+        {
+            return None;
+        }
         let o = match self.objects.get(obj) {
             Some(&o) => o,
             None => {
@@ -287,10 +306,6 @@ impl PageIndex {
                     self.blocks[b as usize] = block;
                     b
                 } else {
-                    assert!(
-                        self.blocks.len() < 1 << (32 - SLOT_SHIFT),
-                        "pool index full"
-                    );
                     self.blocks.push(block);
                     (self.blocks.len() - 1) as u32
                 };
@@ -309,9 +324,9 @@ impl PageIndex {
         if old == EMPTY {
             block.used += 1;
             self.len += 1;
-            (loc, None)
+            Some((loc, None))
         } else {
-            (loc, Some(old))
+            Some((loc, Some(old)))
         }
     }
 
@@ -629,8 +644,8 @@ impl Pool {
         index: u64,
         page: NewPage,
         g: &Global,
-    ) -> Freed {
-        let (loc, old) = idx.pages.insert(obj, index, page.value);
+    ) -> Result<Freed, IndexFull> {
+        let (loc, old) = idx.pages.insert(obj, index, page.value).ok_or(IndexFull)?;
         let gz = &mut idx.gauges;
         gz.pages += 1;
         gz.bytes += page.client_cost;
@@ -647,10 +662,10 @@ impl Pool {
             self.maybe_compact(idx);
             self.publish_head(idx);
         }
-        match old {
+        Ok(match old {
             Some(v) => self.release_value(idx, v, g),
             None => Freed::default(),
-        }
+        })
     }
 
     /// Drops the queue's stale entries when they outnumber live pages.
@@ -848,14 +863,34 @@ mod tests {
     }
 
     #[test]
+    fn a_full_index_refuses_instead_of_panicking() {
+        let mut ix = PageIndex::new(KeyedState::new(1));
+        ix.max_blocks = 2;
+        assert!(ix.insert(&oid(1), 0, 1).is_some());
+        assert!(ix.insert(&oid(1), 16, 2).is_some());
+        // A third block does not fit; the same blocks still take pages.
+        assert_eq!(ix.insert(&oid(1), 32, 3), None);
+        assert_eq!(ix.insert(&oid(2), 0, 3), None);
+        let (loc, old) = ix.insert(&oid(1), 1, 4).unwrap();
+        assert_eq!(old, None);
+        assert_eq!(ix.get(loc), 4);
+        assert_eq!(ix.insert(&oid(1), 1, 5).unwrap().1, Some(4));
+        // A block freed is room again.
+        let loc = ix.insert(&oid(1), 16, 2).unwrap().0;
+        ix.take(loc);
+        assert!(ix.insert(&oid(2), 0, 6).is_some());
+        assert_eq!(ix.len(), 3);
+    }
+
+    #[test]
     fn insert_lookup_replace_take() {
         let mut ix = PageIndex::new(KeyedState::new(1));
-        let (loc, old) = ix.insert(&oid(1), 5, 100);
+        let (loc, old) = ix.insert(&oid(1), 5, 100).unwrap();
         assert_eq!(old, None);
         assert_eq!(ix.lookup(&oid(1), 5), Some((loc, 100)));
         assert_eq!(ix.lookup(&oid(1), 6), None);
         assert_eq!(ix.lookup(&oid(2), 5), None);
-        let (loc2, old) = ix.insert(&oid(1), 5, 200);
+        let (loc2, old) = ix.insert(&oid(1), 5, 200).unwrap();
         assert_eq!((loc2, old), (loc, Some(100)));
         assert_eq!(ix.len(), 1);
         assert_eq!(ix.take(loc), 200);
@@ -874,7 +909,9 @@ mod tests {
                 locs.push((
                     obj,
                     i,
-                    ix.insert(&oid(obj), i * 3, (obj * 1000 + i) as u32).0,
+                    ix.insert(&oid(obj), i * 3, (obj * 1000 + i) as u32)
+                        .unwrap()
+                        .0,
                 ));
             }
         }
@@ -900,7 +937,7 @@ mod tests {
         assert_eq!(ix.len(), 0);
         // Draining the last object empties (and frees) the whole index.
         for i in 0..40u64 {
-            ix.insert(&oid(9), i, 1);
+            ix.insert(&oid(9), i, 1).unwrap();
         }
         assert_eq!(ix.drain_object(&oid(9), |_| {}), 40);
         assert_eq!(ix.len(), 0);
@@ -920,7 +957,7 @@ mod tests {
             1 << 40,
         ];
         for (k, &i) in idxs.iter().enumerate() {
-            ix.insert(&oid(7), i, k as u32);
+            ix.insert(&oid(7), i, k as u32).unwrap();
         }
         for (k, &i) in idxs.iter().enumerate() {
             assert_eq!(ix.lookup(&oid(7), i).map(|x| x.1), Some(k as u32), "{i}");
@@ -932,7 +969,7 @@ mod tests {
     fn dense_pages_cost_little_index() {
         let mut ix = PageIndex::new(KeyedState::new(4));
         for i in 0..16_384u64 {
-            ix.insert(&oid(1), i, 1);
+            ix.insert(&oid(1), i, 1).unwrap();
         }
         let per_page = ix.metadata_bytes() as f64 / 16_384.0;
         assert!(per_page < 12.0, "{per_page} bytes per page");

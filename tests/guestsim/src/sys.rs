@@ -13,12 +13,24 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use rustix::fs::MemfdFlags;
+use rustix::fs::{MemfdFlags, SealFlags};
 
 /// Creates an anonymous, close-on-exec memory file of `size` bytes: guest RAM
-/// that can be handed to the backend with `SET_MEM_TABLE`.
+/// that can be handed to the backend with `SET_MEM_TABLE`. Like QEMU's
+/// `memory-backend-memfd`, it is sealed against shrinking and growing, so
+/// the backend can map it without fearing SIGBUS.
 pub fn memfd(name: &CStr, size: u64) -> io::Result<File> {
-    let file = File::from(rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC)?);
+    let file = unsealed_memfd(name, size)?;
+    rustix::fs::fcntl_add_seals(&file, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    Ok(file)
+}
+
+/// [`memfd`] without the seals: what a careless or hostile VMM could send.
+pub fn unsealed_memfd(name: &CStr, size: u64) -> io::Result<File> {
+    let file = File::from(rustix::fs::memfd_create(
+        name,
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?);
     file.set_len(size)?;
     Ok(file)
 }
