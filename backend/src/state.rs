@@ -40,16 +40,43 @@ pub struct State {
     pub removed: Vec<VmName>,
 }
 
-/// One VM in the state file: its spec (the control API's `add-vm`
-/// arguments) and whether it is frozen.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One VM in the state file: the fields of its spec (the control API's
+/// `add-vm` arguments, parsed by [`VmSpec`]'s own rules, unknown fields
+/// refused) and `frozen`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmState {
     /// Name and settings.
     pub spec: VmSpec,
     /// Puts refused.
-    #[serde(default)]
     pub frozen: bool,
+}
+
+impl Serialize for VmState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut fields = match serde_json::to_value(&self.spec) {
+            Ok(serde_json::Value::Object(m)) => m,
+            Ok(_) => return Err(serde::ser::Error::custom("a VM spec is an object")),
+            Err(e) => return Err(serde::ser::Error::custom(e)),
+        };
+        fields.insert("frozen".into(), self.frozen.into());
+        fields.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for VmState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut fields = serde_json::Map::deserialize(d)?;
+        let frozen = match fields.remove("frozen") {
+            None => false,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| D::Error::custom("frozen must be true or false"))?,
+        };
+        let spec =
+            VmSpec::deserialize(serde_json::Value::Object(fields)).map_err(D::Error::custom)?;
+        Ok(VmState { spec, frozen })
+    }
 }
 
 /// A state file that cannot be read, parsed or written.
@@ -253,8 +280,9 @@ mod tests {
             "{not json",
             "{\"version\":2,\"host_limit\":1,\"vms\":[]}",
             "{\"version\":1,\"host_limit\":1,\"vms\":[],\"extra\":1}",
-            "{\"version\":1,\"host_limit\":1,\"vms\":[{\"spec\":{\"name\":\"a\",\"wieght\":1}}]}",
-            "{\"version\":1,\"host_limit\":1,\"vms\":[{\"spec\":{\"name\":\"../a\"}}]}",
+            "{\"version\":1,\"host_limit\":1,\"vms\":[{\"name\":\"a\",\"wieght\":1}]}",
+            "{\"version\":1,\"host_limit\":1,\"vms\":[{\"name\":\"../a\"}]}",
+            "{\"version\":1,\"host_limit\":1,\"vms\":[{\"name\":\"a\",\"frozen\":3}]}",
             "{\"version\":1,\"host_limit\":0,\"vms\":[]}",
         ] {
             std::fs::write(&p, text).unwrap();
@@ -272,5 +300,11 @@ mod tests {
         assert_eq!(st.removed, vec!["gone".parse::<VmName>().unwrap()]);
         file.save(|| st.clone()).unwrap();
         assert_eq!(load(&p).unwrap(), Some(st));
+        // The documented format: each VM is one flat object.
+        let text: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        assert_eq!(text["vms"][0]["name"], "a");
+        assert_eq!(text["vms"][0]["dedup_group"], "g");
+        assert_eq!(text["vms"][0]["frozen"], true);
     }
 }
