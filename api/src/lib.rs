@@ -24,7 +24,7 @@ pub use request::{
     DeviceStats, Request, StatusReport, VmDetails, VmInfo, CONTROL_API_VERSION, MAX_LINE,
 };
 pub use spec::{SpecError, VmSpec};
-pub use types::{ByteSize, DedupGroup, Quota, ValueError, VmName, Weight};
+pub use types::{ByteSize, DedupGroup, Principal, Quota, SocketMode, ValueError, VmName, Weight};
 pub use vtmem_protocol::Uuid;
 pub use vtmem_store::{ClientStats, OpCounters, PoolStats, StoreStats};
 

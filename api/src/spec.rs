@@ -12,8 +12,8 @@ use serde_with::{serde_as, DisplayFromStr};
 use vtmem_protocol::Uuid;
 
 use crate::types::{
-    optional_dedup_group, parse_dedup_group, parse_uuid, DedupGroup, Quota, ValueError, VmName,
-    Weight,
+    optional_dedup_group, parse_dedup_group, parse_uuid, DedupGroup, Principal, Quota, SocketMode,
+    ValueError, VmName, Weight,
 };
 
 /// One VM: its name (the store client and the socket `<name>.sock`), and
@@ -46,6 +46,28 @@ pub struct VmSpec {
     #[serde(default, alias = "authorized-uuids")]
     #[serde_as(as = "BTreeSet<DisplayFromStr>")]
     pub authorized_uuids: BTreeSet<Uuid>,
+    /// Owner of the VM's socket (default: the daemon's user). Whoever can
+    /// connect to the socket is this VM, so this is the VM's identity.
+    #[serde(
+        default,
+        alias = "socket-user",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub socket_user: Option<Principal>,
+    /// Group of the VM's socket (default: the daemon's group).
+    #[serde(
+        default,
+        alias = "socket-group",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub socket_group: Option<Principal>,
+    /// Mode of the VM's socket (default: 0660 with a socket group, else 0600).
+    #[serde(
+        default,
+        alias = "socket-mode",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub socket_mode: Option<SocketMode>,
 }
 
 impl VmSpec {
@@ -59,6 +81,18 @@ impl VmSpec {
             weight: Weight::DEFAULT,
             dedup_group: None,
             authorized_uuids: BTreeSet::new(),
+            socket_user: None,
+            socket_group: None,
+            socket_mode: None,
+        }
+    }
+
+    /// The mode its socket gets.
+    pub fn socket_mode(&self) -> SocketMode {
+        match (self.socket_mode, &self.socket_group) {
+            (Some(mode), _) => mode,
+            (None, Some(_)) => SocketMode::GROUP,
+            (None, None) => SocketMode::PRIVATE,
         }
     }
 }
@@ -74,7 +108,8 @@ pub struct SpecError {
 }
 
 /// The keys of a `--vm` spec.
-pub const SPEC_KEYS: &str = "name, persistent-quota, ephemeral-quota, weight, dedup-group, auth";
+pub const SPEC_KEYS: &str = "name, persistent-quota, ephemeral-quota, weight, dedup-group, auth, \
+                             socket-user, socket-group, socket-mode";
 
 impl FromStr for VmSpec {
     type Err = SpecError;
@@ -94,6 +129,7 @@ impl FromStr for VmSpec {
         let mut weight = Weight::DEFAULT;
         let mut dedup_group = None;
         let mut authorized_uuids = BTreeSet::new();
+        let (mut socket_user, mut socket_group, mut socket_mode) = (None, None, None);
         for (i, item) in spec.split(',').enumerate() {
             let item = item.trim();
             if item.is_empty() {
@@ -113,6 +149,9 @@ impl FromStr for VmSpec {
                 "auth" | "authorized-uuid" => {
                     authorized_uuids.insert(parse_uuid(value).map_err(value_err)?);
                 }
+                "socket-user" => socket_user = Some(value.parse().map_err(value_err)?),
+                "socket-group" => socket_group = Some(value.parse().map_err(value_err)?),
+                "socket-mode" => socket_mode = Some(value.parse().map_err(value_err)?),
                 other => return Err(bad(format!("unknown key '{other}' (known: {SPEC_KEYS})"))),
             }
         }
@@ -123,6 +162,9 @@ impl FromStr for VmSpec {
             weight,
             dedup_group,
             authorized_uuids,
+            socket_user,
+            socket_group,
+            socket_mode,
         })
     }
 }
@@ -141,6 +183,15 @@ impl fmt::Display for VmSpec {
         )?;
         for uuid in &self.authorized_uuids {
             write!(f, ",auth={uuid}")?;
+        }
+        if let Some(u) = &self.socket_user {
+            write!(f, ",socket-user={u}")?;
+        }
+        if let Some(g) = &self.socket_group {
+            write!(f, ",socket-group={g}")?;
+        }
+        if let Some(m) = &self.socket_mode {
+            write!(f, ",socket-mode={m}")?;
         }
         Ok(())
     }
@@ -175,6 +226,28 @@ mod tests {
         assert_eq!(vm.to_string().parse::<VmSpec>().unwrap(), vm);
         let plain: VmSpec = "name=b".parse().unwrap();
         assert_eq!(plain, VmSpec::new("b".parse().unwrap()));
+    }
+
+    #[test]
+    fn socket_ownership_in_every_form() {
+        let flag: VmSpec = "vm1,socket-user=libvirt-qemu,socket-group=kvm"
+            .parse()
+            .unwrap();
+        assert_eq!(flag.socket_mode(), SocketMode::GROUP);
+        assert_eq!(flag.to_string().parse::<VmSpec>().unwrap(), flag);
+        let toml_form: VmSpec = toml::from_str(
+            "name = \"vm1\"\nsocket-user = \"libvirt-qemu\"\nsocket-group = \"kvm\"",
+        )
+        .unwrap();
+        assert_eq!(toml_form, flag);
+        let json = serde_json::to_string(&flag).unwrap();
+        assert_eq!(serde_json::from_str::<VmSpec>(&json).unwrap(), flag);
+        let plain: VmSpec = "vm2".parse().unwrap();
+        assert_eq!(plain.socket_mode(), SocketMode::PRIVATE);
+        let open: VmSpec = "vm3,socket-mode=0666".parse().unwrap();
+        assert_eq!(open.socket_mode().bits(), 0o666);
+        assert!("vm4,socket-mode=999".parse::<VmSpec>().is_err());
+        assert!("vm4,socket-user=a:b".parse::<VmSpec>().is_err());
     }
 
     #[test]

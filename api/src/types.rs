@@ -27,6 +27,12 @@ pub enum ValueError {
     /// A dedup group name that cannot be one.
     #[error("invalid dedup group '{0}': 1 to 64 printable ASCII characters without ',' ('none' means no group)")]
     DedupGroup(String),
+    /// A user or group that is neither a name nor a number.
+    #[error("invalid user or group '{0}': a name (letters, digits, '_', '-', '.') or a number")]
+    Principal(String),
+    /// A socket mode that is not octal permission bits.
+    #[error("invalid socket mode '{0}': octal permission bits such as 0660")]
+    SocketMode(String),
     /// A UUID that does not parse, or the nil UUID.
     #[error("invalid UUID '{text}': {reason}")]
     Uuid {
@@ -425,6 +431,85 @@ pub mod optional_dedup_group {
     }
 }
 
+/// A user or a group as the administrator names it: a name from the
+/// system's databases or a numeric id. Resolved by the daemon when it
+/// creates a socket.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Principal(String);
+
+impl Principal {
+    /// The name or number as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The numeric id, if it was given as a number.
+    pub fn id(&self) -> Option<u32> {
+        self.0.parse().ok()
+    }
+}
+
+impl FromStr for Principal {
+    type Err = ValueError;
+
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        let ok = !s.is_empty()
+            && s.len() <= 32
+            && !s.starts_with('-')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if ok {
+            Ok(Principal(s.to_string()))
+        } else {
+            Err(ValueError::Principal(s.to_string()))
+        }
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+serde_via_text!(Principal, "a user or group name, or a number");
+
+/// The permission bits of a socket: octal, at most `0777`, written with a
+/// leading zero (`0660`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SocketMode(u32);
+
+impl SocketMode {
+    /// Owner read and write only: the default of a VM socket.
+    pub const PRIVATE: SocketMode = SocketMode(0o600);
+    /// Owner and group read and write.
+    pub const GROUP: SocketMode = SocketMode(0o660);
+
+    /// The permission bits.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+}
+
+impl FromStr for SocketMode {
+    type Err = ValueError;
+
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        match u32::from_str_radix(s.trim(), 8) {
+            Ok(bits) if bits <= 0o777 && !s.trim().is_empty() => Ok(SocketMode(bits)),
+            _ => Err(ValueError::SocketMode(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for SocketMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+serde_via_text!(SocketMode, "octal permission bits such as \"0660\"");
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,6 +607,21 @@ mod tests {
         assert_eq!(t.g, None);
         let t: T = serde_json::from_str(r#"{"g":"web"}"#).unwrap();
         assert_eq!(t.g.unwrap().as_str(), "web");
+    }
+
+    #[test]
+    fn principals_and_modes() {
+        assert_eq!("kvm".parse::<Principal>().unwrap().id(), None);
+        assert_eq!("107".parse::<Principal>().unwrap().id(), Some(107));
+        for bad in ["", "-x", "a:b", "a b", &"x".repeat(33)] {
+            assert!(bad.parse::<Principal>().is_err(), "{bad:?}");
+        }
+        assert_eq!("0660".parse::<SocketMode>().unwrap().bits(), 0o660);
+        assert_eq!("600".parse::<SocketMode>().unwrap(), SocketMode::PRIVATE);
+        assert_eq!(SocketMode::GROUP.to_string(), "0660");
+        for bad in ["", "0800", "1777", "rw", "-1"] {
+            assert!(bad.parse::<SocketMode>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -61,9 +61,12 @@ pub enum ConfigError {
     /// A socket path longer than a Unix socket address.
     #[error("socket path {0} is longer than {MAX_SOCKET_PATH_LEN} bytes")]
     SocketPathTooLong(PathBuf),
-    /// The control group does not exist.
-    #[error("unknown group '{0}' for the control socket")]
+    /// A group that does not exist.
+    #[error("unknown group '{0}'")]
     UnknownGroup(String),
+    /// A user that does not exist.
+    #[error("unknown user '{0}'")]
+    UnknownUser(String),
     /// The configuration file cannot be read.
     #[error("cannot read configuration file {0}: {1}")]
     ReadFile(PathBuf, String),
@@ -89,11 +92,12 @@ pub fn client_config(vm: &VmSpec) -> ClientConfig {
     }
 }
 
-/// The spec of a VM whose client has this configuration (the inverse of
-/// [`client_config`]; the store only ever holds configurations made from
-/// specs, so every field is valid).
-pub fn vm_spec(name: &VmName, c: &ClientConfig) -> VmSpec {
-    let mut vm = VmSpec::new(name.clone());
+/// The spec of a VM declared as `declared` whose client now has this
+/// configuration (the inverse of [`client_config`]; the store only ever
+/// holds configurations made from specs, so every field is valid). Name
+/// and socket ownership come from `declared`.
+pub fn vm_spec(declared: &VmSpec, c: &ClientConfig) -> VmSpec {
+    let mut vm = declared.clone();
     vm.persistent_quota = c.persistent_quota.into();
     vm.ephemeral_quota = c.ephemeral_quota.into();
     if let Ok(w) = vtmem_api::Weight::new(u64::from(c.weight)) {
@@ -235,19 +239,27 @@ pub fn check_socket_path(path: &Path) -> Result<()> {
 
 /// Resolves a group name or number to a gid by reading `/etc/group`.
 pub fn resolve_group(group: &str) -> Result<u32> {
-    if let Ok(gid) = group.parse::<u32>() {
-        return Ok(gid);
+    lookup_id("/etc/group", group).ok_or_else(|| ConfigError::UnknownGroup(group.to_string()))
+}
+
+/// Resolves a user name or number to a uid by reading `/etc/passwd`.
+pub fn resolve_user(user: &str) -> Result<u32> {
+    lookup_id("/etc/passwd", user).ok_or_else(|| ConfigError::UnknownUser(user.to_string()))
+}
+
+/// A number as itself, or the id (third field) of the line of `db` (the
+/// `name:x:id:...` format of `/etc/passwd` and `/etc/group`) named `name`.
+fn lookup_id(db: &str, name: &str) -> Option<u32> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Some(id);
     }
-    let text = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split(':');
-            let name = fields.next()?;
-            let gid = fields.nth(1)?.parse::<u32>().ok()?;
-            (name == group).then_some(gid)
-        })
-        .next()
-        .ok_or_else(|| ConfigError::UnknownGroup(group.to_string()))
+    let text = std::fs::read_to_string(db).unwrap_or_default();
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let entry = fields.next()?;
+        let id = fields.nth(1)?.parse::<u32>().ok()?;
+        (entry == name).then_some(id)
+    })
 }
 
 /// The TOML configuration file.
@@ -350,7 +362,18 @@ dedup-group = "none"
         assert_eq!(c.ephemeral_quota, u64::MAX);
         assert_eq!(c.weight, 7);
         assert_eq!(c.dedup_group.as_deref(), Some("web"));
-        assert_eq!(vm_spec(&vm.name, &c), vm);
+        assert_eq!(vm_spec(&VmSpec::new(vm.name.clone()), &c), vm);
+    }
+
+    #[test]
+    fn users_and_groups_resolve() {
+        assert_eq!(resolve_user("root").unwrap(), 0);
+        assert_eq!(resolve_user("1234").unwrap(), 1234);
+        assert_eq!(resolve_group("root").unwrap(), 0);
+        assert!(matches!(
+            resolve_user("no-such-user-vtmem"),
+            Err(ConfigError::UnknownUser(_))
+        ));
     }
 
     #[test]

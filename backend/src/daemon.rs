@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -30,7 +30,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vtmem_api::{ByteSize, DeviceStats, VmDetails, VmInfo, VmName, VmSpec};
 
 use crate::config::{
-    check_socket_path, client_config, vm_spec, ConfigError, DaemonConfig, DeviceSettings,
+    check_socket_path, client_config, resolve_group, resolve_user, vm_spec, ConfigError,
+    DaemonConfig, DeviceSettings,
 };
 use crate::device::VtmemBackend;
 use crate::exec::DeviceCounters;
@@ -79,6 +80,8 @@ struct Connection {
 /// One served VM.
 pub struct Vm {
     name: VmName,
+    /// The spec it was added with (name and socket ownership are fixed).
+    declared: VmSpec,
     socket: PathBuf,
     client: AdminHandle,
     counters: Arc<DeviceCounters>,
@@ -182,7 +185,7 @@ impl Vm {
 
     /// Its settings now.
     pub fn spec(&self) -> VmSpec {
-        vm_spec(&self.name, &self.client.config())
+        vm_spec(&self.declared, &self.client.config())
     }
 
     /// A summary, as `add-vm` answers.
@@ -310,8 +313,24 @@ impl Daemon {
         check_socket_path(&socket)?;
         clear_stale_socket(&socket)?;
 
+        let owner = match &vm.socket_user {
+            Some(u) => Some(resolve_user(u.as_str())?),
+            None => None,
+        };
+        let group = match &vm.socket_group {
+            Some(g) => Some(resolve_group(g.as_str())?),
+            None => None,
+        };
+        let mode = vm.socket_mode().bits();
         let client = self.store.add_client(vm.name.as_str(), client_config(vm))?;
-        let listener = match crate::sys::bind_ready(&socket, false, |_| Ok(())) {
+        // Created 0600 and given its owner and mode before it appears under
+        // its name: whoever can connect to it is this VM.
+        let listener = match crate::sys::bind_ready(&socket, true, |tmp| {
+            if owner.is_some() || group.is_some() {
+                std::os::unix::fs::chown(tmp, owner, group)?;
+            }
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))
+        }) {
             Ok(l) => VmListener {
                 listener: Listener::from(l),
                 path: socket.clone(),
@@ -330,6 +349,7 @@ impl Daemon {
         };
         let entry = Arc::new(Vm {
             name: vm.name.clone(),
+            declared: vm.clone(),
             socket: socket.clone(),
             client,
             counters: Arc::new(DeviceCounters::default()),
@@ -535,4 +555,72 @@ fn serve(vm: Arc<Vm>, mut socket: VmListener, settings: DeviceSettings) {
     }
     // Dropping the listener removes the socket file.
     drop(socket);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use vtmem_store::StoreConfig;
+
+    use super::*;
+
+    fn daemon(dir: &Path) -> Arc<Daemon> {
+        let config = DaemonConfig {
+            socket_dir: dir.to_path_buf(),
+            control_socket: dir.join("ctl"),
+            control_group: None,
+            host_limit: ByteSize(1 << 26),
+            device: DeviceSettings::default(),
+            vms: Vec::new(),
+            metrics_address: None,
+            state_file: None,
+        };
+        Daemon::new(
+            Store::new(StoreConfig {
+                host_limit: 1 << 26,
+            }),
+            &config,
+        )
+    }
+
+    #[test]
+    fn vm_sockets_get_their_owner_and_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = daemon(dir.path());
+        let plain = d.add_vm(&"plain".parse().unwrap()).unwrap();
+        let meta = std::fs::metadata(plain.socket()).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600, "private by default");
+
+        let shared = d
+            .add_vm(&"shared,socket-group=4321".parse().unwrap())
+            .unwrap();
+        let meta = std::fs::metadata(shared.socket()).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o660, "group access with a group");
+        if rustix::process::geteuid().is_root() {
+            assert_eq!(meta.gid(), 4321);
+            let owned = d
+                .add_vm(&"owned,socket-user=1234,socket-mode=0640".parse().unwrap())
+                .unwrap();
+            let meta = std::fs::metadata(owned.socket()).unwrap();
+            assert_eq!((meta.uid(), meta.mode() & 0o777), (1234, 0o640));
+            // The spec keeps its socket settings across changes.
+            owned.client().set_weight(7).unwrap();
+            let spec = owned.spec();
+            assert_eq!(spec.socket_user.unwrap().as_str(), "1234");
+            assert_eq!(spec.weight.get(), 7);
+        }
+
+        let err = d
+            .add_vm(
+                &"nobody-home,socket-user=no-such-user-vtmem"
+                    .parse()
+                    .unwrap(),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("no-such-user-vtmem"), "{err}");
+        assert!(d.vm(&"nobody-home".parse().unwrap()).is_err());
+        assert!(!dir.path().join("nobody-home.sock").exists());
+        d.shutdown();
+    }
 }
