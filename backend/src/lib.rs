@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! vtmem host side: the tmem store (virtio-agnostic) and the vhost-user
-//! device that serves it to many VMs.
+//! vtmemd: the vhost-user device that serves the tmem store
+//! ([`vtmem_store`], which knows nothing of virtio) to many VMs. Its
+//! control API's types are [`vtmem_api`]'s.
 //!
 //! Layout:
 //!
-//! - [`store`]: the page store; knows nothing of virtio.
 //! - [`chain_walk`]: a fallible walk of a virtqueue descriptor chain and a
 //!   byte-stream cursor over its buffers (nothing vtmem-specific).
 //! - [`notify`]: used-buffer notifications that honour the driver's
@@ -17,8 +17,7 @@
 //! - [`control`]: the JSON control socket.
 //! - [`metrics`]: Prometheus metrics over HTTP.
 //! - [`state`]: the state file that carries run-time changes over restarts.
-//! - [`config`], [`cli`]: configuration file, `--vm` specs, command line.
-//! - [`ctl`]: `vtmemctl`, the control socket's client.
+//! - [`config`], [`cli`]: configuration file and command line.
 //! - [`accept`], [`ratelimit`], [`sys`]: helpers.
 
 // Only `sys`'s signal module opts out, with a reason there.
