@@ -151,15 +151,22 @@ impl CachePools {
     }
 }
 
-/// A filesystem UUID for the kernel's `{}` (the nil UUID prints as such).
+/// A filesystem UUID as text (none prints as the nil UUID): for `write!`
+/// (`core::fmt`, debugfs) and for the kernel's `pr_*!` (`kernel::fmt`).
 struct UuidText(Option<Uuid>);
 
-impl kernel::fmt::Display for UuidText {
+impl fmt::Display for UuidText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
             Some(uuid) => fmt::Display::fmt(uuid, f),
             None => f.write_str("00000000-0000-0000-0000-000000000000"),
         }
+    }
+}
+
+impl kernel::fmt::Display for UuidText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
