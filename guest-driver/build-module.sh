@@ -40,7 +40,7 @@ fi
 [ -d "$HOME/.cargo/bin" ] && PATH="$HOME/.cargo/bin:$PATH"
 export LIBCLANG_PATH=${LIBCLANG_PATH:-/usr/lib/llvm-19/lib}
 
-sources=("$here/Kbuild" "$here/vtmem.rs" "$here"/src/*.rs "$repo/protocol/src/wire.rs")
+sources=("$here/Kbuild" "$here/vtmem.rs" "$here"/src/*.rs "$here"/src/*/*.rs "$repo/protocol/src/wire.rs")
 key=$( {
     printf '%s\n' "$kdir"
     stat -c %Y "$kdir/Module.symvers"
