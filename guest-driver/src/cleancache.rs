@@ -183,7 +183,7 @@ impl Device {
     /// Registers as the cleancache backend (at start). A failure leaves
     /// the device serving swap only.
     pub(super) fn register_cache(this: &Arc<Self>) {
-        if !this.vdev.has_feature(crate::wire::VTMEM_F_EPHEMERAL) {
+        if !this.ephemeral {
             pr_info!("the device offers no ephemeral pools: no cleancache\n");
             return;
         }
@@ -276,9 +276,7 @@ impl Device {
     /// Asks the device for a pool for `uuid`: the shared one if wanted and
     /// authorised, else a private one. Returns its id and whether shared.
     fn new_cache_pool(&self, uuid: Option<Uuid>) -> Result<(u32, bool)> {
-        if let Some(shared) = uuid.filter(|_| {
-            self.params.cleancache_shared && self.vdev.has_feature(crate::wire::VTMEM_F_SHARED)
-        }) {
+        if let Some(shared) = uuid.filter(|_| self.params.cleancache_shared && self.shared_pools) {
             let [st] = self.call(0, [Op::NewPool(PoolSpec::shared(shared))])?;
             if st.status == Status::Ok {
                 return Ok((st.value as u32, true));

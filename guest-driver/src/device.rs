@@ -694,10 +694,13 @@ impl Queue {
 /// A bound vtmem device.
 #[pin_data]
 pub(crate) struct Device {
-    vdev: VirtioDevice,
     cfg: DeviceConfig,
     /// `VTMEM_F_RESERVE` was negotiated.
     reserve: bool,
+    /// `VTMEM_F_EPHEMERAL` was negotiated.
+    ephemeral: bool,
+    /// `VTMEM_F_SHARED` was negotiated.
+    shared_pools: bool,
     params: Params,
     shared: Arc<Shared>,
     queues: KVec<Pin<KBox<Queue>>>,
@@ -1159,7 +1162,7 @@ impl Device {
     }
 
     /// Stops all use of the device and deletes its queues.
-    fn teardown(&self) {
+    fn teardown(&self, vdev: &VirtioDevice) {
         self.close_cache_pools();
         for ty in 0..MAX_SWAP_TYPES {
             if self.pool_id(ty).is_some() {
@@ -1173,7 +1176,7 @@ impl Device {
             drop(g);
             sys::cancel_timer(&**q);
         }
-        self.vdev.del_vqs(self.queues.iter().filter_map(|q| {
+        vdev.del_vqs(self.queues.iter().filter_map(|q| {
             let mut g = q.inner.lock();
             let vq = g.vq.take();
             // Requests still queued are failed for their waiters, who
@@ -1197,7 +1200,7 @@ impl VirtioDriver for Device {
         wire::VTMEM_F_RESERVE,
     ];
 
-    fn probe(vdev: VirtioDevice) -> Result<Arc<Self>> {
+    fn probe(vdev: &VirtioDevice) -> Result<Arc<Self>> {
         let params = crate::params();
         let mut raw = [0u8; wire::CONFIG_SIZE];
         vdev.read_config(&mut raw)?;
@@ -1255,9 +1258,10 @@ impl VirtioDriver for Device {
         let file_data = shared.clone();
         let dev = Arc::pin_init(
             try_pin_init!(Device {
-                vdev,
                 cfg,
                 reserve,
+                ephemeral: vdev.has_feature(wire::VTMEM_F_EPHEMERAL),
+                shared_pools: vdev.has_feature(wire::VTMEM_F_SHARED),
                 params,
                 shared: shared.clone(),
                 queues,
@@ -1296,7 +1300,7 @@ impl VirtioDriver for Device {
         Ok(dev)
     }
 
-    fn start(this: &Arc<Self>) -> Result {
+    fn start(this: &Arc<Self>, _vdev: &VirtioDevice) -> Result {
         let [st] = this.call(0, [Op::Reset])?;
         if st.status != Status::Ok {
             pr_err!("RESET failed: {}\n", st.status.name());
@@ -1346,7 +1350,7 @@ impl VirtioDriver for Device {
         g.pump(q.stats());
     }
 
-    fn remove(&self) {
+    fn remove(&self, vdev: &VirtioDevice) {
         self.unregister_cache();
         #[cfg(CONFIG_FRONTSWAP)]
         if let Some(mut reg) = self.swap.lock().take() {
@@ -1361,7 +1365,7 @@ impl VirtioDriver for Device {
                 ),
             }
         }
-        self.teardown();
+        self.teardown(vdev);
         pr_info!("device removed\n");
     }
 }

@@ -218,22 +218,24 @@ impl<T: Chain> Virtqueue<T> {
     }
 }
 
-/// A virtio device bound to this driver.
+/// A virtio device bound to this driver, for the duration of one call of
+/// the driver's probe, start or remove.
+///
+/// Only the callbacks of this module create a `VirtioDevice`, as a local
+/// variable, and the driver sees it only as `&VirtioDevice` borrowed for
+/// the call. It is neither `Copy` nor `Clone`, so the driver cannot keep
+/// it: whatever it needs later (feature bits, say) it reads at probe.
+/// Using the device after remove therefore cannot be written in safe code.
 ///
 /// # Invariants
 ///
-/// `dev` points to a virtio device between the driver's probe and the end of
-/// its remove; [`Registration`] hands a `VirtioDevice` out only in that
-/// window, and the driver must not use it afterwards.
-#[derive(Clone, Copy)]
+/// `dev` points to a virtio device bound to this driver, valid for the
+/// lifetime of every `&VirtioDevice` handed out (the callback in which it
+/// was created: the virtio core keeps the device alive and bound until
+/// remove returns).
 pub(crate) struct VirtioDevice {
     dev: NonNull<bindings::virtio_device>,
 }
-
-// SAFETY: the virtio core's device operations may be called from any thread.
-unsafe impl Send for VirtioDevice {}
-// SAFETY: as above; `&self` methods do not mutate Rust-visible state.
-unsafe impl Sync for VirtioDevice {}
 
 impl VirtioDevice {
     fn ops(&self) -> &bindings::virtio_config_ops {
@@ -380,18 +382,18 @@ pub(crate) trait VirtioDriver: Send + Sync + Sized + 'static {
 
     /// Builds the driver state for `dev`: reads the configuration, creates the
     /// queues. The device is not yet live (no DRIVER_OK).
-    fn probe(dev: VirtioDevice) -> Result<Arc<Self>>;
+    fn probe(dev: &VirtioDevice) -> Result<Arc<Self>>;
 
     /// Called once the device is live and the queue callbacks reach `this`.
     /// On error, [`VirtioDriver::remove`] is called and probe fails.
-    fn start(this: &Arc<Self>) -> Result;
+    fn start(this: &Arc<Self>, dev: &VirtioDevice) -> Result;
 
     /// The device used buffers of queue `index`. Interrupt context.
     fn queue_done(&self, index: u32);
 
     /// The device goes away: the driver must stop using it, and reset it and
     /// delete its queues ([`VirtioDevice::del_vqs`]) before returning.
-    fn remove(&self);
+    fn remove(&self, dev: &VirtioDevice);
 }
 
 unsafe extern "C" fn vq_callback<D: VirtioDriver>(vq: *mut bindings::virtqueue) {
@@ -413,20 +415,20 @@ unsafe extern "C" fn probe_callback<D: VirtioDriver>(vdev: *mut bindings::virtio
     let Some(dev) = NonNull::new(vdev) else {
         return ENODEV.to_errno();
     };
-    // INVARIANT: the virtio core passes a valid device; it stays valid until
-    // remove returns.
+    // INVARIANT: the virtio core passes a valid device, bound to this driver
+    // for this call; `dev` is a local that only lends itself out.
     let dev = VirtioDevice { dev };
-    let driver = match D::probe(dev) {
+    let driver = match D::probe(&dev) {
         Ok(d) => d,
         Err(e) => return e.to_errno(),
     };
     // SAFETY: `vdev` is valid; no callback runs before DRIVER_OK below.
     unsafe { (*vdev).priv_ = Arc::into_raw(driver.clone()).cast_mut().cast() };
     dev.ready();
-    match D::start(&driver) {
+    match D::start(&driver, &dev) {
         Ok(()) => 0,
         Err(e) => {
-            driver.remove();
+            driver.remove(&dev);
             // SAFETY: the queues are deleted, so no callback uses `priv_`;
             // the pointer came from `Arc::into_raw` above.
             unsafe {
@@ -446,7 +448,13 @@ unsafe extern "C" fn remove_callback<D: VirtioDriver>(vdev: *mut bindings::virti
     }
     // SAFETY: set by `probe_callback` from `Arc::into_raw`; reclaimed once.
     let driver = unsafe { Arc::from_raw(data) };
-    driver.remove();
+    let Some(dev) = NonNull::new(vdev) else {
+        return;
+    };
+    // INVARIANT: the device is bound to this driver until this call returns;
+    // `dev` is a local that only lends itself out.
+    let dev = VirtioDevice { dev };
+    driver.remove(&dev);
     // SAFETY: `remove` deleted the queues: no callback reads `priv_` now.
     unsafe { (*vdev).priv_ = core::ptr::null_mut() };
 }
