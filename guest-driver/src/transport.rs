@@ -668,10 +668,7 @@ impl Transport {
             return;
         };
         let mut g = q.inner.lock();
-        loop {
-            let Some(vq) = g.vq.as_mut() else {
-                break;
-            };
+        while let Some(vq) = g.vq.as_mut() {
             vq.disable_cb();
             self.reap(q, &mut g);
             if g.vq.as_mut().is_none_or(|vq| vq.enable_cb()) {
@@ -730,11 +727,9 @@ impl Transport {
             writeln!(f, "{name} {v}")
         })?;
         let (batches, puts) = (sums[0], sums[2]);
-        if batches > 0 {
-            let avg = puts * 100 / batches;
-            writeln!(f, "avg_puts_per_batch {}.{:02}", avg / 100, avg % 100)?;
-        } else {
-            writeln!(f, "avg_puts_per_batch 0.00")?;
+        match (puts * 100).checked_div(batches) {
+            Some(avg) => writeln!(f, "avg_puts_per_batch {}.{:02}", avg / 100, avg % 100)?,
+            None => writeln!(f, "avg_puts_per_batch 0.00")?,
         }
         writeln!(f, "queues {}", self.queues.len())
     }

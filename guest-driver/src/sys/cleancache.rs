@@ -83,6 +83,13 @@ unsafe fn file_key(key: *const bindings::cleancache_filekey) -> Option<FileKey> 
     Some(FileKey([key.u[0], key.u[1], key.u[2]]))
 }
 
+/// cleancache's `init_fs`.
+///
+/// # Safety
+///
+/// Called by cleancache only, through the registered `cleancache_ops`,
+/// with the arguments `struct cleancache_ops` documents (a valid key and
+/// page, a 16-byte UUID).
 unsafe extern "C" fn cc_init_fs(uuid: *const u8) -> c_int {
     let Some(b) = backend() else {
         return ENODEV.to_errno();
@@ -99,6 +106,13 @@ unsafe extern "C" fn cc_init_fs(uuid: *const u8) -> c_int {
     }
 }
 
+/// cleancache's `get_page`.
+///
+/// # Safety
+///
+/// Called by cleancache only, through the registered `cleancache_ops`,
+/// with the arguments `struct cleancache_ops` documents (a valid key and
+/// page, a 16-byte UUID).
 unsafe extern "C" fn cc_get_page(
     pool: c_int,
     key: *const bindings::cleancache_filekey,
@@ -119,6 +133,13 @@ unsafe extern "C" fn cc_get_page(
     }
 }
 
+/// cleancache's `put_page`.
+///
+/// # Safety
+///
+/// Called by cleancache only, through the registered `cleancache_ops`,
+/// with the arguments `struct cleancache_ops` documents (a valid key and
+/// page, a 16-byte UUID).
 unsafe extern "C" fn cc_put_page(
     pool: c_int,
     key: *const bindings::cleancache_filekey,
@@ -136,6 +157,13 @@ unsafe extern "C" fn cc_put_page(
     }
 }
 
+/// cleancache's `invalidate_page`.
+///
+/// # Safety
+///
+/// Called by cleancache only, through the registered `cleancache_ops`,
+/// with the arguments `struct cleancache_ops` documents (a valid key and
+/// page, a 16-byte UUID).
 unsafe extern "C" fn cc_invalidate_page(
     pool: c_int,
     key: *const bindings::cleancache_filekey,
@@ -148,6 +176,13 @@ unsafe extern "C" fn cc_invalidate_page(
     }
 }
 
+/// cleancache's `invalidate_inode`.
+///
+/// # Safety
+///
+/// Called by cleancache only, through the registered `cleancache_ops`,
+/// with the arguments `struct cleancache_ops` documents (a valid key and
+/// page, a 16-byte UUID).
 unsafe extern "C" fn cc_invalidate_inode(pool: c_int, key: *const bindings::cleancache_filekey) {
     // SAFETY: cleancache passes a valid key for this call.
     let key = unsafe { file_key(key) };
@@ -156,6 +191,13 @@ unsafe extern "C" fn cc_invalidate_inode(pool: c_int, key: *const bindings::clea
     }
 }
 
+/// cleancache's `invalidate_fs`.
+///
+/// # Safety
+///
+/// Called by cleancache only, through the registered `cleancache_ops`,
+/// with the arguments `struct cleancache_ops` documents (a valid key and
+/// page, a 16-byte UUID).
 unsafe extern "C" fn cc_invalidate_fs(pool: c_int) {
     if let Some(b) = backend() {
         b.invalidate_fs(pool);

@@ -49,12 +49,24 @@ fn backend() -> Option<Arc<dyn FrontswapBackend>> {
     BACKEND.lock().clone()
 }
 
+/// frontswap's `init`: swap area `ty` was switched on.
+///
+/// # Safety
+///
+/// Called by frontswap only, through the registered `frontswap_ops`, with
+/// the arguments `struct frontswap_ops` documents (a valid, locked page).
 unsafe extern "C" fn fs_init(ty: c_uint, nr_pages: c_ulong) {
     if let Some(b) = backend() {
         b.init(ty as usize, nr_pages as u64);
     }
 }
 
+/// frontswap's `store`.
+///
+/// # Safety
+///
+/// Called by frontswap only, through the registered `frontswap_ops`, with
+/// the arguments `struct frontswap_ops` documents (a valid, locked page).
 unsafe extern "C" fn fs_store(ty: c_uint, offset: c_ulong, page: *mut bindings::page) -> c_int {
     let (Some(b), Some(page)) = (backend(), NonNull::new(page)) else {
         return ENODEV.to_errno();
@@ -68,6 +80,12 @@ unsafe extern "C" fn fs_store(ty: c_uint, offset: c_ulong, page: *mut bindings::
     }
 }
 
+/// frontswap's `load`.
+///
+/// # Safety
+///
+/// Called by frontswap only, through the registered `frontswap_ops`, with
+/// the arguments `struct frontswap_ops` documents (a valid, locked page).
 unsafe extern "C" fn fs_load(ty: c_uint, offset: c_ulong, page: *mut bindings::page) -> c_int {
     let (Some(b), Some(page)) = (backend(), NonNull::new(page)) else {
         return EIO.to_errno();
@@ -81,12 +99,24 @@ unsafe extern "C" fn fs_load(ty: c_uint, offset: c_ulong, page: *mut bindings::p
     }
 }
 
+/// frontswap's `invalidate_page`.
+///
+/// # Safety
+///
+/// Called by frontswap only, through the registered `frontswap_ops`, with
+/// the arguments `struct frontswap_ops` documents (a valid, locked page).
 unsafe extern "C" fn fs_invalidate_page(ty: c_uint, offset: c_ulong) {
     if let Some(b) = backend() {
         b.invalidate_page(ty as usize, offset as u64);
     }
 }
 
+/// frontswap's `invalidate_area`.
+///
+/// # Safety
+///
+/// Called by frontswap only, through the registered `frontswap_ops`, with
+/// the arguments `struct frontswap_ops` documents (a valid, locked page).
 unsafe extern "C" fn fs_invalidate_area(ty: c_uint) {
     if let Some(b) = backend() {
         b.invalidate_area(ty as usize);

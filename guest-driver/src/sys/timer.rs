@@ -45,6 +45,8 @@ where
 /// Cancels the timer embedded in `this`, waiting for a running callback.
 /// Must not be called with a lock held that the callback takes.
 pub(crate) fn cancel_timer<T: HasHrTimer<T>>(this: &T) {
-    // SAFETY: `this` is valid, so is the pointer to its initialised timer.
-    unsafe { bindings::hrtimer_cancel(T::c_timer_ptr(this).cast_mut()) };
+    // SAFETY: `this` is a valid `T`.
+    let timer = unsafe { T::c_timer_ptr(this) };
+    // SAFETY: `timer` points to the initialised timer embedded in `this`.
+    unsafe { bindings::hrtimer_cancel(timer.cast_mut()) };
 }

@@ -239,9 +239,10 @@ pub(crate) struct VirtioDevice {
 
 impl VirtioDevice {
     fn ops(&self) -> &bindings::virtio_config_ops {
-        // SAFETY: `dev` is valid (type invariant) and its `config` points to
-        // the transport's static operations.
-        unsafe { &*(*self.dev.as_ptr()).config }
+        // SAFETY: `dev` is valid (type invariant).
+        let config = unsafe { (*self.dev.as_ptr()).config };
+        // SAFETY: `config` points to the transport's static operations.
+        unsafe { &*config }
     }
 
     /// The device's position on the virtio bus.
@@ -286,7 +287,7 @@ impl VirtioDevice {
             info.push(
                 bindings::virtqueue_info {
                     // The core keeps this pointer: it must be static.
-                    name: c"request".as_ptr().cast(),
+                    name: c"request".as_char_ptr(),
                     callback: Some(vq_callback::<D>),
                     ctx: false,
                 },
@@ -396,9 +397,17 @@ pub(crate) trait VirtioDriver: Send + Sync + Sized + 'static {
     fn remove(&self, dev: &VirtioDevice);
 }
 
+/// The used-buffer callback of every queue.
+///
+/// # Safety
+///
+/// Called by the virtio core only, with a valid queue of a device bound to
+/// `D`.
 unsafe extern "C" fn vq_callback<D: VirtioDriver>(vq: *mut bindings::virtqueue) {
     // SAFETY: the virtio core passes a valid queue of a valid device.
-    let (vdev, index) = unsafe { ((*vq).vdev, (*vq).index) };
+    let vdev = unsafe { (*vq).vdev };
+    // SAFETY: as above.
+    let index = unsafe { (*vq).index };
     // SAFETY: as above.
     let data = unsafe { (*vdev).priv_ }.cast::<D>().cast_const();
     if data.is_null() {
@@ -411,6 +420,11 @@ unsafe extern "C" fn vq_callback<D: VirtioDriver>(vq: *mut bindings::virtqueue) 
     driver.queue_done(index);
 }
 
+/// The driver's probe.
+///
+/// # Safety
+///
+/// Called by the virtio core only, with a device matching the ID table.
 unsafe extern "C" fn probe_callback<D: VirtioDriver>(vdev: *mut bindings::virtio_device) -> c_int {
     let Some(dev) = NonNull::new(vdev) else {
         return ENODEV.to_errno();
@@ -429,17 +443,22 @@ unsafe extern "C" fn probe_callback<D: VirtioDriver>(vdev: *mut bindings::virtio
         Ok(()) => 0,
         Err(e) => {
             driver.remove(&dev);
-            // SAFETY: the queues are deleted, so no callback uses `priv_`;
-            // the pointer came from `Arc::into_raw` above.
-            unsafe {
-                drop(Arc::from_raw((*vdev).priv_.cast::<D>().cast_const()));
-                (*vdev).priv_ = core::ptr::null_mut();
-            }
+            // SAFETY: `vdev` is valid; the queues are deleted, so no
+            // callback reads `priv_` any more.
+            let data = unsafe { core::mem::take(&mut (*vdev).priv_) };
+            // SAFETY: `data` came from `Arc::into_raw` above.
+            drop(unsafe { Arc::from_raw(data.cast::<D>().cast_const()) });
             e.to_errno()
         }
     }
 }
 
+/// The driver's remove.
+///
+/// # Safety
+///
+/// Called by the virtio core only, with a device this driver probed
+/// successfully.
 unsafe extern "C" fn remove_callback<D: VirtioDriver>(vdev: *mut bindings::virtio_device) {
     // SAFETY: the virtio core passes the device it probed successfully.
     let data = unsafe { (*vdev).priv_ }.cast::<D>().cast_const();
@@ -498,19 +517,19 @@ impl<D: VirtioDriver> Registration<D> {
             },
             GFP_KERNEL,
         )?;
+        let mut table = bindings::virtio_driver::default();
+        table.driver.name = D::NAME.as_char_ptr();
+        table.id_table = storage.ids.as_ptr();
+        table.feature_table = D::FEATURES.as_ptr();
+        table.feature_table_size = D::FEATURES.len() as c_uint;
+        table.probe = Some(probe_callback::<D>);
+        table.remove = Some(remove_callback::<D>);
         let drv = storage.drv.get();
         // SAFETY: `drv` points into the heap allocation of `storage`, which
         // stays at the same address while the registration lives; nothing
         // else accesses it yet. The name, ID table and feature table are
         // static or live in the same allocation.
-        unsafe {
-            (*drv).driver.name = D::NAME.as_ptr().cast();
-            (*drv).id_table = storage.ids.as_ptr();
-            (*drv).feature_table = D::FEATURES.as_ptr();
-            (*drv).feature_table_size = D::FEATURES.len() as c_uint;
-            (*drv).probe = Some(probe_callback::<D>);
-            (*drv).remove = Some(remove_callback::<D>);
-        }
+        unsafe { drv.write(table) };
         // SAFETY: `drv` is fully initialised and outlives the registration
         // (unregistered in `drop`); `module` is this module.
         to_result(unsafe { bindings::__register_virtio_driver(drv, module.as_ptr()) })?;
