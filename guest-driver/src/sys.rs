@@ -9,8 +9,8 @@
 //! - `virtio`: [`DmaBuf`] (memory the device may access), [`Virtqueue`] (a
 //!   virtqueue that owns the requests it carries), [`VirtioDevice`],
 //!   [`VirtioDriver`] and the driver [`Registration`];
-//! - `timer`: [`start_timer`] / [`cancel_timer`], arming a flush timer
-//!   embedded in a pinned object without keeping a handle;
+//! - `timer`: [`Timed`], an object with a flush timer beside it, armed
+//!   without keeping a handle and cancelled when the object goes;
 //! - `page`: [`PageRef`], the page a frontswap or cleancache operation
 //!   hands over;
 //! - `frontswap` (with `CONFIG_FRONTSWAP`): [`FrontswapRegistration`] and
@@ -27,7 +27,7 @@ pub(crate) use virtio::{Chain, DmaBuf, Registration, Seg, VirtioDevice, VirtioDr
 
 #[path = "sys/timer.rs"]
 mod timer;
-pub(crate) use timer::{cancel_timer, start_timer, CancelTimerOnDrop};
+pub(crate) use timer::{OnTimer, Timed};
 
 #[cfg(any(CONFIG_FRONTSWAP, CONFIG_CLEANCACHE))]
 #[path = "sys/page.rs"]

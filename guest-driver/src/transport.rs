@@ -31,7 +31,7 @@
 
 use crate::batch::Batch;
 use crate::stats::QueueStats;
-use crate::sys::{self, VirtioDevice, VirtioDriver};
+use crate::sys::{self, OnTimer, Timed, VirtioDevice, VirtioDriver};
 use crate::wire::{Handle, ObjectId, Op, OpStatus, Status};
 use core::fmt;
 use kernel::{
@@ -41,12 +41,7 @@ use kernel::{
         atomic::{Atomic, Relaxed},
         Arc, CondVar, SpinLockIrq, SpinLockIrqGuard,
     },
-    time::{
-        hrtimer::{
-            HrTimer, HrTimerCallback, HrTimerCallbackContext, HrTimerRestart, RelativeSoftMode,
-        },
-        Delta, Monotonic,
-    },
+    time::Delta,
 };
 
 /// Invalidations a queue can park while all its batches are busy.
@@ -316,8 +311,9 @@ impl QueueInner {
     }
 }
 
-/// One request queue.
-#[pin_data(PinnedDrop)]
+/// One request queue; it lives in a [`Timed`], whose timer is the queue's
+/// flush timer.
+#[pin_data]
 struct Queue {
     timeout: Delta,
     stats: QueueStats,
@@ -325,39 +321,51 @@ struct Queue {
     inner: SpinLockIrq<QueueInner>,
     #[pin]
     cv: CondVar,
-    #[pin]
-    timer: HrTimer<Queue>,
 }
 
-kernel::impl_has_hr_timer! {
-    impl HasHrTimer<Self> for Queue {
-        mode: RelativeSoftMode<Monotonic>,
-        field: self.timer
+impl OnTimer for Queue {
+    fn fired(this: Pin<&Timed<Queue>>) {
+        let mut g = this.inner.lock();
+        g.timer_armed = false;
+        if g.dead {
+            return;
+        }
+        let Some((seq, empty)) = g.open.as_ref().map(|b| (b.seq, b.is_empty())) else {
+            return;
+        };
+        if empty {
+            return;
+        }
+        if seq == g.timer_seq {
+            g.seal();
+            this.stats().timer_flushes.add(1, Relaxed);
+            g.pump(this.stats());
+        } else {
+            // The batch the timer was armed for left already; this one is
+            // younger: give it a full timeout.
+            g.timer_seq = seq;
+            g.timer_armed = true;
+            this.start(this.timeout);
+        }
     }
 }
 
-impl HrTimerCallback for Queue {
-    type Pointer<'a> = Pin<&'a Queue>;
-
-    fn run(this: Pin<&Queue>, _ctx: HrTimerCallbackContext<'_, Self>) -> HrTimerRestart {
-        this.timer_fired();
-        HrTimerRestart::NoRestart
-    }
-}
-
-// SAFETY: `Queue`'s `PinnedDrop` cancels the timer, and the callback only
-// uses the queue it is embedded in.
-unsafe impl sys::CancelTimerOnDrop for Queue {}
-
-#[pinned_drop]
-impl PinnedDrop for Queue {
-    fn drop(self: Pin<&mut Self>) {
-        sys::cancel_timer(&*self);
+impl Timed<Queue> {
+    /// Arms the flush timer for the open batch unless it is armed.
+    fn arm(self: Pin<&Self>, g: &mut QGuard<'_>) {
+        if g.timer_armed || g.dead {
+            return;
+        }
+        if let Some(seq) = g.open.as_ref().filter(|b| !b.is_empty()).map(|b| b.seq) {
+            g.timer_seq = seq;
+            g.timer_armed = true;
+            self.start(self.timeout);
+        }
     }
 }
 
 impl Queue {
-    fn new(p: &QueueParams) -> Result<Pin<KBox<Self>>> {
+    fn new(p: &QueueParams) -> Result<Pin<KBox<Timed<Self>>>> {
         let n = p.batches.clamp(1, 64) as usize;
         let mut free = KVec::with_capacity(n, GFP_KERNEL)?;
         for _ in 0..n {
@@ -379,56 +387,18 @@ impl Queue {
         };
         let timeout = Delta::from_micros(i64::from(p.timeout_us.max(1)));
         KBox::pin_init(
-            try_pin_init!(Queue {
+            Timed::new(try_pin_init!(Queue {
                 timeout,
                 stats: QueueStats::new(),
                 inner <- new_spinlock_irq!(inner, "vtmem_queue"),
                 cv <- new_condvar!("vtmem_queue_cv"),
-                timer <- HrTimer::new(),
-            }),
+            })),
             GFP_KERNEL,
         )
     }
 
     fn stats(&self) -> &QueueStats {
         &self.stats
-    }
-
-    fn timer_fired(self: Pin<&Self>) {
-        let mut g = self.inner.lock();
-        g.timer_armed = false;
-        if g.dead {
-            return;
-        }
-        let Some((seq, empty)) = g.open.as_ref().map(|b| (b.seq, b.is_empty())) else {
-            return;
-        };
-        if empty {
-            return;
-        }
-        if seq == g.timer_seq {
-            g.seal();
-            self.stats().timer_flushes.add(1, Relaxed);
-            g.pump(self.stats());
-        } else {
-            // The batch the timer was armed for left already; this one is
-            // younger: give it a full timeout.
-            g.timer_seq = seq;
-            g.timer_armed = true;
-            sys::start_timer(self, self.timeout);
-        }
-    }
-
-    /// Arms the flush timer for the open batch unless it is armed.
-    fn arm(self: Pin<&Self>, g: &mut QGuard<'_>) {
-        if g.timer_armed || g.dead {
-            return;
-        }
-        if let Some(seq) = g.open.as_ref().filter(|b| !b.is_empty()).map(|b| b.seq) {
-            g.timer_seq = seq;
-            g.timer_armed = true;
-            sys::start_timer(self, self.timeout);
-        }
     }
 
     /// Waits until the open batch has room for `n` operations, `pages` of
@@ -528,7 +498,7 @@ pub(crate) enum Flush {
 
 /// The request queues of one device.
 pub(crate) struct Transport {
-    queues: KVec<Pin<KBox<Queue>>>,
+    queues: KVec<Pin<KBox<Timed<Queue>>>>,
     hook: Arc<dyn AnswerHook>,
 }
 
@@ -692,7 +662,7 @@ impl Transport {
             g.dead = true;
             q.cv.notify_all();
             drop(g);
-            sys::cancel_timer(&**q);
+            q.cancel();
         }
         vdev.del_vqs(self.queues.iter().filter_map(|q| {
             let mut g = q.inner.lock();
@@ -747,7 +717,7 @@ pub(crate) struct Slot {
 /// and [`Locked::wait_answer`] works in atomic context.
 pub(crate) struct Locked<'a> {
     t: &'a Transport,
-    q: Pin<&'a Queue>,
+    q: Pin<&'a Timed<Queue>>,
     g: QGuard<'a>,
 }
 

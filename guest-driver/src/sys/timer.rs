@@ -1,52 +1,106 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Arming a high-resolution timer embedded in a pinned object without
-//! keeping a handle, on top of the `kernel` crate's `HrTimer`.
+//! An object with a one-shot high-resolution timer beside it, armed
+//! without a handle, on top of the `kernel` crate's `HrTimer`.
 //!
 //! The `kernel` crate's handles (`ArcHrTimerHandle`, `PinHrTimerHandle`)
 //! cancel the timer when dropped, which means waiting for its callback:
 //! they cannot be replaced under the spinlock that the callback takes. A
-//! flush timer is armed and re-armed under that lock, so here the owner
-//! instead promises to cancel the timer before it goes away
-//! ([`CancelTimerOnDrop`]).
+//! flush timer is armed and re-armed under that lock, so [`Timed`] instead
+//! cancels the timer when the object is dropped.
 
 use kernel::{
     bindings,
     prelude::*,
     time::{
-        hrtimer::{HasHrTimer, HrTimerMode},
-        Delta,
+        hrtimer::{
+            HasHrTimer, HrTimer, HrTimerCallback, HrTimerCallbackContext, HrTimerRestart,
+            RelativeSoftMode,
+        },
+        Delta, Monotonic,
     },
 };
 
-/// Types whose embedded high-resolution timer is cancelled with
-/// [`cancel_timer`] before they are dropped.
-///
-/// # Safety
-///
-/// Implementers must call [`cancel_timer`] on themselves in their `Drop`
-/// (or `PinnedDrop`), and the timer callback must not use the object after
-/// that.
-pub(crate) unsafe trait CancelTimerOnDrop {}
-
-/// Arms (or re-arms) the timer embedded in `this` to fire after `delay`,
-/// without a handle: the owner cancels it when it is dropped.
-pub(crate) fn start_timer<T>(this: Pin<&T>, delay: Delta)
-where
-    T: HasHrTimer<T> + CancelTimerOnDrop,
-    T::TimerMode: HrTimerMode<Expires = Delta>,
-{
-    // SAFETY: `this` is a valid pinned object; it cancels its timer before
-    // it is dropped (`CancelTimerOnDrop`), so it lives until the timer fires
-    // or is cancelled.
-    unsafe { T::start(this.get_ref(), delay) };
+/// What a [`Timed`] object does when its timer fires.
+pub(crate) trait OnTimer: Send + Sync + Sized + 'static {
+    /// The timer of `this` fired (soft interrupt context). It may re-arm
+    /// it with [`Timed::start`].
+    fn fired(this: Pin<&Timed<Self>>);
 }
 
-/// Cancels the timer embedded in `this`, waiting for a running callback.
-/// Must not be called with a lock held that the callback takes.
-pub(crate) fn cancel_timer<T: HasHrTimer<T>>(this: &T) {
-    // SAFETY: `this` is a valid `T`.
-    let timer = unsafe { T::c_timer_ptr(this) };
-    // SAFETY: `timer` points to the initialised timer embedded in `this`.
-    unsafe { bindings::hrtimer_cancel(timer.cast_mut()) };
+/// `T` with a one-shot timer that is armed without keeping a handle and
+/// calls [`OnTimer::fired`]. Derefs to `T`.
+///
+/// # Invariants
+///
+/// The timer is initialised, and it is cancelled (waiting for a running
+/// callback) before the object is dropped: an armed timer never outlives
+/// the object it points to.
+#[pin_data(PinnedDrop)]
+pub(crate) struct Timed<T: OnTimer> {
+    #[pin]
+    object: T,
+    #[pin]
+    timer: HrTimer<Timed<T>>,
+}
+
+kernel::impl_has_hr_timer! {
+    impl{T: OnTimer} HasHrTimer<Self> for Timed<T> {
+        mode: RelativeSoftMode<Monotonic>,
+        field: self.timer
+    }
+}
+
+impl<T: OnTimer> HrTimerCallback for Timed<T> {
+    type Pointer<'a> = Pin<&'a Timed<T>>;
+
+    fn run(this: Pin<&Timed<T>>, _ctx: HrTimerCallbackContext<'_, Self>) -> HrTimerRestart {
+        T::fired(this);
+        HrTimerRestart::NoRestart
+    }
+}
+
+impl<T: OnTimer> Timed<T> {
+    /// Initialises `object` with an idle timer beside it.
+    pub(crate) fn new(object: impl PinInit<T, Error>) -> impl PinInit<Self, Error> {
+        // INVARIANT: the timer is initialised here and cancelled in `drop`.
+        try_pin_init!(Timed {
+            object <- object,
+            timer <- HrTimer::new(),
+        })
+    }
+
+    /// Arms (or re-arms) the timer to fire after `delay`.
+    pub(crate) fn start(self: Pin<&Self>, delay: Delta) {
+        // SAFETY: `self` is a valid pinned object that cancels its timer
+        // before it is dropped (type invariant), so it lives until the timer
+        // fires or is cancelled.
+        unsafe { <Self as HasHrTimer<Self>>::start(self.get_ref(), delay) };
+    }
+
+    /// Cancels the timer, waiting for a running callback. Must not be
+    /// called with a lock held that the callback takes.
+    pub(crate) fn cancel(&self) {
+        // SAFETY: `self` is a valid `Timed`.
+        let timer = unsafe { <Self as HasHrTimer<Self>>::c_timer_ptr(self) };
+        // SAFETY: `timer` points to the initialised timer of `self` (type
+        // invariant).
+        unsafe { bindings::hrtimer_cancel(timer.cast_mut()) };
+    }
+}
+
+impl<T: OnTimer> core::ops::Deref for Timed<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.object
+    }
+}
+
+#[pinned_drop]
+impl<T: OnTimer> PinnedDrop for Timed<T> {
+    fn drop(self: Pin<&mut Self>) {
+        // INVARIANT: no armed timer outlives the object.
+        self.cancel();
+    }
 }
