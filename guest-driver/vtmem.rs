@@ -10,11 +10,15 @@
 //! It also registers as the cleancache backend: clean file pages the guest
 //! evicts go to an ephemeral host pool and later reads find them there.
 //!
-//! Layout:
-//! - `sys`: every call into C, wrapped in safe types;
+//! Layout (as on the host: request, exec, store):
+//! - `sys`: the wrappers through which the driver calls C, one module per
+//!   kernel interface (virtio, timer, page, frontswap, cleancache);
 //! - `batch`: a request of many operations and its buffers;
-//! - `device`: probe/remove, queues, batching, reservations, the frontswap
-//!   operations; its child `device::cleancache` the cleancache operations;
+//! - `transport`: queues, batching, requests and their answers;
+//! - `frontswap`, `cleancache`: the two front ends on the transport, one
+//!   per kernel hook;
+//! - `device`: probe, start and remove, tying the layers together, and the
+//!   debugfs file;
 //! - `stats`: counters shown in debugfs;
 //! - `wire`: the protocol's wire format, compiled from the protocol crate's
 //!   own source file (the single definition of the format).
@@ -23,13 +27,21 @@ use kernel::prelude::*;
 
 #[path = "src/batch.rs"]
 mod batch;
+#[path = "src/cleancache.rs"]
+mod cleancache;
 #[path = "src/device.rs"]
 mod device;
+#[path = "src/frontswap.rs"]
+mod frontswap;
 #[path = "src/stats.rs"]
 mod stats;
 #[path = "src/sys.rs"]
 mod sys;
-#[allow(dead_code, unreachable_pub, missing_docs)]
+#[path = "src/transport.rs"]
+mod transport;
+// The protocol crate is linted by `cargo clippy` under the workspace's
+// rules; the kernel's stricter `cast_lossless` is not among them.
+#[allow(dead_code, unreachable_pub, missing_docs, clippy::cast_lossless)]
 #[path = "../protocol/src/wire.rs"]
 mod wire;
 

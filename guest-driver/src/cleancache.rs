@@ -2,7 +2,8 @@
 
 //! The cleancache operations: clean page-cache pages in ephemeral pools.
 //!
-//! A child of `device`: it shares the device's queues and batches.
+//! A front end beside `crate::frontswap`: it shares the device's
+//! [`Transport`] (queues and batches) with it. Safe Rust only.
 //!
 //! # Pools
 //!
@@ -47,14 +48,16 @@
 
 #![cfg_attr(not(CONFIG_CLEANCACHE), allow(dead_code))]
 
-use super::{counter, Device, QGuard, Queue};
+use crate::stats::CacheStats;
+use crate::transport::{counter, Flush, Locked, Transport};
 use crate::wire::{Handle, ObjectId, Op, PoolSpec, Status, Uuid};
 use core::fmt;
 use kernel::{
+    new_mutex, new_spinlock_irq,
     prelude::*,
     sync::{
         atomic::{Acquire, Atomic, Release},
-        Arc,
+        Arc, Mutex, SpinLockIrq,
     },
 };
 
@@ -92,7 +95,7 @@ const ROUTE_OPEN: u64 = 1 << 32;
 /// Each slot's device pool id as the data path sees it, read without a
 /// lock: `ROUTE_OPEN | id` while the pool is usable (open, not stale), else
 /// 0. Written with the `CachePools` lock held whenever a slot changes.
-pub(crate) struct CacheRoutes([Atomic<u64>; MAX_CACHE_POOLS]);
+struct CacheRoutes([Atomic<u64>; MAX_CACHE_POOLS]);
 
 /// The slot of kernel pool index `pool`, if it is one.
 fn slot_index(pool: i32) -> Option<usize> {
@@ -100,7 +103,7 @@ fn slot_index(pool: i32) -> Option<usize> {
 }
 
 impl CacheRoutes {
-    pub(crate) fn new() -> Self {
+    fn new() -> Self {
         Self(core::array::from_fn(|_| Atomic::new(0)))
     }
 
@@ -119,12 +122,12 @@ impl CacheRoutes {
 }
 
 /// The cache pools, by kernel pool index.
-pub(crate) struct CachePools {
+struct CachePools {
     slots: [CachePool; MAX_CACHE_POOLS],
 }
 
 impl CachePools {
-    pub(crate) fn new() -> Self {
+    fn new() -> Self {
         Self {
             slots: [CachePool::default(); MAX_CACHE_POOLS],
         }
@@ -135,7 +138,7 @@ impl CachePools {
     }
 
     /// Writes one line per pool for debugfs.
-    pub(crate) fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, s) in self.slots.iter().enumerate() {
             if let Some(id) = s.id {
                 write!(f, "cache_pool index={i} id={id} uuid={}", UuidText(s.uuid))?;
@@ -151,7 +154,8 @@ impl CachePools {
     }
 }
 
-/// A filesystem UUID for the kernel's `{}` (the nil UUID prints as such).
+/// A filesystem UUID as text (none prints as the nil UUID): for `write!`
+/// (`core::fmt`, debugfs) and for the kernel's `pr_*!` (`kernel::fmt`).
 struct UuidText(Option<Uuid>);
 
 impl fmt::Display for UuidText {
@@ -178,77 +182,81 @@ fn page_handle(id: u32, key: [u64; 3], index: u64) -> Handle {
     }
 }
 
-impl Device {
-    /// Registers as the cleancache backend (at start). A failure leaves
-    /// the device serving swap only.
-    pub(super) fn register_cache(this: &Arc<Self>) {
-        if !this.vdev.has_feature(crate::wire::VTMEM_F_EPHEMERAL) {
-            pr_info!("the device offers no ephemeral pools: no cleancache\n");
-            return;
-        }
-        #[cfg(CONFIG_CLEANCACHE)]
-        match crate::sys::CleancacheRegistration::register(this.clone()) {
-            Ok(reg) => {
-                *this.cache.lock() = Some(reg);
-                pr_info!("registered as the cleancache backend\n");
-            }
-            Err(e) => pr_warn!("cannot register as the cleancache backend: {:?}\n", e),
-        }
-        #[cfg(not(CONFIG_CLEANCACHE))]
-        {
-            let _ = this;
-            pr_warn!("kernel without cleancache: the device does not cache file pages\n");
-        }
+/// The cleancache front end of a device.
+#[pin_data]
+pub(crate) struct Cleancache {
+    transport: Arc<Transport>,
+    /// Ask for the shared pool of a filesystem's UUID (`cleancache_shared`,
+    /// and the device offers shared pools).
+    shared: bool,
+    stats: CacheStats,
+    #[pin]
+    pools: SpinLockIrq<CachePools>,
+    routes: CacheRoutes,
+    /// Serialises creating, replacing and destroying cache pools.
+    #[pin]
+    admin: Mutex<()>,
+}
+
+impl Cleancache {
+    pub(crate) fn new(transport: Arc<Transport>, shared: bool) -> impl PinInit<Self> {
+        pin_init!(Cleancache {
+            transport,
+            shared,
+            stats: CacheStats::new(),
+            pools <- new_spinlock_irq!(CachePools::new(), "vtmem_cache_pools"),
+            routes: CacheRoutes::new(),
+            admin <- new_mutex!((), "vtmem_cache_admin"),
+        })
     }
 
-    /// Unregisters from cleancache (at remove); no cleancache operation
-    /// runs once this returns.
-    pub(super) fn unregister_cache(&self) {
-        // The registration is dropped (unregistered) with the condition.
-        if self.cache.lock().take().is_some() {
-            pr_info!("unregistered from cleancache\n");
-        }
+    /// Writes the counters for debugfs.
+    pub(crate) fn show_stats(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.stats
+            .for_each(&mut |name, v| writeln!(f, "{name} {v}"))
     }
 
-    fn cstats(&self) -> &crate::stats::CacheStats {
-        &self.shared.cache_stats
+    /// Writes one line per cache pool for debugfs.
+    pub(crate) fn show_pools(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.pools.lock().show(f)
+    }
+
+    fn cstats(&self) -> &CacheStats {
+        &self.stats
     }
 
     /// The queue of every operation on file `key` of kernel pool `pool`.
-    fn cache_queue(&self, pool: i32, key: &[u64; 3]) -> Option<&Pin<KBox<Queue>>> {
-        let n = self.queues.len() as u64;
-        if n == 0 {
-            return None;
-        }
+    fn cache_queue(&self, pool: i32, key: &[u64; 3]) -> usize {
+        let n = self.transport.len() as u64;
         // Inode numbers are often sequential: mix before taking the rest.
         let h = (key[0] ^ key[1].rotate_left(32) ^ (pool as u64).rotate_left(48))
             .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.queues.get(((h >> 32) % n) as usize)
+        // The transport has at least one queue (no division by zero).
+        (h >> 32).checked_rem(n).unwrap_or(0) as usize
     }
 
     /// The device pool id of `pool`, if usable. Called with the pool's
     /// queue locked (see the module documentation).
-    fn cache_pool_id(&self, _queue_locked: &QGuard<'_>, pool: i32) -> Option<u32> {
-        self.shared.cache_routes.usable(pool)
+    fn cache_pool_id(&self, _queue_locked: &Locked<'_>, pool: i32) -> Option<u32> {
+        self.routes.usable(pool)
     }
 
     /// Changes slot `pool` with `f` and publishes its route; `None` if
     /// there is no such slot.
     fn update_cache_pool<R>(&self, pool: i32, f: impl FnOnce(&mut CachePool) -> R) -> Option<R> {
-        let mut pools = self.shared.cache_pools.lock();
+        let mut pools = self.pools.lock();
         let s = pools.slot(pool)?;
         let r = f(s);
-        self.shared.cache_routes.publish(pool, s);
+        self.routes.publish(pool, s);
         Some(r)
     }
 
     /// Creates a pool for the filesystem `uuid`; returns its kernel index.
     /// A filesystem without a UUID (nil) gets a private pool.
     pub(crate) fn cache_init_fs(&self, uuid: Option<Uuid>) -> Result<i32> {
-        let _admin = self.cache_admin.lock();
+        let _admin = self.admin.lock();
         let index = self
-            .shared
-            .cache_pools
+            .pools
             .lock()
             .slots
             .iter()
@@ -275,10 +283,10 @@ impl Device {
     /// Asks the device for a pool for `uuid`: the shared one if wanted and
     /// authorised, else a private one. Returns its id and whether shared.
     fn new_cache_pool(&self, uuid: Option<Uuid>) -> Result<(u32, bool)> {
-        if let Some(shared) = uuid.filter(|_| {
-            self.params.cleancache_shared && self.vdev.has_feature(crate::wire::VTMEM_F_SHARED)
-        }) {
-            let [st] = self.call(0, [Op::NewPool(PoolSpec::shared(shared))])?;
+        if let Some(shared) = uuid.filter(|_| self.shared) {
+            let [st] = self
+                .transport
+                .call(0, [Op::NewPool(PoolSpec::shared(shared))])?;
             if st.status == Status::Ok {
                 return Ok((st.value as u32, true));
             }
@@ -288,7 +296,9 @@ impl Device {
                 st.status.name()
             );
         }
-        let [st] = self.call(0, [Op::NewPool(PoolSpec::ephemeral())])?;
+        let [st] = self
+            .transport
+            .call(0, [Op::NewPool(PoolSpec::ephemeral())])?;
         if st.status != Status::Ok {
             pr_warn!(
                 "filesystem {}: device refused a cache pool: {}\n",
@@ -309,52 +319,48 @@ impl Device {
         index: u64,
         fill: impl FnOnce(&mut [u8]),
     ) {
-        use kernel::sync::atomic::Relaxed;
         counter(&self.cstats().cleancache_puts);
-        let Some(q) = self.cache_queue(pool, &key) else {
+        let Ok(mut q) = self.transport.lock(self.cache_queue(pool, &key)) else {
             counter(&self.cstats().cleancache_puts_dropped);
             return;
         };
-        let mut g = q.inner.lock();
-        let Some(id) = self.cache_pool_id(&g, pool) else {
+        let Some(id) = self.cache_pool_id(&q, pool) else {
             // No pool, or a stale one that serves nothing.
             counter(&self.cstats().cleancache_puts_dropped);
             return;
         };
         let handle = page_handle(id, key, index);
-        if !g.has_room(1, 1) && self.reap(q, &mut g) {
+        if q.reap_for_room(1, 1) {
             // Answered batches were waiting for the interrupt (which may be
             // held off on this very CPU): take them back instead of
             // dropping the page.
             counter(&self.cstats().cleancache_put_reaps);
         }
-        let queued = match g.open_with_room(q.stats(), 1, 1) {
-            Some(b) => match b.push(Op::Put {
+        let slot = if q.try_room(1, 1) {
+            q.push(Op::Put {
                 handle,
                 reserved: false,
-            }) {
-                Ok(i) => {
-                    if let Some(page) = b.page_mut(i) {
-                        fill(page);
-                    }
-                    Some(b.is_full())
-                }
-                Err(_) => None,
-            },
-            None => None,
+            })
+            .ok()
+        } else {
+            None
         };
-        match queued {
-            Some(true) => {
-                g.seal();
-                q.stats().full_flushes.add(1, Relaxed);
-                g.pump(q.stats());
+        match slot {
+            Some(slot) => {
+                if let Some(page) = q.page_mut(slot) {
+                    fill(page);
+                }
+                if q.is_full() {
+                    q.send(Flush::Full);
+                } else {
+                    q.arm();
+                }
             }
-            Some(false) => q.as_ref().arm(&mut g),
             None => {
                 // Not sent: the host must not keep an older copy either.
                 counter(&self.cstats().cleancache_puts_dropped);
-                if !Self::queue_invalidation(q, &mut g, Op::FlushPage { handle }, true) {
-                    drop(g);
+                if !q.invalidate(Op::FlushPage { handle }, true) {
+                    drop(q);
                     self.mark_stale(pool);
                 }
             }
@@ -382,7 +388,7 @@ impl Device {
     fn cache_fetch(&self, pool: i32, key: [u64; 3], index: u64, out: impl FnOnce(&[u8])) -> Result {
         // A usable pool needs no reset: no table lock on the hot path. A
         // route that closes meanwhile is read again under the queue lock.
-        if self.shared.cache_routes.usable(pool).is_none() {
+        if self.routes.usable(pool).is_none() {
             let needs_reset = self
                 .update_cache_pool(pool, |s| match s.id {
                     Some(_) if s.stale && !s.resetting => {
@@ -399,13 +405,13 @@ impl Device {
                 return Err(ENOENT);
             }
         }
-        let q = self.cache_queue(pool, &key).ok_or(ENOENT)?;
-        let routes = &self.shared.cache_routes;
+        let q = self.cache_queue(pool, &key);
+        let routes = &self.routes;
         // The pool id is read with the queue locked (`fetch` calls this
         // closure under the lock).
         let handle = || routes.usable(pool).map(|id| page_handle(id, key, index));
         // Any failure is a miss to the kernel: it reads the disk.
-        self.fetch(q, handle, out)
+        self.transport.fetch(q, handle, out)
     }
 
     /// Drops page `index` of file `key`. May run in atomic context.
@@ -426,16 +432,15 @@ impl Device {
     }
 
     fn cache_invalidate(&self, pool: i32, key: &[u64; 3], op: impl FnOnce(u32) -> Op) {
-        let Some(q) = self.cache_queue(pool, key) else {
+        let Ok(mut q) = self.transport.lock(self.cache_queue(pool, key)) else {
             return;
         };
-        let mut g = q.inner.lock();
         // A stale pool is emptied as a whole before it serves again.
-        let Some(id) = self.cache_pool_id(&g, pool) else {
+        let Some(id) = self.cache_pool_id(&q, pool) else {
             return;
         };
-        if !Self::queue_invalidation(q, &mut g, op(id), true) {
-            drop(g);
+        if !q.invalidate(op(id), true) {
+            drop(q);
             self.mark_stale(pool);
         }
     }
@@ -458,10 +463,9 @@ impl Device {
     /// Replaces the stale device pool of `pool` with a new, empty one.
     /// Process context; the caller set `resetting`.
     fn reset_cache_pool(&self, pool: i32) {
-        let _admin = self.cache_admin.lock();
+        let _admin = self.admin.lock();
         let Some((old, uuid)) = self
-            .shared
-            .cache_pools
+            .pools
             .lock()
             .slot(pool)
             .and_then(|s| s.id.map(|id| (id, s.uuid)))
@@ -469,7 +473,7 @@ impl Device {
             return;
         };
         // Every operation queued for the old pool reaches the device first.
-        self.drain();
+        self.transport.drain();
         self.destroy_cache_pool(old);
         let new = self.new_cache_pool(uuid);
         self.update_cache_pool(pool, |s| {
@@ -488,7 +492,7 @@ impl Device {
     }
 
     fn destroy_cache_pool(&self, id: u32) {
-        match self.call(0, [Op::DestroyPool { pool: id }]) {
+        match self.transport.call(0, [Op::DestroyPool { pool: id }]) {
             Ok([st]) if st.status == Status::Ok || st.status == Status::NoPool => {}
             Ok([st]) => pr_warn!(
                 "cache pool (device {id}): DESTROY_POOL: {}\n",
@@ -502,27 +506,22 @@ impl Device {
     /// context.
     pub(crate) fn cache_invalidate_fs(&self, pool: i32) {
         counter(&self.cstats().cleancache_invalidate_fs);
-        let _admin = self.cache_admin.lock();
+        let _admin = self.admin.lock();
         let closed = self
             .update_cache_pool(pool, |s| core::mem::take(s).id)
             .flatten();
         if let Some(id) = closed {
             // Operations already queued for it reach the device first: none
             // may arrive after the id was given to another pool.
-            self.drain();
+            self.transport.drain();
             self.destroy_cache_pool(id);
         }
     }
 
     /// Drops every cache pool (device removal, after unregistering).
-    pub(super) fn close_cache_pools(&self) {
+    pub(crate) fn close_pools(&self) {
         for pool in 0..MAX_CACHE_POOLS as i32 {
-            let open = self
-                .shared
-                .cache_pools
-                .lock()
-                .slot(pool)
-                .is_some_and(|s| s.id.is_some());
+            let open = self.pools.lock().slot(pool).is_some_and(|s| s.id.is_some());
             if open {
                 self.cache_invalidate_fs(pool);
             }
@@ -531,7 +530,7 @@ impl Device {
 }
 
 #[cfg(CONFIG_CLEANCACHE)]
-impl crate::sys::CleancacheBackend for Device {
+impl crate::sys::CleancacheBackend for Cleancache {
     fn init_fs(&self, uuid: &[u8; 16]) -> Result<i32> {
         self.cache_init_fs(Uuid::from_bytes(*uuid))
     }
