@@ -84,7 +84,7 @@ pub fn handle(pool: u32, object: u64, index: u64) -> Handle {
 }
 
 /// A page's checksum (XXH3-64), to compare pages cheaply.
-pub fn checksum(page: &[u8]) -> u64 {
+pub fn checksum(page: &Page) -> u64 {
     xxh3_64(page)
 }
 

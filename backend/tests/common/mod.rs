@@ -9,6 +9,8 @@ use std::process::{Command, Output};
 
 pub use vtmem_testkit::*;
 
+pub mod guest;
+
 /// The daemon under test.
 pub const VTMEMD: &str = env!("CARGO_BIN_EXE_vtmemd");
 /// The control tool under test.
