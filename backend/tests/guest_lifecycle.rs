@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::guest::*;
 use common::*;
 use vtmem_api::Request;
-use vtmem_guestsim::{Op, PageSource, PoolSpec, Status, VmOptions};
+use vtmem_guestsim::{Error, Op, PageSource, PoolSpec, Status, VmOptions};
 
 fn no_reset() -> VmOptions {
     VmOptions {
@@ -294,8 +294,19 @@ fn work_queued_before_the_ring_is_enabled_is_served_once_enabled() {
         q.force_kick().unwrap();
         t
     };
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(vm.queue(0).reap().unwrap(), 0, "a disabled ring was served");
+    // Nothing can announce that a kick was ignored: the device gets a
+    // window in which serving the disabled ring would end the wait at once.
+    {
+        let mut q = vm.queue(0);
+        let normal = q.timeout();
+        q.set_timeout(Duration::from_millis(100));
+        let early = q.wait(t);
+        q.set_timeout(normal);
+        assert!(
+            matches!(early, Err(Error::Timeout(_))),
+            "a disabled ring was served: {early:?}"
+        );
+    }
     vm.enable_queues().unwrap();
     // No further kick: enabling must be enough.
     let c = vm.queue(0).wait(t).unwrap();

@@ -853,7 +853,9 @@ fn broken_rings_hurt_only_their_own_vm() {
         q.inject_avail_idx(bogus).unwrap();
         q.force_kick().unwrap();
     }
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until("the device to give up the ring", DEADLINE, || {
+        d.log().contains("ring unusable")
+    });
     assert_alive(&d);
     neighbour.wait_rounds(2);
     vm.disconnect();

@@ -7,7 +7,10 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::Command;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use common::guest::*;
@@ -305,18 +308,25 @@ fn status_measures_the_eviction_rate() {
     let st = vm.put_batch(&items(pool, 1, &data)).unwrap();
     assert!(st.iter().all(|s| *s == Status::Ok));
 
-    // Lower the limit while `status` samples: the evictions land between
-    // its two samples (a generous window each side: a loaded machine may
-    // take a while to start the sampler).
+    // Lower the limit between the two samples of `status`: its requests go
+    // through a tap that says when each was answered and holds the next
+    // until the test lets it through.
+    let tapped = temp_dir();
+    let tap = Tap::start(&d, &tapped.path().join("tap.ctl"));
     let sampler = Command::new(VTMEMCTL)
         .arg("--socket")
-        .arg(d.control_path())
-        .args(["status", "--interval", "3"])
+        .arg(&tap.path)
+        .args(["status", "--interval", "1"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
+    tap.pass_one(); // the first sample
+    let before = d.status().store.counters.evictions;
     ctl_ok(&d, &["set-limit", "1M"]);
+    wait_until("evictions after the lower limit", DEADLINE, || {
+        d.status().store.counters.evictions > before
+    });
+    tap.pass_one(); // the second sample
     let out = sampler.wait_with_output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
@@ -330,4 +340,54 @@ fn status_measures_the_eviction_rate() {
         .unwrap();
     assert!(rate > 0.0, "{text}");
     assert!(stats(&d, "vm1")["ephemeral_pages"].as_u64().unwrap() < 512);
+}
+
+/// A control socket in front of a daemon's, for one client: each request
+/// line waits for [`Tap::pass_one`], then goes to the daemon, and its
+/// answer comes back.
+struct Tap {
+    path: std::path::PathBuf,
+    go: mpsc::Sender<()>,
+    answered: mpsc::Receiver<()>,
+}
+
+impl Tap {
+    fn start(d: &Vtmemd, path: &std::path::Path) -> Tap {
+        let listener = UnixListener::bind(path).unwrap();
+        let daemon = UnixStream::connect(d.control_path()).unwrap();
+        let (go, go_rx) = mpsc::channel::<()>();
+        let (answered_tx, answered) = mpsc::channel();
+        std::thread::spawn(move || {
+            let (client, _) = listener.accept().unwrap();
+            let mut from_client = BufReader::new(client.try_clone().unwrap());
+            let mut to_client = client;
+            let mut from_daemon = BufReader::new(daemon.try_clone().unwrap());
+            let mut to_daemon = daemon;
+            let mut line = String::new();
+            while from_client.read_line(&mut line).unwrap_or(0) > 0 {
+                if go_rx.recv().is_err() {
+                    return;
+                }
+                to_daemon.write_all(line.as_bytes()).unwrap();
+                line.clear();
+                from_daemon.read_line(&mut line).unwrap();
+                to_client.write_all(line.as_bytes()).unwrap();
+                line.clear();
+                let _ = answered_tx.send(());
+            }
+        });
+        Tap {
+            path: path.to_path_buf(),
+            go,
+            answered,
+        }
+    }
+
+    /// Lets the next request through and waits until it is answered.
+    fn pass_one(&self) {
+        self.go.send(()).unwrap();
+        self.answered
+            .recv_timeout(DEADLINE)
+            .expect("a request answered through the tap");
+    }
 }
