@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,19 @@ use common::*;
 use vtmem_api::Request;
 
 const CLEAR: &str = "\x1b[H\x1b[2J";
+
+/// Starts `vtmemctl top args...` against `d`, its outputs piped.
+fn spawn_top(d: &Vtmemd, args: &[&str]) -> Child {
+    Command::new(VTMEMCTL)
+        .arg("--socket")
+        .arg(d.control_path())
+        .arg("top")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
 
 #[test]
 fn two_frames_with_redraw() {
@@ -78,22 +91,7 @@ fn batch_and_json_frames() {
 #[test]
 fn follows_vms_added_and_removed() {
     let d = vtmemd_with_vms(&["vm1"], &[]);
-    let ctl_path = d.control_path();
-    let mut child = Command::new(VTMEMCTL)
-        .args([
-            "--socket",
-            ctl_path.to_str().unwrap(),
-            "top",
-            "-i",
-            "0.3",
-            "-n",
-            "4",
-            "--batch",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_top(&d, &["-i", "0.3", "-n", "4", "--batch"]);
     // Lines as they arrive; the channel closes when top closes its output.
     let (tx, lines) = mpsc::channel();
     let stdout = BufReader::new(child.stdout.take().unwrap());
@@ -134,19 +132,7 @@ fn follows_vms_added_and_removed() {
 #[test]
 fn sigint_ends_cleanly() {
     let d = vtmemd_with_vms(&["vm1"], &[]);
-    let ctl_path = d.control_path();
-    let mut child = Command::new(VTMEMCTL)
-        .args([
-            "--socket",
-            ctl_path.to_str().unwrap(),
-            "top",
-            "--interval",
-            "0.1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_top(&d, &["--interval", "0.1"]);
     // Wait for the first frame, then interrupt as Ctrl-C would.
     let mut stdout = child.stdout.take().unwrap();
     let mut buf = [0u8; 64];
