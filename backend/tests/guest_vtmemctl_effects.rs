@@ -279,7 +279,14 @@ fn statistics_show_activity() {
         assert_eq!(idle["connected"], false, "{f}");
         assert_eq!(idle["puts_per_sec"], 0.0, "{f}");
     }
-    let top = ctl_ok(&d, &["top", "-n", "1", "-i", "0.3", "--batch"]);
+    // A frame's rates cover 0.3 s, which on a loaded machine may hold the
+    // neighbour's puts only: frames are taken until one shows its gets.
+    let mut top = String::new();
+    wait_until("a top frame with the neighbour's gets", DEADLINE, || {
+        top = ctl_ok(&d, &["top", "-n", "1", "-i", "0.3", "--batch"]);
+        let row = top.lines().find(|l| l.starts_with("vm1 ")).unwrap();
+        !row.contains(" - ")
+    });
     let row = top.lines().find(|l| l.starts_with("vm1 ")).unwrap();
     assert!(row.contains("100.00%"), "{top}");
     let list = ctl_ok(&d, &["list"]);
