@@ -487,8 +487,11 @@ mod tests {
     use vm_memory::{Address, Bytes};
     use vtmem_protocol::{Op, PoolSpec, Response, Status, CONFIG_SIZE};
     use vtmem_store::{ClientConfig, Store, StoreConfig};
+    use vtmem_testkit::with_timeout;
 
     const QSIZE: u16 = 256;
+    /// A queue event that takes longer than this has hung.
+    const HANG_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
     fn backend(queues: u16, poll_us: u64) -> (Arc<Store>, VtmemBackend) {
         let store = Store::new(StoreConfig {
@@ -709,54 +712,68 @@ mod tests {
 
     #[test]
     fn corrupt_available_index_does_not_hang() {
-        let (_s, b) = backend(1, 0);
-        let mem = guest_memory();
-        let mut ring = TestRing::new(&mem, QSIZE);
-        let v = vring(&b, &mem, &ring, true);
-        ring.set_avail_idx(QSIZE + 7);
-        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
-            .unwrap();
-        assert_eq!(ring.used_idx(), 0);
+        with_timeout(HANG_LIMIT, "corrupt_available_index_does_not_hang", || {
+            let (_s, b) = backend(1, 0);
+            let mem = guest_memory();
+            let mut ring = TestRing::new(&mem, QSIZE);
+            let v = vring(&b, &mem, &ring, true);
+            ring.set_avail_idx(QSIZE + 7);
+            b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+                .unwrap();
+            assert_eq!(ring.used_idx(), 0);
+        });
     }
 
     #[test]
     fn unreadable_available_entries_do_not_hang() {
-        let (_s, b) = backend(1, 0);
-        let mem = guest_memory();
-        let ring = TestRing::new(&mem, QSIZE);
-        let v = vring(&b, &mem, &ring, true);
-        // The available ring's header is the last 4 bytes of guest memory:
-        // its index is readable, its entries are not.
-        let avail = MEM_SIZE - 4;
-        v.set_queue_info(
-            ring.mock.desc_table_addr().raw_value(),
-            avail,
-            ring.mock.used_addr().raw_value(),
-        )
-        .unwrap();
-        mem.write_obj(3u16, GuestAddress(avail + 2)).unwrap();
-        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
-            .unwrap();
-        assert_eq!(ring.used_idx(), 0);
+        with_timeout(
+            HANG_LIMIT,
+            "unreadable_available_entries_do_not_hang",
+            || {
+                let (_s, b) = backend(1, 0);
+                let mem = guest_memory();
+                let ring = TestRing::new(&mem, QSIZE);
+                let v = vring(&b, &mem, &ring, true);
+                // The available ring's header is the last 4 bytes of guest memory:
+                // its index is readable, its entries are not.
+                let avail = MEM_SIZE - 4;
+                v.set_queue_info(
+                    ring.mock.desc_table_addr().raw_value(),
+                    avail,
+                    ring.mock.used_addr().raw_value(),
+                )
+                .unwrap();
+                mem.write_obj(3u16, GuestAddress(avail + 2)).unwrap();
+                b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+                    .unwrap();
+                assert_eq!(ring.used_idx(), 0);
+            },
+        );
     }
 
     #[test]
     fn unreadable_available_entries_do_not_hang_a_polling_worker() {
-        let (_s, b) = backend(1, 1000);
-        let mem = guest_memory();
-        let ring = TestRing::new(&mem, QSIZE);
-        let v = vring(&b, &mem, &ring, false);
-        let avail = MEM_SIZE - 4;
-        v.set_queue_info(
-            ring.mock.desc_table_addr().raw_value(),
-            avail,
-            ring.mock.used_addr().raw_value(),
-        )
-        .unwrap();
-        mem.write_obj(3u16, GuestAddress(avail + 2)).unwrap();
-        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
-            .unwrap();
-        assert_eq!(ring.used_idx(), 0);
+        with_timeout(
+            HANG_LIMIT,
+            "unreadable_available_entries_do_not_hang_a_polling_worker",
+            || {
+                let (_s, b) = backend(1, 1000);
+                let mem = guest_memory();
+                let ring = TestRing::new(&mem, QSIZE);
+                let v = vring(&b, &mem, &ring, false);
+                let avail = MEM_SIZE - 4;
+                v.set_queue_info(
+                    ring.mock.desc_table_addr().raw_value(),
+                    avail,
+                    ring.mock.used_addr().raw_value(),
+                )
+                .unwrap();
+                mem.write_obj(3u16, GuestAddress(avail + 2)).unwrap();
+                b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+                    .unwrap();
+                assert_eq!(ring.used_idx(), 0);
+            },
+        );
     }
 
     #[test]

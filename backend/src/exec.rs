@@ -545,7 +545,7 @@ mod tests {
     use super::*;
     use crate::testutil::*;
     use vm_memory::{Bytes, GuestMemoryMmap};
-    use vtmem_protocol::{Handle, ObjectId, PoolSpec, Response, WireError};
+    use vtmem_protocol::{Handle, PoolSpec, Response, WireError};
     use vtmem_store::{ClientConfig, Store, StoreConfig, Uuid};
 
     const QSIZE: u16 = 256;
@@ -572,11 +572,7 @@ mod tests {
     }
 
     fn h(pool: u32, index: u64) -> Handle {
-        Handle {
-            pool,
-            object: ObjectId([7, 0, 0]),
-            index,
-        }
+        vtmem_testkit::handle(pool, 7, index)
     }
 
     /// Sends `ops` (with `puts` as put pages, in order) through a direct or

@@ -377,16 +377,12 @@ mod tests {
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
     use vm_memory::Bytes;
-    use vtmem_protocol::{Handle, ObjectId, Op, PoolSpec, MAX_REQUEST_LEN, REQUEST_HEADER_SIZE};
+    use vtmem_protocol::{Handle, Op, PoolSpec, MAX_REQUEST_LEN, REQUEST_HEADER_SIZE};
 
     const QSIZE: u16 = 256;
 
     fn handle(i: u64) -> Handle {
-        Handle {
-            pool: 1,
-            object: ObjectId([7, 0, 0]),
-            index: i,
-        }
+        vtmem_testkit::handle(1, 7, i)
     }
 
     /// Parses the chain at `head`: (PUT pages, GET pages, operations), or

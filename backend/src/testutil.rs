@@ -277,13 +277,5 @@ pub fn page_of(byte: u8) -> Vec<u8> {
 
 /// A page whose bytes depend on `seed` (not same-filled, so not special-cased).
 pub fn patterned_page(seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..PAGE_SIZE)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    vtmem_testkit::random_page(seed).to_vec()
 }

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vtmemd` command line: help, capabilities, one-line errors.
 
-mod daemon_util;
+mod common;
 
-use daemon_util::{run, TempDir, Vtmemd};
+use common::*;
 use serde_json::Value;
 
 fn stderr_of(out: &std::process::Output) -> String {
@@ -12,7 +12,7 @@ fn stderr_of(out: &std::process::Output) -> String {
 
 /// The program failed with exactly one non-empty line on stderr containing `needle`.
 fn fails_with(args: &[&str], code: i32, needle: &str) {
-    let out = run(args);
+    let out = run_vtmemd(args);
     let err = stderr_of(&out);
     assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
     // Informational log lines of a start that got some way are fine; the
@@ -32,7 +32,7 @@ fn fails_with(args: &[&str], code: i32, needle: &str) {
 
 #[test]
 fn help_explains_the_options() {
-    let out = run(&["--help"]);
+    let out = run_vtmemd(&["--help"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for opt in [
@@ -51,14 +51,14 @@ fn help_explains_the_options() {
     ] {
         assert!(text.contains(opt), "--help does not mention {opt}");
     }
-    let out = run(&["--version"]);
+    let out = run_vtmemd(&["--version"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("vtmemd"));
 }
 
 #[test]
 fn print_capabilities() {
-    let out = run(&["--print-capabilities"]);
+    let out = run_vtmemd(&["--print-capabilities"]);
     assert!(out.status.success());
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["type"], "tmem");
@@ -98,7 +98,7 @@ fn command_line_errors_are_one_line() {
 
 #[test]
 fn configuration_errors_are_one_line() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let d = dir.path().to_str().unwrap();
     fails_with(&[], 1, "socket directory");
     fails_with(&["--socket-dir", d, "--queues", "65"], 1, "queues");
@@ -138,7 +138,7 @@ fn configuration_errors_are_one_line() {
 
 #[test]
 fn socket_path_occupied_by_a_file() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     std::fs::write(dir.path().join("vm1.sock"), b"not a socket").unwrap();
     fails_with(
         &["--socket-dir", dir.path().to_str().unwrap(), "--vm", "vm1"],
@@ -151,7 +151,7 @@ fn socket_path_occupied_by_a_file() {
 
 #[test]
 fn socket_dir_is_a_file() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let f = dir.path().join("file");
     std::fs::write(&f, b"x").unwrap();
     fails_with(&["--socket-dir", f.to_str().unwrap()], 1, "not a directory");
@@ -159,7 +159,7 @@ fn socket_dir_is_a_file() {
 
 #[test]
 fn configuration_file_and_flags_combine() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let cfg = dir.path().join("vtmemd.toml");
     std::fs::write(
         &cfg,
@@ -175,6 +175,7 @@ authorized-uuids = ["00112233-4455-6677-8899-aabbccddeeff"]
     )
     .unwrap();
     let d = Vtmemd::start_in(
+        VTMEMD,
         dir,
         &[
             "--config",
@@ -185,11 +186,11 @@ authorized-uuids = ["00112233-4455-6677-8899-aabbccddeeff"]
             "name=fromflag,weight=7",
         ],
     );
-    assert!(d.ready_line.contains("2 VM(s)"), "{}", d.ready_line);
-    assert!(d.ready_line.contains("3 queue(s)"), "{}", d.ready_line);
+    assert!(d.ready_line().contains("2 VM(s)"), "{}", d.ready_line());
+    assert!(d.ready_line().contains("3 queue(s)"), "{}", d.ready_line());
     assert!(d.socket("fromfile").exists());
     assert!(d.socket("fromflag").exists());
-    let mut c = d.control();
+    let mut c = d.raw();
     let vm = c.ok("show", serde_json::json!({"vm": "fromfile"}));
     assert_eq!(vm["config"]["persistent_quota"], 64 << 20);
     assert_eq!(

@@ -1,17 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket of a running `vtmemd`.
 
-mod daemon_util;
+mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use daemon_util::{find_vm, Vtmemd};
+use common::*;
 use serde_json::{json, Value};
 
 const UUID: &str = "00112233-4455-6677-8899-aabbccddeeff";
 
 fn daemon() -> Vtmemd {
-    Vtmemd::start(&[
+    vtmemd(&[
         "--host-limit",
         "64M",
         "--vm",
@@ -34,7 +34,7 @@ fn control_socket_is_private() {
 #[test]
 fn status_list_show() {
     let d = daemon();
-    let mut c = d.control();
+    let mut c = d.raw();
     let st = c.ok("status", Value::Null);
     assert_eq!(st["host_limit"], 64 << 20);
     let clients = st["clients"].as_array().unwrap();
@@ -62,7 +62,7 @@ fn status_list_show() {
 #[test]
 fn admin_commands_change_the_client() {
     let d = daemon();
-    let mut c = d.control();
+    let mut c = d.raw();
     c.ok(
         "set-quota",
         json!({"vm": "vm1", "persistent": "8M", "ephemeral": 4096}),
@@ -116,7 +116,7 @@ fn admin_commands_change_the_client() {
 #[test]
 fn errors_are_one_line_and_harmless() {
     let d = daemon();
-    let mut c = d.control();
+    let mut c = d.raw();
     assert!(c.err("show", json!({"vm": "nope"})).contains("nope"));
     assert!(c.err("frobnicate", json!({})).contains("unknown command"));
     assert!(c.err("show", json!({})).contains("vm"));
@@ -155,15 +155,15 @@ fn errors_are_one_line_and_harmless() {
         r#"{"version":1,"command":"show","args":{"vm":"vm1"},"vm":"vm1"}"#,
         r#"{"version":1,"command":"show","args":[1]}"#,
     ] {
-        let r: Value = serde_json::from_str(&c.raw(line)).unwrap();
+        let r: Value = serde_json::from_str(&c.line(line)).unwrap();
         assert_eq!(r["ok"], false, "{line}: {r}");
     }
-    let r: Value = serde_json::from_str(&c.raw(r#"{"version":2,"command":"status"}"#)).unwrap();
+    let r: Value = serde_json::from_str(&c.line(r#"{"version":2,"command":"status"}"#)).unwrap();
     assert!(r["error"].as_str().unwrap().contains("version 2"));
 
     // Arguments are only ever in "args" (one request shape).
     let r: Value =
-        serde_json::from_str(&c.raw(r#"{"version":1,"command":"show","vm":"vm2"}"#)).unwrap();
+        serde_json::from_str(&c.line(r#"{"version":1,"command":"show","vm":"vm2"}"#)).unwrap();
     assert_eq!(r["ok"], false, "{r}");
     // The same connection still works, and so does the daemon.
     c.ok("status", Value::Null);
@@ -177,7 +177,7 @@ fn many_clients_at_once() {
         .map(|_| {
             let path = path.clone();
             std::thread::spawn(move || {
-                let mut c = daemon_util::Control::connect(&path);
+                let mut c = RawControl::connect(&path);
                 for _ in 0..20 {
                     c.ok("list", Value::Null);
                 }
@@ -192,13 +192,13 @@ fn many_clients_at_once() {
 #[test]
 fn oversize_request_line_is_refused() {
     let d = daemon();
-    let mut c = d.control();
+    let mut c = d.raw();
     let big = format!(
         r#"{{"version":1,"command":"status","pad":"{}"}}"#,
         "x".repeat(70 * 1024)
     );
-    let r: Value = serde_json::from_str(&c.raw(&big)).unwrap();
+    let r: Value = serde_json::from_str(&c.line(&big)).unwrap();
     assert_eq!(r["ok"], false);
     // A new connection is served normally.
-    d.control().ok("status", Value::Null);
+    d.raw().ok("status", Value::Null);
 }

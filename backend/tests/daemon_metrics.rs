@@ -2,14 +2,14 @@
 //! `vtmemd --metrics-address`: the Prometheus endpoint, scraped over
 //! loopback, parsed, and checked against the control socket.
 
-mod daemon_util;
+mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use daemon_util::{find_vm, wait_until, Vtmemd};
+use common::*;
 use prometheus_parse::{Sample, Scrape, Value};
 use serde_json::json;
 
@@ -54,7 +54,7 @@ fn http(addr: &str, request: &str) -> (u16, String, String) {
 }
 
 fn metrics_addr(d: &Vtmemd) -> String {
-    let l = &d.ready_line;
+    let l = &d.ready_line();
     let start = l
         .find("metrics http://")
         .expect("metrics in the ready line")
@@ -88,7 +88,7 @@ fn scrape(addr: &str) -> Vec<Sample> {
 
 #[test]
 fn metrics_match_the_control_socket() {
-    let d = Vtmemd::start(&[
+    let d = vtmemd(&[
         "--host-limit",
         "64M",
         "--metrics-address",
@@ -99,7 +99,7 @@ fn metrics_match_the_control_socket() {
         "vm2",
     ]);
     let addr = metrics_addr(&d);
-    let mut c = d.control();
+    let mut c = d.raw();
     c.ok("set-weight", json!({"vm": "vm2", "weight": 250}));
     c.ok("freeze", json!({"vm": "vm1"}));
     c.ok("set-limit", json!({"bytes": "48M"}));
@@ -237,7 +237,7 @@ fn metrics_match_the_control_socket() {
 
 #[test]
 fn connections_show_while_they_last() {
-    let d = Vtmemd::start(&["--metrics-address", "127.0.0.1:0", "--vm", "vm1"]);
+    let d = vtmemd(&["--metrics-address", "127.0.0.1:0", "--vm", "vm1"]);
     let addr = metrics_addr(&d);
     let vm = [("vm", "vm1")];
     let samples = scrape(&addr);
@@ -245,24 +245,24 @@ fn connections_show_while_they_last() {
     assert_eq!(get(&samples, "vtmem_vm_connections_total", &vm), 0.0);
 
     let conn = UnixStream::connect(d.socket("vm1")).unwrap();
-    wait_until("the connection counted", || {
+    wait_until("the connection counted", DEADLINE, || {
         let samples = scrape(&addr);
         get(&samples, "vtmem_vm_connected", &vm) == 1.0
             && get(&samples, "vtmem_vm_connections_total", &vm) == 1.0
     });
     drop(conn);
-    wait_until("the disconnection seen", || {
+    wait_until("the disconnection seen", DEADLINE, || {
         get(&scrape(&addr), "vtmem_vm_connected", &vm) == 0.0
     });
     let samples = scrape(&addr);
     assert_eq!(get(&samples, "vtmem_vm_connections_total", &vm), 1.0);
-    let list = d.control().ok("list", json!({}));
+    let list = d.raw().ok("list", json!({}));
     assert_eq!(find_vm(&list, "vm1").unwrap()["connections"], 1, "{list}");
 }
 
 #[test]
 fn metrics_endpoint_is_bounded() {
-    let d = Vtmemd::start(&["--metrics-address", "127.0.0.1:0", "--vm", "vm1"]);
+    let d = vtmemd(&["--metrics-address", "127.0.0.1:0", "--vm", "vm1"]);
     let addr = metrics_addr(&d);
     assert_eq!(http(&addr, "GET / HTTP/1.1\r\n\r\n").0, 404);
     assert_eq!(http(&addr, "GET /metricsx HTTP/1.1\r\n\r\n").0, 404);
@@ -287,9 +287,9 @@ fn metrics_endpoint_is_bounded() {
 
 #[test]
 fn metrics_are_off_by_default_and_address_errors_are_one_line() {
-    let d = Vtmemd::start(&["--vm", "vm1"]);
-    assert!(!d.ready_line.contains("metrics"), "{}", d.ready_line);
-    let out = daemon_util::run(&["--socket-dir", "/tmp", "--metrics-address", "nowhere:port"]);
+    let d = vtmemd(&["--vm", "vm1"]);
+    assert!(!d.ready_line().contains("metrics"), "{}", d.ready_line());
+    let out = run_vtmemd(&["--socket-dir", "/tmp", "--metrics-address", "nowhere:port"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid metrics address"), "{err}");

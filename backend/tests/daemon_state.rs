@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vtmemd --state-file`: run-time changes survive a restart.
 
-mod daemon_util;
+mod common;
 
-use daemon_util::{find_vm, TempDir, Vtmemd};
+use common::*;
 use serde_json::{json, Value};
 
 const UUID: &str = "00112233-4455-6677-8899-aabbccddeeff";
@@ -24,30 +24,23 @@ fn flags(state: &str) -> Vec<String> {
     .collect()
 }
 
-fn start(dir: TempDir, flags: &[String]) -> Vtmemd {
-    let f: Vec<&str> = flags.iter().map(String::as_str).collect();
-    Vtmemd::start_in(dir, &f)
-}
-
-/// Stops `d` with SIGTERM and hands its directory back.
-fn stop(mut d: Vtmemd) -> TempDir {
-    assert!(d.signal_and_wait("TERM").success());
-    let dir = TempDir(d.dir.0.clone());
-    // Keep the directory: the Vtmemd's TempDir must not delete it.
-    d.dir.0 = std::path::PathBuf::new();
-    dir
+/// Stops `d` with SIGTERM and starts it again with `flags` in the same
+/// socket directory.
+fn restart(d: &mut Vtmemd, flags: &[String]) {
+    assert!(d.stop().success());
+    d.restart(flags).unwrap();
 }
 
 #[test]
 fn changes_survive_a_restart() {
-    let state_dir = TempDir::new();
+    let state_dir = temp_dir();
     let state = state_dir.path().join("state.json");
     let state_s = state.to_str().unwrap().to_string();
     let f = flags(&state_s);
 
-    let d = start(TempDir::new(), &f);
+    let mut d = vtmemd(&f);
     assert!(state.exists(), "written at start");
-    let mut c = d.control();
+    let mut c = d.raw();
     c.ok(
         "set-quota",
         json!({"vm": "vm1", "persistent": "8M", "ephemeral": "4M"}),
@@ -64,13 +57,16 @@ fn changes_survive_a_restart() {
     );
     let before = c.ok("list", json!({}));
     drop(c);
-    let dir = stop(d);
+    restart(&mut d, &f);
 
     // Same flags: the state file wins.
-    let d = start(dir, &f);
-    assert!(d.ready_line.contains("2 VM(s)"), "{}", d.ready_line);
-    assert!(d.ready_line.contains("host limit 32M"), "{}", d.ready_line);
-    let mut c = d.control();
+    assert!(d.ready_line().contains("2 VM(s)"), "{}", d.ready_line());
+    assert!(
+        d.ready_line().contains("host limit 32M"),
+        "{}",
+        d.ready_line()
+    );
+    let mut c = d.raw();
     let after = c.ok("list", json!({}));
     let names = |l: &Value| -> Vec<String> {
         l.as_array()
@@ -97,31 +93,30 @@ fn changes_survive_a_restart() {
     c.ok("thaw", json!({"vm": "vm1"}));
     c.ok("deauth", json!({"vm": "vm1", "uuid": UUID}));
     drop(c);
-    let dir = stop(d);
-    let d = start(dir, &f);
-    let mut c = d.control();
+    restart(&mut d, &f);
+    let mut c = d.raw();
     let l = c.ok("list", json!({}));
     let vm1 = find_vm(&l, "vm1").unwrap();
     assert_eq!(vm1["frozen"], json!(false));
     assert_eq!(vm1["config"]["authorized_uuids"], json!([]));
     drop(c);
-    let dir = stop(d);
+    assert!(d.stop().success());
 
     // Without the state file, the configuration alone.
     std::fs::remove_file(&state).unwrap();
-    let d = start(dir, &f);
-    let l = d.control().ok("list", json!({}));
+    d.restart(&f).unwrap();
+    let l = d.raw().ok("list", json!({}));
     assert_eq!(names(&l), ["vm1", "vm2"]);
     assert_eq!(find_vm(&l, "vm1").unwrap()["config"]["weight"], json!(100));
 }
 
 #[test]
 fn a_corrupt_state_file_is_a_one_line_error() {
-    let state_dir = TempDir::new();
+    let state_dir = temp_dir();
     let state = state_dir.path().join("state.json");
     std::fs::write(&state, "{\"version\":1,\"host_limit\":").unwrap();
-    let sock = TempDir::new();
-    let out = daemon_util::run(&[
+    let sock = temp_dir();
+    let out = run_vtmemd(&[
         "--socket-dir",
         sock.path().to_str().unwrap(),
         "--state-file",

@@ -3,15 +3,15 @@
 //! 2 for usage errors, 3 when the daemon cannot be reached; the socket from
 //! `--socket` or `VTMEM_CONTROL_SOCKET`; human sizes.
 
-mod vtmemctl_util;
+mod common;
 
-use vtmemctl_util::{vtmemctl_env, TempDir, Vtmemd, VTMEMCTL};
+use common::*;
 
 const UUID: &str = "6b0e2a54-3f4c-4cde-9a57-0d6e1f3ad3a1";
 
 #[test]
 fn unknown_vm_is_the_daemons_error() {
-    let d = Vtmemd::start(&["vm1"], &[]);
+    let d = vtmemd_with_vms(&["vm1"], &[]);
     let cases: &[&[&str]] = &[
         &["show", "nope"],
         &["set-quota", "nope", "-p", "1G"],
@@ -28,30 +28,30 @@ fn unknown_vm_is_the_daemons_error() {
         &["deauth", "nope", UUID],
     ];
     for args in cases {
-        let out = d.ctl(args);
+        let out = ctl(&d, args);
         assert_eq!(out.fails(1), "vtmemctl: no VM named 'nope'", "{args:?}");
         // The same with --json: errors are never JSON on stdout.
         let mut with_json = args.to_vec();
         with_json.push("--json");
-        assert_eq!(d.ctl(&with_json).fails(1), "vtmemctl: no VM named 'nope'");
+        assert_eq!(ctl(&d, &with_json).fails(1), "vtmemctl: no VM named 'nope'");
     }
     // Nothing changed.
-    assert_eq!(d.list().len(), 1);
+    assert_eq!(ctl_list(&d).len(), 1);
 }
 
 #[test]
 fn other_daemon_errors() {
-    let d = Vtmemd::start(&["vm1"], &[]);
-    let line = d.ctl(&["set-limit", "0"]).fails(1).to_string();
+    let d = vtmemd_with_vms(&["vm1"], &[]);
+    let line = ctl(&d, &["set-limit", "0"]).fails(1).to_string();
     assert!(line.contains("more than 0 bytes"), "{line}");
-    let line = d.ctl(&["add-vm", "vm1"]).fails(1).to_string();
+    let line = ctl(&d, &["add-vm", "vm1"]).fails(1).to_string();
     assert!(line.contains("vm1"), "{line}");
 }
 
 #[test]
 fn usage_errors() {
     // No daemon is needed: the command line is checked first.
-    let d = TempDir::new();
+    let d = temp_dir();
     let sock = d.path().join("absent.ctl");
     let s = sock.to_str().unwrap();
     let cases: &[(&[&str], &str)] = &[
@@ -106,7 +106,7 @@ fn usage_errors() {
 
 #[test]
 fn missing_daemon() {
-    let d = TempDir::new();
+    let d = temp_dir();
     let sock = d.path().join("vtmemd.ctl");
     for args in [
         &["status"][..],
@@ -148,25 +148,31 @@ fn missing_daemon() {
 
 #[test]
 fn socket_from_environment() {
-    let d = Vtmemd::start(&["vm1"], &[]);
-    let ctl = d.control();
-    let out = vtmemctl_env(&["list", "--json"], Some(&ctl));
+    let d = vtmemd_with_vms(&["vm1"], &[]);
+    let ctl_path = d.control_path();
+    let out = vtmemctl_env(&["list", "--json"], Some(&ctl_path));
     assert_eq!(out.json()[0]["name"], "vm1");
     // --socket wins over the environment.
-    let nowhere = TempDir::new();
+    let nowhere = temp_dir();
     let absent = nowhere.path().join("x.ctl");
-    let out = vtmemctl_env(&["--socket", ctl.to_str().unwrap(), "list"], Some(&absent));
+    let out = vtmemctl_env(
+        &["--socket", ctl_path.to_str().unwrap(), "list"],
+        Some(&absent),
+    );
     out.ok();
     let out = vtmemctl_env(&["list"], Some(&absent));
     assert!(out.fails(3).contains(absent.to_str().unwrap()));
     // Global options may follow the command.
-    let out = vtmemctl_env(&["show", "vm1", "--socket", ctl.to_str().unwrap()], None);
+    let out = vtmemctl_env(
+        &["show", "vm1", "--socket", ctl_path.to_str().unwrap()],
+        None,
+    );
     assert!(out.ok().starts_with("vm1\n"));
 }
 
 #[test]
 fn sizes_in_human_units() {
-    let d = Vtmemd::start(&["vm1"], &[]);
+    let d = vtmemd_with_vms(&["vm1"], &[]);
     for (text, bytes) in [
         ("4096", 4096u64),
         ("64K", 64 << 10),
@@ -178,16 +184,19 @@ fn sizes_in_human_units() {
         ("1T", 1 << 40),
         ("unlimited", u64::MAX),
     ] {
-        d.ctl(&[
-            "set-quota",
-            "vm1",
-            "--persistent",
-            text,
-            "--ephemeral",
-            text,
-        ])
+        ctl(
+            &d,
+            &[
+                "set-quota",
+                "vm1",
+                "--persistent",
+                text,
+                "--ephemeral",
+                text,
+            ],
+        )
         .ok();
-        let c = d.config("vm1");
+        let c = ctl_config(&d, "vm1");
         assert_eq!(c["persistent_quota"], bytes, "{text}");
         assert_eq!(c["ephemeral_quota"], bytes, "{text}");
     }
@@ -196,19 +205,22 @@ fn sizes_in_human_units() {
         ("1536M", 1536 << 20),
         ("1000000", 1000000),
     ] {
-        d.ctl(&["set-limit", text]).ok();
-        assert_eq!(d.ctl(&["status", "--json"]).json()["host_limit"], bytes);
+        ctl(&d, &["set-limit", text]).ok();
+        assert_eq!(ctl(&d, &["status", "--json"]).json()["host_limit"], bytes);
     }
-    d.ctl(&[
-        "add-vm",
-        "vm2",
-        "--persistent-quota",
-        "128M",
-        "--ephemeral-quota",
-        "1g",
-    ])
+    ctl(
+        &d,
+        &[
+            "add-vm",
+            "vm2",
+            "--persistent-quota",
+            "128M",
+            "--ephemeral-quota",
+            "1g",
+        ],
+    )
     .ok();
-    let c = d.config("vm2");
+    let c = ctl_config(&d, "vm2");
     assert_eq!(c["persistent_quota"], 128u64 << 20);
     assert_eq!(c["ephemeral_quota"], 1u64 << 30);
 }

@@ -2,22 +2,37 @@
 //! `vtmemctl top`: frames with ANSI redraw, batch and JSON frames, and a
 //! clean exit on SIGINT.
 
-mod vtmemctl_util;
+mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use vtmemctl_util::{Vtmemd, VTMEMCTL};
+use common::*;
+use vtmem_api::Request;
 
 const CLEAR: &str = "\x1b[H\x1b[2J";
 
+/// Starts `vtmemctl top args...` against `d`, its outputs piped.
+fn spawn_top(d: &Vtmemd, args: &[&str]) -> Child {
+    Command::new(VTMEMCTL)
+        .arg("--socket")
+        .arg(d.control_path())
+        .arg("top")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn two_frames_with_redraw() {
-    let d = Vtmemd::start(&["vm1", "name=vm2,weight=50"], &[]);
-    d.ctl(&["freeze", "vm2"]).ok();
+    let d = vtmemd_with_vms(&["vm1", "name=vm2,weight=50"], &[]);
+    ctl(&d, &["freeze", "vm2"]).ok();
     let started = Instant::now();
-    let out = d.ctl(&["top", "--iterations", "2", "--interval", "0.2"]);
+    let out = ctl(&d, &["top", "--iterations", "2", "--interval", "0.2"]);
     let text = out.ok();
     assert!(started.elapsed() >= Duration::from_millis(400));
     assert_eq!(text.matches(CLEAR).count(), 2, "{text:?}");
@@ -48,8 +63,8 @@ fn two_frames_with_redraw() {
 
 #[test]
 fn batch_and_json_frames() {
-    let d = Vtmemd::start(&["vm1"], &[]);
-    let out = d.ctl(&["top", "-n", "2", "-i", "0.1", "--batch"]);
+    let d = vtmemd_with_vms(&["vm1"], &[]);
+    let out = ctl(&d, &["top", "-n", "2", "-i", "0.1", "--batch"]);
     let text = out.ok();
     assert!(!text.contains('\x1b'), "{text:?}");
     assert_eq!(
@@ -59,7 +74,7 @@ fn batch_and_json_frames() {
     );
     assert_eq!(text.matches("\n\nvtmemctl top:").count(), 1, "{text}");
 
-    let out = d.ctl(&["top", "-n", "3", "-i", "0.1", "--json"]);
+    let out = ctl(&d, &["top", "-n", "3", "-i", "0.1", "--json"]);
     let lines: Vec<&str> = out.ok().lines().collect();
     assert_eq!(lines.len(), 3);
     for l in lines {
@@ -75,28 +90,36 @@ fn batch_and_json_frames() {
 
 #[test]
 fn follows_vms_added_and_removed() {
-    let d = Vtmemd::start(&["vm1"], &[]);
-    let ctl = d.control();
-    let child = Command::new(VTMEMCTL)
-        .args([
-            "--socket",
-            ctl.to_str().unwrap(),
-            "top",
-            "-i",
-            "0.3",
-            "-n",
-            "4",
-            "--batch",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(450));
-    d.ctl(&["add-vm", "vm9"]).ok();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout).unwrap();
+    let d = vtmemd_with_vms(&["vm1"], &[]);
+    let mut child = spawn_top(&d, &["-i", "0.3", "-n", "4", "--batch"]);
+    // Lines as they arrive; the channel closes when top closes its output.
+    let (tx, lines) = mpsc::channel();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // top writes each frame at once: from its first line on, the first
+    // frame is what it is. Only then is vm9 added.
+    let first = lines.recv_timeout(DEADLINE).expect("the first frame");
+    d.call(&Request::AddVm("vm9".parse().unwrap()));
+    let mut text = first + "\n";
+    loop {
+        match lines.recv_timeout(DEADLINE) {
+            Ok(line) => {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => panic!("top stalled after:\n{text}"),
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
     let frames: Vec<&str> = text
         .split("\n\n")
         .filter(|f| f.starts_with("VM "))
@@ -108,20 +131,8 @@ fn follows_vms_added_and_removed() {
 
 #[test]
 fn sigint_ends_cleanly() {
-    let d = Vtmemd::start(&["vm1"], &[]);
-    let ctl = d.control();
-    let mut child = Command::new(VTMEMCTL)
-        .args([
-            "--socket",
-            ctl.to_str().unwrap(),
-            "top",
-            "--interval",
-            "0.1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let d = vtmemd_with_vms(&["vm1"], &[]);
+    let mut child = spawn_top(&d, &["--interval", "0.1"]);
     // Wait for the first frame, then interrupt as Ctrl-C would.
     let mut stdout = child.stdout.take().unwrap();
     let mut buf = [0u8; 64];

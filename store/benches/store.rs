@@ -30,24 +30,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vtmem_store::*;
+use vtmem_testkit::random_page;
 use xxhash_rust::xxh3::xxh3_128;
 
 const LZ4_BOUND: usize = lz4_flex::block::get_maximum_output_size(PAGE_SIZE);
 
 fn random_pages(n: usize, seed: u64) -> Vec<Page> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            let mut p = [0u8; PAGE_SIZE];
-            for w in p.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes());
-            }
-            p
-        })
-        .collect()
+    (0..n as u64).map(|i| random_page(seed << 32 | i)).collect()
 }
 
 fn same_filled(p: &Page) -> bool {
@@ -124,11 +113,7 @@ fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>, depth: u32, max:
 }
 
 fn handle(i: usize) -> Handle {
-    Handle {
-        pool: 0,
-        object: ObjectId([(i / 65536) as u64, 0, 0]),
-        index: i as u64,
-    }
+    vtmem_testkit::handle(0, (i / 65536) as u64, i as u64)
 }
 
 fn rate(n: usize, d: Duration) -> f64 {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use vtmem_store::*;
+use vtmem_testkit::{random_page, same_filled_page};
 
 const CLIENTS: usize = 3;
 const UUID: Uuid = Uuid::from_bytes([0x5A; 16]).unwrap();
@@ -39,24 +40,8 @@ fn contents() -> Vec<Page> {
         p[100] = seed;
         p
     };
-    let random = |seed: u64| {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut p = [0u8; PAGE_SIZE];
-        for w in p.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes());
-        }
-        p
-    };
-    let same = |w: u64| {
-        let mut p = [0u8; PAGE_SIZE];
-        for c in p.chunks_exact_mut(8) {
-            c.copy_from_slice(&w.to_le_bytes());
-        }
-        p
-    };
+    let random = random_page;
+    let same = same_filled_page;
     let mut near = same(0x0101_0101_0101_0101);
     near[PAGE_SIZE - 1] = 2;
     vec![

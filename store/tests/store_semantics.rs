@@ -4,52 +4,12 @@
 use std::sync::Arc;
 
 use vtmem_store::*;
+use vtmem_testkit::{handle as h, random_page, same_filled_page as same_page, text_page};
 
 const MIB: u64 = 1 << 20;
 
 fn store(limit: u64) -> Arc<Store> {
     Store::new(StoreConfig { host_limit: limit })
-}
-
-fn h(pool: u32, obj: u64, index: u64) -> Handle {
-    Handle {
-        pool,
-        object: ObjectId([obj, 0, 0]),
-        index,
-    }
-}
-
-/// Compressible, distinct per seed.
-fn text_page(seed: u64) -> Page {
-    let words = b"lorem ipsum dolor sit amet consectetur adipiscing elit sed do ";
-    let mut p = [0u8; PAGE_SIZE];
-    for (i, b) in p.iter_mut().enumerate() {
-        *b = words[(i * 7 + (i / 64)) % words.len()];
-    }
-    p[..8].copy_from_slice(&seed.to_le_bytes());
-    p[2048..2056].copy_from_slice(&seed.wrapping_mul(31).to_le_bytes());
-    p
-}
-
-/// Incompressible, distinct per seed.
-fn random_page(seed: u64) -> Page {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut p = [0u8; PAGE_SIZE];
-    for w in p.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes());
-    }
-    p
-}
-
-fn same_page(word: u64) -> Page {
-    let mut p = [0u8; PAGE_SIZE];
-    for w in p.chunks_exact_mut(8) {
-        w.copy_from_slice(&word.to_le_bytes());
-    }
-    p
 }
 
 fn get(c: &DataHandle, handle: Handle) -> Option<Page> {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 
 use vtmem_store::*;
+use vtmem_testkit::{handle, Rng};
 use xxhash_rust::xxh3::xxh3_64;
 
 const CLIENTS: usize = 6;
@@ -43,13 +44,7 @@ fn page(client: u64, pool: u64, obj: u64, idx: u64, ver: u64) -> Page {
         _ => {}
     }
     if ver % 3 == 0 {
-        let mut x = seed | 1;
-        for c in p[48..].chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes());
-        }
+        Rng::new(seed).fill(&mut p[48..]);
     } else {
         let words = b"pages swapped out by a busy guest, compressible text ";
         for (i, b) in p[48..].iter_mut().enumerate() {
@@ -71,27 +66,6 @@ fn header(p: &Page) -> Option<[u64; 5]> {
     (rd(5) == xxh3_64(&p[48..])).then(|| [rd(0), rd(1), rd(2), rd(3), rd(4)])
 }
 
-fn handle(pool: u32, obj: u64, idx: u64) -> Handle {
-    Handle {
-        pool,
-        object: ObjectId([obj, 0, 0]),
-        index: idx,
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[derive(Default)]
 struct Tally {
     puts: u64,
@@ -103,7 +77,7 @@ struct Tally {
 /// One worker: owns objects `2 * w` and `2 * w + 1` of its client's pools,
 /// so it knows what every one of its handles must hold.
 fn worker(c: &DataHandle, client_no: u64, w: u64, seed: u64, stop_err: &AtomicBool) -> Tally {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut tally = Tally::default();
     // pool 0 persistent, pool 1 ephemeral, pool 2 persistent with reservations
     let mut expect: HashMap<(u32, u64, u64), u64> = HashMap::new();
@@ -201,7 +175,7 @@ fn worker(c: &DataHandle, client_no: u64, w: u64, seed: u64, stop_err: &AtomicBo
 /// pool with concurrent puts, gets and flushes. Whatever a get returns must
 /// be a whole page that was put at that very handle.
 fn hostile(c: &DataHandle, client_no: u64, pool: u32, seed: u64) {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut out = [0u8; PAGE_SIZE];
     for op in 0..OPS_PER_WORKER {
         let idx = rng.below(4);

@@ -9,10 +9,12 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vtmem_protocol::{Handle, ObjectId, Op, PoolSpec, Status, PAGE_SIZE};
+use vtmem_protocol::{Handle, Op, PoolSpec, Status, PAGE_SIZE};
 use vtmem_store::{ClientConfig, DataHandle, Store, StoreConfig};
 
-use crate::daemon::{Daemon, DaemonConfig, VmSpec};
+use vtmem_testkit::Vtmemd;
+
+use crate::daemon;
 use crate::pages::{checksum, Corpus, CorpusMix};
 use crate::queue::PageSource;
 use crate::vm::{Vm, VmOptions};
@@ -148,11 +150,7 @@ pub struct Report {
 }
 
 fn handle(pool: u32, tag: u64, i: usize) -> Handle {
-    Handle {
-        pool,
-        object: ObjectId([tag, 0, 0]),
-        index: i as u64,
-    }
+    vtmem_testkit::handle(pool, tag, i as u64)
 }
 
 fn rate(ops: usize, d: Duration) -> f64 {
@@ -237,7 +235,7 @@ fn vm_options(guest_pages: usize, depth: usize) -> VmOptions {
 
 /// Connects a VM and copies `pages` into its own memory.
 fn connect<'p>(
-    daemon: &Daemon,
+    daemon: &Vtmemd,
     name: &str,
     pages: impl ExactSizeIterator<Item = &'p Page>,
     depth: usize,
@@ -474,7 +472,7 @@ fn latency(vm: &Vm, pages: usize, samples: usize, poll_us: u32) -> Result<Latenc
     })
 }
 
-fn multi_vm(daemon: &Daemon, pages: &[Box<Page>], vms: usize, depth: usize) -> Result<MultiVm> {
+fn multi_vm(daemon: &Vtmemd, pages: &[Box<Page>], vms: usize, depth: usize) -> Result<MultiVm> {
     // Each VM stores its own stretch of the corpus (wrapping around), at
     // least MIN_MULTI_VM_PAGES so that a run lasts long enough to measure.
     let n = pages.len();
@@ -555,14 +553,17 @@ fn multi_vm(daemon: &Daemon, pages: &[Box<Page>], vms: usize, depth: usize) -> R
     })
 }
 
-fn daemon_config(opts: &BenchOptions, poll_us: Option<u32>) -> DaemonConfig {
-    let vms = (0..*VM_COUNTS.iter().max().unwrap_or(&1)).map(|v| VmSpec::new(&format!("bench{v}")));
-    DaemonConfig {
-        host_limit: Some("16G".into()),
-        poll_us,
-        binary: opts.vtmemd.clone(),
-        ..DaemonConfig::with_vms(vms)
+/// `vtmemd`'s arguments: the VMs `bench0`.., a 16G host limit, and the
+/// busy-poll window if any.
+fn daemon_args(poll_us: Option<u32>) -> Vec<String> {
+    let vms: Vec<String> = (0..*VM_COUNTS.iter().max().unwrap_or(&1))
+        .map(|v| format!("bench{v}"))
+        .collect();
+    let mut extra = vec!["--host-limit".to_string(), "16G".to_string()];
+    if let Some(p) = poll_us {
+        extra.extend(["--poll-us".to_string(), p.to_string()]);
     }
+    daemon::args(&vms, &extra)
 }
 
 /// Runs the benchmark, printing progress to stderr.
@@ -576,7 +577,9 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     eprintln!("corpus: {} pages ({:?})", corpus.pages.len(), corpus.mix);
     let pages = &corpus.pages;
 
-    let mut daemon = Daemon::start(daemon_config(opts, None))?;
+    let binary = daemon::vtmemd_binary(opts.vtmemd.as_deref())?;
+    let mut daemon =
+        Vtmemd::try_start(&binary, &daemon_args(None)).map_err(|e| Error::Daemon(e.to_string()))?;
     let inproc = InProcess::new()?;
     let mut report = Report {
         quick: opts.quick,
@@ -618,7 +621,9 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         report.multi_vm.push(m);
     }
 
-    daemon.restart(daemon_config(opts, Some(opts.poll_us)))?;
+    daemon
+        .restart(&daemon_args(Some(opts.poll_us)))
+        .map_err(|e| Error::Daemon(e.to_string()))?;
     {
         let lat_pages = &pages[..n.min(4096)];
         let vm = connect(&daemon, "bench0", lat_pages.iter().map(|p| &**p), depth)?;

@@ -9,11 +9,10 @@
 //! crate's encoders, notifies the device only when `EVENT_IDX` says so,
 //! sleeps on the call eventfd, and checks every response.
 //!
-//! [`Daemon`] starts `vtmemd` as a child process and [`Control`] speaks its
-//! control socket; [`raw`] builds malformed chains; [`bench`] measures.
+//! [`raw`] builds malformed chains; [`bench`] and [`multivm`] measure, with
+//! a `vtmemd` started by the test kit's fixture ([`daemon`]).
 
 pub mod bench;
-pub mod control;
 pub mod daemon;
 pub mod memory;
 pub mod multivm;
@@ -24,8 +23,6 @@ pub mod ring;
 mod sys;
 pub mod vm;
 
-pub use control::Control;
-pub use daemon::{Daemon, DaemonConfig, VmSpec};
 pub use queue::{Completion, PageSource, Queue, QueueConfig, QueueStats, RawCompletion, Ticket};
 pub use raw::{RawChainBuilder, RawOutcome};
 pub use ring::{Link, RawDescriptor};

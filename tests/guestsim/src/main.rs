@@ -9,7 +9,8 @@ use log::error;
 use vtmem_guestsim::bench::{self, BenchOptions};
 use vtmem_guestsim::multivm::{self, MultiVmOptions};
 use vtmem_guestsim::pages::{checksum, random_page};
-use vtmem_guestsim::{Handle, ObjectId, PoolSpec, Status, Vm, VmOptions};
+use vtmem_guestsim::{PoolSpec, Status, Vm, VmOptions};
+use vtmem_testkit::handle;
 
 /// Plays a VMM and a guest vtmem driver against vtmemd over vhost-user.
 #[derive(Debug, Parser)]
@@ -27,9 +28,9 @@ enum Command {
         /// Short run: a smaller working set and fewer latency samples.
         #[arg(long)]
         quick: bool,
-        /// vtmemd binary (default: $VTMEMD, else next to this executable,
-        /// else built with cargo).
-        #[arg(long, value_name = "PATH")]
+        /// vtmemd binary (default: $VTMEMD, else the vtmemd next to this
+        /// executable).
+        #[arg(long, value_name = "PATH", env = "VTMEMD")]
         vtmemd: Option<PathBuf>,
         /// Pages in the working set.
         #[arg(long, value_name = "N")]
@@ -66,9 +67,9 @@ enum Command {
         /// Write the JSON result to this file.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
-        /// vtmemd binary (default: $VTMEMD, else next to this executable,
-        /// else built with cargo).
-        #[arg(long, value_name = "PATH")]
+        /// vtmemd binary (default: $VTMEMD, else the vtmemd next to this
+        /// executable).
+        #[arg(long, value_name = "PATH", env = "VTMEMD")]
         vtmemd: Option<PathBuf>,
     },
     /// Connect to a running vtmemd VM socket, store pages in a persistent
@@ -86,12 +87,8 @@ enum Command {
 fn check(socket: PathBuf, n: u64) -> vtmem_guestsim::Result<()> {
     let vm = Vm::connect(&socket, &VmOptions::default())?;
     let pool = vm.new_pool(PoolSpec::persistent())?;
-    let pages: Vec<_> = (0..n).map(random_page).collect();
-    let h = |i: u64| Handle {
-        pool,
-        object: ObjectId([1, 0, 0]),
-        index: i,
-    };
+    let pages: Vec<_> = (0..n).map(|i| Box::new(random_page(i))).collect();
+    let h = |i: u64| handle(pool, 1, i);
     let items: Vec<_> = pages
         .iter()
         .enumerate()

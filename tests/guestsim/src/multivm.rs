@@ -25,10 +25,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
-use vtmem_protocol::{Handle, ObjectId, Op, PoolSpec, Status, PAGE_SIZE};
+use vtmem_api::Request;
+use vtmem_protocol::{Handle, Op, PoolSpec, Status, PAGE_SIZE};
+use vtmem_testkit::Rng;
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::daemon::{Daemon, DaemonConfig, VmSpec};
+use crate::daemon;
 use crate::pages::{checksum, Corpus};
 use crate::queue::PageSource;
 use crate::vm::{Vm, VmOptions};
@@ -248,13 +250,8 @@ fn file_pages(n: usize) -> (Vec<Box<Page>>, PageMix) {
 /// repeat of the previous line.
 fn anon_page(seed: u64) -> Box<Page> {
     let mut p: Box<Page> = Box::new([0u8; PAGE_SIZE]);
-    let mut x = mix64(seed) | 1;
-    let mut next = || {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    };
+    let mut rng = Rng::new(mix64(seed));
+    let mut next = || rng.next_u64();
     for line in 0..PAGE_SIZE / 64 {
         let r = next() % 10;
         let (head, tail) = p.split_at_mut(line * 64);
@@ -398,11 +395,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 fn handle(pool: u32, i: usize) -> Handle {
-    Handle {
-        pool,
-        object: ObjectId([1, 0, 0]),
-        index: i as u64,
-    }
+    vtmem_testkit::handle(pool, 1, i as u64)
 }
 
 /// Pipelines `reqs`, recording each request's round trip; counts
@@ -484,12 +477,11 @@ fn step(
     limit: f64,
     cpus: usize,
 ) -> Result<Step> {
-    let specs = (0..vms).map(|v| VmSpec::new(&format!("vm{v}")).dedup_group("os-image"));
-    let daemon = Daemon::start(DaemonConfig {
-        host_limit: Some("16G".into()),
-        binary: opts.vtmemd.clone(),
-        ..DaemonConfig::with_vms(specs)
-    })?;
+    let specs: Vec<String> = (0..vms)
+        .map(|v| format!("vm{v},dedup-group=os-image"))
+        .collect();
+    let binary = daemon::vtmemd_binary(opts.vtmemd.as_deref())?;
+    let daemon = daemon::start(&binary, &specs, &["--host-limit".into(), "16G".into()])?;
     let pid = daemon.pid();
     let rounds = min_ops.div_ceil(vms * n).max(1);
     let barrier = Arc::new(Barrier::new(vms + 1));
@@ -598,7 +590,10 @@ fn step(
         put_time += t.elapsed();
         put_cpu += total_cpu(pid) - c;
         if r == 0 {
-            status = daemon.control()?.status()?;
+            status = daemon
+                .try_control()
+                .and_then(|mut c| c.call(&Request::Status {}))
+                .map_err(|e| Error::Control(e.to_string()))?;
         }
         barrier.wait();
         let (t, c) = (Instant::now(), total_cpu(pid));

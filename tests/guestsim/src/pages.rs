@@ -1,43 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Page contents: real OS files (shared libraries, documentation text),
-//! zero pages, and deterministic synthetic pages with checksums.
+//! Page contents for the benchmarks: real OS files (shared libraries,
+//! documentation text), zero pages, and the test kit's synthetic pages
+//! where the files run out.
 
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use xxhash_rust::xxh3::xxh3_64;
-
 use crate::{Page, PAGE_SIZE};
 
-/// Checksum of a page (XXH3-64).
-pub fn checksum(page: &Page) -> u64 {
-    xxh3_64(page)
-}
-
-/// A deterministic, incompressible page for `seed`.
-pub fn random_page(seed: u64) -> Box<Page> {
-    let mut p: Box<Page> = Box::new([0u8; PAGE_SIZE]);
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for chunk in p.chunks_exact_mut(8) {
-        // xorshift64*
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        chunk.copy_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    p
-}
-
-/// A deterministic page that compresses well: `seed` stamped into text.
-pub fn text_page(seed: u64) -> Box<Page> {
-    let mut p: Box<Page> = Box::new([0u8; PAGE_SIZE]);
-    let line = format!("page {seed:016x} of the vtmem guest simulator; ");
-    for (i, b) in p.iter_mut().enumerate() {
-        *b = line.as_bytes()[i % line.len()];
-    }
-    p
-}
+pub use vtmem_testkit::{checksum, random_page, text_page};
 
 /// Where [`Corpus::load`] found its pages.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -159,7 +131,7 @@ impl Corpus {
             };
             pages.push(p.unwrap_or_else(|| {
                 mix.synthetic += 1;
-                text_page(i as u64)
+                Box::new(text_page(i as u64))
             }));
         }
         mix.zero = zi;

@@ -1,48 +1,36 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Helpers shared by the tests that run a real vtmemd.
-
-#![allow(dead_code)]
+//! What the `guest_*` tests share: simulated VMs (the guest simulator)
+//! against the real vtmemd.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use vtmem_guestsim::pages::{checksum, random_page};
-use vtmem_guestsim::{
-    Daemon, DaemonConfig, Handle, ObjectId, Page, PoolSpec, Status, Vm, VmOptions, VmSpec,
-};
+use vtmem_guestsim::{Handle, ObjectId, PoolSpec, Status, Vm, VmOptions};
 
-/// Starts vtmemd with these VMs (and whatever else `f` sets).
-pub fn daemon(vms: &[VmSpec], f: impl FnOnce(&mut DaemonConfig)) -> Daemon {
-    let mut cfg = DaemonConfig::with_vms(vms.iter().cloned());
-    f(&mut cfg);
-    Daemon::start(cfg).expect("vtmemd starts")
+use super::{checksum, handle, random_page, vtmemd_with_vms, wait_until, Page, Vtmemd, DEADLINE};
+
+/// Starts vtmemd with a `--vm` for each spec and the `extra` arguments.
+pub fn daemon(vms: &[&str], extra: &[&str]) -> Vtmemd {
+    vtmemd_with_vms(vms, extra)
 }
 
 /// Connects to `name` with default options.
-pub fn connect(d: &Daemon, name: &str) -> Vm {
+pub fn connect(d: &Vtmemd, name: &str) -> Vm {
     connect_with(d, name, VmOptions::default())
 }
 
 /// Connects to `name`.
-pub fn connect_with(d: &Daemon, name: &str, opts: VmOptions) -> Vm {
+pub fn connect_with(d: &Vtmemd, name: &str, opts: VmOptions) -> Vm {
     Vm::connect(d.socket(name), &opts)
         .unwrap_or_else(|e| panic!("connect {name}: {e}\nlog:\n{}", d.log()))
 }
 
-/// A handle in `pool`, object `obj`.
-pub fn h(pool: u32, obj: u64, index: u64) -> Handle {
-    Handle {
-        pool,
-        object: ObjectId([obj, 0, 0]),
-        index,
-    }
-}
-
 /// `n` distinct incompressible pages, seeded by `seed`.
 pub fn pages(seed: u64, n: usize) -> Vec<Box<Page>> {
-    (0..n as u64).map(|i| random_page(seed << 32 | i)).collect()
+    (0..n as u64)
+        .map(|i| Box::new(random_page(seed << 32 | i)))
+        .collect()
 }
 
 /// Pairs handles with pages for `put_batch`.
@@ -50,12 +38,12 @@ pub fn items(pool: u32, obj: u64, pages: &[Box<Page>]) -> Vec<(Handle, &Page)> {
     pages
         .iter()
         .enumerate()
-        .map(|(i, p)| (h(pool, obj, i as u64), &**p))
+        .map(|(i, p)| (handle(pool, obj, i as u64), &**p))
         .collect()
 }
 
 /// Asserts the daemon process still runs.
-pub fn assert_alive(d: &Daemon) {
+pub fn assert_alive(d: &Vtmemd) {
     assert!(
         d.is_alive(),
         "vtmemd died: {:?}\nlog:\n{}",
@@ -73,7 +61,7 @@ pub struct Neighbour {
 
 impl Neighbour {
     /// Connects to `name` and starts the I/O loop.
-    pub fn start(d: &Daemon, name: &str) -> Neighbour {
+    pub fn start(d: &Vtmemd, name: &str) -> Neighbour {
         let vm = connect(d, name);
         let stop = Arc::new(AtomicBool::new(false));
         let rounds = Arc::new(AtomicU64::new(0));
@@ -91,7 +79,7 @@ impl Neighbour {
                 if st.iter().any(|s| *s != Status::Ok) {
                     return Err(format!("round {round}: puts {st:?}"));
                 }
-                let hs: Vec<_> = (0..48).map(|i| h(pool, round, i)).collect();
+                let hs: Vec<_> = (0..48).map(|i| handle(pool, round, i)).collect();
                 let got = vm.get_batch(&hs).map_err(|e| e.to_string())?;
                 for (i, (s, p)) in got.iter().enumerate() {
                     if *s != Status::Ok || checksum(p) != checksum(&pg[i]) {
@@ -117,21 +105,13 @@ impl Neighbour {
         self.rounds.load(Ordering::Relaxed)
     }
 
-    /// Waits until at least `n` more rounds completed (or panics).
+    /// Waits until at least `n` more rounds completed (or the loop ended
+    /// early, which [`Neighbour::finish`] reports); panics at the deadline.
     pub fn wait_rounds(&self, n: u64) {
         let target = self.rounds() + n;
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while self.rounds() < target {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "neighbour stalled at round {}",
-                self.rounds()
-            );
-            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_until(&format!("neighbour round {target}"), DEADLINE, || {
+            self.rounds() >= target || self.thread.as_ref().is_some_and(|t| t.is_finished())
+        });
     }
 
     /// Stops the loop and returns the rounds done; panics on any error.

@@ -14,11 +14,11 @@ use virtio_queue::{Queue as DevQueue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vtmem_guestsim::memory::{Allocator, GuestRam};
-use vtmem_guestsim::pages::{checksum, random_page};
 use vtmem_guestsim::{
     Error, Handle, ObjectId, Op, PageSource, PoolSpec, Queue, QueueConfig, Status,
 };
 use vtmem_protocol::{response_len, OpStatus, Request, ResponseHeader, ResponseWriter, PAGE_SIZE};
+use vtmem_testkit::{checksum, handle, random_page};
 
 const SIZE: u16 = 256;
 
@@ -32,7 +32,7 @@ struct Model {
 }
 
 /// Handles one chain; returns the used length.
-fn handle(
+fn serve_chain(
     mem: &GuestMemoryMmap,
     descs: &[virtio_queue::desc::split::Descriptor],
     m: &mut Model,
@@ -143,7 +143,7 @@ impl Device {
                         if flags & 4 != 0 {
                             m.indirect_chains += 1;
                         }
-                        let len = handle(&mem, &raw, &mut m);
+                        let len = serve_chain(&mem, &raw, &mut m);
                         thread::sleep(slow);
                         dq.add_used(&mem, head, len).unwrap();
                         if dq.needs_notification(&mem).unwrap() {
@@ -193,18 +193,14 @@ fn setup(event_idx: bool, indirect: bool, depth: usize) -> (Arc<GuestRam>, Queue
 }
 
 fn h(i: u64) -> Handle {
-    Handle {
-        pool: 1,
-        object: ObjectId([7, 0, 0]),
-        index: i,
-    }
+    handle(1, 7, i)
 }
 
 fn roundtrip(event_idx: bool, indirect: bool) -> (Model, vtmem_guestsim::QueueStats) {
     let (ram, mut q) = setup(event_idx, indirect, 8);
     let dev = Device::start(&ram, &q, event_idx, Duration::ZERO);
     assert_eq!(q.new_pool(PoolSpec::persistent()).unwrap(), 1);
-    let pages: Vec<_> = (0..300).map(random_page).collect();
+    let pages: Vec<_> = (0..300).map(|i| Box::new(random_page(i))).collect();
     let items: Vec<_> = pages
         .iter()
         .enumerate()
@@ -250,7 +246,7 @@ fn streaming_suppresses_kicks_and_interrupts() {
     // A slow device stays busy while the driver queues more: EVENT_IDX
     // must suppress most kicks.
     let dev = Device::start(&ram, &q, true, Duration::from_micros(300));
-    let pages: Vec<_> = (0..64).map(random_page).collect();
+    let pages: Vec<_> = (0..64).map(|i| Box::new(random_page(i))).collect();
     let reqs: Vec<_> = (0..64u64)
         .map(|r| {
             let ops: Vec<Op> = (0..32)

@@ -9,13 +9,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::guest::*;
 use common::*;
-use vtmem_guestsim::pages::random_page;
 use vtmem_guestsim::raw::request_bytes;
 use vtmem_guestsim::ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vtmem_guestsim::{
-    Daemon, Op, PoolSpec, RawChainBuilder, RawDescriptor, RawOutcome, Status, Vm, VmOptions,
-    VmSpec, PAGE_SIZE,
+    Op, PoolSpec, RawChainBuilder, RawDescriptor, RawOutcome, Status, Vm, VmOptions, PAGE_SIZE,
 };
 use vtmem_protocol::{response_len, MAX_OPS_PER_REQUEST, RESPONSE_HEADER_SIZE};
 
@@ -77,7 +76,7 @@ fn executed(out: &RawOutcome, want: &[Status], extra_used: usize) -> CaseResult 
 }
 
 struct Suite<'a> {
-    d: &'a Daemon,
+    d: &'a Vtmemd,
     vm: Vm,
     pool: u32,
     next: u64,
@@ -91,7 +90,7 @@ impl Suite<'_> {
     /// A fresh handle no case has used.
     fn fresh(&mut self) -> vtmem_guestsim::Handle {
         self.next += 1;
-        h(self.pool, 0xbad, self.next)
+        handle(self.pool, 0xbad, self.next)
     }
 
     fn put_op(&mut self) -> (Op, vtmem_guestsim::Handle) {
@@ -117,7 +116,7 @@ impl Suite<'_> {
     /// The same VM still gets answers.
     fn still_usable(&mut self) -> CaseResult {
         let hh = self.fresh();
-        let p = random_page(hh.index);
+        let p = Box::new(random_page(hh.index));
         let st = self
             .vm
             .put_batch(&[(hh, &*p)])
@@ -130,7 +129,7 @@ impl Suite<'_> {
 }
 
 fn page() -> Box<[u8; PAGE_SIZE]> {
-    random_page(0x5eed)
+    Box::new(random_page(0x5eed))
 }
 
 fn header_bytes(version: u16, num_ops: u16, flags: u32, tag: u64) -> Vec<u8> {
@@ -574,7 +573,7 @@ fn cases() -> Vec<Case> {
             executed(&out, &[Status::Invalid; 4], 0)
         }),
         ("pool ids the VM does not hold", |s| {
-            let bad = h(s.pool + 1000, 1, 1);
+            let bad = handle(s.pool + 1000, 1, 1);
             let req = request_bytes(
                 &[
                     Op::Put {
@@ -755,7 +754,7 @@ fn desc_bytes(d: &RawDescriptor) -> [u8; 16] {
 
 #[test]
 fn malformed_requests_get_the_right_answer_and_hurt_nobody() {
-    let d = daemon(&[VmSpec::new("bad"), VmSpec::new("good")], |_| {});
+    let d = daemon(&["bad", "good"], &[]);
     let neighbour = Neighbour::start(&d, "good");
     let vm = connect(&d, "bad");
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
@@ -790,7 +789,7 @@ fn malformed_requests_get_the_right_answer_and_hurt_nobody() {
 
 #[test]
 fn indirect_descriptors_refused_unless_negotiated() {
-    let d = daemon(&[VmSpec::new("plain")], |_| {});
+    let d = daemon(&["plain"], &[]);
     let vm = connect_with(
         &d,
         "plain",
@@ -825,7 +824,7 @@ fn indirect_descriptors_refused_unless_negotiated() {
 
 #[test]
 fn broken_rings_hurt_only_their_own_vm() {
-    let d = daemon(&[VmSpec::new("victim"), VmSpec::new("good")], |_| {});
+    let d = daemon(&["victim", "good"], &[]);
     let neighbour = Neighbour::start(&d, "good");
 
     // A head index past the descriptor table is skipped; the ring goes on.
@@ -854,7 +853,9 @@ fn broken_rings_hurt_only_their_own_vm() {
         q.inject_avail_idx(bogus).unwrap();
         q.force_kick().unwrap();
     }
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until("the device to give up the ring", DEADLINE, || {
+        d.log().contains("ring unusable")
+    });
     assert_alive(&d);
     neighbour.wait_rounds(2);
     vm.disconnect();
@@ -866,7 +867,7 @@ fn broken_rings_hurt_only_their_own_vm() {
             ..VmOptions::default()
         },
     );
-    let hs: Vec<_> = (0..8).map(|i| h(pool, 1, i)).collect();
+    let hs: Vec<_> = (0..8).map(|i| handle(pool, 1, i)).collect();
     let got = vm.get_batch(&hs).unwrap();
     assert!(
         got.iter().all(|(s, _)| *s == Status::Ok),

@@ -8,10 +8,10 @@ mod common;
 
 use std::time::Duration;
 
+use common::guest::*;
 use common::*;
-use vtmem_guestsim::pages::random_page;
 use vtmem_guestsim::raw::request_bytes;
-use vtmem_guestsim::{Op, PoolSpec, RawChainBuilder, Status, Vm, VmOptions, VmSpec, PAGE_SIZE};
+use vtmem_guestsim::{Op, PoolSpec, RawChainBuilder, Status, Vm, VmOptions, PAGE_SIZE};
 use vtmem_protocol::{response_len, Response};
 
 const TAG: u64 = 0xc0f0_0000_0001;
@@ -81,7 +81,7 @@ const GET_WRITABLE: &[&[usize]] = &[
 
 #[test]
 fn any_descriptor_split_is_accepted_for_put_and_get() {
-    let d = daemon(&[VmSpec::new("split")], |_| {});
+    let d = daemon(&["split"], &[]);
     let vm = connect(&d, "split");
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
     let mut n = 0u64;
@@ -89,8 +89,8 @@ fn any_descriptor_split_is_accepted_for_put_and_get() {
     for rc in PUT_READABLE {
         for wc in PUT_WRITABLE {
             n += 1;
-            let hh = h(pool, 1, n);
-            let data = random_page(n);
+            let hh = handle(pool, 1, n);
+            let data = Box::new(random_page(n));
             let mut readable = request_bytes(
                 &[Op::Put {
                     handle: hh,
@@ -118,7 +118,7 @@ fn any_descriptor_split_is_accepted_for_put_and_get() {
     for (i, wc) in GET_WRITABLE.iter().enumerate() {
         for rc in [&[][..], &[16][..], &[1, 17, 63][..]] {
             let k = 1 + (i as u64 % n);
-            let hh = h(pool, 1, k);
+            let hh = handle(pool, 1, k);
             let req = request_bytes(&[Op::Get { handle: hh }], TAG);
             let b = readable_cut(chain(&vm), &req, rc);
             let out = writable_cut(b, 32 + PAGE_SIZE, wc).submit().unwrap();
@@ -134,7 +134,7 @@ fn any_descriptor_split_is_accepted_for_put_and_get() {
         }
     }
     // Several operations, each in its own descriptor, pages in halves.
-    let (a, b) = (h(pool, 2, 1), h(pool, 2, 2));
+    let (a, b) = (handle(pool, 2, 1), handle(pool, 2, 2));
     let (pa, pb) = (random_page(100), random_page(101));
     let ops = [
         Op::Put {
@@ -178,11 +178,11 @@ fn any_descriptor_split_is_accepted_for_put_and_get() {
 
 #[test]
 fn used_length_is_the_written_prefix_when_a_get_misses_before_a_hit() {
-    let d = daemon(&[VmSpec::new("prefix")], |_| {});
+    let d = daemon(&["prefix"], &[]);
     let vm = connect(&d, "prefix");
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
-    let (miss1, hit, miss2) = (h(pool, 3, 1), h(pool, 3, 2), h(pool, 3, 3));
-    let data = random_page(0x600d);
+    let (miss1, hit, miss2) = (handle(pool, 3, 1), handle(pool, 3, 2), handle(pool, 3, 3));
+    let data = Box::new(random_page(0x600d));
     assert_eq!(vm.put_batch(&[(hit, &*data)]).unwrap(), [Status::Ok]);
 
     let req = request_bytes(
@@ -245,7 +245,7 @@ fn used_length_is_the_written_prefix_when_a_get_misses_before_a_hit() {
 
 #[test]
 fn no_interrupt_flag_is_honoured_without_event_idx() {
-    let d = daemon(&[VmSpec::new("quiet")], |_| {});
+    let d = daemon(&["quiet"], &[]);
     // A driver that never asks for interrupts: it polls the used ring (a
     // long spin) and leaves VRING_AVAIL_F_NO_INTERRUPT set throughout.
     let quiet = connect_with(
@@ -269,7 +269,7 @@ fn no_interrupt_flag_is_honoured_without_event_idx() {
     }
     // One more request: the worker signals a batch (or not) before it takes
     // the next, so once this completes every earlier signal has been sent.
-    quiet.flush_page(h(pool, 0, 0)).unwrap();
+    quiet.flush_page(handle(pool, 0, 0)).unwrap();
     let s = quiet.stats();
     assert_eq!(s.sleeps, 0, "the driver waited with interrupts enabled");
     assert_eq!(
@@ -294,7 +294,7 @@ fn set_config_changes_nothing_and_keeps_the_connection() {
     use vtmem_guestsim::{Queue, QueueConfig};
     use vtmem_protocol::{DeviceConfig, CONFIG_SIZE};
 
-    let d = daemon(&[VmSpec::new("cfg")], |_| {});
+    let d = daemon(&["cfg"], &[]);
     // A VMM of its own, to send what guestsim's does not.
     let mut fe = Frontend::connect(d.socket("cfg"), 1).unwrap();
     fe.set_owner().unwrap();
@@ -354,8 +354,8 @@ fn set_config_changes_nothing_and_keeps_the_connection() {
     fe.set_vring_enable(0, true).unwrap();
     assert_eq!(q.reset().unwrap(), Status::Ok);
     let pool = q.new_pool(PoolSpec::persistent()).unwrap();
-    let page = random_page(0xc0f);
-    let hh = h(pool, 1, 1);
+    let page = Box::new(random_page(0xc0f));
+    let hh = handle(pool, 1, 1);
     assert_eq!(q.put_batch(&[(hh, &*page)]).unwrap(), [Status::Ok]);
     assert_eq!(q.get_batch(&[hh]).unwrap()[0].1[..], page[..]);
     assert_alive(&d);
@@ -363,7 +363,7 @@ fn set_config_changes_nothing_and_keeps_the_connection() {
 
 #[test]
 fn a_head_outside_the_table_is_consumed_and_never_returned() {
-    let d = daemon(&[VmSpec::new("heads")], |_| {});
+    let d = daemon(&["heads"], &[]);
     let vm = connect(&d, "heads");
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
     let before = vm.queue(0).ring().used_idx(vm.ram()).unwrap();

@@ -5,11 +5,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::guest::*;
 use common::*;
-use vtmem_guestsim::pages::checksum;
-use vtmem_guestsim::{Op, PageSource, PoolSpec, Status, VmOptions, VmSpec};
+use vtmem_api::Request;
+use vtmem_guestsim::{Error, Op, PageSource, PoolSpec, Status, VmOptions};
 
 fn no_reset() -> VmOptions {
     VmOptions {
@@ -18,18 +19,9 @@ fn no_reset() -> VmOptions {
     }
 }
 
-/// Waits until `f` holds (the daemon notices disconnects asynchronously).
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn disconnect_mid_batch_then_reconnect_keeps_pools_and_pages() {
-    let d = daemon(&[VmSpec::new("m")], |_| {});
+    let d = daemon(&["m"], &[]);
     let deep = VmOptions {
         depth: 32,
         ..VmOptions::default()
@@ -51,7 +43,7 @@ fn disconnect_mid_batch_then_reconnect_keeps_pools_and_pages() {
             let chunk = &inflight[b * 128..(b + 1) * 128];
             let ops: Vec<Op> = (0..128)
                 .map(|i| Op::Put {
-                    handle: h(pool, 2, (b * 128 + i) as u64),
+                    handle: handle(pool, 2, (b * 128 + i) as u64),
                     reserved: false,
                 })
                 .collect();
@@ -65,13 +57,13 @@ fn disconnect_mid_batch_then_reconnect_keeps_pools_and_pages() {
 
     // The VMM reconnects (no driver re-initialisation): same pool id.
     let vm = connect_with(&d, "m", no_reset());
-    let hs: Vec<_> = (0..256).map(|i| h(pool, 1, i)).collect();
+    let hs: Vec<_> = (0..256).map(|i| handle(pool, 1, i)).collect();
     for (i, (s, p)) in vm.get_batch(&hs).unwrap().iter().enumerate() {
         assert_eq!(*s, Status::Ok, "page {i} lost across the reconnect");
         assert_eq!(checksum(p), checksum(&kept[i]));
     }
     // The interrupted batches: each page is there intact or not at all.
-    let hs: Vec<_> = (0..32 * 128).map(|i| h(pool, 2, i)).collect();
+    let hs: Vec<_> = (0..32 * 128).map(|i| handle(pool, 2, i)).collect();
     let mut present = 0;
     for (i, (s, p)) in vm.get_batch(&hs).unwrap().iter().enumerate() {
         match s {
@@ -84,9 +76,8 @@ fn disconnect_mid_batch_then_reconnect_keeps_pools_and_pages() {
         }
     }
     eprintln!("{present} of 4096 interrupted puts had been stored");
-    let mut ctl = d.control().unwrap();
-    let c = ctl.client("m").unwrap();
-    assert_eq!(c["persistent_pages"].as_u64(), Some(256 + present));
+    let c = d.client_stats("m");
+    assert_eq!(Some(c.persistent_pages), Some(256 + present));
     // And the device works normally again.
     let more = pages(3, 10);
     assert!(vm
@@ -99,12 +90,12 @@ fn disconnect_mid_batch_then_reconnect_keeps_pools_and_pages() {
 
 #[test]
 fn clean_stop_reports_the_ring_position_and_pages_survive() {
-    let d = daemon(&[VmSpec::new("s")], |_| {});
+    let d = daemon(&["s"], &[]);
     let vm = connect(&d, "s");
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
     let data = pages(4, 20);
     for (i, p) in data.iter().enumerate() {
-        let st = vm.put_batch(&[(h(pool, 1, i as u64), &**p)]).unwrap();
+        let st = vm.put_batch(&[(handle(pool, 1, i as u64), &**p)]).unwrap();
         assert_eq!(st, vec![Status::Ok]);
     }
     // RESET + NEW_POOL + 20 puts = 22 chains consumed.
@@ -113,7 +104,9 @@ fn clean_stop_reports_the_ring_position_and_pages_survive() {
     let bases = vm.shutdown().unwrap();
     assert_eq!(bases, vec![22], "GET_VRING_BASE after the stop");
     let vm = connect_with(&d, "s", no_reset());
-    let got = vm.get_batch(&[h(pool, 1, 0), h(pool, 1, 19)]).unwrap();
+    let got = vm
+        .get_batch(&[handle(pool, 1, 0), handle(pool, 1, 19)])
+        .unwrap();
     assert!(got.iter().all(|(s, _)| *s == Status::Ok));
     assert_eq!(checksum(&got[0].1), checksum(&data[0]));
     assert_eq!(checksum(&got[1].1), checksum(&data[19]));
@@ -121,7 +114,7 @@ fn clean_stop_reports_the_ring_position_and_pages_survive() {
 
 #[test]
 fn reset_drops_every_pool() {
-    let d = daemon(&[VmSpec::new("r")], |_| {});
+    let d = daemon(&["r"], &[]);
     let vm = connect(&d, "r");
     let pp = vm.new_pool(PoolSpec::persistent()).unwrap();
     let ep = vm.new_pool(PoolSpec::ephemeral()).unwrap();
@@ -137,19 +130,21 @@ fn reset_drops_every_pool() {
         .iter()
         .all(|s| *s == Status::Ok));
     assert_eq!(vm.reserve(pp, 4).unwrap(), 4);
-    let mut ctl = d.control().unwrap();
-    let base = ctl.host_used().unwrap();
+    let base = d.status().store.host_used;
 
     assert_eq!(vm.reset().unwrap(), Status::Ok);
     for p in [pp, ep] {
-        assert_eq!(vm.get_batch(&[h(p, 1, 0)]).unwrap()[0].0, Status::NoPool);
+        assert_eq!(
+            vm.get_batch(&[handle(p, 1, 0)]).unwrap()[0].0,
+            Status::NoPool
+        );
     }
-    let c = ctl.client("r").unwrap();
-    assert_eq!(c["persistent_pages"].as_u64(), Some(0), "{c}");
-    assert_eq!(c["ephemeral_pages"].as_u64(), Some(0), "{c}");
-    assert_eq!(c["reserved_pages"].as_u64(), Some(0), "{c}");
-    assert_eq!(c["pools"].as_array().map(Vec::len), Some(0), "{c}");
-    assert!(ctl.host_used().unwrap() < base, "reset freed nothing");
+    let c = d.client_stats("r");
+    assert_eq!(Some(c.persistent_pages), Some(0), "{c:?}");
+    assert_eq!(Some(c.ephemeral_pages), Some(0), "{c:?}");
+    assert_eq!(Some(c.reserved_pages), Some(0), "{c:?}");
+    assert_eq!(c.pools.len(), 0, "{c:?}");
+    assert!(d.status().store.host_used < base, "reset freed nothing");
 
     // Pools work again, and a driver that re-initialises (RESET at connect)
     // drops them too.
@@ -162,19 +157,18 @@ fn reset_drops_every_pool() {
     vm.disconnect();
     let vm = connect(&d, "r");
     assert_eq!(
-        vm.get_batch(&[h(again, 1, 0)]).unwrap()[0].0,
+        vm.get_batch(&[handle(again, 1, 0)]).unwrap()[0].0,
         Status::NoPool
     );
-    eventually("pages freed by the driver's RESET", || {
-        ctl.client("r").unwrap()["persistent_pages"].as_u64() == Some(0)
+    wait_until("pages freed by the driver's RESET", DEADLINE, || {
+        d.client_stats("r").persistent_pages == 0
     });
 }
 
 #[test]
 fn removing_a_vm_frees_its_memory_and_spares_the_others() {
-    let d = daemon(&[VmSpec::new("gone"), VmSpec::new("stay")], |_| {});
-    let mut ctl = d.control().unwrap();
-    let base = ctl.host_used().unwrap();
+    let d = daemon(&["gone", "stay"], &[]);
+    let base = d.status().store.host_used;
     let gone = connect(&d, "gone");
     let stay = connect(&d, "stay");
     let gp = gone.new_pool(PoolSpec::persistent()).unwrap();
@@ -191,14 +185,16 @@ fn removing_a_vm_frees_its_memory_and_spares_the_others() {
         .unwrap()
         .iter()
         .all(|s| *s == Status::Ok));
-    let before = ctl.host_used().unwrap();
+    let before = d.status().store.host_used;
     let stay_only = {
-        let c = ctl.client("stay").unwrap();
-        c["persistent_bytes"].as_u64().unwrap()
+        let c = d.client_stats("stay");
+        c.persistent_bytes
     };
 
-    ctl.remove_vm("gone").unwrap();
-    let after = ctl.host_used().unwrap();
+    d.call(&Request::RemoveVm {
+        vm: "gone".parse().unwrap(),
+    });
+    let after = d.status().store.host_used;
     assert!(
         before - after >= 256 * 4096,
         "removal freed {} bytes of at least {}",
@@ -209,43 +205,45 @@ fn removing_a_vm_frees_its_memory_and_spares_the_others() {
         after - base <= stay_only + 64 * 1024,
         "host_used {after} after removal"
     );
-    let st = ctl.status().unwrap();
+    let st = d.status();
     assert!(
-        st["clients"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|c| c["name"] != "gone"),
+        st.store.clients.iter().all(|c| c.name != "gone"),
         "removed VM still listed"
     );
-    eventually("the removed VM's socket to go", || {
+    wait_until("the removed VM's socket to go", DEADLINE, || {
         !d.socket("gone").exists()
     });
     drop(gone);
     assert_alive(&d);
 
     // The other VM is untouched.
-    let hs: Vec<_> = (0..128).map(|i| h(sp, 1, i)).collect();
+    let hs: Vec<_> = (0..128).map(|i| handle(sp, 1, i)).collect();
     for (i, (s, p)) in stay.get_batch(&hs).unwrap().iter().enumerate() {
         assert_eq!(*s, Status::Ok);
         assert_eq!(checksum(p), checksum(&sdata[i]));
     }
 
     // Added again, it is a new client: no pools.
-    ctl.add_vm("gone", serde_json::json!({ "persistent_quota": "16M" }))
-        .unwrap();
-    eventually("the re-added VM's socket", || d.socket("gone").exists());
+    d.call(&Request::AddVm(
+        "gone,persistent-quota=16M".parse().unwrap(),
+    ));
+    wait_until("the re-added VM's socket", DEADLINE, || {
+        d.socket("gone").exists()
+    });
     let gone = connect_with(&d, "gone", no_reset());
-    assert_eq!(gone.get_batch(&[h(gp, 1, 0)]).unwrap()[0].0, Status::NoPool);
-    let c = ctl.client("gone").unwrap();
-    assert_eq!(c["persistent_pages"].as_u64(), Some(0));
-    assert_eq!(c["config"]["persistent_quota"].as_u64(), Some(16 << 20));
+    assert_eq!(
+        gone.get_batch(&[handle(gp, 1, 0)]).unwrap()[0].0,
+        Status::NoPool
+    );
+    let c = d.client_stats("gone");
+    assert_eq!(Some(c.persistent_pages), Some(0));
+    assert_eq!(c.config.persistent_quota, 16 << 20);
     assert_alive(&d);
 }
 
 #[test]
 fn a_second_vmm_on_a_busy_socket_does_not_disturb_the_first() {
-    let d = daemon(&[VmSpec::new("one")], |_| {});
+    let d = daemon(&["one"], &[]);
     let first = connect(&d, "one");
     let pool = first.new_pool(PoolSpec::persistent()).unwrap();
     let data = pages(8, 32);
@@ -265,7 +263,7 @@ fn a_second_vmm_on_a_busy_socket_does_not_disturb_the_first() {
     );
     assert!(second.is_err(), "two VMMs on one VM socket");
     drop(second);
-    let hs: Vec<_> = (0..32).map(|i| h(pool, 1, i)).collect();
+    let hs: Vec<_> = (0..32).map(|i| handle(pool, 1, i)).collect();
     for (i, (s, p)) in first.get_batch(&hs).unwrap().iter().enumerate() {
         assert_eq!(*s, Status::Ok);
         assert_eq!(checksum(p), checksum(&data[i]));
@@ -278,7 +276,7 @@ fn a_second_vmm_on_a_busy_socket_does_not_disturb_the_first() {
 
 #[test]
 fn work_queued_before_the_ring_is_enabled_is_served_once_enabled() {
-    let d = daemon(&[VmSpec::new("early")], |_| {});
+    let d = daemon(&["early"], &[]);
     // No REPLY_ACK, rings left disabled: a request is queued and kicked
     // before SET_VRING_ENABLE, as a VMM that does not wait might do.
     let vm = connect_with(
@@ -296,8 +294,19 @@ fn work_queued_before_the_ring_is_enabled_is_served_once_enabled() {
         q.force_kick().unwrap();
         t
     };
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(vm.queue(0).reap().unwrap(), 0, "a disabled ring was served");
+    // Nothing can announce that a kick was ignored: the device gets a
+    // window in which serving the disabled ring would end the wait at once.
+    {
+        let mut q = vm.queue(0);
+        let normal = q.timeout();
+        q.set_timeout(Duration::from_millis(100));
+        let early = q.wait(t);
+        q.set_timeout(normal);
+        assert!(
+            matches!(early, Err(Error::Timeout(_))),
+            "a disabled ring was served: {early:?}"
+        );
+    }
     vm.enable_queues().unwrap();
     // No further kick: enabling must be enough.
     let c = vm.queue(0).wait(t).unwrap();
@@ -313,7 +322,7 @@ fn work_queued_before_the_ring_is_enabled_is_served_once_enabled() {
 
 #[test]
 fn removing_a_vm_while_it_streams_puts() {
-    let d = daemon(&[VmSpec::new("busy"), VmSpec::new("calm")], |_| {});
+    let d = daemon(&["busy", "calm"], &[]);
     let calm = Neighbour::start(&d, "calm");
     let vm = connect_with(
         &d,
@@ -341,25 +350,22 @@ fn removing_a_vm_while_it_streams_puts() {
         }
     });
     // Remove it in the middle of the stream, not before it started.
-    eventually("a few batches streamed", || {
+    wait_until("a few batches streamed", DEADLINE, || {
         streamed.load(std::sync::atomic::Ordering::Relaxed) >= 3
     });
-    let mut ctl = d.control().unwrap();
-    ctl.remove_vm("busy").unwrap();
+    d.call(&Request::RemoveVm {
+        vm: "busy".parse().unwrap(),
+    });
     let (rounds, why) = streamer.join().unwrap();
     eprintln!("streamed {rounds} batches, then: {why}");
     assert!(rounds > 0);
     assert_alive(&d);
     calm.wait_rounds(2);
     calm.finish();
-    let st = ctl.status().unwrap();
-    assert!(st["clients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|c| c["name"] != "busy"));
-    eventually("memory of the removed VM freed", || {
-        let used = ctl.host_used().unwrap();
+    let st = d.status();
+    assert!(st.store.clients.iter().all(|c| c.name != "busy"));
+    wait_until("memory of the removed VM freed", DEADLINE, || {
+        let used = d.status().store.host_used;
         // What is left is the neighbour's (it flushes every round).
         used < 64 * 4160 + 64 * 1024
     });

@@ -8,9 +8,9 @@ mod common;
 
 use std::thread;
 
+use common::guest::*;
 use common::*;
-use vtmem_guestsim::pages::{checksum, random_page};
-use vtmem_guestsim::{Error, ObjectId, Op, PoolSpec, Status, VmOptions, VmSpec};
+use vtmem_guestsim::{Error, ObjectId, Op, PoolSpec, Status, VmOptions};
 use vtmem_protocol::Uuid;
 
 const UUID: Uuid = Uuid::from_bytes([
@@ -22,11 +22,7 @@ const UUID_TEXT: &str = "5e11d00d-0001-4002-8003-040506070809";
 #[test]
 fn several_vms_on_several_queues_keep_their_pages_apart() {
     let names = ["a", "b", "c", "d"];
-    let specs: Vec<_> = names.iter().map(|n| VmSpec::new(n)).collect();
-    let d = daemon(&specs, |c| {
-        c.queues = Some(2);
-        c.host_limit = Some("256M".into());
-    });
+    let d = daemon(&names, &["--queues", "2", "--host-limit", "256M"]);
     let opts = VmOptions {
         queues: 2,
         ..VmOptions::default()
@@ -58,7 +54,7 @@ fn several_vms_on_several_queues_keep_their_pages_apart() {
 
             // Persistent: everything back, byte for byte.
             for (obj, data) in [(1u64, &obj1), (2u64, &obj2)] {
-                let hs: Vec<_> = (0..data.len() as u64).map(|i| h(pp, obj, i)).collect();
+                let hs: Vec<_> = (0..data.len() as u64).map(|i| handle(pp, obj, i)).collect();
                 for (i, (s, p)) in vm.get_batch(&hs).unwrap().iter().enumerate() {
                     assert_eq!(*s, Status::Ok, "persistent {obj}/{i}");
                     assert_eq!(checksum(p), checksum(&data[i]), "persistent {obj}/{i}");
@@ -66,7 +62,7 @@ fn several_vms_on_several_queues_keep_their_pages_apart() {
             }
             // Ephemeral: hits must be right; private ephemeral gets are
             // exclusive, so a second get of a hit misses.
-            let hs: Vec<_> = (0..eph.len() as u64).map(|i| h(ep, 9, i)).collect();
+            let hs: Vec<_> = (0..eph.len() as u64).map(|i| handle(ep, 9, i)).collect();
             let first = vm.get_batch(&hs).unwrap();
             for (i, (s, p)) in first.iter().enumerate() {
                 match s {
@@ -80,18 +76,23 @@ fn several_vms_on_several_queues_keep_their_pages_apart() {
             }
 
             // Flush one page, one object; replace one page.
-            assert_eq!(vm.flush_page(h(pp, 1, 0)).unwrap(), Status::Ok);
+            assert_eq!(vm.flush_page(handle(pp, 1, 0)).unwrap(), Status::Ok);
             assert_eq!(
                 vm.flush_object(pp, ObjectId([2, 0, 0])).unwrap(),
                 Status::Ok
             );
-            let newer = random_page(seed + 99);
+            let newer = Box::new(random_page(seed + 99));
             assert_eq!(
-                vm.put_batch(&[(h(pp, 1, 5), &*newer)]).unwrap(),
+                vm.put_batch(&[(handle(pp, 1, 5), &*newer)]).unwrap(),
                 vec![Status::Ok]
             );
             let got = vm
-                .get_batch(&[h(pp, 1, 0), h(pp, 1, 1), h(pp, 2, 7), h(pp, 1, 5)])
+                .get_batch(&[
+                    handle(pp, 1, 0),
+                    handle(pp, 1, 1),
+                    handle(pp, 2, 7),
+                    handle(pp, 1, 5),
+                ])
                 .unwrap();
             assert_eq!(got[0].0, Status::Miss, "flushed page");
             assert_eq!(got[1].0, Status::Ok);
@@ -106,28 +107,27 @@ fn several_vms_on_several_queues_keep_their_pages_apart() {
 
     // The store agrees: 299 persistent pages per VM (300 - 1 flushed; the
     // flushed object's 300 are gone).
-    let mut ctl = d.control().unwrap();
     for name in names {
-        let c = ctl.client(name).unwrap();
-        assert_eq!(c["persistent_pages"].as_u64(), Some(299), "{name}: {c}");
+        let c = d.client_stats(name);
+        assert_eq!(Some(c.persistent_pages), Some(299), "{name}: {c:?}");
     }
     for (vm, pp) in &vms {
         assert_eq!(vm.destroy_pool(*pp).unwrap(), Status::Ok);
-        assert_eq!(vm.get_batch(&[h(*pp, 1, 1)]).unwrap()[0].0, Status::NoPool);
+        assert_eq!(
+            vm.get_batch(&[handle(*pp, 1, 1)]).unwrap()[0].0,
+            Status::NoPool
+        );
     }
     assert_alive(&d);
 }
 
 #[test]
 fn shared_pool_is_joined_by_authorised_vms_only() {
-    let d = daemon(
-        &[
-            VmSpec::new("s1").auth(UUID_TEXT),
-            VmSpec::new("s2").auth(UUID_TEXT),
-            VmSpec::new("s3"),
-        ],
-        |_| {},
+    let (s1, s2) = (
+        format!("s1,auth={UUID_TEXT}"),
+        format!("s2,auth={UUID_TEXT}"),
     );
+    let d = daemon(&[&s1, &s2, "s3"], &[]);
     let (v1, v2, v3) = (connect(&d, "s1"), connect(&d, "s2"), connect(&d, "s3"));
     let p1 = v1.new_pool(PoolSpec::shared(UUID)).unwrap();
     let p2 = v2.new_pool(PoolSpec::shared(UUID)).unwrap();
@@ -140,7 +140,7 @@ fn shared_pool_is_joined_by_authorised_vms_only() {
     assert!(st.iter().all(|s| *s == Status::Ok));
     // The other member sees the pages (or misses: the pool is ephemeral),
     // and shared gets keep them.
-    let hs: Vec<_> = (0..64).map(|i| h(p2, 3, i)).collect();
+    let hs: Vec<_> = (0..64).map(|i| handle(p2, 3, i)).collect();
     for round in 0..2 {
         let mut hits = 0;
         for (i, (s, p)) in v2.get_batch(&hs).unwrap().iter().enumerate() {
@@ -160,13 +160,13 @@ fn shared_pool_is_joined_by_authorised_vms_only() {
 
 #[test]
 fn ops_of_one_request_run_in_order() {
-    let d = daemon(&[VmSpec::new("o")], |_| {});
+    let d = daemon(&["o"], &[]);
     let vm = connect(&d, "o");
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
-    let a = random_page(1);
-    let b = random_page(2);
+    let a = Box::new(random_page(1));
+    let b = Box::new(random_page(2));
     // PUT a, GET, PUT b, GET, FLUSH, GET in one request.
-    let hh = h(pool, 1, 1);
+    let hh = handle(pool, 1, 1);
     let ops = [
         Op::Put {
             handle: hh,
@@ -201,7 +201,7 @@ fn ops_of_one_request_run_in_order() {
 
 #[test]
 fn config_space_and_queue_count_follow_the_daemon() {
-    let d = daemon(&[VmSpec::new("mq")], |c| c.queues = Some(3));
+    let d = daemon(&["mq"], &["--queues", "3"]);
     let vm = connect_with(
         &d,
         "mq",
@@ -230,15 +230,15 @@ fn config_space_and_queue_count_follow_the_daemon() {
     // Every queue serves requests, and all see the same pools.
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
     for q in 0..3 {
-        let p = random_page(q as u64);
+        let p = Box::new(random_page(q as u64));
         let st = vm
             .queue(q)
-            .put_batch(&[(h(pool, 5, q as u64), &*p)])
+            .put_batch(&[(handle(pool, 5, q as u64), &*p)])
             .unwrap();
         assert_eq!(st, vec![Status::Ok], "queue {q}");
         let got = vm
             .queue((q + 1) % 3)
-            .get_batch(&[h(pool, 5, q as u64)])
+            .get_batch(&[handle(pool, 5, q as u64)])
             .unwrap();
         assert_eq!(checksum(&got[0].1), checksum(&p));
     }
@@ -246,7 +246,7 @@ fn config_space_and_queue_count_follow_the_daemon() {
 
 #[test]
 fn plain_rings_without_event_idx_or_indirect_work() {
-    let d = daemon(&[VmSpec::new("plain")], |_| {});
+    let d = daemon(&["plain"], &[]);
     let vm = connect_with(
         &d,
         "plain",
@@ -263,7 +263,7 @@ fn plain_rings_without_event_idx_or_indirect_work() {
     let data = pages(11, 600);
     let st = vm.put_batch(&items(pool, 1, &data)).unwrap();
     assert!(st.iter().all(|s| *s == Status::Ok));
-    let hs: Vec<_> = (0..600).map(|i| h(pool, 1, i)).collect();
+    let hs: Vec<_> = (0..600).map(|i| handle(pool, 1, i)).collect();
     for (i, (s, p)) in vm.get_batch(&hs).unwrap().iter().enumerate() {
         assert_eq!(*s, Status::Ok);
         assert_eq!(checksum(p), checksum(&data[i]));
@@ -274,7 +274,7 @@ fn plain_rings_without_event_idx_or_indirect_work() {
 
 #[test]
 fn small_ring_with_indirect_tables_carries_full_batches() {
-    let d = daemon(&[VmSpec::new("small")], |_| {});
+    let d = daemon(&["small"], &[]);
     let vm = connect_with(
         &d,
         "small",
@@ -287,7 +287,7 @@ fn small_ring_with_indirect_tables_carries_full_batches() {
     let data = pages(12, 128 * 4);
     let st = vm.put_batch(&items(pool, 1, &data)).unwrap();
     assert!(st.iter().all(|s| *s == Status::Ok));
-    let hs: Vec<_> = (0..128).map(|i| h(pool, 1, i)).collect();
+    let hs: Vec<_> = (0..128).map(|i| handle(pool, 1, i)).collect();
     let got = vm.get_batch(&hs).unwrap();
     assert!(got
         .iter()
@@ -297,7 +297,7 @@ fn small_ring_with_indirect_tables_carries_full_batches() {
 
 #[test]
 fn operations_of_features_not_negotiated_are_unsupported() {
-    let d = daemon(&[VmSpec::new("bare").auth(UUID_TEXT)], |_| {});
+    let d = daemon(&[&format!("bare,auth={UUID_TEXT}")], &[]);
     let vm = connect_with(
         &d,
         "bare",
@@ -317,11 +317,11 @@ fn operations_of_features_not_negotiated_are_unsupported() {
         Err(Error::Status(Status::Unsupported)) => {}
         other => panic!("RESERVE without VTMEM_F_RESERVE: {other:?}"),
     }
-    let p = random_page(3);
-    let st = vm.put_batch_reserved(&[(h(pool, 1, 1), &*p)]).unwrap();
+    let p = Box::new(random_page(3));
+    let st = vm.put_batch_reserved(&[(handle(pool, 1, 1), &*p)]).unwrap();
     assert_eq!(st, vec![Status::Unsupported]);
     assert_eq!(
-        vm.put_batch(&[(h(pool, 1, 1), &*p)]).unwrap(),
+        vm.put_batch(&[(handle(pool, 1, 1), &*p)]).unwrap(),
         vec![Status::Ok]
     );
 }
@@ -332,18 +332,13 @@ fn ephemeral_pages_under_eviction_pressure_are_never_wrong() {
     // ephemeral pools through a 3 MiB host limit, so evictions race the
     // gets; every hit must carry exactly the data put under that handle.
     let d = daemon(
-        &[
-            VmSpec::new("e1").dedup_group("g"),
-            VmSpec::new("e2").dedup_group("g"),
-            VmSpec::new("e3"),
-            VmSpec::new("e4"),
-        ],
-        |c| c.host_limit = Some("3M".into()),
+        &["e1,dedup-group=g", "e2,dedup-group=g", "e3", "e4"],
+        &["--host-limit", "3M"],
     );
     let content = |vm: u64, round: u64, i: u64| {
         // e1 and e2 store the same content for even indices.
         let owner = if i % 2 == 0 && vm < 2 { 0 } else { vm };
-        random_page(owner << 40 | round << 20 | i)
+        Box::new(random_page(owner << 40 | round << 20 | i))
     };
     let mut threads = Vec::new();
     for v in 0..4u64 {
@@ -352,7 +347,7 @@ fn ephemeral_pages_under_eviction_pressure_are_never_wrong() {
             let pool = vm.new_pool(PoolSpec::ephemeral()).unwrap();
             let (mut hits, mut misses, mut refused) = (0u64, 0u64, 0u64);
             let mut check = |r: u64, obj: u64, n: u64| {
-                let hs: Vec<_> = (0..n).map(|i| h(pool, r * 2 + obj, i)).collect();
+                let hs: Vec<_> = (0..n).map(|i| handle(pool, r * 2 + obj, i)).collect();
                 for (i, (s, p)) in vm.get_batch(&hs).unwrap().iter().enumerate() {
                     match s {
                         Status::Ok => {
@@ -401,17 +396,14 @@ fn ephemeral_pages_under_eviction_pressure_are_never_wrong() {
         misses += m;
         refused += r;
     }
-    let mut ctl = d.control().unwrap();
-    let evictions = ctl.status().unwrap()["counters"]["evictions"]
-        .as_u64()
-        .unwrap();
+    let evictions = d.status().store.counters.evictions;
     eprintln!("ephemeral pressure: {hits} hits, {misses} misses, {evictions} evictions, {refused} puts refused");
     assert!(hits > 0 && evictions > 0, "no eviction pressure");
     assert!(
         refused * 100 <= 4 * 10 * 192,
         "{refused} ephemeral puts refused for space"
     );
-    let used = ctl.host_used().unwrap();
+    let used = d.status().store.host_used;
     assert!(used <= 3 << 20, "host_used {used}");
     assert_alive(&d);
 }

@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use common::guest::*;
 use common::*;
-use serde_json::Value;
-use vtmem_guestsim::control::u64_field;
-use vtmem_guestsim::pages::checksum;
-use vtmem_guestsim::{Daemon, Error, PoolSpec, Status, Vm, VmOptions, VmSpec, PAGE_SIZE};
+use vtmem_api::{ByteSize, ClientStats, Quota, Request, StatusReport};
+use vtmem_guestsim::{Error, PoolSpec, Status, Vm, VmOptions, PAGE_SIZE};
 
 const QUOTA: u64 = 1 << 20;
 /// Upper bound of what one incompressible page is charged (data plus
@@ -24,16 +23,16 @@ const MAX_PAGE_CHARGE: u64 = 2 * PAGE_SIZE as u64;
 /// Polls `status` until stopped; checks `check` on every sample; returns
 /// the number of samples.
 fn monitor(
-    d: &Daemon,
-    check: impl Fn(&Value) + Send + 'static,
+    d: &Vtmemd,
+    check: impl Fn(&StatusReport) + Send + 'static,
 ) -> (Arc<AtomicBool>, thread::JoinHandle<usize>) {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
-    let mut ctl = d.control().unwrap();
+    let mut ctl = d.control();
     let t = thread::spawn(move || {
         let mut n = 0;
         while !stop2.load(Ordering::Relaxed) {
-            check(&ctl.status().unwrap());
+            check(&ctl.call_as(&Request::Status {}).unwrap());
             n += 1;
             thread::sleep(Duration::from_millis(1));
         }
@@ -42,11 +41,13 @@ fn monitor(
     (stop, t)
 }
 
-fn client<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["clients"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["name"] == name))
-        .unwrap_or_else(|| panic!("no client {name} in {status}"))
+fn client<'a>(status: &'a StatusReport, name: &str) -> &'a ClientStats {
+    status
+        .store
+        .clients
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no client {name} in {status:?}"))
 }
 
 /// Puts `n` fresh pages of object `obj` on queue `q`; returns (statuses, pages).
@@ -64,10 +65,10 @@ fn flood(
 
 #[test]
 fn persistent_quota_holds_exactly_under_a_flood() {
-    let d = daemon(&[VmSpec::new("q").persistent_quota("1M")], |c| {
-        c.queues = Some(2);
-        c.host_limit = Some("64M".into());
-    });
+    let d = daemon(
+        &["q,persistent-quota=1M"],
+        &["--queues", "2", "--host-limit", "64M"],
+    );
     let vm = connect_with(
         &d,
         "q",
@@ -79,7 +80,7 @@ fn persistent_quota_holds_exactly_under_a_flood() {
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
     let (stop, mon) = monitor(&d, |s| {
         let c = client(s, "q");
-        let bytes = c["persistent_bytes"].as_u64().unwrap();
+        let bytes = c.persistent_bytes;
         assert!(bytes <= QUOTA, "quota overshot during the flood: {bytes}");
     });
     // 2 x 300 incompressible pages (2.4 MiB) against a 1 MiB quota, from
@@ -106,13 +107,9 @@ fn persistent_quota_holds_exactly_under_a_flood() {
             }
         }
     }
-    let mut ctl = d.control().unwrap();
-    let c = ctl.client("q").unwrap();
-    let bytes = u64_field(&c, "persistent_bytes").unwrap();
-    assert_eq!(
-        u64_field(&c, "persistent_pages").unwrap(),
-        accepted.len() as u64
-    );
+    let c = d.client_stats("q");
+    let bytes = c.persistent_bytes;
+    assert_eq!(c.persistent_pages, accepted.len() as u64);
     eprintln!(
         "quota {QUOTA}: {} pages accepted, {bytes} bytes charged",
         accepted.len()
@@ -130,7 +127,7 @@ fn persistent_quota_holds_exactly_under_a_flood() {
 
     // Every accepted page is intact.
     for (obj, i, data) in &accepted {
-        let (s, p) = &vm.get_batch(&[h(pool, *obj, *i as u64)]).unwrap()[0];
+        let (s, p) = &vm.get_batch(&[handle(pool, *obj, *i as u64)]).unwrap()[0];
         assert_eq!(*s, Status::Ok);
         assert_eq!(checksum(p), checksum(data));
     }
@@ -140,9 +137,9 @@ fn persistent_quota_holds_exactly_under_a_flood() {
     let (obj, i, _) = accepted[0];
     let fresh = pages(999, 1);
     let st = vm
-        .put_batch(&[(h(pool, obj, i as u64), &*fresh[0])])
+        .put_batch(&[(handle(pool, obj, i as u64), &*fresh[0])])
         .unwrap()[0];
-    let (g, p) = &vm.get_batch(&[h(pool, obj, i as u64)]).unwrap()[0];
+    let (g, p) = &vm.get_batch(&[handle(pool, obj, i as u64)]).unwrap()[0];
     match st {
         Status::Ok => assert_eq!(checksum(p), checksum(&fresh[0])),
         _ => assert_eq!(*g, Status::Miss, "refused replacement left old data"),
@@ -151,7 +148,7 @@ fn persistent_quota_holds_exactly_under_a_flood() {
     // Flushing frees quota for as many pages.
     let flush: Vec<_> = accepted[1..11]
         .iter()
-        .map(|(o, i, _)| h(pool, *o, *i as u64))
+        .map(|(o, i, _)| handle(pool, *o, *i as u64))
         .collect();
     assert!(vm
         .flush_pages(&flush)
@@ -166,22 +163,21 @@ fn persistent_quota_holds_exactly_under_a_flood() {
     );
 
     // Lowering the quota keeps persistent pages but refuses new ones.
-    let before = u64_field(&ctl.client("q").unwrap(), "persistent_pages").unwrap();
-    ctl.set_quota("q", Some(QUOTA / 2), None).unwrap();
+    let before = d.client_stats("q").persistent_pages;
+    d.call(&Request::SetQuota {
+        vm: "q".parse().unwrap(),
+        persistent: Some(Quota::Limited(ByteSize(QUOTA / 2))),
+        ephemeral: None,
+    });
     let (st, _) = flood(&vm, 1, pool, 60, 4);
     assert!(st.iter().all(|s| *s == Status::OverQuota), "{st:?}");
-    assert_eq!(
-        u64_field(&ctl.client("q").unwrap(), "persistent_pages").unwrap(),
-        before
-    );
+    assert_eq!(d.client_stats("q").persistent_pages, before);
     assert_alive(&d);
 }
 
 #[test]
 fn host_limit_holds_exactly_and_refusals_say_no_space() {
-    let d = daemon(&[VmSpec::new("h1"), VmSpec::new("h2")], |c| {
-        c.host_limit = Some("2M".into());
-    });
+    let d = daemon(&["h1", "h2"], &["--host-limit", "2M"]);
     let limit = 2u64 << 20;
     let (v1, v2) = (connect(&d, "h1"), connect(&d, "h2"));
     let (p1, p2) = (
@@ -189,7 +185,7 @@ fn host_limit_holds_exactly_and_refusals_say_no_space() {
         v2.new_pool(PoolSpec::persistent()).unwrap(),
     );
     let (stop, mon) = monitor(&d, move |s| {
-        let used = s["host_used"].as_u64().unwrap();
+        let used = s.store.host_used;
         assert!(
             used <= limit,
             "host limit overshot during the flood: {used}"
@@ -213,10 +209,9 @@ fn host_limit_holds_exactly_and_refusals_say_no_space() {
             }
         }
     }
-    let mut ctl = d.control().unwrap();
-    let st = ctl.status().unwrap();
-    let used = u64_field(&st, "host_used").unwrap();
-    assert_eq!(u64_field(&st, "host_limit").unwrap(), limit);
+    let st = d.status();
+    let used = st.store.host_used;
+    assert_eq!(st.store.host_limit, limit);
     eprintln!("host limit {limit}: {ok} pages accepted, host_used {used}");
     assert!(
         used <= limit && limit - used < MAX_PAGE_CHARGE,
@@ -224,7 +219,7 @@ fn host_limit_holds_exactly_and_refusals_say_no_space() {
     );
     let held: u64 = ["h1", "h2"]
         .iter()
-        .map(|n| client(&st, n)["persistent_pages"].as_u64().unwrap())
+        .map(|n| client(&st, n).persistent_pages)
         .sum();
     assert_eq!(held, ok, "accepted puts vs pages held");
     // Both VMs got a share: one cannot starve the other out entirely in a
@@ -241,9 +236,9 @@ fn host_limit_holds_exactly_and_refusals_say_no_space() {
         "ephemeral puts refused: {:?}",
         st.iter().find(|s| **s != Status::Ok)
     );
-    let used = ctl.host_used().unwrap();
+    let used = d.status().store.host_used;
     assert!(used <= limit, "host_used {used} after the ephemeral flood");
-    let hs: Vec<_> = (0..1000).map(|i| h(e, 3, i)).collect();
+    let hs: Vec<_> = (0..1000).map(|i| handle(e, 3, i)).collect();
     let mut hits = 0;
     for (i, (s, p)) in v1.get_batch(&hs).unwrap().iter().enumerate() {
         if *s == Status::Ok {
@@ -260,7 +255,7 @@ fn host_limit_holds_exactly_and_refusals_say_no_space() {
 
 #[test]
 fn frozen_vm_is_refused_puts_but_keeps_gets_and_reservations() {
-    let d = daemon(&[VmSpec::new("f")], |_| {});
+    let d = daemon(&["f"], &[]);
     let vm = connect(&d, "f");
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
     let data = pages(5, 16);
@@ -271,16 +266,17 @@ fn frozen_vm_is_refused_puts_but_keeps_gets_and_reservations() {
         .all(|s| *s == Status::Ok));
     assert_eq!(vm.reserve(pool, 3).unwrap(), 3);
 
-    let mut ctl = d.control().unwrap();
-    ctl.freeze("f").unwrap();
+    d.call(&Request::Freeze {
+        vm: "f".parse().unwrap(),
+    });
     let st = vm.put_batch(&items(pool, 2, &data[8..12])).unwrap();
     assert!(st.iter().all(|s| *s == Status::Frozen), "{st:?}");
-    let hs: Vec<_> = (0..8).map(|i| h(pool, 1, i)).collect();
+    let hs: Vec<_> = (0..8).map(|i| handle(pool, 1, i)).collect();
     for (i, (s, p)) in vm.get_batch(&hs).unwrap().iter().enumerate() {
         assert_eq!(*s, Status::Ok);
         assert_eq!(checksum(p), checksum(&data[i]));
     }
-    assert_eq!(vm.flush_page(h(pool, 1, 0)).unwrap(), Status::Ok);
+    assert_eq!(vm.flush_page(handle(pool, 1, 0)).unwrap(), Status::Ok);
     // Reserved puts are never refused for being frozen, until the
     // reservation runs out.
     let st = vm
@@ -290,14 +286,13 @@ fn frozen_vm_is_refused_puts_but_keeps_gets_and_reservations() {
         st,
         vec![Status::Ok, Status::Ok, Status::Ok, Status::NoReservation]
     );
-    let c = ctl.client("f").unwrap();
-    assert_eq!(c["frozen"], Value::Bool(true));
-    assert!(
-        c["counters"]["puts_refused_frozen"].as_u64().unwrap() >= 4,
-        "{c}"
-    );
+    let c = d.client_stats("f");
+    assert!(c.frozen);
+    assert!(c.counters.puts_refused_frozen >= 4, "{c:?}");
 
-    ctl.thaw("f").unwrap();
+    d.call(&Request::Thaw {
+        vm: "f".parse().unwrap(),
+    });
     assert_eq!(
         vm.put_batch(&items(pool, 2, &data[8..9])).unwrap(),
         vec![Status::Ok]
@@ -307,7 +302,7 @@ fn frozen_vm_is_refused_puts_but_keeps_gets_and_reservations() {
 
 #[test]
 fn reserved_puts_succeed_with_the_quota_used_up() {
-    let d = daemon(&[VmSpec::new("r").persistent_quota("256K")], |_| {});
+    let d = daemon(&["r,persistent-quota=256K"], &[]);
     let vm = connect(&d, "r");
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
     // Reservations are charged up front and capped by the quota.
@@ -330,7 +325,7 @@ fn reserved_puts_succeed_with_the_quota_used_up() {
     let data = pages(8, 10);
     let st = vm.put_batch_reserved(&items(pool, 2, &data)).unwrap();
     assert!(st.iter().all(|s| *s == Status::Ok), "{st:?}");
-    let hs: Vec<_> = (0..10).map(|i| h(pool, 2, i)).collect();
+    let hs: Vec<_> = (0..10).map(|i| handle(pool, 2, i)).collect();
     for (i, (s, p)) in vm.get_batch(&hs).unwrap().iter().enumerate() {
         assert_eq!(*s, Status::Ok);
         assert_eq!(checksum(p), checksum(&data[i]));
