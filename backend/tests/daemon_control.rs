@@ -202,3 +202,23 @@ fn oversize_request_line_is_refused() {
     // A new connection is served normally.
     d.raw().ok("status", Value::Null);
 }
+
+/// The control socket used to start a thread per connection without
+/// bound (2000 idle connections, 2006 threads). Connections are bounded
+/// now, and idle ones make room, so an administrator who talks is served.
+#[test]
+fn idle_connections_do_not_keep_clients_out() {
+    let d = daemon();
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..200)
+        .map(|_| std::os::unix::net::UnixStream::connect(d.control_path()).unwrap())
+        .collect();
+    for _ in 0..3 {
+        let mut c = d.raw();
+        assert_eq!(c.ok("show", json!({"vm": "vm1"}))["name"], "vm1");
+    }
+    let threads = std::fs::read_dir(format!("/proc/{}/task", d.pid().unwrap()))
+        .unwrap()
+        .count();
+    assert!(threads < 64, "{threads} threads for 200 idle connections");
+    drop(idle);
+}

@@ -294,3 +294,29 @@ fn metrics_are_off_by_default_and_address_errors_are_one_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid metrics address"), "{err}");
 }
+
+/// Any local process can open connections to the endpoint. Idle ones used
+/// to hold all its slots, after which every scrape got 503; now a scrape
+/// always finds room.
+#[test]
+fn idle_connections_do_not_keep_scrapes_out() {
+    let d = vtmemd(&["--metrics-address", "127.0.0.1:0", "--vm", "vm1"]);
+    let addr = metrics_addr(&d);
+    let idle: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    for _ in 0..3 {
+        let samples = scrape(&addr);
+        assert_eq!(get(&samples, "vtmem_vms", &[]), 1.0);
+    }
+    // The oldest idle connections made room: the daemon closed them.
+    for mut s in idle.into_iter().take(3) {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            s.read(&mut buf).unwrap(),
+            0,
+            "an idle connection kept its slot"
+        );
+    }
+}

@@ -370,3 +370,40 @@ fn removing_a_vm_while_it_streams_puts() {
         used < 64 * 4160 + 64 * 1024
     });
 }
+
+/// A VMM that hands over guest memory it could shrink (an unsealed memfd)
+/// could make the daemon fault on a truncated mapping and take every VM's
+/// pages down with it. The memory table is refused instead; the daemon and
+/// the other VMs carry on, and the same VM connects fine with sealed memory.
+#[test]
+fn unsealed_guest_memory_is_refused_and_harms_no_one() {
+    let d = daemon(&["careless", "calm"], &[]);
+    let calm = Neighbour::start(&d, "calm");
+    calm.wait_rounds(2);
+    let unsealed = VmOptions {
+        unsealed_memory: true,
+        timeout: Duration::from_secs(10),
+        ..VmOptions::default()
+    };
+    let refused = vtmem_guestsim::Vm::connect(d.socket("careless"), &unsealed);
+    assert!(refused.is_err(), "a VMM with unsealed memory was served");
+    wait_for_log(&d, "memory table refused");
+    assert_alive(&d);
+    calm.wait_rounds(2);
+    // The VM itself is not locked out: sealed memory is served.
+    let vm = connect(&d, "careless");
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let pg = pages(7, 4);
+    assert!(vm
+        .put_batch(&items(pool, 1, &pg))
+        .unwrap()
+        .iter()
+        .all(|s| *s == Status::Ok));
+    assert!(calm.finish() >= 4);
+}
+
+fn wait_for_log(d: &Vtmemd, needle: &str) {
+    wait_until(&format!("'{needle}' in the log"), DEADLINE, || {
+        d.log().contains(needle)
+    });
+}

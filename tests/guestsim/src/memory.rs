@@ -28,9 +28,21 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    /// Creates `size` bytes of zeroed guest RAM at [`GUEST_RAM_BASE`].
+    /// Creates `size` bytes of zeroed guest RAM at [`GUEST_RAM_BASE`],
+    /// sealed against shrinking and growing as QEMU's memfd backend does.
     pub fn new(name: &CStr, size: u64) -> Result<Self> {
-        let file = sys::memfd(name, size).map_err(Error::Memory)?;
+        Self::from_file(sys::memfd(name, size).map_err(Error::Memory)?, size)
+    }
+
+    /// Like [`GuestRam::new`], without the seals.
+    pub fn new_unsealed(name: &CStr, size: u64) -> Result<Self> {
+        Self::from_file(
+            sys::unsealed_memfd(name, size).map_err(Error::Memory)?,
+            size,
+        )
+    }
+
+    fn from_file(file: std::fs::File, size: u64) -> Result<Self> {
         let mem = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(GUEST_RAM_BASE),
             size as usize,

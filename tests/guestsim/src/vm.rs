@@ -66,6 +66,9 @@ pub struct VmOptions {
     /// Leave the rings disabled after setting them up; [`Vm::enable_queues`]
     /// enables them (no `RESET` is sent at connect then).
     pub defer_enable: bool,
+    /// Hand the backend guest RAM that is not sealed against shrinking, as
+    /// a careless or hostile VMM could.
+    pub unsealed_memory: bool,
 }
 
 impl Default for VmOptions {
@@ -83,6 +86,7 @@ impl Default for VmOptions {
             guest_pages: 0,
             reply_ack: true,
             defer_enable: false,
+            unsealed_memory: false,
         }
     }
 }
@@ -298,7 +302,12 @@ impl Vm {
             socket.file_stem().and_then(|s| s.to_str()).unwrap_or("vm")
         ))
         .map_err(|_| Error::Setup("socket name holds a NUL byte".into()))?;
-        let ram = Arc::new(GuestRam::new(&name, size.next_multiple_of(1 << 21))?);
+        let size = size.next_multiple_of(1 << 21);
+        let ram = Arc::new(if opts.unsealed_memory {
+            GuestRam::new_unsealed(&name, size)?
+        } else {
+            GuestRam::new(&name, size)?
+        });
         let mut alloc = Allocator::new(ram.base(), ram.end());
         let scratch = alloc.alloc(SCRATCH_BYTES, 4096)?;
         let guest_pages = GuestPages {
