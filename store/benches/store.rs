@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Store throughput and footprint.
 //!
-//! `cargo bench -p vtmem-backend --bench store` (add `-- --quick`, or set
+//! `cargo bench -p vtmem-store --bench store` (add `-- --quick`, or set
 //! `VTMEM_BENCH_QUICK=1`, for a shorter run).
 //!
 //! For zero, duplicate, compressible (pages cut from files shipped with the

@@ -159,7 +159,8 @@ struct PutInfo {
 /// Content prepared for a put.
 enum Prep<'a> {
     Zero,
-    Hit(u32),
+    /// The content is stored already: its reference and slot bytes.
+    Hit(u32, u64),
     New(super::content::Key, NewData<'a>),
 }
 
@@ -342,30 +343,48 @@ impl DataHandle {
             self.acct()
         };
 
-        // Everything the put costs is decided before the dedup index is
-        // consulted: the content's size comes from compressing it (LZ4 is
-        // deterministic, so a stored equal content has the same size), and
-        // admission charges it as if it were new. Whether a put is accepted
-        // therefore never depends on what other VMs store (a dedup hit
-        // would otherwise fit where a fresh page does not, telling a VM
-        // that a neighbour holds the page); a hit then gives back the
-        // content it shares.
+        // The handle's old copy goes first: a put replaces it whether or not
+        // it succeeds, and a reference held by it must not make room look
+        // scarcer than it is.
+        pool.remove(&h.object, h.index, g);
+
+        // Admission is decided on the page's size as if its content were
+        // new, so whether a put is accepted never depends on what other VMs
+        // store (a dedup hit would otherwise fit where a fresh page does
+        // not, telling a VM that a neighbour holds the page). A hit needs
+        // no compression: LZ4 is deterministic, so the equal content
+        // stored already has the size a new copy would take. It gives the
+        // shared content's charge back once admitted.
         let domain = &pool.domain;
         let class = classify(page);
-        let data = match class {
+        let key = match class {
             Class::Zero => None,
-            Class::Same(_) => Some(NewData::Pattern),
-            Class::Data => Some(match compress(page, buf) {
-                Some(n) => NewData::Lz4(&buf[..n]),
-                None => NewData::Raw,
-            }),
+            Class::Same(w) => Some(domain.pattern_key(w)),
+            Class::Data => Some(domain.data_key(page)),
         };
-        let slot = data.as_ref().map_or(0, NewData::slot_bytes);
+        let prep = match key {
+            None => Prep::Zero,
+            Some(key) => match domain.acquire(&key, page) {
+                Some((r, bytes)) => Prep::Hit(r, bytes),
+                None if matches!(class, Class::Same(_)) => Prep::New(key, NewData::Pattern),
+                None => {
+                    let data = match compress(page, buf) {
+                        Some(n) => NewData::Lz4(&buf[..n]),
+                        None => NewData::Raw,
+                    };
+                    Prep::New(key, data)
+                }
+            },
+        };
+        let (slot, unshared_host_cost) = match &prep {
+            Prep::Zero => (0, PAGE_METADATA_COST),
+            Prep::Hit(_, b) => (*b, b + CONTENT_METADATA_COST + PAGE_METADATA_COST),
+            Prep::New(_, d) => (
+                d.slot_bytes(),
+                d.slot_bytes() + CONTENT_METADATA_COST + PAGE_METADATA_COST,
+            ),
+        };
         let mut client_cost = slot + CLIENT_PAGE_COST;
-        let unshared_host_cost = match data {
-            None => PAGE_METADATA_COST,
-            Some(_) => slot + CONTENT_METADATA_COST + PAGE_METADATA_COST,
-        };
         if reserved {
             // Swap the worst-case charge for the real one (never larger).
             account::uncharge(
@@ -373,29 +392,23 @@ impl DataHandle {
                 RESERVED_PAGE_CLIENT_COST - client_cost,
             );
             g.uncharge(RESERVED_PAGE_HOST_COST - unshared_host_cost);
-        } else {
-            self.charge(pool, charged, h, client_cost, unshared_host_cost)?;
-        }
-        let key = match class {
-            Class::Zero => None,
-            Class::Same(w) => Some(domain.pattern_key(w)),
-            Class::Data => Some(domain.data_key(page)),
-        };
-        let prep = match (key, data) {
-            (Some(key), Some(data)) => match domain.acquire(&key, page) {
-                Some((r, _)) => {
-                    g.uncharge(unshared_host_cost - PAGE_METADATA_COST);
-                    Prep::Hit(r)
+        } else if let Err(e) = self.charge(pool, charged, client_cost, unshared_host_cost) {
+            if let Prep::Hit(r, _) = prep {
+                let rel = domain.release(r);
+                if rel.freed {
+                    g.uncharge(rel.data_bytes + CONTENT_METADATA_COST);
                 }
-                None => Prep::New(key, data),
-            },
-            _ => Prep::Zero,
-        };
+            }
+            return Err(e);
+        }
+        if let Prep::Hit(..) = prep {
+            g.uncharge(unshared_host_cost - PAGE_METADATA_COST);
+        }
 
         let pattern = matches!(class, Class::Same(_));
         let (value, dedup_hit, stored_bytes) = match prep {
             Prep::Zero => (ZERO_REF, false, 0),
-            Prep::Hit(r) => (r | DEDUP_BIT, true, 0),
+            Prep::Hit(r, _) => (r | DEDUP_BIT, true, 0),
             Prep::New(key, data) => match domain.insert(&key, page, data) {
                 Some(Inserted::New(r)) => (r, false, data.stored_bytes()),
                 Some(Inserted::Existing(r, bytes)) => {
@@ -472,23 +485,13 @@ impl DataHandle {
         &self,
         pool: &Pool,
         charged: &Acct,
-        h: &Handle,
         client_cost: u64,
         host_cost: u64,
     ) -> Result<(), TmemError> {
         let g = &self.store.g;
         let persistent = pool.persistent;
-        // Dropping the handle's old copy (which a failed put would drop
-        // anyway) is the first way to make room.
-        let mut old_dropped = false;
         let mut rounds = 0;
         while !charged.try_charge(persistent, client_cost) {
-            if !old_dropped {
-                old_dropped = true;
-                if pool.remove(&h.object, h.index, g) {
-                    continue;
-                }
-            }
             if persistent || rounds >= MAX_EVICT_ROUNDS {
                 return Err(TmemError::OverQuota);
             }
@@ -504,12 +507,6 @@ impl DataHandle {
         }
         let mut rounds = 0;
         while !g.try_charge(host_cost) {
-            if !old_dropped {
-                old_dropped = true;
-                if pool.remove(&h.object, h.index, g) {
-                    continue;
-                }
-            }
             rounds += 1;
             if rounds > MAX_EVICT_ROUNDS
                 || self
