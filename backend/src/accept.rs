@@ -106,19 +106,25 @@ struct Taken {
 pub trait Shutdown: Send + std::fmt::Debug {
     /// Ends both directions, so its thread's blocking read returns.
     fn shutdown_both(&self);
+    /// A second handle on the same connection.
+    fn handle(&self) -> io::Result<Box<dyn Shutdown>>;
 }
 
-impl Shutdown for std::net::TcpStream {
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
+macro_rules! shutdown_for {
+    ($t:ty) => {
+        impl Shutdown for $t {
+            fn shutdown_both(&self) {
+                let _ = self.shutdown(std::net::Shutdown::Both);
+            }
+            fn handle(&self) -> io::Result<Box<dyn Shutdown>> {
+                Ok(Box::new(self.try_clone()?))
+            }
+        }
+    };
 }
 
-impl Shutdown for std::os::unix::net::UnixStream {
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
-}
+shutdown_for!(std::net::TcpStream);
+shutdown_for!(std::os::unix::net::UnixStream);
 
 /// One taken slot; dropping it frees the slot.
 #[derive(Debug)]
@@ -151,10 +157,11 @@ impl Slots {
         })
     }
 
-    /// A slot for a new connection (`conn` is a handle to shut it down if
-    /// it idles while the slots are full), or `None` if every slot holds a
-    /// connection that has spoken.
-    pub fn admit(self: &Arc<Self>, conn: Box<dyn Shutdown>) -> Option<Slot> {
+    /// A slot for a new connection (shut down later if it idles while the
+    /// slots are full), or `None` if every slot holds a connection that has
+    /// spoken (or the connection cannot be shared).
+    pub fn admit(self: &Arc<Self>, conn: &dyn Shutdown) -> Option<Slot> {
+        let conn = conn.handle().ok()?;
         let mut taken = self.taken.lock();
         if taken.len() >= self.max {
             let idle = taken
@@ -194,11 +201,11 @@ mod tests {
         let (a, _a_peer) = UnixStream::pair().unwrap();
         let (b, mut b_peer) = UnixStream::pair().unwrap();
         let (c, _c_peer) = UnixStream::pair().unwrap();
-        let sa = slots.admit(Box::new(a.try_clone().unwrap())).unwrap();
+        let sa = slots.admit(&a).unwrap();
         sa.spoke();
-        let _sb = slots.admit(Box::new(b.try_clone().unwrap())).unwrap();
+        let _sb = slots.admit(&b).unwrap();
         // Full: the idle one (b) goes, the one that spoke (a) stays.
-        let sc = slots.admit(Box::new(c.try_clone().unwrap())).unwrap();
+        let sc = slots.admit(&c).unwrap();
         assert_eq!(slots.in_use(), 2);
         let mut buf = [0u8; 1];
         use std::io::Read;
@@ -206,10 +213,10 @@ mod tests {
         sc.spoke();
         // Every slot has spoken: a newcomer is refused.
         let (d, _d_peer) = UnixStream::pair().unwrap();
-        assert!(slots.admit(Box::new(d)).is_none());
+        assert!(slots.admit(&d).is_none());
         drop(sa);
         assert_eq!(slots.in_use(), 1);
         let (e, _e_peer) = UnixStream::pair().unwrap();
-        assert!(slots.admit(Box::new(e)).is_some());
+        assert!(slots.admit(&e).is_some());
     }
 }

@@ -277,10 +277,7 @@ fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener, stop: EventFd) {
         |l| l.accept(),
         |(stream, _)| {
             let _ = stream.set_nonblocking(false);
-            let slot = stream
-                .try_clone()
-                .ok()
-                .and_then(|handle| slots.admit(Box::new(handle)));
+            let slot = slots.admit(&stream);
             let Some(slot) = slot else {
                 let mut s = stream;
                 let _ = writeln!(

@@ -561,33 +561,10 @@ fn serve(vm: Arc<Vm>, mut socket: VmListener, settings: DeviceSettings) {
 mod tests {
     use std::os::unix::fs::MetadataExt;
 
-    use vtmem_store::StoreConfig;
-
-    use super::*;
-
-    fn daemon(dir: &Path) -> Arc<Daemon> {
-        let config = DaemonConfig {
-            socket_dir: dir.to_path_buf(),
-            control_socket: dir.join("ctl"),
-            control_group: None,
-            host_limit: ByteSize(1 << 26),
-            device: DeviceSettings::default(),
-            vms: Vec::new(),
-            metrics_address: None,
-            state_file: None,
-        };
-        Daemon::new(
-            Store::new(StoreConfig {
-                host_limit: 1 << 26,
-            }),
-            &config,
-        )
-    }
-
     #[test]
     fn vm_sockets_get_their_owner_and_mode() {
         let dir = tempfile::tempdir().unwrap();
-        let d = daemon(dir.path());
+        let d = crate::testutil::daemon_in(dir.path());
         let plain = d.add_vm(&"plain".parse().unwrap()).unwrap();
         let meta = std::fs::metadata(plain.socket()).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600, "private by default");

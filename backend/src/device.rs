@@ -486,7 +486,7 @@ mod tests {
     use crate::testutil::*;
     use vm_memory::{Address, Bytes};
     use vtmem_protocol::{Op, PoolSpec, Response, Status, CONFIG_SIZE};
-    use vtmem_store::{ClientConfig, Store, StoreConfig};
+    use vtmem_store::Store;
     use vtmem_testkit::with_timeout;
 
     const QSIZE: u16 = 256;
@@ -494,13 +494,7 @@ mod tests {
     const HANG_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
     fn backend(queues: u16, poll_us: u64) -> (Arc<Store>, VtmemBackend) {
-        let store = Store::new(StoreConfig {
-            host_limit: 64 << 20,
-        });
-        let client = store
-            .add_client("vm", ClientConfig::default())
-            .unwrap()
-            .data();
+        let (store, client) = crate::testutil::store_client();
         let settings = DeviceSettings {
             queues,
             queue_size: QSIZE,

@@ -546,7 +546,7 @@ mod tests {
     use crate::testutil::*;
     use vm_memory::{Bytes, GuestMemoryMmap};
     use vtmem_protocol::{Handle, PoolSpec, Response, WireError};
-    use vtmem_store::{ClientConfig, Store, StoreConfig, Uuid};
+    use vtmem_store::{Store, Uuid};
 
     const QSIZE: u16 = 256;
 
@@ -556,13 +556,7 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
-        let store = Store::new(StoreConfig {
-            host_limit: 64 << 20,
-        });
-        let client = store
-            .add_client("vm", ClientConfig::default())
-            .unwrap()
-            .data();
+        let (store, client) = crate::testutil::store_client();
         let exec = Executor::new(
             client,
             Arc::new(DeviceCounters::default()),

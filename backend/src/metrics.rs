@@ -551,10 +551,7 @@ fn accept_loop(daemon: Arc<Daemon>, listener: TcpListener, stop: EventFd) {
             let _ = stream.set_nonblocking(false);
             let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
             let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-            let slot = stream
-                .try_clone()
-                .ok()
-                .and_then(|handle| slots.admit(Box::new(handle)));
+            let slot = slots.admit(&stream);
             let Some(slot) = slot else {
                 let mut s = stream;
                 let _ = respond(
@@ -732,27 +729,10 @@ mod tests {
 
     #[test]
     fn counts_follow_the_store() {
-        use crate::config::{DaemonConfig, DeviceSettings};
-        use vtmem_api::{ByteSize, VmSpec};
-        use vtmem_store::{Handle, ObjectId, PoolSpec, Store, StoreConfig, PAGE_SIZE};
-        let dir = std::env::temp_dir().join(format!("vtmem-metrics-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = DaemonConfig {
-            socket_dir: dir.clone(),
-            control_socket: dir.join("ctl"),
-            control_group: None,
-            host_limit: ByteSize(1 << 26),
-            device: DeviceSettings::default(),
-            vms: Vec::new(),
-            metrics_address: None,
-            state_file: None,
-        };
-        let daemon = Daemon::new(
-            Store::new(StoreConfig {
-                host_limit: 1 << 26,
-            }),
-            &config,
-        );
+        use vtmem_api::VmSpec;
+        use vtmem_store::{Handle, ObjectId, PoolSpec, PAGE_SIZE};
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = crate::testutil::daemon_in(dir.path());
         let vm = daemon.add_vm(&"a".parse::<VmSpec>().unwrap()).unwrap();
         let c = vm.client().data();
         let pool = c.new_pool(PoolSpec::persistent()).unwrap();

@@ -279,3 +279,33 @@ pub fn page_of(byte: u8) -> Vec<u8> {
 pub fn patterned_page(seed: u64) -> Vec<u8> {
     vtmem_testkit::random_page(seed).to_vec()
 }
+
+/// A store with a 64 MiB limit and the data path of its one client "vm".
+pub fn store_client() -> (std::sync::Arc<vtmem_store::Store>, vtmem_store::DataHandle) {
+    let store = vtmem_store::Store::new(vtmem_store::StoreConfig {
+        host_limit: 64 << 20,
+    });
+    let client = store
+        .add_client("vm", vtmem_store::ClientConfig::default())
+        .expect("a new store takes a client")
+        .data();
+    (store, client)
+}
+
+/// A daemon with no VM yet, its sockets in `dir`, a 64 MiB store.
+pub fn daemon_in(dir: &std::path::Path) -> std::sync::Arc<crate::daemon::Daemon> {
+    let config = crate::config::DaemonConfig {
+        socket_dir: dir.to_path_buf(),
+        control_socket: dir.join("ctl"),
+        control_group: None,
+        host_limit: vtmem_api::ByteSize(64 << 20),
+        device: crate::config::DeviceSettings::default(),
+        vms: Vec::new(),
+        metrics_address: None,
+        state_file: None,
+    };
+    let store = vtmem_store::Store::new(vtmem_store::StoreConfig {
+        host_limit: config.host_limit.bytes(),
+    });
+    crate::daemon::Daemon::new(store, &config)
+}

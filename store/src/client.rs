@@ -433,9 +433,9 @@ impl DataHandle {
             },
         };
 
-        let mut idx = pool.lock();
-        if idx.destroyed {
-            drop(idx);
+        // Gives back everything this put took, when it cannot be stored
+        // after all.
+        let unwind = |error: TmemError| {
             charged.uncharge(pool.persistent, client_cost);
             g.uncharge(PAGE_METADATA_COST);
             if value & super::content::ID_MASK != ZERO_REF {
@@ -444,12 +444,12 @@ impl DataHandle {
                     g.uncharge(rel.data_bytes + CONTENT_METADATA_COST);
                 }
             }
-            return Err(TmemError::NoPool);
-        }
-        if !std::ptr::eq(Arc::as_ptr(&idx.owner), charged) {
-            // The shared pool changed hands since we charged: move it.
-            charged.uncharge(false, client_cost);
-            account::charge(&idx.owner.eph_charged, client_cost);
+            Err(error)
+        };
+        let mut idx = pool.lock();
+        if idx.destroyed {
+            drop(idx);
+            return unwind(TmemError::NoPool);
         }
         let new = NewPage {
             value,
@@ -462,15 +462,12 @@ impl DataHandle {
         {
             // The index is full (2^28 blocks): refuse like a full host.
             drop(idx);
-            charged.uncharge(pool.persistent, client_cost);
-            g.uncharge(PAGE_METADATA_COST);
-            if value & super::content::ID_MASK != ZERO_REF {
-                let rel = domain.release(value & super::content::ID_MASK);
-                if rel.freed {
-                    g.uncharge(rel.data_bytes + CONTENT_METADATA_COST);
-                }
-            }
-            return Err(TmemError::NoSpace);
+            return unwind(TmemError::NoSpace);
+        }
+        if !std::ptr::eq(Arc::as_ptr(&idx.owner), charged) {
+            // The shared pool changed hands since we charged: move it.
+            charged.uncharge(false, client_cost);
+            account::charge(&idx.owner.eph_charged, client_cost);
         }
         drop(idx);
         Ok(PutInfo {
