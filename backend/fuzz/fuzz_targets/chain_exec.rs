@@ -102,6 +102,9 @@ struct Input {
     /// Quotas of the fuzzed VM in KiB (None: unlimited).
     persistent_quota_kib: Option<u16>,
     ephemeral_quota_kib: Option<u16>,
+    /// Start as a driver does: RESET, then a persistent, an ephemeral and
+    /// a shared pool (ids 0, 1, 2 when the features allow them).
+    init: bool,
     steps: Vec<Step>,
 }
 
@@ -168,20 +171,36 @@ enum Len {
 struct ChainSpec {
     ops: Vec<FuzzOp>,
     tag: u64,
-    /// Bytes of the request changed after encoding: (offset, value).
-    patch: Vec<(u16, u8)>,
     /// Where the readable and writable parts are cut into buffers.
     read_cuts: Vec<u16>,
     write_cuts: Vec<u16>,
-    /// Bytes added to or taken from the readable and writable parts.
-    read_delta: i8,
-    write_delta: i8,
     /// Arena of the buffers.
     arena: u8,
     /// Through one indirect table.
     indirect: bool,
+    /// What makes the chain malformed, if anything.
+    mangle: Option<Mangle>,
+}
+
+#[derive(Debug, Arbitrary)]
+struct Mangle {
+    /// Bytes of the request changed after encoding: (offset, value).
+    patch: Vec<(u16, u8)>,
+    /// Bytes added to or taken from the readable and writable parts.
+    read_delta: i8,
+    write_delta: i8,
     /// Descriptors in chain order, but the writable ones first.
     swap_directions: bool,
+}
+
+/// A pool id, object or index: mostly one of the first few (so that
+/// operations meet the pools and pages earlier ones made), else any.
+fn small(v: u8, few: u8) -> u64 {
+    if v >= 0xf0 {
+        u64::from(v)
+    } else {
+        u64::from(v % few)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Arbitrary)]
@@ -255,13 +274,8 @@ type Fields = (u8, u8, u32, [u64; 3], u64, u64);
 
 impl FuzzOp {
     fn encode(&self) -> [u8; OP_DESC_SIZE] {
-        let handle = |h: &H| {
-            (
-                u32::from(h.pool),
-                [u64::from(h.object), 0, 0],
-                u64::from(h.index),
-            )
-        };
+        let pool = |p: &u8| small(*p, 4) as u32;
+        let handle = |h: &H| (pool(&h.pool), [small(h.object, 3), 0, 0], small(h.index, 8));
         let f: Fields = match self {
             FuzzOp::NewPool { flags, uuid, shift } => {
                 let b = match uuid {
@@ -274,9 +288,11 @@ impl FuzzOp {
                 let lo = u64::from_le_bytes(b[..8].try_into().unwrap());
                 let hi = u64::from_le_bytes(b[8..].try_into().unwrap());
                 let shift = shift.map_or(12, u64::from);
-                (1, *flags, 0, [lo, hi, 0], 0, shift)
+                // The defined flags mostly, any byte sometimes.
+                let flags = if *flags >= 0xf0 { *flags } else { *flags & 7 };
+                (1, flags, 0, [lo, hi, 0], 0, shift)
             }
-            FuzzOp::DestroyPool { pool } => (2, 0, u32::from(*pool), [0; 3], 0, 0),
+            FuzzOp::DestroyPool { pool: p } => (2, 0, pool(p), [0; 3], 0, 0),
             FuzzOp::Put { h, reserved, .. } => {
                 let (p, o, i) = handle(h);
                 (3, u8::from(*reserved), p, o, i, 0)
@@ -289,15 +305,11 @@ impl FuzzOp {
                 let (p, o, i) = handle(h);
                 (5, 0, p, o, i, 0)
             }
-            FuzzOp::FlushObject { pool, object } => {
-                (6, 0, u32::from(*pool), [u64::from(*object), 0, 0], 0, 0)
+            FuzzOp::FlushObject { pool: p, object } => {
+                (6, 0, pool(p), [small(*object, 3), 0, 0], 0, 0)
             }
-            FuzzOp::Reserve { pool, pages } => {
-                (7, 0, u32::from(*pool), [0; 3], 0, u64::from(*pages))
-            }
-            FuzzOp::Unreserve { pool, pages } => {
-                (8, 0, u32::from(*pool), [0; 3], 0, u64::from(*pages))
-            }
+            FuzzOp::Reserve { pool: p, pages } => (7, 0, pool(p), [0; 3], 0, u64::from(*pages)),
+            FuzzOp::Unreserve { pool: p, pages } => (8, 0, pool(p), [0; 3], 0, u64::from(*pages)),
             FuzzOp::Reset => (9, 0, 0, [0; 3], 0, 0),
             FuzzOp::Raw { bytes, .. } => return *bytes,
         };
@@ -610,11 +622,17 @@ impl Driver<'_> {
         for op in ops {
             readable.extend_from_slice(&op.encode());
         }
-        for &(at, v) in &spec.patch {
-            if let Some(b) = readable.get_mut(usize::from(at)) {
-                *b = v;
+        let (read_delta, write_delta, swap) = match &spec.mangle {
+            Some(m) => {
+                for &(at, v) in &m.patch {
+                    if let Some(b) = readable.get_mut(usize::from(at)) {
+                        *b = v;
+                    }
+                }
+                (m.read_delta, m.write_delta, m.swap_directions)
             }
-        }
+            None => (0, 0, false),
+        };
         let mut page = [0u8; PAGE_SIZE];
         let mut gets = 0usize;
         for op in ops {
@@ -624,11 +642,11 @@ impl Driver<'_> {
             }
             gets += usize::from(op.takes_get_page());
         }
-        let read_len = (readable.len() as i64 + i64::from(spec.read_delta)).max(0) as usize;
+        let read_len = (readable.len() as i64 + i64::from(read_delta)).max(0) as usize;
         readable.resize(read_len, 0x5a);
         let write_len =
-            (response_len(n) as i64 + (gets * PAGE_SIZE) as i64 + i64::from(spec.write_delta))
-                .max(0) as usize;
+            (response_len(n) as i64 + (gets * PAGE_SIZE) as i64 + i64::from(write_delta)).max(0)
+                as usize;
 
         // Cut both parts into buffers.
         let mut bufs: Vec<(u64, u32, bool)> = Vec::new();
@@ -655,7 +673,7 @@ impl Driver<'_> {
         if write_len > 0 || spec.write_cuts.is_empty() {
             cut(write_len, &spec.write_cuts, true, &mut bufs);
         }
-        if spec.swap_directions {
+        if swap {
             bufs.rotate_left(n_read);
         }
 
@@ -839,6 +857,36 @@ fn run(input: &Input) {
         alloc: Alloc::new(),
     };
     let mut scan = Vec::new();
+    if input.init {
+        let shared = |u| FuzzOp::NewPool {
+            flags: 2,
+            uuid: u,
+            shift: None,
+        };
+        let ops = vec![
+            FuzzOp::Reset,
+            FuzzOp::NewPool {
+                flags: 1,
+                uuid: UuidSel::None,
+                shift: None,
+            },
+            FuzzOp::NewPool {
+                flags: 0,
+                uuid: UuidSel::None,
+                shift: None,
+            },
+            shared(UuidSel::MineA),
+        ];
+        driver.chain(&ChainSpec {
+            ops,
+            tag: 0,
+            read_cuts: Vec::new(),
+            write_cuts: Vec::new(),
+            arena: 0,
+            indirect: false,
+            mangle: None,
+        });
+    }
     for step in input.steps.iter().take(64) {
         match step {
             Step::Chain(spec) => driver.chain(spec),
