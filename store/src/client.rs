@@ -159,9 +159,17 @@ struct PutInfo {
 /// Content prepared for a put.
 enum Prep<'a> {
     Zero,
-    /// The content is stored already: its reference and slot bytes.
-    Hit(u32, u64),
+    /// The content is stored already: a reference on it.
+    Hit(u32),
     New(super::content::Key, NewData<'a>),
+}
+
+/// `page` LZ4-compressed into `buf`, or raw if that does not pay.
+fn compressed<'b>(page: &Page, buf: &'b mut [u8; LZ4_BOUND]) -> NewData<'b> {
+    match compress(page, buf) {
+        Some(n) => NewData::Lz4(&buf[..n]),
+        None => NewData::Raw,
+    }
 }
 
 impl DataHandle {
@@ -351,38 +359,31 @@ impl DataHandle {
         // Admission is decided on the page's size as if its content were
         // new, so whether a put is accepted never depends on what other VMs
         // store (a dedup hit would otherwise fit where a fresh page does
-        // not, telling a VM that a neighbour holds the page). A hit needs
-        // no compression: LZ4 is deterministic, so the equal content
-        // stored already has the size a new copy would take. It gives the
-        // shared content's charge back once admitted.
+        // not, telling a VM that a neighbour holds the page). The size of
+        // content stored already is looked up without taking a reference
+        // (LZ4 is deterministic, so it is what a new copy would take, and
+        // a hit needs no compression); nothing is held while charging, so
+        // evictions made for this put free what they evict. A hit then
+        // gives the shared content's charge back.
         let domain = &pool.domain;
         let class = classify(page);
-        let key = match class {
-            Class::Zero => None,
-            Class::Same(w) => Some(domain.pattern_key(w)),
-            Class::Data => Some(domain.data_key(page)),
-        };
-        let prep = match key {
-            None => Prep::Zero,
-            Some(key) => match domain.acquire(&key, page) {
-                Some((r, bytes)) => Prep::Hit(r, bytes),
-                None if matches!(class, Class::Same(_)) => Prep::New(key, NewData::Pattern),
-                None => {
-                    let data = match compress(page, buf) {
-                        Some(n) => NewData::Lz4(&buf[..n]),
-                        None => NewData::Raw,
-                    };
-                    Prep::New(key, data)
+        let (key, known, data) = match class {
+            Class::Zero => (None, None, None),
+            Class::Same(w) => (Some(domain.pattern_key(w)), None, Some(NewData::Pattern)),
+            Class::Data => {
+                let key = domain.data_key(page);
+                match domain.peek(&key, page) {
+                    Some(bytes) => (Some(key), Some(bytes), None),
+                    None => (Some(key), None, Some(compressed(page, buf))),
                 }
-            },
+            }
         };
-        let (slot, unshared_host_cost) = match &prep {
-            Prep::Zero => (0, PAGE_METADATA_COST),
-            Prep::Hit(_, b) => (*b, b + CONTENT_METADATA_COST + PAGE_METADATA_COST),
-            Prep::New(_, d) => (
-                d.slot_bytes(),
-                d.slot_bytes() + CONTENT_METADATA_COST + PAGE_METADATA_COST,
-            ),
+        let slot = known
+            .or(data.as_ref().map(NewData::slot_bytes))
+            .unwrap_or(0);
+        let unshared_host_cost = match key {
+            None => PAGE_METADATA_COST,
+            Some(_) => slot + CONTENT_METADATA_COST + PAGE_METADATA_COST,
         };
         let mut client_cost = slot + CLIENT_PAGE_COST;
         if reserved {
@@ -392,23 +393,26 @@ impl DataHandle {
                 RESERVED_PAGE_CLIENT_COST - client_cost,
             );
             g.uncharge(RESERVED_PAGE_HOST_COST - unshared_host_cost);
-        } else if let Err(e) = self.charge(pool, charged, client_cost, unshared_host_cost) {
-            if let Prep::Hit(r, _) = prep {
-                let rel = domain.release(r);
-                if rel.freed {
-                    g.uncharge(rel.data_bytes + CONTENT_METADATA_COST);
+        } else {
+            self.charge(pool, charged, client_cost, unshared_host_cost)?;
+        }
+        let prep = match (key, data) {
+            (None, _) => Prep::Zero,
+            (Some(key), Some(data)) => Prep::New(key, data),
+            (Some(key), None) => match domain.acquire(&key, page) {
+                Some((r, _)) => {
+                    g.uncharge(unshared_host_cost - PAGE_METADATA_COST);
+                    Prep::Hit(r)
                 }
-            }
-            return Err(e);
-        }
-        if let Prep::Hit(..) = prep {
-            g.uncharge(unshared_host_cost - PAGE_METADATA_COST);
-        }
+                // Gone since it was looked up: store it anew (paid for).
+                None => Prep::New(key, compressed(page, buf)),
+            },
+        };
 
         let pattern = matches!(class, Class::Same(_));
         let (value, dedup_hit, stored_bytes) = match prep {
             Prep::Zero => (ZERO_REF, false, 0),
-            Prep::Hit(r, _) => (r | DEDUP_BIT, true, 0),
+            Prep::Hit(r) => (r | DEDUP_BIT, true, 0),
             Prep::New(key, data) => match domain.insert(&key, page, data) {
                 Some(Inserted::New(r)) => (r, false, data.stored_bytes()),
                 Some(Inserted::Existing(r, bytes)) => {

@@ -586,6 +586,14 @@ impl Domain {
 
     /// Takes a reference on stored content equal to `page`, if any.
     /// Returns the reference and the content's data bytes.
+    /// The slot bytes of stored content equal to `page`, if there is
+    /// some, without taking a reference.
+    pub fn peek(&self, key: &Key, page: &Page) -> Option<u64> {
+        let shard = self.shards[self.shard_of(key)].lock();
+        let n = shard.find(key, page)?;
+        Some(shard.entry(n).data_bytes())
+    }
+
     pub fn acquire(&self, key: &Key, page: &Page) -> Option<(ContentRef, u64)> {
         let s = self.shard_of(key);
         let mut shard = self.shards[s].lock();
