@@ -17,6 +17,8 @@ use vtmem_api::{ByteSize, SpecError, ValueError, VmName, VmSpec};
 use vtmem_protocol::MAX_REQUEST_QUEUES;
 use vtmem_store::ClientConfig;
 
+pub use crate::sandbox::{SandboxConfig, SandboxMode};
+
 /// Default descriptors per request queue.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// Smallest queue size accepted: a request of one op with its response.
@@ -64,6 +66,15 @@ pub enum ConfigError {
     /// The control group does not exist.
     #[error("unknown group '{0}' for the control socket")]
     UnknownGroup(String),
+    /// The user to run as does not exist.
+    #[error("unknown user '{0}'")]
+    UnknownUser(String),
+    /// The group to run as does not exist.
+    #[error("unknown group '{0}'")]
+    UnknownRunGroup(String),
+    /// A user number with no account, and no group given.
+    #[error("user {0} has no entry in /etc/passwd: give --group too")]
+    NoPrimaryGroup(u32),
     /// The configuration file cannot be read.
     #[error("cannot read configuration file {0}: {1}")]
     ReadFile(PathBuf, String),
@@ -193,6 +204,8 @@ pub struct DaemonConfig {
     pub metrics_address: Option<SocketAddr>,
     /// The state file recording run-time changes, if any.
     pub state_file: Option<PathBuf>,
+    /// The sandbox entered once everything listens, and the user to run as.
+    pub sandbox: SandboxConfig,
 }
 
 impl DaemonConfig {
@@ -245,6 +258,45 @@ pub fn resolve_group(group: &str) -> Result<u32> {
         .ok_or_else(|| ConfigError::UnknownGroup(group.to_string()))
 }
 
+/// Resolves a user name or number to its uid and, if it has an entry in
+/// `/etc/passwd`, its primary gid.
+pub fn resolve_user(user: &str) -> Result<(u32, Option<u32>)> {
+    let text = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let number = user.parse::<u32>().ok();
+    let entry = text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let uid = fields.nth(1)?.parse::<u32>().ok()?;
+        let gid = fields.next()?.parse::<u32>().ok()?;
+        (name == user || Some(uid) == number).then_some((uid, gid))
+    });
+    match (entry, number) {
+        (Some((uid, gid)), _) => Ok((uid, Some(gid))),
+        (None, Some(uid)) => Ok((uid, None)),
+        (None, None) => Err(ConfigError::UnknownUser(user.to_string())),
+    }
+}
+
+/// Resolves `--user` and `--group` into the sandbox's uid and gid: the
+/// group defaults to the user's primary group.
+pub fn resolve_credentials(
+    user: Option<&str>,
+    group: Option<&str>,
+) -> Result<(Option<u32>, Option<u32>)> {
+    let gid = match group {
+        Some(g) => Some(resolve_group(g).map_err(|_| ConfigError::UnknownRunGroup(g.to_string()))?),
+        None => None,
+    };
+    match user {
+        Some(u) => {
+            let (uid, primary) = resolve_user(u)?;
+            let gid = gid.or(primary).ok_or(ConfigError::NoPrimaryGroup(uid))?;
+            Ok((Some(uid), Some(gid)))
+        }
+        None => Ok((None, gid)),
+    }
+}
+
 /// The TOML configuration file.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -267,6 +319,12 @@ pub struct FileConfig {
     pub metrics_address: Option<String>,
     /// State file.
     pub state_file: Option<PathBuf>,
+    /// Sandbox mode.
+    pub sandbox: Option<SandboxMode>,
+    /// User to run as.
+    pub user: Option<String>,
+    /// Group to run as.
+    pub group: Option<String>,
     /// The VMs (`[[vm]]` tables).
     #[serde(default)]
     pub vm: Vec<VmSpec>,
@@ -344,6 +402,43 @@ dedup-group = "none"
         assert_eq!(c.weight, 7);
         assert_eq!(c.dedup_group.as_deref(), Some("web"));
         assert_eq!(vm_spec(&vm.name, &c), vm);
+    }
+
+    #[test]
+    fn credentials() {
+        assert_eq!(resolve_credentials(None, None).unwrap(), (None, None));
+        assert_eq!(
+            resolve_credentials(Some("root"), None).unwrap(),
+            (Some(0), Some(0))
+        );
+        assert_eq!(
+            resolve_credentials(Some("0"), Some("12345")).unwrap(),
+            (Some(0), Some(12345))
+        );
+        assert_eq!(
+            resolve_credentials(None, Some("7")).unwrap(),
+            (None, Some(7))
+        );
+        assert_eq!(
+            resolve_credentials(Some("no-such-user-vtmem"), None).unwrap_err(),
+            ConfigError::UnknownUser("no-such-user-vtmem".into())
+        );
+        assert_eq!(
+            resolve_credentials(Some("4000000000"), None).unwrap_err(),
+            ConfigError::NoPrimaryGroup(4_000_000_000)
+        );
+        assert_eq!(
+            resolve_credentials(None, Some("no-such-group-vtmem")).unwrap_err(),
+            ConfigError::UnknownRunGroup("no-such-group-vtmem".into())
+        );
+        let f = FileConfig::parse(
+            "sandbox = \"log\"\nuser = \"vtmem\"\ngroup = \"kvm\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(f.sandbox, Some(SandboxMode::Log));
+        assert_eq!(f.user.as_deref(), Some("vtmem"));
+        assert!(FileConfig::parse("sandbox = \"off\"\n", Path::new("x.toml")).is_err());
     }
 
     #[test]

@@ -745,6 +745,7 @@ mod tests {
             vms: Vec::new(),
             metrics_address: None,
             state_file: None,
+            sandbox: Default::default(),
         };
         let daemon = Daemon::new(
             Store::new(StoreConfig {
