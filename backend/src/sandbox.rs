@@ -128,6 +128,17 @@ pub fn prepare(
         }
         _ => None,
     };
+    if let Some((uid, _)) = switch {
+        // Fail now rather than once everything listens.
+        let caps = rustix::thread::capabilities(None).map_err(setup("read the capabilities"))?;
+        if !caps
+            .effective
+            .contains(CapabilitySet::SETUID | CapabilitySet::SETGID)
+        {
+            let e = io::Error::from(rustix::io::Errno::PERM);
+            return Err(SandboxError::Credentials(format!("uid {uid}"), e));
+        }
+    }
     let filters = if enforce {
         let mismatch = match config.mode {
             SandboxMode::Log => SeccompAction::Log,
