@@ -322,6 +322,35 @@ fn switches_user_after_binding() {
     assert_clean_exit(&mut d);
 }
 
+#[test]
+fn root_without_user_gives_the_control_socket_to_its_group() {
+    if effective_uid() != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // Capabilities are gone before the control socket is bound; vtmemd
+    // joins the group instead of using CAP_CHOWN.
+    let mut d = Daemon::start(
+        Dir::new("cgroup"),
+        &["--vm", "vm1", "--control-group", "65534"],
+    );
+    assert_sandboxed(d.pid());
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(d.path("vtmemd.ctl")).unwrap();
+    assert_eq!(
+        (meta.gid(), meta.permissions().mode() & 0o777),
+        (65534, 0o660)
+    );
+    let st = threads(d.pid()).remove(0);
+    assert_eq!(st["Uid"], "0\t0\t0\t0");
+    assert!(
+        st["Groups"].split_whitespace().any(|g| g == "65534"),
+        "{st:?}"
+    );
+    exercise(&d);
+    assert_clean_exit(&mut d);
+}
+
 fn effective_uid() -> u32 {
     own_status()["Uid"]
         .split_whitespace()
