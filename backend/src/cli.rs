@@ -8,9 +8,9 @@ use clap::{Parser, ValueEnum};
 use vtmem_api::{ByteSize, VmSpec};
 
 use crate::config::{
-    parse_metrics_address, resolve_group, validate_poll_us, validate_queue_size, validate_queues,
-    ConfigError, DaemonConfig, DeviceSettings, FileConfig, DEFAULT_CONTROL_SOCKET_NAME,
-    DEFAULT_HOST_LIMIT,
+    parse_metrics_address, resolve_credentials, resolve_group, validate_poll_us,
+    validate_queue_size, validate_queues, ConfigError, DaemonConfig, DeviceSettings, FileConfig,
+    SandboxConfig, SandboxMode, DEFAULT_CONTROL_SOCKET_NAME, DEFAULT_HOST_LIMIT,
 };
 
 const LONG_ABOUT: &str = "\
@@ -136,6 +136,23 @@ pub struct Args {
     #[arg(long)]
     pub allow_unsealed_memory: bool,
 
+    /// Sandbox entered once every socket listens: 'enforce' (seccomp
+    /// allow-list, a system call outside it kills vtmemd; no new privileges;
+    /// no capabilities), 'log' (the same, but calls outside the list are
+    /// only logged by the kernel), 'none' (debugging) [default: enforce].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub sandbox: Option<SandboxMode>,
+
+    /// When started as root: run as this user (name or uid) once every
+    /// socket listens.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// With --user: run with this group (name or gid) instead of the
+    /// user's primary group.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
     /// Log level; RUST_LOG, if set, refines it (e.g. RUST_LOG=vtmem_backend::device=debug).
     #[arg(long, value_enum, value_name = "LEVEL", default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
@@ -193,6 +210,15 @@ impl TryFrom<Args> for DaemonConfig {
             None => None,
         };
         let state_file = args.state_file.or(file.state_file.clone());
+        let (uid, gid) = resolve_credentials(
+            args.user.as_deref().or(file.user.as_deref()),
+            args.group.as_deref().or(file.group.as_deref()),
+        )?;
+        let sandbox = SandboxConfig {
+            mode: args.sandbox.or(file.sandbox).unwrap_or_default(),
+            uid,
+            gid,
+        };
         let config = DaemonConfig {
             socket_dir,
             control_socket,
@@ -202,6 +228,7 @@ impl TryFrom<Args> for DaemonConfig {
             vms,
             metrics_address,
             state_file,
+            sandbox,
         };
         config.validate()?;
         Ok(config)
@@ -262,6 +289,29 @@ mod tests {
             c.state_file.as_deref(),
             Some(Path::new("/var/lib/vtmem/s.json"))
         );
+    }
+
+    #[test]
+    fn sandbox_flags() {
+        let c = parse(&["--socket-dir", "/x"]).unwrap();
+        assert_eq!(c.sandbox, SandboxConfig::default());
+        assert_eq!(c.sandbox.mode, SandboxMode::Enforce);
+        let c = parse(&["--socket-dir", "/x", "--sandbox", "none", "--user", "0"]).unwrap();
+        assert_eq!(
+            c.sandbox,
+            SandboxConfig {
+                mode: SandboxMode::None,
+                uid: Some(0),
+                gid: Some(0)
+            }
+        );
+        let c = parse(&["--socket-dir", "/x", "--sandbox", "log", "--group", "5"]).unwrap();
+        assert_eq!(
+            (c.sandbox.mode, c.sandbox.uid, c.sandbox.gid),
+            (SandboxMode::Log, None, Some(5))
+        );
+        let e = clap_error(&["--socket-dir", "/x", "--sandbox", "off"]);
+        assert!(e.contains("invalid value 'off'"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,8 @@ use vtmem_api::{ByteSize, SpecError, ValueError, VmName, VmSpec};
 use vtmem_protocol::MAX_REQUEST_QUEUES;
 use vtmem_store::ClientConfig;
 
+pub use crate::sandbox::{SandboxConfig, SandboxMode};
+
 /// Default descriptors per request queue.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// Smallest queue size accepted: a request of one op with its response.
@@ -64,9 +66,15 @@ pub enum ConfigError {
     /// A group that does not exist.
     #[error("unknown group '{0}'")]
     UnknownGroup(String),
-    /// A user that does not exist.
+    /// The user to run as does not exist.
     #[error("unknown user '{0}'")]
     UnknownUser(String),
+    /// The group to run as does not exist.
+    #[error("unknown group '{0}'")]
+    UnknownRunGroup(String),
+    /// A user number with no account, and no group given.
+    #[error("user {0} has no entry in /etc/passwd: give --group too")]
+    NoPrimaryGroup(u32),
     /// The configuration file cannot be read.
     #[error("cannot read configuration file {0}: {1}")]
     ReadFile(PathBuf, String),
@@ -202,6 +210,8 @@ pub struct DaemonConfig {
     pub metrics_address: Option<SocketAddr>,
     /// The state file recording run-time changes, if any.
     pub state_file: Option<PathBuf>,
+    /// The sandbox entered once everything listens, and the user to run as.
+    pub sandbox: SandboxConfig,
 }
 
 impl DaemonConfig {
@@ -242,11 +252,6 @@ pub fn resolve_group(group: &str) -> Result<u32> {
     lookup_id("/etc/group", group).ok_or_else(|| ConfigError::UnknownGroup(group.to_string()))
 }
 
-/// Resolves a user name or number to a uid by reading `/etc/passwd`.
-pub fn resolve_user(user: &str) -> Result<u32> {
-    lookup_id("/etc/passwd", user).ok_or_else(|| ConfigError::UnknownUser(user.to_string()))
-}
-
 /// A number as itself, or the id (third field) of the line of `db` (the
 /// `name:x:id:...` format of `/etc/passwd` and `/etc/group`) named `name`.
 fn lookup_id(db: &str, name: &str) -> Option<u32> {
@@ -260,6 +265,45 @@ fn lookup_id(db: &str, name: &str) -> Option<u32> {
         let id = fields.nth(1)?.parse::<u32>().ok()?;
         (entry == name).then_some(id)
     })
+}
+
+/// Resolves a user name or number to its uid and, if it has an entry in
+/// `/etc/passwd`, its primary gid.
+pub fn resolve_user(user: &str) -> Result<(u32, Option<u32>)> {
+    let text = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let number = user.parse::<u32>().ok();
+    let entry = text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let uid = fields.nth(1)?.parse::<u32>().ok()?;
+        let gid = fields.next()?.parse::<u32>().ok()?;
+        (name == user || Some(uid) == number).then_some((uid, gid))
+    });
+    match (entry, number) {
+        (Some((uid, gid)), _) => Ok((uid, Some(gid))),
+        (None, Some(uid)) => Ok((uid, None)),
+        (None, None) => Err(ConfigError::UnknownUser(user.to_string())),
+    }
+}
+
+/// Resolves `--user` and `--group` into the sandbox's uid and gid: the
+/// group defaults to the user's primary group.
+pub fn resolve_credentials(
+    user: Option<&str>,
+    group: Option<&str>,
+) -> Result<(Option<u32>, Option<u32>)> {
+    let gid = match group {
+        Some(g) => Some(resolve_group(g).map_err(|_| ConfigError::UnknownRunGroup(g.to_string()))?),
+        None => None,
+    };
+    match user {
+        Some(u) => {
+            let (uid, primary) = resolve_user(u)?;
+            let gid = gid.or(primary).ok_or(ConfigError::NoPrimaryGroup(uid))?;
+            Ok((Some(uid), Some(gid)))
+        }
+        None => Ok((None, gid)),
+    }
 }
 
 /// The TOML configuration file.
@@ -286,6 +330,12 @@ pub struct FileConfig {
     pub metrics_address: Option<String>,
     /// State file.
     pub state_file: Option<PathBuf>,
+    /// Sandbox mode.
+    pub sandbox: Option<SandboxMode>,
+    /// User to run as.
+    pub user: Option<String>,
+    /// Group to run as.
+    pub group: Option<String>,
     /// The VMs (`[[vm]]` tables).
     #[serde(default)]
     pub vm: Vec<VmSpec>,
@@ -367,13 +417,50 @@ dedup-group = "none"
 
     #[test]
     fn users_and_groups_resolve() {
-        assert_eq!(resolve_user("root").unwrap(), 0);
-        assert_eq!(resolve_user("1234").unwrap(), 1234);
+        assert_eq!(resolve_user("root").unwrap(), (0, Some(0)));
+        assert_eq!(resolve_user("1234").unwrap().0, 1234);
         assert_eq!(resolve_group("root").unwrap(), 0);
         assert!(matches!(
             resolve_user("no-such-user-vtmem"),
             Err(ConfigError::UnknownUser(_))
         ));
+    }
+
+    #[test]
+    fn credentials() {
+        assert_eq!(resolve_credentials(None, None).unwrap(), (None, None));
+        assert_eq!(
+            resolve_credentials(Some("root"), None).unwrap(),
+            (Some(0), Some(0))
+        );
+        assert_eq!(
+            resolve_credentials(Some("0"), Some("12345")).unwrap(),
+            (Some(0), Some(12345))
+        );
+        assert_eq!(
+            resolve_credentials(None, Some("7")).unwrap(),
+            (None, Some(7))
+        );
+        assert_eq!(
+            resolve_credentials(Some("no-such-user-vtmem"), None).unwrap_err(),
+            ConfigError::UnknownUser("no-such-user-vtmem".into())
+        );
+        assert_eq!(
+            resolve_credentials(Some("4000000000"), None).unwrap_err(),
+            ConfigError::NoPrimaryGroup(4_000_000_000)
+        );
+        assert_eq!(
+            resolve_credentials(None, Some("no-such-group-vtmem")).unwrap_err(),
+            ConfigError::UnknownRunGroup("no-such-group-vtmem".into())
+        );
+        let f = FileConfig::parse(
+            "sandbox = \"log\"\nuser = \"vtmem\"\ngroup = \"kvm\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(f.sandbox, Some(SandboxMode::Log));
+        assert_eq!(f.user.as_deref(), Some("vtmem"));
+        assert!(FileConfig::parse("sandbox = \"off\"\n", Path::new("x.toml")).is_err());
     }
 
     #[test]

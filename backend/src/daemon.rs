@@ -314,7 +314,7 @@ impl Daemon {
         clear_stale_socket(&socket)?;
 
         let owner = match &vm.socket_user {
-            Some(u) => Some(resolve_user(u.as_str())?),
+            Some(u) => Some(resolve_user(u.as_str())?.0),
             None => None,
         };
         let group = match &vm.socket_group {

@@ -17,10 +17,12 @@
 //! - [`control`]: the JSON control socket.
 //! - [`metrics`]: Prometheus metrics over HTTP.
 //! - [`state`]: the state file that carries run-time changes over restarts.
+//! - [`sandbox`]: seccomp allow-list, capabilities, user switch.
 //! - [`config`], [`cli`]: configuration file and command line.
 //! - [`accept`], [`ratelimit`], [`sys`]: helpers.
 
-// Only `sys`'s signal module opts out, with a reason there.
+// Only `sys`'s signal module and `sandbox`'s credentials module opt out,
+// with a reason there.
 #![deny(unsafe_code)]
 
 use std::fmt::Write as _;
@@ -42,6 +44,7 @@ pub mod metrics;
 pub mod notify;
 pub mod ratelimit;
 pub mod request;
+pub mod sandbox;
 pub mod state;
 
 pub mod sys;
@@ -81,6 +84,9 @@ pub enum Error {
     /// Signal handling cannot be set up.
     #[error("cannot set up signal handling: {0}")]
     Signals(io::Error),
+    /// The sandbox cannot be entered.
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
 }
 
 /// The capabilities JSON printed by `--print-capabilities`.
@@ -211,11 +217,21 @@ pub fn launch(config: &DaemonConfig) -> Result<Running, Error> {
 
 /// Runs `vtmemd` until SIGINT or SIGTERM, then removes every socket and
 /// returns `Ok(())`.
+///
+/// Once everything listens, and before it says it is ready, the process
+/// enters its sandbox ([`sandbox`], `config.sandbox`).
 pub fn start(config: DaemonConfig) -> Result<(), Error> {
     // Block the termination signals before any thread starts, so that every
     // thread inherits the mask and only `wait` below receives them.
     let signals = sys::SignalSet::block_termination().map_err(Error::Signals)?;
+    // Likewise no-new-privileges and the capabilities dropped before
+    // binding.
+    let sandbox = sandbox::prepare(&config.sandbox, config.control_group)?;
     let running = launch(&config)?;
+    if let Err(e) = sandbox.enter() {
+        running.shutdown();
+        return Err(e.into());
+    }
 
     let mut ready = format!(
         "vtmemd ready: {} VM(s) in {}, control socket {}, host limit {}, {} queue(s) of {}",

@@ -303,6 +303,7 @@ pub fn daemon_in(dir: &std::path::Path) -> std::sync::Arc<crate::daemon::Daemon>
         vms: Vec::new(),
         metrics_address: None,
         state_file: None,
+        sandbox: Default::default(),
     };
     let store = vtmem_store::Store::new(vtmem_store::StoreConfig {
         host_limit: config.host_limit.bytes(),
