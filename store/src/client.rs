@@ -164,6 +164,18 @@ enum Prep<'a> {
     New(super::content::Key, NewData<'a>),
 }
 
+/// The persistent pool `pool` of a live client: where reservations go.
+fn reservable(table: &Table, pool: u32) -> Result<&Arc<Pool>, TmemError> {
+    if table.removed {
+        return Err(TmemError::ClientGone);
+    }
+    let pool = table.pool(pool).ok_or(TmemError::NoPool)?;
+    if !pool.persistent {
+        return Err(TmemError::Invalid("reservations need a persistent pool"));
+    }
+    Ok(pool)
+}
+
 /// `page` LZ4-compressed into `buf`, or raw if that does not pay.
 fn compressed<'b>(page: &Page, buf: &'b mut [u8; LZ4_BOUND]) -> NewData<'b> {
     match compress(page, buf) {
@@ -592,13 +604,7 @@ impl DataHandle {
     /// allows for a requester.
     pub fn reserve(&self, pool: u32, pages: u64) -> Result<u64, TmemError> {
         let table = self.client.table.read();
-        if table.removed {
-            return Err(TmemError::ClientGone);
-        }
-        let pool = table.pool(pool).ok_or(TmemError::NoPool)?;
-        if !pool.persistent {
-            return Err(TmemError::Invalid("reservations need a persistent pool"));
-        }
+        let pool = reservable(&table, pool)?;
         if self.acct().frozen.load(Ordering::Acquire) {
             return Err(TmemError::Frozen);
         }
@@ -656,13 +662,7 @@ impl DataHandle {
     /// still reserved afterwards.
     pub fn unreserve(&self, pool: u32, pages: u64) -> Result<u64, TmemError> {
         let table = self.client.table.read();
-        if table.removed {
-            return Err(TmemError::ClientGone);
-        }
-        let pool = table.pool(pool).ok_or(TmemError::NoPool)?;
-        if !pool.persistent {
-            return Err(TmemError::Invalid("reservations need a persistent pool"));
-        }
+        let pool = reservable(&table, pool)?;
         let mut returned = 0;
         let prev = pool
             .reserved
