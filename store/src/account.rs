@@ -7,6 +7,7 @@
 //! check-then-add, so that a flood of concurrent puts cannot overshoot.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use vtmem_protocol::PAGE_SIZE;
@@ -155,13 +156,41 @@ pub(crate) fn bump_by(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
+/// Memory the store's structures use beyond what their pages are charged:
+/// allocator holes, sparse indexes, table slack.
+///
+/// Each structure (a content shard, a pool's index) keeps the excess it
+/// last reported and reports the difference after every change, so the
+/// total is exact at every moment a lock is released. It counts against the
+/// host limit beside the page charges: what is charged plus this overhead is
+/// what the store really holds.
+#[derive(Debug, Default)]
+pub(crate) struct Overhead(AtomicU64);
+
+impl Overhead {
+    /// A structure's excess went from `was` to `now` bytes.
+    pub fn moved(&self, was: u64, now: u64) {
+        if now > was {
+            self.0.fetch_add(now - was, Ordering::AcqRel);
+        } else if was > now {
+            uncharge(&self.0, was - now);
+        }
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// Store-wide accounting shared by every client and pool.
 #[derive(Debug)]
 pub(crate) struct Global {
     /// Host limit in bytes.
     pub host_limit: AtomicU64,
-    /// Bytes charged against the host limit.
+    /// Bytes charged against the host limit for pages and reservations.
     pub host_used: AtomicU64,
+    /// Bytes of structure overhead, also held against the host limit.
+    pub overhead: Arc<Overhead>,
     /// Coarse clock stamping LRU queue segments, to compare the age of the
     /// heads of different pools.
     pub clock: AtomicU64,
@@ -172,17 +201,19 @@ impl Global {
         Global {
             host_limit: AtomicU64::new(host_limit),
             host_used: AtomicU64::new(0),
+            overhead: Arc::default(),
             clock: AtomicU64::new(0),
         }
     }
 
     /// Charges the host limit; false if it would be exceeded.
     pub fn try_charge(&self, bytes: u64) -> bool {
-        try_charge(
-            &self.host_used,
-            bytes,
-            self.host_limit.load(Ordering::Acquire),
-        )
+        try_charge(&self.host_used, bytes, self.room_limit())
+    }
+
+    /// What page charges may reach: the limit less the overhead.
+    pub fn room_limit(&self) -> u64 {
+        self.limit().saturating_sub(self.overhead.get())
     }
 
     pub fn uncharge(&self, bytes: u64) {
@@ -200,6 +231,7 @@ impl Global {
     /// Bytes above the limit if `extra` more were charged now.
     pub fn excess(&self, extra: u64) -> u64 {
         self.used()
+            .saturating_add(self.overhead.get())
             .saturating_add(extra)
             .saturating_sub(self.limit())
     }

@@ -104,6 +104,10 @@ pub struct PoolStats {
     pub bytes: u64,
     /// Pages reserved and not yet spent.
     pub reserved_pages: u64,
+    /// Bytes of the pool's index beyond the per-page metadata cost (a
+    /// sparse layout, one page per object), also charged to the owner.
+    #[serde(default)]
+    pub index_overhead: u64,
     /// Whether this client is the one charged for the pool's pages
     /// (always true for private pools).
     pub owned: bool,
@@ -145,6 +149,11 @@ pub struct StoreStats {
     /// Bytes charged against the host limit: unique contents (slot bytes +
     /// content metadata cost) + per-page metadata cost + reservations.
     pub host_used: u64,
+    /// Bytes the store's structures hold beyond those charges (allocator
+    /// holes, sparse indexes, table slack), also held against the host
+    /// limit: `host_used + host_overhead <= host_limit`.
+    #[serde(default)]
+    pub host_overhead: u64,
     /// Pages held, all pools (a shared pool counted once).
     pub stored_pages: u64,
     /// Distinct stored contents (data and same-filled patterns; zero pages

@@ -97,6 +97,7 @@ impl Client {
             let idx = p.lock();
             let owned = Arc::ptr_eq(&idx.owner, acct);
             let gz = idx.gauges;
+            let index_overhead = idx.overhead;
             drop(idx);
             let reserved = p.reserved.load(Ordering::Relaxed);
             cs.pools.push(PoolStats {
@@ -107,6 +108,7 @@ impl Client {
                 pages: gz.pages,
                 bytes: gz.bytes,
                 reserved_pages: reserved,
+                index_overhead,
                 owned,
                 counters: p.counters.snapshot(),
             });
@@ -398,6 +400,18 @@ impl DataHandle {
             Some(_) => slot + CONTENT_METADATA_COST + PAGE_METADATA_COST,
         };
         let mut client_cost = slot + CLIENT_PAGE_COST;
+        // Room for the tables this put may grow (a doubled hash table, a
+        // new block of entries), found now so that eviction can make it;
+        // given back once the growth itself is charged as overhead.
+        let growth = if reserved {
+            0
+        } else {
+            pool.insert_growth(&h.object, h.index)
+                + key
+                    .as_ref()
+                    .filter(|_| known.is_none())
+                    .map_or(0, |k| domain.insert_growth(k))
+        };
         if reserved {
             // Swap the worst-case charge for the real one (never larger).
             account::uncharge(
@@ -406,7 +420,7 @@ impl DataHandle {
             );
             g.uncharge(RESERVED_PAGE_HOST_COST - unshared_host_cost);
         } else {
-            self.charge(pool, charged, client_cost, unshared_host_cost)?;
+            self.charge(pool, charged, client_cost, unshared_host_cost + growth)?;
         }
         let prep = match (key, data) {
             (None, _) => Prep::Zero,
@@ -443,7 +457,7 @@ impl DataHandle {
                 }
                 None => {
                     charged.uncharge(pool.persistent, client_cost);
-                    g.uncharge(unshared_host_cost);
+                    g.uncharge(unshared_host_cost + growth);
                     return Err(TmemError::NoSpace);
                 }
             },
@@ -453,7 +467,7 @@ impl DataHandle {
         // after all.
         let unwind = |error: TmemError| {
             charged.uncharge(pool.persistent, client_cost);
-            g.uncharge(PAGE_METADATA_COST);
+            g.uncharge(PAGE_METADATA_COST + growth);
             if value & super::content::ID_MASK != ZERO_REF {
                 let rel = domain.release(value & super::content::ID_MASK);
                 if rel.freed {
@@ -486,6 +500,8 @@ impl DataHandle {
             account::charge(&idx.owner.eph_charged, client_cost);
         }
         drop(idx);
+        // The tables have grown (if they did) and that is overhead now.
+        g.uncharge(growth);
         Ok(PutInfo {
             class,
             dedup_hit,
@@ -624,7 +640,7 @@ impl DataHandle {
                 &g.host_used,
                 RESERVED_PAGE_HOST_COST,
                 wanted - granted,
-                g.limit(),
+                g.room_limit(),
             );
             if granted == wanted || rounds >= MAX_EVICT_ROUNDS {
                 break;
@@ -638,7 +654,7 @@ impl DataHandle {
                     &g.host_used,
                     RESERVED_PAGE_HOST_COST,
                     wanted - granted,
-                    g.limit(),
+                    g.room_limit(),
                 );
                 break;
             }

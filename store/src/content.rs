@@ -26,10 +26,12 @@
 
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use vtmem_protocol::PAGE_SIZE;
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
+use super::account::{Overhead, CONTENT_METADATA_COST};
 use super::alloc::{slot_bytes, Slab};
 use super::Page;
 
@@ -38,7 +40,7 @@ pub const RAW_THRESHOLD: usize = PAGE_SIZE * 7 / 8;
 /// Output buffer LZ4 needs for one page (its worst-case expansion).
 pub const LZ4_BOUND: usize = lz4_flex::block::get_maximum_output_size(PAGE_SIZE);
 /// Entries per block of the content table.
-pub const ENTRY_BLOCK: usize = 512;
+pub const ENTRY_BLOCK: usize = 128;
 
 /// Reference to stored content, as kept in a page index slot.
 ///
@@ -263,7 +265,24 @@ struct Shard {
     pattern_entries: u64,
     raw_entries: u64,
     refs: u64,
+    /// Excess last reported to the store's [`Overhead`].
+    overhead: u64,
 }
+
+/// Points entry `owner` at the slot its data moved to.
+fn relocate(blocks: &mut [Box<[Entry]>], owner: u32, to: u32) {
+    let owner = owner as usize;
+    if let Some(e) = blocks
+        .get_mut(owner / ENTRY_BLOCK)
+        .and_then(|b| b.get_mut(owner % ENTRY_BLOCK))
+    {
+        e.loc = to;
+    }
+}
+
+/// Bytes of a shard's structures that are never charged as overhead: its
+/// empty tables and the first blocks of each, what every shard costs.
+pub const SHARD_BASE_COST: u64 = 16 * 1024;
 
 impl Shard {
     fn new() -> Self {
@@ -416,12 +435,40 @@ impl Shard {
         Some(n)
     }
 
+    /// What the shard really holds beyond what its contents are charged
+    /// (slot bytes and [`CONTENT_METADATA_COST`] each), less
+    /// [`SHARD_BASE_COST`].
+    fn excess(&self) -> u64 {
+        let real = self.slab.footprint() + self.metadata_bytes();
+        let charged =
+            self.slab.live() + u64::from(self.live) * CONTENT_METADATA_COST + SHARD_BASE_COST;
+        real.saturating_sub(charged)
+    }
+
+    /// Reports a change of [`Shard::excess`] to the store and its domain.
+    fn settle(&mut self, overhead: &Overhead, reported: &AtomicU64) {
+        let now = self.excess();
+        if now == self.overhead {
+            return;
+        }
+        overhead.moved(self.overhead, now);
+        if now > self.overhead {
+            reported.fetch_add(now - self.overhead, Ordering::AcqRel);
+        } else {
+            reported.fetch_sub(self.overhead - now, Ordering::AcqRel);
+        }
+        self.overhead = now;
+    }
+
     fn free_entry(&mut self, n: u32) {
         let e = *self.entry(n);
         self.index_remove(n);
         match e.kind {
             Kind::Lz4 | Kind::Raw => {
-                self.slab.free(e.len as usize, e.loc);
+                let Shard { slab, blocks, .. } = self;
+                slab.free(e.len as usize, e.loc, |owner, to| {
+                    relocate(blocks, owner, to);
+                });
                 self.data_entries -= 1;
                 if e.kind == Kind::Raw {
                     self.raw_entries -= 1;
@@ -430,6 +477,18 @@ impl Shard {
             Kind::Pattern => self.pattern_entries -= 1,
             Kind::Free => {}
         }
+        self.drop_entry(n);
+    }
+
+    /// Compacts the allocator's classes that hold a chunk of holes.
+    fn reclaim(&mut self) {
+        let Shard { slab, blocks, .. } = self;
+        slab.reclaim(|owner, to| relocate(blocks, owner, to));
+    }
+
+    /// Puts an entry that is in no index and holds no slot back on the
+    /// free list.
+    fn drop_entry(&mut self, n: u32) {
         let head = self.free_head;
         *self.entry_mut(n) = Entry {
             loc: head,
@@ -492,6 +551,17 @@ impl Shard {
     }
 }
 
+impl Drop for Domain {
+    fn drop(&mut self) {
+        // What the shards still report leaves with them.
+        for shard in self.shards.iter_mut() {
+            let shard = shard.get_mut();
+            self.overhead.moved(shard.overhead, 0);
+            shard.overhead = 0;
+        }
+    }
+}
+
 /// Process-wide count of domains, to name them in statistics.
 static NEXT_DOMAIN: AtomicU64 = AtomicU64::new(1);
 
@@ -502,6 +572,9 @@ pub struct Domain {
     shard_bits: u32,
     seed: u64,
     id: u64,
+    overhead: Arc<Overhead>,
+    /// This domain's part of `overhead` (the sum of its shards').
+    reported: AtomicU64,
 }
 
 fn folded_mul(a: u64, b: u64) -> u64 {
@@ -511,13 +584,16 @@ fn folded_mul(a: u64, b: u64) -> u64 {
 
 impl Domain {
     /// A domain with `shards` shards (a power of two up to [`MAX_SHARDS`]).
-    pub fn new(shards: usize, seed: u64) -> Self {
+    /// Its structures' excess is reported to `overhead`.
+    pub fn new(shards: usize, seed: u64, overhead: Arc<Overhead>) -> Self {
         assert!(shards.is_power_of_two() && shards <= MAX_SHARDS);
         Domain {
             shards: (0..shards).map(|_| Mutex::new(Shard::new())).collect(),
             shard_bits: shards.trailing_zeros(),
             seed,
             id: NEXT_DOMAIN.fetch_add(1, Ordering::Relaxed),
+            overhead,
+            reported: AtomicU64::new(0),
         }
     }
 
@@ -584,6 +660,21 @@ impl Domain {
         ((r >> ENTRY_BITS) as usize, r & ENTRY_MASK)
     }
 
+    /// Bytes the shard of `key` would grow its tables by to store one new
+    /// content (an estimate, as of now): a doubled dedup index, a new block
+    /// of entries.
+    pub fn insert_growth(&self, key: &Key) -> u64 {
+        let shard = self.shards[self.shard_of(key)].lock();
+        let mut grow = 0;
+        if (shard.index_len + 1) * 4 > shard.index.len() * 3 {
+            grow += (shard.index.len().max(8) * 4) as u64;
+        }
+        if shard.free_head == NIL {
+            grow += (ENTRY_BLOCK * std::mem::size_of::<Entry>()) as u64;
+        }
+        grow
+    }
+
     /// Takes a reference on stored content equal to `page`, if any.
     /// Returns the reference and the content's data bytes.
     /// The slot bytes of stored content equal to `page`, if there is
@@ -624,24 +715,31 @@ impl Domain {
                 return Some(Inserted::Existing(self.make_ref(s, n), bytes));
             }
         }
-        let (loc, len) = match data {
-            NewData::Lz4(bytes) => (shard.slab.alloc(bytes), bytes.len()),
-            NewData::Raw => (shard.slab.alloc(page), PAGE_SIZE),
-            NewData::Pattern => (NIL, 0),
+        let len = match data {
+            NewData::Lz4(bytes) => bytes.len(),
+            NewData::Raw => PAGE_SIZE,
+            NewData::Pattern => 0,
         };
         let entry = Entry {
             hash: key.words,
             refs: 1,
-            loc,
+            loc: NIL,
             len: len as u16,
             kind: key.kind,
         };
-        let Some(n) = shard.new_entry(entry) else {
-            if len > 0 {
-                shard.slab.free(len, loc);
-            }
-            return None;
-        };
+        let n = shard.new_entry(entry)?;
+        if len > 0 {
+            let src = match data {
+                NewData::Lz4(bytes) => bytes,
+                _ => &page[..],
+            };
+            let Some(loc) = shard.slab.alloc(src, n) else {
+                shard.drop_entry(n);
+                shard.settle(&self.overhead, &self.reported);
+                return None;
+            };
+            shard.entry_mut(n).loc = loc;
+        }
         match key.kind {
             Kind::Pattern => shard.pattern_entries += 1,
             Kind::Raw => {
@@ -652,13 +750,39 @@ impl Domain {
         }
         shard.refs += 1;
         shard.index_insert(n);
+        shard.settle(&self.overhead, &self.reported);
         Some(Inserted::New(self.make_ref(s, n)))
     }
 
     /// Drops one reference.
     pub fn release(&self, r: ContentRef) -> Released {
         let (s, n) = self.split(r);
-        self.shards[s].lock().release(n)
+        let mut shard = self.shards[s].lock();
+        let rel = shard.release(n);
+        if rel.freed {
+            shard.settle(&self.overhead, &self.reported);
+        }
+        rel
+    }
+
+    /// The shards' excess computed afresh (what [`Domain::overhead`] must
+    /// equal when no operation is in flight).
+    pub fn recount_overhead(&self) -> u64 {
+        self.shards.iter().map(|s| s.lock().excess()).sum()
+    }
+
+    /// Bytes of overhead this domain's shards hold against the host limit.
+    pub fn overhead(&self) -> u64 {
+        self.reported.load(Ordering::Acquire)
+    }
+
+    /// Gives back the allocator holes eviction left, in every shard.
+    pub fn reclaim(&self) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            shard.reclaim();
+            shard.settle(&self.overhead, &self.reported);
+        }
     }
 
     /// Copies the content out.
@@ -672,7 +796,11 @@ impl Domain {
         let (s, n) = self.split(r);
         let mut shard = self.shards[s].lock();
         let res = shard.read(n, out);
-        (res, shard.release(n))
+        let rel = shard.release(n);
+        if rel.freed {
+            shard.settle(&self.overhead, &self.reported);
+        }
+        (res, rel)
     }
 
     /// Sizes of the whole domain.
@@ -776,7 +904,7 @@ mod tests {
 
     #[test]
     fn store_read_release_round_trip() {
-        let d = Domain::new(4, 42);
+        let d = Domain::new(4, 42, Arc::default());
         let pages = [page_from(1), page_from(2), random_page(3), {
             let mut p = [0u8; PAGE_SIZE];
             fill_pattern(&mut p, 0xdead_beef);
@@ -804,7 +932,7 @@ mod tests {
 
     #[test]
     fn duplicates_share_one_entry_with_refcounts() {
-        let d = Domain::new(2, 9);
+        let d = Domain::new(2, 9, Arc::default());
         let p = page_from(5);
         let (a, hit_a) = store(&d, &p);
         let (b, hit_b) = store(&d, &p);
@@ -825,7 +953,7 @@ mod tests {
         // Forge a collision: insert page B under page A's key. A later
         // lookup of A with A's key finds B's entry by hash, and must reject
         // it on the full comparison.
-        let d = Domain::new(1, 3);
+        let d = Domain::new(1, 3, Arc::default());
         let a = page_from(10);
         let b = page_from(11);
         let key_a = d.data_key(&a);
@@ -858,7 +986,7 @@ mod tests {
     #[test]
     fn index_survives_many_inserts_and_removals() {
         // Exercises growth, shrinking and backward-shift deletion.
-        let d = Domain::new(1, 77);
+        let d = Domain::new(1, 77, Arc::default());
         let mut live: Vec<(u64, ContentRef)> = Vec::new();
         for i in 0..5000u64 {
             let p = random_page(i + 1);
@@ -888,7 +1016,7 @@ mod tests {
 
     #[test]
     fn patterns_deduplicate_by_value() {
-        let d = Domain::new(4, 5);
+        let d = Domain::new(4, 5, Arc::default());
         let mut p = [0u8; PAGE_SIZE];
         fill_pattern(&mut p, 7);
         let mut q = [0u8; PAGE_SIZE];
@@ -905,7 +1033,7 @@ mod tests {
 
     #[test]
     fn contents_spread_over_all_shards() {
-        let d = Domain::new(16, 0xabc);
+        let d = Domain::new(16, 0xabc, Arc::default());
         let mut used = [0u32; 16];
         for i in 0..1600u64 {
             let (r, _) = store(&d, &random_page(i + 1));
@@ -934,7 +1062,7 @@ mod tests {
 
     #[test]
     fn read_release_frees_under_one_lock() {
-        let d = Domain::new(1, 1);
+        let d = Domain::new(1, 1, Arc::default());
         let p = page_from(99);
         let (r, _) = store(&d, &p);
         let mut out = [0u8; PAGE_SIZE];

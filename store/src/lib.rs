@@ -163,6 +163,18 @@ use pool::{KeyedState, Pool};
 /// One page of data.
 pub type Page = [u8; PAGE_SIZE];
 
+/// Most bytes of real memory a client's structures hold that no charge
+/// counts: the base cost of each pool a client may open
+/// ([`pool::POOL_BASE_COST`]) and of each shard of its own dedup domain
+/// ([`content::SHARD_BASE_COST`]), plus the fixed-size structures
+/// themselves. Everything beyond it (allocator holes, sparse indexes,
+/// table slack) is charged as overhead against the host limit, so the
+/// store's real memory stays within `host limit + clients ×` this.
+pub const FIXED_OVERHEAD_PER_CLIENT: u64 = vtmem_protocol::MAX_POOLS_PER_CLIENT as u64
+    * pool::POOL_BASE_COST
+    + CLIENT_SHARDS as u64 * content::SHARD_BASE_COST
+    + 32 * 1024;
+
 /// Shards of a client's own dedup domain. Each shard has its own slab
 /// allocator, whose partly filled chunks (up to one per size class) are
 /// slack: more shards mean less contention between one client's threads
@@ -339,14 +351,22 @@ impl Store {
     /// The dedup domain for a client in `group` (or a private one).
     fn domain_for(&self, group: Option<&str>) -> Arc<Domain> {
         let Some(group) = group else {
-            return Arc::new(Domain::new(CLIENT_SHARDS, self.seed));
+            return Arc::new(Domain::new(
+                CLIENT_SHARDS,
+                self.seed,
+                self.g.overhead.clone(),
+            ));
         };
         let mut groups = self.groups.lock();
         if let Some(d) = groups.get(group).and_then(Weak::upgrade) {
             return d;
         }
         groups.retain(|_, w| w.strong_count() > 0);
-        let d = Arc::new(Domain::new(GROUP_SHARDS, self.seed));
+        let d = Arc::new(Domain::new(
+            GROUP_SHARDS,
+            self.seed,
+            self.g.overhead.clone(),
+        ));
         groups.insert(group.to_string(), Arc::downgrade(&d));
         d
     }
@@ -360,7 +380,11 @@ impl Store {
             idx.members.push(acct.clone());
             return pool.clone();
         }
-        let domain = Arc::new(Domain::new(SHARED_POOL_SHARDS, self.seed));
+        let domain = Arc::new(Domain::new(
+            SHARED_POOL_SHARDS,
+            self.seed,
+            self.g.overhead.clone(),
+        ));
         let pool = Arc::new(Pool::new(
             false,
             false,
@@ -406,7 +430,8 @@ impl Store {
         } else if Arc::ptr_eq(&idx.owner, acct) {
             drop(shared);
             let heir = idx.members[0].clone();
-            let bytes = idx.gauges.bytes;
+            // The pages' charges and the index's overhead move together.
+            let bytes = idx.gauges.bytes + idx.overhead;
             account::uncharge(&acct.eph_charged, bytes);
             account::charge(&heir.eph_charged, bytes);
             idx.owner = heir.clone();
@@ -418,6 +443,28 @@ impl Store {
                 self.evict_own(&heir, excess);
             }
         }
+    }
+
+    /// The structure overhead computed afresh from every pool and domain.
+    /// With no operation in flight it equals `host_overhead` in
+    /// [`Store::stats`]; tests check that it does.
+    #[doc(hidden)]
+    pub fn recount_overhead(&self) -> u64 {
+        let clients: Vec<Arc<Client>> = self.clients.read().values().cloned().collect();
+        let mut pools_seen: HashSet<*const Pool> = HashSet::new();
+        let mut domains: HashMap<u64, Arc<Domain>> = HashMap::new();
+        let mut total = 0;
+        for c in &clients {
+            let (_, pools, domain) = c.stats();
+            domains.insert(domain.id(), domain);
+            for p in pools {
+                if pools_seen.insert(Arc::as_ptr(&p)) {
+                    domains.insert(p.domain.id(), p.domain.clone());
+                    total += Pool::excess(&p.lock());
+                }
+            }
+        }
+        total + domains.values().map(|d| d.recount_overhead()).sum::<u64>()
     }
 
     /// Statistics of the store and every client.
@@ -483,6 +530,7 @@ impl Store {
         };
         // Read last: everything above was charged before it was visible.
         st.host_used = self.g.used();
+        st.host_overhead = self.g.overhead.get();
         st
     }
 }

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use vtmem_protocol::{ObjectId, Uuid};
 
 use super::account::{
-    Acct, AtomicCounters, Global, CLIENT_PAGE_COST, CONTENT_METADATA_COST, PAGE_METADATA_COST,
+    self, Acct, AtomicCounters, Global, CLIENT_PAGE_COST, CONTENT_METADATA_COST, PAGE_METADATA_COST,
 };
 use super::content::{Corrupt, Domain, Released, ID_MASK, ZERO_REF};
 use super::Page;
@@ -133,6 +133,32 @@ pub fn hashmap_bytes(capacity: usize, entry: usize) -> u64 {
         capacity / 7 * 8
     };
     (buckets * (entry + 1) + 16) as u64
+}
+
+/// Bytes a hashbrown table of `capacity` entries of `entry` bytes grows by
+/// when one more entry arrives, if it has no room left (`len ==
+/// capacity`): its bucket count doubles.
+fn hashmap_growth(len: usize, capacity: usize, entry: usize) -> u64 {
+    if len < capacity {
+        return 0;
+    }
+    let buckets = match capacity {
+        0 => 2,
+        c if c < 8 => c + 1,
+        c => c / 7 * 8,
+    };
+    let grown = buckets * 2;
+    let grown_capacity = if grown < 8 { grown - 1 } else { grown / 8 * 7 };
+    hashmap_bytes(grown_capacity, entry) - hashmap_bytes(capacity, entry)
+}
+
+/// Bytes a `Vec` of `capacity` elements of `elem` bytes grows by when one
+/// more arrives and it is full (it doubles, to at least 4).
+fn vec_growth(len: usize, capacity: usize, elem: usize) -> u64 {
+    if len < capacity {
+        return 0;
+    }
+    ((capacity * 2).max(4) - capacity) as u64 * elem as u64
 }
 
 // ---------------------------------------------------------------------------
@@ -330,6 +356,42 @@ impl PageIndex {
         }
     }
 
+    /// Bytes the index's tables would grow by to store a new page at
+    /// (object, index): what a put must find room for before it starts.
+    pub fn insert_growth(&self, obj: &ObjectId, index: u64) -> u64 {
+        let mut grow = 0;
+        let o = self.objects.get(obj).copied();
+        if o.is_none() {
+            grow += hashmap_growth(
+                self.objects.len(),
+                self.objects.capacity(),
+                std::mem::size_of::<(ObjectId, u32)>(),
+            );
+            if self.obj_free.is_empty() {
+                grow += vec_growth(
+                    self.objs.len(),
+                    self.objs.capacity(),
+                    std::mem::size_of::<ObjEntry>(),
+                );
+            }
+        }
+        if o.is_none_or(|o| !self.map.contains_key(&BlockKey::new(o, index))) {
+            grow += hashmap_growth(
+                self.map.len(),
+                self.map.capacity(),
+                std::mem::size_of::<(BlockKey, u32)>(),
+            );
+            if self.block_free == NIL {
+                grow += vec_growth(
+                    self.blocks.len(),
+                    self.blocks.capacity(),
+                    std::mem::size_of::<Block>(),
+                );
+            }
+        }
+        grow
+    }
+
     /// Removes the page at `loc` and returns its value.
     pub fn take(&mut self, loc: u32) -> u32 {
         let b = loc >> SLOT_SHIFT;
@@ -482,6 +544,11 @@ impl LruQueue {
         self.q.len()
     }
 
+    /// Bytes the queue would grow by with one more entry.
+    pub fn push_growth(&self) -> u64 {
+        vec_growth(self.q.len(), self.q.capacity(), 8)
+    }
+
     /// Clock stamp of the oldest entry (u64::MAX if empty).
     pub fn head_stamp(&self) -> u64 {
         if self.q.is_empty() {
@@ -540,7 +607,14 @@ pub struct PoolIndex {
     pub pages: PageIndex,
     pub queue: LruQueue,
     pub gauges: Gauges,
+    /// Excess of the index over its pages' metadata charge, as last
+    /// charged to the owner and the host ([`Pool::settle`]).
+    pub overhead: u64,
 }
+
+/// Bytes of a pool's index that are never charged as overhead: the first
+/// allocations of its tables, which every pool makes.
+pub const POOL_BASE_COST: u64 = 4096;
 
 /// Result of releasing pages.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -622,6 +696,7 @@ impl Pool {
                 pages: PageIndex::new(hasher),
                 queue: LruQueue::default(),
                 gauges: Gauges::default(),
+                overhead: 0,
             }),
         }
     }
@@ -633,6 +708,47 @@ impl Pool {
     fn publish_head(&self, idx: &PoolIndex) {
         self.head_stamp
             .store(idx.queue.head_stamp(), Ordering::Relaxed);
+    }
+
+    /// What the index holds beyond [`PAGE_METADATA_COST`] a page and
+    /// [`POOL_BASE_COST`].
+    pub fn excess(idx: &PoolIndex) -> u64 {
+        let real = idx.pages.metadata_bytes() + idx.queue.metadata_bytes();
+        let charged = idx.pages.len() * PAGE_METADATA_COST + POOL_BASE_COST;
+        real.saturating_sub(charged)
+    }
+
+    /// Bytes storing a new page at (object, index) would add to the
+    /// index's tables right now (an estimate: other puts may get there
+    /// first).
+    pub fn insert_growth(&self, obj: &ObjectId, index: u64) -> u64 {
+        let idx = self.lock();
+        let queue = if self.persistent {
+            0
+        } else {
+            idx.queue.push_growth()
+        };
+        idx.pages.insert_growth(obj, index) + queue
+    }
+
+    /// Charges the owner and the host for what the index really holds
+    /// beyond [`PAGE_METADATA_COST`] a page (a sparse index, one page per
+    /// object, a queue of stale entries), or gives back what it no longer
+    /// holds. Called before the lock is released by every change.
+    pub fn settle(&self, idx: &mut PoolIndex, g: &Global) {
+        let now = Self::excess(idx);
+        let was = idx.overhead;
+        if now == was {
+            return;
+        }
+        g.overhead.moved(was, now);
+        let (counter, _) = idx.owner.kind(self.persistent);
+        if now > was {
+            account::charge(counter, now - was);
+        } else {
+            account::uncharge(counter, was - now);
+        }
+        idx.overhead = now;
     }
 
     /// Records a new page (its charges were taken by the caller). Returns
@@ -662,10 +778,12 @@ impl Pool {
             self.maybe_compact(idx);
             self.publish_head(idx);
         }
-        Ok(match old {
+        let freed = match old {
             Some(v) => self.release_value(idx, v, g),
             None => Freed::default(),
-        })
+        };
+        self.settle(idx, g);
+        Ok(freed)
     }
 
     /// Drops the queue's stale entries when they outnumber live pages.
@@ -752,6 +870,7 @@ impl Pool {
             };
             self.account_release(&mut idx, v, rel, g);
             self.publish_head(&idx);
+            self.settle(&mut idx, g);
             res.map(|()| true)
         } else {
             if id == ZERO_REF {
@@ -775,6 +894,7 @@ impl Pool {
         let v = idx.pages.take(loc);
         self.release_value(&mut idx, v, g);
         self.publish_head(&idx);
+        self.settle(&mut idx, g);
         true
     }
 
@@ -787,6 +907,7 @@ impl Pool {
             self.release_value(&mut idx, v, g);
         }
         self.publish_head(&idx);
+        self.settle(&mut idx, g);
         n
     }
 
@@ -800,6 +921,7 @@ impl Pool {
             freed.add(self.release_value(idx, v, g));
         }
         self.publish_head(idx);
+        self.settle(idx, g);
         freed
     }
 
@@ -809,15 +931,21 @@ impl Pool {
     }
 
     /// Evicts the oldest pages (ephemeral pools only) until `want` is met.
+    ///
+    /// `want.host` and the returned `host` count real memory: the charges
+    /// given back, less the allocator holes the evicted pages leave, plus
+    /// what compacting the holes afterwards gives back.
     pub fn evict(&self, want: Freed, g: &Global) -> Freed {
         let mut freed = Freed::default();
         if self.persistent {
             return freed;
         }
+        let domain_before = self.domain.overhead();
         let mut idx = self.lock();
         if idx.destroyed {
             return freed;
         }
+        let index_before = idx.overhead;
         let mut budget = want.pages * 8 + 64;
         while !freed.covers(&want) && budget > 0 {
             budget -= 1;
@@ -838,10 +966,19 @@ impl Pool {
             freed.add(self.release_value(&mut idx, v, g));
         }
         self.publish_head(&idx);
+        self.settle(&mut idx, g);
+        let index_after = idx.overhead;
+        let owner = idx.owner.clone();
+        drop(idx);
         if freed.pages > 0 {
+            // Evicted slots are holes until their chunks are emptied:
+            // give the memory back now, it is what the eviction was for.
+            self.domain.reclaim();
             super::account::bump_by(&self.counters.evictions, freed.pages);
-            super::account::bump_by(&idx.owner.counters.evictions, freed.pages);
+            super::account::bump_by(&owner.counters.evictions, freed.pages);
         }
+        freed.host = (freed.host + domain_before + index_before)
+            .saturating_sub(self.domain.overhead() + index_after);
         freed
     }
 

@@ -19,6 +19,8 @@ use vtmem_testkit::{random_page, same_filled_page};
 const CLIENTS: usize = 3;
 const UUID: Uuid = Uuid::from_bytes([0x5A; 16]).unwrap();
 const RAW_PAGE: u64 = RESERVED_PAGE_HOST_COST;
+/// Most bytes one put's table growth can need at the model's scale.
+const TABLE_GROWTH: u64 = 8192;
 const HOST_LIMIT: u64 = 10 * RAW_PAGE;
 /// Weights of the model's clients, and their sum.
 fn weight(i: usize) -> u64 {
@@ -357,11 +359,15 @@ impl Harness {
                                 } else {
                                     cost
                                 };
-                                let used = self.store.stats().host_used;
+                                // Room is also needed for the tables the
+                                // put may grow, at this scale at most a
+                                // block of content entries, a doubled
+                                // index and a pool's first tables.
+                                let st = self.store.stats();
+                                let used = st.host_used + st.host_overhead;
                                 assert!(
-                                    used + host_cost > HOST_LIMIT,
-                                    "refused for space though {used} + {host_cost} fit: {:?}",
-                                    self.store.stats()
+                                    used + host_cost + TABLE_GROWTH > HOST_LIMIT,
+                                    "refused for space though {used} + {host_cost} fit: {st:?}"
                                 );
                             }
                             other => panic!("unexpected refusal {other:?}"),
@@ -455,8 +461,9 @@ impl Harness {
                                 o.ephemeral_bytes <= share(i)
                             }
                         });
-                        let host_full =
-                            st.host_used + RESERVED_PAGE_HOST_COST > HOST_LIMIT && others_at_share;
+                        let host_full = st.host_used + st.host_overhead + RESERVED_PAGE_HOST_COST
+                            > HOST_LIMIT
+                            && others_at_share;
                         assert!(
                             quota_full || share_full || host_full,
                             "reservation cut short: {cs:?}"
@@ -516,14 +523,33 @@ impl Harness {
             + st.stored_pages * PAGE_METADATA_COST
             + st.reserved_pages * RESERVED_PAGE_HOST_COST;
         assert_eq!(st.host_used, expect, "host accounting");
+        assert!(
+            st.host_used + st.host_overhead <= HOST_LIMIT,
+            "real memory above the limit: {} + {}",
+            st.host_used,
+            st.host_overhead
+        );
+        assert_eq!(
+            st.host_overhead,
+            self.store.recount_overhead(),
+            "overhead accounting"
+        );
         assert!(st.allocator_footprint >= st.data_bytes);
         for c in 0..CLIENTS {
             let name = ["solo", "g1", "g2"][c];
             let cs = st.clients.iter().find(|x| x.name == name).unwrap();
             assert_eq!(cs.reserved_pages, self.reserved[c], "reservations of {c}");
+            let index_overhead: u64 = cs
+                .pools
+                .iter()
+                .filter(|p| p.persistent)
+                .map(|p| p.index_overhead)
+                .sum();
             assert_eq!(
                 cs.persistent_charged,
-                cs.persistent_bytes + cs.reserved_pages * RESERVED_PAGE_CLIENT_COST,
+                cs.persistent_bytes
+                    + cs.reserved_pages * RESERVED_PAGE_CLIENT_COST
+                    + index_overhead,
                 "persistent charge of {c}"
             );
             assert!(
@@ -563,6 +589,7 @@ impl Harness {
         }
         let st = self.store.stats();
         assert_eq!(st.host_used, 0, "leak: {st:#?}");
+        assert_eq!(st.host_overhead, 0, "overhead leak: {st:#?}");
         assert_eq!(st.allocator_footprint, 0);
         assert_eq!(st.stored_pages, 0);
         assert_eq!(st.unique_pages, 0);

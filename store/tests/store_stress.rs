@@ -323,14 +323,25 @@ fn many_clients_many_threads() {
         + st.stored_pages * PAGE_METADATA_COST
         + st.reserved_pages * RESERVED_PAGE_HOST_COST;
     assert_eq!(st.host_used, expect, "host accounting after the run");
+    assert_eq!(
+        st.host_overhead,
+        store.recount_overhead(),
+        "overhead after the run"
+    );
+    assert!(st.host_used + st.host_overhead <= HOST_LIMIT);
 
     for c in &clients {
         c.reset();
     }
     let st = store.stats();
     assert_eq!(
-        (st.host_used, st.stored_pages, st.allocator_footprint),
-        (0, 0, 0),
+        (
+            st.host_used,
+            st.host_overhead,
+            st.stored_pages,
+            st.allocator_footprint
+        ),
+        (0, 0, 0, 0),
         "leak after reset"
     );
 }

@@ -25,7 +25,9 @@ mod wait;
 
 pub use control::RawControl;
 pub use daemon::{StartError, Vtmemd, READY_PREFIX};
-pub use pages::{checksum, handle, random_page, same_filled_page, text_page, zero_page, Page, Rng};
+pub use pages::{
+    checksum, handle, random_page, same_filled_page, sized_page, text_page, zero_page, Page, Rng,
+};
 pub use process::{run, CtlOutput};
 pub use rustix::process::Signal;
 pub use wait::{wait_until, with_timeout};

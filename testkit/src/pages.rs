@@ -49,6 +49,16 @@ pub fn random_page(seed: u64) -> Page {
     p
 }
 
+/// A deterministic page whose first `random_bytes` bytes are random and the
+/// rest zero: LZ4 stores it in a little more than `random_bytes`, so a
+/// range of values reaches every size class of the store's allocator.
+pub fn sized_page(seed: u64, random_bytes: usize) -> Page {
+    let mut p = [0u8; PAGE_SIZE];
+    let n = random_bytes.clamp(8, PAGE_SIZE);
+    Rng::new(seed).fill(&mut p[..n]);
+    p
+}
+
 /// A deterministic page that compresses well, distinct for every `seed`:
 /// a line naming the seed, repeated.
 pub fn text_page(seed: u64) -> Page {
