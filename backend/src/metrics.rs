@@ -220,6 +220,20 @@ impl Snapshot {
         )?;
         single(
             e,
+            "host_overhead",
+            "Host memory the store's structures hold beyond the page charges (allocator holes, sparse indexes, table slack), also held against the limit.",
+            bytes,
+            ConstGauge::new(s.host_overhead),
+        )?;
+        single(
+            e,
+            "allocator_footprint",
+            "Bytes of slab chunk memory written: live slots and holes.",
+            bytes,
+            ConstGauge::new(s.allocator_footprint),
+        )?;
+        single(
+            e,
             "data",
             "Bytes of stored page data (compressed or raw).",
             bytes,

@@ -127,6 +127,10 @@ fn metrics_match_the_control_socket() {
         status["host_used"].as_f64().unwrap()
     );
     assert_eq!(
+        get(&samples, "vtmem_host_overhead_bytes", &[]),
+        status["host_overhead"].as_f64().unwrap()
+    );
+    assert_eq!(
         get(&samples, "vtmem_stored_pages", &[]),
         status["stored_pages"].as_f64().unwrap()
     );

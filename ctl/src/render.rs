@@ -35,12 +35,15 @@ pub fn status(stats: &StoreStats, evictions: Option<EvictionRate>, uptime: Optio
     let c = &stats.counters;
     let mut f = Fields::new();
     f.add("host limit", format::bytes(stats.host_limit));
+    let real = stats.host_used + stats.host_overhead;
     f.add(
         "host used",
         format!(
-            "{} ({} of the limit)",
+            "{} ({} of the limit): pages {}, overhead {}",
+            format::bytes(real),
+            format::percent(real, stats.host_limit),
             format::bytes(stats.host_used),
-            format::percent(stats.host_used, stats.host_limit)
+            format::bytes(stats.host_overhead)
         ),
     );
     f.add(

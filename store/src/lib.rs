@@ -74,10 +74,17 @@
 //! against the ephemeral quota.
 //!
 //! The host limit counts real memory: each unique content once (its slot
-//! plus [`CONTENT_METADATA_COST`]), each page's [`PAGE_METADATA_COST`], and
-//! every outstanding reservation at its worst case. Allocator slack (the
-//! free part of partly used chunks) is not charged; it is reported as
-//! `fragmentation` in [`StoreStats`].
+//! plus [`CONTENT_METADATA_COST`]), each page's [`PAGE_METADATA_COST`],
+//! every outstanding reservation at its worst case, and the *overhead*:
+//! what each content shard and pool index really holds beyond those
+//! charges (allocator holes, sparse index blocks, one page per object,
+//! tables between resizes), reported by each structure after every change
+//! (`host_overhead` in [`StoreStats`]). A pool's index overhead is charged
+//! to its owner as well. A put finds room for the tables it would grow
+//! before it starts. The slab compacts a size class once its holes reach
+//! two chunks, and after evictions at one, so no flush pattern strands
+//! memory; what no charge counts is at most [`FIXED_OVERHEAD_PER_CLIENT`]
+//! per client.
 //!
 //! Charges are taken with compare-and-swap against the limit before the
 //! page is stored, so neither quotas nor the host limit are ever exceeded,
