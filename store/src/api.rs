@@ -100,7 +100,8 @@ pub struct PoolStats {
     pub exclusive_gets: bool,
     /// Pages held.
     pub pages: u64,
-    /// Bytes charged for them (to the pool's owner).
+    /// Bytes charged for them (to the pool's owner; in a shared pool, to
+    /// the members that wrote them).
     pub bytes: u64,
     /// Pages reserved and not yet spent.
     pub reserved_pages: u64,
@@ -108,8 +109,8 @@ pub struct PoolStats {
     /// sparse layout, one page per object), also charged to the owner.
     #[serde(default)]
     pub index_overhead: u64,
-    /// Whether this client is the one charged for the pool's pages
-    /// (always true for private pools).
+    /// Whether this client owns the pool (always true for private pools;
+    /// a shared pool's owner is charged for its index).
     pub owned: bool,
     /// Pool-wide counters (for a shared pool: all members' operations).
     pub counters: OpCounters,
@@ -117,8 +118,9 @@ pub struct PoolStats {
 
 /// Statistics of one client.
 ///
-/// Page and byte gauges cover the pools charged to this client: its private
-/// pools and the shared pools it owns (see the module documentation).
+/// Page and byte gauges cover the pages charged to this client: those of
+/// its private pools and those it wrote in shared pools (see the module
+/// documentation).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ClientStats {
     pub name: String,

@@ -96,6 +96,14 @@ impl Client {
         for (id, p) in &pools {
             let idx = p.lock();
             let owned = Arc::ptr_eq(&idx.owner, acct);
+            // A shared pool's pages count for the member that wrote them.
+            let mine = match idx.writers.as_ref() {
+                Some(w) => w
+                    .find(acct)
+                    .and_then(|slot| w.writer(slot))
+                    .map_or_else(super::pool::Gauges::default, |wr| wr.gauges),
+                None => idx.gauges,
+            };
             let gz = idx.gauges;
             let index_overhead = idx.overhead;
             drop(idx);
@@ -113,19 +121,16 @@ impl Client {
                 counters: p.counters.snapshot(),
             });
             cs.reserved_pages += reserved;
-            if !owned {
-                continue;
-            }
             if p.persistent {
-                cs.persistent_pages += gz.pages;
-                cs.persistent_bytes += gz.bytes;
+                cs.persistent_pages += mine.pages;
+                cs.persistent_bytes += mine.bytes;
             } else {
-                cs.ephemeral_pages += gz.pages;
-                cs.ephemeral_bytes += gz.bytes;
+                cs.ephemeral_pages += mine.pages;
+                cs.ephemeral_bytes += mine.bytes;
             }
-            cs.zero_pages += gz.zero;
-            cs.same_filled_pages += gz.same;
-            cs.deduplicated_pages += gz.dedup;
+            cs.zero_pages += mine.zero;
+            cs.same_filled_pages += mine.same;
+            cs.deduplicated_pages += mine.dedup;
         }
         (cs, pools.into_iter().map(|(_, p)| p).collect(), domain)
     }
@@ -355,15 +360,8 @@ impl DataHandle {
         } else if self.acct().frozen.load(Ordering::Acquire) {
             return Err(TmemError::Frozen);
         }
-        // The account charged: the pool's owner (this client unless the
-        // pool is shared).
-        let shared_owner;
-        let charged: &Acct = if pool.shared.is_some() {
-            shared_owner = pool.lock().owner.clone();
-            &shared_owner
-        } else {
-            self.acct()
-        };
+        // The account charged: the writer, in a shared pool too.
+        let charged: &Acct = self.acct();
 
         // The handle's old copy goes first: a put replaces it whether or not
         // it succeeds, and a reference held by it must not make room look
@@ -487,17 +485,12 @@ impl DataHandle {
             pattern,
         };
         if pool
-            .store_locked(&mut idx, &h.object, h.index, new, g)
+            .store_locked(&mut idx, &h.object, h.index, new, self.acct(), g)
             .is_err()
         {
             // The index is full (2^28 blocks): refuse like a full host.
             drop(idx);
             return unwind(TmemError::NoSpace);
-        }
-        if !std::ptr::eq(Arc::as_ptr(&idx.owner), charged) {
-            // The shared pool changed hands since we charged: move it.
-            charged.uncharge(false, client_cost);
-            account::charge(&idx.owner.eph_charged, client_cost);
         }
         drop(idx);
         // The tables have grown (if they did) and that is overhead now.
@@ -776,9 +769,7 @@ impl AdminHandle {
                 continue;
             }
             let mut idx = pool.lock();
-            if Arc::ptr_eq(&idx.owner, self.acct()) {
-                pool.clear_locked(&mut idx, &self.store.g);
-            }
+            pool.clear_charged_to(&mut idx, self.acct(), &self.store.g);
         }
     }
 

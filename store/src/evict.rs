@@ -47,7 +47,7 @@ impl Store {
                 want.client - freed.client,
                 want.host - freed.host,
             );
-            freed.add(p.evict(rest, &self.g));
+            freed.add(p.evict(rest, acct, &self.g));
         }
         freed
     }

@@ -19,10 +19,13 @@
 //! * Shared pools are ephemeral only and joined by UUID, only if the admin
 //!   authorised that UUID for the client ([`AdminHandle::authorize`];
 //!   de-authorising does not expel a member that already joined). A shared
-//!   pool lives while any member has it open. Its pages are charged to its
-//!   owner: the client that created it; when the owner leaves, ownership
-//!   (and the whole charge) passes to the member that joined earliest, and
-//!   if that pushes it over its ephemeral quota its oldest pages are
+//!   pool lives while any member has it open. Each page is charged to the
+//!   member that wrote it (its ephemeral quota, its weighted share; its
+//!   own pages are what eviction on its behalf takes), never to the others.
+//!   The pool's owner (the client that created it, then the member that
+//!   joined earliest) is charged for its index. When a member leaves, the
+//!   pages it wrote stay for the others, charged to the owner from then on;
+//!   if that pushes the owner over its ephemeral quota its oldest pages are
 //!   evicted. A shared pool has its own dedup domain, so members cannot
 //!   probe each other's private contents through it.
 //!
@@ -62,7 +65,8 @@
 //!
 //! # Charging
 //!
-//! Every stored page is charged to its client (the pool owner) as
+//! Every stored page is charged to its client (the pool's owner, or in a
+//! shared pool the member that wrote it) as
 //! `stored size + CLIENT_PAGE_COST` bytes, where the stored size is the
 //! content's allocator slot (a multiple of 64 bytes; a whole page when
 //! stored raw; 0 for zero and same-filled pages) and
@@ -385,6 +389,9 @@ impl Store {
             let mut idx = pool.lock();
             debug_assert!(!idx.destroyed);
             idx.members.push(acct.clone());
+            drop(idx);
+            // What it writes there is charged to it, and evictable for it.
+            self.evictable.add(acct, pool);
             return pool.clone();
         }
         let domain = Arc::new(Domain::new(
@@ -407,7 +414,9 @@ impl Store {
 
     /// `acct` closes `pool` (destroy, reset, removal). A private pool is
     /// destroyed; a shared one loses a member and is destroyed with its
-    /// last, or passes to a new owner.
+    /// last. The pages a leaving member wrote stay for the others, charged
+    /// from then on to the pool's owner (its first remaining member), whose
+    /// quota is then enforced.
     fn leave_pool(&self, pool: &Arc<Pool>, acct: &Arc<Acct>) {
         let g = &self.g;
         let Some(uuid) = pool.shared else {
@@ -431,24 +440,25 @@ impl Store {
             drop(shared);
             idx.destroyed = true;
             pool.clear_locked(&mut idx, g);
-            let owner = idx.owner.clone();
-            drop(idx);
-            self.evictable.remove(&owner, pool);
-        } else if Arc::ptr_eq(&idx.owner, acct) {
-            drop(shared);
-            let heir = idx.members[0].clone();
-            // The pages' charges and the index's overhead move together.
-            let bytes = idx.gauges.bytes + idx.overhead;
-            account::uncharge(&acct.eph_charged, bytes);
-            account::charge(&heir.eph_charged, bytes);
-            idx.owner = heir.clone();
             drop(idx);
             self.evictable.remove(acct, pool);
-            self.evictable.add(&heir, pool);
-            let excess = heir.eph_excess(0);
-            if excess > 0 {
-                self.evict_own(&heir, excess);
-            }
+            return;
+        }
+        drop(shared);
+        let heir = idx.members[0].clone();
+        pool.hand_over(&mut idx, acct, &heir);
+        if Arc::ptr_eq(&idx.owner, acct) {
+            // The index's overhead moves with the ownership.
+            let overhead = idx.overhead;
+            account::uncharge(&acct.eph_charged, overhead);
+            account::charge(&heir.eph_charged, overhead);
+            idx.owner = heir.clone();
+        }
+        drop(idx);
+        self.evictable.remove(acct, pool);
+        let excess = heir.eph_excess(0);
+        if excess > 0 {
+            self.evict_own(&heir, excess);
         }
     }
 

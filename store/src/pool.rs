@@ -441,8 +441,9 @@ impl PageIndex {
         }
     }
 
-    /// Removes every page of one object, passing each value to `f`.
-    pub fn drain_object(&mut self, obj: &ObjectId, mut f: impl FnMut(u32)) -> u64 {
+    /// Removes every page of one object, passing each location and value
+    /// to `f`.
+    pub fn drain_object(&mut self, obj: &ObjectId, mut f: impl FnMut(u32, u32)) -> u64 {
         let Some(&o) = self.objects.get(obj) else {
             return 0;
         };
@@ -453,7 +454,8 @@ impl PageIndex {
             let b = self.objs[o as usize].head;
             for slot in 0..BLOCK_SLOTS as u32 {
                 if self.blocks[b as usize].slots[slot as usize] != EMPTY {
-                    f(self.take(b << SLOT_SHIFT | slot));
+                    let loc = b << SLOT_SHIFT | slot;
+                    f(loc, self.take(loc));
                     n += 1;
                     if self.len == 0 {
                         return n;
@@ -464,14 +466,15 @@ impl PageIndex {
         n
     }
 
-    /// Removes every page, passing each value to `f`; frees all tables.
-    pub fn drain_all(&mut self, mut f: impl FnMut(u32)) -> u64 {
+    /// Removes every page, passing each location and value to `f`; frees
+    /// all tables.
+    pub fn drain_all(&mut self, mut f: impl FnMut(u32, u32)) -> u64 {
         let mut n = 0;
-        for block in &self.blocks {
+        for (b, block) in self.blocks.iter().enumerate() {
             if block.obj != NIL {
-                for &v in &block.slots {
+                for (slot, &v) in block.slots.iter().enumerate() {
                     if v != EMPTY {
-                        f(v);
+                        f((b as u32) << SLOT_SHIFT | slot as u32, v);
                         n += 1;
                     }
                 }
@@ -595,6 +598,116 @@ pub struct Gauges {
     pub dedup: u64,
 }
 
+impl Gauges {
+    /// Counts one page in (`add`) or out.
+    fn count(&mut self, value: u32, pattern: bool, bytes: u64, add: bool) {
+        let step = |g: &mut u64, n: u64| {
+            if add {
+                *g += n
+            } else {
+                *g -= n
+            }
+        };
+        step(&mut self.pages, 1);
+        step(&mut self.bytes, bytes);
+        if value & ID_MASK == ZERO_REF {
+            step(&mut self.zero, 1);
+        } else if pattern {
+            step(&mut self.same, 1);
+        }
+        if value & DEDUP_BIT != 0 {
+            step(&mut self.dedup, 1);
+        }
+    }
+
+    /// Moves everything counted in `from` here.
+    pub fn absorb(&mut self, from: &Gauges) {
+        self.pages += from.pages;
+        self.bytes += from.bytes;
+        self.zero += from.zero;
+        self.same += from.same;
+        self.dedup += from.dedup;
+    }
+}
+
+/// A member of a shared pool that writes to it: the account its pages are
+/// charged to and what they are.
+#[derive(Debug)]
+pub struct Writer {
+    pub acct: Arc<Acct>,
+    pub gauges: Gauges,
+}
+
+/// Who wrote each page of a shared pool. Each member that puts gets a
+/// writer slot (kept while it stays a member); every page records its
+/// writer's slot, and its charge goes to that member, not to the pool's
+/// owner: a member's writes count against its own quota and weighted
+/// share.
+#[derive(Debug, Default)]
+pub struct Writers {
+    /// Per index block, the writer slot of each of its pages.
+    by_block: Vec<[u16; BLOCK_SLOTS]>,
+    slots: Vec<Option<Writer>>,
+}
+
+impl Writers {
+    /// The slot of `acct`, given one if it has none; `None` only if every
+    /// one of 2^16 slots is taken.
+    pub fn slot_of(&mut self, acct: &Arc<Acct>) -> Option<u16> {
+        if let Some(i) = self
+            .slots
+            .iter()
+            .position(|w| w.as_ref().is_some_and(|w| Arc::ptr_eq(&w.acct, acct)))
+        {
+            return Some(i as u16);
+        }
+        let writer = Some(Writer {
+            acct: acct.clone(),
+            gauges: Gauges::default(),
+        });
+        if let Some(i) = self.slots.iter().position(Option::is_none) {
+            self.slots[i] = writer;
+            return Some(i as u16);
+        }
+        if self.slots.len() > u16::MAX as usize {
+            return None;
+        }
+        self.slots.push(writer);
+        Some((self.slots.len() - 1) as u16)
+    }
+
+    /// The slot of an existing writer.
+    pub fn find(&self, acct: &Acct) -> Option<u16> {
+        self.slots
+            .iter()
+            .position(|w| w.as_ref().is_some_and(|w| std::ptr::eq(&*w.acct, acct)))
+            .map(|i| i as u16)
+    }
+
+    fn at(&self, loc: u32) -> u16 {
+        self.by_block
+            .get((loc >> SLOT_SHIFT) as usize)
+            .map_or(0, |b| b[(loc as usize) % BLOCK_SLOTS])
+    }
+
+    fn set(&mut self, loc: u32, slot: u16) {
+        let b = (loc >> SLOT_SHIFT) as usize;
+        if self.by_block.len() <= b {
+            self.by_block.resize(b + 1, [0; BLOCK_SLOTS]);
+        }
+        self.by_block[b][(loc as usize) % BLOCK_SLOTS] = slot;
+    }
+
+    pub fn writer(&self, slot: u16) -> Option<&Writer> {
+        self.slots.get(slot as usize).and_then(Option::as_ref)
+    }
+
+    fn metadata_bytes(&self) -> u64 {
+        (self.by_block.capacity() * std::mem::size_of::<[u16; BLOCK_SLOTS]>()
+            + self.slots.capacity() * std::mem::size_of::<Option<Writer>>()) as u64
+    }
+}
+
 /// What a pool's lock protects.
 #[derive(Debug)]
 pub struct PoolIndex {
@@ -610,6 +723,8 @@ pub struct PoolIndex {
     /// Excess of the index over its pages' metadata charge, as last
     /// charged to the owner and the host ([`Pool::settle`]).
     pub overhead: u64,
+    /// Shared pools: who wrote each page (and is charged for it).
+    pub writers: Option<Writers>,
 }
 
 /// Bytes of a pool's index that are never charged as overhead: the first
@@ -672,6 +787,11 @@ pub struct NewPage {
     pub pattern: bool,
 }
 
+/// The writer slot of the page at `loc` (shared pools).
+fn writer_at(idx: &PoolIndex, loc: u32) -> Option<u16> {
+    idx.writers.as_ref().map(|w| w.at(loc))
+}
+
 impl Pool {
     pub fn new(
         persistent: bool,
@@ -697,6 +817,7 @@ impl Pool {
                 queue: LruQueue::default(),
                 gauges: Gauges::default(),
                 overhead: 0,
+                writers: shared.is_some().then(Writers::default),
             }),
         }
     }
@@ -713,7 +834,9 @@ impl Pool {
     /// What the index holds beyond [`PAGE_METADATA_COST`] a page and
     /// [`POOL_BASE_COST`].
     pub fn excess(idx: &PoolIndex) -> u64 {
-        let real = idx.pages.metadata_bytes() + idx.queue.metadata_bytes();
+        let real = idx.pages.metadata_bytes()
+            + idx.queue.metadata_bytes()
+            + idx.writers.as_ref().map_or(0, Writers::metadata_bytes);
         let charged = idx.pages.len() * PAGE_METADATA_COST + POOL_BASE_COST;
         real.saturating_sub(charged)
     }
@@ -759,19 +882,23 @@ impl Pool {
         obj: &ObjectId,
         index: u64,
         page: NewPage,
+        writer: &Arc<Acct>,
         g: &Global,
     ) -> Result<Freed, IndexFull> {
+        let slot = match idx.writers.as_mut() {
+            Some(w) => Some(w.slot_of(writer).ok_or(IndexFull)?),
+            None => None,
+        };
         let (loc, old) = idx.pages.insert(obj, index, page.value).ok_or(IndexFull)?;
-        let gz = &mut idx.gauges;
-        gz.pages += 1;
-        gz.bytes += page.client_cost;
-        if page.value & ID_MASK == ZERO_REF {
-            gz.zero += 1;
-        } else if page.pattern {
-            gz.same += 1;
-        }
-        if page.value & DEDUP_BIT != 0 {
-            gz.dedup += 1;
+        let old_writer = writer_at(idx, loc);
+        idx.gauges
+            .count(page.value, page.pattern, page.client_cost, true);
+        if let (Some(w), Some(slot)) = (idx.writers.as_mut(), slot) {
+            w.set(loc, slot);
+            if let Some(Some(wr)) = w.slots.get_mut(slot as usize) {
+                wr.gauges
+                    .count(page.value, page.pattern, page.client_cost, true);
+            }
         }
         if !self.persistent {
             idx.queue.push(loc, page.value & ID_MASK, &g.clock);
@@ -779,7 +906,7 @@ impl Pool {
             self.publish_head(idx);
         }
         let freed = match old {
-            Some(v) => self.release_value(idx, v, g),
+            Some(v) => self.release_value(idx, old_writer, v, g),
             None => Freed::default(),
         };
         self.settle(idx, g);
@@ -799,8 +926,15 @@ impl Pool {
     }
 
     /// Releases a page value removed from the index: content reference,
-    /// gauges, the owner's charge and the host charge.
-    pub fn release_value(&self, idx: &mut PoolIndex, v: u32, g: &Global) -> Freed {
+    /// gauges, the charge of the account that holds it (its writer in a
+    /// shared pool, the owner otherwise) and the host charge.
+    pub fn release_value(
+        &self,
+        idx: &mut PoolIndex,
+        writer: Option<u16>,
+        v: u32,
+        g: &Global,
+    ) -> Freed {
         let rel = if v & ID_MASK == ZERO_REF {
             Released {
                 data_bytes: 0,
@@ -810,27 +944,34 @@ impl Pool {
         } else {
             self.domain.release(v & ID_MASK)
         };
-        self.account_release(idx, v, rel, g)
+        self.account_release(idx, writer, v, rel, g)
     }
 
-    fn account_release(&self, idx: &mut PoolIndex, v: u32, rel: Released, g: &Global) -> Freed {
+    fn account_release(
+        &self,
+        idx: &mut PoolIndex,
+        writer: Option<u16>,
+        v: u32,
+        rel: Released,
+        g: &Global,
+    ) -> Freed {
         let client = rel.data_bytes + CLIENT_PAGE_COST;
         let mut host = PAGE_METADATA_COST;
         if rel.freed {
             host += rel.data_bytes + CONTENT_METADATA_COST;
         }
-        let gz = &mut idx.gauges;
-        gz.pages -= 1;
-        gz.bytes -= client;
-        if v & ID_MASK == ZERO_REF {
-            gz.zero -= 1;
-        } else if rel.pattern {
-            gz.same -= 1;
+        idx.gauges.count(v, rel.pattern, client, false);
+        let by_writer = match (idx.writers.as_mut(), writer) {
+            (Some(w), Some(slot)) => w.slots.get_mut(slot as usize).and_then(Option::as_mut),
+            _ => None,
+        };
+        match by_writer {
+            Some(wr) => {
+                wr.gauges.count(v, rel.pattern, client, false);
+                wr.acct.uncharge(self.persistent, client);
+            }
+            None => idx.owner.uncharge(self.persistent, client),
         }
-        if v & DEDUP_BIT != 0 {
-            gz.dedup -= 1;
-        }
-        idx.owner.uncharge(self.persistent, client);
         g.uncharge(host);
         Freed {
             pages: 1,
@@ -868,7 +1009,8 @@ impl Pool {
             } else {
                 self.domain.read_release(id, out)
             };
-            self.account_release(&mut idx, v, rel, g);
+            let writer = writer_at(&idx, loc);
+            self.account_release(&mut idx, writer, v, rel, g);
             self.publish_head(&idx);
             self.settle(&mut idx, g);
             res.map(|()| true)
@@ -892,7 +1034,8 @@ impl Pool {
             return false;
         };
         let v = idx.pages.take(loc);
-        self.release_value(&mut idx, v, g);
+        let writer = writer_at(&idx, loc);
+        self.release_value(&mut idx, writer, v, g);
         self.publish_head(&idx);
         self.settle(&mut idx, g);
         true
@@ -902,9 +1045,10 @@ impl Pool {
     pub fn remove_object(&self, obj: &ObjectId, g: &Global) -> u64 {
         let mut idx = self.lock();
         let mut values = Vec::new();
-        let n = idx.pages.drain_object(obj, |v| values.push(v));
-        for v in values {
-            self.release_value(&mut idx, v, g);
+        let n = idx.pages.drain_object(obj, |loc, v| values.push((loc, v)));
+        for (loc, v) in values {
+            let writer = writer_at(&idx, loc);
+            self.release_value(&mut idx, writer, v, g);
         }
         self.publish_head(&idx);
         self.settle(&mut idx, g);
@@ -914,15 +1058,81 @@ impl Pool {
     /// Removes every page (the pool stays usable).
     pub fn clear_locked(&self, idx: &mut PoolIndex, g: &Global) -> Freed {
         let mut values = Vec::with_capacity(idx.pages.len() as usize);
-        idx.pages.drain_all(|v| values.push(v));
+        idx.pages.drain_all(|loc, v| values.push((loc, v)));
         idx.queue.clear();
         let mut freed = Freed::default();
-        for v in values {
-            freed.add(self.release_value(idx, v, g));
+        for (loc, v) in values {
+            let writer = writer_at(idx, loc);
+            freed.add(self.release_value(idx, writer, v, g));
         }
         self.publish_head(idx);
         self.settle(idx, g);
         freed
+    }
+
+    /// Removes the pages charged to `acct`: every page of a private pool,
+    /// the pages it wrote in a shared one.
+    pub fn clear_charged_to(&self, idx: &mut PoolIndex, acct: &Arc<Acct>, g: &Global) -> Freed {
+        let Some(w) = idx.writers.as_ref() else {
+            return if Arc::ptr_eq(&idx.owner, acct) {
+                self.clear_locked(idx, g)
+            } else {
+                Freed::default()
+            };
+        };
+        let Some(mine) = w.find(acct) else {
+            return Freed::default();
+        };
+        let mut locs = Vec::new();
+        for (b, slots) in w.by_block.iter().enumerate() {
+            for (i, &slot) in slots.iter().enumerate() {
+                let loc = (b as u32) << SLOT_SHIFT | i as u32;
+                if slot == mine && idx.pages.get(loc) != EMPTY {
+                    locs.push(loc);
+                }
+            }
+        }
+        let mut freed = Freed::default();
+        for loc in locs {
+            let v = idx.pages.take(loc);
+            freed.add(self.release_value(idx, Some(mine), v, g));
+        }
+        self.publish_head(idx);
+        self.settle(idx, g);
+        freed
+    }
+
+    /// Hands the pages `leaver` wrote (shared pools) to `heir`, with their
+    /// charges; returns the bytes moved.
+    pub fn hand_over(&self, idx: &mut PoolIndex, leaver: &Acct, heir: &Arc<Acct>) -> u64 {
+        let PoolIndex { writers, pages, .. } = idx;
+        let Some(w) = writers.as_mut() else {
+            return 0;
+        };
+        let Some(from) = w.find(leaver) else {
+            return 0;
+        };
+        let Some(to) = w.slot_of(heir) else {
+            return 0;
+        };
+        for (b, slots) in w.by_block.iter_mut().enumerate() {
+            for (i, slot) in slots.iter_mut().enumerate() {
+                let loc = (b as u32) << SLOT_SHIFT | i as u32;
+                if *slot == from && pages.get(loc) != EMPTY {
+                    *slot = to;
+                }
+            }
+        }
+        let Some(gone) = w.slots[from as usize].take() else {
+            return 0;
+        };
+        if let Some(Some(h)) = w.slots.get_mut(to as usize) {
+            h.gauges.absorb(&gone.gauges);
+        }
+        gone.acct.uncharge(self.persistent, gone.gauges.bytes);
+        let (counter, _) = heir.kind(self.persistent);
+        account::charge(counter, gone.gauges.bytes);
+        gone.gauges.bytes
     }
 
     /// Drops the reservation; returns the pages it held.
@@ -935,7 +1145,10 @@ impl Pool {
     /// `want.host` and the returned `host` count real memory: the charges
     /// given back, less the allocator holes the evicted pages leave, plus
     /// what compacting the holes afterwards gives back.
-    pub fn evict(&self, want: Freed, g: &Global) -> Freed {
+    ///
+    /// Only pages charged to `victim` go: in a shared pool, the pages it
+    /// wrote (the others are queued again, behind).
+    pub fn evict(&self, want: Freed, victim: &Acct, g: &Global) -> Freed {
         let mut freed = Freed::default();
         if self.persistent {
             return freed;
@@ -945,6 +1158,13 @@ impl Pool {
         if idx.destroyed {
             return freed;
         }
+        let only = match idx.writers.as_ref() {
+            Some(w) => match w.find(victim) {
+                Some(slot) => Some(slot),
+                None => return freed,
+            },
+            None => None,
+        };
         let index_before = idx.overhead;
         let mut budget = want.pages * 8 + 64;
         while !freed.covers(&want) && budget > 0 {
@@ -956,6 +1176,12 @@ impl Pool {
             if v == EMPTY || v & ID_MASK != id {
                 continue; // stale: flushed, taken by a get, or replaced
             }
+            let writer = writer_at(&idx, loc);
+            if only.is_some() && writer != only {
+                // Another member's page: not the victim's to lose.
+                idx.queue.push(loc, id, &g.clock);
+                continue;
+            }
             if v & REF_BIT != 0 {
                 // Second chance for a page read since it was queued.
                 idx.pages.set(loc, v & !REF_BIT);
@@ -963,19 +1189,18 @@ impl Pool {
                 continue;
             }
             idx.pages.take(loc);
-            freed.add(self.release_value(&mut idx, v, g));
+            freed.add(self.release_value(&mut idx, writer, v, g));
         }
         self.publish_head(&idx);
         self.settle(&mut idx, g);
         let index_after = idx.overhead;
-        let owner = idx.owner.clone();
         drop(idx);
         if freed.pages > 0 {
             // Evicted slots are holes until their chunks are emptied:
             // give the memory back now, it is what the eviction was for.
             self.domain.reclaim();
             super::account::bump_by(&self.counters.evictions, freed.pages);
-            super::account::bump_by(&owner.counters.evictions, freed.pages);
+            super::account::bump_by(&victim.counters.evictions, freed.pages);
         }
         freed.host = (freed.host + domain_before + index_before)
             .saturating_sub(self.domain.overhead() + index_after);
@@ -987,6 +1212,7 @@ impl Pool {
         std::mem::size_of::<Self>() as u64
             + idx.pages.metadata_bytes()
             + idx.queue.metadata_bytes()
+            + idx.writers.as_ref().map_or(0, Writers::metadata_bytes)
             + (idx.members.capacity() * std::mem::size_of::<Arc<Acct>>()) as u64
     }
 }
@@ -1066,17 +1292,17 @@ mod tests {
             assert_eq!(ix.lookup(&oid(obj), i * 3).is_some(), expect, "{obj}/{i}");
         }
         let mut seen = Vec::new();
-        assert_eq!(ix.drain_object(&oid(4), |v| seen.push(v)), 20);
+        assert_eq!(ix.drain_object(&oid(4), |_, v| seen.push(v)), 20);
         assert!(seen.iter().all(|v| v / 1000 == 4));
         assert_eq!(ix.objects(), 8);
-        let n = ix.drain_all(|_| {});
+        let n = ix.drain_all(|_, _| {});
         assert_eq!(n, 320);
         assert_eq!(ix.len(), 0);
         // Draining the last object empties (and frees) the whole index.
         for i in 0..40u64 {
             ix.insert(&oid(9), i, 1).unwrap();
         }
-        assert_eq!(ix.drain_object(&oid(9), |_| {}), 40);
+        assert_eq!(ix.drain_object(&oid(9), |_, _| {}), 40);
         assert_eq!(ix.len(), 0);
         assert_eq!(ix.metadata_bytes(), 0);
     }
@@ -1099,7 +1325,7 @@ mod tests {
         for (k, &i) in idxs.iter().enumerate() {
             assert_eq!(ix.lookup(&oid(7), i).map(|x| x.1), Some(k as u32), "{i}");
         }
-        assert_eq!(ix.drain_object(&oid(7), |_| {}), idxs.len() as u64);
+        assert_eq!(ix.drain_object(&oid(7), |_, _| {}), idxs.len() as u64);
     }
 
     #[test]

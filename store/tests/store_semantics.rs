@@ -243,11 +243,14 @@ fn shared_pools_need_authorisation_and_keep_pages_on_get() {
     assert_eq!(get(&b, h(pb, 1, 0)), Some(text_page(1)));
     assert_eq!(get(&a, h(pa, 1, 0)), Some(text_page(1)));
     b.put(&h(pb, 1, 1), &text_page(2), false).unwrap();
-    // Charged to the creator.
-    assert_eq!(a_admin.stats().ephemeral_pages, 2);
-    assert_eq!(b_admin.stats().ephemeral_pages, 0);
-    assert!(!b_admin.stats().pools[1].owned);
-    // The creator leaves: the pool lives on, charged to b now.
+    // Each page is charged to the member that wrote it.
+    let (sa, sb) = (a_admin.stats(), b_admin.stats());
+    assert_eq!((sa.ephemeral_pages, sb.ephemeral_pages), (1, 1));
+    assert_eq!(sa.ephemeral_bytes, sb.ephemeral_bytes);
+    assert!(sb.ephemeral_bytes > 0);
+    assert!(!sb.pools[1].owned);
+    assert_eq!(sb.pools[1].pages, 2, "the pool's own gauges count both");
+    // The creator leaves: the pool lives on, a's page charged to b now.
     a.destroy_pool(pa).unwrap();
     assert_eq!(get(&b, h(pb, 1, 0)), Some(text_page(1)));
     assert_eq!(a_admin.stats().ephemeral_bytes, 0);
@@ -958,5 +961,67 @@ fn admission_does_not_reveal_a_neighbours_pages() {
     // Room for one unshared page: both kinds are admitted alike.
     prober.flush_page(&h(pp, 2, 0)).unwrap();
     assert_eq!(prober.put(&h(pp, 3, 1), &secret, false), Ok(()));
+    assert_host_accounting(&s);
+}
+
+/// A member that wrote 1000 pages into a shared pool was charged nothing,
+/// and the pool's owner lost its private cache to make room for them.
+#[test]
+fn shared_pool_pages_are_charged_to_their_writer() {
+    let per_page = PAGE_SIZE as u64 + CLIENT_PAGE_COST;
+    let s = store(2000 * per_page);
+    let uuid = Uuid::from_bytes([0x33; 16]).unwrap();
+    let cfg = ClientConfig {
+        authorized_uuids: vec![uuid],
+        ..Default::default()
+    };
+    let owner_admin = s.add_client("owner", cfg.clone()).unwrap();
+    let owner = owner_admin.data();
+    let writer_admin = s.add_client("writer", cfg).unwrap();
+    let writer = writer_admin.data();
+    let so = owner.new_pool(PoolSpec::shared(uuid)).unwrap();
+    let sw = writer.new_pool(PoolSpec::shared(uuid)).unwrap();
+    let private = owner.new_pool(PoolSpec::ephemeral()).unwrap();
+    for i in 0..800 {
+        owner
+            .put(&h(private, 1, i), &random_page(i), false)
+            .unwrap();
+    }
+    for i in 0..1000 {
+        writer
+            .put(&h(sw, 1, i), &random_page(10_000 + i), false)
+            .unwrap();
+    }
+    let (o, w) = (owner_admin.stats(), writer_admin.stats());
+    assert_eq!(w.ephemeral_pages, 1000, "{w:?}");
+    assert_eq!(w.ephemeral_bytes, 1000 * per_page);
+    assert_eq!(o.ephemeral_pages, 800, "the owner's cache is untouched");
+    assert_eq!(o.ephemeral_bytes, 800 * per_page);
+
+    // Over the host, the writer (above its half share) loses its own
+    // pages, never the owner's (below its share).
+    for i in 1000..1800 {
+        writer
+            .put(&h(sw, 1, i), &random_page(10_000 + i), false)
+            .unwrap();
+    }
+    assert_eq!(owner_admin.stats().ephemeral_pages, 800);
+    assert!(writer_admin.stats().counters.evictions > 0);
+
+    // The writer's ephemeral quota holds its writes to the shared pool.
+    writer_admin.set_quota(u64::MAX, 100 * per_page);
+    assert!(writer_admin.stats().ephemeral_bytes <= 100 * per_page);
+    writer.put(&h(sw, 2, 0), &random_page(99), false).unwrap();
+    assert!(writer_admin.stats().ephemeral_bytes <= 100 * per_page);
+    assert_eq!(owner_admin.stats().ephemeral_pages, 800);
+    // The owner reads what the writer wrote.
+    assert_eq!(get(&owner, h(so, 2, 0)), Some(random_page(99)));
+
+    // The writer leaves: its pages stay for the owner, charged to it now.
+    let left = writer_admin.stats().ephemeral_bytes;
+    writer.destroy_pool(sw).unwrap();
+    assert_eq!(writer_admin.stats().ephemeral_bytes, 0);
+    assert_eq!(owner_admin.stats().ephemeral_bytes, 800 * per_page + left);
+    assert_eq!(get(&owner, h(so, 2, 0)), Some(random_page(99)));
     assert_host_accounting(&s);
 }
