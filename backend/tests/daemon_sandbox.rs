@@ -142,19 +142,26 @@ impl Drop for Daemon {
 
 /// The fields of a `status` file of `/proc`.
 fn status_of(path: &Path) -> BTreeMap<String, String> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
+    fields(&std::fs::read_to_string(path).unwrap())
+}
+
+fn fields(text: &str) -> BTreeMap<String, String> {
+    text.lines()
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.to_string(), v.trim().to_string()))
         .collect()
 }
 
-/// The status of every thread of process `pid`.
+/// The status of every thread of process `pid` (a thread that ends while
+/// they are read, such as a finished connection's, is left out).
 fn threads(pid: u32) -> Vec<BTreeMap<String, String>> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
     tasks
-        .map(|t| status_of(&t.unwrap().path().join("status")))
+        .filter_map(|t| {
+            let path = t.ok()?.path().join("status");
+            path.exists().then(|| std::fs::read_to_string(path).ok())?
+        })
+        .map(|text| fields(&text))
         .collect()
 }
 
