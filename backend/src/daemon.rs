@@ -325,11 +325,14 @@ impl Daemon {
         let client = self.store.add_client(vm.name.as_str(), client_config(vm))?;
         // Created 0600 and given its owner and mode before it appears under
         // its name: whoever can connect to it is this VM.
+        // The mode first: once the socket is another user's, changing it
+        // would need CAP_FOWNER too.
         let listener = match crate::sys::bind_ready(&socket, true, |tmp| {
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))?;
             if owner.is_some() || group.is_some() {
                 std::os::unix::fs::chown(tmp, owner, group)?;
             }
-            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))
+            Ok(())
         }) {
             Ok(l) => VmListener {
                 listener: Listener::from(l),

@@ -226,7 +226,12 @@ pub fn start(config: DaemonConfig) -> Result<(), Error> {
     let signals = sys::SignalSet::block_termination().map_err(Error::Signals)?;
     // Likewise no-new-privileges and the capabilities dropped before
     // binding.
-    let sandbox = sandbox::prepare(&config.sandbox, config.control_group)?;
+    // VMs given to a socket owner keep the one capability that needs.
+    let keep_chown = config
+        .vms
+        .iter()
+        .any(|vm| vm.socket_user.is_some() || vm.socket_group.is_some());
+    let sandbox = sandbox::prepare(&config.sandbox, config.control_group, keep_chown)?;
     let running = launch(&config)?;
     if let Err(e) = sandbox.enter() {
         running.shutdown();

@@ -9,7 +9,9 @@
 //!    what it sets): sets no-new-privileges, empties the capability
 //!    bounding and ambient sets, and, unless the process is to switch to a
 //!    non-root user afterwards, switches group (`--group`) and empties the
-//!    effective, permitted and inheritable sets. It also compiles the
+//!    effective, permitted and inheritable sets (keeping `CAP_CHOWN` alone
+//!    when VMs at start have socket owners to be given their sockets). It
+//!    also compiles the
 //!    seccomp filters, so that a filter that cannot be built stops the
 //!    start before anything listens.
 //! 2. [`Prepared::enter`], once every socket listens: switches to
@@ -114,10 +116,14 @@ pub struct Prepared {
 /// The first step: call before any thread starts (see the module
 /// documentation). `control_group` is the group the control socket will be
 /// given: a process that drops its capabilities now joins it instead, so
-/// that it may still hand the socket to it.
+/// that it may still hand the socket to it. `keep_chown`: VMs at start
+/// have a `socket-user` or `socket-group`, so a process that keeps its
+/// user keeps `CAP_CHOWN`, and only it, to give their sockets (and those
+/// of VMs added later) to them.
 pub fn prepare(
     config: &SandboxConfig,
     control_group: Option<u32>,
+    keep_chown: bool,
 ) -> Result<Prepared, SandboxError> {
     let enforce = config.mode != SandboxMode::None;
     let euid = rustix::process::geteuid().as_raw();
@@ -161,7 +167,14 @@ pub fn prepare(
     if switch.is_none() {
         early_group(config.gid, if enforce { control_group } else { None })?;
         if enforce {
-            drop_capabilities(CapabilitySet::empty())?;
+            let caps =
+                rustix::thread::capabilities(None).map_err(setup("read the capabilities"))?;
+            let keep = if keep_chown {
+                caps.permitted & CapabilitySet::CHOWN
+            } else {
+                CapabilitySet::empty()
+            };
+            drop_capabilities(keep)?;
         }
     } else if enforce {
         // Keep what binding and the switch need until the switch, which

@@ -182,6 +182,12 @@ fn may_clear_bounding_set() -> bool {
 /// Asserts the sandbox of every thread: a seccomp filter, no new
 /// privileges, no capabilities.
 fn assert_sandboxed(pid: u32) {
+    assert_sandboxed_keeping(pid, 0);
+}
+
+/// As [`assert_sandboxed`], the effective and permitted sets holding
+/// exactly `kept`.
+fn assert_sandboxed_keeping(pid: u32, kept: u64) {
     let own = own_status();
     let own_filters: u64 = own.get("Seccomp_filters").map_or(0, |f| f.parse().unwrap());
     let all = threads(pid);
@@ -197,7 +203,10 @@ fn assert_sandboxed(pid: u32) {
             assert_eq!(f.parse::<u64>().unwrap(), own_filters + 2, "{name}");
         }
         assert_eq!(st["NoNewPrivs"], "1", "{name}");
-        for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        for set in ["CapEff", "CapPrm"] {
+            assert_eq!(hex(&st[set]), kept, "{name} {set}");
+        }
+        for set in ["CapInh", "CapAmb"] {
             assert_eq!(hex(&st[set]), 0, "{name} {set}");
         }
         if may_clear_bounding_set() {
@@ -326,6 +335,36 @@ fn switches_user_after_binding() {
     assert_eq!((meta.uid(), meta.permissions().mode() & 0o777), (0, 0o600));
     exercise(&d);
     assert_eq!(std::fs::metadata(d.path("vm1.sock")).unwrap().uid(), 0);
+    assert_clean_exit(&mut d);
+}
+
+/// Socket owners under the enforcing sandbox: a root daemon that keeps its
+/// user keeps `CAP_CHOWN`, and nothing else, to give VM sockets (at start
+/// and added later) to their owners.
+#[test]
+fn root_keeps_only_chown_for_socket_owners() {
+    if effective_uid() != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut d = Daemon::start(
+        Dir::new("owners"),
+        &["--vm", "vm1,socket-user=65534,socket-group=65534"],
+    );
+    const CAP_CHOWN: u64 = 1 << 0;
+    assert_sandboxed_keeping(d.pid(), CAP_CHOWN);
+    let meta = std::fs::metadata(d.path("vm1.sock")).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.permissions().mode() & 0o777),
+        (65534, 65534, 0o660)
+    );
+    d.control("add-vm", json!({"name": "vm3", "socket_user": "65534"}));
+    let meta = std::fs::metadata(d.path("vm3.sock")).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o777),
+        (65534, 0o600)
+    );
     assert_clean_exit(&mut d);
 }
 
