@@ -352,6 +352,12 @@ impl Store {
         self.g.used()
     }
 
+    /// Bytes of structure overhead held against the host limit beside
+    /// [`Store::host_used`] (see `host_overhead` in [`StoreStats`]).
+    pub fn host_overhead(&self) -> u64 {
+        self.g.overhead.get()
+    }
+
     /// A client's weighted share of the host: `limit × weight / total
     /// weight` of the live clients.
     pub(crate) fn weighted_share(&self, acct: &Acct) -> u64 {

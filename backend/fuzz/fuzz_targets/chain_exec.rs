@@ -737,9 +737,14 @@ fn check_no_leak(w: &World, buf: &mut Vec<u8>) {
     }
 }
 
+/// What the store really holds (page charges plus structure overhead)
+/// stays within the host limit.
 fn check_host_limit(store: &Store) {
-    let (used, limit) = (store.host_used(), store.host_limit());
-    assert!(used <= limit, "host use {used} above the limit {limit}");
+    let (used, overhead, limit) = (store.host_used(), store.host_overhead(), store.host_limit());
+    assert!(
+        used + overhead <= limit,
+        "host use {used} + overhead {overhead} above the limit {limit}"
+    );
 }
 
 fn check_neighbour(n: &Neighbour, w: &World) {
@@ -797,7 +802,9 @@ fn run(input: &Input) {
         host_limit: u64::MAX,
     });
     let neighbour = neighbour(&store, w);
-    store.set_host_limit(store.host_used() + (u64::from(input.host_room_kib) << 10));
+    store.set_host_limit(
+        store.host_used() + store.host_overhead() + (u64::from(input.host_room_kib) << 10),
+    );
     let fuzzed = store
         .add_client(
             "fuzzed",
