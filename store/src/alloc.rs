@@ -179,14 +179,15 @@ impl Slab {
                     };
                     class.chunks[n as usize] = Some(Chunk {
                         data: Vec::with_capacity(per_chunk as usize * size),
-                        owners: Vec::with_capacity(per_chunk as usize),
+                        // Grown as slots are first used: a chunk of small
+                        // slots that stays nearly empty costs little.
+                        owners: Vec::new(),
                         used: 0,
                         free_head: NIL,
                         listed: true,
                     });
                     class.avail.push(n);
                     self.chunks += 1;
-                    self.owner_bytes += u64::from(per_chunk) * 4;
                     break n;
                 }
             }
@@ -208,7 +209,9 @@ impl Slab {
             debug_assert_eq!(chunk.data.len(), chunk.bump() as usize * size);
             chunk.data.extend_from_slice(src);
             chunk.data.resize(chunk.data.len() + size - len, 0);
+            let before = chunk.owners.capacity();
             chunk.owners.push(owner);
+            self.owner_bytes += (chunk.owners.capacity() - before) as u64 * 4;
             self.touched += size as u64;
             chunk.bump() - 1
         };
@@ -285,7 +288,7 @@ impl Slab {
         debug_assert_eq!(chunk.used, 0);
         class.holes -= u64::from(chunk.bump());
         self.touched -= chunk.data.len() as u64;
-        self.owner_bytes -= slots_per_chunk(class_no) as u64 * 4;
+        self.owner_bytes -= chunk.owners.capacity() as u64 * 4;
         if chunk.listed {
             if let Some(pos) = class.avail.iter().rposition(|&n| n == chunk_no) {
                 class.avail.swap_remove(pos);
