@@ -32,7 +32,12 @@ pub fn handle_line(daemon: &Daemon, line: &str) -> String {
         Ok(r) => r,
         Err(e) => return error_line(&e),
     };
-    match execute(daemon, &request) {
+    let result = execute(daemon, &request);
+    if result.is_ok() && matches!(request, Request::AddVm(_) | Request::RemoveVm { .. }) {
+        // The service manager's status line counts the VMs.
+        crate::systemd::status(&crate::systemd::serving(daemon));
+    }
+    match result {
         Ok(result) if request.changes_state() => match daemon.save_state() {
             Ok(()) => result,
             Err(e) => {
@@ -198,6 +203,8 @@ fn serve_connection(daemon: Arc<Daemon>, stream: UnixStream, slot: Slot) {
 #[derive(Debug)]
 pub struct ControlServer {
     path: PathBuf,
+    /// Whether vtmemd made the socket file (else it was inherited).
+    owns_socket: bool,
     stop_evt: EventFd,
     thread: Option<JoinHandle<()>>,
 }
@@ -229,7 +236,26 @@ impl ControlServer {
             }
             std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))
         })?;
+        Self::serve(daemon, listener, path, true)
+    }
 
+    /// Serves a control socket inherited from the service manager, bound
+    /// at `path` (its owner and mode are the service manager's; its file
+    /// is left in place at the end).
+    pub fn start_inherited(
+        daemon: Arc<Daemon>,
+        listener: UnixListener,
+        path: &Path,
+    ) -> io::Result<Self> {
+        Self::serve(daemon, listener, path, false)
+    }
+
+    fn serve(
+        daemon: Arc<Daemon>,
+        listener: UnixListener,
+        path: &Path,
+        owns_socket: bool,
+    ) -> io::Result<Self> {
         let stop_evt = EventFd::new(EFD_NONBLOCK)?;
         let thread_stop = stop_evt.try_clone()?;
         let thread = thread::Builder::new()
@@ -238,6 +264,7 @@ impl ControlServer {
         debug!("control socket listening on {}", path.display());
         Ok(ControlServer {
             path: path.to_path_buf(),
+            owns_socket,
             stop_evt,
             thread: Some(thread),
         })
@@ -248,13 +275,16 @@ impl ControlServer {
         &self.path
     }
 
-    /// Stops accepting connections and removes the socket.
+    /// Stops accepting connections and removes the socket file (if vtmemd
+    /// made it).
     pub fn stop(&mut self) {
         let _ = self.stop_evt.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+            if self.owns_socket {
+                let _ = std::fs::remove_file(&self.path);
+            }
         }
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -8,6 +8,10 @@
 //! after a disconnect goes back to listening on the same socket, so a VMM
 //! can reconnect. The client, its pools and pages, live on across
 //! connections. VMs come and go at run time without disturbing each other.
+//!
+//! A VM's socket is either bound here, or inherited from a service manager
+//! (socket activation, [`crate::systemd`]); an inherited socket's file
+//! belongs to the service manager and is never removed here.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -37,6 +41,7 @@ use crate::device::VtmemBackend;
 use crate::exec::DeviceCounters;
 use crate::ratelimit::RateLimitedLog;
 use crate::state::{StateError, StateFile, VmState};
+use crate::systemd::InheritedSocket;
 use vtmem_store::{AdminHandle, Store, TmemError};
 
 /// Errors of VM management.
@@ -83,6 +88,8 @@ pub struct Vm {
     /// The spec it was added with (name and socket ownership are fixed).
     declared: VmSpec,
     socket: PathBuf,
+    /// Whether vtmemd made the socket file (else it was inherited).
+    owns_socket: bool,
     client: AdminHandle,
     counters: Arc<DeviceCounters>,
     log: Arc<RateLimitedLog>,
@@ -170,8 +177,19 @@ impl Vm {
         }
         let _ = self.stop_evt.write(1);
         // The thread may sit in accept() after a connection attempt that was
-        // aborted; a connection of our own wakes it up.
-        let _ = UnixStream::connect(&self.socket);
+        // aborted; a connection of our own wakes it up. Not on an inherited
+        // socket: that connection would outlive vtmemd in the service
+        // manager's socket and start it again.
+        if self.owns_socket {
+            let _ = UnixStream::connect(&self.socket);
+        }
+    }
+
+    /// Removes the socket file, if vtmemd made it.
+    fn remove_socket_file(&self) {
+        if self.owns_socket {
+            let _ = std::fs::remove_file(&self.socket);
+        }
     }
 
     fn join(&self) {
@@ -302,6 +320,24 @@ impl Daemon {
 
     /// Starts serving a VM: creates its client and its socket.
     pub fn add_vm(&self, vm: &VmSpec) -> Result<Arc<Vm>, DaemonError> {
+        self.add_vm_on(vm, None)
+    }
+
+    /// Starts serving a VM on a socket inherited from the service manager
+    /// (its owner and mode are the service manager's business).
+    pub fn add_vm_inherited(
+        &self,
+        vm: &VmSpec,
+        socket: InheritedSocket,
+    ) -> Result<Arc<Vm>, DaemonError> {
+        self.add_vm_on(vm, Some(socket))
+    }
+
+    fn add_vm_on(
+        &self,
+        vm: &VmSpec,
+        inherited: Option<InheritedSocket>,
+    ) -> Result<Arc<Vm>, DaemonError> {
         let admin = self.admin.lock();
         if *admin {
             return Err(DaemonError::ShuttingDown);
@@ -309,40 +345,22 @@ impl Daemon {
         if self.vms.lock().contains_key(&vm.name) {
             return Err(DaemonError::VmExists(vm.name.clone()));
         }
-        let socket = DaemonConfig::vm_socket_path(&self.socket_dir, &vm.name);
-        check_socket_path(&socket)?;
-        clear_stale_socket(&socket)?;
-
-        let owner = match &vm.socket_user {
-            Some(u) => Some(resolve_user(u.as_str())?.0),
-            None => None,
-        };
-        let group = match &vm.socket_group {
-            Some(g) => Some(resolve_group(g.as_str())?),
-            None => None,
-        };
-        let mode = vm.socket_mode().bits();
-        let client = self.store.add_client(vm.name.as_str(), client_config(vm))?;
-        // Created 0600 and given its owner and mode before it appears under
-        // its name: whoever can connect to it is this VM.
-        // The mode first: once the socket is another user's, changing it
-        // would need CAP_FOWNER too.
-        let listener = match crate::sys::bind_ready(&socket, true, |tmp| {
-            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))?;
-            if owner.is_some() || group.is_some() {
-                std::os::unix::fs::chown(tmp, owner, group)?;
+        let own_path = DaemonConfig::vm_socket_path(&self.socket_dir, &vm.name);
+        let (socket, client, listener) = match inherited {
+            Some(inh) => {
+                let client = self.store.add_client(vm.name.as_str(), client_config(vm))?;
+                let listener = VmListener {
+                    listener: Listener::from(inh.listener),
+                    path: None,
+                };
+                (inh.path.unwrap_or(own_path), client, listener)
             }
-            Ok(())
-        }) {
-            Ok(l) => VmListener {
-                listener: Listener::from(l),
-                path: socket.clone(),
-            },
-            Err(e) => {
-                let _ = self.store.remove_client(vm.name.as_str());
-                return Err(DaemonError::Listen(socket, e.to_string()));
+            None => {
+                let (client, listener) = self.bind_vm_socket(vm, &own_path)?;
+                (own_path, client, listener)
             }
         };
+        let owns_socket = listener.path.is_some();
         let stop_evt = match EventFd::new(EFD_NONBLOCK) {
             Ok(e) => e,
             Err(e) => {
@@ -354,6 +372,7 @@ impl Daemon {
             name: vm.name.clone(),
             declared: vm.clone(),
             socket: socket.clone(),
+            owns_socket,
             client,
             counters: Arc::new(DeviceCounters::default()),
             log: Arc::new(RateLimitedLog::new(format!("vm {}", vm.name))),
@@ -378,15 +397,60 @@ impl Daemon {
         }
         self.vms.lock().insert(vm.name.clone(), entry.clone());
         info!(
-            "vm {}: listening on {} (persistent quota {}, ephemeral quota {}, weight {})",
+            "vm {}: listening on {}{} (persistent quota {}, ephemeral quota {}, weight {})",
             vm.name,
             socket.display(),
+            if owns_socket { "" } else { ", inherited" },
             vm.persistent_quota,
             vm.ephemeral_quota,
             vm.weight
         );
         drop(admin);
         Ok(entry)
+    }
+
+    /// Creates VM `vm`'s client and binds its socket at `socket`.
+    fn bind_vm_socket(
+        &self,
+        vm: &VmSpec,
+        socket: &Path,
+    ) -> Result<(AdminHandle, VmListener), DaemonError> {
+        check_socket_path(socket)?;
+        clear_stale_socket(socket)?;
+
+        let owner = match &vm.socket_user {
+            Some(u) => Some(resolve_user(u.as_str())?.0),
+            None => None,
+        };
+        let group = match &vm.socket_group {
+            Some(g) => Some(resolve_group(g.as_str())?),
+            None => None,
+        };
+        let mode = vm.socket_mode().bits();
+        let client = self.store.add_client(vm.name.as_str(), client_config(vm))?;
+        // Created 0600 and given its owner and mode before it appears under
+        // its name: whoever can connect to it is this VM.
+        // The mode first: once the socket is another user's, changing it
+        // would need CAP_FOWNER too.
+        match crate::sys::bind_ready(socket, true, |tmp| {
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))?;
+            if owner.is_some() || group.is_some() {
+                std::os::unix::fs::chown(tmp, owner, group)?;
+            }
+            Ok(())
+        }) {
+            Ok(l) => Ok((
+                client,
+                VmListener {
+                    listener: Listener::from(l),
+                    path: Some(socket.to_path_buf()),
+                },
+            )),
+            Err(e) => {
+                let _ = self.store.remove_client(vm.name.as_str());
+                Err(DaemonError::Listen(socket.to_path_buf(), e.to_string()))
+            }
+        }
     }
 
     /// Stops serving a VM, frees everything its client holds and removes
@@ -403,7 +467,7 @@ impl Daemon {
             .ok_or_else(|| DaemonError::UnknownVm(name.clone()))?;
         vm.request_stop();
         vm.join();
-        let _ = std::fs::remove_file(&vm.socket);
+        vm.remove_socket_file();
         let result = self.store.remove_client(name.as_str());
         drop(admin);
         info!("vm {name}: removed");
@@ -423,7 +487,7 @@ impl Daemon {
         }
         for vm in &vms {
             vm.join();
-            let _ = std::fs::remove_file(&vm.socket);
+            vm.remove_socket_file();
         }
     }
 }
@@ -476,15 +540,18 @@ fn wait_for_connection(epoll: &Epoll, vm: &Vm) -> bool {
     }
 }
 
-/// A VM's listening socket; its file goes with it.
+/// A VM's listening socket; the file vtmemd made for it (none if it was
+/// inherited) goes with it.
 struct VmListener {
     listener: Listener,
-    path: PathBuf,
+    path: Option<PathBuf>,
 }
 
 impl Drop for VmListener {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

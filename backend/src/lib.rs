@@ -18,11 +18,13 @@
 //! - [`metrics`]: Prometheus metrics over HTTP.
 //! - [`state`]: the state file that carries run-time changes over restarts.
 //! - [`sandbox`]: seccomp allow-list, capabilities, user switch.
+//! - [`systemd`]: sockets inherited from a service manager (socket
+//!   activation) and its notifications (`READY=1`, `STATUS=`, `STOPPING=1`).
 //! - [`config`], [`cli`]: configuration file and command line.
 //! - [`accept`], [`ratelimit`], [`sys`]: helpers.
 
-// Only `sys`'s signal module and `sandbox`'s credentials module opt out,
-// with a reason there.
+// Only `sys`'s signal and inherited-descriptor modules and `sandbox`'s
+// credentials module opt out, with a reason there.
 #![deny(unsafe_code)]
 
 use std::fmt::Write as _;
@@ -46,6 +48,7 @@ pub mod ratelimit;
 pub mod request;
 pub mod sandbox;
 pub mod state;
+pub mod systemd;
 
 pub mod sys;
 #[cfg(test)]
@@ -58,6 +61,7 @@ use config::ConfigError;
 use control::ControlServer;
 use daemon::{Daemon, DaemonError};
 use metrics::MetricsServer;
+use systemd::{ActivationError, Inherited, NotifyState};
 use vtmem_store::{Store, StoreConfig};
 
 /// Why `vtmemd` could not start or run.
@@ -87,6 +91,9 @@ pub enum Error {
     /// The sandbox cannot be entered.
     #[error(transparent)]
     Sandbox(#[from] sandbox::SandboxError),
+    /// The sockets passed by the service manager cannot be used.
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
 }
 
 /// The capabilities JSON printed by `--print-capabilities`.
@@ -115,6 +122,12 @@ impl Running {
     /// The address the metrics server bound, if it runs.
     pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
         self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
+    /// The control socket's path (an inherited one's may differ from the
+    /// configuration's).
+    pub fn control_socket(&self) -> &std::path::Path {
+        self.control.path()
     }
 
     /// Stops everything and removes every socket.
@@ -148,6 +161,14 @@ fn prepare_socket_dir(dir: &std::path::Path) -> Result<(), Error> {
 /// applied over `config` first ([`state::apply`]), and it is written once
 /// everything listens.
 pub fn launch(config: &DaemonConfig) -> Result<Running, Error> {
+    launch_with(config, Inherited::default())
+}
+
+/// Same as [`launch`], serving the sockets a service manager passed
+/// (`inherited`, from [`systemd::take_from_env`]) instead of binding
+/// those: the control socket, and the sockets of the VMs they name, which
+/// the configuration in effect (after the state file) must declare.
+pub fn launch_with(config: &DaemonConfig, mut inherited: Inherited) -> Result<Running, Error> {
     config.validate()?;
     let mut config = config.clone();
     let mut frozen = Vec::new();
@@ -169,16 +190,27 @@ pub fn launch(config: &DaemonConfig) -> Result<Running, Error> {
         None => None,
     };
     let config = &config;
+    inherited.check_vms(&config.vms)?;
     prepare_socket_dir(&config.socket_dir)?;
     let store = Store::new(StoreConfig {
         host_limit: config.host_limit.bytes(),
     });
     let daemon = Daemon::new(store, config);
-    let mut control =
-        ControlServer::start(daemon.clone(), &config.control_socket, config.control_group)
-            .map_err(|e| Error::Control(config.control_socket.clone(), e))?;
+    let mut control = match inherited.control.take() {
+        Some(s) => {
+            let path = s.path.clone().unwrap_or(config.control_socket.clone());
+            ControlServer::start_inherited(daemon.clone(), s.listener, &path)
+                .map_err(|e| Error::Control(path, e))?
+        }
+        None => ControlServer::start(daemon.clone(), &config.control_socket, config.control_group)
+            .map_err(|e| Error::Control(config.control_socket.clone(), e))?,
+    };
     for vm in &config.vms {
-        if let Err(e) = daemon.add_vm(vm) {
+        let added = match inherited.vms.remove(&vm.name) {
+            Some(socket) => daemon.add_vm_inherited(vm, socket),
+            None => daemon.add_vm(vm),
+        };
+        if let Err(e) = added {
             control.stop();
             daemon.shutdown();
             return Err(e.into());
@@ -220,19 +252,37 @@ pub fn launch(config: &DaemonConfig) -> Result<Running, Error> {
 ///
 /// Once everything listens, and before it says it is ready, the process
 /// enters its sandbox ([`sandbox`], `config.sandbox`).
+///
+/// Sockets passed by a service manager (`LISTEN_FDS`) are served instead of
+/// binding them ([`systemd`]), and the service manager (`NOTIFY_SOCKET`)
+/// hears `READY=1` with the readiness line, `STATUS=` lines, and
+/// `STOPPING=1` when a signal arrives.
 pub fn start(config: DaemonConfig) -> Result<(), Error> {
+    let result = run(config);
+    if let Err(e) = &result {
+        systemd::status(&format!("failed: {e}"));
+    }
+    result
+}
+
+fn run(config: DaemonConfig) -> Result<(), Error> {
+    // Before any thread starts: taking the sockets changes the environment.
+    let inherited = systemd::take_from_env()?;
     // Block the termination signals before any thread starts, so that every
     // thread inherits the mask and only `wait` below receives them.
     let signals = sys::SignalSet::block_termination().map_err(Error::Signals)?;
     // Likewise no-new-privileges and the capabilities dropped before
     // binding.
-    // VMs given to a socket owner keep the one capability that needs.
+    // VMs given to a socket owner keep the one capability that needs
+    // (not those whose socket the service manager made).
     let keep_chown = config
         .vms
         .iter()
+        .filter(|vm| !inherited.vms.contains_key(&vm.name))
         .any(|vm| vm.socket_user.is_some() || vm.socket_group.is_some());
     let sandbox = sandbox::prepare(&config.sandbox, config.control_group, keep_chown)?;
-    let running = launch(&config)?;
+    let inherited_count = inherited.len();
+    let running = launch_with(&config, inherited)?;
     if let Err(e) = sandbox.enter() {
         running.shutdown();
         return Err(e.into());
@@ -242,7 +292,7 @@ pub fn start(config: DaemonConfig) -> Result<(), Error> {
         "vtmemd ready: {} VM(s) in {}, control socket {}, host limit {}, {} queue(s) of {}",
         running.daemon.vms().len(),
         config.socket_dir.display(),
-        config.control_socket.display(),
+        running.control_socket().display(),
         vtmem_api::ByteSize(running.daemon.store().host_limit()),
         config.device.queues,
         config.device.queue_size,
@@ -250,16 +300,33 @@ pub fn start(config: DaemonConfig) -> Result<(), Error> {
     if let Some(addr) = running.metrics_address() {
         let _ = write!(ready, ", metrics http://{addr}/metrics");
     }
+    if inherited_count > 0 {
+        let _ = write!(ready, ", {inherited_count} inherited socket(s)");
+    }
     info!("{ready}");
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "{ready}");
     let _ = out.flush();
     drop(out);
+    systemd::notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&systemd::serving(&running.daemon)),
+    ]);
 
-    match signals.wait() {
-        Ok(sig) => info!("{}: shutting down", sys::signal_name(sig)),
-        Err(e) => warn!("waiting for signals failed ({e}); shutting down"),
-    }
+    let why = match signals.wait() {
+        Ok(sig) => {
+            info!("{}: shutting down", sys::signal_name(sig));
+            sys::signal_name(sig).to_string()
+        }
+        Err(e) => {
+            warn!("waiting for signals failed ({e}); shutting down");
+            format!("signal wait failed: {e}")
+        }
+    };
+    systemd::notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status(&format!("stopping ({why})")),
+    ]);
     running.shutdown();
     info!("vtmemd stopped");
     Ok(())

@@ -2,13 +2,15 @@
 //! The daemon's system calls that the standard library lacks, behind safe
 //! functions: blocking and waiting for termination signals, and binding
 //! sockets that appear only once they listen, and that no other user can
-//! connect to, even for an instant, when they are private.
+//! connect to, even for an instant, when they are private; and taking
+//! ownership of the listening sockets a service manager hands over.
 //!
 //! Everything here goes through rustix's safe API except the signal mask
 //! and `sigwait`, which rustix offers only as `unsafe` functions of its
-//! `runtime` feature (meant for programs without a C library). They stay on
-//! the C library in [`signal`], the one module of the crate allowed
-//! `unsafe` code.
+//! `runtime` feature (meant for programs without a C library), and the
+//! adoption of inherited descriptors, which only exist as numbers until
+//! something owns them. They stay in [`signal`] and [`inherited`], the
+//! modules of this file allowed `unsafe` code.
 
 use std::io;
 use std::os::unix::net::UnixListener;
@@ -19,6 +21,7 @@ use std::sync::Mutex;
 use rustix::fs::{Mode, RenameFlags, CWD};
 use rustix::io::Errno;
 
+pub use inherited::{take_listen_fds, LISTEN_FDS_START};
 pub use signal::{signal_name, SignalSet};
 
 #[allow(unsafe_code)]
@@ -92,6 +95,55 @@ mod signal {
             libc::SIGTERM => "SIGTERM",
             _ => "signal",
         }
+    }
+}
+
+#[allow(unsafe_code)]
+mod inherited {
+    use std::io;
+    use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The first descriptor a service manager passes (`SD_LISTEN_FDS_START`).
+    pub const LISTEN_FDS_START: RawFd = 3;
+
+    /// Set by the first call of [`take_listen_fds`].
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+
+    /// Takes ownership of descriptors `3 .. 3 + count`, the ones a service
+    /// manager passed to this process (`LISTEN_FDS`, for this process's
+    /// `LISTEN_PID`: the caller checks both). Fails if one of them is not
+    /// open, and on any call after the first: the descriptors can be owned
+    /// only once.
+    pub fn take_listen_fds(count: usize) -> io::Result<Vec<OwnedFd>> {
+        if TAKEN.swap(true, Ordering::SeqCst) {
+            return Err(io::Error::other("inherited sockets were taken already"));
+        }
+        let end = RawFd::try_from(count)
+            .ok()
+            .and_then(|n| n.checked_add(LISTEN_FDS_START))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // Check them all before owning any: an OwnedFd of a number that is
+        // not open would close whatever later gets that number.
+        for fd in LISTEN_FDS_START..end {
+            // SAFETY: F_GETFD reads the descriptor flags of `fd`; on a
+            // number that is not an open descriptor it fails with EBADF
+            // and changes nothing.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                let e = io::Error::last_os_error();
+                return Err(io::Error::new(e.kind(), format!("descriptor {fd}: {e}")));
+            }
+        }
+        Ok((LISTEN_FDS_START..end)
+            .map(|fd| {
+                // SAFETY: `fd` is open (checked above), and nothing else in
+                // the process owns it: the service manager passed it for this
+                // process to take, the standard library opens no descriptor
+                // of its own below those it was started with, and TAKEN
+                // makes this the only place that ever adopts these numbers.
+                unsafe { OwnedFd::from_raw_fd(fd) }
+            })
+            .collect())
     }
 }
 
