@@ -386,8 +386,8 @@ pub fn serving(daemon: &crate::daemon::Daemon) -> String {
         "serving {} VM(s), {} connected; host memory {} of {}",
         vms.len(),
         connected,
-        vtmem_api::ByteSize(store.host_used()),
-        vtmem_api::ByteSize(store.host_limit()),
+        vtmem_ctl::format::bytes(store.host_used()),
+        vtmem_ctl::format::bytes(store.host_limit()),
     )
 }
 
