@@ -21,7 +21,13 @@ store, and its pools and pages survive reconnects of the VMM. VMs are
 declared with --vm, in the configuration file, or at run time through the
 control socket (newline-delimited JSON, see docs/control-api.md).
 
-Sizes take binary units: 4096, 64K, 512M, 2G, 1T; quotas also 'unlimited'.";
+Sizes take binary units: 4096, 64K, 512M, 2G, 1T; quotas also 'unlimited'.
+
+Under a service manager (vtmemd.service): listening sockets passed with
+LISTEN_FDS/LISTEN_PID are served instead of binding those, named in
+LISTEN_FDNAMES 'control' (the control socket) or after a configured VM;
+NOTIFY_SOCKET hears READY=1 once every socket accepts, STATUS= lines and
+STOPPING=1.";
 
 const AFTER_HELP: &str = "\
 Example:
