@@ -22,7 +22,7 @@ use vtmem_api::{Client, Request, VmDetails};
 use vtmem_guestsim::{PoolSpec, Status, Vm, VmOptions};
 
 /// `systemd-socket-activate`, if installed (Debian: package systemd;
-/// `scripts/deps install systemd` installs it).
+/// `scripts/apt-setup.sh install systemd` installs it).
 fn socket_activate() -> Option<PathBuf> {
     let found = [
         "/usr/bin/systemd-socket-activate",
