@@ -196,22 +196,12 @@ pub fn launch_with(config: &DaemonConfig, mut inherited: Inherited) -> Result<Ru
         host_limit: config.host_limit.bytes(),
     });
     let daemon = Daemon::new(store, config);
-    let mut control = match inherited.control.take() {
-        Some(s) => {
-            let path = s.path.clone().unwrap_or(config.control_socket.clone());
-            ControlServer::start_inherited(daemon.clone(), s.listener, &path)
-                .map_err(|e| Error::Control(path, e))?
-        }
-        None => ControlServer::start(daemon.clone(), &config.control_socket, config.control_group)
-            .map_err(|e| Error::Control(config.control_socket.clone(), e))?,
-    };
     for vm in &config.vms {
         let added = match inherited.vms.remove(&vm.name) {
             Some(socket) => daemon.add_vm_inherited(vm, socket),
             None => daemon.add_vm(vm),
         };
         if let Err(e) = added {
-            control.stop();
             daemon.shutdown();
             return Err(e.into());
         }
@@ -224,11 +214,28 @@ pub fn launch_with(config: &DaemonConfig, mut inherited: Inherited) -> Result<Ru
     if let Some(file) = state_file {
         daemon.attach_state_file(file);
         if let Err(e) = daemon.save_state() {
-            control.stop();
             daemon.shutdown();
             return Err(e.into());
         }
     }
+    // The control socket last: a request waiting in an inherited socket's
+    // queue (made while vtmemd restarted) sees every VM, frozen or not.
+    let started = match inherited.control.take() {
+        Some(s) => {
+            let path = s.path.clone().unwrap_or(config.control_socket.clone());
+            ControlServer::start_inherited(daemon.clone(), s.listener, &path)
+                .map_err(|e| Error::Control(path, e))
+        }
+        None => ControlServer::start(daemon.clone(), &config.control_socket, config.control_group)
+            .map_err(|e| Error::Control(config.control_socket.clone(), e)),
+    };
+    let mut control = match started {
+        Ok(c) => c,
+        Err(e) => {
+            daemon.shutdown();
+            return Err(e);
+        }
+    };
     let metrics = match config.metrics_address {
         Some(addr) => match MetricsServer::start(daemon.clone(), addr) {
             Ok(m) => Some(m),

@@ -37,12 +37,25 @@ fn socket_activate() -> Option<PathBuf> {
     found
 }
 
+/// Waits until systemd-socket-activate listens on every path: it says so
+/// after listen() (the file exists already after bind(), when a connection
+/// would still be refused).
+fn wait_listening(p: &Spawned, paths: &[&Path]) {
+    wait_until("systemd-socket-activate to listen", DEADLINE, || {
+        let log = p.log();
+        paths
+            .iter()
+            .all(|path| log.contains(&format!("Listening on {} as ", path.display())))
+    });
+}
+
 /// A process whose output is collected line by line.
 struct Spawned {
     child: Child,
     stdin: Option<ChildStdin>,
     log: Arc<Mutex<String>>,
     ready: Receiver<String>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Spawned {
@@ -55,6 +68,7 @@ impl Spawned {
             .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, ready) = mpsc::channel();
+        let mut readers = Vec::new();
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
         for (stream, tx) in [
@@ -62,7 +76,7 @@ impl Spawned {
             (Box::new(err), None),
         ] {
             let log = log.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
                     if let Some(tx) = &tx {
@@ -74,7 +88,7 @@ impl Spawned {
                     l.push_str(&line);
                     l.push('\n');
                 }
-            });
+            }));
         }
         let stdin = child.stdin.take();
         Spawned {
@@ -82,6 +96,7 @@ impl Spawned {
             stdin,
             log,
             ready,
+            readers,
         }
     }
 
@@ -102,6 +117,10 @@ impl Spawned {
             status = self.child.try_wait().unwrap();
             status.is_some()
         });
+        // Everything it printed is in the log once its output ends.
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
         status.unwrap()
     }
 
@@ -185,9 +204,7 @@ fn systemd_socket_activate_passes_the_control_and_vm_sockets() {
             .arg(&run)
             .args(["--vm", "vm1", "--vm", "vm2", "--host-limit", "64M"]),
     );
-    wait_until("the sockets of systemd-socket-activate", DEADLINE, || {
-        ctl.exists() && vm1_sock.exists()
-    });
+    wait_listening(&p, &[&ctl, &vm1_sock]);
     // vtmemd starts on the first connection: nothing of its own yet.
     assert!(!vm2_sock.exists());
     assert!(p.ready.try_recv().is_err());
@@ -219,11 +236,9 @@ fn systemd_socket_activate_passes_the_control_and_vm_sockets() {
 
     // vtmemd is systemd-socket-activate's process, exec'd; the inherited
     // descriptors are close-on-exec now.
-    assert!(
-        p.log().contains("inherited socket 'control'"),
-        "{}",
-        p.log()
-    );
+    wait_until("the inherited-socket log line", DEADLINE, || {
+        p.log().contains("inherited socket 'control'")
+    });
     assert!(cloexec(p.pid(), 3) && cloexec(p.pid(), 4));
 
     drop((vm1, vm2));
@@ -264,9 +279,7 @@ fn sockets_outlive_a_restart_and_hold_connections_until_it() {
             .args([OsStr::new("--socket-dir"), run.as_os_str()])
             .args(["--vm", "vm1", "--host-limit", "64M"]),
     );
-    wait_until("the sockets", DEADLINE, || {
-        ctl.exists() && vm1_sock.exists()
-    });
+    wait_listening(&p, &[&ctl, &vm1_sock]);
     let vm = connect_vm(&vm1_sock);
     p.wait_ready();
     exercise(&vm, 3);
@@ -406,7 +419,7 @@ fn a_socket_for_an_undeclared_vm_is_refused_by_name() {
             .arg(&run)
             .args(["--vm", "vm1"]),
     );
-    wait_until("the sockets", DEADLINE, || ctl.exists() && vm9.exists());
+    wait_listening(&p, &[&ctl, &vm9]);
     let _start = UnixStream::connect(&ctl).unwrap();
     assert_eq!(p.wait_exit().code(), Some(1));
     let want = "inherited socket 'vm9' is for VM 'vm9', which is not configured \
@@ -439,11 +452,10 @@ fn another_process_listen_pid_is_ignored() {
     );
     let ready = p.wait_ready();
     assert!(!ready.contains("inherited"), "{ready}");
-    assert!(
-        p.log().contains("LISTEN_PID=1 is not this process"),
-        "{}",
-        p.log()
-    );
+    // (The warning goes to stderr, read apart from the readiness line.)
+    wait_until("the LISTEN_PID warning", DEADLINE, || {
+        p.log().contains("LISTEN_PID=1 is not this process")
+    });
     let vm = connect_vm(&dir.path().join("vm1.sock"));
     exercise(&vm, 5);
     drop(vm);
