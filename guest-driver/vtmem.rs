@@ -80,6 +80,10 @@ module! {
             default: true,
             description: "Register as the cleancache backend: clean page-cache pages of ext4 go to an ephemeral host pool",
         },
+        device_timeout_ms: u32 {
+            default: 60000,
+            description: "Waits for a device that leaves work unanswered this long (the host daemon gone) fail: stores go to the swap disk, loads fail (0: wait for ever)",
+        },
         cleancache_shared: bool {
             default: false,
             description: "Ask for a shared pool named by the filesystem UUID (the host admin must authorise it; otherwise a private pool)",
@@ -98,6 +102,7 @@ pub(crate) fn params() -> device::Params {
         selftest: module_parameters::selftest.value(),
         cleancache: module_parameters::cleancache.value(),
         cleancache_shared: module_parameters::cleancache_shared.value(),
+        device_timeout_ms: module_parameters::device_timeout_ms.value(),
     }
 }
 

@@ -47,6 +47,7 @@ pub(crate) struct Params {
     pub(crate) selftest: bool,
     pub(crate) cleancache: bool,
     pub(crate) cleancache_shared: bool,
+    pub(crate) device_timeout_ms: u32,
 }
 
 /// What the debugfs file shows: every layer's counters and pools.
@@ -190,6 +191,7 @@ impl VirtioDriver for Device {
             max_ops,
             slots,
             timeout_us: params.batch_timeout_us,
+            device_timeout_ms: params.device_timeout_ms,
         };
 
         // The frontswap state learns of every answered batch (reservations).

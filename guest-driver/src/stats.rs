@@ -121,5 +121,13 @@ counters! {
         refill_flushes,
         /// Times a request found the ring full and had to wait.
         ring_full,
+        /// Times the device left work unanswered for `device_timeout_ms`.
+        device_stalls,
+        /// Waits that gave up on a stalled device.
+        waits_timed_out,
+        /// Operations refused at once because the device was stalled.
+        stalled_refusals,
+        /// Times a stalled device answered again.
+        device_recoveries,
     }
 }

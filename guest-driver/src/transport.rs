@@ -41,11 +41,15 @@ use kernel::{
         atomic::{Atomic, Relaxed},
         Arc, CondVar, SpinLockIrq, SpinLockIrqGuard,
     },
-    time::Delta,
+    time::{Delta, Instant, Monotonic},
 };
 
 /// Invalidations a queue can park while all its batches are busy.
 const OVERFLOW_FLUSHES: usize = 1024;
+/// How often threads waiting for the device wake to look at the clock:
+/// they never sleep long enough to look hung, however long the device is
+/// away.
+const WATCH_TICK: Delta = Delta::from_secs(1);
 
 /// Adds one to an event counter.
 pub(crate) fn counter(c: &Atomic<u64>) {
@@ -178,8 +182,18 @@ struct QueueInner {
     overflow: FlushRing,
     timer_armed: bool,
     timer_seq: u64,
+    /// The timer is armed as the waiters' watchdog tick, not for a flush.
+    watching: bool,
     dead: bool,
     sleepers: u32,
+    /// When the device last answered, or was given work while it had none.
+    last_answer: Instant<Monotonic>,
+    /// The device has had work and given no answer for the device timeout:
+    /// waits fail and no operation is taken until it answers again.
+    stalled: bool,
+    /// Batches whose waiters gave up on a stalled device (sequence number,
+    /// waiters gone): freed when the device gives them back.
+    abandoned: KVec<(u64, u32)>,
 }
 
 type QGuard<'a> = SpinLockIrqGuard<'a, QueueInner>;
@@ -189,7 +203,9 @@ impl QueueInner {
     /// hand (the open one, or a free one).
     fn has_room(&self, n: usize, pages: usize) -> bool {
         let open_fits = self.open.as_ref().is_some_and(|b| b.has_room(n, pages));
-        !self.dead && ((open_fits && self.overflow.is_empty()) || !self.free.is_empty())
+        !self.dead
+            && !self.stalled
+            && ((open_fits && self.overflow.is_empty()) || !self.free.is_empty())
     }
 
     /// The open batch if it has room for `n` operations, `pages` of them with
@@ -199,7 +215,7 @@ impl QueueInner {
     /// Parked invalidations (`overflow`) are moved into fresh batches first,
     /// so that they reach the device before any later operation.
     fn open_with_room(&mut self, stats: &QueueStats, n: usize, pages: usize) -> Option<&mut Batch> {
-        if self.dead {
+        if self.dead || self.stalled {
             return None;
         }
         loop {
@@ -242,6 +258,37 @@ impl QueueInner {
         }
     }
 
+    /// Whether the device is stalled: it has had work and no answer for
+    /// `timeout` (`None`: never). Marks it so the first time.
+    fn check_stall(&mut self, timeout: Option<Delta>, stats: &QueueStats) -> bool {
+        if self.stalled {
+            return true;
+        }
+        let Some(timeout) = timeout else {
+            return false;
+        };
+        if self.in_flight == 0 || self.last_answer.elapsed() < timeout {
+            return false;
+        }
+        self.stalled = true;
+        counter(&stats.device_stalls);
+        pr_warn!(
+            "device gave no answer for {} ms: failing waits until it answers\n",
+            timeout.as_millis()
+        );
+        true
+    }
+
+    /// A waiter of batch `seq` gives up: the batch is freed without it.
+    fn abandon(&mut self, seq: u64) {
+        if let Some(e) = self.abandoned.iter_mut().find(|(s, _)| *s == seq) {
+            e.1 += 1;
+        } else if self.abandoned.push_within_capacity((seq, 1)).is_err() {
+            // One entry a batch: never full.
+            pr_err!("internal error: abandoned list full\n");
+        }
+    }
+
     fn recycle(&mut self, b: KBox<Batch>) {
         if self.free.push_within_capacity(b).is_err() {
             pr_err!("internal error: free list full\n");
@@ -249,7 +296,12 @@ impl QueueInner {
     }
 
     /// A batch was answered (or failed): hand it to its waiters or free it.
-    fn finish(&mut self, b: KBox<Batch>) {
+    fn finish(&mut self, mut b: KBox<Batch>) {
+        if let Some(pos) = self.abandoned.iter().position(|&(seq, _)| seq == b.seq) {
+            if let Ok((_, gone)) = self.abandoned.remove(pos) {
+                b.waiters = b.waiters.saturating_sub(gone);
+            }
+        }
         if b.waiters > 0 {
             if let Err(e) = self.done.push_within_capacity(b) {
                 pr_err!("internal error: done list full\n");
@@ -275,6 +327,10 @@ impl QueueInner {
             let (ops, puts) = (b.len() as u64, b.puts() as u64);
             match vq.add(b) {
                 Ok(()) => {
+                    if self.in_flight == 0 {
+                        // The device's silence counts from now.
+                        self.last_answer = Instant::now();
+                    }
                     self.in_flight += 1;
                     stats.batches.add(1, Relaxed);
                     stats.ops.add(ops, Relaxed);
@@ -316,6 +372,9 @@ impl QueueInner {
 #[pin_data]
 struct Queue {
     timeout: Delta,
+    /// How long the device may keep work unanswered before waits fail
+    /// (`None`: they never do).
+    device_timeout: Option<Delta>,
     stats: QueueStats,
     #[pin]
     inner: SpinLockIrq<QueueInner>,
@@ -327,101 +386,98 @@ impl OnTimer for Queue {
     fn fired(this: Pin<&Timed<Queue>>) {
         let mut g = this.inner.lock();
         g.timer_armed = false;
+        let watching = core::mem::replace(&mut g.watching, false);
         if g.dead {
             return;
         }
-        let Some((seq, empty)) = g.open.as_ref().map(|b| (b.seq, b.is_empty())) else {
-            return;
-        };
-        if empty {
-            return;
+        let open = g.open.as_ref().filter(|b| !b.is_empty()).map(|b| b.seq);
+        match open {
+            Some(seq) if seq == g.timer_seq && !watching => {
+                g.seal();
+                this.stats().timer_flushes.add(1, Relaxed);
+                g.pump(this.stats());
+            }
+            Some(seq) => {
+                // The batch the timer was armed for left already (or this
+                // was a watchdog tick); this one is younger: give it a full
+                // timeout.
+                g.timer_seq = seq;
+                g.timer_armed = true;
+                this.start(this.timeout);
+            }
+            None => {}
         }
-        if seq == g.timer_seq {
-            g.seal();
-            this.stats().timer_flushes.add(1, Relaxed);
-            g.pump(this.stats());
-        } else {
-            // The batch the timer was armed for left already; this one is
-            // younger: give it a full timeout.
-            g.timer_seq = seq;
-            g.timer_armed = true;
-            this.start(this.timeout);
+        if g.sleepers > 0 {
+            // The watchdog tick: waiters look at the clock, and sleep on.
+            this.cv.notify_all();
+            this.watch(&mut g);
         }
     }
 }
 
 impl Timed<Queue> {
-    /// Arms the flush timer for the open batch unless it is armed.
+    /// Arms the flush timer for the open batch unless it is armed (a
+    /// watchdog tick gives way: the flush fires sooner, and re-arms it).
     fn arm(self: Pin<&Self>, g: &mut QGuard<'_>) {
-        if g.timer_armed || g.dead {
+        if (g.timer_armed && !g.watching) || g.dead {
             return;
         }
         if let Some(seq) = g.open.as_ref().filter(|b| !b.is_empty()).map(|b| b.seq) {
             g.timer_seq = seq;
             g.timer_armed = true;
+            g.watching = false;
             self.start(self.timeout);
         }
     }
-}
 
-impl Queue {
-    fn new(p: &QueueParams) -> Result<Pin<KBox<Timed<Self>>>> {
-        let n = p.batches.clamp(1, 64) as usize;
-        let mut free = KVec::with_capacity(n, GFP_KERNEL)?;
-        for _ in 0..n {
-            free.push(Batch::new(p.max_ops, p.slots)?, GFP_KERNEL)?;
+    /// Arms the watchdog tick unless the timer is armed: a thread is about
+    /// to wait for the device.
+    fn watch(self: Pin<&Self>, g: &mut QGuard<'_>) {
+        if g.timer_armed || g.dead {
+            return;
         }
-        let inner = QueueInner {
-            vq: None,
-            open: None,
-            free,
-            ready: KVec::with_capacity(n, GFP_KERNEL)?,
-            done: KVec::with_capacity(n, GFP_KERNEL)?,
-            in_flight: 0,
-            next_seq: 0,
-            overflow: FlushRing::new(OVERFLOW_FLUSHES)?,
-            timer_armed: false,
-            timer_seq: 0,
-            dead: false,
-            sleepers: 0,
-        };
-        let timeout = Delta::from_micros(i64::from(p.timeout_us.max(1)));
-        KBox::pin_init(
-            Timed::new(try_pin_init!(Queue {
-                timeout,
-                stats: QueueStats::new(),
-                inner <- new_spinlock_irq!(inner, "vtmem_queue"),
-                cv <- new_condvar!("vtmem_queue_cv"),
-            })),
-            GFP_KERNEL,
-        )
+        g.timer_armed = true;
+        g.watching = true;
+        self.start(WATCH_TICK);
     }
 
-    fn stats(&self) -> &QueueStats {
-        &self.stats
+    /// Sleeps until notified or the next watchdog tick.
+    fn sleep(self: Pin<&Self>, g: &mut QGuard<'_>) {
+        self.watch(g);
+        g.sleepers += 1;
+        self.cv.wait(g);
+        g.sleepers -= 1;
     }
 
     /// Waits until the open batch has room for `n` operations, `pages` of
-    /// them with a page. Process context only.
-    fn wait_open(&self, g: &mut QGuard<'_>, n: usize, pages: usize) -> Result {
+    /// them with a page. Process context only. `ETIMEDOUT` once the device
+    /// is stalled.
+    fn wait_open(self: Pin<&Self>, g: &mut QGuard<'_>, n: usize, pages: usize) -> Result {
         loop {
             if g.dead {
                 return Err(ENODEV);
+            }
+            if g.stalled {
+                counter(&self.stats().stalled_refusals);
+                return Err(ETIMEDOUT);
             }
             if g.open_with_room(self.stats(), n, pages).is_some() {
                 return Ok(());
             }
             g.pump(self.stats());
-            g.sleepers += 1;
-            self.cv.wait(g);
-            g.sleepers -= 1;
+            if g.check_stall(self.device_timeout, self.stats()) {
+                counter(&self.stats().waits_timed_out);
+                return Err(ETIMEDOUT);
+            }
+            self.sleep(g);
         }
     }
 
     /// Waits for the batch `seq` to be answered and reads its results with
-    /// `f`. Process context only.
+    /// `f`. Process context only. `ETIMEDOUT` once the device is stalled:
+    /// the batch is then freed without this waiter when it comes back.
     fn wait_result<R>(
-        &self,
+        self: Pin<&Self>,
         g: &mut QGuard<'_>,
         seq: u64,
         f: impl FnOnce(&Batch) -> R,
@@ -449,10 +505,58 @@ impl Queue {
                 }
                 return Ok(r);
             }
-            g.sleepers += 1;
-            self.cv.wait(g);
-            g.sleepers -= 1;
+            if g.check_stall(self.device_timeout, self.stats()) {
+                g.abandon(seq);
+                counter(&self.stats().waits_timed_out);
+                return Err(ETIMEDOUT);
+            }
+            self.sleep(g);
         }
+    }
+}
+
+impl Queue {
+    fn new(p: &QueueParams) -> Result<Pin<KBox<Timed<Self>>>> {
+        let n = p.batches.clamp(1, 64) as usize;
+        let mut free = KVec::with_capacity(n, GFP_KERNEL)?;
+        for _ in 0..n {
+            free.push(Batch::new(p.max_ops, p.slots)?, GFP_KERNEL)?;
+        }
+        let inner = QueueInner {
+            vq: None,
+            open: None,
+            free,
+            ready: KVec::with_capacity(n, GFP_KERNEL)?,
+            done: KVec::with_capacity(n, GFP_KERNEL)?,
+            in_flight: 0,
+            next_seq: 0,
+            overflow: FlushRing::new(OVERFLOW_FLUSHES)?,
+            timer_armed: false,
+            timer_seq: 0,
+            watching: false,
+            dead: false,
+            sleepers: 0,
+            last_answer: Instant::now(),
+            stalled: false,
+            abandoned: KVec::with_capacity(n, GFP_KERNEL)?,
+        };
+        let timeout = Delta::from_micros(i64::from(p.timeout_us.max(1)));
+        let device_timeout =
+            (p.device_timeout_ms > 0).then(|| Delta::from_millis(i64::from(p.device_timeout_ms)));
+        KBox::pin_init(
+            Timed::new(try_pin_init!(Queue {
+                timeout,
+                device_timeout,
+                stats: QueueStats::new(),
+                inner <- new_spinlock_irq!(inner, "vtmem_queue"),
+                cv <- new_condvar!("vtmem_queue_cv"),
+            })),
+            GFP_KERNEL,
+        )
+    }
+
+    fn stats(&self) -> &QueueStats {
+        &self.stats
     }
 
     /// Sends the open batch now, for a waiting thread.
@@ -485,6 +589,9 @@ pub(crate) struct QueueParams {
     pub(crate) slots: u16,
     /// A partly filled batch goes out after this many microseconds.
     pub(crate) timeout_us: u32,
+    /// Waits fail once the device has left work unanswered this long
+    /// (0: never).
+    pub(crate) device_timeout_ms: u32,
 }
 
 /// Why a batch is sent before it is full or timed out.
@@ -603,12 +710,10 @@ impl Transport {
                 g.seal();
                 g.pump(q.stats());
                 let idle = g.in_flight == 0 && g.ready.is_empty() && g.overflow.is_empty();
-                if g.dead || idle {
+                if g.dead || idle || g.check_stall(q.device_timeout, q.stats()) {
                     break;
                 }
-                g.sleepers += 1;
-                q.cv.wait(&mut g);
-                g.sleepers -= 1;
+                q.as_ref().sleep(&mut g);
             }
         }
     }
@@ -620,6 +725,12 @@ impl Transport {
         let mut answered = false;
         while let Some((mut b, len)) = g.vq.as_mut().and_then(|vq| vq.get_buf()) {
             g.in_flight = g.in_flight.saturating_sub(1);
+            g.last_answer = Instant::now();
+            if g.stalled {
+                g.stalled = false;
+                counter(&q.stats().device_recoveries);
+                pr_info!("device answers again\n");
+            }
             counter(&q.stats().completions);
             let _ = b.complete(len);
             self.hook.answered(&b);
