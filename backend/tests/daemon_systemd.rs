@@ -37,6 +37,16 @@ fn socket_activate() -> Option<PathBuf> {
     found
 }
 
+/// `systemd-socket-activate`, a scratch directory and its `run/`, where
+/// the sockets are made; `None` (skipped) without the program.
+fn activation() -> Option<(PathBuf, tempfile::TempDir, PathBuf)> {
+    let activate = socket_activate()?;
+    let dir = temp_dir();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    Some((activate, dir, run))
+}
+
 /// Waits until systemd-socket-activate listens on every path: it says so
 /// after listen() (the file exists already after bind(), when a connection
 /// would still be refused).
@@ -182,12 +192,9 @@ fn cloexec(pid: u32, fd: u32) -> bool {
 
 #[test]
 fn systemd_socket_activate_passes_the_control_and_vm_sockets() {
-    let Some(activate) = socket_activate() else {
+    let Some((activate, _dir, run)) = activation() else {
         return;
     };
-    let dir = temp_dir();
-    let run = dir.path().join("run");
-    std::fs::create_dir(&run).unwrap();
     let (ctl, vm1_sock, vm2_sock) = (
         run.join("vtmemd.ctl"),
         run.join("vm1.sock"),
@@ -251,12 +258,9 @@ fn systemd_socket_activate_passes_the_control_and_vm_sockets() {
 
 #[test]
 fn sockets_outlive_a_restart_and_hold_connections_until_it() {
-    let Some(activate) = socket_activate() else {
+    let Some((activate, _dir, run)) = activation() else {
         return;
     };
-    let dir = temp_dir();
-    let run = dir.path().join("run");
-    std::fs::create_dir(&run).unwrap();
     let (ctl, vm1_sock) = (run.join("vtmemd.ctl"), run.join("vm1.sock"));
     // A manager that keeps the sockets while vtmemd restarts: the shell
     // holds them, starts vtmemd, and once it exited waits for a line on
@@ -396,12 +400,9 @@ fn wrong_inherited_sockets_stop_the_start_with_a_clear_error() {
 
 #[test]
 fn a_socket_for_an_undeclared_vm_is_refused_by_name() {
-    let Some(activate) = socket_activate() else {
+    let Some((activate, dir, run)) = activation() else {
         return;
     };
-    let dir = temp_dir();
-    let run = dir.path().join("run");
-    std::fs::create_dir(&run).unwrap();
     let notify_path = dir.path().join("notify");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(DEADLINE)).unwrap();
