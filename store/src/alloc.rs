@@ -335,10 +335,11 @@ impl Slab {
             };
             // Room in the other chunks: every slot of the class that is not
             // in use, minus the victim's own.
-            let free_elsewhere = (class.chunks.len() as u64 - class.spare.len() as u64) * per_chunk
-                - class.used
-                - (per_chunk - u64::from(victim_used));
-            if free_elsewhere < u64::from(victim_used) {
+            let free_elsewhere = (class.chunks.len() as u64)
+                .checked_sub(class.spare.len() as u64)
+                .and_then(|live| (live * per_chunk).checked_sub(class.used))
+                .and_then(|free| free.checked_sub(per_chunk - u64::from(victim_used)));
+            if free_elsewhere.is_none_or(|free| free < u64::from(victim_used)) {
                 return;
             }
             let Some(mut chunk) = class.chunks[victim as usize].take() else {
