@@ -323,6 +323,12 @@ pub struct DeviceStats {
     pub kicks: u64,
     /// Batches found by busy-polling instead of waiting for a kick.
     pub poll_hits: u64,
+    /// Busy-poll spins that found nothing (each halves the window).
+    #[serde(default)]
+    pub poll_misses: u64,
+    /// Microseconds spent busy-polling (CPU time of the spins).
+    #[serde(default)]
+    pub poll_us: u64,
     /// Page bytes copied in from guest memory by PUTs.
     pub bytes_from_guest: u64,
     /// Page bytes copied out to guest memory by GETs.

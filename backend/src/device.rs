@@ -10,7 +10,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -30,6 +30,7 @@ use vtmem_protocol::{
 
 use crate::config::DeviceSettings;
 use crate::exec::{DeviceCounters, Executor, Features};
+use crate::poll::PollWindow;
 use crate::ratelimit::RateLimitedLog;
 use vtmem_store::DataHandle;
 
@@ -69,6 +70,9 @@ pub struct VtmemBackend {
     /// One executor per queue; a worker holds its lock while it drains the
     /// queue, so `stop_vring` can wait for the batch in flight.
     executors: Vec<Mutex<Executor>>,
+    /// One adaptive busy-poll window per queue (`--poll-us`), used under
+    /// the queue's executor lock.
+    pollers: Vec<Mutex<PollWindow>>,
     exit_notifiers: Mutex<Vec<EventNotifier>>,
     counters: Arc<DeviceCounters>,
     log: Arc<RateLimitedLog>,
@@ -91,6 +95,9 @@ impl VtmemBackend {
         let executors = (0..settings.queues)
             .map(|_| Mutex::new(Executor::new(client.clone(), counters.clone(), log.clone())))
             .collect();
+        let pollers = (0..settings.queues)
+            .map(|_| Mutex::new(PollWindow::new(settings.poll)))
+            .collect();
         VtmemBackend {
             settings,
             config: DeviceConfig::new(settings.queues).encode(),
@@ -98,6 +105,7 @@ impl VtmemBackend {
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             executors,
+            pollers,
             exit_notifiers: Mutex::new(Vec::new()),
             counters,
             log,
@@ -128,10 +136,12 @@ impl VtmemBackend {
 
     /// Drains queue `q` until it is empty and notifications are back on.
     fn process_queue(&self, q: usize, vring: &VringRwLock) {
-        let Some(executor) = self.executors.get(q) else {
+        let (Some(executor), Some(poller)) = (self.executors.get(q), self.pollers.get(q)) else {
             return;
         };
         let mut executor = lock(executor);
+        let mut poller = lock(poller);
+        poller.kicked(Instant::now());
         let mut used: Vec<(u16, u32)> = Vec::with_capacity(MAX_BATCH);
 
         // Rounds in which the ring claimed work but yielded none: a ring
@@ -168,10 +178,15 @@ impl VtmemBackend {
                     // Polling saw an index move that yielded no chain.
                     break;
                 }
-                if !self.settings.poll.is_zero() && self.poll_for_work(vring, &mem) {
-                    DeviceCounters::add_one(&self.counters.poll_hits);
-                    polled = true;
-                    continue;
+                let window = poller.window();
+                if !window.is_zero() {
+                    if self.poll_for_work(vring, &mem, window) {
+                        DeviceCounters::add_one(&self.counters.poll_hits);
+                        polled = true;
+                        continue;
+                    }
+                    DeviceCounters::add_one(&self.counters.poll_misses);
+                    poller.missed();
                 }
                 break;
             }
@@ -193,11 +208,20 @@ impl VtmemBackend {
                 }
             }
         }
+        poller.idle(Instant::now());
     }
 
-    /// Spins for up to the busy-poll window; true if work arrived.
-    fn poll_for_work(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
-        let deadline = Instant::now() + self.settings.poll;
+    /// Spins for up to `window`; true if work arrived. The time spun is
+    /// counted.
+    fn poll_for_work(&self, vring: &VringRwLock, mem: &GuestMemoryMmap, window: Duration) -> bool {
+        let start = Instant::now();
+        let found = self.spin_for_work(vring, mem, start + window);
+        let spun = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.counters.poll_us.fetch_add(spun, Ordering::Relaxed);
+        found
+    }
+
+    fn spin_for_work(&self, vring: &VringRwLock, mem: &GuestMemoryMmap, deadline: Instant) -> bool {
         loop {
             {
                 let state = vring.get_ref();
@@ -829,6 +853,31 @@ mod tests {
         let c = b.counters.snapshot();
         assert_eq!(c.poll_hits, 1);
         assert_eq!(c.kicks, 1);
+    }
+
+    /// Kicks further apart than the window: every spin misses, the window
+    /// halves each time, and below a sixteenth of `--poll-us` the queue no
+    /// longer polls at all.
+    #[test]
+    fn polling_stops_on_an_idle_queue() {
+        let (_s, b) = backend(1, 200);
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, true);
+        for _ in 0..10 {
+            add_request(&mut ring);
+            b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+                .unwrap();
+            // A gap longer than the whole window: no spin could catch the
+            // next kick, so the window must not grow back.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(ring.used_idx(), 10);
+        let c = b.counters.snapshot();
+        assert_eq!(c.poll_hits, 0);
+        // 200, 100, 50, 25 and 12.5 µs, then none.
+        assert_eq!(c.poll_misses, 5);
+        assert!(c.poll_us >= 387, "spun {} µs", c.poll_us);
     }
 
     #[test]

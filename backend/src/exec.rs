@@ -87,6 +87,10 @@ pub struct DeviceCounters {
     pub kicks: AtomicU64,
     /// Batches found by busy-polling instead of waiting for a kick.
     pub poll_hits: AtomicU64,
+    /// Busy-poll spins that found nothing.
+    pub poll_misses: AtomicU64,
+    /// Microseconds spent busy-polling.
+    pub poll_us: AtomicU64,
     /// Page bytes copied in from guest memory by PUTs.
     pub bytes_from_guest: AtomicU64,
     /// Page bytes copied out to guest memory by GETs.
@@ -110,6 +114,8 @@ impl DeviceCounters {
             notifications: l(&self.notifications),
             kicks: l(&self.kicks),
             poll_hits: l(&self.poll_hits),
+            poll_misses: l(&self.poll_misses),
+            poll_us: l(&self.poll_us),
             bytes_from_guest: l(&self.bytes_from_guest),
             bytes_to_guest: l(&self.bytes_to_guest),
         }

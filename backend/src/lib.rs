@@ -44,6 +44,7 @@ pub mod device;
 pub mod exec;
 pub mod metrics;
 pub mod notify;
+pub mod poll;
 pub mod ratelimit;
 pub mod request;
 pub mod sandbox;

@@ -494,9 +494,31 @@ impl Snapshot {
                 "Used-ring interrupts sent to the guest.",
                 |d| d.notifications,
             ),
+            (
+                "vm_device_poll_hits",
+                "Batches found by busy-polling (--poll-us) instead of a kick.",
+                |d| d.poll_hits,
+            ),
+            (
+                "vm_device_poll_misses",
+                "Busy-poll spins that found nothing (each halves the window).",
+                |d| d.poll_misses,
+            ),
         ] {
             per_vm_counter(e, name, help, &|vm| metric(&vm.device))?;
         }
+        family(
+            e,
+            "vm_device_poll",
+            "CPU time spent busy-polling the VM's queues (--poll-us).",
+            Some(&Unit::Seconds),
+            vms.iter().map(|vm| {
+                (
+                    [("vm", vm.name.as_str())],
+                    ConstCounter::new(vm.device.poll_us as f64 / 1e6),
+                )
+            }),
+        )?;
         Ok(())
     }
 }

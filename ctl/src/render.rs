@@ -363,7 +363,7 @@ pub fn show(d: &VmDetails) -> String {
         "device",
         format!(
             "chains {}, ops {}, invalid ops {}, rejected chains {}, dropped chains {}\n\
-             kicks {}, notifications {}, poll hits {}\n\
+             kicks {}, notifications {}, poll hits {}, poll misses {}, polling {} ms\n\
              {} from the guest, {} to the guest",
             dev.chains,
             dev.ops,
@@ -373,6 +373,8 @@ pub fn show(d: &VmDetails) -> String {
             dev.kicks,
             dev.notifications,
             dev.poll_hits,
+            dev.poll_misses,
+            dev.poll_us / 1000,
             format::bytes(dev.bytes_from_guest),
             format::bytes(dev.bytes_to_guest)
         ),
