@@ -323,7 +323,7 @@ pub struct DeviceStats {
     pub kicks: u64,
     /// Batches found by busy-polling instead of waiting for a kick.
     pub poll_hits: u64,
-    /// Busy-poll spins that found nothing (each halves the window).
+    /// Busy-poll spins that found nothing.
     #[serde(default)]
     pub poll_misses: u64,
     /// Microseconds spent busy-polling (CPU time of the spins).

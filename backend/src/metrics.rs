@@ -501,7 +501,7 @@ impl Snapshot {
             ),
             (
                 "vm_device_poll_misses",
-                "Busy-poll spins that found nothing (each halves the window).",
+                "Busy-poll spins that found nothing.",
                 |d| d.poll_misses,
             ),
         ] {

@@ -6,14 +6,15 @@
 //! a request that arrives meanwhile costs the guest no kick and the host no
 //! wake-up. Spinning pays only while requests come faster than the window;
 //! on an idle queue it is CPU thrown away. So the window adapts, the way
-//! KVM's halt-polling does:
+//! KVM's halt-polling does, on what happens after the queue goes idle:
 //!
 //! * a spin that finds work keeps the window;
-//! * a spin that finds none halves it, down to nothing below a sixteenth of
-//!   `--poll-us`: an idle queue stops polling;
-//! * a kick that arrives within `--poll-us` of the queue going idle means
-//!   a spin would have caught it: the window grows again (doubling, from a
-//!   sixteenth of `--poll-us`).
+//! * a kick that arrives within `--poll-us` of the queue going idle means a
+//!   longer spin would have caught it: the window doubles (from an eighth
+//!   of `--poll-us` when it was off);
+//! * a kick that arrives later means the queue was really idle and the spin
+//!   was wasted: the window halves, and below a sixteenth of `--poll-us`
+//!   it is off. An idle queue therefore stops polling after a few kicks.
 //!
 //! The time spent spinning is counted (`poll_us` in the device counters,
 //! `vtmem_vm_device_poll_seconds_total`), and so are the spins that found
@@ -45,29 +46,23 @@ impl PollWindow {
         self.window
     }
 
-    fn floor(&self) -> Duration {
-        self.max / 16
-    }
-
-    /// Work arrived by a kick at `now`.
+    /// Work arrived by a kick at `now`: grow the window if a longer spin
+    /// would have caught it, shrink it if the queue was really idle.
     pub fn kicked(&mut self, now: Instant) {
         let Some(idle) = self.idle_since.take() else {
             return;
         };
-        if self.window < self.max && now.saturating_duration_since(idle) <= self.max {
+        if now.saturating_duration_since(idle) <= self.max {
             self.window = if self.window.is_zero() {
-                self.floor().max(Duration::from_micros(1)).min(self.max)
+                (self.max / 8).max(Duration::from_micros(1)).min(self.max)
             } else {
                 (self.window * 2).min(self.max)
             };
-        }
-    }
-
-    /// A spin found nothing: spin less.
-    pub fn missed(&mut self) {
-        self.window /= 2;
-        if self.window < self.floor() {
-            self.window = Duration::ZERO;
+        } else {
+            self.window /= 2;
+            if self.window < self.max / 16 {
+                self.window = Duration::ZERO;
+            }
         }
     }
 
@@ -83,64 +78,63 @@ mod tests {
 
     const MAX: Duration = Duration::from_micros(160);
 
+    /// Kicks `n` times, each `gap` after the queue went idle; returns the
+    /// window after each.
+    fn kicks(w: &mut PollWindow, n: usize, gap: Duration) -> Vec<Duration> {
+        let t = Instant::now();
+        (0..n)
+            .map(|_| {
+                w.idle(t);
+                w.kicked(t + gap);
+                w.window()
+            })
+            .collect()
+    }
+
+    fn us(v: &[u64]) -> Vec<Duration> {
+        v.iter().map(|&u| Duration::from_micros(u)).collect()
+    }
+
     #[test]
-    fn misses_shrink_the_window_to_nothing() {
+    fn an_idle_queue_stops_polling() {
         let mut w = PollWindow::new(MAX);
         assert_eq!(w.window(), MAX);
-        let mut seen = vec![w.window()];
-        while !w.window().is_zero() {
-            w.missed();
-            seen.push(w.window());
-        }
-        // Halving down to a sixteenth (10), then below it: zero.
+        // Halving down to a sixteenth (10), then below it: off.
         assert_eq!(
-            seen,
-            [160, 80, 40, 20, 10, 0].map(Duration::from_micros).to_vec()
+            kicks(&mut w, 6, MAX + Duration::from_micros(1)),
+            us(&[80, 40, 20, 10, 0, 0])
         );
     }
 
     #[test]
     fn kicks_soon_after_idle_grow_it_back() {
         let mut w = PollWindow::new(MAX);
-        for _ in 0..6 {
-            w.missed();
-        }
+        kicks(&mut w, 5, Duration::from_secs(1));
         assert!(w.window().is_zero());
-        let t = Instant::now();
-        let mut seen = Vec::new();
-        for _ in 0..6 {
-            w.idle(t);
-            w.kicked(t + Duration::from_micros(30));
-            seen.push(w.window());
-        }
+        // From an eighth of the maximum, doubling.
         assert_eq!(
-            seen,
-            [10, 20, 40, 80, 160, 160]
-                .map(Duration::from_micros)
-                .to_vec()
+            kicks(&mut w, 5, Duration::from_micros(30)),
+            us(&[20, 40, 80, 160, 160])
         );
     }
 
     #[test]
-    fn late_kicks_and_kicks_without_idle_change_nothing() {
+    fn a_kick_without_an_idle_period_changes_nothing() {
         let mut w = PollWindow::new(MAX);
-        w.missed();
-        w.missed();
+        kicks(&mut w, 2, Duration::from_secs(1));
         let before = w.window();
-        let t = Instant::now();
-        w.idle(t);
-        w.kicked(t + MAX + Duration::from_micros(1));
-        assert_eq!(w.window(), before, "an idle gap longer than the window");
-        w.kicked(t);
-        assert_eq!(w.window(), before, "no idle period before this kick");
+        w.kicked(Instant::now());
+        assert_eq!(w.window(), before);
     }
 
     #[test]
     fn zero_max_never_polls() {
         let mut w = PollWindow::new(Duration::ZERO);
-        let t = Instant::now();
-        w.idle(t);
-        w.kicked(t);
-        assert!(w.window().is_zero());
+        assert!(kicks(&mut w, 3, Duration::ZERO)
+            .iter()
+            .all(Duration::is_zero));
+        assert!(kicks(&mut w, 3, Duration::from_secs(1))
+            .iter()
+            .all(Duration::is_zero));
     }
 }

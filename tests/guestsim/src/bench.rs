@@ -101,6 +101,8 @@ pub struct Latency {
     pub mean_us: f64,
     /// Kicks per request.
     pub kicks_per_op: f64,
+    /// CPU microseconds the device spent busy-polling, per request.
+    pub poll_cpu_us_per_op: f64,
 }
 
 /// Aggregate throughput of several VMs at once.
@@ -415,7 +417,13 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
-fn latency(vm: &Vm, pages: usize, samples: usize, poll_us: u32) -> Result<Latency> {
+fn latency(
+    daemon: &Vtmemd,
+    vm: &Vm,
+    pages: usize,
+    samples: usize,
+    poll_us: u32,
+) -> Result<Latency> {
     let pool = vm.new_pool(PoolSpec::persistent())?;
     let n = pages.min(vm.guest_pages().count() as usize);
     stream(
@@ -442,6 +450,8 @@ fn latency(vm: &Vm, pages: usize, samples: usize, poll_us: u32) -> Result<Latenc
         c.single()?;
     }
     q.reset_stats();
+    let polled = || daemon.show("bench0").device.poll_us;
+    let polled_before = polled();
     let mut times = Vec::with_capacity(samples);
     for s in 0..samples {
         let i = (s * 7919) % n;
@@ -457,6 +467,7 @@ fn latency(vm: &Vm, pages: usize, samples: usize, poll_us: u32) -> Result<Latenc
         }
     }
     let kicks = q.stats().kicks;
+    let poll_cpu_us = polled().saturating_sub(polled_before);
     drop(q);
     vm.destroy_pool(pool)?;
     let mean =
@@ -469,6 +480,7 @@ fn latency(vm: &Vm, pages: usize, samples: usize, poll_us: u32) -> Result<Latenc
         p99_us: percentile(&times, 0.99),
         mean_us: mean,
         kicks_per_op: kicks as f64 / samples.max(1) as f64,
+        poll_cpu_us_per_op: poll_cpu_us as f64 / samples.max(1) as f64,
     })
 }
 
@@ -600,7 +612,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         }
         report
             .latency
-            .push(latency(&vm, n.min(4096), lat_samples, 0)?);
+            .push(latency(&daemon, &vm, n.min(4096), lat_samples, 0)?);
     }
     for &v in &VM_COUNTS {
         let mut runs = Vec::new();
@@ -627,9 +639,13 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     {
         let lat_pages = &pages[..n.min(4096)];
         let vm = connect(&daemon, "bench0", lat_pages.iter().map(|p| &**p), depth)?;
-        report
-            .latency
-            .push(latency(&vm, lat_pages.len(), lat_samples, opts.poll_us)?);
+        report.latency.push(latency(
+            &daemon,
+            &vm,
+            lat_pages.len(),
+            lat_samples,
+            opts.poll_us,
+        )?);
     }
     if !daemon.is_alive() {
         return Err(Error::Daemon(format!(
@@ -683,8 +699,8 @@ impl Report {
         s.push_str("\nsingle-get round trip (one request in flight)\n");
         for l in &self.latency {
             s.push_str(&format!(
-                "  poll-us {:>3}: p50 {:>7.1} us, p99 {:>7.1} us, mean {:>7.1} us, {:.2} kicks/op ({} samples)\n",
-                l.poll_us, l.p50_us, l.p99_us, l.mean_us, l.kicks_per_op, l.samples
+                "  poll-us {:>3}: p50 {:>7.1} us, p99 {:>7.1} us, mean {:>7.1} us, {:.2} kicks/op, {:.1} us polling/op ({} samples)\n",
+                l.poll_us, l.p50_us, l.p99_us, l.mean_us, l.kicks_per_op, l.poll_cpu_us_per_op, l.samples
             ));
         }
         s.push_str(&format!(
