@@ -379,14 +379,24 @@ impl DataHandle {
         // gives the shared content's charge back.
         let domain = &pool.domain;
         let class = classify(page);
-        let (key, known, data) = match class {
-            Class::Zero => (None, None, None),
-            Class::Same(w) => (Some(domain.pattern_key(w)), None, Some(NewData::Pattern)),
+        // `content_growth`: what a new content would grow the shard's
+        // tables by (nothing for a zero page or content already held).
+        let (key, known, data, content_growth) = match class {
+            Class::Zero => (None, None, None, 0),
+            Class::Same(w) => {
+                let key = domain.pattern_key(w);
+                let growth = if reserved {
+                    0
+                } else {
+                    domain.insert_growth(&key)
+                };
+                (Some(key), None, Some(NewData::Pattern), growth)
+            }
             Class::Data => {
                 let key = domain.data_key(page);
                 match domain.peek(&key, page) {
-                    Some(bytes) => (Some(key), Some(bytes), None),
-                    None => (Some(key), None, Some(compressed(page, buf))),
+                    Ok(bytes) => (Some(key), Some(bytes), None, 0),
+                    Err(growth) => (Some(key), None, Some(compressed(page, buf)), growth),
                 }
             }
         };
@@ -404,11 +414,7 @@ impl DataHandle {
         let growth = if reserved {
             0
         } else {
-            pool.insert_growth(&h.object, h.index)
-                + key
-                    .as_ref()
-                    .filter(|_| known.is_none())
-                    .map_or(0, |k| domain.insert_growth(k))
+            pool.insert_growth(&h.object, h.index) + content_growth
         };
         if reserved {
             // Swap the worst-case charge for the real one (never larger).

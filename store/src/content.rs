@@ -480,6 +480,18 @@ impl Shard {
         self.drop_entry(n);
     }
 
+    /// Bytes storing one new content would grow the tables by.
+    fn insert_growth(&self) -> u64 {
+        let mut grow = 0;
+        if (self.index_len + 1) * 4 > self.index.len() * 3 {
+            grow += (self.index.len().max(8) * 4) as u64;
+        }
+        if self.free_head == NIL {
+            grow += (ENTRY_BLOCK * std::mem::size_of::<Entry>()) as u64;
+        }
+        grow
+    }
+
     /// Compacts the allocator's classes that hold a chunk of holes.
     fn reclaim(&mut self) {
         let Shard { slab, blocks, .. } = self;
@@ -664,27 +676,22 @@ impl Domain {
     /// content (an estimate, as of now): a doubled dedup index, a new block
     /// of entries.
     pub fn insert_growth(&self, key: &Key) -> u64 {
+        self.shards[self.shard_of(key)].lock().insert_growth()
+    }
+
+    /// Under one lock: the slot bytes of stored content equal to `page`,
+    /// if there is some (no reference taken), or else what storing it
+    /// would grow the shard's tables by ([`Domain::insert_growth`]).
+    pub fn peek(&self, key: &Key, page: &Page) -> Result<u64, u64> {
         let shard = self.shards[self.shard_of(key)].lock();
-        let mut grow = 0;
-        if (shard.index_len + 1) * 4 > shard.index.len() * 3 {
-            grow += (shard.index.len().max(8) * 4) as u64;
+        match shard.find(key, page) {
+            Some(n) => Ok(shard.entry(n).data_bytes()),
+            None => Err(shard.insert_growth()),
         }
-        if shard.free_head == NIL {
-            grow += (ENTRY_BLOCK * std::mem::size_of::<Entry>()) as u64;
-        }
-        grow
     }
 
     /// Takes a reference on stored content equal to `page`, if any.
     /// Returns the reference and the content's data bytes.
-    /// The slot bytes of stored content equal to `page`, if there is
-    /// some, without taking a reference.
-    pub fn peek(&self, key: &Key, page: &Page) -> Option<u64> {
-        let shard = self.shards[self.shard_of(key)].lock();
-        let n = shard.find(key, page)?;
-        Some(shard.entry(n).data_bytes())
-    }
-
     pub fn acquire(&self, key: &Key, page: &Page) -> Option<(ContentRef, u64)> {
         let s = self.shard_of(key);
         let mut shard = self.shards[s].lock();
