@@ -14,6 +14,10 @@
  *   3. shuffle: checks every page again in a pseudo-random order (swap-in
  *      of scattered slots, readahead defeated).
  * A page that does not match is reported with its first bad offset.
+ * Half-way through each fill and verify, memtest prints "memtest: pass P
+ * fill: half-way" (or verify): a test can act while pages are being
+ * swapped out (fill) or in (verify), and tell from the phase's closing
+ * line that the phase went on afterwards.
  *
  * With -k FILE, after the last pass memtest creates FILE, waits until
  * someone removes it (while its memory stays swapped out), then checks
@@ -144,6 +148,14 @@ static void dump_stats(const char *path, const char *phase)
 	fflush(stdout);
 }
 
+/* Marks the middle of a phase, so that a test can act while it runs. */
+static void halfway(unsigned long pass, const char *phase, size_t npages)
+{
+	printf("memtest: pass %lu %s: half-way, %zu of %zu pages\n",
+	       pass, phase, npages / 2, npages);
+	fflush(stdout);
+}
+
 static double now(void)
 {
 	struct timespec ts;
@@ -191,8 +203,11 @@ int main(int argc, char **argv)
 		snprintf(phase, sizeof(phase), "fill-%lu", pass);
 		dump_stats(stats, "before-fill");
 		t = now();
-		for (size_t i = 0; i < npages; i++)
+		for (size_t i = 0; i < npages; i++) {
+			if (i == npages / 2)
+				halfway(pass, "fill", npages);
 			fill(mem + i * PAGE, i, pass);
+		}
 		printf("memtest: pass %lu fill: %zu pages in %.1f s\n", pass, npages, now() - t);
 		dump_stats(stats, phase);
 
@@ -200,8 +215,11 @@ int main(int argc, char **argv)
 		t = now();
 		bad = 0;
 		for (size_t i = 0; i < npages; i++) {
-			long off = check(mem + i * PAGE, i, pass);
+			long off;
 
+			if (i == npages / 2)
+				halfway(pass, "verify", npages);
+			off = check(mem + i * PAGE, i, pass);
 			if (off >= 0) {
 				if (bad < 10)
 					printf("memtest: BAD page %zu pass %lu at offset %ld\n", i, pass, off);
