@@ -119,7 +119,9 @@ fn assert_empty(s: &Store, a: &AdminHandle) {
 fn round_trip_of_every_pool_and_page_kind() {
     let src = source(600);
     let before = held(&src.admin);
+    let host_before = src.store.stats().host_used;
     let (image, sum) = export(&src.data);
+    assert_eq!(src.store.stats().host_used, host_before);
     assert_eq!(sum.pools, 4);
     assert_eq!(sum.pages, 2 * src.pages, "persistent pages only");
     // Exporting changes nothing on the source.
