@@ -333,6 +333,15 @@ pub struct DeviceStats {
     pub bytes_from_guest: u64,
     /// Page bytes copied out to guest memory by GETs.
     pub bytes_to_guest: u64,
+    /// Device states sent to a migration destination.
+    #[serde(default)]
+    pub state_exports: u64,
+    /// Device states taken from a migration source.
+    #[serde(default)]
+    pub state_imports: u64,
+    /// Device-state transfers that failed (either direction).
+    #[serde(default)]
+    pub state_failures: u64,
 }
 
 #[cfg(test)]

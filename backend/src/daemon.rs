@@ -613,6 +613,17 @@ fn serve(vm: Arc<Vm>, mut socket: VmListener, settings: DeviceSettings) {
         info!("vm {}: frontend connected", vm.name);
         let result = daemon.wait();
         backend.stop_workers();
+        if backend.migrated_out() {
+            // The VM's state went to a migration destination, and the
+            // frontend left without starting the device again: the VM runs
+            // elsewhere now, with its own copy of every page.
+            let held = vm.client.stats();
+            vm.client.data().reset();
+            info!(
+                "vm {}: migrated away; freed {} persistent and {} ephemeral pages",
+                vm.name, held.persistent_pages, held.ephemeral_pages
+            );
+        }
         vm.disconnected();
         match result {
             Ok(())

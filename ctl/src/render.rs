@@ -364,7 +364,8 @@ pub fn show(d: &VmDetails) -> String {
         format!(
             "chains {}, ops {}, invalid ops {}, rejected chains {}, dropped chains {}\n\
              kicks {}, notifications {}, poll hits {}, poll misses {}, polling {} ms\n\
-             {} from the guest, {} to the guest",
+             {} from the guest, {} to the guest\n\
+             device states sent {}, taken {}, failed {}",
             dev.chains,
             dev.ops,
             dev.invalid_ops,
@@ -376,7 +377,10 @@ pub fn show(d: &VmDetails) -> String {
             dev.poll_misses,
             dev.poll_us / 1000,
             format::bytes(dev.bytes_from_guest),
-            format::bytes(dev.bytes_to_guest)
+            format::bytes(dev.bytes_to_guest),
+            dev.state_exports,
+            dev.state_imports,
+            dev.state_failures
         ),
     );
     let mut out = format!("{}\n{}", i.name, f.render(2));
