@@ -305,6 +305,7 @@ pub fn daemon_in(dir: &std::path::Path) -> std::sync::Arc<crate::daemon::Daemon>
         vms: Vec::new(),
         metrics_address: None,
         state_file: None,
+        state_dir: None,
         sandbox: Default::default(),
     };
     let store = vtmem_store::Store::new(vtmem_store::StoreConfig {
