@@ -185,9 +185,9 @@ fn an_unreadable_image_stops_the_start_and_stays() {
     let image = state.path().join("m.image");
     // A prefix and nothing more: the stream ends before its first frame.
     std::fs::write(&image, b"VTMEMIMG\x01\x00\x00\x00\x00\x00\x00\x00").unwrap();
-    let err = Vtmemd::try_start(VTMEMD, &args(state.path(), &["m"]))
-        .err()
-        .expect("vtmemd must not serve a VM whose saved pages it cannot read");
+    let Err(err) = Vtmemd::try_start(VTMEMD, &args(state.path(), &["m"])) else {
+        panic!("vtmemd must not serve a VM whose saved pages it cannot read");
+    };
     let msg = err.to_string();
     assert!(
         msg.contains("m.image") && msg.contains("truncated"),
