@@ -7,6 +7,7 @@ use std::process::exit;
 use clap::{Parser, Subcommand};
 use log::error;
 use vtmem_guestsim::bench::{self, BenchOptions};
+use vtmem_guestsim::migrate::{self, MigrateOptions};
 use vtmem_guestsim::multivm::{self, MultiVmOptions};
 use vtmem_guestsim::pages::{checksum, random_page};
 use vtmem_guestsim::{PoolSpec, Status, Vm, VmOptions};
@@ -67,6 +68,21 @@ enum Command {
         /// Write the JSON result to this file.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// vtmemd binary (default: $VTMEMD, else the vtmemd next to this
+        /// executable).
+        #[arg(long, value_name = "PATH", env = "VTMEMD")]
+        vtmemd: Option<PathBuf>,
+    },
+    /// Start two private vtmemds; store a realistic page mix in a VM on the
+    /// first, move its device state to the second (as live migration
+    /// does) and time both ends; print a table, then one JSON line.
+    Migrate {
+        /// Pages the VM stores (default 262144, 1 GiB; 16384 with --quick).
+        #[arg(long, value_name = "N")]
+        pages: Option<usize>,
+        /// Short run.
+        #[arg(long)]
+        quick: bool,
         /// vtmemd binary (default: $VTMEMD, else the vtmemd next to this
         /// executable).
         #[arg(long, value_name = "PATH", env = "VTMEMD")]
@@ -163,6 +179,22 @@ fn main() {
                 std::fs::write(&path, text + "\n").map_err(vtmem_guestsim::Error::Io)?;
                 eprintln!("wrote {}", path.display());
             }
+            Ok(())
+        }),
+        Command::Migrate {
+            pages,
+            quick,
+            vtmemd,
+        } => migrate::run(&MigrateOptions {
+            pages,
+            quick,
+            vtmemd,
+        })
+        .and_then(|r| {
+            print!("{}", r.table());
+            let line = serde_json::to_string(&r)
+                .map_err(|e| vtmem_guestsim::Error::Setup(e.to_string()))?;
+            println!("{line}");
             Ok(())
         }),
         Command::Check { socket, pages } => check(socket, pages),
