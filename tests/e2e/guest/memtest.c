@@ -2,7 +2,7 @@
 /*
  * memtest - make the guest swap, and check that every page comes back.
  *
- * Usage: memtest [-m MiB] [-p passes] [-s stats-file] [-r seed] [-k hold-file [-n holds]]
+ * Usage: memtest [-m MiB] [-p passes] [-f] [-s stats-file] [-r seed] [-k hold-file [-n holds]]
  *
  * Maps MiB of anonymous memory (meant to be well beyond the guest's RAM)
  * and, for each pass:
@@ -13,6 +13,7 @@
  *      checksum;
  *   3. shuffle: checks every page again in a pseudo-random order (swap-in
  *      of scattered slots, readahead defeated).
+ * With -f a pass only fills: the holds (-k) then check the pages.
  * A page that does not match is reported with its first bad offset.
  *
  * With -k FILE, after the last pass memtest creates FILE, waits until
@@ -161,10 +162,11 @@ int main(int argc, char **argv)
 	const char *stats = NULL;
 	const char *hold = NULL;
 	unsigned long holds = 1;
+	int fill_only = 0;
 	unsigned long long errors = 0, checked = 0;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "m:p:s:r:k:n:")) != -1) {
+	while ((opt = getopt(argc, argv, "m:p:fs:r:k:n:")) != -1) {
 		switch (opt) {
 		case 'm': mib = strtoul(optarg, NULL, 0); break;
 		case 'p': passes = strtoul(optarg, NULL, 0); break;
@@ -172,13 +174,18 @@ int main(int argc, char **argv)
 		case 'r': seed = strtoull(optarg, NULL, 0); break;
 		case 'k': hold = optarg; break;
 		case 'n': holds = strtoul(optarg, NULL, 0); break;
+		case 'f': fill_only = 1; break;
 		default:
-			fprintf(stderr, "usage: %s [-m MiB] [-p passes] [-s stats-file] [-r seed] [-k hold-file [-n holds]]\n", argv[0]);
+			fprintf(stderr, "usage: %s [-m MiB] [-p passes] [-f] [-s stats-file] [-r seed] [-k hold-file [-n holds]]\n", argv[0]);
 			return 2;
 		}
 	}
 	if (holds < 1) {
 		fprintf(stderr, "memtest: -n wants at least 1 hold\n");
+		return 2;
+	}
+	if (fill_only && !hold) {
+		fprintf(stderr, "memtest: -f checks nothing without -k\n");
 		return 2;
 	}
 
@@ -204,6 +211,8 @@ int main(int argc, char **argv)
 			fill(mem + i * PAGE, i, pass);
 		printf("memtest: pass %lu fill: %zu pages in %.1f s\n", pass, npages, now() - t);
 		dump_stats(stats, phase);
+		if (fill_only)
+			continue;
 
 		snprintf(phase, sizeof(phase), "verify-%lu", pass);
 		t = now();
@@ -251,6 +260,7 @@ int main(int argc, char **argv)
 		FILE *f = fopen(hold, "w");
 		unsigned long long bad = 0;
 		char phase[32];
+		double t;
 
 		if (!f) {
 			perror("memtest: hold file");
@@ -262,6 +272,7 @@ int main(int argc, char **argv)
 		fflush(stdout);
 		while (access(hold, F_OK) == 0)
 			usleep(100000);
+		t = now();
 		for (size_t i = 0; i < npages; i++) {
 			long off = check(mem + i * PAGE, i, passes);
 
@@ -273,7 +284,8 @@ int main(int argc, char **argv)
 		}
 		checked += npages;
 		errors += bad;
-		printf("memtest: hold %lu verify: %zu pages, %llu errors\n", h, npages, bad);
+		printf("memtest: hold %lu verify: %zu pages, %llu errors in %.1f s\n", h, npages, bad,
+		       now() - t);
 		if (holds == 1)
 			snprintf(phase, sizeof(phase), "hold");
 		else
