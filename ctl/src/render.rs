@@ -611,7 +611,7 @@ mod tests {
             out.contains("4096 persistent pages of 2 VM(s) (3 pools, 5.0 MiB of state) in 0.250 s"),
             "{out}"
         );
-        assert!(status(&s, None, None, dir(None)).contains("recovered at start: nothing"));
+        assert!(status(&s, None, None, dir(None)).contains("recovered at start:  nothing"));
     }
 
     #[test]
