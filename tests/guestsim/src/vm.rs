@@ -549,16 +549,7 @@ impl Vm {
     pub fn shutdown(self) -> Result<Vec<u32>> {
         let timeout = self.queue(0).timeout();
         let watchdog = Watchdog::arm(&self.stream, timeout)?;
-        let res = (|| {
-            let mut fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
-            let mut bases = Vec::new();
-            for i in 0..self.queues.len() {
-                fe.set_vring_enable(i, false)
-                    .map_err(vhost_err("SET_VRING_ENABLE"))?;
-                bases.push(fe.get_vring_base(i).map_err(vhost_err("GET_VRING_BASE"))?);
-            }
-            Ok(bases)
-        })();
+        let res = self.stop_rings();
         if watchdog.disarm().is_err() {
             return Err(Error::Timeout(timeout));
         }
