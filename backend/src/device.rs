@@ -94,6 +94,9 @@ pub struct VtmemBackend {
     client: DataHandle,
     /// The device-state transfer in flight (live migration), if any.
     transfer: Mutex<Option<Transfer>>,
+    /// Set by [`VtmemBackend::stop_workers`]: a worker stops taking chains
+    /// at its next round, however busy the guest keeps the ring.
+    stopping: AtomicBool,
     /// This connection's device state went to a migration destination and
     /// the device has not been started since: when the frontend goes, the
     /// VM lives on elsewhere and its pages here can go.
@@ -142,6 +145,7 @@ impl VtmemBackend {
             log,
             client,
             transfer: Mutex::new(None),
+            stopping: AtomicBool::new(false),
             migrated_out: AtomicBool::new(false),
         }
     }
@@ -158,8 +162,10 @@ impl VtmemBackend {
         lock(&self.mem).clone()
     }
 
-    /// Tells every worker thread of this backend to exit.
+    /// Tells every worker thread of this backend to exit: each finishes
+    /// (answers) the batch it holds and takes no more chains.
     pub fn stop_workers(&self) {
+        self.stopping.store(true, Ordering::Release);
         for n in lock(&self.exit_notifiers).iter() {
             let _ = n.notify();
         }
@@ -196,6 +202,10 @@ impl VtmemBackend {
             let mut processed = 0;
             let mut polled = false;
             loop {
+                if self.stopping.load(Ordering::Acquire) {
+                    // What is left stays in the ring for the next back end.
+                    return;
+                }
                 // A fresh memory map and feature set for every pass: a
                 // busy-polling worker may run for long, and a memory map
                 // update must reach it.
@@ -812,6 +822,27 @@ mod tests {
         }
         let c = b.counters.snapshot();
         assert_eq!((c.chains, c.notifications, c.kicks), (5, 1, 1));
+    }
+
+    #[test]
+    fn a_stopped_backend_leaves_the_ring_to_the_next() {
+        let (_s, b) = backend(1, 0);
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, false);
+        add_request(&mut ring);
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 1);
+        // Stopping (vtmemd's orderly stop): chains made available later
+        // stay in the ring, unanswered, for the next back end.
+        b.stop_workers();
+        add_request(&mut ring);
+        add_request(&mut ring);
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 1);
+        assert_eq!(b.counters.snapshot().chains, 1);
     }
 
     #[test]

@@ -83,6 +83,17 @@ fn verify(vm: &Vm, s: &Stored, destination: bool) {
     assert_eq!(s.pool, 0);
 }
 
+/// Connects to VM `m` of `d`, fills it, stops its rings and saves its
+/// device state: the VM, what it stored, its statistics, the state.
+fn filled_and_saved(d: &Vtmemd) -> (Vm, Stored, vtmem_api::ClientStats, Vec<u8>) {
+    let src = connect(d, "m");
+    let stored = fill(&src);
+    let held = d.client_stats("m");
+    src.stop_rings().unwrap();
+    let state = src.save_device_state().unwrap();
+    (src, stored, held, state)
+}
+
 fn persistent_pages(d: &Vtmemd, vm: &str) -> u64 {
     d.client_stats(vm).persistent_pages
 }
@@ -94,13 +105,8 @@ fn device_state_moves_a_vm_between_two_daemons_and_back_while_neighbours_run() {
     let na = Neighbour::start(&a, "na");
     let nb = Neighbour::start(&b, "nb");
 
-    let src = connect(&a, "m");
-    let stored = fill(&src);
-    let held = a.client_stats("m");
-
     // A to B: stop, save, load on a fresh connection to B.
-    src.stop_rings().unwrap();
-    let state = src.save_device_state().unwrap();
+    let (src, stored, held, state) = filled_and_saved(&a);
     let dst = connect_with(&b, "m", no_reset());
     dst.load_device_state(&state).unwrap();
     verify(&dst, &stored, true);
@@ -149,11 +155,7 @@ fn a_refused_import_leaves_nothing_and_the_source_keeps_every_page() {
     let a = daemon(&["m"], &[]);
     // Room for the neighbour-free VM's structures, not for its pages.
     let b = daemon(&["m"], &["--host-limit", "256K"]);
-    let src = connect(&a, "m");
-    let stored = fill(&src);
-    let held = a.client_stats("m");
-    src.stop_rings().unwrap();
-    let state = src.save_device_state().unwrap();
+    let (src, stored, held, state) = filled_and_saved(&a);
 
     let dst = connect_with(&b, "m", no_reset());
     let err = dst.load_device_state(&state).unwrap_err();

@@ -603,12 +603,15 @@ mod tests {
             })
         };
         let out = status(&s, None, None, dir(Some(&r)));
-        assert!(out.contains("state directory:    /var/lib/vtmem"), "{out}");
+        assert!(
+            out.contains("state directory:     /var/lib/vtmem\n"),
+            "{out}"
+        );
         assert!(
             out.contains("4096 persistent pages of 2 VM(s) (3 pools, 5.0 MiB of state) in 0.250 s"),
             "{out}"
         );
-        assert!(status(&s, None, None, dir(None)).contains("recovered at start: nothing"));
+        assert!(status(&s, None, None, dir(None)).contains("recovered at start:  nothing"));
     }
 
     #[test]

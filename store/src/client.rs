@@ -243,14 +243,7 @@ impl DataHandle {
             if let Some(id) = open {
                 return Ok(id as u32);
             }
-            if self
-                .client
-                .meta
-                .lock()
-                .authorized
-                .binary_search(&uuid)
-                .is_err()
-            {
+            if !self.authorized(&uuid) {
                 return Err(TmemError::NotAuthorized);
             }
         }
@@ -261,6 +254,17 @@ impl DataHandle {
             .ok_or(TmemError::TooManyPools)?;
         self.open_pool(&mut table, slot, spec);
         Ok(slot as u32)
+    }
+
+    /// Whether the administrator authorised this client for the shared
+    /// pool `uuid`.
+    pub(crate) fn authorized(&self, uuid: &Uuid) -> bool {
+        self.client
+            .meta
+            .lock()
+            .authorized
+            .binary_search(uuid)
+            .is_ok()
     }
 
     /// Opens a pool at the free `slot` of `table` (joining the shared pool

@@ -348,14 +348,7 @@ impl DataHandle {
             {
                 return Err(TmemError::Invalid("shared pool open twice"));
             }
-            if self
-                .client
-                .meta
-                .lock()
-                .authorized
-                .binary_search(&uuid)
-                .is_err()
-            {
+            if !self.authorized(&uuid) {
                 return Err(TmemError::NotAuthorized);
             }
         }

@@ -294,13 +294,19 @@ fn imports_beyond_the_host_limit_or_the_quota_fail_whole() {
     let before = held(&src.admin);
     let (image, _) = export(&src.data);
 
+    // Imports `image` into a new client of `s`: the error, and the client.
+    let refused = |s: &Arc<Store>, config: ClientConfig| {
+        let admin = s.add_client("dst", config).unwrap();
+        let err = admin
+            .data()
+            .import_image(&mut image.as_slice())
+            .unwrap_err();
+        (err, admin)
+    };
+
     // A host limit far below the image.
     let small = store(MIB / 4);
-    let admin = small.add_client("dst", config()).unwrap();
-    let err = admin
-        .data()
-        .import_image(&mut image.as_slice())
-        .unwrap_err();
+    let (err, admin) = refused(&small, config());
     assert!(
         matches!(
             err,
@@ -322,21 +328,13 @@ fn imports_beyond_the_host_limit_or_the_quota_fail_whole() {
         persistent_quota: MIB / 2,
         ..config()
     };
-    let admin = dst.add_client("dst", tight).unwrap();
-    let err = admin
-        .data()
-        .import_image(&mut image.as_slice())
-        .unwrap_err();
+    let (err, admin) = refused(&dst, tight);
     assert!(err.to_string().contains("quota"), "{err}");
     assert_empty(&dst, &admin);
 
     // A shared pool the destination does not authorise.
     let dst = store(256 * MIB);
-    let admin = dst.add_client("dst", ClientConfig::default()).unwrap();
-    let err = admin
-        .data()
-        .import_image(&mut image.as_slice())
-        .unwrap_err();
+    let (err, admin) = refused(&dst, ClientConfig::default());
     assert!(
         matches!(
             err,

@@ -133,6 +133,15 @@ fn check(socket: PathBuf, n: u64) -> vtmem_guestsim::Result<()> {
     Ok(())
 }
 
+/// Prints a benchmark's table, then its figures as one JSON line.
+fn table_and_json(table: &str, figures: &impl serde::Serialize) -> vtmem_guestsim::Result<()> {
+    print!("{table}");
+    let line =
+        serde_json::to_string(figures).map_err(|e| vtmem_guestsim::Error::Setup(e.to_string()))?;
+    println!("{line}");
+    Ok(())
+}
+
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
@@ -152,13 +161,7 @@ fn main() {
             poll_us,
             rounds,
         })
-        .and_then(|r| {
-            print!("{}", r.table());
-            let line = serde_json::to_string(&r)
-                .map_err(|e| vtmem_guestsim::Error::Setup(e.to_string()))?;
-            println!("{line}");
-            Ok(())
-        }),
+        .and_then(|r| table_and_json(&r.table(), &r)),
         Command::Multivm {
             vms,
             pages_per_vm,
@@ -190,13 +193,7 @@ fn main() {
             quick,
             vtmemd,
         })
-        .and_then(|r| {
-            print!("{}", r.table());
-            let line = serde_json::to_string(&r)
-                .map_err(|e| vtmem_guestsim::Error::Setup(e.to_string()))?;
-            println!("{line}");
-            Ok(())
-        }),
+        .and_then(|r| table_and_json(&r.table(), &r)),
         Command::Check { socket, pages } => check(socket, pages),
     };
     if let Err(e) = res {

@@ -549,16 +549,7 @@ impl Vm {
     pub fn shutdown(self) -> Result<Vec<u32>> {
         let timeout = self.queue(0).timeout();
         let watchdog = Watchdog::arm(&self.stream, timeout)?;
-        let res = (|| {
-            let mut fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
-            let mut bases = Vec::new();
-            for i in 0..self.queues.len() {
-                fe.set_vring_enable(i, false)
-                    .map_err(vhost_err("SET_VRING_ENABLE"))?;
-                bases.push(fe.get_vring_base(i).map_err(vhost_err("GET_VRING_BASE"))?);
-            }
-            Ok(bases)
-        })();
+        let res = self.stop_rings();
         if watchdog.disarm().is_err() {
             return Err(Error::Timeout(timeout));
         }
@@ -587,27 +578,36 @@ impl Vm {
             .map_err(vhost_err("SET_FEATURES"))
     }
 
+    /// `SET_DEVICE_STATE_FD` with one end of a new pipe (the write end to
+    /// save, the read end to load); returns the connection, locked, and
+    /// this side's end.
+    fn start_state_transfer(
+        &self,
+        direction: VhostTransferStateDirection,
+    ) -> Result<(MutexGuard<'_, Frontend>, std::fs::File)> {
+        let (rd, wr) = rustix::pipe::pipe().map_err(|e| Error::Io(e.into()))?;
+        let (theirs, ours) = match direction {
+            VhostTransferStateDirection::SAVE => (wr, rd),
+            _ => (rd, wr),
+        };
+        let fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
+        let channel = fe
+            .set_device_state_fd(direction, VhostTransferStatePhase::STOPPED, theirs)
+            .map_err(vhost_err("SET_DEVICE_STATE_FD"))?;
+        if channel.is_some() {
+            return Err(Error::Device("back end chose a channel of its own".into()));
+        }
+        Ok((fe, std::fs::File::from(ours)))
+    }
+
     /// Saves the device's state as QEMU's migration does: a pipe's write
     /// end to `SET_DEVICE_STATE_FD` (save, stopped), everything read from
     /// it until the back end closes it, then `CHECK_DEVICE_STATE`.
     pub fn save_device_state(&self) -> Result<Vec<u8>> {
         use std::io::Read;
-        let (rd, wr) = rustix::pipe::pipe().map_err(|e| Error::Io(e.into()))?;
-        let fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
-        let channel = fe
-            .set_device_state_fd(
-                VhostTransferStateDirection::SAVE,
-                VhostTransferStatePhase::STOPPED,
-                wr,
-            )
-            .map_err(vhost_err("SET_DEVICE_STATE_FD"))?;
-        if channel.is_some() {
-            return Err(Error::Device("back end chose a channel of its own".into()));
-        }
+        let (fe, mut r) = self.start_state_transfer(VhostTransferStateDirection::SAVE)?;
         let mut state = Vec::new();
-        std::fs::File::from(rd)
-            .read_to_end(&mut state)
-            .map_err(Error::Io)?;
+        r.read_to_end(&mut state).map_err(Error::Io)?;
         fe.check_device_state()
             .map_err(vhost_err("CHECK_DEVICE_STATE"))?;
         Ok(state)
@@ -618,19 +618,7 @@ impl Vm {
     /// `CHECK_DEVICE_STATE`, whose failure is returned.
     pub fn load_device_state(&self, state: &[u8]) -> Result<()> {
         use std::io::Write;
-        let (rd, wr) = rustix::pipe::pipe().map_err(|e| Error::Io(e.into()))?;
-        let fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
-        let channel = fe
-            .set_device_state_fd(
-                VhostTransferStateDirection::LOAD,
-                VhostTransferStatePhase::STOPPED,
-                rd,
-            )
-            .map_err(vhost_err("SET_DEVICE_STATE_FD"))?;
-        if channel.is_some() {
-            return Err(Error::Device("back end chose a channel of its own".into()));
-        }
-        let mut w = std::fs::File::from(wr);
+        let (fe, mut w) = self.start_state_transfer(VhostTransferStateDirection::LOAD)?;
         // A back end that refuses early closes its end: the rest of the
         // write fails, and CHECK_DEVICE_STATE says why.
         let _ = w.write_all(state);
