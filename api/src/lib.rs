@@ -21,7 +21,7 @@ pub mod types;
 pub use client::{Client, ClientError};
 
 pub use request::{
-    DeviceStats, Request, StatusReport, VmDetails, VmInfo, CONTROL_API_VERSION, MAX_LINE,
+    DeviceStats, Recovery, Request, StatusReport, VmDetails, VmInfo, CONTROL_API_VERSION, MAX_LINE,
 };
 pub use spec::{SpecError, VmSpec};
 pub use types::{ByteSize, DedupGroup, Principal, Quota, SocketMode, ValueError, VmName, Weight};

@@ -271,6 +271,27 @@ pub struct StatusReport {
     /// Seconds since vtmemd started (millisecond precision).
     #[serde(default)]
     pub uptime_seconds: f64,
+    /// The state directory (`--state-dir`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<String>,
+    /// What this start took back from the state directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<Recovery>,
+}
+
+/// What a start took back from the state directory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Recovery {
+    /// VMs whose pages were taken back.
+    pub vms: u32,
+    /// Their pools.
+    pub pools: u64,
+    /// Their persistent pages.
+    pub pages: u64,
+    /// Bytes of state read.
+    pub bytes: u64,
+    /// Seconds it took (millisecond precision).
+    pub seconds: f64,
 }
 
 /// One VM as `list` and `add-vm` show it.
@@ -333,6 +354,15 @@ pub struct DeviceStats {
     pub bytes_from_guest: u64,
     /// Page bytes copied out to guest memory by GETs.
     pub bytes_to_guest: u64,
+    /// Device states sent to a migration destination.
+    #[serde(default)]
+    pub state_exports: u64,
+    /// Device states taken from a migration source.
+    #[serde(default)]
+    pub state_imports: u64,
+    /// Device-state transfers that failed (either direction).
+    #[serde(default)]
+    pub state_failures: u64,
 }
 
 #[cfg(test)]

@@ -415,7 +415,6 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::{Queue, QueueOwnedT, QueueT};
-    use vm_memory::GuestMemoryMmap;
 
     const QSIZE: u16 = 64;
     const OPTS: WalkOptions = WalkOptions {
@@ -604,7 +603,7 @@ mod tests {
     }
 
     /// Segments of `lens` bytes each, back to back from `base`, with gaps.
-    fn spread(mem: &GuestMemoryMmap, lens: &[u32]) -> Vec<Segment> {
+    fn spread(mem: &crate::device::GuestRam, lens: &[u32]) -> Vec<Segment> {
         let mut addr = 0x1000u64;
         lens.iter()
             .map(|&len| {

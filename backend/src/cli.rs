@@ -135,6 +135,13 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub state_file: Option<PathBuf>,
 
+    /// At an orderly stop (SIGTERM, SIGINT), leave each VM's pools and
+    /// persistent pages in this directory (created 0700); at start, take
+    /// them back before serving the VM. Upgrades and restarts then lose no
+    /// page. Off by default.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
     /// Accept guest memory that is not sealed against shrinking (memfd
     /// without F_SEAL_SHRINK, or a plain file). Only for file-backed
     /// memory that cannot be sealed: a VMM that shrinks such memory kills
@@ -216,6 +223,7 @@ impl TryFrom<Args> for DaemonConfig {
             None => None,
         };
         let state_file = args.state_file.or(file.state_file.clone());
+        let state_dir = args.state_dir.or(file.state_dir.clone());
         let (uid, gid) = resolve_credentials(
             args.user.as_deref().or(file.user.as_deref()),
             args.group.as_deref().or(file.group.as_deref()),
@@ -234,6 +242,7 @@ impl TryFrom<Args> for DaemonConfig {
             vms,
             metrics_address,
             state_file,
+            state_dir,
             sandbox,
         };
         config.validate()?;

@@ -210,6 +210,8 @@ pub struct DaemonConfig {
     pub metrics_address: Option<SocketAddr>,
     /// The state file recording run-time changes, if any.
     pub state_file: Option<PathBuf>,
+    /// Where an orderly stop leaves the VMs' pages for the next start.
+    pub state_dir: Option<PathBuf>,
     /// The sandbox entered once everything listens, and the user to run as.
     pub sandbox: SandboxConfig,
 }
@@ -330,6 +332,8 @@ pub struct FileConfig {
     pub metrics_address: Option<String>,
     /// State file.
     pub state_file: Option<PathBuf>,
+    /// State directory.
+    pub state_dir: Option<PathBuf>,
     /// Sandbox mode.
     pub sandbox: Option<SandboxMode>,
     /// User to run as.

@@ -16,7 +16,7 @@ use log::{debug, error, warn};
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vtmem_api::request::{error_line, ok_line};
-use vtmem_api::{Request, StatusReport, MAX_LINE};
+use vtmem_api::{Recovery, Request, StatusReport, MAX_LINE};
 
 use crate::accept::{accept_until_stopped, Slot, Slots};
 use crate::daemon::Daemon;
@@ -59,9 +59,21 @@ pub fn execute(daemon: &Daemon, request: &Request) -> Result<String, String> {
     match request {
         Request::Status {} => {
             let up = daemon.uptime().as_secs_f64();
+            let recovered = daemon.state_dir().map(|_| {
+                let r = daemon.recovered();
+                Recovery {
+                    vms: r.vms,
+                    pools: r.pools,
+                    pages: r.pages,
+                    bytes: r.bytes,
+                    seconds: (r.time.as_secs_f64() * 1000.0).round() / 1000.0,
+                }
+            });
             done(&StatusReport {
                 store: daemon.store().stats(),
                 uptime_seconds: (up * 1000.0).round() / 1000.0,
+                state_dir: daemon.state_dir().map(|d| d.path().display().to_string()),
+                recovered,
             })
         }
         Request::List {} => {

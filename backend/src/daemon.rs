@@ -41,6 +41,7 @@ use crate::device::VtmemBackend;
 use crate::exec::DeviceCounters;
 use crate::ratelimit::RateLimitedLog;
 use crate::state::{StateError, StateFile, VmState};
+use crate::statedir::{save_all, Recovered, StateDir, StateDirError};
 use crate::systemd::InheritedSocket;
 use vtmem_store::{AdminHandle, Store, TmemError};
 
@@ -74,6 +75,9 @@ pub enum DaemonError {
     /// The daemon is shutting down.
     #[error("vtmemd is shutting down")]
     ShuttingDown,
+    /// The VM's image in the state directory cannot be taken back.
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
 }
 
 #[derive(Default)]
@@ -239,6 +243,8 @@ pub struct Daemon {
     admin: Mutex<bool>,
     started: Instant,
     state: std::sync::OnceLock<StateFile>,
+    state_dir: std::sync::OnceLock<StateDir>,
+    recovered: Mutex<Recovered>,
 }
 
 impl Daemon {
@@ -252,7 +258,52 @@ impl Daemon {
             admin: Mutex::new(false),
             started: Instant::now(),
             state: std::sync::OnceLock::new(),
+            state_dir: std::sync::OnceLock::new(),
+            recovered: Mutex::new(Recovered::default()),
         })
+    }
+
+    /// Takes VMs' images from `dir` as they are added, and leaves them
+    /// there at [`Daemon::shutdown`]. Only the first call counts.
+    pub fn attach_state_dir(&self, dir: StateDir) {
+        let _ = self.state_dir.set(dir);
+    }
+
+    /// The state directory, if any.
+    pub fn state_dir(&self) -> Option<&StateDir> {
+        self.state_dir.get()
+    }
+
+    /// What was taken back from the state directory since the start.
+    pub fn recovered(&self) -> Recovered {
+        *self.recovered.lock()
+    }
+
+    /// Takes VM `name`'s image back into `client`, if the state directory
+    /// holds one.
+    fn recover(&self, name: &VmName, client: &AdminHandle) -> Result<(), DaemonError> {
+        let Some(dir) = self.state_dir.get() else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        if let Some(sum) = dir.take(name, &client.data())? {
+            let time = t.elapsed();
+            info!(
+                "vm {name}: recovered {} pools, {} persistent pages ({} bytes) from {} in {} ms",
+                sum.pools,
+                sum.pages,
+                sum.bytes,
+                dir.path().display(),
+                time.as_millis()
+            );
+            let mut r = self.recovered.lock();
+            r.vms += 1;
+            r.pools += u64::from(sum.pools);
+            r.pages += sum.pages;
+            r.bytes += sum.bytes;
+            r.time += time;
+        }
+        Ok(())
     }
 
     /// Records run-time changes in `file` from now on (see
@@ -360,6 +411,11 @@ impl Daemon {
                 (own_path, client, listener)
             }
         };
+        // Before the socket is served: a VMM must find the VM as it was.
+        if let Err(e) = self.recover(&vm.name, &client) {
+            let _ = self.store.remove_client(vm.name.as_str());
+            return Err(e);
+        }
         let owns_socket = listener.path.is_some();
         let stop_evt = match EventFd::new(EFD_NONBLOCK) {
             Ok(e) => e,
@@ -489,6 +545,17 @@ impl Daemon {
             vm.join();
             vm.remove_socket_file();
         }
+        // Every connection is closed and its batches answered: what the
+        // clients hold now is what the guests were told.
+        if let Some(dir) = self.state_dir.get() {
+            let failed = save_all(dir, vms.iter().map(|vm| (&vm.name, vm.client.data())));
+            if failed > 0 {
+                error!(
+                    "{failed} VM(s) could not be saved to {}",
+                    dir.path().display()
+                );
+            }
+        }
     }
 }
 
@@ -613,6 +680,17 @@ fn serve(vm: Arc<Vm>, mut socket: VmListener, settings: DeviceSettings) {
         info!("vm {}: frontend connected", vm.name);
         let result = daemon.wait();
         backend.stop_workers();
+        if backend.migrated_out() {
+            // The VM's state went to a migration destination, and the
+            // frontend left without starting the device again: the VM runs
+            // elsewhere now, with its own copy of every page.
+            let held = vm.client.stats();
+            vm.client.data().reset();
+            info!(
+                "vm {}: migrated away; freed {} persistent and {} ephemeral pages",
+                vm.name, held.persistent_pages, held.ephemeral_pages
+            );
+        }
         vm.disconnected();
         match result {
             Ok(())

@@ -7,12 +7,17 @@
 //! [`crate::request`], execution in [`crate::exec`]; this module only moves
 //! descriptor heads between the rings and the executor.
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -32,13 +37,20 @@ use crate::config::DeviceSettings;
 use crate::exec::{DeviceCounters, Executor, Features};
 use crate::poll::PollWindow;
 use crate::ratelimit::RateLimitedLog;
-use vtmem_store::DataHandle;
+use vtmem_store::{DataHandle, ImageError, ImageSummary};
+
+/// Guest memory as this backend maps it: each region carries the dirty
+/// log QEMU hands over for live migration (`VHOST_USER_SET_LOG_BASE`), so
+/// every write to guest memory through vm-memory marks its page.
+pub type GuestRam = GuestMemoryMmap<BitmapMmapRegion>;
 
 /// Guest memory as the vhost-user crates share it.
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+pub type GuestMem = GuestMemoryAtomic<GuestRam>;
 
-/// Virtio feature bits the device offers.
+/// Virtio feature bits the device offers (with `VHOST_F_LOG_ALL`: writes
+/// to guest memory are logged while QEMU migrates the VM).
 pub const DEVICE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | VhostUserVirtioFeatures::LOG_ALL.bits()
     | (1 << VIRTIO_RING_F_EVENT_IDX)
     | (1 << VIRTIO_RING_F_INDIRECT_DESC)
     | (1 << VTMEM_F_EPHEMERAL)
@@ -51,6 +63,8 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::DEVICE_STATE
 }
 
 /// Names of the device features, for `--print-capabilities`.
@@ -76,6 +90,26 @@ pub struct VtmemBackend {
     exit_notifiers: Mutex<Vec<EventNotifier>>,
     counters: Arc<DeviceCounters>,
     log: Arc<RateLimitedLog>,
+    /// The client, for device-state transfers.
+    client: DataHandle,
+    /// The device-state transfer in flight (live migration), if any.
+    transfer: Mutex<Option<Transfer>>,
+    /// Set by [`VtmemBackend::stop_workers`]: a worker stops taking chains
+    /// at its next round, however busy the guest keeps the ring.
+    stopping: AtomicBool,
+    /// This connection's device state went to a migration destination and
+    /// the device has not been started since: when the frontend goes, the
+    /// VM lives on elsewhere and its pages here can go.
+    migrated_out: AtomicBool,
+}
+
+/// A device-state transfer running in its own thread (`set_device_state_fd`
+/// must not block; `check_device_state` collects the outcome).
+#[derive(Debug)]
+struct Transfer {
+    direction: VhostTransferStateDirection,
+    started: Instant,
+    thread: std::thread::JoinHandle<Result<ImageSummary, ImageError>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -101,7 +135,7 @@ impl VtmemBackend {
         VtmemBackend {
             settings,
             config: DeviceConfig::new(settings.queues).encode(),
-            mem: Mutex::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            mem: Mutex::new(GuestMemoryAtomic::new(GuestRam::new())),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             executors,
@@ -109,7 +143,18 @@ impl VtmemBackend {
             exit_notifiers: Mutex::new(Vec::new()),
             counters,
             log,
+            client,
+            transfer: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            migrated_out: AtomicBool::new(false),
         }
+    }
+
+    /// Whether this connection's device state went to a migration
+    /// destination and the device was not started again since (see
+    /// docs/vtmemd.md, "Live migration").
+    pub fn migrated_out(&self) -> bool {
+        self.migrated_out.load(Ordering::Acquire)
     }
 
     /// The guest memory handle to give `VhostUserDaemon::new`.
@@ -117,8 +162,10 @@ impl VtmemBackend {
         lock(&self.mem).clone()
     }
 
-    /// Tells every worker thread of this backend to exit.
+    /// Tells every worker thread of this backend to exit: each finishes
+    /// (answers) the batch it holds and takes no more chains.
     pub fn stop_workers(&self) {
+        self.stopping.store(true, Ordering::Release);
         for n in lock(&self.exit_notifiers).iter() {
             let _ = n.notify();
         }
@@ -135,7 +182,7 @@ impl VtmemBackend {
     }
 
     /// Drains queue `q` until it is empty and notifications are back on.
-    fn process_queue(&self, q: usize, vring: &VringRwLock) {
+    fn process_queue(&self, q: usize, vring: &VringRwLock<GuestMem>) {
         let (Some(executor), Some(poller)) = (self.executors.get(q), self.pollers.get(q)) else {
             return;
         };
@@ -155,6 +202,10 @@ impl VtmemBackend {
             let mut processed = 0;
             let mut polled = false;
             loop {
+                if self.stopping.load(Ordering::Acquire) {
+                    // What is left stays in the ring for the next back end.
+                    return;
+                }
                 // A fresh memory map and feature set for every pass: a
                 // busy-polling worker may run for long, and a memory map
                 // update must reach it.
@@ -212,7 +263,12 @@ impl VtmemBackend {
 
     /// Spins for up to `window`; true if work arrived. The time spun is
     /// counted.
-    fn poll_for_work(&self, vring: &VringRwLock, mem: &GuestMemoryMmap, window: Duration) -> bool {
+    fn poll_for_work(
+        &self,
+        vring: &VringRwLock<GuestMem>,
+        mem: &GuestRam,
+        window: Duration,
+    ) -> bool {
         let start = Instant::now();
         let found = self.spin_for_work(vring, mem, start + window);
         let spun = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -220,7 +276,12 @@ impl VtmemBackend {
         found
     }
 
-    fn spin_for_work(&self, vring: &VringRwLock, mem: &GuestMemoryMmap, deadline: Instant) -> bool {
+    fn spin_for_work(
+        &self,
+        vring: &VringRwLock<GuestMem>,
+        mem: &GuestRam,
+        deadline: Instant,
+    ) -> bool {
         loop {
             {
                 let state = vring.get_ref();
@@ -246,8 +307,8 @@ impl VtmemBackend {
     fn drain_once(
         &self,
         q: usize,
-        vring: &VringRwLock,
-        mem: &GuestMemoryMmap,
+        vring: &VringRwLock<GuestMem>,
+        mem: &GuestRam,
         executor: &mut Executor,
         features: Features,
         used: &mut Vec<(u16, u32)>,
@@ -342,8 +403,8 @@ enum Drain {
 }
 
 impl VhostUserBackend for VtmemBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = VringRwLock<GuestMem>;
 
     fn num_queues(&self) -> usize {
         usize::from(self.settings.queues)
@@ -358,7 +419,101 @@ impl VhostUserBackend for VtmemBackend {
     }
 
     fn acked_features(&self, features: u64) {
+        // QEMU sets the features each time it starts the device: a source
+        // whose migration failed runs the VM again here.
+        if self.migrated_out.swap(false, Ordering::AcqRel) {
+            log::info!(
+                "vm {}: device started again after its state was sent: the VM stays here",
+                self.client.name()
+            );
+        }
         self.acked_features.store(features, Ordering::Release);
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        if !matches!(phase, VhostTransferStatePhase::STOPPED) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "device state can only move while the device is stopped",
+            ));
+        }
+        let mut slot = lock(&self.transfer);
+        if slot.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "a device-state transfer is already in progress",
+            ));
+        }
+        let client = self.client.clone();
+        let save = matches!(direction, VhostTransferStateDirection::SAVE);
+        let thread = std::thread::Builder::new()
+            .name(format!("vtmem-state-{}", self.client.name()))
+            .spawn(move || {
+                if save {
+                    client.export_image(&mut io::BufWriter::with_capacity(1 << 20, file))
+                } else {
+                    client.import_image(&mut io::BufReader::with_capacity(1 << 20, file))
+                }
+            })?;
+        *slot = Some(Transfer {
+            direction,
+            started: Instant::now(),
+            thread,
+        });
+        // The transfer uses QEMU's own pipe.
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        let Some(t) = lock(&self.transfer).take() else {
+            return Err(io::Error::other("no device-state transfer was started"));
+        };
+        let save = matches!(t.direction, VhostTransferStateDirection::SAVE);
+        let (what, counter) = if save {
+            ("sent", &self.counters.state_exports)
+        } else {
+            ("taken", &self.counters.state_imports)
+        };
+        let outcome = t
+            .thread
+            .join()
+            .unwrap_or(Err(ImageError::Malformed("the transfer thread panicked")));
+        match outcome {
+            Ok(sum) => {
+                counter.fetch_add(1, Ordering::Relaxed);
+                log::info!(
+                    "vm {}: device state {what}: {} pools, {} persistent pages, {} bytes in {} ms",
+                    self.client.name(),
+                    sum.pools,
+                    sum.pages,
+                    sum.bytes,
+                    t.started.elapsed().as_millis()
+                );
+                if save {
+                    self.migrated_out.store(true, Ordering::Release);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.counters.state_failures.fetch_add(1, Ordering::Relaxed);
+                // QEMU only learns that it failed: the reason is logged here.
+                log::error!(
+                    "vm {}: device state not {what}: {e}{}",
+                    self.client.name(),
+                    if save {
+                        "; the VM keeps its pages here"
+                    } else {
+                        "; nothing of it was kept"
+                    }
+                );
+                Err(io::Error::other(e.to_string()))
+            }
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -429,7 +584,7 @@ impl VhostUserBackend for VtmemBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[VringRwLock<GuestMem>],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
@@ -465,7 +620,7 @@ impl DeviceCounters {
 /// end vtmemd and every VM's pages with it. Each region must therefore be
 /// a file sealed against shrinking (QEMU's `memory-backend-memfd` seals by
 /// default) and at least as long as the region.
-pub fn check_sealed(mem: &GuestMemoryMmap) -> io::Result<()> {
+pub fn check_sealed<B: vm_memory::bitmap::Bitmap>(mem: &GuestMemoryMmap<B>) -> io::Result<()> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     for region in mem.iter() {
         let start = region.start_addr().0;
@@ -537,10 +692,10 @@ mod tests {
     /// A vring over `ring`, set up the way the vhost-user handler does.
     fn vring(
         b: &VtmemBackend,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         ring: &TestRing<'_>,
         event_idx: bool,
-    ) -> VringRwLock {
+    ) -> VringRwLock<GuestMem> {
         let atomic = GuestMemoryAtomic::new(mem.clone());
         b.update_memory(atomic.clone()).unwrap();
         let features = DEVICE_FEATURES
@@ -590,14 +745,14 @@ mod tests {
             f
         };
         let map = |f: std::fs::File, pages: u64| {
-            GuestMemoryMmap::from_ranges_with_files([(
+            GuestRam::from_ranges_with_files([(
                 GuestAddress(0),
                 (pages * 4096) as usize,
                 Some(FileOffset::new(f, 0)),
             )])
             .unwrap()
         };
-        let anon = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096)]).unwrap();
+        let anon = GuestRam::from_ranges(&[(GuestAddress(0), 4096)]).unwrap();
         let err = check_sealed(&anon).unwrap_err().to_string();
         assert!(err.contains("not backed by a file"), "{err}");
         let err = check_sealed(&map(memfd(2, SealFlags::empty()), 2)).unwrap_err();
@@ -667,6 +822,27 @@ mod tests {
         }
         let c = b.counters.snapshot();
         assert_eq!((c.chains, c.notifications, c.kicks), (5, 1, 1));
+    }
+
+    #[test]
+    fn a_stopped_backend_leaves_the_ring_to_the_next() {
+        let (_s, b) = backend(1, 0);
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let v = vring(&b, &mem, &ring, false);
+        add_request(&mut ring);
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 1);
+        // Stopping (vtmemd's orderly stop): chains made available later
+        // stay in the ring, unanswered, for the next back end.
+        b.stop_workers();
+        add_request(&mut ring);
+        add_request(&mut ring);
+        b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), 0)
+            .unwrap();
+        assert_eq!(ring.used_idx(), 1);
+        assert_eq!(b.counters.snapshot().chains, 1);
     }
 
     #[test]

@@ -95,6 +95,12 @@ pub struct DeviceCounters {
     pub bytes_from_guest: AtomicU64,
     /// Page bytes copied out to guest memory by GETs.
     pub bytes_to_guest: AtomicU64,
+    /// Device states sent to a migration destination (the VM's image).
+    pub state_exports: AtomicU64,
+    /// Device states taken from a migration source.
+    pub state_imports: AtomicU64,
+    /// Device-state transfers that failed (either direction).
+    pub state_failures: AtomicU64,
 }
 
 impl DeviceCounters {
@@ -116,6 +122,9 @@ impl DeviceCounters {
             poll_hits: l(&self.poll_hits),
             poll_misses: l(&self.poll_misses),
             poll_us: l(&self.poll_us),
+            state_exports: l(&self.state_exports),
+            state_imports: l(&self.state_imports),
+            state_failures: l(&self.state_failures),
             bytes_from_guest: l(&self.bytes_from_guest),
             bytes_to_guest: l(&self.bytes_to_guest),
         }
@@ -550,7 +559,9 @@ fn execute_op<M: GuestMemory + ?Sized>(
 mod tests {
     use super::*;
     use crate::testutil::*;
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use vm_memory::Bytes;
+
+    use crate::device::GuestRam;
     use vtmem_protocol::{Handle, PoolSpec, Response, WireError};
     use vtmem_store::{Store, Uuid};
 
@@ -580,7 +591,7 @@ mod tests {
     /// pages.
     fn send(
         f: &mut Fixture,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         ring: &mut TestRing<'_>,
         ops: &[Op],
         puts: &[Vec<u8>],
@@ -628,7 +639,7 @@ mod tests {
             .collect()
     }
 
-    fn new_pool(f: &mut Fixture, mem: &GuestMemoryMmap, ring: &mut TestRing<'_>) -> u32 {
+    fn new_pool(f: &mut Fixture, mem: &GuestRam, ring: &mut TestRing<'_>) -> u32 {
         let (out, resp, _) = send(
             f,
             mem,

@@ -49,6 +49,7 @@ pub mod ratelimit;
 pub mod request;
 pub mod sandbox;
 pub mod state;
+pub mod statedir;
 pub mod systemd;
 
 pub mod sys;
@@ -197,6 +198,17 @@ pub fn launch_with(config: &DaemonConfig, mut inherited: Inherited) -> Result<Ru
         host_limit: config.host_limit.bytes(),
     });
     let daemon = Daemon::new(store, config);
+    if let Some(path) = &config.state_dir {
+        let dir = statedir::StateDir::open(path).map_err(DaemonError::from)?;
+        let declared: Vec<_> = config.vms.iter().map(|v| v.name.clone()).collect();
+        for stray in dir.strays(&declared) {
+            warn!(
+                "state image {} names no declared VM: kept until such a VM is added",
+                stray.display()
+            );
+        }
+        daemon.attach_state_dir(dir);
+    }
     for vm in &config.vms {
         let added = match inherited.vms.remove(&vm.name) {
             Some(socket) => daemon.add_vm_inherited(vm, socket),

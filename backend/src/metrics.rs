@@ -504,6 +504,21 @@ impl Snapshot {
                 "Busy-poll spins that found nothing.",
                 |d| d.poll_misses,
             ),
+            (
+                "vm_device_state_exports",
+                "Device states (the VM's pools and persistent pages) sent to a migration destination.",
+                |d| d.state_exports,
+            ),
+            (
+                "vm_device_state_imports",
+                "Device states taken from a migration source.",
+                |d| d.state_imports,
+            ),
+            (
+                "vm_device_state_failures",
+                "Device-state transfers that failed, either direction.",
+                |d| d.state_failures,
+            ),
         ] {
             per_vm_counter(e, name, help, &|vm| metric(&vm.device))?;
         }

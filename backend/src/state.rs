@@ -251,6 +251,7 @@ mod tests {
             vms: vec![vm("a"), vm("b"), vm("new,weight=7")],
             metrics_address: None,
             state_file: None,
+            state_dir: None,
             sandbox: Default::default(),
         };
         let state = State {

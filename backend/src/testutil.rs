@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Test helpers: real split rings in mock guest memory
-//! (`virtio_queue::mock::MockSplitQueue` on a `GuestMemoryMmap`), and a
+//! (`virtio_queue::mock::MockSplitQueue` on a `GuestRam`), and a
 //! builder for vtmem chains, well-formed or not.
 //!
 //! Note: `MockSplitQueue` lays the used ring out right after the first half
@@ -12,7 +12,9 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::desc::split::{Descriptor, VirtqUsedElem};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
+
+use crate::device::GuestRam;
 use vtmem_protocol::{Op, RequestBuilder, MAX_REQUEST_LEN, PAGE_SIZE};
 
 /// Size of the mock guest memory.
@@ -21,8 +23,8 @@ pub const MEM_SIZE: u64 = 0x100_0000;
 const DATA_START: u64 = 0x10_0000;
 
 /// A fresh guest memory.
-pub fn guest_memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+pub fn guest_memory() -> GuestRam {
+    GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
 }
 
 /// One buffer of a chain under construction.
@@ -39,9 +41,9 @@ pub struct Buf {
 /// A ring in mock memory plus a buffer allocator.
 pub struct TestRing<'a> {
     /// The memory.
-    pub mem: &'a GuestMemoryMmap,
+    pub mem: &'a GuestRam,
     /// The mock queue.
-    pub mock: MockSplitQueue<'a, GuestMemoryMmap>,
+    pub mock: MockSplitQueue<'a, GuestRam>,
     /// Queue size.
     pub size: u16,
     next_desc: u16,
@@ -51,7 +53,7 @@ pub struct TestRing<'a> {
 
 impl<'a> TestRing<'a> {
     /// A ring of `size` entries at guest address 0.
-    pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
+    pub fn new(mem: &'a GuestRam, size: u16) -> Self {
         TestRing {
             mem,
             mock: MockSplitQueue::create(mem, GuestAddress(0), size),
@@ -303,6 +305,7 @@ pub fn daemon_in(dir: &std::path::Path) -> std::sync::Arc<crate::daemon::Daemon>
         vms: Vec::new(),
         metrics_address: None,
         state_file: None,
+        state_dir: None,
         sandbox: Default::default(),
     };
     let store = vtmem_store::Store::new(vtmem_store::StoreConfig {

@@ -264,6 +264,8 @@ fn sample(c: &mut Client) -> Result<Sample, CtlError> {
         at: Instant::now(),
         stats: report.store,
         uptime: Some(report.uptime_seconds),
+        state_dir: report.state_dir,
+        recovered: report.recovered,
     })
 }
 
@@ -273,7 +275,10 @@ fn status(c: &mut Client, json: bool, interval: f64, out: &mut dyn Write) -> Res
     }
     let first = sample(c)?;
     if interval <= 0.0 {
-        return emit(out, &render::status(&first.stats, None, first.uptime));
+        return emit(
+            out,
+            &render::status(&first.stats, None, first.uptime, first.state()),
+        );
     }
     std::thread::sleep(Duration::from_secs_f64(interval));
     let second = sample(c)?;
@@ -284,7 +289,7 @@ fn status(c: &mut Client, json: bool, interval: f64, out: &mut dyn Write) -> Res
     };
     emit(
         out,
-        &render::status(&second.stats, Some(rate), second.uptime),
+        &render::status(&second.stats, Some(rate), second.uptime, second.state()),
     )
 }
 

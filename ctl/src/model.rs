@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use vtmem_api::{OpCounters, StoreStats, VmDetails};
+use vtmem_api::{OpCounters, Recovery, StoreStats, VmDetails};
 
 /// Hit rate of a set of counters: hits over answered gets (hits + misses),
 /// `None` without any. Not hits / gets: `gets` is bumped before the lookup
@@ -64,6 +64,22 @@ pub struct Sample {
     pub stats: StoreStats,
     /// The daemon's `uptime_seconds` in that answer, if it reports one.
     pub uptime: Option<f64>,
+    /// Its state directory, if it has one.
+    pub state_dir: Option<String>,
+    /// What its start took back from the state directory.
+    pub recovered: Option<Recovery>,
+}
+
+impl Sample {
+    /// The state-directory lines of `status`.
+    pub fn state(&self) -> Option<crate::render::StateDirInfo<'_>> {
+        self.state_dir
+            .as_deref()
+            .map(|dir| crate::render::StateDirInfo {
+                dir,
+                recovered: self.recovered.as_ref(),
+            })
+    }
 }
 
 /// What one VM did between two samples.
@@ -227,6 +243,8 @@ mod tests {
         let before = Sample {
             at: t0,
             uptime: None,
+            state_dir: None,
+            recovered: None,
             stats: StoreStats {
                 clients: vec![client("a", 10, 10, 5, 0), client("gone", 5, 5, 5, 5)],
                 ..Default::default()
@@ -235,6 +253,8 @@ mod tests {
         let after = Sample {
             at: t0 + Duration::from_secs(2),
             uptime: None,
+            state_dir: None,
+            recovered: None,
             stats: StoreStats {
                 clients: vec![client("a", 30, 14, 8, 4), client("new", 2, 0, 0, 0)],
                 ..Default::default()

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Human output of `status`, `list`, `show` and `top`.
 
-use vtmem_api::{ClientStats, PoolStats, StoreStats, VmDetails};
+use vtmem_api::{ClientStats, PoolStats, Recovery, StoreStats, VmDetails};
 
 use crate::format::{self, Align, Fields, Table};
 use crate::model::{hit_rate, refused, Activity};
@@ -29,9 +29,25 @@ pub fn duration(secs: f64) -> String {
     }
 }
 
+/// The state directory of `status` and what the daemon's start took back
+/// from it.
+#[derive(Clone, Copy, Debug)]
+pub struct StateDirInfo<'a> {
+    /// The directory.
+    pub dir: &'a str,
+    /// What the start recovered (absent from daemons that do not say).
+    pub recovered: Option<&'a Recovery>,
+}
+
 /// `status`: the store as a whole; `uptime` is the daemon's, in seconds
-/// (absent from daemons that do not report it).
-pub fn status(stats: &StoreStats, evictions: Option<EvictionRate>, uptime: Option<f64>) -> String {
+/// (absent from daemons that do not report it); `state`, its state
+/// directory, if it has one.
+pub fn status(
+    stats: &StoreStats,
+    evictions: Option<EvictionRate>,
+    uptime: Option<f64>,
+    state: Option<StateDirInfo<'_>>,
+) -> String {
     let c = &stats.counters;
     let mut f = Fields::new();
     f.add("host limit", format::bytes(stats.host_limit));
@@ -129,6 +145,23 @@ pub fn status(stats: &StoreStats, evictions: Option<EvictionRate>, uptime: Optio
     );
     if let Some(up) = uptime {
         f.add("uptime", duration(up));
+    }
+    if let Some(st) = state {
+        f.add("state directory", st.dir.to_string());
+        f.add(
+            "recovered at start",
+            match st.recovered {
+                Some(r) if r.vms > 0 => format!(
+                    "{} persistent pages of {} VM(s) ({} pools, {} of state) in {:.3} s",
+                    r.pages,
+                    r.vms,
+                    r.pools,
+                    format::bytes(r.bytes),
+                    r.seconds
+                ),
+                _ => "nothing (no saved state for the VMs declared)".to_string(),
+            },
+        );
     }
     f.render(0)
 }
@@ -364,7 +397,8 @@ pub fn show(d: &VmDetails) -> String {
         format!(
             "chains {}, ops {}, invalid ops {}, rejected chains {}, dropped chains {}\n\
              kicks {}, notifications {}, poll hits {}, poll misses {}, polling {} ms\n\
-             {} from the guest, {} to the guest",
+             {} from the guest, {} to the guest\n\
+             device states sent {}, taken {}, failed {}",
             dev.chains,
             dev.ops,
             dev.invalid_ops,
@@ -376,7 +410,10 @@ pub fn show(d: &VmDetails) -> String {
             dev.poll_misses,
             dev.poll_us / 1000,
             format::bytes(dev.bytes_from_guest),
-            format::bytes(dev.bytes_to_guest)
+            format::bytes(dev.bytes_to_guest),
+            dev.state_exports,
+            dev.state_imports,
+            dev.state_failures
         ),
     );
     let mut out = format!("{}\n{}", i.name, f.render(2));
@@ -541,15 +578,40 @@ mod tests {
                 over_secs: 0.5,
             }),
             Some(3725.0),
+            None,
         );
         assert!(out.contains("uptime:             1h 02m 05s"), "{out}");
+        assert!(!out.contains("state directory"), "{out}");
         assert!(out.contains("host limit:         1.0 GiB"), "{out}");
         assert!(out.contains("1.0 MiB (0.10% of the limit)"), "{out}");
         assert!(out.contains("compression ratio:  2.50"), "{out}");
         assert!(out.contains("dedup ratio:        1.00"), "{out}");
         assert!(out.contains("2.0/s (sampled over 0.50 s"), "{out}");
-        assert!(status(&s, None, None).contains("rate not sampled"));
-        assert!(status(&s, None, Some(10.0)).contains("on average since vtmemd started"));
+        assert!(status(&s, None, None, None).contains("rate not sampled"));
+        assert!(status(&s, None, Some(10.0), None).contains("on average since vtmemd started"));
+        let r = Recovery {
+            vms: 2,
+            pools: 3,
+            pages: 4096,
+            bytes: 5 << 20,
+            seconds: 0.25,
+        };
+        let dir = |recovered| {
+            Some(StateDirInfo {
+                dir: "/var/lib/vtmem",
+                recovered,
+            })
+        };
+        let out = status(&s, None, None, dir(Some(&r)));
+        assert!(
+            out.contains("state directory:     /var/lib/vtmem\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("4096 persistent pages of 2 VM(s) (3 pools, 5.0 MiB of state) in 0.250 s"),
+            "{out}"
+        );
+        assert!(status(&s, None, None, dir(None)).contains("recovered at start:  nothing"));
     }
 
     #[test]

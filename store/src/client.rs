@@ -157,10 +157,10 @@ pub struct AdminHandle {
 }
 
 /// What a stored put was.
-struct PutInfo {
+pub(crate) struct PutInfo {
     class: Class,
     dedup_hit: bool,
-    stored_bytes: u64,
+    pub stored_bytes: u64,
 }
 
 /// Content prepared for a put.
@@ -181,6 +181,16 @@ fn reservable(table: &Table, pool: u32) -> Result<&Arc<Pool>, TmemError> {
         return Err(TmemError::Invalid("reservations need a persistent pool"));
     }
     Ok(pool)
+}
+
+/// The stored form of a data page: `given` if it came stored, else
+/// [`compressed`].
+fn encoded<'b>(
+    given: Option<NewData<'b>>,
+    page: &Page,
+    buf: &'b mut [u8; LZ4_BOUND],
+) -> NewData<'b> {
+    given.unwrap_or_else(|| compressed(page, buf))
 }
 
 /// `page` LZ4-compressed into `buf`, or raw if that does not pay.
@@ -233,14 +243,7 @@ impl DataHandle {
             if let Some(id) = open {
                 return Ok(id as u32);
             }
-            if self
-                .client
-                .meta
-                .lock()
-                .authorized
-                .binary_search(&uuid)
-                .is_err()
-            {
+            if !self.authorized(&uuid) {
                 return Err(TmemError::NotAuthorized);
             }
         }
@@ -249,6 +252,24 @@ impl DataHandle {
             .iter()
             .position(Option::is_none)
             .ok_or(TmemError::TooManyPools)?;
+        self.open_pool(&mut table, slot, spec);
+        Ok(slot as u32)
+    }
+
+    /// Whether the administrator authorised this client for the shared
+    /// pool `uuid`.
+    pub(crate) fn authorized(&self, uuid: &Uuid) -> bool {
+        self.client
+            .meta
+            .lock()
+            .authorized
+            .binary_search(uuid)
+            .is_ok()
+    }
+
+    /// Opens a pool at the free `slot` of `table` (joining the shared pool
+    /// of `spec.shared`, whose authorisation the caller checked).
+    pub(crate) fn open_pool(&self, table: &mut Table, slot: usize, spec: PoolSpec) {
         let pool = match spec.shared {
             Some(uuid) => self.store.join_shared(uuid, self.acct()),
             None => {
@@ -268,7 +289,6 @@ impl DataHandle {
             }
         };
         table.pools[slot] = Some(pool);
-        Ok(slot as u32)
     }
 
     /// Destroys a pool (or leaves a shared one) and every page in it.
@@ -302,8 +322,8 @@ impl DataHandle {
         };
         self.count(Some(pool), |c| &c.puts);
         let res = LZ4_BUF.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buf) => self.put_inner(pool, handle, page, reserved, &mut buf),
-            Err(_) => self.put_inner(pool, handle, page, reserved, &mut [0u8; LZ4_BOUND]),
+            Ok(mut buf) => self.put_inner(pool, handle, page, reserved, &mut buf, None),
+            Err(_) => self.put_inner(pool, handle, page, reserved, &mut [0u8; LZ4_BOUND], None),
         });
         match res {
             Ok(info) => {
@@ -338,13 +358,16 @@ impl DataHandle {
         }
     }
 
-    fn put_inner(
+    /// Stores `page` at `h`. `given`: the page's stored form when it comes
+    /// stored already (an imported page), used instead of compressing it.
+    pub(crate) fn put_inner(
         &self,
         pool: &Arc<Pool>,
         h: &Handle,
         page: &Page,
         reserved: bool,
         buf: &mut [u8; LZ4_BOUND],
+        given: Option<NewData<'_>>,
     ) -> Result<PutInfo, TmemError> {
         let g = &self.store.g;
         if reserved {
@@ -396,7 +419,7 @@ impl DataHandle {
                 let key = domain.data_key(page);
                 match domain.peek(&key, page) {
                     Ok(bytes) => (Some(key), Some(bytes), None, 0),
-                    Err(growth) => (Some(key), None, Some(compressed(page, buf)), growth),
+                    Err(growth) => (Some(key), None, Some(encoded(given, page, buf)), growth),
                 }
             }
         };
@@ -435,7 +458,7 @@ impl DataHandle {
                     Prep::Hit(r)
                 }
                 // Gone since it was looked up: store it anew (paid for).
-                None => Prep::New(key, compressed(page, buf)),
+                None => Prep::New(key, encoded(given, page, buf)),
             },
         };
 
@@ -671,6 +694,27 @@ impl DataHandle {
         }
         pool.reserved.fetch_add(granted, Ordering::AcqRel);
         Ok(granted)
+    }
+
+    /// Charges `pages` reserved pages to a persistent pool, all or none:
+    /// a reservation a guest holds, brought from another host. Bound by the
+    /// persistent quota and the host limit (evicting as a put may), not by
+    /// the per-request grant limit.
+    pub(crate) fn reinstate_reservation(&self, pool: u32, pages: u64) -> Result<(), TmemError> {
+        if pages == 0 {
+            return Ok(());
+        }
+        let table = self.client.table.read();
+        let pool = reservable(&table, pool)?;
+        let client_cost = pages
+            .checked_mul(RESERVED_PAGE_CLIENT_COST)
+            .ok_or(TmemError::OverQuota)?;
+        let host_cost = pages
+            .checked_mul(RESERVED_PAGE_HOST_COST)
+            .ok_or(TmemError::NoSpace)?;
+        self.charge(pool, self.acct(), client_cost, host_cost)?;
+        pool.reserved.fetch_add(pages, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Gives back up to `pages` unspent reserved pages; returns the pages

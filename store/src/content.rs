@@ -229,6 +229,18 @@ pub struct Released {
     pub pattern: bool,
 }
 
+/// Stored content as it is kept, for moving it without recompression
+/// (a VM's device state).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored<'a> {
+    /// Every 64-bit word equal to this value.
+    Pattern(u64),
+    /// LZ4-compressed bytes of a page.
+    Lz4(&'a [u8]),
+    /// The page itself.
+    Raw(&'a [u8]),
+}
+
 /// Reading stored content failed: a store bug, never a guest's doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Corrupt;
@@ -294,6 +306,12 @@ impl Shard {
 
     fn entry(&self, n: u32) -> &Entry {
         &self.blocks[n as usize / ENTRY_BLOCK][n as usize % ENTRY_BLOCK]
+    }
+
+    fn entry_checked(&self, n: u32) -> Option<&Entry> {
+        self.blocks
+            .get(n as usize / ENTRY_BLOCK)?
+            .get(n as usize % ENTRY_BLOCK)
     }
 
     fn entry_mut(&mut self, n: u32) -> &mut Entry {
@@ -796,6 +814,24 @@ impl Domain {
     pub fn read(&self, r: ContentRef, out: &mut Page) -> Result<(), Corrupt> {
         let (s, n) = self.split(r);
         self.shards[s].lock().read(n, out)
+    }
+
+    /// Runs `f` on the content as stored (under the shard's lock).
+    pub fn with_stored<R>(
+        &self,
+        r: ContentRef,
+        f: impl FnOnce(Stored<'_>) -> R,
+    ) -> Result<R, Corrupt> {
+        let (s, n) = self.split(r);
+        let shard = self.shards.get(s).ok_or(Corrupt)?.lock();
+        let e = shard.entry_checked(n).ok_or(Corrupt)?;
+        let stored = match e.kind {
+            Kind::Lz4 => Stored::Lz4(shard.slab.get(e.len as usize, e.loc)),
+            Kind::Raw => Stored::Raw(shard.slab.get(PAGE_SIZE, e.loc)),
+            Kind::Pattern => Stored::Pattern(e.key().pattern()),
+            Kind::Free => return Err(Corrupt),
+        };
+        Ok(f(stored))
     }
 
     /// Copies the content out and drops one reference, under one lock.

@@ -145,6 +145,7 @@ mod client;
 mod content;
 mod evict;
 mod evictable;
+mod image;
 mod pool;
 
 use parking_lot::{Mutex, RwLock};
@@ -164,6 +165,7 @@ pub use api::{ClientConfig, ClientStats, PoolStats, StoreConfig, StoreStats, Tme
 pub use client::{AdminHandle, DataHandle, MAX_RESERVE_PAGES};
 pub use content::RAW_THRESHOLD;
 pub use evict::EVICT_BATCH;
+pub use image::{ImageError, ImageSummary, IMAGE_MAGIC, IMAGE_VERSION, MAX_FRAME};
 
 use account::{Acct, Global};
 use client::{Client, Meta, Table};

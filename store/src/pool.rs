@@ -441,6 +441,37 @@ impl PageIndex {
         }
     }
 
+    /// Passes up to `max` pages to `f` (object, index, value), in block
+    /// order from block `from`; returns the block to go on from, or `None`
+    /// once every block was seen. A page stored or removed between calls
+    /// may be seen or not; none is seen twice unless it was stored again.
+    pub fn visit(
+        &self,
+        from: u32,
+        max: usize,
+        mut f: impl FnMut(&ObjectId, u64, u32),
+    ) -> Option<u32> {
+        let mut seen = 0;
+        let mut b = from as usize;
+        while b < self.blocks.len() {
+            let block = &self.blocks[b];
+            if block.obj != NIL {
+                if seen >= max {
+                    return Some(b as u32);
+                }
+                let id = &self.objs[block.obj as usize].id;
+                for (slot, &v) in block.slots.iter().enumerate() {
+                    if v != EMPTY {
+                        f(id, block.base << SLOT_SHIFT | slot as u64, v);
+                        seen += 1;
+                    }
+                }
+            }
+            b += 1;
+        }
+        None
+    }
+
     /// Removes every page of one object, passing each location and value
     /// to `f`.
     pub fn drain_object(&mut self, obj: &ObjectId, mut f: impl FnMut(u32, u32)) -> u64 {

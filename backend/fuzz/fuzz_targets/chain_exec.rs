@@ -34,10 +34,10 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vtmem_backend::config::DeviceSettings;
-use vtmem_backend::device::VtmemBackend;
+use vtmem_backend::device::{GuestRam, VtmemBackend};
 use vtmem_backend::exec::DeviceCounters;
 use vtmem_backend::ratelimit::RateLimitedLog;
 use vtmem_protocol::{
@@ -400,7 +400,7 @@ type Windows = HashSet<u128, BuildHasherDefault<WindowHasher>>;
 
 /// What lives as long as the process.
 struct World {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     /// The neighbour's pages, derived from a secret the fuzzer never sees.
     secret_pages: Vec<Box<Page>>,
     /// Every 16-byte window of those pages.
@@ -412,7 +412,7 @@ fn world() -> &'static World {
     WORLD.get_or_init(|| {
         let ranges: Vec<(GuestAddress, usize)> =
             REGIONS.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).expect("guest memory");
+        let mem = GuestRam::from_ranges(&ranges).expect("guest memory");
         // A new secret in every process: no corpus entry can hold it.
         let rs = std::collections::hash_map::RandomState::new();
         let mut x = rs.hash_one(0x7365_6372_6574_u64) ^ rs.hash_one(std::process::id());
@@ -570,7 +570,7 @@ fn desc_bytes(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
 
 /// The driver side of the ring.
 struct Driver<'m> {
-    mem: &'m GuestMemoryMmap,
+    mem: &'m GuestRam,
     size: u16,
     avail_idx: u16,
     next_desc: u16,

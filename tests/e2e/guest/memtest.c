@@ -2,7 +2,7 @@
 /*
  * memtest - make the guest swap, and check that every page comes back.
  *
- * Usage: memtest [-m MiB] [-p passes] [-s stats-file] [-r seed] [-k hold-file]
+ * Usage: memtest [-m MiB] [-p passes] [-f] [-s stats-file] [-r seed] [-k hold-file [-n holds]]
  *
  * Maps MiB of anonymous memory (meant to be well beyond the guest's RAM)
  * and, for each pass:
@@ -13,6 +13,7 @@
  *      checksum;
  *   3. shuffle: checks every page again in a pseudo-random order (swap-in
  *      of scattered slots, readahead defeated).
+ * With -f a pass only fills: the holds (-k) then check the pages.
  * A page that does not match is reported with its first bad offset.
  * Half-way through each fill and verify, memtest prints "memtest: pass P
  * fill: half-way" (or verify): a test can act while pages are being
@@ -22,7 +23,10 @@
  * With -k FILE, after the last pass memtest creates FILE, waits until
  * someone removes it (while its memory stays swapped out), then checks
  * every page once more ("hold" phase). A test uses that window to poke at
- * the swap backend while it holds pages.
+ * the swap backend while it holds pages. With -n N it holds N times
+ * (default 1), creating FILE again after each check (phases "hold-1" to
+ * "hold-N"): a test can, say, try a migration that fails, have every page
+ * checked, then migrate.
  *
  * With -s, the contents of that file (the driver's statistics) are printed
  * before and after each phase, one "memtest-stats PHASE KEY VALUE" line per
@@ -169,20 +173,32 @@ int main(int argc, char **argv)
 	unsigned long mib = 256, passes = 2;
 	const char *stats = NULL;
 	const char *hold = NULL;
+	unsigned long holds = 1;
+	int fill_only = 0;
 	unsigned long long errors = 0, checked = 0;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "m:p:s:r:k:")) != -1) {
+	while ((opt = getopt(argc, argv, "m:p:fs:r:k:n:")) != -1) {
 		switch (opt) {
 		case 'm': mib = strtoul(optarg, NULL, 0); break;
 		case 'p': passes = strtoul(optarg, NULL, 0); break;
 		case 's': stats = optarg; break;
 		case 'r': seed = strtoull(optarg, NULL, 0); break;
 		case 'k': hold = optarg; break;
+		case 'n': holds = strtoul(optarg, NULL, 0); break;
+		case 'f': fill_only = 1; break;
 		default:
-			fprintf(stderr, "usage: %s [-m MiB] [-p passes] [-s stats-file] [-r seed] [-k hold-file]\n", argv[0]);
+			fprintf(stderr, "usage: %s [-m MiB] [-p passes] [-f] [-s stats-file] [-r seed] [-k hold-file [-n holds]]\n", argv[0]);
 			return 2;
 		}
+	}
+	if (holds < 1) {
+		fprintf(stderr, "memtest: -n wants at least 1 hold\n");
+		return 2;
+	}
+	if (fill_only && !hold) {
+		fprintf(stderr, "memtest: -f checks nothing without -k\n");
+		return 2;
 	}
 
 	size_t npages = (size_t)mib * 256;
@@ -210,6 +226,8 @@ int main(int argc, char **argv)
 		}
 		printf("memtest: pass %lu fill: %zu pages in %.1f s\n", pass, npages, now() - t);
 		dump_stats(stats, phase);
+		if (fill_only)
+			continue;
 
 		snprintf(phase, sizeof(phase), "verify-%lu", pass);
 		t = now();
@@ -256,29 +274,41 @@ int main(int argc, char **argv)
 		fflush(stdout);
 	}
 
-	if (hold && passes > 0) {
+	for (unsigned long h = 1; hold && passes > 0 && h <= holds; h++) {
 		FILE *f = fopen(hold, "w");
 		unsigned long long bad = 0;
+		char phase[32];
+		double t;
 
-		if (f)
-			fclose(f);
-		printf("memtest: holding %zu pages until %s is removed\n", npages, hold);
+		if (!f) {
+			perror("memtest: hold file");
+			return 2;
+		}
+		fclose(f);
+		printf("memtest: holding %zu pages until %s is removed (hold %lu of %lu)\n",
+		       npages, hold, h, holds);
 		fflush(stdout);
 		while (access(hold, F_OK) == 0)
 			usleep(100000);
+		t = now();
 		for (size_t i = 0; i < npages; i++) {
 			long off = check(mem + i * PAGE, i, passes);
 
 			if (off >= 0) {
 				if (bad < 10)
-					printf("memtest: BAD page %zu at offset %ld (after hold)\n", i, off);
+					printf("memtest: BAD page %zu at offset %ld (after hold %lu)\n", i, off, h);
 				bad++;
 			}
 		}
 		checked += npages;
 		errors += bad;
-		printf("memtest: hold verify: %zu pages, %llu errors\n", npages, bad);
-		dump_stats(stats, "hold");
+		printf("memtest: hold %lu verify: %zu pages, %llu errors in %.1f s\n", h, npages, bad,
+		       now() - t);
+		if (holds == 1)
+			snprintf(phase, sizeof(phase), "hold");
+		else
+			snprintf(phase, sizeof(phase), "hold-%lu", h);
+		dump_stats(stats, phase);
 	}
 
 	printf("memtest: RESULT %s pages=%llu errors=%llu\n", errors ? "FAIL" : "ok", checked, errors);

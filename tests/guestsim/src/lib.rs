@@ -9,12 +9,14 @@
 //! crate's encoders, notifies the device only when `EVENT_IDX` says so,
 //! sleeps on the call eventfd, and checks every response.
 //!
-//! [`raw`] builds malformed chains; [`bench`] and [`multivm`] measure, with
+//! [`raw`] builds malformed chains; [`bench`], [`multivm`] and [`migrate`]
+//! measure, with
 //! a `vtmemd` started by the test kit's fixture ([`daemon`]).
 
 pub mod bench;
 pub mod daemon;
 pub mod memory;
+pub mod migrate;
 pub mod multivm;
 pub mod pages;
 pub mod queue;

@@ -7,6 +7,7 @@ use std::process::exit;
 use clap::{Parser, Subcommand};
 use log::error;
 use vtmem_guestsim::bench::{self, BenchOptions};
+use vtmem_guestsim::migrate::{self, MigrateOptions};
 use vtmem_guestsim::multivm::{self, MultiVmOptions};
 use vtmem_guestsim::pages::{checksum, random_page};
 use vtmem_guestsim::{PoolSpec, Status, Vm, VmOptions};
@@ -72,6 +73,21 @@ enum Command {
         #[arg(long, value_name = "PATH", env = "VTMEMD")]
         vtmemd: Option<PathBuf>,
     },
+    /// Start two private vtmemds; store a realistic page mix in a VM on the
+    /// first, move its device state to the second (as live migration
+    /// does) and time both ends; print a table, then one JSON line.
+    Migrate {
+        /// Pages the VM stores (default 262144, 1 GiB; 16384 with --quick).
+        #[arg(long, value_name = "N")]
+        pages: Option<usize>,
+        /// Short run.
+        #[arg(long)]
+        quick: bool,
+        /// vtmemd binary (default: $VTMEMD, else the vtmemd next to this
+        /// executable).
+        #[arg(long, value_name = "PATH", env = "VTMEMD")]
+        vtmemd: Option<PathBuf>,
+    },
     /// Connect to a running vtmemd VM socket, store pages in a persistent
     /// pool, read them back and compare.
     Check {
@@ -117,6 +133,15 @@ fn check(socket: PathBuf, n: u64) -> vtmem_guestsim::Result<()> {
     Ok(())
 }
 
+/// Prints a benchmark's table, then its figures as one JSON line.
+fn table_and_json(table: &str, figures: &impl serde::Serialize) -> vtmem_guestsim::Result<()> {
+    print!("{table}");
+    let line =
+        serde_json::to_string(figures).map_err(|e| vtmem_guestsim::Error::Setup(e.to_string()))?;
+    println!("{line}");
+    Ok(())
+}
+
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
@@ -136,13 +161,7 @@ fn main() {
             poll_us,
             rounds,
         })
-        .and_then(|r| {
-            print!("{}", r.table());
-            let line = serde_json::to_string(&r)
-                .map_err(|e| vtmem_guestsim::Error::Setup(e.to_string()))?;
-            println!("{line}");
-            Ok(())
-        }),
+        .and_then(|r| table_and_json(&r.table(), &r)),
         Command::Multivm {
             vms,
             pages_per_vm,
@@ -165,6 +184,16 @@ fn main() {
             }
             Ok(())
         }),
+        Command::Migrate {
+            pages,
+            quick,
+            vtmemd,
+        } => migrate::run(&MigrateOptions {
+            pages,
+            quick,
+            vtmemd,
+        })
+        .and_then(|r| table_and_json(&r.table(), &r)),
         Command::Check { socket, pages } => check(socket, pages),
     };
     if let Err(e) = res {

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
@@ -236,7 +237,10 @@ impl Vm {
         let proto_offered = fe
             .get_protocol_features()
             .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
-        let mut wanted_proto = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG;
+        // DEVICE_STATE when offered, as QEMU does, for the migration tests.
+        let mut wanted_proto = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::DEVICE_STATE;
         if opts.reply_ack {
             wanted_proto |= VhostUserProtocolFeatures::REPLY_ACK;
         }
@@ -545,20 +549,82 @@ impl Vm {
     pub fn shutdown(self) -> Result<Vec<u32>> {
         let timeout = self.queue(0).timeout();
         let watchdog = Watchdog::arm(&self.stream, timeout)?;
-        let res = (|| {
-            let mut fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
-            let mut bases = Vec::new();
-            for i in 0..self.queues.len() {
-                fe.set_vring_enable(i, false)
-                    .map_err(vhost_err("SET_VRING_ENABLE"))?;
-                bases.push(fe.get_vring_base(i).map_err(vhost_err("GET_VRING_BASE"))?);
-            }
-            Ok(bases)
-        })();
+        let res = self.stop_rings();
         if watchdog.disarm().is_err() {
             return Err(Error::Timeout(timeout));
         }
         res
+    }
+
+    /// Stops the rings as a VMM stops a device before saving its state
+    /// (`SET_VRING_ENABLE 0`, `GET_VRING_BASE` on each), keeping the
+    /// connection. Returns each queue's ring base.
+    pub fn stop_rings(&self) -> Result<Vec<u32>> {
+        let mut fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bases = Vec::new();
+        for i in 0..self.queues.len() {
+            fe.set_vring_enable(i, false)
+                .map_err(vhost_err("SET_VRING_ENABLE"))?;
+            bases.push(fe.get_vring_base(i).map_err(vhost_err("GET_VRING_BASE"))?);
+        }
+        Ok(bases)
+    }
+
+    /// `SET_FEATURES` again with the negotiated features, what QEMU sends
+    /// when it starts the device again (a source whose migration failed).
+    pub fn set_features_again(&self) -> Result<()> {
+        let fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
+        fe.set_features(self.negotiated.acked)
+            .map_err(vhost_err("SET_FEATURES"))
+    }
+
+    /// `SET_DEVICE_STATE_FD` with one end of a new pipe (the write end to
+    /// save, the read end to load); returns the connection, locked, and
+    /// this side's end.
+    fn start_state_transfer(
+        &self,
+        direction: VhostTransferStateDirection,
+    ) -> Result<(MutexGuard<'_, Frontend>, std::fs::File)> {
+        let (rd, wr) = rustix::pipe::pipe().map_err(|e| Error::Io(e.into()))?;
+        let (theirs, ours) = match direction {
+            VhostTransferStateDirection::SAVE => (wr, rd),
+            _ => (rd, wr),
+        };
+        let fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
+        let channel = fe
+            .set_device_state_fd(direction, VhostTransferStatePhase::STOPPED, theirs)
+            .map_err(vhost_err("SET_DEVICE_STATE_FD"))?;
+        if channel.is_some() {
+            return Err(Error::Device("back end chose a channel of its own".into()));
+        }
+        Ok((fe, std::fs::File::from(ours)))
+    }
+
+    /// Saves the device's state as QEMU's migration does: a pipe's write
+    /// end to `SET_DEVICE_STATE_FD` (save, stopped), everything read from
+    /// it until the back end closes it, then `CHECK_DEVICE_STATE`.
+    pub fn save_device_state(&self) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let (fe, mut r) = self.start_state_transfer(VhostTransferStateDirection::SAVE)?;
+        let mut state = Vec::new();
+        r.read_to_end(&mut state).map_err(Error::Io)?;
+        fe.check_device_state()
+            .map_err(vhost_err("CHECK_DEVICE_STATE"))?;
+        Ok(state)
+    }
+
+    /// Loads a device state: a pipe's read end to `SET_DEVICE_STATE_FD`
+    /// (load, stopped), `state` written to it and the pipe closed, then
+    /// `CHECK_DEVICE_STATE`, whose failure is returned.
+    pub fn load_device_state(&self, state: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let (fe, mut w) = self.start_state_transfer(VhostTransferStateDirection::LOAD)?;
+        // A back end that refuses early closes its end: the rest of the
+        // write fails, and CHECK_DEVICE_STATE says why.
+        let _ = w.write_all(state);
+        drop(w);
+        fe.check_device_state()
+            .map_err(vhost_err("CHECK_DEVICE_STATE"))
     }
 
     /// Closes the connection at once, whatever is in flight (a VMM crash or

@@ -1,0 +1,222 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Restarts through an orderly stop (`--state-dir`): what the VMs stored
+//! comes back in the next vtmemd, pages acknowledged while a VM streamed
+//! puts included; a state image that cannot be read stops the start and
+//! stays; an image whose VM is not declared waits for it.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::guest::*;
+use common::*;
+use vtmem_api::Request;
+use vtmem_guestsim::{Handle, PoolSpec, Status, VmOptions, PAGE_SIZE};
+
+fn no_reset() -> VmOptions {
+    VmOptions {
+        reset_on_connect: false,
+        ..VmOptions::default()
+    }
+}
+
+fn args(state: &std::path::Path, vms: &[&str]) -> Vec<String> {
+    let mut a = vec!["--state-dir".to_string(), state.display().to_string()];
+    for vm in vms {
+        a.push("--vm".into());
+        a.push((*vm).into());
+    }
+    a
+}
+
+#[test]
+fn pages_survive_an_orderly_restart_with_a_state_dir() {
+    let state = temp_dir();
+    let mut d = vtmemd(&args(state.path(), &["m", "n"]));
+    let vm = connect(&d, "m");
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let eph = vm.new_pool(PoolSpec::ephemeral()).unwrap();
+    let data = pages(3, 300);
+    let mut stored: Vec<(Handle, Box<Page>)> = Vec::new();
+    for (i, p) in data.into_iter().enumerate() {
+        let i = i as u64;
+        let page = match i % 3 {
+            0 => p,
+            1 => Box::new(text_page(i)),
+            _ => Box::new([0u8; PAGE_SIZE]),
+        };
+        stored.push((handle(pool, 2, i), page));
+    }
+    let batch: Vec<_> = stored.iter().map(|(h, p)| (*h, &**p)).collect();
+    assert!(vm
+        .put_batch(&batch)
+        .unwrap()
+        .iter()
+        .all(|s| *s == Status::Ok));
+    assert_eq!(vm.reserve(pool, 16).unwrap(), 16);
+    let cached = pages(4, 8);
+    vm.put_batch(&items(eph, 1, &cached)).unwrap();
+    let n = connect(&d, "n");
+    let npool = n.new_pool(PoolSpec::persistent()).unwrap();
+    let npages = pages(5, 40);
+    n.put_batch(&items(npool, 1, &npages)).unwrap();
+    let before = d.client_stats("m");
+
+    assert!(d.stop().success(), "{}", d.log());
+    let image = state.path().join("m.image");
+    let mode = std::fs::metadata(&image).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the image holds guest memory");
+    assert!(state.path().join("n.image").is_file());
+    assert!(d.log().contains("vm m: state saved to"), "{}", d.log());
+    drop((vm, n));
+
+    d.restart(&args(state.path(), &["m", "n"])).unwrap();
+    // Taken back and deleted before the VM is served.
+    assert!(!image.exists());
+    let after = d.client_stats("m");
+    assert_eq!(
+        (
+            after.persistent_pages,
+            after.reserved_pages,
+            after.persistent_charged
+        ),
+        (
+            before.persistent_pages,
+            before.reserved_pages,
+            before.persistent_charged
+        )
+    );
+    let status = d.status();
+    assert_eq!(
+        status.state_dir.as_deref(),
+        Some(state.path().to_str().unwrap())
+    );
+    let rec = status.recovered.expect("recovery reported");
+    assert_eq!((rec.vms, rec.pages), (2, 300 + 40));
+
+    let vm = connect_with(&d, "m", no_reset());
+    let hs: Vec<Handle> = stored.iter().map(|(h, _)| *h).collect();
+    for ((h, want), (st, got)) in stored.iter().zip(vm.get_batch(&hs).unwrap()) {
+        assert_eq!(st, Status::Ok, "{h:?}");
+        assert!(*got == **want, "{h:?} came back different");
+    }
+    // The ephemeral pool is there, without its pages.
+    assert_eq!(
+        vm.get_batch(&[handle(eph, 1, 0)]).unwrap()[0].0,
+        Status::Miss
+    );
+    let n = connect_with(&d, "n", no_reset());
+    let got = n.get_batch(&[handle(npool, 1, 39)]).unwrap();
+    assert!(got[0].0 == Status::Ok && *got[0].1 == *npages[39]);
+
+    // vtmemctl shows it.
+    let out = ctl(&d, &["status"]);
+    assert!(out.stdout.contains("state directory:"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("340 persistent pages of 2 VM(s)"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn puts_acknowledged_before_a_stop_are_all_there_after_it() {
+    let state = temp_dir();
+    let mut d = vtmemd(&args(state.path(), &["m"]));
+    let vm = Arc::new(connect_with(
+        &d,
+        "m",
+        VmOptions {
+            depth: 8,
+            ..VmOptions::default()
+        },
+    ));
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let streamer = {
+        let (vm, stop) = (vm.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Batches of 64 until the daemon goes; every page of a batch
+            // answered OK is acknowledged.
+            let mut acked = Vec::new();
+            for round in 0u64.. {
+                let pg = pages(100 + round, 64);
+                match vm.put_batch(&items(pool, round, &pg)) {
+                    Ok(st) => {
+                        for (i, s) in st.iter().enumerate() {
+                            if *s == Status::Ok {
+                                acked.push((handle(pool, round, i as u64), pg[i].clone()));
+                            }
+                        }
+                    }
+                    Err(_) => break,
+                }
+                if stop.load(Ordering::Relaxed) && round > 1_000_000 {
+                    break;
+                }
+            }
+            acked
+        })
+    };
+    wait_until("the streamer stores pages", DEADLINE, || {
+        d.client_stats("m").persistent_pages >= 64 * 20
+    });
+    assert!(d.stop().success(), "{}", d.log());
+    stop.store(true, Ordering::Relaxed);
+    let acked = streamer.join().unwrap();
+    assert!(acked.len() >= 64 * 20);
+
+    d.restart(&args(state.path(), &["m"])).unwrap();
+    let again = connect_with(&d, "m", no_reset());
+    for chunk in acked.chunks(128) {
+        let hs: Vec<Handle> = chunk.iter().map(|(h, _)| *h).collect();
+        for ((h, want), (st, got)) in chunk.iter().zip(again.get_batch(&hs).unwrap()) {
+            assert_eq!(st, Status::Ok, "acknowledged page {h:?} lost");
+            assert!(*got == **want, "{h:?} came back different");
+        }
+    }
+}
+
+#[test]
+fn an_unreadable_image_stops_the_start_and_stays() {
+    let state = temp_dir();
+    let image = state.path().join("m.image");
+    // A prefix and nothing more: the stream ends before its first frame.
+    std::fs::write(&image, b"VTMEMIMG\x01\x00\x00\x00\x00\x00\x00\x00").unwrap();
+    let Err(err) = Vtmemd::try_start(VTMEMD, &args(state.path(), &["m"])) else {
+        panic!("vtmemd must not serve a VM whose saved pages it cannot read");
+    };
+    let msg = err.to_string();
+    assert!(
+        msg.contains("m.image") && msg.contains("truncated"),
+        "{msg}"
+    );
+    assert!(image.is_file(), "the image must stay for the administrator");
+}
+
+#[test]
+fn an_image_without_its_vm_waits_for_it() {
+    let state = temp_dir();
+    let mut d = vtmemd(&args(state.path(), &["x"]));
+    let vm = connect(&d, "x");
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let pg = pages(9, 10);
+    vm.put_batch(&items(pool, 1, &pg)).unwrap();
+    drop(vm);
+    assert!(d.stop().success());
+
+    // Started without x: the image waits, with a warning.
+    d.restart(&args(state.path(), &["m"])).unwrap();
+    wait_until("the stray image is reported", DEADLINE, || {
+        d.log().contains("x.image names no declared VM")
+    });
+    assert!(state.path().join("x.image").is_file());
+    // Adding x at run time takes it back.
+    d.call(&Request::AddVm("x".parse().unwrap()));
+    assert!(!state.path().join("x.image").exists());
+    let vm = connect_with(&d, "x", no_reset());
+    let got = vm.get_batch(&[handle(pool, 1, 9)]).unwrap();
+    assert!(got[0].0 == Status::Ok && *got[0].1 == *pg[9]);
+}
