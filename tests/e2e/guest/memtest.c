@@ -2,7 +2,8 @@
 /*
  * memtest - make the guest swap, and check that every page comes back.
  *
- * Usage: memtest [-m MiB] [-p passes] [-f] [-s stats-file] [-r seed] [-k hold-file [-n holds]]
+ * Usage: memtest [-m MiB] [-p passes] [-f] [-s stats-file] [-r seed] [-M percent]
+ *                [-k hold-file [-n holds]]
  *
  * Maps MiB of anonymous memory (meant to be well beyond the guest's RAM)
  * and, for each pass:
@@ -15,10 +16,10 @@
  *      of scattered slots, readahead defeated).
  * With -f a pass only fills: the holds (-k) then check the pages.
  * A page that does not match is reported with its first bad offset.
- * Half-way through each fill and verify, memtest prints "memtest: pass P
- * fill: half-way" (or verify): a test can act while pages are being
- * swapped out (fill) or in (verify), and tell from the phase's closing
- * line that the phase went on afterwards.
+ * With -M PERCENT, memtest marks every PERCENT % of each phase with a line
+ * "memtest: pass P PHASE: N% (I of T pages)": a test can act while pages
+ * are being swapped out (fill) or in (verify, shuffle), and tell from the
+ * phase's closing line that the phase went on afterwards.
  *
  * With -k FILE, after the last pass memtest creates FILE, waits until
  * someone removes it (while its memory stays swapped out), then checks
@@ -152,11 +153,22 @@ static void dump_stats(const char *path, const char *phase)
 	fflush(stdout);
 }
 
-/* Marks the middle of a phase, so that a test can act while it runs. */
-static void halfway(unsigned long pass, const char *phase, size_t npages)
+/* -M: a progress line every mark_pct % of a phase (0: none). */
+static unsigned long mark_pct;
+
+/* Called before page k (counted from 0) of a phase of npages. */
+static void mark(unsigned long pass, const char *phase, size_t k, size_t npages)
 {
-	printf("memtest: pass %lu %s: half-way, %zu of %zu pages\n",
-	       pass, phase, npages / 2, npages);
+	size_t now_mark, last_mark;
+
+	if (!mark_pct || k == 0)
+		return;
+	now_mark = k * 100 / npages / mark_pct;
+	last_mark = (k - 1) * 100 / npages / mark_pct;
+	if (now_mark == last_mark || now_mark * mark_pct >= 100)
+		return;
+	printf("memtest: pass %lu %s: %zu%% (%zu of %zu pages)\n",
+	       pass, phase, now_mark * mark_pct, k, npages);
 	fflush(stdout);
 }
 
@@ -178,7 +190,7 @@ int main(int argc, char **argv)
 	unsigned long long errors = 0, checked = 0;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "m:p:fs:r:k:n:")) != -1) {
+	while ((opt = getopt(argc, argv, "m:p:fs:r:M:k:n:")) != -1) {
 		switch (opt) {
 		case 'm': mib = strtoul(optarg, NULL, 0); break;
 		case 'p': passes = strtoul(optarg, NULL, 0); break;
@@ -187,10 +199,15 @@ int main(int argc, char **argv)
 		case 'k': hold = optarg; break;
 		case 'n': holds = strtoul(optarg, NULL, 0); break;
 		case 'f': fill_only = 1; break;
+		case 'M': mark_pct = strtoul(optarg, NULL, 0); break;
 		default:
-			fprintf(stderr, "usage: %s [-m MiB] [-p passes] [-f] [-s stats-file] [-r seed] [-k hold-file [-n holds]]\n", argv[0]);
+			fprintf(stderr, "usage: %s [-m MiB] [-p passes] [-f] [-s stats-file] [-r seed] [-M percent] [-k hold-file [-n holds]]\n", argv[0]);
 			return 2;
 		}
+	}
+	if (mark_pct > 99) {
+		fprintf(stderr, "memtest: -M wants a percentage from 1 to 99\n");
+		return 2;
 	}
 	if (holds < 1) {
 		fprintf(stderr, "memtest: -n wants at least 1 hold\n");
@@ -220,8 +237,7 @@ int main(int argc, char **argv)
 		dump_stats(stats, "before-fill");
 		t = now();
 		for (size_t i = 0; i < npages; i++) {
-			if (i == npages / 2)
-				halfway(pass, "fill", npages);
+			mark(pass, "fill", i, npages);
 			fill(mem + i * PAGE, i, pass);
 		}
 		printf("memtest: pass %lu fill: %zu pages in %.1f s\n", pass, npages, now() - t);
@@ -235,8 +251,7 @@ int main(int argc, char **argv)
 		for (size_t i = 0; i < npages; i++) {
 			long off;
 
-			if (i == npages / 2)
-				halfway(pass, "verify", npages);
+			mark(pass, "verify", i, npages);
 			off = check(mem + i * PAGE, i, pass);
 			if (off >= 0) {
 				if (bad < 10)
@@ -258,8 +273,10 @@ int main(int argc, char **argv)
 		while (npages % step == 0)
 			step += 2;
 		for (size_t k = 0, i = pass % npages; k < npages; k++, i = (i + step) % npages) {
-			long off = check(mem + i * PAGE, i, pass);
+			long off;
 
+			mark(pass, "shuffle", k, npages);
+			off = check(mem + i * PAGE, i, pass);
 			if (off >= 0) {
 				if (bad < 10)
 					printf("memtest: BAD page %zu pass %lu at offset %ld (shuffled)\n", i, pass, off);
