@@ -7,7 +7,7 @@
 //! ends (`crate::frontswap`, `crate::cleancache`) choose a queue, lock it
 //! and put their operations into its open batch ([`Locked`]), or send a
 //! request and wait for its answer ([`Transport::call`],
-//! [`Transport::fetch`]). Answers nobody waits for reach a front end through
+//! [`Transport::fetch`], [`Locked::fetch`]). Answers nobody waits for reach a front end through
 //! an [`AnswerHook`].
 //!
 //! # Queues and ordering
@@ -679,22 +679,12 @@ impl Transport {
         handle: impl FnOnce() -> Option<Handle>,
         out: impl FnOnce(&[u8]),
     ) -> Result {
-        let mut q = self.lock(index)?;
-        q.wait_room(1, 1)?;
-        let handle = handle().ok_or(ENOENT)?;
-        let slot = q.push(Op::Get { handle })?;
-        q.wait_answer(slot, |b, index| {
-            match b.ops().get(index).and_then(|m| m.result).map(|s| s.status) {
-                Some(Status::Ok) => match b.page(index) {
-                    Some(page) => {
-                        out(page);
-                        Ok(())
-                    }
-                    None => Err(EIO),
-                },
-                Some(Status::Miss) => Err(ENOENT),
-                _ => Err(EIO),
+        self.lock(index)?.fetch(handle, |answer| match answer {
+            Answer::Hit(page) => {
+                out(page);
+                Ok(())
             }
+            Answer::Miss => Err(ENOENT),
         })?
     }
 
@@ -816,6 +806,14 @@ impl Transport {
     }
 }
 
+/// The device's answer to a `GET`.
+pub(crate) enum Answer<'a> {
+    /// The page, as the device wrote it.
+    Hit(&'a [u8]),
+    /// The device does not hold the page.
+    Miss,
+}
+
 /// An operation in the open batch of a queue: which batch, and where in it.
 #[derive(Clone, Copy)]
 pub(crate) struct Slot {
@@ -909,6 +907,33 @@ impl Locked<'_> {
         self.q.flush_for_answer(&mut self.g);
         self.q
             .wait_result(&mut self.g, slot.seq, |b| f(b, slot.index))
+    }
+
+    /// Sends a `GET` at once (behind every operation queued on this queue
+    /// before) and waits for the answer, which `answer` reads with the
+    /// queue locked. `handle` names the page; it is called with the queue
+    /// locked, after any wait for room and right before the `GET` is queued
+    /// (`None`: no `GET`, `ENOENT`). A failed `GET` (an error status, a
+    /// device that stalled or went away) is an error and `answer` is not
+    /// called. Process context only.
+    pub(crate) fn fetch<R>(
+        mut self,
+        handle: impl FnOnce() -> Option<Handle>,
+        answer: impl FnOnce(Answer<'_>) -> R,
+    ) -> Result<R> {
+        self.wait_room(1, 1)?;
+        let handle = handle().ok_or(ENOENT)?;
+        let slot = self.push(Op::Get { handle })?;
+        self.wait_answer(slot, |b, index| {
+            match b.ops().get(index).and_then(|m| m.result).map(|s| s.status) {
+                Some(Status::Ok) => b
+                    .page(index)
+                    .map(|page| answer(Answer::Hit(page)))
+                    .ok_or(EIO),
+                Some(Status::Miss) => Ok(answer(Answer::Miss)),
+                _ => Err(EIO),
+            }
+        })?
     }
 
     /// Queues an invalidation (`FLUSH_PAGE`, `FLUSH_OBJECT`) without
