@@ -633,7 +633,8 @@ impl Cleancache {
                 // Not sent: the host must not keep an older copy either.
                 counter(&self.cstats().cleancache_puts_dropped);
                 self.forget_page(qi, pool, route, &key, index);
-                if !q.invalidate(Op::FlushPage { handle }, true) {
+                let widened = &mut |id, object| self.forget_widened(qi, id, object);
+                if !q.invalidate(Op::FlushPage { handle }, Some(widened)) {
                     drop(q);
                     self.mark_stale(pool);
                 }
@@ -750,6 +751,23 @@ impl Cleancache {
         }
     }
 
+    /// Parked page invalidations of `object` in device pool `id` were
+    /// widened into one of the whole file (the parking ring of queue `qi`
+    /// was full): every page of it is going, so the filter forgets the file
+    /// (instead of sending gets that would miss). Called with the queue
+    /// locked; nothing of the file was queued after the parked operations.
+    fn forget_widened(&self, qi: usize, id: u32, object: ObjectId) {
+        counter(&self.cstats().cleancache_invalidations_widened);
+        for pool in 0..MAX_CACHE_POOLS as i32 {
+            if let Some(route) = self.routes.usable(pool) {
+                if route.id() == id && route.filtered() {
+                    self.filters
+                        .with(qi, pool, |f, budget| f.forget_file(&object.0, budget));
+                }
+            }
+        }
+    }
+
     /// Drops page `index` of file `key`. May run in atomic context.
     pub(crate) fn cache_invalidate_page(&self, pool: i32, key: [u64; 3], index: u64) {
         counter(&self.cstats().cleancache_invalidate_pages);
@@ -799,7 +817,8 @@ impl Cleancache {
             // invalidated must not be read from the host any more.
             self.filters.with(qi, pool, forget);
         }
-        if !q.invalidate(op(route.id()), true) {
+        let widened = &mut |id, object| self.forget_widened(qi, id, object);
+        if !q.invalidate(op(route.id()), Some(widened)) {
             drop(q);
             self.mark_stale(pool);
         }

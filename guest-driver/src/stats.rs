@@ -112,6 +112,10 @@ counters! {
         cleancache_invalidate_inodes,
         /// Filesystems invalidated (unmount).
         cleancache_invalidate_fs,
+        /// Files whose parked page invalidations were merged into one of
+        /// the whole file because the parking ring was full (the host drops
+        /// all of the file's pages; the page filter forgets them).
+        cleancache_invalidations_widened,
         /// Pools recreated because an invalidation could not be queued (the
         /// only way to be sure no stale page survives).
         cleancache_pool_resets,

@@ -105,11 +105,12 @@ impl FlushRing {
     }
 
     /// Parks `op`; when the ring is full, first makes room by widening (see
-    /// [`FlushRing::compact`]). `false` if there is still no room.
-    fn push(&mut self, op: Op, widen: bool) -> bool {
+    /// [`FlushRing::compact`], which tells `widened`). `false` if there is
+    /// still no room.
+    fn push(&mut self, op: Op, widen: bool, widened: &mut dyn FnMut(u32, ObjectId)) -> bool {
         let cap = self.buf.len();
         if self.len == cap {
-            self.compact();
+            self.compact(widened);
         }
         if self.len == cap {
             return false;
@@ -124,10 +125,13 @@ impl FlushRing {
     }
 
     /// Merges each run of widenable invalidations of one object into one
-    /// `FLUSH_OBJECT` of it. Page cache eviction goes file by file, so the
-    /// runs are long. Invalidations commute and nothing else is parked
-    /// between them, so the device still sees everything in order.
-    fn compact(&mut self) {
+    /// `FLUSH_OBJECT` of it, and tells `widened` of each (pool, object) so
+    /// widened. Page cache eviction goes file by file, so the runs are
+    /// long. Invalidations commute and nothing else is parked between them,
+    /// so the device still sees everything in order; and nothing is queued
+    /// while invalidations are parked, so every operation queued before
+    /// them comes before the `FLUSH_OBJECT` too.
+    fn compact(&mut self, widened: &mut dyn FnMut(u32, ObjectId)) {
         let cap = self.buf.len();
         let mut kept: usize = 0;
         for i in 0..self.len {
@@ -142,6 +146,9 @@ impl FlushRing {
                 let object = flushed_object(&prev.op);
                 if let Some((pool, object)) = object.filter(|_| object == flushed_object(&entry.op))
                 {
+                    if matches!(prev.op, Op::FlushPage { .. }) {
+                        widened(pool, object);
+                    }
                     prev.op = Op::FlushObject { pool, object };
                     continue;
                 }
@@ -940,8 +947,14 @@ impl Locked<'_> {
     /// sleeping: into the open batch, or parked until a batch is free.
     /// `false` if even the parking ring was full and `op` is lost. `widen`:
     /// if parking room runs out, the device may be asked to drop the whole
-    /// object instead (ephemeral pools only).
-    pub(crate) fn invalidate(&mut self, op: Op, widen: bool) -> bool {
+    /// object instead (ephemeral pools only); `widen` is told of every
+    /// (pool, object) whose parked page invalidations this call widened,
+    /// this one's or others'. `None`: never widen `op` (and tell nobody).
+    pub(crate) fn invalidate(
+        &mut self,
+        op: Op,
+        widen: Option<&mut dyn FnMut(u32, ObjectId)>,
+    ) -> bool {
         let (q, g) = (self.q, &mut self.g);
         if g.dead {
             // The device and everything it held are gone.
@@ -962,7 +975,10 @@ impl Locked<'_> {
             }
             Some(false) => q.arm(g),
             None => {
-                kept = g.overflow.push(op, widen);
+                kept = match widen {
+                    Some(widened) => g.overflow.push(op, true, widened),
+                    None => g.overflow.push(op, false, &mut |_, _| {}),
+                };
                 // A batch half filled from the overflow must not wait for
                 // the next operation.
                 q.arm(g);
