@@ -17,6 +17,9 @@
 //! - `transport`: queues, batching, requests and their answers;
 //! - `frontswap`, `cleancache`: the two front ends on the transport, one
 //!   per kernel hook;
+//! - `pagefilter`: which cleancache pages the host may hold, so that gets
+//!   of other pages are answered without a round trip (plain Rust, also
+//!   tested on the host);
 //! - `device`: probe, start and remove, tying the layers together, and the
 //!   debugfs file;
 //! - `stats`: counters shown in debugfs;
@@ -33,6 +36,9 @@ mod cleancache;
 mod device;
 #[path = "src/frontswap.rs"]
 mod frontswap;
+#[cfg_attr(not(CONFIG_CLEANCACHE), allow(dead_code))]
+#[path = "src/pagefilter.rs"]
+mod pagefilter;
 #[path = "src/stats.rs"]
 mod stats;
 #[path = "src/sys.rs"]
@@ -88,6 +94,10 @@ module! {
             default: false,
             description: "Ask for a shared pool named by the filesystem UUID (the host admin must authorise it; otherwise a private pool)",
         },
+        cleancache_filter_kib: u32 {
+            default: 4096,
+            description: "Most memory (KiB) for tracking which file pages the host may hold, so that reads of other pages do not ask it; pages beyond it are not put (0: no filter, every read asks the host)",
+        },
     },
 }
 
@@ -102,6 +112,7 @@ pub(crate) fn params() -> device::Params {
         selftest: module_parameters::selftest.value(),
         cleancache: module_parameters::cleancache.value(),
         cleancache_shared: module_parameters::cleancache_shared.value(),
+        cleancache_filter_kib: module_parameters::cleancache_filter_kib.value(),
         device_timeout_ms: module_parameters::device_timeout_ms.value(),
     }
 }

@@ -47,6 +47,7 @@ pub(crate) struct Params {
     pub(crate) selftest: bool,
     pub(crate) cleancache: bool,
     pub(crate) cleancache_shared: bool,
+    pub(crate) cleancache_filter_kib: u32,
     pub(crate) device_timeout_ms: u32,
 }
 
@@ -131,7 +132,10 @@ impl Device {
             Frontswap::new(transport.clone(), swap_state, reserve, params.reserve_pages),
             GFP_KERNEL,
         )?;
-        let cache = Arc::pin_init(Cleancache::new(transport.clone(), shared), GFP_KERNEL)?;
+        let cache = Arc::pin_init(
+            Cleancache::new(transport.clone(), shared, params.cleancache_filter_kib),
+            GFP_KERNEL,
+        )?;
         let report = Report {
             transport: transport.clone(),
             swap: swap.clone(),

@@ -394,7 +394,7 @@ impl Frontswap {
         };
         // Swap invalidations are never widened: a swap area is one object
         // whose other pages must stay.
-        if !q.invalidate(op, false) {
+        if !q.invalidate(op, None) {
             counter(&self.stats().invalidates_dropped);
         }
     }

@@ -75,23 +75,47 @@ counters! {
         /// Pages the kernel offered on eviction.
         cleancache_puts,
         /// Offered pages not sent: no free batch, pool unusable, or device
-        /// gone (their older copies are invalidated).
+        /// gone (their older copies are invalidated), or the page filter
+        /// could not track them (`cleancache_filter_full`,
+        /// `cleancache_filter_nomem`).
         cleancache_puts_dropped,
+        /// Puts not sent because the page filter reached its cap
+        /// (`cleancache_filter_kib`): a page that cannot be tracked is not
+        /// put.
+        cleancache_filter_full,
+        /// Puts not sent because the page filter could not allocate a node
+        /// (atomic context, no memory at hand).
+        cleancache_filter_nomem,
         /// Puts that found no free batch until they took back batches the
         /// device had answered before its interrupt was handled.
         cleancache_put_reaps,
-        /// Reads that asked the host.
+        /// Reads the kernel asked for (`hits + misses`).
         cleancache_gets,
+        /// Gets sent to the host.
+        cleancache_gets_sent,
+        /// Gets the page filter answered "miss" without asking the host: it
+        /// cannot hold the page (never put, or gone since).
+        cleancache_gets_skipped,
         /// Reads the host answered with the page (no disk I/O).
         cleancache_hits,
-        /// Reads the host did not have (or that failed): the disk is read.
+        /// Reads not served from the host (skipped, missed, or failed): the
+        /// disk is read.
         cleancache_misses,
+        /// Gets sent that the host answered with a miss: a round trip for
+        /// nothing. Without the filter, mostly pages never put; with it,
+        /// only pages the host dropped (evicted, or refused when put), and
+        /// every miss of a shared pool.
+        cleancache_futile_gets,
         /// Pages invalidated by the kernel.
         cleancache_invalidate_pages,
         /// Files invalidated (truncate, punch hole, direct I/O, delete).
         cleancache_invalidate_inodes,
         /// Filesystems invalidated (unmount).
         cleancache_invalidate_fs,
+        /// Files whose parked page invalidations were merged into one of
+        /// the whole file because the parking ring was full (the host drops
+        /// all of the file's pages; the page filter forgets them).
+        cleancache_invalidations_widened,
         /// Pools recreated because an invalidation could not be queued (the
         /// only way to be sure no stale page survives).
         cleancache_pool_resets,

@@ -7,7 +7,7 @@
 //! ends (`crate::frontswap`, `crate::cleancache`) choose a queue, lock it
 //! and put their operations into its open batch ([`Locked`]), or send a
 //! request and wait for its answer ([`Transport::call`],
-//! [`Transport::fetch`]). Answers nobody waits for reach a front end through
+//! [`Transport::fetch`], [`Locked::fetch`]). Answers nobody waits for reach a front end through
 //! an [`AnswerHook`].
 //!
 //! # Queues and ordering
@@ -105,11 +105,12 @@ impl FlushRing {
     }
 
     /// Parks `op`; when the ring is full, first makes room by widening (see
-    /// [`FlushRing::compact`]). `false` if there is still no room.
-    fn push(&mut self, op: Op, widen: bool) -> bool {
+    /// [`FlushRing::compact`], which tells `widened`). `false` if there is
+    /// still no room.
+    fn push(&mut self, op: Op, widen: bool, widened: &mut dyn FnMut(u32, ObjectId)) -> bool {
         let cap = self.buf.len();
         if self.len == cap {
-            self.compact();
+            self.compact(widened);
         }
         if self.len == cap {
             return false;
@@ -124,10 +125,13 @@ impl FlushRing {
     }
 
     /// Merges each run of widenable invalidations of one object into one
-    /// `FLUSH_OBJECT` of it. Page cache eviction goes file by file, so the
-    /// runs are long. Invalidations commute and nothing else is parked
-    /// between them, so the device still sees everything in order.
-    fn compact(&mut self) {
+    /// `FLUSH_OBJECT` of it, and tells `widened` of each (pool, object) so
+    /// widened. Page cache eviction goes file by file, so the runs are
+    /// long. Invalidations commute and nothing else is parked between them,
+    /// so the device still sees everything in order; and nothing is queued
+    /// while invalidations are parked, so every operation queued before
+    /// them comes before the `FLUSH_OBJECT` too.
+    fn compact(&mut self, widened: &mut dyn FnMut(u32, ObjectId)) {
         let cap = self.buf.len();
         let mut kept: usize = 0;
         for i in 0..self.len {
@@ -142,6 +146,9 @@ impl FlushRing {
                 let object = flushed_object(&prev.op);
                 if let Some((pool, object)) = object.filter(|_| object == flushed_object(&entry.op))
                 {
+                    if matches!(prev.op, Op::FlushPage { .. }) {
+                        widened(pool, object);
+                    }
                     prev.op = Op::FlushObject { pool, object };
                     continue;
                 }
@@ -679,22 +686,12 @@ impl Transport {
         handle: impl FnOnce() -> Option<Handle>,
         out: impl FnOnce(&[u8]),
     ) -> Result {
-        let mut q = self.lock(index)?;
-        q.wait_room(1, 1)?;
-        let handle = handle().ok_or(ENOENT)?;
-        let slot = q.push(Op::Get { handle })?;
-        q.wait_answer(slot, |b, index| {
-            match b.ops().get(index).and_then(|m| m.result).map(|s| s.status) {
-                Some(Status::Ok) => match b.page(index) {
-                    Some(page) => {
-                        out(page);
-                        Ok(())
-                    }
-                    None => Err(EIO),
-                },
-                Some(Status::Miss) => Err(ENOENT),
-                _ => Err(EIO),
+        self.lock(index)?.fetch(handle, |answer| match answer {
+            Answer::Hit(page) => {
+                out(page);
+                Ok(())
             }
+            Answer::Miss => Err(ENOENT),
         })?
     }
 
@@ -816,6 +813,14 @@ impl Transport {
     }
 }
 
+/// The device's answer to a `GET`.
+pub(crate) enum Answer<'a> {
+    /// The page, as the device wrote it.
+    Hit(&'a [u8]),
+    /// The device does not hold the page.
+    Miss,
+}
+
 /// An operation in the open batch of a queue: which batch, and where in it.
 #[derive(Clone, Copy)]
 pub(crate) struct Slot {
@@ -911,12 +916,45 @@ impl Locked<'_> {
             .wait_result(&mut self.g, slot.seq, |b| f(b, slot.index))
     }
 
+    /// Sends a `GET` at once (behind every operation queued on this queue
+    /// before) and waits for the answer, which `answer` reads with the
+    /// queue locked. `handle` names the page; it is called with the queue
+    /// locked, after any wait for room and right before the `GET` is queued
+    /// (`None`: no `GET`, `ENOENT`). A failed `GET` (an error status, a
+    /// device that stalled or went away) is an error and `answer` is not
+    /// called. Process context only.
+    pub(crate) fn fetch<R>(
+        mut self,
+        handle: impl FnOnce() -> Option<Handle>,
+        answer: impl FnOnce(Answer<'_>) -> R,
+    ) -> Result<R> {
+        self.wait_room(1, 1)?;
+        let handle = handle().ok_or(ENOENT)?;
+        let slot = self.push(Op::Get { handle })?;
+        self.wait_answer(slot, |b, index| {
+            match b.ops().get(index).and_then(|m| m.result).map(|s| s.status) {
+                Some(Status::Ok) => b
+                    .page(index)
+                    .map(|page| answer(Answer::Hit(page)))
+                    .ok_or(EIO),
+                Some(Status::Miss) => Ok(answer(Answer::Miss)),
+                _ => Err(EIO),
+            }
+        })?
+    }
+
     /// Queues an invalidation (`FLUSH_PAGE`, `FLUSH_OBJECT`) without
     /// sleeping: into the open batch, or parked until a batch is free.
     /// `false` if even the parking ring was full and `op` is lost. `widen`:
     /// if parking room runs out, the device may be asked to drop the whole
-    /// object instead (ephemeral pools only).
-    pub(crate) fn invalidate(&mut self, op: Op, widen: bool) -> bool {
+    /// object instead (ephemeral pools only); `widen` is told of every
+    /// (pool, object) whose parked page invalidations this call widened,
+    /// this one's or others'. `None`: never widen `op` (and tell nobody).
+    pub(crate) fn invalidate(
+        &mut self,
+        op: Op,
+        widen: Option<&mut dyn FnMut(u32, ObjectId)>,
+    ) -> bool {
         let (q, g) = (self.q, &mut self.g);
         if g.dead {
             // The device and everything it held are gone.
@@ -937,7 +975,10 @@ impl Locked<'_> {
             }
             Some(false) => q.arm(g),
             None => {
-                kept = g.overflow.push(op, widen);
+                kept = match widen {
+                    Some(widened) => g.overflow.push(op, true, widened),
+                    None => g.overflow.push(op, false, &mut |_, _| {}),
+                };
                 // A batch half filled from the overflow must not wait for
                 // the next operation.
                 q.arm(g);
