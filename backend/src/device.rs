@@ -443,6 +443,11 @@ impl VhostUserBackend for VtmemBackend {
             ));
         }
         let mut slot = lock(&self.transfer);
+        // A transfer whose frontend never checked it (it gave up on a
+        // failed write) is over once its thread is: it does not block this one.
+        if slot.as_ref().is_some_and(|t| t.thread.is_finished()) {
+            *slot = None;
+        }
         if slot.is_some() {
             return Err(io::Error::new(
                 io::ErrorKind::ResourceBusy,
@@ -450,15 +455,33 @@ impl VhostUserBackend for VtmemBackend {
             ));
         }
         let client = self.client.clone();
+        let counters = self.counters.clone();
         let save = matches!(direction, VhostTransferStateDirection::SAVE);
         let thread = std::thread::Builder::new()
             .name(format!("vtmem-state-{}", self.client.name()))
             .spawn(move || {
-                if save {
+                let res = if save {
                     client.export_image(&mut io::BufWriter::with_capacity(1 << 20, file))
                 } else {
                     client.import_image(&mut io::BufReader::with_capacity(1 << 20, file))
+                };
+                if let Err(e) = &res {
+                    // Logged and counted here: a frontend whose write fails
+                    // when the import stops early (QEMU's EPIPE) may never
+                    // send CHECK_DEVICE_STATE.
+                    counters.state_failures.fetch_add(1, Ordering::Relaxed);
+                    log::error!(
+                        "vm {}: device state not {}: {e}{}",
+                        client.name(),
+                        if save { "sent" } else { "taken" },
+                        if save {
+                            "; the VM keeps its pages here"
+                        } else {
+                            "; nothing of it was kept"
+                        }
+                    );
                 }
+                res
             })?;
         *slot = Some(Transfer {
             direction,
@@ -499,20 +522,8 @@ impl VhostUserBackend for VtmemBackend {
                 }
                 Ok(())
             }
-            Err(e) => {
-                self.counters.state_failures.fetch_add(1, Ordering::Relaxed);
-                // QEMU only learns that it failed: the reason is logged here.
-                log::error!(
-                    "vm {}: device state not {what}: {e}{}",
-                    self.client.name(),
-                    if save {
-                        "; the VM keeps its pages here"
-                    } else {
-                        "; nothing of it was kept"
-                    }
-                );
-                Err(io::Error::other(e.to_string()))
-            }
+            // Counted and logged by the transfer thread.
+            Err(e) => Err(io::Error::other(e.to_string())),
         }
     }
 
