@@ -185,10 +185,17 @@ fn an_unreadable_image_stops_the_start_and_stays() {
     let image = state.path().join("m.image");
     // A prefix and nothing more: the stream ends before its first frame.
     std::fs::write(&image, b"VTMEMIMG\x01\x00\x00\x00\x00\x00\x00\x00").unwrap();
-    let Err(err) = Vtmemd::try_start(VTMEMD, &args(state.path(), &["m"])) else {
-        panic!("vtmemd must not serve a VM whose saved pages it cannot read");
-    };
-    let msg = err.to_string();
+    // Run to its end, so that its whole output is there to read.
+    let sockets = temp_dir();
+    let mut a = vec!["--socket-dir", sockets.path().to_str().unwrap()];
+    let rest = args(state.path(), &["m"]);
+    a.extend(rest.iter().map(String::as_str));
+    let out = run_vtmemd(&a);
+    assert!(
+        !out.status.success(),
+        "vtmemd must not serve a VM whose saved pages it cannot read"
+    );
+    let msg = String::from_utf8_lossy(&out.stderr);
     assert!(
         msg.contains("m.image") && msg.contains("truncated"),
         "{msg}"
