@@ -520,7 +520,9 @@ impl PoolSpec {
         }
     }
 
-    fn flags(&self) -> u8 {
+    /// The `NEW_POOL` flag bits of this spec (the device state's pool
+    /// flags are the same bits).
+    pub const fn flags(&self) -> u8 {
         let mut f = 0;
         if self.persistent {
             f |= POOL_PERSISTENT;

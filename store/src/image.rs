@@ -32,7 +32,10 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use vtmem_protocol::{Handle, ObjectId, PoolSpec, Uuid, MAX_POOLS_PER_CLIENT, PAGE_SIZE};
+use vtmem_protocol::{
+    Handle, ObjectId, PoolSpec, Uuid, MAX_POOLS_PER_CLIENT, PAGE_SIZE, POOL_EXCLUSIVE_GETS,
+    POOL_PERSISTENT, POOL_SHARED,
+};
 
 use super::client::DataHandle;
 use super::content::{fill_pattern, NewData, Stored, ID_MASK, LZ4_BOUND, ZERO_REF};
@@ -52,10 +55,6 @@ const PAGES_PER_FRAME: usize = 64;
 const POOL_FRAME: u8 = 1;
 const PAGES_FRAME: u8 = 2;
 const END_FRAME: u8 = 3;
-
-const POOL_PERSISTENT: u32 = 1 << 0;
-const POOL_SHARED: u32 = 1 << 1;
-const POOL_EXCLUSIVE_GETS: u32 = 1 << 2;
 
 const PAGE_ZERO: u8 = 0;
 const PAGE_PATTERN: u8 = 1;
@@ -128,18 +127,14 @@ impl<W: Write> FrameWriter<'_, W> {
     }
 }
 
+/// A pool's flags: `NEW_POOL`'s bits (protocol.md section 10.1).
 fn pool_flags(p: &Pool) -> u32 {
-    let mut f = 0;
-    if p.persistent {
-        f |= POOL_PERSISTENT;
-    }
-    if p.shared.is_some() {
-        f |= POOL_SHARED;
-    }
-    if p.exclusive_gets {
-        f |= POOL_EXCLUSIVE_GETS;
-    }
-    f
+    let spec = PoolSpec {
+        persistent: p.persistent,
+        exclusive_gets: p.exclusive_gets,
+        shared: p.shared,
+    };
+    u32::from(spec.flags())
 }
 
 fn put_page(buf: &mut Vec<u8>, obj: &ObjectId, index: u64, kind: u8, body: &[u8]) {
@@ -444,13 +439,13 @@ fn parse_pool(p: &[u8]) -> Result<(u32, PoolSpec, u64), ImageError> {
         return Err(ImageError::Malformed("pool frame of the wrong size"));
     }
     let id = u32::from_le_bytes(word(&p[0..4]));
-    let flags = u32::from_le_bytes(word(&p[4..8]));
+    let flags = u8::try_from(u32::from_le_bytes(word(&p[4..8])))
+        .ok()
+        .filter(|f| f & !(POOL_PERSISTENT | POOL_SHARED | POOL_EXCLUSIVE_GETS) == 0)
+        .ok_or(ImageError::Malformed("unknown pool flags"))?;
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&p[8..24]);
     let reserved = u64::from_le_bytes(dword(&p[24..32]));
-    if flags & !(POOL_PERSISTENT | POOL_SHARED | POOL_EXCLUSIVE_GETS) != 0 {
-        return Err(ImageError::Malformed("unknown pool flags"));
-    }
     let persistent = flags & POOL_PERSISTENT != 0;
     let shared = if flags & POOL_SHARED != 0 {
         if persistent {
@@ -570,14 +565,14 @@ mod tests {
     #[test]
     fn pool_frames_are_checked() {
         let mut p = [0u8; 32];
-        p[4] = POOL_PERSISTENT as u8;
+        p[4] = POOL_PERSISTENT;
         p[24] = 5;
         let (id, spec, reserved) = parse_pool(&p).unwrap();
         assert_eq!((id, spec.persistent, reserved), (0, true, 5));
         // Shared persistent, unknown flags, reserved ephemeral, UUID on a
         // private pool, wrong size.
         let mut bad = p;
-        bad[4] = (POOL_PERSISTENT | POOL_SHARED) as u8;
+        bad[4] = POOL_PERSISTENT | POOL_SHARED;
         assert!(parse_pool(&bad).is_err());
         bad[4] = 0x80;
         assert!(parse_pool(&bad).is_err());

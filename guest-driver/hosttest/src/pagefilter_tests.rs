@@ -264,23 +264,6 @@ fn mark(f: &mut Filter, page: (FileId, u64), budget: &Nodes, fail: bool) -> Resu
     r
 }
 
-/// A small deterministic generator (xorshift64*), so that a failure
-/// reproduces from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// The front end's use of the filter, step by step, against a model of the
 /// host's pool (which pages it holds) and of the bits. After every step:
 /// every page the host holds is marked (no get of a possible hit is ever
@@ -288,7 +271,8 @@ impl Rng {
 /// budget agree with the map.
 /// With `failing`, a third of the node allocations fail.
 fn run_model(seed: u64, limit: u64, failing: bool, steps: usize) {
-    let mut rng = Rng(seed | 1);
+    // Deterministic, so that a failure reproduces from its seed.
+    let mut rng = vtmem_testkit::Rng::new(seed);
     let budget = Nodes::new(limit);
     let mut f = Filter::default();
     let mut host: BTreeSet<(FileId, u64)> = BTreeSet::new();
