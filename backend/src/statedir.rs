@@ -16,7 +16,7 @@
 //! is killed (SIGKILL, a crash) writes nothing: its pages are lost.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -61,14 +61,11 @@ impl StateDir {
     /// Opens (creating it, mode 0700: the images hold guest memory) the
     /// state directory at `path`.
     pub fn open(path: &Path) -> Result<StateDir, StateDirError> {
-        match fs::DirBuilder::new()
+        fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(path)
-        {
-            Ok(()) => {}
-            Err(e) => return Err(StateDirError::Dir(path.to_path_buf(), e)),
-        }
+            .map_err(|e| StateDirError::Dir(path.to_path_buf(), e))?;
         if !fs::metadata(path)
             .map_err(|e| StateDirError::Dir(path.to_path_buf(), e))?
             .is_dir()
@@ -199,6 +196,5 @@ pub fn save_all<'a>(
             }
         }
     }
-    let _ = io::stderr().flush();
     failed
 }
