@@ -8,9 +8,10 @@
 //! descriptor heads between the rings and the executor.
 
 use std::fs::File;
+use std::hash::{BuildHasher, RandomState};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
@@ -73,6 +74,21 @@ pub const CAPABILITY_FEATURES: &[&str] = &["ephemeral", "shared", "mq", "reserve
 /// Most chains handled in one pass before the used ring is signalled.
 const MAX_BATCH: usize = 256;
 
+/// The `generation` of the next connection's configuration space: distinct
+/// for every connection this process serves (a counter), and starting from
+/// a random value so that a restarted vtmemd's connections almost surely
+/// differ from its predecessor's (a 2^-32 chance per connection that one
+/// does not, and the guest then misses one reconnect in its count). Never
+/// 0, which says "the device does not tell".
+fn next_generation() -> u32 {
+    static BASE: LazyLock<u32> = LazyLock::new(|| RandomState::new().hash_one(0u8) as u32);
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    match BASE.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) {
+        0 => 1,
+        g => g,
+    }
+}
+
 /// The vhost-user backend of one VM for one connection.
 #[derive(Debug)]
 pub struct VtmemBackend {
@@ -134,7 +150,9 @@ impl VtmemBackend {
             .collect();
         VtmemBackend {
             settings,
-            config: DeviceConfig::new(settings.queues).encode(),
+            config: DeviceConfig::new(settings.queues)
+                .with_generation(next_generation())
+                .encode(),
             mem: Mutex::new(GuestMemoryAtomic::new(GuestRam::new())),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
@@ -800,17 +818,33 @@ mod tests {
         assert!(p.contains(VhostUserProtocolFeatures::MQ));
         assert!(p.contains(VhostUserProtocolFeatures::CONFIG));
         assert!(p.contains(VhostUserProtocolFeatures::REPLY_ACK));
-        let cfg = b.get_config(0, CONFIG_SIZE as u32);
-        assert_eq!(DeviceConfig::decode(&cfg).unwrap(), DeviceConfig::new(4));
+        let cfg = DeviceConfig::decode(&b.get_config(0, CONFIG_SIZE as u32)).unwrap();
+        assert_ne!(cfg.generation, 0);
+        assert_eq!(cfg, DeviceConfig::new(4).with_generation(cfg.generation));
         assert_eq!(b.get_config(8, 2), 1u16.to_le_bytes().to_vec());
         assert!(b.get_config(8, 16).is_empty());
         assert!(b.get_config(u32::MAX, 2).is_empty());
         assert!(b.set_config(0, &[9, 9]).is_ok());
         assert_eq!(
             DeviceConfig::decode(&b.get_config(0, CONFIG_SIZE as u32)).unwrap(),
-            DeviceConfig::new(4)
+            cfg
         );
         assert!(b.exit_event(0).is_some());
+    }
+
+    #[test]
+    fn every_connection_has_its_own_generation() {
+        let generation = |b: &VtmemBackend| {
+            DeviceConfig::decode(&b.get_config(0, CONFIG_SIZE as u32))
+                .unwrap()
+                .generation
+        };
+        let gens: Vec<u32> = (0..64).map(|_| generation(&backend(1, 0).1)).collect();
+        let mut distinct = gens.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), gens.len(), "{gens:?}");
+        assert!(!gens.contains(&0));
     }
 
     #[test]

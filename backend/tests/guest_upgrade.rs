@@ -36,6 +36,7 @@ fn pages_survive_an_orderly_restart_with_a_state_dir() {
     let state = temp_dir();
     let mut d = vtmemd(&args(state.path(), &["m", "n"]));
     let vm = connect(&d, "m");
+    let first_generation = vm.config().generation;
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
     let eph = vm.new_pool(PoolSpec::ephemeral()).unwrap();
     let data = pages(3, 300);
@@ -97,6 +98,10 @@ fn pages_survive_an_orderly_restart_with_a_state_dir() {
     assert_eq!((rec.vms, rec.pages), (2, 300 + 40));
 
     let vm = connect_with(&d, "m", no_reset());
+    // The new daemon's connection names itself differently, which is how
+    // the guest learns (and counts) that its back end came back.
+    assert_ne!(vm.config().generation, first_generation);
+    assert_ne!(vm.config().generation, 0);
     let hs: Vec<Handle> = stored.iter().map(|(h, _)| *h).collect();
     for ((h, want), (st, got)) in stored.iter().zip(vm.get_batch(&hs).unwrap()) {
         assert_eq!(st, Status::Ok, "{h:?}");

@@ -13,6 +13,7 @@
 
 use crate::cleancache::Cleancache;
 use crate::frontswap::{Frontswap, SwapState};
+use crate::stats::DeviceEvents;
 use crate::sys::{self, VirtioDevice, VirtioDriver};
 use crate::transport::{QueueParams, Transport};
 use crate::wire::{self, DeviceConfig, Op, Status};
@@ -21,7 +22,7 @@ use kernel::{
     debugfs::{Dir, File},
     new_mutex,
     prelude::*,
-    sync::{Arc, Mutex},
+    sync::{atomic::Relaxed, Arc, Mutex},
 };
 
 #[cfg(CONFIG_FRONTSWAP)]
@@ -53,6 +54,7 @@ pub(crate) struct Params {
 
 /// What the debugfs file shows: every layer's counters and pools.
 struct Report {
+    events: Arc<DeviceEvents>,
     transport: Arc<Transport>,
     swap: Arc<Frontswap>,
     cache: Arc<Cleancache>,
@@ -62,6 +64,7 @@ impl Report {
     fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.swap.show_stats(f)?;
         self.cache.show_stats(f)?;
+        self.events.for_each(&mut |name, v| writeln!(f, "{name} {v}"))?;
         self.transport.show(f)?;
         self.swap.show_pools(f)?;
         self.cache.show_pools(f)
@@ -74,6 +77,7 @@ pub(crate) struct Device {
     params: Params,
     /// `VTMEM_F_EPHEMERAL` was negotiated.
     ephemeral: bool,
+    events: Arc<DeviceEvents>,
     transport: Arc<Transport>,
     swap: Arc<Frontswap>,
     cache: Arc<Cleancache>,
@@ -136,7 +140,9 @@ impl Device {
             Cleancache::new(transport.clone(), shared, params.cleancache_filter_kib),
             GFP_KERNEL,
         )?;
+        let events = Arc::new(DeviceEvents::new(), GFP_KERNEL)?;
         let report = Report {
+            events: events.clone(),
             transport: transport.clone(),
             swap: swap.clone(),
             cache: cache.clone(),
@@ -146,6 +152,7 @@ impl Device {
             try_pin_init!(Device {
                 params,
                 ephemeral,
+                events,
                 transport: transport.clone(),
                 swap,
                 cache,
@@ -218,9 +225,10 @@ impl VirtioDriver for Device {
             }
         };
         pr_info!(
-            "virtio{}: protocol {}, {} of {} queue(s), ring {}, batch {} pages / {} us, reserve {}\n",
+            "virtio{}: protocol {}, back end {:#010x}, {} of {} queue(s), ring {}, batch {} pages / {} us, reserve {}\n",
             vdev.index(),
             cfg.version,
+            cfg.generation,
             nq,
             offered,
             ring,
@@ -260,6 +268,13 @@ impl VirtioDriver for Device {
 
     fn queue_done(&self, index: u32) {
         self.transport.queue_done(index);
+    }
+
+    fn config_changed(&self) {
+        // Nothing else in the configuration can change: the new back end
+        // serves the same pools, and requests it had not answered were
+        // offered to it again.
+        self.events.device_reconnects.add(1, Relaxed);
     }
 
     fn remove(&self, vdev: &VirtioDevice) {

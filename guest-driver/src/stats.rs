@@ -155,3 +155,14 @@ counters! {
         device_recoveries,
     }
 }
+
+counters! {
+    /// Counters of the device itself.
+    DeviceEvents {
+        /// Configuration changes the device signalled. A vtmem device
+        /// signals one when a new back end has taken it over and restarted
+        /// its rings (QEMU reconnecting to a restarted or upgraded vtmemd),
+        /// so this counts the reconnections the guest rode out.
+        device_reconnects,
+    }
+}

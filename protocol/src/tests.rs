@@ -356,6 +356,12 @@ fn config_round_trips_and_validates() {
     bad[2..4].copy_from_slice(&500u16.to_le_bytes());
     assert_eq!(DeviceConfig::decode(&bad), Err(WireError::TooManyOps(500)));
     assert!(DeviceConfig::decode(&b[..15]).is_err());
+    // The generation is at offset 12, little-endian, and round-trips.
+    let cfg = DeviceConfig::new(1).with_generation(0xdead_beef);
+    let b = cfg.encode();
+    assert_eq!(&b[12..16], &0xdead_beefu32.to_le_bytes());
+    assert_eq!(&b[10..12], &[0, 0]);
+    assert_eq!(DeviceConfig::decode(&b), Ok(cfg));
 }
 
 /// xorshift64*: enough randomness to sweep decoders without a dependency.

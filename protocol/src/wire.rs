@@ -1078,7 +1078,7 @@ impl<'a> ResponseWriter<'a> {
 /// The device configuration space.
 ///
 /// Layout: `num_request_queues u16, max_ops_per_request u16, max_pools u16,
-/// page_shift u8, reserved u8, version u16, reserved [u8; 6]`.
+/// page_shift u8, reserved u8, version u16, reserved u16, generation u32`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
     /// Request queues offered (valid with `VTMEM_F_MQ`; 1 otherwise).
@@ -1091,6 +1091,11 @@ pub struct DeviceConfig {
     pub page_shift: u8,
     /// Protocol version the device speaks.
     pub version: u16,
+    /// Names the back end connection that serves the device: it changes
+    /// when a new back end takes the device over (a restart, an upgrade,
+    /// the end of a migration), and the device then signals a
+    /// configuration change. 0: the device does not say.
+    pub generation: u32,
 }
 
 impl DeviceConfig {
@@ -1102,7 +1107,13 @@ impl DeviceConfig {
             max_pools: MAX_POOLS_PER_CLIENT as u16,
             page_shift: PAGE_SHIFT,
             version: PROTOCOL_VERSION,
+            generation: 0,
         }
+    }
+
+    /// The same configuration, naming back end connection `generation`.
+    pub const fn with_generation(self, generation: u32) -> Self {
+        DeviceConfig { generation, ..self }
     }
 
     /// Encodes the configuration space.
@@ -1113,6 +1124,7 @@ impl DeviceConfig {
         write_bytes(&mut b, 4, &self.max_pools.to_le_bytes());
         b[6] = self.page_shift;
         write_bytes(&mut b, 8, &self.version.to_le_bytes());
+        write_bytes(&mut b, 12, &self.generation.to_le_bytes());
         b
     }
 
@@ -1125,6 +1137,7 @@ impl DeviceConfig {
             max_pools: read_u16(b, 4),
             page_shift: b[6],
             version: read_u16(b, 8),
+            generation: read_u32(b, 12),
         };
         if cfg.version != PROTOCOL_VERSION {
             return Err(WireError::BadVersion(cfg.version));

@@ -392,6 +392,11 @@ pub(crate) trait VirtioDriver: Send + Sync + Sized + 'static {
     /// The device used buffers of queue `index`. Interrupt context.
     fn queue_done(&self, index: u32);
 
+    /// The device signalled a configuration change. Interrupt context,
+    /// under the virtio core's configuration lock: the configuration
+    /// cannot be read here (reading it may sleep).
+    fn config_changed(&self);
+
     /// The device goes away: the driver must stop using it, and reset it and
     /// delete its queues ([`VirtioDevice::del_vqs`]) before returning.
     fn remove(&self, dev: &VirtioDevice);
@@ -418,6 +423,25 @@ unsafe extern "C" fn vq_callback<D: VirtioDriver>(vq: *mut bindings::virtqueue) 
     // deleted, so no callback runs without it.
     let driver = unsafe { &*data };
     driver.queue_done(index);
+}
+
+/// The configuration-change callback.
+///
+/// # Safety
+///
+/// Called by the virtio core only, with a device bound to `D`.
+unsafe extern "C" fn config_changed_callback<D: VirtioDriver>(vdev: *mut bindings::virtio_device) {
+    // SAFETY: the virtio core passes a valid device.
+    let data = unsafe { (*vdev).priv_ }.cast::<D>().cast_const();
+    if data.is_null() {
+        return;
+    }
+    // SAFETY: the core calls this only while configuration changes are
+    // enabled: from after a successful probe (so after `probe_callback` set
+    // `priv_` from `Arc::into_raw`) until remove starts, before
+    // `remove_callback` reclaims it.
+    let driver = unsafe { &*data };
+    driver.config_changed();
 }
 
 /// The driver's probe.
@@ -524,6 +548,7 @@ impl<D: VirtioDriver> Registration<D> {
         table.feature_table_size = D::FEATURES.len() as c_uint;
         table.probe = Some(probe_callback::<D>);
         table.remove = Some(remove_callback::<D>);
+        table.config_changed = Some(config_changed_callback::<D>);
         let drv = storage.drv.get();
         // SAFETY: `drv` points into the heap allocation of `storage`, which
         // stays at the same address while the registration lives; nothing
