@@ -146,6 +146,7 @@ mod content;
 mod evict;
 mod evictable;
 mod image;
+pub mod journal;
 mod pool;
 
 use parking_lot::{Mutex, RwLock};
