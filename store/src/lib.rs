@@ -148,6 +148,7 @@ mod evictable;
 mod image;
 pub mod journal;
 mod pool;
+pub mod state;
 
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap, HashSet};
