@@ -351,14 +351,24 @@ fn rebuild(m: &Model) -> Vec<Record> {
 
 /// Writes `records` to a new journal at `path`, stopping at record
 /// `stop` (left as `tear` says); returns how many were written whole.
-fn write_and_crash(path: &Path, epoch: u64, records: &[Record], stop: usize, tear: &Tear) -> usize {
-    let w = JournalWriter::create(path, epoch, 1).unwrap();
+fn write_and_crash(
+    path: &Path,
+    epoch: u64,
+    records: &[Record],
+    stop: usize,
+    tear: &Tear,
+) -> Result<usize, TestCaseError> {
+    let w = JournalWriter::create(path, epoch, 1, records.len() as u64 + 8).unwrap();
     for r in &records[..stop.min(records.len())] {
         w.append(r).unwrap();
     }
     drop(w);
     let mut bytes = std::fs::read(path).unwrap();
     let mut whole = stop.min(records.len());
+    // The rest of the file was never written (zero); the tear goes at the
+    // tail.
+    prop_assert!(bytes[(whole + 1) * RECORD_BYTES..].iter().all(|&b| b == 0));
+    bytes.truncate((whole + 1) * RECORD_BYTES);
     if let Some(r) = records.get(stop) {
         let enc = r.encode(epoch);
         match tear {
@@ -383,7 +393,7 @@ fn write_and_crash(path: &Path, epoch: u64, records: &[Record], stop: usize, tea
         bytes.extend_from_slice(&[0; 2 * RECORD_BYTES]);
     }
     std::fs::write(path, &bytes).unwrap();
-    whole
+    Ok(whole)
 }
 
 fn run(segments: Vec<(Vec<Op>, usize, Tear)>) -> Result<(), TestCaseError> {
@@ -403,7 +413,7 @@ fn run(segments: Vec<(Vec<Op>, usize, Tear)>) -> Result<(), TestCaseError> {
             after.push((records.len(), model.clone()));
         }
         let stop = base + stop % (records.len() - base + 1);
-        let whole = write_and_crash(&path, epoch, &records, stop, &tear);
+        let whole = write_and_crash(&path, epoch, &records, stop, &tear)?;
         // The operations whose records were all written.
         let (_, expect) = after
             .iter()
