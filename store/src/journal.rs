@@ -666,15 +666,22 @@ fn pool_of<'a>(
         })
 }
 
-/// Replays a journal's records (as [`scan`] returns them) in order;
-/// `path` names the journal in errors. A record that cannot follow the
+/// Replays a journal's records (as [`scan`] returns them) in order onto
+/// `base` (the checkpoint the journal follows, or nothing); `path` names
+/// the journal in errors. A record that cannot follow the
 /// ones before it in a journal this store wrote (a page of a pool that
 /// does not exist or is not persistent, a reference to an unknown entry)
 /// is an error.
-pub fn replay(path: &Path, records: &[(u64, Record)]) -> Result<Replayed, JournalError> {
-    let mut clients = Clients::new();
-    let mut contents: HashMap<u32, Stored> = HashMap::new();
-    let mut answered = Vec::new();
+pub fn replay(
+    path: &Path,
+    base: Replayed,
+    records: &[(u64, Record)],
+) -> Result<Replayed, JournalError> {
+    let Replayed {
+        mut clients,
+        mut contents,
+        mut answered,
+    } = base;
     for &(n, r) in records {
         let bad = |what: String| JournalError::Record(path.to_path_buf(), n, what);
         let persistent = |p: &ReplayedPool| -> Result<(), JournalError> {
@@ -953,7 +960,7 @@ mod tests {
         assert_eq!((s.skipped, s.partial), (0, 0));
         let got: Vec<Record> = s.records.iter().map(|(_, r)| *r).collect();
         assert_eq!(got, rs);
-        let r = replay(path(), &s.records).unwrap();
+        let r = replay(path(), Replayed::default(), &s.records).unwrap();
         let pools = &r.clients[&3];
         assert_eq!(pools.len(), 1, "pool 1 was destroyed");
         let p = &pools[&0];
@@ -1103,7 +1110,9 @@ mod tests {
         };
         let err = |rs: &[Record]| {
             let s = scan(path(), &journal(rs)).unwrap();
-            replay(path(), &s.records).unwrap_err().to_string()
+            replay(path(), Replayed::default(), &s.records)
+                .unwrap_err()
+                .to_string()
         };
         let new_pool = |pool, flags| Record::NewPool {
             client: 1,

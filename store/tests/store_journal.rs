@@ -8,8 +8,9 @@
 //! the operations whose records were all written: every acknowledged
 //! operation is there, an interrupted one is fully there or fully absent,
 //! and no content entry survives that no page references. Recovery then
-//! starts a new journal (a new epoch) from the replayed state and the
-//! sequence goes on, up to three crashes.
+//! checkpoints the replayed state (a snapshot naming the new journal's
+//! epoch), starts a new journal, and the sequence goes on, up to three
+//! crashes; each replay starts from the snapshot.
 //!
 //! This checks the journal and its replay, not page bytes: the store does
 //! not write journals yet.
@@ -19,6 +20,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use vtmem_store::journal::*;
+use vtmem_store::snapshot::{read_snapshot, write_snapshot};
 use vtmem_store::{ObjectId, Uuid};
 
 const POOL_PERSISTENT: u8 = 1;
@@ -301,54 +303,6 @@ impl Model {
     }
 }
 
-/// The records that rebuild `m` in a new journal (what recovery writes
-/// before the store serves again).
-fn rebuild(m: &Model) -> Vec<Record> {
-    let mut recs = Vec::new();
-    let mut contents: Vec<(u32, Stored)> = m.referenced().into_iter().collect();
-    contents.sort_unstable_by_key(|(e, _)| *e);
-    for (entry, s) in contents {
-        recs.push(match s {
-            Stored::Slot { addr, len, form } => Record::Content {
-                entry,
-                addr,
-                len,
-                form,
-            },
-            Stored::Pattern(pattern) => Record::Pattern { entry, pattern },
-        });
-    }
-    for (&client, pools) in &m.clients {
-        for (&pool, p) in pools {
-            recs.push(Record::NewPool {
-                client,
-                pool,
-                flags: p.flags,
-                uuid: p.uuid,
-                op: OpRef::default(),
-            });
-            if p.flags & POOL_PERSISTENT != 0 {
-                recs.push(Record::Reserve {
-                    client,
-                    pool,
-                    total: p.reserved,
-                    op: OpRef::default(),
-                });
-            }
-            for (&(object, index), &content) in &p.pages {
-                recs.push(Record::Put {
-                    client,
-                    pool,
-                    object,
-                    index,
-                    content,
-                });
-            }
-        }
-    }
-    recs
-}
-
 /// Writes `records` to a new journal at `path`, stopping at record
 /// `stop` (left as `tear` says); returns how many were written whole.
 fn write_and_crash(
@@ -396,45 +350,54 @@ fn write_and_crash(
     Ok(whole)
 }
 
+fn fail(e: impl std::fmt::Display) -> TestCaseError {
+    TestCaseError::fail(e.to_string())
+}
+
 fn run(segments: Vec<(Vec<Op>, usize, Tear)>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("d1.snap");
     let mut model = Model::default();
+    // What the last recovery took back (nothing, the first time).
+    let mut recovered = Replayed::default();
     for (gen, (ops, stop, tear)) in segments.into_iter().enumerate() {
         let epoch = 0x5eed_0000 + gen as u64;
         let path = dir.path().join(format!("d1.journal.{gen}"));
-        // Recovery first writes the state it took back, then the
-        // operations go on; the crash comes during the operations.
-        let mut records = rebuild(&model);
-        let base = records.len();
+        // Recovery checkpoints what it took back, with the epoch of the
+        // new journal; then the operations go on, and the crash comes
+        // during them.
+        write_snapshot(&snap, epoch, 1, &recovered).map_err(fail)?;
+        let mut records = Vec::new();
         // After each operation: the records written so far and the model.
-        let mut after = vec![(records.len(), model.clone())];
+        let mut after = vec![(0, model.clone())];
         for o in &ops {
             records.extend(model.apply(o));
             after.push((records.len(), model.clone()));
         }
-        let stop = base + stop % (records.len() - base + 1);
+        let stop = stop % (records.len() + 1);
         let whole = write_and_crash(&path, epoch, &records, stop, &tear)?;
         // The operations whose records were all written.
         let (_, expect) = after
             .iter()
             .rev()
             .find(|(n, _)| *n <= whole)
-            .expect("the rebuilt state is written whole");
-        let s = read_journal(&path).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert_eq!(s.epoch, epoch);
-        let r = replay(&path, &s.records).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            .expect("the state before the first operation needs no record");
+        let base = read_snapshot(&snap).map_err(fail)?;
+        let s = read_journal(&path).map_err(fail)?;
+        prop_assert_eq!((base.epoch, s.epoch), (epoch, epoch));
+        let answered_before = base.state.answered.len();
+        let r = replay(&path, base.state, &s.records).map_err(fail)?;
         expect.check(&r)?;
-        // The non-idempotent operations answered since recovery come back
-        // with their requests, in order, to settle requests offered again.
-        let since: Vec<(u32, OpRef)> = r
-            .answered
+        // The non-idempotent operations answered since the checkpoint come
+        // back with their requests, in order, to settle requests offered
+        // again.
+        let since: Vec<(u32, OpRef)> = r.answered[answered_before..]
             .iter()
-            .filter(|a| a.op != OpRef::default())
             .map(|a| (a.client, a.op))
             .collect();
-        let answered_before = after[0].1.answered.len();
-        prop_assert_eq!(&since[..], &expect.answered[answered_before..]);
+        prop_assert_eq!(&since[..], &expect.answered[after[0].1.answered.len()..]);
         model = expect.clone();
+        recovered = r;
     }
     Ok(())
 }
