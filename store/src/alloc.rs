@@ -36,7 +36,7 @@ pub const CHUNK_BYTES: usize = 64 * 1024;
 /// fewer than [`CHUNK_BYTES`] remain or no chunk can be emptied.
 pub const COMPACT_AT: usize = 2 * CHUNK_BYTES;
 /// Bits of a slot address that name the slot inside its chunk.
-const SLOT_BITS: u32 = 10;
+pub(crate) const SLOT_BITS: u32 = 10;
 const SLOT_MASK: u32 = (1 << SLOT_BITS) - 1;
 /// Chunks one class can have.
 const MAX_CHUNKS: u32 = 1 << (32 - SLOT_BITS);

@@ -52,7 +52,7 @@ pub const ID_MASK: u32 = (1 << 30) - 1;
 /// The all-zero page: no entry, no data.
 pub const ZERO_REF: ContentRef = ID_MASK;
 /// Bits of a content id that name the entry within its shard.
-const ENTRY_BITS: u32 = 26;
+pub(crate) const ENTRY_BITS: u32 = 26;
 const ENTRY_MASK: u32 = (1 << ENTRY_BITS) - 1;
 /// Largest number of shards a domain may have.
 pub const MAX_SHARDS: usize = 1 << (30 - ENTRY_BITS);

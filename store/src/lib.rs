@@ -148,6 +148,7 @@ mod evictable;
 mod image;
 pub mod journal;
 mod pool;
+pub mod recover;
 pub mod snapshot;
 pub mod state;
 
