@@ -245,7 +245,8 @@ impl Slab {
 
     /// Frees the slot at `addr` that was allocated for `len` bytes. If that
     /// leaves the class with [`COMPACT_AT`] bytes of holes, compacts the
-    /// class, calling `moved(owner, new_address)` for every slot it moves.
+    /// class, calling `moved(owner, new_address)` for every slot it moves,
+    /// once the copy is made and before the old slot is reused.
     pub fn free(&mut self, len: usize, addr: u32, moved: impl FnMut(u32, u32)) {
         let class_no = class_of(len);
         let size = class_size(class_no);
@@ -375,6 +376,10 @@ impl Slab {
                     aborted = true;
                     break;
                 };
+                // Reported before the old copy is overwritten: with a
+                // crash-safe state, the caller records the move there, and
+                // until that record is written the old copy must stay whole.
+                moved(owner, to);
                 // The old copy becomes a hole of the chunk being emptied.
                 chunk.data[at..at + 4].copy_from_slice(&chunk.free_head.to_le_bytes());
                 chunk.free_head = slot as u32;
@@ -384,7 +389,6 @@ impl Slab {
                 class.used -= 1;
                 class.holes += 1;
                 self.live -= size as u64;
-                moved(owner, to);
             }
             let class = &mut self.classes[class_no];
             if aborted {
