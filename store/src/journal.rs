@@ -646,6 +646,21 @@ pub struct Replayed {
 /// Replayed clients by durable number, their pools by id.
 pub type Clients = BTreeMap<u32, BTreeMap<u8, ReplayedPool>>;
 
+fn add_ref(refs: &mut HashMap<u32, u32>, c: u32) {
+    if c != ZERO_CONTENT {
+        *refs.entry(c).or_default() += 1;
+    }
+}
+
+fn drop_ref(refs: &mut HashMap<u32, u32>, c: u32) {
+    if let std::collections::hash_map::Entry::Occupied(mut e) = refs.entry(c) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+        }
+    }
+}
+
 /// Pool `pool` of `client`, or an error for record `n` of `path`.
 fn pool_of<'a>(
     clients: &'a mut Clients,
@@ -682,6 +697,17 @@ pub fn replay(
         mut contents,
         mut answered,
     } = base;
+    // Persistent pages referencing each entry: an entry is only defined
+    // again once none does (rule 3), so a redefinition of one still
+    // referenced is a journal this store cannot have written.
+    let mut refs: HashMap<u32, u32> = HashMap::new();
+    for pools in clients.values() {
+        for p in pools.values() {
+            for &c in p.pages.values() {
+                add_ref(&mut refs, c);
+            }
+        }
+    }
     for &(n, r) in records {
         let bad = |what: String| JournalError::Record(path.to_path_buf(), n, what);
         let persistent = |p: &ReplayedPool| -> Result<(), JournalError> {
@@ -700,11 +726,21 @@ pub fn replay(
                 if entry >= ZERO_CONTENT {
                     return Err(bad(format!("content entry {entry} out of range")));
                 }
+                if refs.contains_key(&entry) {
+                    return Err(bad(format!(
+                        "content entry {entry} defined again while pages reference it"
+                    )));
+                }
                 contents.insert(entry, Stored::Slot { addr, len, form });
             }
             Record::Pattern { entry, pattern } => {
                 if entry >= ZERO_CONTENT {
                     return Err(bad(format!("content entry {entry} out of range")));
+                }
+                if refs.contains_key(&entry) {
+                    return Err(bad(format!(
+                        "content entry {entry} defined again while pages reference it"
+                    )));
                 }
                 contents.insert(entry, Stored::Pattern(pattern));
             }
@@ -724,7 +760,10 @@ pub fn replay(
                 }
                 let p = pool_of(&mut clients, client, pool, path, n)?;
                 persistent(p)?;
-                p.pages.insert((object, index), content);
+                if let Some(old) = p.pages.insert((object, index), content) {
+                    drop_ref(&mut refs, old);
+                }
+                add_ref(&mut refs, content);
             }
             Record::FlushPage {
                 client,
@@ -734,7 +773,9 @@ pub fn replay(
             } => {
                 let p = pool_of(&mut clients, client, pool, path, n)?;
                 persistent(p)?;
-                p.pages.remove(&(object, index));
+                if let Some(old) = p.pages.remove(&(object, index)) {
+                    drop_ref(&mut refs, old);
+                }
             }
             Record::FlushObject {
                 client,
@@ -743,7 +784,13 @@ pub fn replay(
             } => {
                 let p = pool_of(&mut clients, client, pool, path, n)?;
                 persistent(p)?;
-                p.pages.retain(|(o, _), _| *o != object);
+                p.pages.retain(|(o, _), c| {
+                    let keep = *o != object;
+                    if !keep {
+                        drop_ref(&mut refs, *c);
+                    }
+                    keep
+                });
             }
             Record::NewPool {
                 client,
@@ -778,8 +825,10 @@ pub fn replay(
             }
             Record::DestroyPool { client, pool, op } => {
                 pool_of(&mut clients, client, pool, path, n)?;
-                if let Some(c) = clients.get_mut(&client) {
-                    c.remove(&pool);
+                if let Some(p) = clients.get_mut(&client).and_then(|c| c.remove(&pool)) {
+                    for c in p.pages.into_values() {
+                        drop_ref(&mut refs, c);
+                    }
                 }
                 answered.push(Answered {
                     client,
@@ -803,7 +852,11 @@ pub fn replay(
                 });
             }
             Record::Reset { client, op } => {
-                clients.entry(client).or_default().clear();
+                for p in std::mem::take(clients.entry(client).or_default()).into_values() {
+                    for c in p.pages.into_values() {
+                        drop_ref(&mut refs, c);
+                    }
+                }
                 answered.push(Answered {
                     client,
                     op,
@@ -1149,6 +1202,35 @@ mod tests {
             err(&[new_pool(0, POOL_SHARED)]),
             "journal /state/d1.journal: record 0: a shared pool without a uuid, or the reverse"
         );
+        // An entry defined again while a page references it (a slot freed
+        // before the record that dropped its last reference).
+        let pool = new_pool(0, POOL_PERSISTENT);
+        let flush = Record::FlushPage {
+            client: 1,
+            pool: 0,
+            object: object(1),
+            index: 0,
+        };
+        assert_eq!(
+            err(&[pool, content, put(1, 0, 1), content]),
+            "journal /state/d1.journal: record 3: content entry 1 defined again while pages reference it"
+        );
+        let s = scan(
+            path(),
+            &journal(&[pool, content, put(1, 0, 1), flush, content]),
+        )
+        .unwrap();
+        replay(path(), Replayed::default(), &s.records).unwrap();
+        let reset = Record::Reset {
+            client: 1,
+            op: op(0),
+        };
+        let s = scan(
+            path(),
+            &journal(&[pool, content, put(1, 0, 1), reset, content]),
+        )
+        .unwrap();
+        replay(path(), Replayed::default(), &s.records).unwrap();
         assert_eq!(
             err(&[Record::Move { entry: 1, addr: 2 }]),
             "journal /state/d1.journal: record 0: move of content entry 1, not in a slot"
