@@ -142,6 +142,7 @@ mod account;
 mod alloc;
 mod api;
 mod client;
+pub mod clients;
 mod content;
 mod evict;
 mod evictable;
