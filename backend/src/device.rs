@@ -189,6 +189,25 @@ impl VtmemBackend {
         }
     }
 
+    /// Stops every worker taking chains and waits until each has answered
+    /// the batch it holds: once this returns, nothing writes to the rings
+    /// of this connection any more.
+    ///
+    /// Call it before dropping a connection on purpose. When the
+    /// connection goes, QEMU rewinds each ring to the used index it finds
+    /// in guest memory (it cannot ask a back end that is gone); a batch
+    /// answered after that would leave the used index ahead of where the
+    /// next back end is told to start, and it would take chains the guest
+    /// already had answers for.
+    pub fn quiesce(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for executor in &self.executors {
+            // A worker holds its executor while it drains the queue, and
+            // checks `stopping` before each chain.
+            drop(lock(executor));
+        }
+    }
+
     /// Whether `VIRTIO_RING_F_EVENT_IDX` was negotiated.
     pub fn event_idx(&self) -> bool {
         self.event_idx.load(Ordering::Acquire)

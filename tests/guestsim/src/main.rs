@@ -10,6 +10,7 @@ use vtmem_guestsim::bench::{self, BenchOptions};
 use vtmem_guestsim::migrate::{self, MigrateOptions};
 use vtmem_guestsim::multivm::{self, MultiVmOptions};
 use vtmem_guestsim::pages::{checksum, random_page};
+use vtmem_guestsim::upgrade::{self, UpgradeOptions};
 use vtmem_guestsim::{PoolSpec, Status, Vm, VmOptions};
 use vtmem_testkit::handle;
 
@@ -77,6 +78,22 @@ enum Command {
     /// first, move its device state to the second (as live migration
     /// does) and time both ends; print a table, then one JSON line.
     Migrate {
+        /// Pages the VM stores (default 262144, 1 GiB; 16384 with --quick).
+        #[arg(long, value_name = "N")]
+        pages: Option<usize>,
+        /// Short run.
+        #[arg(long)]
+        quick: bool,
+        /// vtmemd binary (default: $VTMEMD, else the vtmemd next to this
+        /// executable).
+        #[arg(long, value_name = "PATH", env = "VTMEMD")]
+        vtmemd: Option<PathBuf>,
+    },
+    /// Start a private vtmemd with a state directory; store a realistic
+    /// page mix in a VM, stop vtmemd with SIGTERM, start it again on the
+    /// directory, reconnect and time each step; print a table, then one
+    /// JSON line.
+    Upgrade {
         /// Pages the VM stores (default 262144, 1 GiB; 16384 with --quick).
         #[arg(long, value_name = "N")]
         pages: Option<usize>,
@@ -189,6 +206,16 @@ fn main() {
             quick,
             vtmemd,
         } => migrate::run(&MigrateOptions {
+            pages,
+            quick,
+            vtmemd,
+        })
+        .and_then(|r| table_and_json(&r.table(), &r)),
+        Command::Upgrade {
+            pages,
+            quick,
+            vtmemd,
+        } => upgrade::run(&UpgradeOptions {
             pages,
             quick,
             vtmemd,
