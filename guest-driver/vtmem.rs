@@ -94,6 +94,10 @@ module! {
             default: false,
             description: "Ask for a shared pool named by the filesystem UUID (the host admin must authorise it; otherwise a private pool)",
         },
+        cleancache_batch_gets: bool {
+            default: true,
+            description: "Let readahead ask for a window's file pages in one request (false: one request per page, as the kernel asks without batching)",
+        },
         cleancache_filter_kib: u32 {
             default: 4096,
             description: "Most memory (KiB) for tracking which file pages the host may hold, so that reads of other pages do not ask it; pages beyond it are not put (0: no filter, every read asks the host)",
@@ -113,6 +117,7 @@ pub(crate) fn params() -> device::Params {
         cleancache: module_parameters::cleancache.value(),
         cleancache_shared: module_parameters::cleancache_shared.value(),
         cleancache_filter_kib: module_parameters::cleancache_filter_kib.value(),
+        cleancache_batch_gets: module_parameters::cleancache_batch_gets.value(),
         device_timeout_ms: module_parameters::device_timeout_ms.value(),
     }
 }

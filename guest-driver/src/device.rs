@@ -49,6 +49,7 @@ pub(crate) struct Params {
     pub(crate) cleancache: bool,
     pub(crate) cleancache_shared: bool,
     pub(crate) cleancache_filter_kib: u32,
+    pub(crate) cleancache_batch_gets: bool,
     pub(crate) device_timeout_ms: u32,
 }
 
@@ -101,7 +102,10 @@ impl Device {
             return;
         }
         #[cfg(CONFIG_CLEANCACHE)]
-        match sys::CleancacheRegistration::register(self.cache.clone()) {
+        match sys::CleancacheRegistration::register(
+            self.cache.clone(),
+            self.params.cleancache_batch_gets,
+        ) {
             Ok(reg) => {
                 *self.cache_reg.lock() = Some(reg);
                 pr_info!("registered as the cleancache backend\n");

@@ -96,6 +96,14 @@ counters! {
         /// Gets the page filter answered "miss" without asking the host: it
         /// cannot hold the page (never put, or gone since).
         cleancache_gets_skipped,
+        /// Readahead windows the kernel asked for at once (`get_pages`
+        /// calls; `cleancache_batch_gets`).
+        cleancache_get_windows,
+        /// Pages those windows asked for (also in `cleancache_gets`).
+        cleancache_get_window_pages,
+        /// Requests that carried gets to the host: one per get sent alone,
+        /// one per window whose gets were sent together.
+        cleancache_get_requests,
         /// Reads the host answered with the page (no disk I/O).
         cleancache_hits,
         /// Reads not served from the host (skipped, missed, or failed): the

@@ -16,7 +16,8 @@
 //! - `frontswap` (with `CONFIG_FRONTSWAP`): [`FrontswapRegistration`] and
 //!   the [`FrontswapBackend`] trait;
 //! - `cleancache` (with `CONFIG_CLEANCACHE`): [`CleancacheRegistration`],
-//!   the [`CleancacheBackend`] trait and [`FileKey`].
+//!   the [`CleancacheBackend`] trait, [`FileKey`] and [`PageBatch`] (the
+//!   pages of a readahead window asked for at once).
 //!
 //! Every `unsafe` block of the driver is in these modules; the driver logic
 //! in the other modules is safe Rust.
@@ -45,7 +46,9 @@ pub(crate) use frontswap::{FrontswapBackend, FrontswapRegistration};
 #[path = "sys/cleancache.rs"]
 mod cleancache;
 #[cfg(CONFIG_CLEANCACHE)]
-pub(crate) use cleancache::{CleancacheBackend, CleancacheRegistration, FileKey};
+pub(crate) use cleancache::{
+    CleancacheBackend, CleancacheRegistration, FileKey, PageBatch, GET_BATCH,
+};
 
 /// Initialises global state of this module. Called once, from module init.
 pub(crate) fn init_globals() {

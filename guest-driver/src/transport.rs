@@ -614,6 +614,9 @@ pub(crate) enum Flush {
 pub(crate) struct Transport {
     queues: KVec<Pin<KBox<Timed<Queue>>>>,
     hook: Arc<dyn AnswerHook>,
+    /// The most `GET`s one request can carry (operations and page slots
+    /// of a batch).
+    max_gets: usize,
 }
 
 impl Transport {
@@ -635,7 +638,22 @@ impl Transport {
         for (q, vq) in queues.iter().zip(vqs) {
             q.inner.lock().vq = Some(vq);
         }
-        Ok((Self { queues, hook }, ring))
+        let max_gets = usize::from(p.max_ops.clamp(1, crate::wire::MAX_OPS_PER_REQUEST))
+            .min(usize::from(p.slots))
+            .clamp(1, MAX_FETCH);
+        Ok((
+            Self {
+                queues,
+                hook,
+                max_gets,
+            },
+            ring,
+        ))
+    }
+
+    /// The most `GET`s one [`Locked::fetch_many`] can send (at least 1).
+    pub(crate) fn max_gets(&self) -> usize {
+        self.max_gets
     }
 
     /// Number of queues (at least one).
@@ -813,6 +831,9 @@ impl Transport {
     }
 }
 
+/// The most `GET`s [`Locked::fetch_many`] takes at once.
+pub(crate) const MAX_FETCH: usize = 64;
+
 /// The device's answer to a `GET`.
 pub(crate) enum Answer<'a> {
     /// The page, as the device wrote it.
@@ -941,6 +962,61 @@ impl Locked<'_> {
                 _ => Err(EIO),
             }
         })?
+    }
+
+    /// Sends up to `n` `GET`s in one request at once (behind every
+    /// operation queued on this queue before) and waits for their answers.
+    /// `handle(i)` names the `i`-th page; it is called for each `i` in
+    /// `0..n`, in order, with the queue locked, after any wait for room and
+    /// right before the `GET`s are queued (`None`: no `GET` for it).
+    /// `answer(i, a)` reads the answer of each `GET` sent, with the queue
+    /// locked; a failed `GET` (an error status) is not answered, and a
+    /// device that stalled or went away answers none (an error). Returns
+    /// how many `GET`s were sent. `n` is at most [`Transport::max_gets`]
+    /// (`EINVAL` otherwise). Process context only.
+    pub(crate) fn fetch_many(
+        mut self,
+        n: usize,
+        mut handle: impl FnMut(usize) -> Option<Handle>,
+        mut answer: impl FnMut(usize, Answer<'_>),
+    ) -> Result<usize> {
+        if n == 0 || n > self.t.max_gets {
+            return Err(EINVAL);
+        }
+        self.wait_room(n, n)?;
+        // The batch index of the `GET` of each page sent.
+        let mut sent = [None::<usize>; MAX_FETCH];
+        let mut first = None;
+        for (i, at) in sent.iter_mut().enumerate().take(n) {
+            let Some(h) = handle(i) else {
+                continue;
+            };
+            let slot = self.push(Op::Get { handle: h })?;
+            first.get_or_insert(slot);
+            *at = Some(slot.index);
+        }
+        let Some(first) = first else {
+            return Ok(0);
+        };
+        self.wait_answer(first, |b, _| {
+            let mut count = 0;
+            for (i, at) in sent.iter().enumerate() {
+                let Some(index) = *at else {
+                    continue;
+                };
+                count += 1;
+                match b.ops().get(index).and_then(|m| m.result).map(|s| s.status) {
+                    Some(Status::Ok) => {
+                        if let Some(page) = b.page(index) {
+                            answer(i, Answer::Hit(page));
+                        }
+                    }
+                    Some(Status::Miss) => answer(i, Answer::Miss),
+                    _ => {}
+                }
+            }
+            count
+        })
     }
 
     /// Queues an invalidation (`FLUSH_PAGE`, `FLUSH_OBJECT`) without
