@@ -13,13 +13,27 @@ use std::sync::Arc;
 use common::guest::*;
 use common::*;
 use vtmem_api::Request;
-use vtmem_guestsim::{Handle, PoolSpec, Status, VmOptions, PAGE_SIZE};
+use vtmem_guestsim::{Handle, PoolSpec, Status, Vm, VmOptions, PAGE_SIZE};
 
 fn no_reset() -> VmOptions {
     VmOptions {
         reset_on_connect: false,
         ..VmOptions::default()
     }
+}
+
+/// VM `m` with 8 requests in flight, and a persistent pool to stream into.
+fn streaming_vm(d: &Vtmemd) -> (Arc<Vm>, u32) {
+    let vm = Arc::new(connect_with(
+        d,
+        "m",
+        VmOptions {
+            depth: 8,
+            ..VmOptions::default()
+        },
+    ));
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    (vm, pool)
 }
 
 fn args(state: &std::path::Path, vms: &[&str]) -> Vec<String> {
@@ -130,15 +144,7 @@ fn pages_survive_an_orderly_restart_with_a_state_dir() {
 fn puts_acknowledged_before_a_stop_are_all_there_after_it() {
     let state = temp_dir();
     let mut d = vtmemd(&args(state.path(), &["m"]));
-    let vm = Arc::new(connect_with(
-        &d,
-        "m",
-        VmOptions {
-            depth: 8,
-            ..VmOptions::default()
-        },
-    ));
-    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let (vm, pool) = streaming_vm(&d);
     let stop = Arc::new(AtomicBool::new(false));
     let streamer = {
         let (vm, stop) = (vm.clone(), stop.clone());
@@ -244,15 +250,7 @@ fn an_image_without_its_vm_waits_for_it() {
 fn the_used_index_is_final_when_vtmemd_drops_the_connection() {
     let state = temp_dir();
     let d = vtmemd(&args(state.path(), &["m"]));
-    let vm = Arc::new(connect_with(
-        &d,
-        "m",
-        VmOptions {
-            depth: 8,
-            ..VmOptions::default()
-        },
-    ));
-    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let (vm, pool) = streaming_vm(&d);
     let streamer = {
         let vm = vm.clone();
         std::thread::spawn(move || {

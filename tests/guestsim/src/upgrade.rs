@@ -72,16 +72,7 @@ pub fn run(opts: &UpgradeOptions) -> Result<UpgradeReport> {
     let vm = Vm::connect(d.socket("vm"), &VmOptions::default())?;
     let pool = vm.new_pool(PoolSpec::persistent())?;
     eprintln!("storing them in vtmemd");
-    for (c, chunk) in corpus.pages.chunks(128).enumerate() {
-        let batch: Vec<_> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (handle(pool, 1, (c * 128 + i) as u64), &**p))
-            .collect();
-        if let Some(s) = vm.put_batch(&batch)?.iter().find(|s| **s != Status::Ok) {
-            return Err(Error::Status(*s));
-        }
-    }
+    corpus.store(&vm, pool)?;
     let held = d.client_stats("vm");
 
     eprintln!("stopping vtmemd (SIGTERM) and starting it again");
@@ -127,17 +118,7 @@ pub fn run(opts: &UpgradeOptions) -> Result<UpgradeReport> {
     }
 
     // A sample read back.
-    let sample: Vec<usize> = (0..n).step_by(61).collect();
-    for chunk in sample.chunks(64) {
-        let hs: Vec<_> = chunk.iter().map(|&i| handle(pool, 1, i as u64)).collect();
-        for (&i, (s, page)) in chunk.iter().zip(again.get_batch(&hs)?) {
-            if s != Status::Ok || *page != *corpus.pages[i] {
-                return Err(Error::Device(format!(
-                    "page {i} came back {s} or different"
-                )));
-            }
-        }
-    }
+    corpus.verify_sample(&again, pool, 61)?;
     again.disconnect();
 
     let pages = held.persistent_pages;
