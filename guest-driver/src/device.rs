@@ -65,7 +65,8 @@ impl Report {
     fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.swap.show_stats(f)?;
         self.cache.show_stats(f)?;
-        self.events.for_each(&mut |name, v| writeln!(f, "{name} {v}"))?;
+        self.events
+            .for_each(&mut |name, v| writeln!(f, "{name} {v}"))?;
         self.transport.show(f)?;
         self.swap.show_pools(f)?;
         self.cache.show_pools(f)
