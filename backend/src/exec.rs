@@ -82,6 +82,11 @@ pub struct DeviceCounters {
     pub ops: AtomicU64,
     /// Operations that failed to decode (unknown opcode, bad flags...).
     pub invalid_ops: AtomicU64,
+    /// Valid chains holding at least one `GET` (a batched read: a
+    /// readahead window, a swap-in).
+    pub get_chains: AtomicU64,
+    /// `GET` operations in those chains.
+    pub get_ops: AtomicU64,
     /// Chains answered with a request-level error status.
     pub rejected_chains: AtomicU64,
     /// Chains returned with used length 0.
@@ -120,6 +125,8 @@ impl DeviceCounters {
             chains: l(&self.chains),
             ops: l(&self.ops),
             invalid_ops: l(&self.invalid_ops),
+            get_chains: l(&self.get_chains),
+            get_ops: l(&self.get_ops),
             rejected_chains: l(&self.rejected_chains),
             dropped_chains: l(&self.dropped_chains),
             notifications: l(&self.notifications),
@@ -345,6 +352,10 @@ fn execute<M: GuestMemory + ?Sized>(
     }
     DeviceCounters::add(&counters.ops, u64::from(num_ops));
     DeviceCounters::add(&counters.invalid_ops, invalid);
+    if gets.taken > 0 {
+        DeviceCounters::add(&counters.get_chains, 1);
+        DeviceCounters::add(&counters.get_ops, u64::from(gets.taken));
+    }
 
     let len = writer.finish(ResponseHeader {
         num_ops,
@@ -884,6 +895,34 @@ mod tests {
         assert_eq!(statuses(&resp), vec![(Status::Miss, 0)]);
         assert_eq!(out.used_len, 32);
         assert_eq!(pages[0], page_of(0xaa));
+    }
+
+    #[test]
+    fn chains_with_gets_are_counted_with_their_gets() {
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        let data = page_of(7);
+        let (_, resp, _) = send(
+            &mut f,
+            &mem,
+            &mut ring,
+            &[Op::Put {
+                handle: h(pool, 1),
+                reserved: false,
+            }],
+            &[data],
+            false,
+            Features::ALL,
+        );
+        assert_eq!(statuses(&resp), vec![(Status::Ok, 0)]);
+        let none = f.exec.counters.snapshot();
+        assert_eq!((none.get_chains, none.get_ops), (0, 0));
+        let ops: Vec<Op> = (0..3).map(|i| Op::Get { handle: h(pool, i) }).collect();
+        send(&mut f, &mem, &mut ring, &ops, &[], false, Features::ALL);
+        let after = f.exec.counters.snapshot();
+        assert_eq!((after.get_chains, after.get_ops), (1, 3));
     }
 
     #[test]

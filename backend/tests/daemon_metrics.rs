@@ -201,6 +201,16 @@ fn metrics_match_the_control_socket() {
             get(&samples, "vtmem_vm_device_chains_total", &l),
             vm["device"]["chains"].as_f64().unwrap()
         );
+        for (metric, field) in [
+            ("vtmem_vm_device_get_chains_total", "get_chains"),
+            ("vtmem_vm_device_get_ops_total", "get_ops"),
+        ] {
+            assert_eq!(
+                get(&samples, metric, &l),
+                vm["device"][field].as_f64().unwrap(),
+                "{metric}"
+            );
+        }
         for m in [
             "vtmem_vm_device_rejected_chains_total",
             "vtmem_vm_device_kicks_total",

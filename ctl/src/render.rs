@@ -396,6 +396,7 @@ pub fn show(d: &VmDetails) -> String {
         "device",
         format!(
             "chains {}, ops {}, invalid ops {}, rejected chains {}, dropped chains {}\n\
+             chains with GETs {}, {:.1} GETs each\n\
              kicks {}, notifications {}, poll hits {}, poll misses {}, polling CPU {:.3} ms\n\
              {} from the guest, {} to the guest\n\
              device states sent {}, taken {}, failed {}",
@@ -404,6 +405,8 @@ pub fn show(d: &VmDetails) -> String {
             dev.invalid_ops,
             dev.rejected_chains,
             dev.dropped_chains,
+            dev.get_chains,
+            dev.get_ops as f64 / dev.get_chains.max(1) as f64,
             dev.kicks,
             dev.notifications,
             dev.poll_hits,
