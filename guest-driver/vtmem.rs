@@ -90,6 +90,10 @@ module! {
             default: 60000,
             description: "Waits for a device that leaves work unanswered this long (the host daemon gone) fail: stores go to the swap disk, loads fail (0: wait for ever)",
         },
+        swap_async_loads: bool {
+            default: true,
+            description: "Let swap-in loads travel asynchronously, a readahead window (vm.page-cluster) per request with one notification (false: one synchronous request per page)",
+        },
         cleancache_shared: bool {
             default: false,
             description: "Ask for a shared pool named by the filesystem UUID (the host admin must authorise it; otherwise a private pool)",
@@ -119,6 +123,7 @@ pub(crate) fn params() -> device::Params {
         cleancache_filter_kib: module_parameters::cleancache_filter_kib.value(),
         cleancache_batch_gets: module_parameters::cleancache_batch_gets.value(),
         device_timeout_ms: module_parameters::device_timeout_ms.value(),
+        swap_async_loads: module_parameters::swap_async_loads.value(),
     }
 }
 

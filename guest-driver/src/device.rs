@@ -51,6 +51,7 @@ pub(crate) struct Params {
     pub(crate) cleancache_filter_kib: u32,
     pub(crate) cleancache_batch_gets: bool,
     pub(crate) device_timeout_ms: u32,
+    pub(crate) swap_async_loads: bool,
 }
 
 /// What the debugfs file shows: every layer's counters and pools.
@@ -138,7 +139,13 @@ impl Device {
         let ephemeral = vdev.has_feature(wire::VTMEM_F_EPHEMERAL);
         let shared = params.cleancache_shared && vdev.has_feature(wire::VTMEM_F_SHARED);
         let swap = Arc::new(
-            Frontswap::new(transport.clone(), swap_state, reserve, params.reserve_pages),
+            Frontswap::new(
+                transport.clone(),
+                swap_state,
+                reserve,
+                params.reserve_pages,
+                params.swap_async_loads,
+            ),
             GFP_KERNEL,
         )?;
         let cache = Arc::pin_init(

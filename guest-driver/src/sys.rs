@@ -13,8 +13,9 @@
 //!   without keeping a handle and cancelled when the object goes;
 //! - `page`: [`PageRef`], the page a frontswap or cleancache operation
 //!   hands over;
-//! - `frontswap` (with `CONFIG_FRONTSWAP`): [`FrontswapRegistration`] and
-//!   the [`FrontswapBackend`] trait;
+//! - `frontswap` (with `CONFIG_FRONTSWAP`): [`FrontswapRegistration`],
+//!   the [`FrontswapBackend`] trait and [`AsyncLoad`] (a swap-in the
+//!   backend ends later, from its completion);
 //! - `cleancache` (with `CONFIG_CLEANCACHE`): [`CleancacheRegistration`],
 //!   the [`CleancacheBackend`] trait, [`FileKey`] and [`PageBatch`] (the
 //!   pages of a readahead window asked for at once).
@@ -40,7 +41,7 @@ pub(crate) use page::PageRef;
 #[path = "sys/frontswap.rs"]
 mod frontswap;
 #[cfg(CONFIG_FRONTSWAP)]
-pub(crate) use frontswap::{FrontswapBackend, FrontswapRegistration};
+pub(crate) use frontswap::{AsyncLoad, FrontswapBackend, FrontswapRegistration};
 
 #[cfg(CONFIG_CLEANCACHE)]
 #[path = "sys/cleancache.rs"]
