@@ -14,19 +14,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::daemon;
-use crate::pages::Corpus;
+use crate::pages::{Corpus, CorpusRunOptions};
 use crate::{PoolSpec, Result, Vm, VmOptions, PAGE_SIZE};
-
-/// Options of [`run`].
-#[derive(Clone, Debug, Default)]
-pub struct MigrateOptions {
-    /// Pages the VM stores (default 262144, 1 GiB; 16384 with `quick`).
-    pub pages: Option<usize>,
-    /// A short run.
-    pub quick: bool,
-    /// vtmemd binary.
-    pub vtmemd: Option<std::path::PathBuf>,
-}
 
 /// The figures.
 #[derive(Clone, Debug, Serialize)]
@@ -58,10 +47,8 @@ fn mb(bytes: u64) -> f64 {
 }
 
 /// Runs the benchmark.
-pub fn run(opts: &MigrateOptions) -> Result<MigrateReport> {
-    let n = opts
-        .pages
-        .unwrap_or(if opts.quick { 16_384 } else { 262_144 });
+pub fn run(opts: &CorpusRunOptions) -> Result<MigrateReport> {
+    let n = opts.pages();
     let binary = daemon::vtmemd_binary(opts.vtmemd.as_deref())?;
     let a = daemon::start(&binary, &["vm".into()], &[])?;
     let b = daemon::start(&binary, &["vm".into()], &[])?;

@@ -175,3 +175,27 @@ impl Corpus {
         Ok(())
     }
 }
+
+/// Options of the benchmarks that fill one VM's persistent pool with the
+/// corpus (`migrate`, `upgrade`).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct CorpusRunOptions {
+    /// Pages the VM stores (default 262144, 1 GiB; 16384 with --quick).
+    #[arg(long, value_name = "N")]
+    pub pages: Option<usize>,
+    /// Short run.
+    #[arg(long)]
+    pub quick: bool,
+    /// vtmemd binary (default: $VTMEMD, else the vtmemd next to this
+    /// executable).
+    #[arg(long, value_name = "PATH", env = "VTMEMD")]
+    pub vtmemd: Option<PathBuf>,
+}
+
+impl CorpusRunOptions {
+    /// Pages to store.
+    pub fn pages(&self) -> usize {
+        self.pages
+            .unwrap_or(if self.quick { 16_384 } else { 262_144 })
+    }
+}

@@ -15,19 +15,8 @@ use serde::Serialize;
 use vtmem_testkit::{handle, temp_dir};
 
 use crate::daemon;
-use crate::pages::Corpus;
+use crate::pages::{Corpus, CorpusRunOptions};
 use crate::{Error, PoolSpec, Result, Status, Vm, VmOptions, PAGE_SIZE};
-
-/// Options of [`run`].
-#[derive(Clone, Debug, Default)]
-pub struct UpgradeOptions {
-    /// Pages the VM stores (default 262144, 1 GiB; 16384 with `quick`).
-    pub pages: Option<usize>,
-    /// A short run.
-    pub quick: bool,
-    /// vtmemd binary.
-    pub vtmemd: Option<std::path::PathBuf>,
-}
 
 /// The figures.
 #[derive(Clone, Debug, Serialize)]
@@ -54,10 +43,8 @@ pub struct UpgradeReport {
 }
 
 /// Runs the benchmark.
-pub fn run(opts: &UpgradeOptions) -> Result<UpgradeReport> {
-    let n = opts
-        .pages
-        .unwrap_or(if opts.quick { 16_384 } else { 262_144 });
+pub fn run(opts: &CorpusRunOptions) -> Result<UpgradeReport> {
+    let n = opts.pages();
     let binary = daemon::vtmemd_binary(opts.vtmemd.as_deref())?;
     let state = temp_dir();
     let vms = ["vm".to_string()];
