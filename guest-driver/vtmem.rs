@@ -90,9 +90,17 @@ module! {
             default: 60000,
             description: "Waits for a device that leaves work unanswered this long (the host daemon gone) fail: stores go to the swap disk, loads fail (0: wait for ever)",
         },
+        swap_async_loads: bool {
+            default: true,
+            description: "Let swap-in loads travel asynchronously, a readahead window (vm.page-cluster) per request with one notification (false: one synchronous request per page)",
+        },
         cleancache_shared: bool {
             default: false,
             description: "Ask for a shared pool named by the filesystem UUID (the host admin must authorise it; otherwise a private pool)",
+        },
+        cleancache_batch_gets: bool {
+            default: true,
+            description: "Let readahead ask for a window's file pages in one request (false: one request per page, as the kernel asks without batching)",
         },
         cleancache_filter_kib: u32 {
             default: 4096,
@@ -113,7 +121,9 @@ pub(crate) fn params() -> device::Params {
         cleancache: module_parameters::cleancache.value(),
         cleancache_shared: module_parameters::cleancache_shared.value(),
         cleancache_filter_kib: module_parameters::cleancache_filter_kib.value(),
+        cleancache_batch_gets: module_parameters::cleancache_batch_gets.value(),
         device_timeout_ms: module_parameters::device_timeout_ms.value(),
+        swap_async_loads: module_parameters::swap_async_loads.value(),
     }
 }
 

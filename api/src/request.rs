@@ -334,6 +334,11 @@ pub struct DeviceStats {
     pub ops: u64,
     /// Operations that failed to decode (unknown opcode, bad flags...).
     pub invalid_ops: u64,
+    /// Valid chains holding at least one `GET`.
+    pub get_chains: u64,
+    /// `GET` operations in those chains (`get_ops / get_chains`: pages a
+    /// batched read carries).
+    pub get_ops: u64,
     /// Chains answered with a request-level error status.
     pub rejected_chains: u64,
     /// Chains returned with used length 0.

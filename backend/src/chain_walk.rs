@@ -365,6 +365,27 @@ impl<'a> Cursor<'a> {
         Ok(())
     }
 
+    /// The guest address of the next `n` bytes when they lie in one
+    /// segment (empty segments before them are passed over), `None` when
+    /// they span segments or go past the end. Moves nothing.
+    pub fn contiguous(&self, n: u64) -> Option<GuestAddress> {
+        if n > self.remaining() {
+            return None;
+        }
+        let (mut idx, mut off) = (self.idx, self.off);
+        loop {
+            let seg = self.segs.get(idx)?;
+            let avail = u64::from(seg.len - off);
+            if avail == 0 && n > 0 {
+                idx += 1;
+                off = 0;
+                continue;
+            }
+            // In range: the walk checked `seg.addr + seg.len` in memory.
+            return (avail >= n).then(|| seg.addr.unchecked_add(u64::from(off)));
+        }
+    }
+
     /// Moves `n` bytes forward without touching memory.
     pub fn skip(&mut self, n: u64) -> Result<(), CursorError> {
         self.check(n)?;
@@ -658,6 +679,26 @@ mod tests {
         c.read_exact(&mem, &mut buf).unwrap();
         assert_eq!(buf, [0xee; 5]);
         assert_eq!(Cursor::new(&[]).remaining(), 0);
+    }
+
+    #[test]
+    fn cursor_finds_contiguous_runs() {
+        let mem = guest_memory();
+        let segs = spread(&mem, &[3, 0, 5, 1]);
+        let mut c = Cursor::new(&segs);
+        assert_eq!(c.contiguous(3), Some(segs[0].addr));
+        assert_eq!(c.contiguous(4), None);
+        c.skip(3).unwrap();
+        // At the end of a segment: the next non-empty one.
+        assert_eq!(c.contiguous(5), Some(segs[2].addr));
+        c.skip(1).unwrap();
+        assert_eq!(c.contiguous(4), Some(segs[2].addr.unchecked_add(1)));
+        assert_eq!(c.contiguous(5), None);
+        c.skip(4).unwrap();
+        assert_eq!(c.contiguous(1), Some(segs[3].addr));
+        assert_eq!(c.contiguous(2), None);
+        assert_eq!(c.position(), 8);
+        assert_eq!(Cursor::new(&[]).contiguous(1), None);
     }
 
     #[test]

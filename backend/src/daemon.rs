@@ -84,6 +84,8 @@ pub enum DaemonError {
 struct Connection {
     stopping: bool,
     shutdown: Option<ShutdownHandle>,
+    /// The connection's backend, quiesced before the connection is dropped.
+    backend: Option<Arc<VtmemBackend>>,
 }
 
 /// One served VM.
@@ -147,12 +149,13 @@ impl Vm {
 
     /// Records a new connection; false if the VM is being stopped (the
     /// caller then shuts the connection down itself).
-    fn connected(&self, handle: Option<ShutdownHandle>) -> bool {
+    fn connected(&self, handle: Option<ShutdownHandle>, backend: &Arc<VtmemBackend>) -> bool {
         let mut conn = self.conn.lock();
         if conn.stopping {
             return false;
         }
         conn.shutdown = handle;
+        conn.backend = Some(backend.clone());
         self.connected.store(true, Ordering::Release);
         self.connections.fetch_add(1, Ordering::Relaxed);
         true
@@ -161,6 +164,7 @@ impl Vm {
     fn disconnected(&self) {
         let mut conn = self.conn.lock();
         conn.shutdown = None;
+        conn.backend = None;
         self.connected.store(false, Ordering::Release);
     }
 
@@ -168,14 +172,18 @@ impl Vm {
         self.conn.lock().stopping
     }
 
-    /// Asks the serving thread to finish: drop the connection, stop
-    /// listening.
+    /// Asks the serving thread to finish: answer the requests in flight,
+    /// then drop the connection (in that order: see
+    /// [`VtmemBackend::quiesce`]), stop listening.
     fn request_stop(&self) {
-        let handle = {
+        let (handle, backend) = {
             let mut conn = self.conn.lock();
             conn.stopping = true;
-            conn.shutdown.take()
+            (conn.shutdown.take(), conn.backend.take())
         };
+        if let Some(b) = backend {
+            b.quiesce();
+        }
         if let Some(h) = handle {
             h.shutdown();
         }
@@ -671,7 +679,7 @@ fn serve(vm: Arc<Vm>, mut socket: VmListener, settings: DeviceSettings) {
             thread::sleep(Duration::from_millis(50));
             continue;
         }
-        if !vm.connected(daemon.shutdown_handle()) {
+        if !vm.connected(daemon.shutdown_handle(), &backend) {
             daemon.request_shutdown();
             let _ = daemon.wait();
             backend.stop_workers();

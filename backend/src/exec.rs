@@ -10,8 +10,13 @@
 //! hash, the dedup comparison and the compressor all read the same bytes,
 //! so a guest that keeps writing the page while the device works cannot
 //! make the store keep data that differs from what it hashed or compared.
-//! A GET's page is produced by the store into the same buffer and then
-//! copied into guest memory.
+//!
+//! **No copy on the way back.** A GET's page is produced by the store
+//! straight into guest memory when the guest's page buffer is one
+//! contiguous guest region (`in_guest`, the one `unsafe` block of the data
+//! path, says why that is sound); a page buffer split across
+//! descriptors gets the page through the executor's page buffer, copied
+//! piece by piece. Either way a miss leaves the guest's page untouched.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -77,6 +82,11 @@ pub struct DeviceCounters {
     pub ops: AtomicU64,
     /// Operations that failed to decode (unknown opcode, bad flags...).
     pub invalid_ops: AtomicU64,
+    /// Valid chains holding at least one `GET` (a batched read: a
+    /// readahead window, a swap-in).
+    pub get_chains: AtomicU64,
+    /// `GET` operations in those chains.
+    pub get_ops: AtomicU64,
     /// Chains answered with a request-level error status.
     pub rejected_chains: AtomicU64,
     /// Chains returned with used length 0.
@@ -115,6 +125,8 @@ impl DeviceCounters {
             chains: l(&self.chains),
             ops: l(&self.ops),
             invalid_ops: l(&self.invalid_ops),
+            get_chains: l(&self.get_chains),
+            get_ops: l(&self.get_ops),
             rejected_chains: l(&self.rejected_chains),
             dropped_chains: l(&self.dropped_chains),
             notifications: l(&self.notifications),
@@ -340,6 +352,10 @@ fn execute<M: GuestMemory + ?Sized>(
     }
     DeviceCounters::add(&counters.ops, u64::from(num_ops));
     DeviceCounters::add(&counters.invalid_ops, invalid);
+    if gets.taken > 0 {
+        DeviceCounters::add(&counters.get_chains, 1);
+        DeviceCounters::add(&counters.get_ops, u64::from(gets.taken));
+    }
 
     let len = writer.finish(ResponseHeader {
         num_ops,
@@ -392,21 +408,129 @@ impl<'s> GetPages<'s> {
         self.taken - 1
     }
 
-    /// Writes `page` as GET page `slot`, zeros to the pages before it that
-    /// were left out.
-    fn write<M: GuestMemory + ?Sized>(
+    /// Has `produce` write GET page `slot`; it returns `Ok(true)` when it
+    /// wrote the whole page (a hit), `Ok(false)` when it wrote nothing (a
+    /// miss). When the page is one contiguous guest region, `produce`
+    /// writes guest memory itself; otherwise it writes `bounce`, which is
+    /// then copied in. After a hit the pages of the GETs before it that
+    /// were left out are zeroed. `Err` only when guest memory went away
+    /// (the memory map changed since the chain was walked): then the page
+    /// was not written, though `produce` may have run into `bounce`.
+    fn produce<M: GuestMemory + ?Sized, E>(
         &mut self,
         mem: &M,
         slot: u32,
-        page: &Page,
-    ) -> Result<(), CursorError> {
-        while self.filled < slot {
-            self.cursor.write_all(mem, &ZERO_PAGE)?;
+        bounce: &mut Page,
+        produce: impl FnOnce(&mut Page) -> Result<bool, E>,
+    ) -> Result<Result<bool, E>, CursorError> {
+        let mut at = self.cursor.clone();
+        // Parsing checked that the writable part holds every GET page.
+        at.skip(u64::from(slot.saturating_sub(self.filled)) * PAGE_SIZE as u64)?;
+        let direct = at
+            .contiguous(PAGE_SIZE as u64)
+            .and_then(|addr| in_guest::page_at(mem, addr));
+        let result = match direct {
+            Some(page) => page.fill(produce),
+            None => {
+                let result = produce(bounce);
+                if let Ok(true) = result {
+                    at.write_all(mem, bounce)?;
+                }
+                result
+            }
+        };
+        if let Ok(true) = result {
+            while self.filled < slot {
+                self.cursor.write_all(mem, &ZERO_PAGE)?;
+                self.filled += 1;
+            }
+            self.cursor.skip(PAGE_SIZE as u64)?;
             self.filled += 1;
         }
-        self.cursor.write_all(mem, page)?;
-        self.filled += 1;
-        Ok(())
+        Ok(result)
+    }
+}
+
+/// GET pages produced in place in guest memory: the one `unsafe` block of
+/// the data path, kept to one function.
+#[allow(unsafe_code)]
+mod in_guest {
+    use vm_memory::bitmap::BitmapSlice;
+    use vm_memory::volatile_memory::PtrGuardMut;
+    use vm_memory::{GuestAddress, GuestMemory, Permissions, VolatileSlice};
+    use vtmem_protocol::PAGE_SIZE;
+    use vtmem_store::Page;
+
+    /// A page of guest memory, mapped contiguously in this process, that a
+    /// GET's page may be produced into in place.
+    ///
+    /// Invariant: `ptr` points at the start of `slice`, which is
+    /// `PAGE_SIZE` bytes long.
+    pub(super) struct InGuestPage<'m, B: BitmapSlice> {
+        slice: VolatileSlice<'m, B>,
+        ptr: PtrGuardMut,
+    }
+
+    /// The page at `addr` of `mem`, when its 4096 bytes are one contiguous,
+    /// writable mapping in this process (`None` otherwise: the caller takes
+    /// the bounce path).
+    pub(super) fn page_at<M: GuestMemory + ?Sized>(
+        mem: &M,
+        addr: GuestAddress,
+    ) -> Option<InGuestPage<'_, impl BitmapSlice + '_>> {
+        let slice = mem
+            .get_slices(addr, PAGE_SIZE, Permissions::Write)
+            .ok()?
+            .next()?
+            .ok()?;
+        if slice.len() != PAGE_SIZE {
+            return None;
+        }
+        let ptr = slice.ptr_guard_mut();
+        Some(InGuestPage { slice, ptr })
+    }
+
+    impl<B: BitmapSlice> InGuestPage<'_, B> {
+        /// Runs `produce` on the guest's page as a plain `&mut Page`, then
+        /// marks the page dirty in the VMM's log unless `produce` reported
+        /// a miss (`Ok(false)`: nothing written).
+        ///
+        /// `produce` must only store into the page: nothing it reads back
+        /// from it may decide an index, a length or a branch that memory
+        /// safety depends on, because the guest may change those bytes at
+        /// any moment. The store's GET keeps to that (`DataHandle::get`).
+        pub(super) fn fill<E>(
+            self,
+            produce: impl FnOnce(&mut Page) -> Result<bool, E>,
+        ) -> Result<bool, E> {
+            // SAFETY: the pointer is valid for `PAGE_SIZE` bytes: it starts
+            // a slice of that length (the type's invariant) inside one guest
+            // memory region mapped in this process, and the mapping outlives
+            // this call (`mem`, which owns it, stays borrowed for `'m`;
+            // vtmemd maps only memfds sealed against shrinking, so no page
+            // of it can vanish under us). A `Page` is bytes: alignment 1,
+            // every bit pattern valid. The reference does not escape
+            // `produce` (a higher-ranked borrow it cannot return).
+            // Exclusivity is the part Rust cannot check: the guest's vCPUs,
+            // or another worker of this process handed the same guest page
+            // by a hostile chain, may read or write these bytes meanwhile,
+            // with accesses the compiler does not see. What that can change
+            // is the bytes, never what `produce` does: the store only stores
+            // into the page (zero and pattern fills, a copy, or lz4_flex's
+            // `safe-decode` decompressor, safe Rust whose every access is
+            // bounded by positions taken from the compressed input, held in
+            // vtmemd's private memory, never by a byte of its output), and
+            // nothing in vtmemd reads the page afterwards. So the worst a
+            // racing writer gets is wrong bytes in this page, which belongs
+            // to the guest that offered it as the destination of its own GET
+            // and could overwrite it at will anyway.
+            let page = unsafe { &mut *self.ptr.as_ptr().cast::<Page>() };
+            let result = produce(page);
+            if !matches!(result, Ok(false)) {
+                self.slice.bitmap().mark_dirty(0, PAGE_SIZE);
+            }
+            result
+        }
     }
 }
 
@@ -522,13 +646,11 @@ fn execute_op<M: GuestMemory + ?Sized>(
                 return (st(Status::DeviceError), Copied::Nothing);
             };
             let at = gets.take();
-            return match client.get(&handle, page) {
-                Ok(true) => match gets.write(mem, at, page) {
-                    Ok(()) => (st(Status::Ok), Copied::ToGuest),
-                    Err(_) => (st(Status::DeviceError), Copied::Nothing),
-                },
-                Ok(false) => (st(Status::Miss), Copied::Nothing),
-                Err(e) => (st(wire_status(&e)), Copied::Nothing),
+            return match gets.produce(mem, at, page, |out| client.get(&handle, out)) {
+                Ok(Ok(true)) => (st(Status::Ok), Copied::ToGuest),
+                Ok(Ok(false)) => (st(Status::Miss), Copied::Nothing),
+                Ok(Err(e)) => (st(wire_status(&e)), Copied::Nothing),
+                Err(_) => (st(Status::DeviceError), Copied::Nothing),
             };
         }
         Op::FlushPage { handle } => from(client.flush_page(&handle)),
@@ -558,6 +680,7 @@ fn execute_op<M: GuestMemory + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chain_walk::Segment;
     use crate::testutil::*;
     use vm_memory::Bytes;
 
@@ -775,6 +898,34 @@ mod tests {
     }
 
     #[test]
+    fn chains_with_gets_are_counted_with_their_gets() {
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let pool = new_pool(&mut f, &mem, &mut ring);
+        let data = page_of(7);
+        let (_, resp, _) = send(
+            &mut f,
+            &mem,
+            &mut ring,
+            &[Op::Put {
+                handle: h(pool, 1),
+                reserved: false,
+            }],
+            &[data],
+            false,
+            Features::ALL,
+        );
+        assert_eq!(statuses(&resp), vec![(Status::Ok, 0)]);
+        let none = f.exec.counters.snapshot();
+        assert_eq!((none.get_chains, none.get_ops), (0, 0));
+        let ops: Vec<Op> = (0..3).map(|i| Op::Get { handle: h(pool, i) }).collect();
+        send(&mut f, &mem, &mut ring, &ops, &[], false, Features::ALL);
+        let after = f.exec.counters.snapshot();
+        assert_eq!((after.get_chains, after.get_ops), (1, 3));
+    }
+
+    #[test]
     fn used_length_counts_a_written_prefix() {
         // GET miss, GET hit, GET miss: the page of the first miss is
         // zeroed so that the used length covers the hit; the last stays.
@@ -822,6 +973,221 @@ mod tests {
         );
         assert_eq!(out.used_len, 32);
         assert_eq!(pages[0], page_of(0xaa));
+    }
+
+    /// The writable cuts of [`WRITABLE_CUTS`] (response of 48 bytes, then
+    /// one page) that leave the page in one buffer.
+    fn page_in_one_buffer(cuts: &[usize]) -> bool {
+        !cuts.iter().any(|&c| c > 48 && c < 48 + PAGE_SIZE)
+    }
+
+    #[test]
+    fn get_pages_go_in_place_when_contiguous_and_through_the_bounce_when_split() {
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let want = patterned_page(11);
+        let mut seen = [false; 2];
+        for cuts in WRITABLE_CUTS {
+            let bufs = ring.writable_split(48 + PAGE_SIZE, cuts);
+            let segs: Vec<Segment> = bufs
+                .iter()
+                .map(|b| Segment {
+                    addr: GuestAddress(b.addr),
+                    len: b.len,
+                    writable: true,
+                })
+                .collect();
+            let mut gets = GetPages::new(Cursor::new(&segs), 48);
+            let mut bounce: Box<Page> = Box::new([0u8; PAGE_SIZE]);
+            let bounce_at = bounce.as_ptr();
+            let mut in_place = None;
+            let slot = gets.take();
+            let r = gets.produce(&mem, slot, &mut bounce, |out| {
+                in_place = Some(out.as_ptr() != bounce_at);
+                out.copy_from_slice(&want);
+                Ok::<bool, ()>(true)
+            });
+            assert_eq!(r, Ok(Ok(true)), "{cuts:?}");
+            let contiguous = page_in_one_buffer(cuts);
+            assert_eq!(in_place, Some(contiguous), "{cuts:?}");
+            seen[usize::from(contiguous)] = true;
+            assert_eq!(gets.filled, 1);
+            assert!(ring.read_all(&bufs)[48..] == want[..], "{cuts:?}");
+        }
+        assert_eq!(seen, [true, true], "both paths exercised");
+    }
+
+    #[test]
+    fn a_page_outside_guest_memory_takes_the_bounce_path_and_fails_cleanly() {
+        // A page straddling the end of guest memory (as after a memory map
+        // change shrank it since the walk): not one mapping, so it is
+        // produced into the bounce page, whose copy then fails, as before.
+        let mem = guest_memory();
+        let segs = [Segment {
+            addr: GuestAddress(MEM_SIZE - 2048),
+            len: PAGE_SIZE as u32,
+            writable: true,
+        }];
+        let mut gets = GetPages::new(Cursor::new(&segs), 0);
+        let mut bounce: Box<Page> = Box::new([0u8; PAGE_SIZE]);
+        let slot = gets.take();
+        let r = gets.produce(&mem, slot, &mut bounce, |out| {
+            out.fill(1);
+            Ok::<bool, ()>(true)
+        });
+        assert!(matches!(r, Err(CursorError::Memory { .. })));
+        assert_eq!(gets.filled, 0);
+    }
+
+    /// Sends a request of GETs whose page buffers are each one buffer
+    /// (`split` false) or three (`split` true), each first filled with
+    /// 0xaa; returns the statuses, the used length and the pages.
+    fn send_gets(
+        f: &mut Fixture,
+        mem: &GuestRam,
+        ops: &[Op],
+        split: bool,
+    ) -> (Vec<Status>, u32, Vec<Vec<u8>>) {
+        let mut ring = TestRing::new(mem, QSIZE);
+        let req = request_bytes(ops, 0x1234);
+        let resp = ring.writable(vtmem_protocol::response_len(ops.len() as u16) as u32);
+        let mut bufs = vec![ring.readable(&req), resp];
+        let mut pages = Vec::new();
+        for _ in ops {
+            let cuts: &[usize] = if split { &[1, 2049] } else { &[] };
+            let page = ring.writable_split(PAGE_SIZE, cuts);
+            for b in &page {
+                mem.write_slice(&vec![0xaa; b.len as usize], GuestAddress(b.addr))
+                    .unwrap();
+            }
+            bufs.extend(page.iter().copied());
+            pages.push(page);
+        }
+        let head = ring.indirect_chain(&bufs);
+        let out = f
+            .exec
+            .run_chain(mem, ring.table(), QSIZE, head, Features::ALL);
+        assert_eq!(out.error, None);
+        let st = statuses(&ring.read(resp))
+            .into_iter()
+            .map(|s| s.0)
+            .collect();
+        let pages = pages.iter().map(|p| ring.read_all(p)).collect();
+        (st, out.used_len, pages)
+    }
+
+    #[test]
+    fn every_page_kind_comes_back_identical_in_place_and_split() {
+        use vtmem_testkit::{same_filled_page, text_page, zero_page};
+        let mut f = fixture();
+        let mem = guest_memory();
+        let mut round = 0u64;
+        for spec in [PoolSpec::persistent(), PoolSpec::ephemeral()] {
+            for split in [false, true] {
+                let what = format!("{spec:?}, split {split}");
+                // Contents of their own each round, so that none dedups
+                // against an earlier round's.
+                round += 1;
+                let kinds: Vec<(&str, Vec<u8>)> = vec![
+                    ("zero", zero_page().to_vec()),
+                    (
+                        "pattern",
+                        same_filled_page(0x0102_0304_0506_0700 + round).to_vec(),
+                    ),
+                    ("lz4", text_page(20 + 4 * round).to_vec()),
+                    ("raw", patterned_page(21 + 4 * round)),
+                    ("deduplicated", text_page(22 + 4 * round).to_vec()),
+                ];
+                // A fresh pool each time: ephemeral gets take the page.
+                let mut ring = TestRing::new(&mem, QSIZE);
+                let (_, resp, _) = send(
+                    &mut f,
+                    &mem,
+                    &mut ring,
+                    &[Op::NewPool(spec)],
+                    &[],
+                    false,
+                    Features::ALL,
+                );
+                let pool = statuses(&resp)[0].1 as u32;
+                let before = f.store.stats();
+                // Every kind at index 1.., the duplicate once more at 9.
+                let mut puts: Vec<Op> = (1..=kinds.len() as u64)
+                    .map(|i| Op::Put {
+                        handle: h(pool, i),
+                        reserved: false,
+                    })
+                    .collect();
+                puts.push(Op::Put {
+                    handle: h(pool, 9),
+                    reserved: false,
+                });
+                let mut pages: Vec<Vec<u8>> = kinds.iter().map(|k| k.1.clone()).collect();
+                pages.push(kinds[4].1.clone());
+                let mut ring = TestRing::new(&mem, QSIZE);
+                let (_, resp, _) =
+                    send(&mut f, &mem, &mut ring, &puts, &pages, true, Features::ALL);
+                assert!(statuses(&resp).iter().all(|s| s.0 == Status::Ok), "{what}");
+                // The store did tell the kinds apart.
+                let after = f.store.stats();
+                let vm = &after.clients[0];
+                let vm_before = &before.clients[0];
+                assert_eq!(after.zero_pages - before.zero_pages, 1, "{what}");
+                assert_eq!(
+                    after.same_filled_pages - before.same_filled_pages,
+                    1,
+                    "{what}"
+                );
+                assert_eq!(after.raw_pages - before.raw_pages, 1, "{what}");
+                assert_eq!(
+                    vm.deduplicated_pages - vm_before.deduplicated_pages,
+                    1,
+                    "{what}"
+                );
+
+                // A miss, every kind, the duplicate, a miss.
+                let mut gets = vec![Op::Get { handle: h(pool, 8) }];
+                gets.extend((1..=kinds.len() as u64).map(|i| Op::Get { handle: h(pool, i) }));
+                gets.push(Op::Get { handle: h(pool, 9) });
+                gets.push(Op::Get {
+                    handle: h(pool, 10),
+                });
+                let (st, used, got) = send_gets(&mut f, &mem, &gets, split);
+                let mut want = vec![Status::Ok; gets.len()];
+                want[0] = Status::Miss;
+                want[gets.len() - 1] = Status::Miss;
+                assert_eq!(st, want, "{what}");
+                // The miss before a hit is zeroed (the used length covers
+                // it), the one after the last hit is untouched.
+                assert_eq!(got[0], page_of(0), "{what}");
+                for (k, (name, page)) in kinds.iter().enumerate() {
+                    assert!(got[k + 1] == *page, "{what}: {name}");
+                }
+                assert!(got[kinds.len() + 1] == kinds[4].1, "{what}: duplicate");
+                assert_eq!(got[gets.len() - 1], page_of(0xaa), "{what}");
+                assert_eq!(
+                    used as usize,
+                    16 + 16 * gets.len() + (gets.len() - 1) * PAGE_SIZE,
+                    "{what}"
+                );
+
+                // Misses alone touch no page; ephemeral pages were taken
+                // by the first GET, persistent ones stay.
+                let (st, used, got) = send_gets(&mut f, &mem, &gets[..2], split);
+                let second = if spec.persistent {
+                    Status::Ok
+                } else {
+                    Status::Miss
+                };
+                assert_eq!(st, vec![Status::Miss, second], "{what}");
+                if spec.persistent {
+                    assert_eq!(got[1], kinds[0].1, "{what}");
+                } else {
+                    assert_eq!(used, 16 + 2 * 16, "{what}");
+                    assert!(got.iter().all(|p| *p == page_of(0xaa)), "{what}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -23,8 +23,9 @@
 //! - [`config`], [`cli`]: configuration file and command line.
 //! - [`accept`], [`ratelimit`], [`sys`]: helpers.
 
-// Only `sys`'s signal and inherited-descriptor modules and `sandbox`'s
-// credentials module opt out, with a reason there.
+// Only `sys`'s signal, inherited-descriptor and CPU-clock modules,
+// `sandbox`'s credentials module and `exec`'s in-place GET page opt out,
+// with a reason there.
 #![deny(unsafe_code)]
 
 use std::fmt::Write as _;

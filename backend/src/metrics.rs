@@ -475,6 +475,16 @@ impl Snapshot {
                 (|d: &DeviceStats| d.chains) as fn(&DeviceStats) -> u64,
             ),
             (
+                "vm_device_get_chains",
+                "Chains holding at least one GET (batched reads).",
+                |d| d.get_chains,
+            ),
+            (
+                "vm_device_get_ops",
+                "GET operations in those chains.",
+                |d| d.get_ops,
+            ),
+            (
                 "vm_device_rejected_chains",
                 "Chains answered with a request-level error.",
                 |d| d.rejected_chains,

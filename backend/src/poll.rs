@@ -16,8 +16,9 @@
 //!   was wasted: the window halves, and below a sixteenth of `--poll-us`
 //!   it is off. An idle queue therefore stops polling after a few kicks.
 //!
-//! The time spent spinning is counted (`poll_us` in the device counters,
-//! `vtmem_vm_device_poll_seconds_total`), and so are the spins that found
+//! The CPU time the spins take is counted (the worker thread's CPU clock:
+//! `poll_us` in the device counters, `vtmem_vm_device_poll_seconds_total`,
+//! `polling CPU` in `vtmemctl show`), and so are the spins that found
 //! nothing (`poll_misses`).
 
 use std::time::{Duration, Instant};

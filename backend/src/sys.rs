@@ -10,7 +10,9 @@
 //! `runtime` feature (meant for programs without a C library), and the
 //! adoption of inherited descriptors, which only exist as numbers until
 //! something owns them. They stay in [`signal`] and [`inherited`], the
-//! modules of this file allowed `unsafe` code.
+//! modules of this file allowed `unsafe` code, with [`cpu`]: a thread's
+//! CPU time through the C library (rustix's own `clock_gettime` sets up
+//! its vDSO lookup on first use, with system calls the sandbox forbids).
 
 use std::io;
 use std::os::unix::net::UnixListener;
@@ -21,6 +23,7 @@ use std::sync::Mutex;
 use rustix::fs::{Mode, RenameFlags, CWD};
 use rustix::io::Errno;
 
+pub use cpu::thread_cpu_time;
 pub use inherited::{take_listen_fds, LISTEN_FDS_START};
 pub use signal::{signal_name, SignalSet};
 
@@ -95,6 +98,28 @@ mod signal {
             libc::SIGTERM => "SIGTERM",
             _ => "signal",
         }
+    }
+}
+
+#[allow(unsafe_code)]
+mod cpu {
+    use std::time::Duration;
+
+    /// CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`);
+    /// zero if the clock cannot be read.
+    pub fn thread_cpu_time() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec; the call writes only it.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+            return Duration::ZERO;
+        }
+        Duration::new(
+            u64::try_from(ts.tv_sec).unwrap_or(0),
+            u32::try_from(ts.tv_nsec).unwrap_or(0).min(999_999_999),
+        )
     }
 }
 

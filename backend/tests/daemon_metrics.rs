@@ -201,6 +201,16 @@ fn metrics_match_the_control_socket() {
             get(&samples, "vtmem_vm_device_chains_total", &l),
             vm["device"]["chains"].as_f64().unwrap()
         );
+        for (metric, field) in [
+            ("vtmem_vm_device_get_chains_total", "get_chains"),
+            ("vtmem_vm_device_get_ops_total", "get_ops"),
+        ] {
+            assert_eq!(
+                get(&samples, metric, &l),
+                vm["device"][field].as_f64().unwrap(),
+                "{metric}"
+            );
+        }
         for m in [
             "vtmem_vm_device_rejected_chains_total",
             "vtmem_vm_device_kicks_total",
@@ -323,4 +333,77 @@ fn idle_connections_do_not_keep_scrapes_out() {
             "an idle connection kept its slot"
         );
     }
+}
+
+/// `--poll-us`: a queue whose requests come back to back is polled, and
+/// the CPU the spins took shows in the metrics and in `vtmemctl show`; a
+/// queue whose requests come further apart than the window stops
+/// polling altogether.
+#[test]
+fn polling_cpu_is_reported_and_an_idle_queue_stops_polling() {
+    use vtmem_guestsim::PoolSpec;
+    let d = vtmemd(&[
+        "--metrics-address",
+        "127.0.0.1:0",
+        "--poll-us",
+        "2000",
+        "--vm",
+        "vm1",
+    ]);
+    let addr = metrics_addr(&d);
+    let vm = guest::connect(&d, "vm1");
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let page = random_page(1);
+    let put = |i: u64| {
+        let st = vm.put_batch(&[(handle(pool, 1, i), &page)]).unwrap();
+        assert_eq!(st, vec![vtmem_guestsim::Status::Ok]);
+    };
+
+    // Back to back: each request arrives within the window of the last.
+    for i in 0..300 {
+        put(i);
+    }
+    let busy = d.show("vm1").device;
+    assert!(busy.poll_hits > 0, "{busy:?}");
+    assert!(busy.poll_us > 0, "{busy:?}");
+
+    // Ten times the window apart: each kick halves the window, and below
+    // a sixteenth of it (after five kicks) the queue stops polling.
+    let gap = Duration::from_millis(20);
+    for i in 0..8 {
+        std::thread::sleep(gap);
+        put(1000 + i);
+    }
+    let idle = d.show("vm1").device;
+    assert!(idle.poll_misses > busy.poll_misses, "{idle:?}");
+    for i in 0..5 {
+        std::thread::sleep(gap);
+        put(2000 + i);
+    }
+    let after = d.show("vm1").device;
+    assert_eq!(
+        (after.poll_us, after.poll_hits, after.poll_misses),
+        (idle.poll_us, idle.poll_hits, idle.poll_misses),
+        "an idle queue still polls"
+    );
+    assert_eq!(after.kicks, idle.kicks + 5);
+
+    // The same figures in the metrics and in `vtmemctl show`.
+    let samples = scrape(&addr);
+    let vm1 = [("vm", "vm1")];
+    assert_eq!(
+        get(&samples, "vtmem_vm_device_poll_seconds_total", &vm1),
+        after.poll_us as f64 / 1e6
+    );
+    assert_eq!(
+        get(&samples, "vtmem_vm_device_poll_hits_total", &vm1),
+        after.poll_hits as f64
+    );
+    assert_eq!(
+        get(&samples, "vtmem_vm_device_poll_misses_total", &vm1),
+        after.poll_misses as f64
+    );
+    let shown = ctl(&d, &["show", "vm1"]);
+    let want = format!("polling CPU {:.3} ms", after.poll_us as f64 / 1000.0);
+    assert!(shown.ok().contains(&want), "{want} not in:\n{}", shown.ok());
 }

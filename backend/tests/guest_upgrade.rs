@@ -13,13 +13,27 @@ use std::sync::Arc;
 use common::guest::*;
 use common::*;
 use vtmem_api::Request;
-use vtmem_guestsim::{Handle, PoolSpec, Status, VmOptions, PAGE_SIZE};
+use vtmem_guestsim::{Handle, PoolSpec, Status, Vm, VmOptions, PAGE_SIZE};
 
 fn no_reset() -> VmOptions {
     VmOptions {
         reset_on_connect: false,
         ..VmOptions::default()
     }
+}
+
+/// VM `m` with 8 requests in flight, and a persistent pool to stream into.
+fn streaming_vm(d: &Vtmemd) -> (Arc<Vm>, u32) {
+    let vm = Arc::new(connect_with(
+        d,
+        "m",
+        VmOptions {
+            depth: 8,
+            ..VmOptions::default()
+        },
+    ));
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    (vm, pool)
 }
 
 fn args(state: &std::path::Path, vms: &[&str]) -> Vec<String> {
@@ -130,15 +144,7 @@ fn pages_survive_an_orderly_restart_with_a_state_dir() {
 fn puts_acknowledged_before_a_stop_are_all_there_after_it() {
     let state = temp_dir();
     let mut d = vtmemd(&args(state.path(), &["m"]));
-    let vm = Arc::new(connect_with(
-        &d,
-        "m",
-        VmOptions {
-            depth: 8,
-            ..VmOptions::default()
-        },
-    ));
-    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let (vm, pool) = streaming_vm(&d);
     let stop = Arc::new(AtomicBool::new(false));
     let streamer = {
         let (vm, stop) = (vm.clone(), stop.clone());
@@ -231,4 +237,51 @@ fn an_image_without_its_vm_waits_for_it() {
     let vm = connect_with(&d, "x", no_reset());
     let got = vm.get_batch(&[handle(pool, 1, 9)]).unwrap();
     assert!(got[0].0 == Status::Ok && *got[0].1 == *pg[9]);
+}
+
+/// QEMU rewinds each ring to the used index it finds in guest memory once
+/// its back end is gone (it cannot ask a closed socket), and tells the next
+/// back end to start there. So when vtmemd drops a connection on purpose,
+/// it must already have answered everything it will ever answer on it: a
+/// batch answered afterwards would put the used index ahead of where the
+/// next back end starts, and it would take chains the guest already had
+/// answers for.
+#[test]
+fn the_used_index_is_final_when_vtmemd_drops_the_connection() {
+    let state = temp_dir();
+    let d = vtmemd(&args(state.path(), &["m"]));
+    let (vm, pool) = streaming_vm(&d);
+    let streamer = {
+        let vm = vm.clone();
+        std::thread::spawn(move || {
+            // Batches of 64 until the daemon goes.
+            for round in 0u64.. {
+                let pg = pages(300 + round % 7, 64);
+                if vm.put_batch(&items(pool, round, &pg)).is_err() {
+                    return round;
+                }
+            }
+            unreachable!()
+        })
+    };
+    wait_until("the streamer stores pages", DEADLINE, || {
+        d.client_stats("m").persistent_pages >= 64 * 20
+    });
+    let watcher = {
+        let vm = vm.clone();
+        std::thread::spawn(move || {
+            let gone = vm.wait_backend_gone(DEADLINE).unwrap();
+            (gone, vm.used_indexes().unwrap())
+        })
+    };
+    assert!(d.stop().success(), "{}", d.log());
+    let (gone, at_drop) = watcher.join().unwrap();
+    assert!(gone, "vtmemd exited without closing the connection");
+    let rounds = streamer.join().unwrap();
+    assert!(rounds >= 20);
+    assert_eq!(
+        vm.used_indexes().unwrap(),
+        at_drop,
+        "vtmemd answered requests after it dropped the connection"
+    );
 }

@@ -396,7 +396,8 @@ pub fn show(d: &VmDetails) -> String {
         "device",
         format!(
             "chains {}, ops {}, invalid ops {}, rejected chains {}, dropped chains {}\n\
-             kicks {}, notifications {}, poll hits {}, poll misses {}, polling {} ms\n\
+             chains with GETs {}, {:.1} GETs each\n\
+             kicks {}, notifications {}, poll hits {}, poll misses {}, polling CPU {:.3} ms\n\
              {} from the guest, {} to the guest\n\
              device states sent {}, taken {}, failed {}",
             dev.chains,
@@ -404,11 +405,13 @@ pub fn show(d: &VmDetails) -> String {
             dev.invalid_ops,
             dev.rejected_chains,
             dev.dropped_chains,
+            dev.get_chains,
+            dev.get_ops as f64 / dev.get_chains.max(1) as f64,
             dev.kicks,
             dev.notifications,
             dev.poll_hits,
             dev.poll_misses,
-            dev.poll_us / 1000,
+            dev.poll_us as f64 / 1000.0,
             format::bytes(dev.bytes_from_guest),
             format::bytes(dev.bytes_to_guest),
             dev.state_exports,

@@ -38,6 +38,7 @@ pub(crate) struct Batch {
     max_ops: usize,
     slots_used: usize,
     puts: usize,
+    gets: usize,
 }
 
 impl Batch {
@@ -59,6 +60,7 @@ impl Batch {
                 max_ops: max_ops as usize,
                 slots_used: 0,
                 puts: 0,
+                gets: 0,
             },
             GFP_KERNEL,
         )?)
@@ -71,6 +73,7 @@ impl Batch {
         self.ops.clear();
         self.slots_used = 0;
         self.puts = 0;
+        self.gets = 0;
     }
 
     /// Number of operations.
@@ -86,6 +89,11 @@ impl Batch {
     /// Number of `PUT` operations.
     pub(crate) fn puts(&self) -> usize {
         self.puts
+    }
+
+    /// Number of `GET` operations.
+    pub(crate) fn gets(&self) -> usize {
+        self.gets
     }
 
     /// Whether `n` more operations fit, `pages` of them with a page.
@@ -118,8 +126,10 @@ impl Batch {
         } else {
             0
         };
-        if op.page_buffer() == PageBuffer::ToDevice {
-            self.puts += 1;
+        match op.page_buffer() {
+            PageBuffer::ToDevice => self.puts += 1,
+            PageBuffer::FromDevice => self.gets += 1,
+            PageBuffer::None => {}
         }
         self.ops
             .push_within_capacity(OpMeta {

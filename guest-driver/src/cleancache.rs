@@ -70,7 +70,7 @@ use crate::pagefilter::{
     Budget, Chunk, ChunkKey, ChunkMap, FileId, NoMemory, PageFilter, Untracked, NODE_BYTES,
 };
 use crate::stats::CacheStats;
-use crate::transport::{counter, Answer, Flush, Locked, Transport};
+use crate::transport::{counter, Answer, Flush, Locked, Transport, MAX_FETCH};
 use crate::wire::{Handle, ObjectId, Op, PoolSpec, Status, Uuid};
 use core::{cell::Cell, fmt};
 use kernel::{
@@ -660,7 +660,9 @@ impl Cleancache {
         res
     }
 
-    fn cache_fetch(&self, pool: i32, key: [u64; 3], index: u64, out: impl FnOnce(&[u8])) -> Result {
+    /// Before a get: `ENOENT` if `pool` serves nothing now (after
+    /// replacing its device pool if it is stale). Process context.
+    fn ready_for_get(&self, pool: i32) -> Result {
         // A usable pool needs no reset: no table lock on the hot path. A
         // route that closes meanwhile is read again under the queue lock.
         if self.routes.usable(pool).is_none() {
@@ -680,6 +682,11 @@ impl Cleancache {
                 return Err(ENOENT);
             }
         }
+        Ok(())
+    }
+
+    fn cache_fetch(&self, pool: i32, key: [u64; 3], index: u64, out: impl FnOnce(&[u8])) -> Result {
+        self.ready_for_get(pool)?;
         let qi = self.cache_queue(pool, &key);
         let q = self.transport.lock(qi)?;
         // The filter answers before anything waits for room in a batch.
@@ -727,7 +734,122 @@ impl Cleancache {
         if skipped.get() {
             counter(&self.cstats().cleancache_gets_skipped);
         }
+        if sent.get().is_some() {
+            counter(&self.cstats().cleancache_get_requests);
+        }
         res?
+    }
+
+    /// Reads the pages of a readahead window of file `key` from the host:
+    /// `n` pages (at most [`MAX_FETCH`]), the `i`-th at file index
+    /// `index(i)`. Every page the filter lets through goes in one request
+    /// with one notification (several if a batch holds fewer than the
+    /// window's gets), behind the file's pending operations as a single get
+    /// is. `out(i, page)` fills the `i`-th page of each hit. Returns the
+    /// bitmap of hits (bit `i` for the `i`-th page). Process context.
+    pub(crate) fn cache_get_window(
+        &self,
+        pool: i32,
+        key: [u64; 3],
+        n: usize,
+        index: impl Fn(usize) -> Option<u64>,
+        mut out: impl FnMut(usize, &[u8]),
+    ) -> u64 {
+        let n = n.min(MAX_FETCH);
+        let stats = self.cstats();
+        counter(&stats.cleancache_get_windows);
+        stats.cleancache_get_window_pages.add(n as u64, Relaxed);
+        stats.cleancache_gets.add(n as u64, Relaxed);
+        let hits = self
+            .ready_for_get(pool)
+            .map_or(0, |()| self.fetch_window(pool, key, n, &index, &mut out));
+        let nr_hits = u64::from(hits.count_ones());
+        stats.cleancache_hits.add(nr_hits, Relaxed);
+        stats.cleancache_misses.add(n as u64 - nr_hits, Relaxed);
+        hits
+    }
+
+    /// [`Self::cache_get_window`] for a usable pool: the window in chunks
+    /// of as many `GET`s as a request carries.
+    fn fetch_window(
+        &self,
+        pool: i32,
+        key: [u64; 3],
+        n: usize,
+        index: &impl Fn(usize) -> Option<u64>,
+        out: &mut impl FnMut(usize, &[u8]),
+    ) -> u64 {
+        let stats = self.cstats();
+        let qi = self.cache_queue(pool, &key);
+        let step = self.transport.max_gets();
+        let mut hits = 0u64;
+        let mut start = 0;
+        while start < n {
+            let len = step.min(n - start);
+            let chunk = start..start + len;
+            start += len;
+            let Ok(q) = self.transport.lock(qi) else {
+                break;
+            };
+            let Some(route) = self.cache_route(&q, pool) else {
+                break;
+            };
+            // The filter answers before anything waits for room in a batch.
+            let wanted = chunk
+                .clone()
+                .filter(|&i| index(i).is_some_and(|x| self.may_hold(qi, pool, route, &key, x)))
+                .count();
+            if wanted == 0 {
+                stats.cleancache_gets_skipped.add(len as u64, Relaxed);
+                continue;
+            }
+            // The route each page's GET went to; read again with the queue
+            // locked right before the GETs are queued, as for a single get
+            // (the wait for room may have let the route or a page change).
+            let sent: [Cell<Option<(Route, u64)>>; MAX_FETCH] =
+                core::array::from_fn(|_| Cell::new(None));
+            let skipped = Cell::new(0u64);
+            let handle = |j: usize| {
+                let x = index(chunk.start + j)?;
+                let route = self.routes.usable(pool)?;
+                if !self.may_hold(qi, pool, route, &key, x) {
+                    skipped.set(skipped.get() + 1);
+                    return None;
+                }
+                sent.get(j)?.set(Some((route, x)));
+                Some(page_handle(route.id(), key, x))
+            };
+            // With the queue locked: a hit removed the page from the host
+            // (exclusive gets) and a miss says it is gone, so the filter
+            // forgets it either way; a failed GET is not answered and keeps
+            // its bit.
+            let answer = |j: usize, a: Answer<'_>| {
+                let Some((route, x)) = sent.get(j).and_then(Cell::get) else {
+                    return;
+                };
+                self.forget_page(qi, pool, route, &key, x);
+                match a {
+                    Answer::Hit(page) => {
+                        out(chunk.start + j, page);
+                        hits |= 1 << (chunk.start + j);
+                    }
+                    Answer::Miss => counter(&stats.cleancache_futile_gets),
+                }
+            };
+            let res = q.fetch_many(len, handle, answer);
+            let nr_sent = sent.iter().filter(|c| c.get().is_some()).count() as u64;
+            stats.cleancache_gets_sent.add(nr_sent, Relaxed);
+            stats.cleancache_gets_skipped.add(skipped.get(), Relaxed);
+            if nr_sent > 0 {
+                counter(&stats.cleancache_get_requests);
+            }
+            if res.is_err() {
+                // A stalled or vanished device: the rest of the window is
+                // read from the disk.
+                break;
+            }
+        }
+        hits
     }
 
     /// Whether a get of page `index` of `key` must go to the host: always,
@@ -930,6 +1052,26 @@ impl crate::sys::CleancacheBackend for Cleancache {
         page: &mut crate::sys::PageRef<'_>,
     ) -> Result {
         self.cache_get(pool, key.0, index, |src| page.write(src))
+    }
+
+    fn get_pages(
+        &self,
+        pool: i32,
+        key: crate::sys::FileKey,
+        pages: &mut crate::sys::PageBatch<'_>,
+    ) -> u64 {
+        let n = pages.len();
+        let mut index = [0u64; crate::sys::GET_BATCH];
+        for (i, x) in index.iter_mut().enumerate().take(n) {
+            *x = pages.index(i).unwrap_or(0);
+        }
+        self.cache_get_window(
+            pool,
+            key.0,
+            n.min(crate::sys::GET_BATCH),
+            |i| index.get(i).copied(),
+            |i, src| pages.write(i, src),
+        )
     }
 
     fn put_page(

@@ -49,7 +49,9 @@ pub(crate) struct Params {
     pub(crate) cleancache: bool,
     pub(crate) cleancache_shared: bool,
     pub(crate) cleancache_filter_kib: u32,
+    pub(crate) cleancache_batch_gets: bool,
     pub(crate) device_timeout_ms: u32,
+    pub(crate) swap_async_loads: bool,
 }
 
 /// What the debugfs file shows: every layer's counters and pools.
@@ -64,7 +66,8 @@ impl Report {
     fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.swap.show_stats(f)?;
         self.cache.show_stats(f)?;
-        self.events.for_each(&mut |name, v| writeln!(f, "{name} {v}"))?;
+        self.events
+            .for_each(&mut |name, v| writeln!(f, "{name} {v}"))?;
         self.transport.show(f)?;
         self.swap.show_pools(f)?;
         self.cache.show_pools(f)
@@ -101,7 +104,10 @@ impl Device {
             return;
         }
         #[cfg(CONFIG_CLEANCACHE)]
-        match sys::CleancacheRegistration::register(self.cache.clone()) {
+        match sys::CleancacheRegistration::register(
+            self.cache.clone(),
+            self.params.cleancache_batch_gets,
+        ) {
             Ok(reg) => {
                 *self.cache_reg.lock() = Some(reg);
                 pr_info!("registered as the cleancache backend\n");
@@ -133,7 +139,13 @@ impl Device {
         let ephemeral = vdev.has_feature(wire::VTMEM_F_EPHEMERAL);
         let shared = params.cleancache_shared && vdev.has_feature(wire::VTMEM_F_SHARED);
         let swap = Arc::new(
-            Frontswap::new(transport.clone(), swap_state, reserve, params.reserve_pages),
+            Frontswap::new(
+                transport.clone(),
+                swap_state,
+                reserve,
+                params.reserve_pages,
+                params.swap_async_loads,
+            ),
             GFP_KERNEL,
         )?;
         let cache = Arc::pin_init(

@@ -182,6 +182,15 @@ impl AnswerHook for SwapState {
             }
         }
     }
+
+    /// Counts how an asynchronous load ended, as `get_page` counts its own.
+    fn async_get_ended(&self, outcome: Result) {
+        match outcome {
+            Ok(()) => counter(&self.stats.hits),
+            Err(e) if e == ENOENT => counter(&self.stats.misses),
+            Err(_) => counter(&self.stats.load_errors),
+        }
+    }
 }
 
 fn handle(pool: u32, ty: usize, offset: u64) -> Handle {
@@ -200,6 +209,8 @@ pub(crate) struct Frontswap {
     reserve: bool,
     /// Reservation to keep per pool (0: none).
     reserve_pages: u32,
+    /// Loads may travel asynchronously, a readahead window per request.
+    async_loads: bool,
 }
 
 impl Frontswap {
@@ -208,12 +219,14 @@ impl Frontswap {
         state: Arc<SwapState>,
         reserve: bool,
         reserve_pages: u32,
+        async_loads: bool,
     ) -> Self {
         Self {
             transport,
             state,
             reserve,
             reserve_pages,
+            async_loads,
         }
     }
 
@@ -380,6 +393,41 @@ impl Frontswap {
         res
     }
 
+    /// Starts loading one page into `load` without waiting: its `GET` joins
+    /// the open batch of the slot's queue (behind every store and
+    /// invalidation of the slot queued before it) and goes out with the
+    /// rest of the readahead window at [`Frontswap::unplug`], or earlier
+    /// if the batch fills. The answer's interrupt ends `load`. `Err` gives
+    /// `load` back unstarted (asynchronous loads off, no pool, no room, or
+    /// the device stalled or gone): the kernel then loads it with
+    /// [`Frontswap::get_page`].
+    #[cfg(CONFIG_FRONTSWAP)]
+    pub(crate) fn start_load(
+        &self,
+        ty: usize,
+        offset: u64,
+        load: crate::sys::AsyncLoad,
+    ) -> core::result::Result<(), crate::sys::AsyncLoad> {
+        if !self.async_loads {
+            return Err(load);
+        }
+        let Some(pool) = self.pool_id(ty) else {
+            return Err(load);
+        };
+        let Ok(mut q) = self.transport.lock(self.queue_for(offset)) else {
+            return Err(load);
+        };
+        q.get_async(handle(pool, ty, offset), load)?;
+        counter(&self.stats().loads);
+        counter(&self.stats().loads_async);
+        Ok(())
+    }
+
+    /// The kernel ended a batch of reads: send the loads started so far.
+    pub(crate) fn unplug(&self) {
+        self.transport.unplug();
+    }
+
     /// Drops one page. May be called in atomic context: never sleeps.
     pub(crate) fn flush_page(&self, ty: usize, offset: u64) {
         counter(&self.stats().invalidates);
@@ -498,6 +546,19 @@ impl crate::sys::FrontswapBackend for Frontswap {
 
     fn load(&self, ty: usize, offset: u64, page: &mut crate::sys::PageRef<'_>) -> Result {
         self.get_page(ty, offset, |src| page.write(src))
+    }
+
+    fn load_async(
+        &self,
+        ty: usize,
+        offset: u64,
+        load: crate::sys::AsyncLoad,
+    ) -> core::result::Result<(), crate::sys::AsyncLoad> {
+        self.start_load(ty, offset, load)
+    }
+
+    fn unplug(&self) {
+        Frontswap::unplug(self);
     }
 
     fn invalidate_page(&self, ty: usize, offset: u64) {

@@ -43,6 +43,9 @@ counters! {
         store_errors,
         /// Loads the kernel asked for.
         loads,
+        /// Of those, loads started asynchronously: sent with the rest of
+        /// their readahead window, ended by the answer's interrupt.
+        loads_async,
         /// Loads the host answered with the page.
         hits,
         /// Loads the host answered with a miss.
@@ -96,6 +99,14 @@ counters! {
         /// Gets the page filter answered "miss" without asking the host: it
         /// cannot hold the page (never put, or gone since).
         cleancache_gets_skipped,
+        /// Readahead windows the kernel asked for at once (`get_pages`
+        /// calls; `cleancache_batch_gets`).
+        cleancache_get_windows,
+        /// Pages those windows asked for (also in `cleancache_gets`).
+        cleancache_get_window_pages,
+        /// Requests that carried gets to the host: one per get sent alone,
+        /// one per window whose gets were sent together.
+        cleancache_get_requests,
         /// Reads the host answered with the page (no disk I/O).
         cleancache_hits,
         /// Reads not served from the host (skipped, missed, or failed): the
@@ -131,8 +142,22 @@ counters! {
         ops,
         /// PUT operations in those requests.
         puts,
+        /// GET operations in those requests (swap-ins and cleancache reads).
+        gets,
         /// Kicks that actually notified the device.
         notifications,
+        /// Those notifications that made a request with a GET available:
+        /// `gets / get_notifications` is `avg_gets_per_notification`.
+        get_notifications,
+        /// GETs nobody waits for (asynchronous swap-in loads), ended by the
+        /// interrupt that brings their answer.
+        async_gets,
+        /// Asynchronous GETs ended as failed: a miss, an error status, or a
+        /// device that stalled or went away before answering.
+        async_gets_failed,
+        /// Requests sent because the front end ended a batch of reads
+        /// (frontswap's unplug at the end of a readahead window).
+        unplug_flushes,
         /// Requests completed by the device.
         completions,
         /// Requests sent because their batch was full.

@@ -13,10 +13,12 @@
 //!   without keeping a handle and cancelled when the object goes;
 //! - `page`: [`PageRef`], the page a frontswap or cleancache operation
 //!   hands over;
-//! - `frontswap` (with `CONFIG_FRONTSWAP`): [`FrontswapRegistration`] and
-//!   the [`FrontswapBackend`] trait;
+//! - `frontswap` (with `CONFIG_FRONTSWAP`): [`FrontswapRegistration`],
+//!   the [`FrontswapBackend`] trait and [`AsyncLoad`] (a swap-in the
+//!   backend ends later, from its completion);
 //! - `cleancache` (with `CONFIG_CLEANCACHE`): [`CleancacheRegistration`],
-//!   the [`CleancacheBackend`] trait and [`FileKey`].
+//!   the [`CleancacheBackend`] trait, [`FileKey`] and [`PageBatch`] (the
+//!   pages of a readahead window asked for at once).
 //!
 //! Every `unsafe` block of the driver is in these modules; the driver logic
 //! in the other modules is safe Rust.
@@ -39,13 +41,15 @@ pub(crate) use page::PageRef;
 #[path = "sys/frontswap.rs"]
 mod frontswap;
 #[cfg(CONFIG_FRONTSWAP)]
-pub(crate) use frontswap::{FrontswapBackend, FrontswapRegistration};
+pub(crate) use frontswap::{AsyncLoad, FrontswapBackend, FrontswapRegistration};
 
 #[cfg(CONFIG_CLEANCACHE)]
 #[path = "sys/cleancache.rs"]
 mod cleancache;
 #[cfg(CONFIG_CLEANCACHE)]
-pub(crate) use cleancache::{CleancacheBackend, CleancacheRegistration, FileKey};
+pub(crate) use cleancache::{
+    CleancacheBackend, CleancacheRegistration, FileKey, PageBatch, GET_BATCH,
+};
 
 /// Initialises global state of this module. Called once, from module init.
 pub(crate) fn init_globals() {

@@ -28,6 +28,17 @@
 //!
 //! Invalidations never sleep: one that finds no batch is parked in a fixed
 //! ring, and parked invalidations go out before anything queued after them.
+//!
+//! # Asynchronous gets
+//!
+//! A swap-in may be a `GET` nobody waits for ([`Locked::get_async`]): it
+//! joins the open batch like any operation, the page it is for waits in
+//! the queue's table of pending loads, and the batch goes out when it is
+//! full, when the front end unplugs the queue ([`Transport::unplug`], at
+//! the end of a readahead window) or at the flush timeout. When the batch
+//! is answered (interrupt context), each pending load takes its page from
+//! the batch and is ended. A device that stalls or goes away fails the
+//! pending loads: none is left waiting for an answer that may never come.
 
 use crate::batch::Batch;
 use crate::stats::QueueStats;
@@ -201,6 +212,43 @@ struct QueueInner {
     /// Batches whose waiters gave up on a stalled device (sequence number,
     /// waiters gone): freed when the device gives them back.
     abandoned: KVec<(u64, u32)>,
+    /// Asynchronous gets whose batch has not been answered, oldest first
+    /// (room for a `GET` in every page slot of every batch).
+    loads: KVec<PendingLoad>,
+    /// Learns how each asynchronous get ended.
+    hook: Arc<dyn AnswerHook>,
+}
+
+#[cfg(CONFIG_FRONTSWAP)]
+use sys::AsyncLoad;
+
+/// Without frontswap there are no asynchronous loads.
+#[cfg(not(CONFIG_FRONTSWAP))]
+pub(crate) enum AsyncLoad {}
+
+#[cfg(not(CONFIG_FRONTSWAP))]
+impl AsyncLoad {
+    fn end(self, _answer: core::result::Result<&[u8], Error>) {
+        match self {}
+    }
+}
+
+/// An asynchronous `GET` waiting for its batch's answer.
+struct PendingLoad {
+    /// The batch and the operation's index in it.
+    seq: u64,
+    index: usize,
+    load: AsyncLoad,
+}
+
+/// The answer to the `GET` at `index` of the answered batch `b`: the page
+/// or a miss; an error status (or no result) is `EIO`.
+fn get_answer(b: &Batch, index: usize) -> Result<Answer<'_>> {
+    match b.ops().get(index).and_then(|m| m.result).map(|s| s.status) {
+        Some(Status::Ok) => b.page(index).map(Answer::Hit).ok_or(EIO),
+        Some(Status::Miss) => Ok(Answer::Miss),
+        _ => Err(EIO),
+    }
 }
 
 type QGuard<'a> = SpinLockIrqGuard<'a, QueueInner>;
@@ -302,8 +350,57 @@ impl QueueInner {
         }
     }
 
-    /// A batch was answered (or failed): hand it to its waiters or free it.
-    fn finish(&mut self, mut b: KBox<Batch>) {
+    /// Ends the asynchronous gets of the answered (or failed) batch `b`
+    /// with their answers.
+    fn end_loads(&mut self, b: &Batch, stats: &QueueStats) {
+        let mut i = 0;
+        while let Some(p) = self.loads.get(i) {
+            if p.seq != b.seq {
+                i += 1;
+                continue;
+            }
+            let Ok(p) = self.loads.remove(i) else {
+                break;
+            };
+            let answer = match get_answer(b, p.index) {
+                Ok(Answer::Hit(page)) => Ok(page),
+                Ok(Answer::Miss) => Err(ENOENT),
+                Err(e) => Err(e),
+            };
+            if answer.is_err() {
+                counter(&stats.async_gets_failed);
+            }
+            self.hook.async_get_ended(answer.map(|_| ()));
+            p.load.end(answer);
+        }
+    }
+
+    /// Fails every asynchronous get not answered yet (a stalled device, a
+    /// device going away). Their batches, when answered, end no load.
+    fn fail_loads(&mut self, e: Error, stats: &QueueStats) {
+        for p in self.loads.drain_all() {
+            counter(&stats.async_gets_failed);
+            self.hook.async_get_ended(Err(e));
+            p.load.end(Err(e));
+        }
+    }
+
+    /// Whether asynchronous gets wait for an answer.
+    fn has_loads(&self) -> bool {
+        !self.loads.is_empty()
+    }
+
+    /// Whether the open batch carries asynchronous gets.
+    fn open_has_loads(&self) -> bool {
+        self.open
+            .as_ref()
+            .is_some_and(|b| self.loads.iter().any(|p| p.seq == b.seq))
+    }
+
+    /// A batch was answered (or failed): end its asynchronous gets, and
+    /// hand it to its waiters or free it.
+    fn finish(&mut self, mut b: KBox<Batch>, stats: &QueueStats) {
+        self.end_loads(&b, stats);
         if let Some(pos) = self.abandoned.iter().position(|&(seq, _)| seq == b.seq) {
             if let Ok((_, gone)) = self.abandoned.remove(pos) {
                 b.waiters = b.waiters.saturating_sub(gone);
@@ -327,11 +424,13 @@ impl QueueInner {
         };
         let mut added = false;
         let mut failed = None;
+        let mut gets = 0;
         while !self.ready.is_empty() {
             let Ok(b) = self.ready.remove(0) else {
                 break;
             };
             let (ops, puts) = (b.len() as u64, b.puts() as u64);
+            let batch_gets = b.gets() as u64;
             match vq.add(b) {
                 Ok(()) => {
                     if self.in_flight == 0 {
@@ -342,6 +441,8 @@ impl QueueInner {
                     stats.batches.add(1, Relaxed);
                     stats.ops.add(ops, Relaxed);
                     stats.puts.add(puts, Relaxed);
+                    stats.gets.add(batch_gets, Relaxed);
+                    gets += batch_gets;
                     added = true;
                 }
                 Err((e, b)) if e == ENOSPC => {
@@ -362,12 +463,15 @@ impl QueueInner {
             }
         }
         if let Some(b) = failed {
-            self.finish(b);
+            self.finish(b, stats);
         }
         if added {
             if let Some(vq) = self.vq.as_mut() {
                 if vq.kick() {
                     stats.notifications.add(1, Relaxed);
+                    if gets > 0 {
+                        stats.get_notifications.add(1, Relaxed);
+                    }
                 }
             }
         }
@@ -418,6 +522,15 @@ impl OnTimer for Queue {
             // The watchdog tick: waiters look at the clock, and sleep on.
             this.cv.notify_all();
             this.watch(&mut g);
+        }
+        if g.has_loads() {
+            // Nobody sleeps here for an asynchronous get: the tick looks
+            // at the clock for it, and a stalled device fails it.
+            if g.check_stall(this.device_timeout, this.stats()) {
+                g.fail_loads(ETIMEDOUT, this.stats());
+            } else {
+                this.watch(&mut g);
+            }
         }
     }
 }
@@ -523,7 +636,7 @@ impl Timed<Queue> {
 }
 
 impl Queue {
-    fn new(p: &QueueParams) -> Result<Pin<KBox<Timed<Self>>>> {
+    fn new(p: &QueueParams, hook: Arc<dyn AnswerHook>) -> Result<Pin<KBox<Timed<Self>>>> {
         let n = p.batches.clamp(1, 64) as usize;
         let mut free = KVec::with_capacity(n, GFP_KERNEL)?;
         for _ in 0..n {
@@ -546,6 +659,8 @@ impl Queue {
             last_answer: Instant::now(),
             stalled: false,
             abandoned: KVec::with_capacity(n, GFP_KERNEL)?,
+            loads: KVec::with_capacity(n * usize::from(p.slots.max(1)), GFP_KERNEL)?,
+            hook,
         };
         let timeout = Delta::from_micros(i64::from(p.timeout_us.max(1)));
         let device_timeout =
@@ -584,6 +699,10 @@ impl Queue {
 pub(crate) trait AnswerHook: Send + Sync {
     /// The device answered `batch`; every operation has its result.
     fn answered(&self, batch: &Batch);
+    /// An asynchronous get ([`Locked::get_async`]) ended: `Ok` a hit,
+    /// `ENOENT` a miss, another error a failure (device error, stalled or
+    /// gone).
+    fn async_get_ended(&self, outcome: Result);
 }
 
 /// Sizes of each queue.
@@ -614,6 +733,9 @@ pub(crate) enum Flush {
 pub(crate) struct Transport {
     queues: KVec<Pin<KBox<Timed<Queue>>>>,
     hook: Arc<dyn AnswerHook>,
+    /// The most `GET`s one request can carry (operations and page slots
+    /// of a batch).
+    max_gets: usize,
 }
 
 impl Transport {
@@ -628,14 +750,29 @@ impl Transport {
     ) -> Result<(Self, u32)> {
         let mut queues = KVec::with_capacity(n, GFP_KERNEL)?;
         for _ in 0..n {
-            queues.push(Queue::new(p)?, GFP_KERNEL)?;
+            queues.push(Queue::new(p, hook.clone())?, GFP_KERNEL)?;
         }
         let vqs = vdev.find_vqs::<D, Batch>(n, usize::from(p.slots) + 2)?;
         let ring = vqs.first().map_or(0, |vq| vq.size());
         for (q, vq) in queues.iter().zip(vqs) {
             q.inner.lock().vq = Some(vq);
         }
-        Ok((Self { queues, hook }, ring))
+        let max_gets = usize::from(p.max_ops.clamp(1, crate::wire::MAX_OPS_PER_REQUEST))
+            .min(usize::from(p.slots))
+            .clamp(1, MAX_FETCH);
+        Ok((
+            Self {
+                queues,
+                hook,
+                max_gets,
+            },
+            ring,
+        ))
+    }
+
+    /// The most `GET`s one [`Locked::fetch_many`] can send (at least 1).
+    pub(crate) fn max_gets(&self) -> usize {
+        self.max_gets
     }
 
     /// Number of queues (at least one).
@@ -695,6 +832,19 @@ impl Transport {
         })?
     }
 
+    /// Sends the open batch of every queue that holds asynchronous gets:
+    /// the front end ended a batch of reads. Never sleeps.
+    pub(crate) fn unplug(&self) {
+        for q in self.queues.iter() {
+            let mut g = q.inner.lock();
+            if g.open_has_loads() {
+                g.seal();
+                counter(&q.stats().unplug_flushes);
+                g.pump(q.stats());
+            }
+        }
+    }
+
     /// Sends every pending operation, parked invalidations included, and
     /// waits until the device answered them all. Process context only.
     pub(crate) fn drain(&self) {
@@ -731,7 +881,7 @@ impl Transport {
             counter(&q.stats().completions);
             let _ = b.complete(len);
             self.hook.answered(&b);
-            g.finish(b);
+            g.finish(b, q.stats());
             answered = true;
         }
         if answered && g.sleepers > 0 {
@@ -768,6 +918,7 @@ impl Transport {
         for q in self.queues.iter() {
             let mut g = q.inner.lock();
             g.dead = true;
+            g.fail_loads(ENODEV, q.stats());
             q.cv.notify_all();
             drop(g);
             q.cancel();
@@ -787,7 +938,7 @@ impl Transport {
 
     /// Writes the transport counters, summed over the queues, for debugfs.
     pub(crate) fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut sums = [0u64; 16];
+        let mut sums = [0u64; 24];
         for q in self.queues.iter() {
             let mut i = 0;
             q.stats().for_each(&mut |_, v| {
@@ -809,9 +960,22 @@ impl Transport {
             Some(avg) => writeln!(f, "avg_puts_per_batch {}.{:02}", avg / 100, avg % 100)?,
             None => writeln!(f, "avg_puts_per_batch 0.00")?,
         }
+        let (gets, get_notes) = (sums[3], sums[5]);
+        match (gets * 100).checked_div(get_notes) {
+            Some(avg) => writeln!(
+                f,
+                "avg_gets_per_notification {}.{:02}",
+                avg / 100,
+                avg % 100
+            )?,
+            None => writeln!(f, "avg_gets_per_notification 0.00")?,
+        }
         writeln!(f, "queues {}", self.queues.len())
     }
 }
+
+/// The most `GET`s [`Locked::fetch_many`] takes at once.
+pub(crate) const MAX_FETCH: usize = 64;
 
 /// The device's answer to a `GET`.
 pub(crate) enum Answer<'a> {
@@ -931,16 +1095,95 @@ impl Locked<'_> {
         self.wait_room(1, 1)?;
         let handle = handle().ok_or(ENOENT)?;
         let slot = self.push(Op::Get { handle })?;
-        self.wait_answer(slot, |b, index| {
-            match b.ops().get(index).and_then(|m| m.result).map(|s| s.status) {
-                Some(Status::Ok) => b
-                    .page(index)
-                    .map(|page| answer(Answer::Hit(page)))
-                    .ok_or(EIO),
-                Some(Status::Miss) => Ok(answer(Answer::Miss)),
-                _ => Err(EIO),
+        self.wait_answer(slot, |b, index| get_answer(b, index).map(answer))?
+    }
+
+    /// Sends up to `n` `GET`s in one request at once (behind every
+    /// operation queued on this queue before) and waits for their answers.
+    /// `handle(i)` names the `i`-th page; it is called for each `i` in
+    /// `0..n`, in order, with the queue locked, after any wait for room and
+    /// right before the `GET`s are queued (`None`: no `GET` for it).
+    /// `answer(i, a)` reads the answer of each `GET` sent, with the queue
+    /// locked; a failed `GET` (an error status) is not answered, and a
+    /// device that stalled or went away answers none (an error). Returns
+    /// how many `GET`s were sent. `n` is at most [`Transport::max_gets`]
+    /// (`EINVAL` otherwise). Process context only.
+    pub(crate) fn fetch_many(
+        mut self,
+        n: usize,
+        mut handle: impl FnMut(usize) -> Option<Handle>,
+        mut answer: impl FnMut(usize, Answer<'_>),
+    ) -> Result<usize> {
+        if n == 0 || n > self.t.max_gets {
+            return Err(EINVAL);
+        }
+        self.wait_room(n, n)?;
+        // The batch index of the `GET` of each page sent.
+        let mut sent = [None::<usize>; MAX_FETCH];
+        let mut first = None;
+        for (i, at) in sent.iter_mut().enumerate().take(n) {
+            let Some(h) = handle(i) else {
+                continue;
+            };
+            let slot = self.push(Op::Get { handle: h })?;
+            first.get_or_insert(slot);
+            *at = Some(slot.index);
+        }
+        let Some(first) = first else {
+            return Ok(0);
+        };
+        self.wait_answer(first, |b, _| {
+            let mut count = 0;
+            for (i, at) in sent.iter().enumerate() {
+                let Some(index) = *at else {
+                    continue;
+                };
+                count += 1;
+                if let Ok(a) = get_answer(b, index) {
+                    answer(i, a);
+                }
             }
-        })?
+            count
+        })
+    }
+
+    /// Queues a `GET` of `handle` into the open batch (behind every
+    /// operation queued on this queue before) without waiting for its
+    /// answer: when the batch is answered, `load` is ended with the page
+    /// (interrupt context), or failed on a miss, an error, a device that
+    /// stalls or goes away. The batch goes out when it is full, at
+    /// [`Transport::unplug`], or at the flush timeout. `Err` gives `load`
+    /// back, nothing queued (no room for it, device stalled or gone). May
+    /// wait for a free batch: process context only.
+    #[cfg_attr(not(CONFIG_FRONTSWAP), allow(dead_code))]
+    pub(crate) fn get_async(
+        &mut self,
+        handle: Handle,
+        load: AsyncLoad,
+    ) -> core::result::Result<(), AsyncLoad> {
+        if self.g.loads.len() >= self.g.loads.capacity() || self.wait_room(1, 1).is_err() {
+            return Err(load);
+        }
+        let Ok(slot) = self.push(Op::Get { handle }) else {
+            return Err(load);
+        };
+        let pending = PendingLoad {
+            seq: slot.seq,
+            index: slot.index,
+            load,
+        };
+        if let Err(e) = self.g.loads.push_within_capacity(pending) {
+            // Not reached (room was checked under the lock): the `GET`
+            // goes out unread and the page is loaded synchronously.
+            return Err(e.0.load);
+        }
+        counter(&self.q.stats().async_gets);
+        if self.is_full() {
+            self.send(Flush::Full);
+        } else {
+            self.arm();
+        }
+        Ok(())
     }
 
     /// Queues an invalidation (`FLUSH_PAGE`, `FLUSH_OBJECT`) without

@@ -574,7 +574,15 @@ impl DataHandle {
     }
 
     /// Copies the page at `handle` into `out`. Ok(true) = hit; Ok(false) =
-    /// miss (`out` untouched).
+    /// miss (`out` untouched); an error may leave `out` partly written.
+    ///
+    /// `out` is only ever stored into: the page is produced by a zero or
+    /// pattern fill, a copy, or the lz4 decompressor (safe Rust, whose
+    /// bounds come from the compressed input, never from bytes already
+    /// written), and nothing is read back from `out` to decide anything.
+    /// A caller may therefore hand over memory that someone else writes
+    /// meanwhile (a guest's own page buffer): the result can only be wrong
+    /// bytes in `out`. Keep it so.
     pub fn get(&self, handle: &Handle, out: &mut Page) -> Result<bool, TmemError> {
         let table = self.client.table.read();
         if table.removed {

@@ -13,7 +13,7 @@ use super::PageRef;
 use core::ptr::NonNull;
 use kernel::{
     bindings,
-    ffi::{c_int, c_ulong},
+    ffi::{c_int, c_uint, c_ulong},
     prelude::*,
     sync::{global_lock, Arc},
     types::Opaque,
@@ -41,6 +41,11 @@ pub(crate) trait CleancacheBackend: Send + Sync {
     /// miss (any error is a miss). Process context, may sleep (no I/O:
     /// called from readahead with the folio locked).
     fn get_page(&self, pool: i32, key: FileKey, index: u64, page: &mut PageRef<'_>) -> Result;
+    /// Fills what it can of the pages of `pages` (a readahead window of
+    /// file `key`, at most [`GET_BATCH`] pages in ascending index order)
+    /// at once; returns the bitmap of the pages filled (bit `i` for
+    /// `pages.index(i)`). Same context as [`Self::get_page`].
+    fn get_pages(&self, pool: i32, key: FileKey, pages: &mut PageBatch<'_>) -> u64;
     /// Keeps a copy of `page` as page `index` of file `key`, replacing
     /// any older one; if it is dropped instead, no older copy may be
     /// returned later. Atomic context.
@@ -54,6 +59,65 @@ pub(crate) trait CleancacheBackend: Send + Sync {
     /// The filesystem of `pool` is unmounted: drops the pool. Process
     /// context.
     fn invalidate_fs(&self, pool: i32);
+}
+
+/// The most pages one `get_pages` call hands over
+/// (`CLEANCACHE_GET_BATCH`).
+pub(crate) const GET_BATCH: usize = bindings::CLEANCACHE_GET_BATCH as usize;
+
+/// The pages of one `get_pages` call: a readahead window's folios, which
+/// the kernel holds locked and not up to date for the call, and their
+/// indexes in the file.
+///
+/// # Invariants
+///
+/// `index` and `pages` point to `len` (at most [`GET_BATCH`]) valid
+/// entries each for the lifetime `'a`, and every page satisfies the
+/// invariants of a [`PageRef`] handed out as `&mut` (a page being read
+/// in, which nobody else reads or writes until the call returns).
+pub(crate) struct PageBatch<'a> {
+    index: *const usize,
+    pages: *const *mut bindings::page,
+    len: usize,
+    _call: core::marker::PhantomData<&'a mut bindings::page>,
+}
+
+impl PageBatch<'_> {
+    /// Number of pages (1 to [`GET_BATCH`]).
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The file index of page `i`; `None` past the end.
+    pub(crate) fn index(&self, i: usize) -> Option<u64> {
+        if i >= self.len {
+            return None;
+        }
+        // SAFETY: `i < len`, and `index` has `len` entries (type
+        // invariant): the result stays inside them.
+        let at = unsafe { self.index.add(i) };
+        // SAFETY: a valid entry (type invariant), read only.
+        Some(unsafe { *at } as u64)
+    }
+
+    /// Overwrites page `i` with `src` (up to a page); does nothing past
+    /// the end.
+    pub(crate) fn write(&mut self, i: usize, src: &[u8]) {
+        if i >= self.len {
+            return;
+        }
+        // SAFETY: `i < len`, and `pages` has `len` entries (type
+        // invariant): the result stays inside them.
+        let at = unsafe { self.pages.add(i) };
+        // SAFETY: a valid entry (type invariant), read only.
+        let page = unsafe { *at };
+        if let Some(page) = NonNull::new(page) {
+            // SAFETY: a page of the batch, being read in and ours until the
+            // call returns (type invariant); the `PageRef` lives only for
+            // this statement, which `&mut self` keeps exclusive.
+            unsafe { PageRef::new(page) }.write(src);
+        }
+    }
 }
 
 global_lock! {
@@ -131,6 +195,45 @@ unsafe extern "C" fn cc_get_page(
         Ok(()) => 0,
         Err(e) => e.to_errno(),
     }
+}
+
+/// cleancache's `get_pages`.
+///
+/// # Safety
+///
+/// Called by cleancache only, through the registered `cleancache_ops`,
+/// with the arguments `struct cleancache_ops` documents (a valid key,
+/// `nr` valid indexes and pages of locked folios being read in, a
+/// zeroed bitmap word).
+unsafe extern "C" fn cc_get_pages(
+    pool: c_int,
+    key: *const bindings::cleancache_filekey,
+    index: *const usize,
+    pages: *mut *mut bindings::page,
+    nr: c_uint,
+    hits: *mut c_ulong,
+) -> c_int {
+    // SAFETY: cleancache passes a valid key for this call.
+    let key = unsafe { file_key(key) };
+    let len = nr as usize;
+    let (Some(b), Some(key)) = (backend(), key) else {
+        return ENOENT.to_errno();
+    };
+    if len == 0 || len > GET_BATCH || index.is_null() || pages.is_null() || hits.is_null() {
+        return EINVAL.to_errno();
+    }
+    // INVARIANT: cleancache passes `nr` indexes and pages of locked, not up
+    // to date folios for this call; `nr` is at most `GET_BATCH` (checked).
+    let mut batch = PageBatch {
+        index,
+        pages: pages.cast_const(),
+        len,
+        _call: core::marker::PhantomData,
+    };
+    let filled = b.get_pages(pool, key, &mut batch) & (u64::MAX >> (64 - len));
+    // SAFETY: `hits` is the caller's bitmap word, valid for this call.
+    unsafe { *hits = filled as c_ulong };
+    filled.count_ones() as c_int
 }
 
 /// cleancache's `put_page`.
@@ -223,11 +326,14 @@ impl CleancacheRegistration {
     /// Registers `backend`; cleancache calls its `init_fs` for the
     /// opted-in filesystems already mounted before this returns.
     /// `EBUSY` if another cleancache backend is registered.
-    pub(crate) fn register(backend: Arc<dyn CleancacheBackend>) -> Result<Self> {
+    /// `batch_gets`: offer `get_pages`, so that readahead asks for a
+    /// window's pages at once (else the kernel asks page by page).
+    pub(crate) fn register(backend: Arc<dyn CleancacheBackend>, batch_gets: bool) -> Result<Self> {
         let ops = KBox::new(
             Opaque::new(bindings::cleancache_ops {
                 init_fs: Some(cc_init_fs),
                 get_page: Some(cc_get_page),
+                get_pages: if batch_gets { Some(cc_get_pages) } else { None },
                 put_page: Some(cc_put_page),
                 invalidate_page: Some(cc_invalidate_page),
                 invalidate_inode: Some(cc_invalidate_inode),

@@ -27,6 +27,18 @@ pub(crate) trait FrontswapBackend: Send + Sync {
     fn store(&self, ty: usize, offset: u64, page: &PageRef<'_>) -> Result;
     /// Copy slot `offset` of area `ty` into `page`.
     fn load(&self, ty: usize, offset: u64, page: &mut PageRef<'_>) -> Result;
+    /// Start loading slot `offset` of area `ty` into `load`'s page, and end
+    /// `load` (from any context) once the answer is there. The request may
+    /// wait for [`FrontswapBackend::unplug`]. `Err` gives `load` back
+    /// unstarted: frontswap then calls [`FrontswapBackend::load`].
+    fn load_async(
+        &self,
+        ty: usize,
+        offset: u64,
+        load: AsyncLoad,
+    ) -> core::result::Result<(), AsyncLoad>;
+    /// The swap code ended a batch of reads: send the loads held back.
+    fn unplug(&self);
     /// Drop slot `offset` of area `ty`. Atomic context: must not sleep.
     fn invalidate_page(&self, ty: usize, offset: u64);
     /// Area `ty` is being switched off: drop all of it.
@@ -99,6 +111,107 @@ unsafe extern "C" fn fs_load(ty: c_uint, offset: c_ulong, page: *mut bindings::p
     }
 }
 
+/// A load frontswap handed to `load_async`: the page of a locked swap-cache
+/// folio that stays locked until the load is ended.
+///
+/// # Invariants
+///
+/// `page` is the page frontswap passed to `load_async` for a load that
+/// was started (`load_async` returned 0) and has not been ended yet:
+/// valid, locked, and read by nobody until `frontswap_load_end()` is
+/// called for it, which only [`AsyncLoad::end`] does (or `Drop`, which
+/// fails it), exactly once.
+pub(crate) struct AsyncLoad {
+    page: NonNull<bindings::page>,
+}
+
+// SAFETY: the page is owned by the load until it ends, whichever CPU or
+// context ends it: `frontswap_load_end()` may be called from any context.
+unsafe impl Send for AsyncLoad {}
+
+impl AsyncLoad {
+    /// Ends the load: with the page's bytes on a hit (`Ok(src)`), or as
+    /// failed (`Err(e)`: a miss or a device error; the swap-in then fails
+    /// with an I/O error). Any context; never sleeps.
+    pub(crate) fn end(self, answer: core::result::Result<&[u8], Error>) {
+        let ret = match answer {
+            Ok(src) => {
+                let mut page = self.page_ref();
+                page.write(src);
+                0
+            }
+            Err(e) => e.to_errno(),
+        };
+        let page = self.page;
+        core::mem::forget(self);
+        // SAFETY: `page` belongs to a started load not ended yet (type
+        // invariant); `self` was forgotten, so it is ended exactly once.
+        unsafe { bindings::frontswap_load_end(page.as_ptr(), ret) };
+    }
+
+    fn page_ref(&self) -> PageRef<'_> {
+        // SAFETY: the page is valid and nobody else reads or writes it until
+        // the load ends (type invariant), which cannot happen while `self`
+        // is borrowed.
+        unsafe { PageRef::new(self.page) }
+    }
+
+    /// Gives up ownership without ending the load: `load_async` then
+    /// returns an error, and frontswap loads the page itself.
+    fn unstarted(self) {
+        core::mem::forget(self);
+    }
+}
+
+impl Drop for AsyncLoad {
+    /// A load dropped without an answer fails: its folio is never left
+    /// locked.
+    fn drop(&mut self) {
+        // SAFETY: the load was started and not ended (type invariant);
+        // `drop` runs once, and `end` and `unstarted` forget `self`.
+        unsafe { bindings::frontswap_load_end(self.page.as_ptr(), EIO.to_errno()) };
+    }
+}
+
+/// frontswap's `load_async`.
+///
+/// # Safety
+///
+/// Called by frontswap only, through the registered `frontswap_ops`, with
+/// the arguments `struct frontswap_ops` documents (a valid, locked page).
+unsafe extern "C" fn fs_load_async(
+    ty: c_uint,
+    offset: c_ulong,
+    page: *mut bindings::page,
+) -> c_int {
+    let (Some(b), Some(page)) = (backend(), NonNull::new(page)) else {
+        return ENODEV.to_errno();
+    };
+    // INVARIANT: if the backend keeps `load`, this returns 0, and the load
+    // was started; frontswap keeps the folio locked until it is ended. If
+    // it gives it back, `unstarted` forgets it and frontswap loads the page
+    // synchronously.
+    let load = AsyncLoad { page };
+    match b.load_async(ty as usize, offset as u64, load) {
+        Ok(()) => 0,
+        Err(load) => {
+            load.unstarted();
+            EAGAIN.to_errno()
+        }
+    }
+}
+
+/// frontswap's `unplug`.
+///
+/// # Safety
+///
+/// Called by frontswap only, through the registered `frontswap_ops`.
+unsafe extern "C" fn fs_unplug() {
+    if let Some(b) = backend() {
+        b.unplug();
+    }
+}
+
 /// frontswap's `invalidate_page`.
 ///
 /// # Safety
@@ -147,6 +260,8 @@ impl FrontswapRegistration {
                 init: Some(fs_init),
                 store: Some(fs_store),
                 load: Some(fs_load),
+                load_async: Some(fs_load_async),
+                unplug: Some(fs_unplug),
                 invalidate_page: Some(fs_invalidate_page),
                 invalidate_area: Some(fs_invalidate_area),
                 owner: <crate::LocalModule as kernel::ModuleMetadata>::THIS_MODULE.as_ptr(),

@@ -13,6 +13,13 @@
  *   filetest mutate MANIFEST DIR SET ROUND [direct]
  *                                       change the files of SET, update the
  *                                       manifest
+ *   filetest read MANIFEST DIR seq|rand [COUNT]
+ *                                       fio-style 4 KiB reads, each block
+ *                                       checked: every block of every file
+ *                                       in order (seq), or COUNT blocks
+ *                                       (default: as many as the set has)
+ *                                       at random offsets of random files
+ *                                       (rand, a fixed seed)
  *
  * SPEC is SET:COUNT:KIB:ID0[,SET:COUNT:KIB:ID0...]: COUNT files named
  * SET0000, SET0001, ... of KIB KiB each, with file ids ID0, ID0+1, ...
@@ -466,6 +473,84 @@ static int verify(const char *dir, const char *set)
 	return bad_bytes || bad_blocks || bad_files || nf == 0;
 }
 
+/*
+ * 4 KiB reads, one pread() a block, every block checked. Prints
+ * "filetest: read MODE: blocks N bad_blocks K in T s".
+ */
+static int read_blocks(const char *dir, const char *mode, unsigned long long count)
+{
+	unsigned char *buf, want[BLK];
+	unsigned long long total = 0, done = 0, bad = 0;
+	int rnd = strcmp(mode, "rand") == 0;
+	uint64_t seed = 0x9e3779b97f4a7c15ULL;
+	double t = now();
+	int *fds;
+
+	if (!rnd && strcmp(mode, "seq") != 0)
+		return 2;
+	if (posix_memalign((void **)&buf, BLK, BLK))
+		die("posix_memalign");
+	fds = calloc(nfiles + 1, sizeof(int));
+	if (!fds)
+		die("calloc");
+	for (size_t i = 0; i < nfiles; i++) {
+		char path[512];
+
+		fds[i] = -1;
+		if (files[i].deleted)
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, files[i].name);
+		fds[i] = open(path, O_RDONLY);
+		if (fds[i] < 0)
+			die(path);
+		total += nblocks(files[i].size);
+	}
+	if (!count)
+		count = total;
+	if (!rnd)
+		count = total;
+	for (size_t i = 0, blk = 0; done < count && total > 0;) {
+		struct file *f;
+
+		if (rnd) {
+			seed = mix(seed + done);
+			i = seed % nfiles;
+			if (fds[i] < 0 || !nblocks(files[i].size))
+				continue;
+			blk = (seed >> 32) % nblocks(files[i].size);
+		} else if (i >= nfiles) {
+			break;
+		} else if (fds[i] < 0 || blk >= nblocks(files[i].size)) {
+			i++;
+			blk = 0;
+			continue;
+		}
+		f = &files[i];
+		struct blocks b = expand(f);
+		uint64_t valid = f->size - blk * BLK < BLK ? f->size - blk * BLK : BLK;
+		ssize_t got = pread(fds[i], buf, BLK, blk * BLK);
+
+		block(want, f->id, blk, b.gen[blk], b.len[blk]);
+		if (got != (ssize_t)valid || memcmp(buf, want, valid) != 0) {
+			bad++;
+			report_bad(f, blk, buf, want, b.gen[blk], b.len[blk]);
+		}
+		compress(f, &b);
+		done++;
+		if (!rnd)
+			blk++;
+	}
+	for (size_t i = 0; i < nfiles; i++)
+		if (fds[i] >= 0)
+			close(fds[i]);
+	printf("filetest: read %s: blocks %llu bad_blocks %llu in %.1f s\n", mode, done, bad,
+	       now() - t);
+	fflush(stdout);
+	free(fds);
+	free(buf);
+	return bad != 0 || done == 0;
+}
+
 /* --- mutate ------------------------------------------------------------- */
 
 static void write_blocks(const char *path, int fd, struct file *f, struct blocks *b,
@@ -638,9 +723,13 @@ int main(int argc, char **argv)
 		save(argv[2]);
 		return rc;
 	}
+	if (strcmp(cmd, "read") == 0 && (argc == 5 || argc == 6)) {
+		load(argv[2]);
+		return read_blocks(argv[3], argv[4], argc == 6 ? strtoull(argv[5], NULL, 0) : 0);
+	}
 	fprintf(stderr,
 		"usage: filetest make DIR SPEC | init MANIFEST SPEC | verify MANIFEST DIR [SET] |\n"
-		"       mutate MANIFEST DIR SET ROUND [direct]\n"
+		"       mutate MANIFEST DIR SET ROUND [direct] | read MANIFEST DIR seq|rand [COUNT]\n"
 		"SPEC: SET:COUNT:KIB:ID0[,...]\n");
 	return 2;
 }

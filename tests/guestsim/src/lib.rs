@@ -23,6 +23,7 @@ pub mod queue;
 pub mod raw;
 pub mod ring;
 mod sys;
+pub mod upgrade;
 pub mod vm;
 
 pub use queue::{Completion, PageSource, Queue, QueueConfig, QueueStats, RawCompletion, Ticket};

@@ -7,9 +7,11 @@ use std::process::exit;
 use clap::{Parser, Subcommand};
 use log::error;
 use vtmem_guestsim::bench::{self, BenchOptions};
-use vtmem_guestsim::migrate::{self, MigrateOptions};
+use vtmem_guestsim::migrate;
 use vtmem_guestsim::multivm::{self, MultiVmOptions};
+use vtmem_guestsim::pages::CorpusRunOptions;
 use vtmem_guestsim::pages::{checksum, random_page};
+use vtmem_guestsim::upgrade;
 use vtmem_guestsim::{PoolSpec, Status, Vm, VmOptions};
 use vtmem_testkit::handle;
 
@@ -76,18 +78,12 @@ enum Command {
     /// Start two private vtmemds; store a realistic page mix in a VM on the
     /// first, move its device state to the second (as live migration
     /// does) and time both ends; print a table, then one JSON line.
-    Migrate {
-        /// Pages the VM stores (default 262144, 1 GiB; 16384 with --quick).
-        #[arg(long, value_name = "N")]
-        pages: Option<usize>,
-        /// Short run.
-        #[arg(long)]
-        quick: bool,
-        /// vtmemd binary (default: $VTMEMD, else the vtmemd next to this
-        /// executable).
-        #[arg(long, value_name = "PATH", env = "VTMEMD")]
-        vtmemd: Option<PathBuf>,
-    },
+    Migrate(CorpusRunOptions),
+    /// Start a private vtmemd with a state directory; store a realistic
+    /// page mix in a VM, stop vtmemd with SIGTERM, start it again on the
+    /// directory, reconnect and time each step; print a table, then one
+    /// JSON line.
+    Upgrade(CorpusRunOptions),
     /// Connect to a running vtmemd VM socket, store pages in a persistent
     /// pool, read them back and compare.
     Check {
@@ -184,16 +180,8 @@ fn main() {
             }
             Ok(())
         }),
-        Command::Migrate {
-            pages,
-            quick,
-            vtmemd,
-        } => migrate::run(&MigrateOptions {
-            pages,
-            quick,
-            vtmemd,
-        })
-        .and_then(|r| table_and_json(&r.table(), &r)),
+        Command::Migrate(opts) => migrate::run(&opts).and_then(|r| table_and_json(&r.table(), &r)),
+        Command::Upgrade(opts) => upgrade::run(&opts).and_then(|r| table_and_json(&r.table(), &r)),
         Command::Check { socket, pages } => check(socket, pages),
     };
     if let Err(e) = res {

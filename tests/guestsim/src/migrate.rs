@@ -12,22 +12,10 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use vtmem_testkit::handle;
 
 use crate::daemon;
-use crate::pages::Corpus;
-use crate::{Error, PoolSpec, Result, Status, Vm, VmOptions, PAGE_SIZE};
-
-/// Options of [`run`].
-#[derive(Clone, Debug, Default)]
-pub struct MigrateOptions {
-    /// Pages the VM stores (default 262144, 1 GiB; 16384 with `quick`).
-    pub pages: Option<usize>,
-    /// A short run.
-    pub quick: bool,
-    /// vtmemd binary.
-    pub vtmemd: Option<std::path::PathBuf>,
-}
+use crate::pages::{Corpus, CorpusRunOptions};
+use crate::{PoolSpec, Result, Vm, VmOptions, PAGE_SIZE};
 
 /// The figures.
 #[derive(Clone, Debug, Serialize)]
@@ -59,10 +47,8 @@ fn mb(bytes: u64) -> f64 {
 }
 
 /// Runs the benchmark.
-pub fn run(opts: &MigrateOptions) -> Result<MigrateReport> {
-    let n = opts
-        .pages
-        .unwrap_or(if opts.quick { 16_384 } else { 262_144 });
+pub fn run(opts: &CorpusRunOptions) -> Result<MigrateReport> {
+    let n = opts.pages();
     let binary = daemon::vtmemd_binary(opts.vtmemd.as_deref())?;
     let a = daemon::start(&binary, &["vm".into()], &[])?;
     let b = daemon::start(&binary, &["vm".into()], &[])?;
@@ -72,16 +58,7 @@ pub fn run(opts: &MigrateOptions) -> Result<MigrateReport> {
     let src = Vm::connect(a.socket("vm"), &VmOptions::default())?;
     let pool = src.new_pool(PoolSpec::persistent())?;
     eprintln!("storing them in vtmemd A");
-    for (c, chunk) in corpus.pages.chunks(128).enumerate() {
-        let batch: Vec<_> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (handle(pool, 1, (c * 128 + i) as u64), &**p))
-            .collect();
-        if let Some(s) = src.put_batch(&batch)?.iter().find(|s| **s != Status::Ok) {
-            return Err(Error::Status(*s));
-        }
-    }
+    corpus.store(&src, pool)?;
     let held = a.client_stats("vm");
 
     src.stop_rings()?;
@@ -100,18 +77,8 @@ pub fn run(opts: &MigrateOptions) -> Result<MigrateReport> {
     dst.load_device_state(&state)?;
     let import = t.elapsed().as_secs_f64();
 
-    // A sample read back from B.
-    let sample: Vec<usize> = (0..n).step_by(61).collect();
-    for chunk in sample.chunks(64) {
-        let hs: Vec<_> = chunk.iter().map(|&i| handle(pool, 1, i as u64)).collect();
-        for (&i, (s, page)) in chunk.iter().zip(dst.get_batch(&hs)?) {
-            if s != Status::Ok || *page != *corpus.pages[i] {
-                return Err(Error::Device(format!(
-                    "page {i} came back {s} or different"
-                )));
-            }
-        }
-    }
+    // A sample read back.
+    corpus.verify_sample(&dst, pool, 61)?;
     src.disconnect();
     dst.disconnect();
 

@@ -364,7 +364,7 @@ fn self_cpu() -> f64 {
 }
 
 /// CPU seconds used by process `pid` (from `/proc/PID/stat`).
-fn proc_cpu(pid: u32) -> f64 {
+pub(crate) fn proc_cpu(pid: u32) -> f64 {
     let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };

@@ -7,7 +7,9 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::{Page, PAGE_SIZE};
+use vtmem_testkit::handle;
+
+use crate::{Error, Page, Result, Status, Vm, PAGE_SIZE};
 
 pub use vtmem_testkit::{checksum, random_page, text_page};
 
@@ -136,5 +138,64 @@ impl Corpus {
         }
         mix.zero = zi;
         Corpus { pages, mix }
+    }
+}
+
+impl Corpus {
+    /// Stores page `i` of the corpus at index `i` of object 1 of `pool`,
+    /// in batches of 128; fails on the first status that is not `OK`.
+    pub fn store(&self, vm: &Vm, pool: u32) -> Result<()> {
+        for (c, chunk) in self.pages.chunks(128).enumerate() {
+            let batch: Vec<_> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (handle(pool, 1, (c * 128 + i) as u64), &**p))
+                .collect();
+            if let Some(s) = vm.put_batch(&batch)?.iter().find(|s| **s != Status::Ok) {
+                return Err(Error::Status(*s));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every `step`-th page stored by [`Corpus::store`] back from
+    /// `vm` and compares it.
+    pub fn verify_sample(&self, vm: &Vm, pool: u32, step: usize) -> Result<()> {
+        let sample: Vec<usize> = (0..self.pages.len()).step_by(step.max(1)).collect();
+        for chunk in sample.chunks(64) {
+            let hs: Vec<_> = chunk.iter().map(|&i| handle(pool, 1, i as u64)).collect();
+            for (&i, (s, page)) in chunk.iter().zip(vm.get_batch(&hs)?) {
+                if s != Status::Ok || *page != *self.pages[i] {
+                    return Err(Error::Device(format!(
+                        "page {i} came back {s} or different"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Options of the benchmarks that fill one VM's persistent pool with the
+/// corpus (`migrate`, `upgrade`).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct CorpusRunOptions {
+    /// Pages the VM stores (default 262144, 1 GiB; 16384 with --quick).
+    #[arg(long, value_name = "N")]
+    pub pages: Option<usize>,
+    /// Short run.
+    #[arg(long)]
+    pub quick: bool,
+    /// vtmemd binary (default: $VTMEMD, else the vtmemd next to this
+    /// executable).
+    #[arg(long, value_name = "PATH", env = "VTMEMD")]
+    pub vtmemd: Option<PathBuf>,
+}
+
+impl CorpusRunOptions {
+    /// Pages to store.
+    pub fn pages(&self) -> usize {
+        self.pages
+            .unwrap_or(if self.quick { 16_384 } else { 262_144 })
     }
 }

@@ -150,7 +150,8 @@ impl RingLayout {
         self.avail + 4 + 2 * self.size as u64
     }
 
-    fn used_idx(&self) -> u64 {
+    /// Guest address of the used ring's index.
+    pub fn used_idx(&self) -> u64 {
         self.used + 2
     }
 

@@ -5,6 +5,7 @@
 use std::ffi::CString;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use vtmem_protocol::{
 use crate::memory::{Allocator, GuestRam};
 use crate::queue::{ring_bytes, Queue, QueueConfig, QueueStats, SLOT_BYTES};
 use crate::raw::{RawChainBuilder, SCRATCH_BYTES};
+use crate::ring::RingLayout;
 use crate::{Error, Page, Result, PAGE_SIZE};
 
 /// `VIRTIO_F_VERSION_1`.
@@ -119,6 +121,8 @@ pub struct Vm {
     socket: PathBuf,
     /// The vhost-user connection (a clone, for the watchdog of [`Vm::shutdown`]).
     stream: UnixStream,
+    /// Each request queue's ring, where [`Vm::used_indexes`] reads.
+    layouts: Vec<RingLayout>,
     frontend: Mutex<Frontend>,
     ram: Arc<GuestRam>,
     queues: Vec<Mutex<Queue>>,
@@ -329,6 +333,7 @@ impl Vm {
         };
         let event_idx = negotiated.has(VIRTIO_RING_F_EVENT_IDX);
         let mut queues = Vec::with_capacity(nq as usize);
+        let mut layouts = Vec::with_capacity(nq as usize);
         for q in 0..nq {
             let queue = Queue::new(
                 q,
@@ -364,12 +369,14 @@ impl Vm {
                 fe.set_vring_enable(qi, true)
                     .map_err(vhost_err("SET_VRING_ENABLE"))?;
             }
+            layouts.push(l);
             queues.push(Mutex::new(queue));
         }
 
         let vm = Vm {
             socket,
             stream: stream_clone,
+            layouts,
             frontend: Mutex::new(fe),
             ram,
             queues,
@@ -421,6 +428,31 @@ impl Vm {
         let mut p: Box<Page> = Box::new([0u8; PAGE_SIZE]);
         self.ram.read(self.guest_pages.addr(i), &mut p[..])?;
         Ok(p)
+    }
+
+    /// The used index of each request queue, read from guest memory, as a
+    /// VMM that lost its back end reads it to rewind the ring (QEMU's
+    /// `virtio_queue_restore_last_avail_idx`). No queue lock is taken.
+    pub fn used_indexes(&self) -> Result<Vec<u16>> {
+        self.layouts
+            .iter()
+            .map(|l| self.ram.load(l.used_idx(), Ordering::Acquire))
+            .collect()
+    }
+
+    /// Waits up to `limit` for the back end to close the vhost-user
+    /// connection; true once it has (the socket reads end-of-file).
+    pub fn wait_backend_gone(&self, limit: Duration) -> Result<bool> {
+        if !crate::sys::wait_readable(&self.stream, limit).map_err(Error::Io)? {
+            return Ok(false);
+        }
+        let mut byte = [0u8; 1];
+        match rustix::net::recv(&self.stream, &mut byte, rustix::net::RecvFlags::PEEK) {
+            Ok((0, _)) => Ok(true),
+            // A message the frontend did not ask for: not the end.
+            Ok(_) => Ok(false),
+            Err(e) => Err(Error::Io(e.into())),
+        }
     }
 
     /// Number of request queues in use.

@@ -1,0 +1,145 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The restart benchmark: what an orderly restart of vtmemd on its state
+//! directory (an upgrade, `systemctl restart`) costs a VM.
+//!
+//! A simulated VM stores a realistic page mix ([`Corpus`]) in a persistent
+//! pool of a vtmemd started with `--state-dir`. vtmemd is stopped with
+//! SIGTERM (it writes the VM's image) and started again on the same
+//! directory (it takes the image back before it serves the VM); the VM
+//! connects again, as QEMU does, and reads one page. Every step is timed
+//! natively, and a sample of the pages is read back and compared.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use vtmem_testkit::{handle, temp_dir};
+
+use crate::daemon;
+use crate::pages::{Corpus, CorpusRunOptions};
+use crate::{Error, PoolSpec, Result, Status, Vm, VmOptions, PAGE_SIZE};
+
+/// The figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct UpgradeReport {
+    /// Persistent pages kept across the restart.
+    pub pages: u64,
+    /// What the pages are charged (stored sizes + 64 B).
+    pub stored_bytes: u64,
+    /// Bytes of the VM's image in the state directory.
+    pub image_bytes: u64,
+    /// SIGTERM to exit: answering what was in flight, writing the image
+    /// (write, fsync, rename).
+    pub stop_seconds: f64,
+    /// Start of the new vtmemd to its ready line, recovery included.
+    pub start_seconds: f64,
+    /// The recovery alone, as the new vtmemd reports it.
+    pub recovery_seconds: f64,
+    /// SIGTERM to the first request the new vtmemd answered on the VM's
+    /// new connection: how long the VM's requests wait (QEMU's
+    /// `reconnect-ms` retry interval comes on top).
+    pub gap_seconds: f64,
+    /// The gap for 1 GiB of persistent pages of this mix.
+    pub gap_seconds_per_gib: f64,
+}
+
+/// Runs the benchmark.
+pub fn run(opts: &CorpusRunOptions) -> Result<UpgradeReport> {
+    let n = opts.pages();
+    let binary = daemon::vtmemd_binary(opts.vtmemd.as_deref())?;
+    let state = temp_dir();
+    let vms = ["vm".to_string()];
+    let extra = [
+        "--state-dir".to_string(),
+        state.path().display().to_string(),
+    ];
+    let mut d = daemon::start(&binary, &vms, &extra)?;
+    eprintln!("loading {n} pages of corpus");
+    let corpus = Corpus::load(n);
+
+    let vm = Vm::connect(d.socket("vm"), &VmOptions::default())?;
+    let pool = vm.new_pool(PoolSpec::persistent())?;
+    eprintln!("storing them in vtmemd");
+    corpus.store(&vm, pool)?;
+    let held = d.client_stats("vm");
+
+    eprintln!("stopping vtmemd (SIGTERM) and starting it again");
+    let t0 = Instant::now();
+    let status = d.stop();
+    let stop = t0.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err(Error::Daemon(format!("vtmemd stopped with {status}")));
+    }
+    vm.disconnect();
+    let image = state.path().join("vm.image");
+    let image_bytes = std::fs::metadata(&image)
+        .map_err(|e| Error::Daemon(format!("no image at {}: {e}", image.display())))?
+        .len();
+    let t1 = Instant::now();
+    d.restart(&daemon::args(&vms, &extra))
+        .map_err(|e| Error::Daemon(e.to_string()))?;
+    let start = t1.elapsed().as_secs_f64();
+    let again = Vm::connect(
+        d.socket("vm"),
+        &VmOptions {
+            reset_on_connect: false,
+            ..VmOptions::default()
+        },
+    )?;
+    let first = again.get_batch(&[handle(pool, 1, 0)])?;
+    let gap = t0.elapsed().as_secs_f64();
+    if first[0].0 != Status::Ok || *first[0].1 != *corpus.pages[0] {
+        return Err(Error::Device(format!(
+            "page 0 came back {} or different",
+            first[0].0
+        )));
+    }
+    let recovery = d
+        .status()
+        .recovered
+        .ok_or_else(|| Error::Daemon("the new vtmemd reports no recovery".into()))?;
+    if recovery.pages != held.persistent_pages {
+        return Err(Error::Device(format!(
+            "{} pages recovered of {} stored",
+            recovery.pages, held.persistent_pages
+        )));
+    }
+
+    // A sample read back.
+    corpus.verify_sample(&again, pool, 61)?;
+    again.disconnect();
+
+    let pages = held.persistent_pages;
+    let per_gib = (1u64 << 30) as f64 / (pages as f64 * PAGE_SIZE as f64);
+    Ok(UpgradeReport {
+        pages,
+        stored_bytes: held.persistent_bytes,
+        image_bytes,
+        stop_seconds: stop,
+        start_seconds: start,
+        recovery_seconds: recovery.seconds,
+        gap_seconds: gap,
+        gap_seconds_per_gib: gap * per_gib,
+    })
+}
+
+impl UpgradeReport {
+    /// The figures as a table.
+    pub fn table(&self) -> String {
+        format!(
+            "orderly restart of vtmemd holding {} persistent pages ({:.1} MiB charged)\n\
+             \x20 image              {} bytes ({:.0} B a page)\n\
+             \x20 stop (SIGTERM)     {:.3} s  answer in-flight requests, write the image\n\
+             \x20 start              {:.3} s  of which recovery {:.3} s\n\
+             \x20 gap seen by the VM {:.3} s  ({:.2} s per GiB of persistent pages)\n",
+            self.pages,
+            self.stored_bytes as f64 / (1 << 20) as f64,
+            self.image_bytes,
+            self.image_bytes as f64 / self.pages as f64,
+            self.stop_seconds,
+            self.start_seconds,
+            self.recovery_seconds,
+            self.gap_seconds,
+            self.gap_seconds_per_gib,
+        )
+    }
+}
