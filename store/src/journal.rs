@@ -30,7 +30,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -104,13 +104,15 @@ pub enum Record {
     /// Compaction moved content entry `entry` to slab `addr`.
     Move { entry: u32, addr: u32 },
     /// A persistent page now references `content` (an entry or
-    /// [`ZERO_CONTENT`]).
+    /// [`ZERO_CONTENT`]); `reserved`: the put spent one page of the pool's
+    /// reservation.
     Put {
         client: u32,
         pool: u8,
         object: ObjectId,
         index: u64,
         content: u32,
+        reserved: bool,
     },
     /// A persistent page was flushed (or taken by an exclusive get).
     FlushPage {
@@ -224,10 +226,12 @@ impl Record {
                 object,
                 index,
                 content,
+                reserved,
             } => {
                 put_object(&mut b, &object);
                 b[32..40].copy_from_slice(&index.to_le_bytes());
                 b[40..44].copy_from_slice(&content.to_le_bytes());
+                b[44] = u8::from(reserved);
                 (K_PUT, client, pool)
             }
             Record::FlushPage {
@@ -333,6 +337,11 @@ impl Record {
                 object: get_object(b),
                 index: le64(b, 32),
                 content: le32(b, 40),
+                reserved: match b[44] {
+                    0 => false,
+                    1 => true,
+                    f => return Err(format!("put with reserved flag {f}")),
+                },
             },
             K_FLUSH_PAGE => Record::FlushPage {
                 client,
@@ -553,13 +562,53 @@ pub struct Scanned {
     pub partial: u64,
 }
 
-/// Reads the journal at `path`.
+/// Reads the journal at `path`. A journal is created at its full
+/// capacity, sparse: only what lies before the end of its last data is
+/// read (the places in the hole after it were never written, and are not
+/// counted as skipped).
 pub fn read_journal(path: &Path) -> Result<Scanned, JournalError> {
+    use rustix::fs::{seek, SeekFrom};
     let io = |e| JournalError::Io(path.to_path_buf(), e);
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(io)?;
+    let f = File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    // The end of the last data (a file system without SEEK_DATA reads it
+    // all).
+    let mut end = 0u64;
+    let mut pos = 0u64;
+    let mut exact = true;
+    while pos < len {
+        match seek(&f, SeekFrom::Data(pos)) {
+            Ok(data) => match seek(&f, SeekFrom::Hole(data)) {
+                Ok(hole) if hole > data => {
+                    end = hole.min(len);
+                    pos = hole;
+                }
+                _ => {
+                    exact = false;
+                    break;
+                }
+            },
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => {
+                exact = false;
+                break;
+            }
+        }
+    }
+    if !exact {
+        end = len;
+    }
+    // Whole places only past the header; a journal shorter than its
+    // header is read whole (and refused).
+    let end = if end < len {
+        end.div_ceil(RECORD_BYTES as u64) * RECORD_BYTES as u64
+    } else {
+        len
+    }
+    .max(len.min(RECORD_BYTES as u64))
+    .min(len);
+    let mut bytes = vec![0u8; end as usize];
+    f.read_exact_at(&mut bytes, 0).map_err(io)?;
     scan(path, &bytes)
 }
 
@@ -754,12 +803,17 @@ pub fn replay(
                 object,
                 index,
                 content,
+                reserved,
             } => {
                 if content != ZERO_CONTENT && !contents.contains_key(&content) {
                     return Err(bad(format!("page of unknown content entry {content}")));
                 }
                 let p = pool_of(&mut clients, client, pool, path, n)?;
                 persistent(p)?;
+                if reserved {
+                    // The last RESERVE counted it as unspent.
+                    p.reserved = p.reserved.saturating_sub(1);
+                }
                 if let Some(old) = p.pages.insert((object, index), content) {
                     drop_ref(&mut refs, old);
                 }
@@ -944,6 +998,7 @@ mod tests {
                 object: object(1),
                 index: 4,
                 content: 5,
+                reserved: false,
             },
             Record::Put {
                 client: 3,
@@ -951,6 +1006,7 @@ mod tests {
                 object: object(1),
                 index: 5,
                 content: ZERO_CONTENT,
+                reserved: false,
             },
             Record::Put {
                 client: 3,
@@ -958,6 +1014,7 @@ mod tests {
                 object: object(2),
                 index: 0,
                 content: 6,
+                reserved: false,
             },
             Record::FlushPage {
                 client: 3,
@@ -1083,6 +1140,25 @@ mod tests {
     }
 
     #[test]
+    fn a_sparse_journal_is_read_up_to_its_data() {
+        let top = tempfile::tempdir().unwrap();
+        let p = top.path().join("d1.journal.0");
+        let w = JournalWriter::create(&p, EPOCH, 1, 1 << 20).unwrap();
+        let rs = every_kind();
+        for r in &rs {
+            w.append(r).unwrap();
+        }
+        drop(w);
+        assert_eq!(fs_len(&p), (1 + (1 << 20)) * RECORD_BYTES as u64);
+        let s = read_journal(&p).unwrap();
+        let got: Vec<Record> = s.records.iter().map(|(_, r)| *r).collect();
+        assert_eq!(got, rs);
+        // The rest of the page the records are in is read, not the hole.
+        assert!(s.skipped < 4096 / RECORD_BYTES as u64, "{}", s.skipped);
+        assert_eq!(s.partial, 0);
+    }
+
+    #[test]
     fn a_bad_header_is_an_error_naming_the_file() {
         let good = journal(&every_kind());
         let err = |b: &[u8]| scan(path(), b).unwrap_err().to_string();
@@ -1160,6 +1236,7 @@ mod tests {
             object: object(1),
             index: 0,
             content,
+            reserved: false,
         };
         let err = |rs: &[Record]| {
             let s = scan(path(), &journal(rs)).unwrap();

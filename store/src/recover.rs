@@ -71,7 +71,13 @@ pub fn recover_domain(
         ));
     }
     let state = replay(&jpath, snap.state, &journal.records)?;
-    check_locations(&jpath, &state, chunks)?;
+    let domain32 = u32::try_from(domain).map_err(|_| {
+        RecoverError::Location(
+            jpath.clone(),
+            format!("domain number {domain} out of range"),
+        )
+    })?;
+    check_locations(&jpath, domain32, &state, chunks)?;
     let prefix = format!("d{domain}.journal.");
     let mut stale = Vec::new();
     let entries = fs::read_dir(dir.path()).map_err(|e| RecoverError::Dir(dir.path().into(), e))?;
@@ -92,10 +98,11 @@ pub fn recover_domain(
 }
 
 /// Checks that every live content's slot lies in a chunk the arena lists,
-/// of the content's shard and size class, inside the chunk, and that no
-/// two contents share a slot. `path` names the journal in errors.
+/// of the content's domain, shard and size class, inside the chunk, and
+/// that no two contents share a slot. `path` names the journal in errors.
 pub fn check_locations(
     path: &Path,
+    domain: u32,
     state: &Replayed,
     chunks: &[ChunkTag],
 ) -> Result<(), RecoverError> {
@@ -112,6 +119,7 @@ pub fn check_locations(
         };
         let class = class_of(usize::from(len));
         let tag = ChunkTag {
+            domain,
             shard: (entry >> ENTRY_BITS) as u8,
             class: class as u8,
             chunk: addr >> SLOT_BITS,
@@ -162,6 +170,7 @@ mod tests {
 
     fn tag(shard: u8, class: u8, chunk: u32) -> ChunkTag {
         ChunkTag {
+            domain: 1,
             shard,
             class,
             chunk,
@@ -177,7 +186,7 @@ mod tests {
                 contents: contents.iter().copied().collect(),
                 ..Default::default()
             };
-            check_locations(p, &state, &chunks).map_err(|e| e.to_string())
+            check_locations(p, 1, &state, &chunks).map_err(|e| e.to_string())
         };
         let shard1 = 1 << ENTRY_BITS;
         assert_eq!(
@@ -260,6 +269,7 @@ mod tests {
             object: ObjectId([1, 1, 1]),
             index: 9,
             content,
+            reserved: false,
         };
         w.append(&put(e)).unwrap();
         drop(w);

@@ -9,16 +9,17 @@
 //! DIR/arena    extents × EXTENT_BYTES, mapped MAP_SHARED: slab chunks
 //! DIR/chunks   header: "VTMEMCHK" | version u32 | extents u32 | 0 x40
 //!                      | xxh3-64 of bytes 0..56                  64 bytes
-//!              then 8 bytes per extent: chunk u32 | class u8
-//!                      | 0x80 + shard u8 | check u16 (xxh3 of the first
-//!                      six bytes, seeded with the extent number); all
-//!                      zero: the extent is free
+//!              then 16 bytes per extent: chunk u32 | class u8
+//!                      | 0x80 + shard u8 | 0 u16 | domain u32 | 0 u16
+//!                      | check u16 (xxh3 of the first 14 bytes, seeded
+//!                      with the extent number); all zero: the extent
+//!                      is free
 //! ```
 //!
 //! An extent's directory entry is written before the extent is handed to
 //! the slab (so before its first slot holds data) and cleared when the
-//! slab gives it back, before it is punched and reused. An 8-byte
-//! `pwrite` at an 8-byte offset is not torn by the death of the process
+//! slab gives it back, before it is punched and reused. A 16-byte
+//! `pwrite` at a 16-byte offset is not torn by the death of the process
 //! (the kernel copies it before it acts on the signal); the check catches
 //! anything else.
 //!
@@ -55,6 +56,8 @@ pub const STATE_FORMAT: &str = "vtmem-state 1\n";
 pub const CHUNKS_MAGIC: [u8; 8] = *b"VTMEMCHK";
 const CHUNKS_VERSION: u32 = 1;
 const HEADER: u64 = 64;
+/// Bytes of one chunk directory entry.
+const ENTRY: u64 = 16;
 /// Most extents an arena may have (4 TiB).
 pub const MAX_EXTENTS: u32 = 1 << 26;
 
@@ -178,22 +181,25 @@ impl StateDir {
     }
 }
 
-/// What a slab chunk is: its shard, size class and chunk number.
+/// What a slab chunk is: its dedup domain (the durable number the
+/// `clients` file gives it), shard, size class and chunk number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ChunkTag {
+    pub domain: u32,
     pub shard: u8,
     pub class: u8,
     pub chunk: u32,
 }
 
 impl ChunkTag {
-    fn encode(&self, extent: u32) -> [u8; 8] {
-        let mut b = [0u8; 8];
+    fn encode(&self, extent: u32) -> [u8; ENTRY as usize] {
+        let mut b = [0u8; ENTRY as usize];
         b[..4].copy_from_slice(&self.chunk.to_le_bytes());
         b[4] = self.class;
         b[5] = 0x80 | self.shard;
-        let check = xxh3_64_with_seed(&b[..6], u64::from(extent)) as u16;
-        b[6..].copy_from_slice(&check.to_le_bytes());
+        b[8..12].copy_from_slice(&self.domain.to_le_bytes());
+        let check = xxh3_64_with_seed(&b[..14], u64::from(extent)) as u16;
+        b[14..].copy_from_slice(&check.to_le_bytes());
         b
     }
 
@@ -201,11 +207,12 @@ impl ChunkTag {
         if b.iter().all(|&x| x == 0) {
             return Ok(None);
         }
-        let check = xxh3_64_with_seed(&b[..6], u64::from(extent)) as u16;
-        if u16::from_le_bytes([b[6], b[7]]) != check || b[5] & 0x80 == 0 {
+        let check = xxh3_64_with_seed(&b[..14], u64::from(extent)) as u16;
+        if u16::from_le_bytes([b[14], b[15]]) != check || b[5] & 0x80 == 0 {
             return Err(format!("extent {extent}: entry fails its check"));
         }
         Ok(Some(ChunkTag {
+            domain: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
             chunk: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
             class: b[4],
             shard: b[5] & 0x7f,
@@ -279,7 +286,7 @@ impl Arena {
         };
         let arena = new(&arena_path, u64::from(extents) * EXTENT_BYTES as u64)
             .map_err(|e| StateError::Io(arena_path.clone(), e))?;
-        let chunks = new(&chunks_path, HEADER + 8 * u64::from(extents))
+        let chunks = new(&chunks_path, HEADER + ENTRY * u64::from(extents))
             .and_then(|f| f.write_all_at(&chunks_header(extents), 0).map(|()| f))
             .map_err(|e| StateError::Io(chunks_path.clone(), e))?;
         let a = Arena::map(dir, arena_path, chunks_path, arena, chunks, extents, 0)?;
@@ -300,7 +307,7 @@ impl Arena {
                 .metadata()
                 .map_err(|e| StateError::Io(chunks_path.clone(), e))?
                 .len();
-            if len < HEADER || len > HEADER + 8 * u64::from(MAX_EXTENTS) {
+            if len < HEADER || len > HEADER + ENTRY * u64::from(MAX_EXTENTS) {
                 return Err(StateError::Corrupt(
                     chunks_path,
                     format!("{len} bytes: not a chunk directory"),
@@ -329,7 +336,7 @@ impl Arena {
             )));
         }
         let extents = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
-        if extents == 0 || table.len() as u64 != HEADER + 8 * u64::from(extents) {
+        if extents == 0 || table.len() as u64 != HEADER + ENTRY * u64::from(extents) {
             return Err(corrupt(format!(
                 "{} bytes for {extents} extents",
                 table.len()
@@ -352,8 +359,10 @@ impl Arena {
         let mut seen = HashSet::new();
         let mut last_used = 0;
         for n in 0..extents {
-            let at = (HEADER + 8 * u64::from(n)) as usize;
-            if let Some(t) = ChunkTag::decode(&table[at..at + 8], n).map_err(corrupt)? {
+            let at = (HEADER + ENTRY * u64::from(n)) as usize;
+            if let Some(t) =
+                ChunkTag::decode(&table[at..at + ENTRY as usize], n).map_err(corrupt)?
+            {
                 if !seen.insert(t) {
                     return Err(corrupt(format!(
                         "extent {n}: chunk {} of class {} of shard {} listed twice",
@@ -462,9 +471,9 @@ impl Arena {
         .map_err(|e| StateError::Io(self.arena_path.clone(), e.into()))
     }
 
-    fn write_entry(&self, n: u32, b: &[u8; 8]) -> Result<(), StateError> {
+    fn write_entry(&self, n: u32, b: &[u8; ENTRY as usize]) -> Result<(), StateError> {
         self.chunks
-            .write_all_at(b, HEADER + 8 * u64::from(n))
+            .write_all_at(b, HEADER + ENTRY * u64::from(n))
             .map_err(|e| StateError::Io(self.chunks_path.clone(), e))
     }
 
@@ -498,7 +507,9 @@ impl Arena {
     /// host) and makes it reusable. If either fails, the extent is not
     /// reused (a later open punches it).
     fn release(&self, n: u32) {
-        let done = self.write_entry(n, &[0; 8]).and_then(|()| self.punch(n));
+        let done = self
+            .write_entry(n, &[0; ENTRY as usize])
+            .and_then(|()| self.punch(n));
         match done {
             Ok(()) => self.free.lock().list.push(n),
             Err(e) => log::warn!("arena extent {n} not released: {e}"),
@@ -584,6 +595,7 @@ mod tests {
 
     fn tag(chunk: u32) -> ChunkTag {
         ChunkTag {
+            domain: 7,
             shard: 1,
             class: 63,
             chunk,
@@ -725,13 +737,13 @@ mod tests {
         let mut name = String::new();
         let e = reopen_after(|p| {
             name = chunks(p);
-            patch(&p.join("chunks"), HEADER + 8 + 2, &[0x55]);
+            patch(&p.join("chunks"), HEADER + ENTRY + 2, &[0x55]);
         });
         assert_eq!(e, format!("{name}: extent 1: entry fails its check"));
         let e = reopen_after(|p| {
             name = chunks(p);
             // Extent 1 claims to be chunk 0, like extent 0.
-            patch(&p.join("chunks"), HEADER + 8, &tag(0).encode(1));
+            patch(&p.join("chunks"), HEADER + ENTRY, &tag(0).encode(1));
         });
         assert_eq!(
             e,
@@ -753,9 +765,9 @@ mod tests {
                 .write(true)
                 .open(p.join("chunks"))
                 .unwrap();
-            f.set_len(HEADER + 8 * 3).unwrap();
+            f.set_len(HEADER + ENTRY * 3).unwrap();
         });
-        assert_eq!(e, format!("{name}: 88 bytes for 4 extents"));
+        assert_eq!(e, format!("{name}: 112 bytes for 4 extents"));
         let e = reopen_after(|p| {
             name = chunks(p);
             let f = OpenOptions::new()

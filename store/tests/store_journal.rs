@@ -237,6 +237,7 @@ impl Model {
                     object,
                     index,
                     content,
+                    reserved: false,
                 });
                 recs
             }
