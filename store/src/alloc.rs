@@ -23,8 +23,19 @@
 //!
 //! The allocator is not synchronised: each dedup shard owns one, under the
 //! shard's lock.
+//!
+//! With a crash-safe state ([`Slab::in_arena`]) every chunk is an extent of
+//! the state's arena (`state.rs`), listed in its chunk directory before its
+//! first slot is written and unlisted and punched once its last slot is
+//! freed; a slab that is dropped with chunks still in use leaves them
+//! listed, with their bytes, for the next open. Without one (the default,
+//! for tests and benchmarks) chunks are heap allocations.
+
+use std::sync::Arc;
 
 use vtmem_protocol::PAGE_SIZE;
+
+use super::state::{Arena, ChunkTag, Extent};
 
 /// Granularity of size classes.
 pub const CLASS_STEP: usize = 64;
@@ -65,11 +76,19 @@ const fn slots_per_chunk(class: usize) -> usize {
     CHUNK_BYTES / class_size(class)
 }
 
+/// A chunk's memory.
 #[derive(Debug)]
-struct Chunk {
+enum Mem {
     /// Reserved at full size, filled as slots are first used (bump), so
     /// the memory is written once, never zeroed first.
-    data: Vec<u8>,
+    Heap(Vec<u8>),
+    /// An extent of the state's arena (zeroed when handed out).
+    Arena(Extent),
+}
+
+#[derive(Debug)]
+struct Chunk {
+    data: Mem,
     /// Owner of every slot handed out so far (its length is the bump
     /// pointer: slots below it have been used at least once).
     owners: Vec<u32>,
@@ -84,6 +103,63 @@ impl Chunk {
     fn bump(&self) -> u32 {
         self.owners.len() as u32
     }
+
+    #[inline]
+    fn bytes(&self) -> &[u8] {
+        match &self.data {
+            Mem::Heap(v) => v,
+            Mem::Arena(e) => e.bytes(),
+        }
+    }
+
+    #[inline]
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match &mut self.data {
+            Mem::Heap(v) => v,
+            Mem::Arena(e) => e.bytes_mut(),
+        }
+    }
+
+    /// Writes `src` into the first unused slot (the bump), of `size` bytes.
+    #[inline]
+    fn push_slot(&mut self, src: &[u8], size: usize) {
+        let at = self.bump() as usize * size;
+        match &mut self.data {
+            Mem::Heap(v) => {
+                debug_assert_eq!(v.len(), at);
+                v.extend_from_slice(src);
+                v.resize(v.len() + size - src.len(), 0);
+            }
+            // The extent was zeroed when it was handed out, and slots above
+            // the bump were never written.
+            Mem::Arena(e) => e.bytes_mut()[at..at + src.len()].copy_from_slice(src),
+        }
+    }
+
+    /// The free-list link stored in free slot `slot`.
+    fn link(&self, slot: u32, size: usize) -> u32 {
+        let at = slot as usize * size;
+        let mut next = [0u8; 4];
+        next.copy_from_slice(&self.bytes()[at..at + 4]);
+        u32::from_le_bytes(next)
+    }
+
+    /// Puts `slot` at the head of the free list (its first four bytes
+    /// become the link).
+    fn push_free(&mut self, slot: u32, size: usize) {
+        let at = slot as usize * size;
+        let head = self.free_head;
+        self.bytes_mut()[at..at + 4].copy_from_slice(&head.to_le_bytes());
+        self.free_head = slot;
+    }
+}
+
+/// Where a slab's chunks live with a crash-safe state.
+#[derive(Debug)]
+struct InArena {
+    arena: Arc<Arena>,
+    domain: u32,
+    shard: u8,
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +185,8 @@ pub struct Slab {
     chunks: u64,
     /// Bytes of the chunks' owner tables.
     owner_bytes: u64,
+    /// The arena chunks are taken from, if any.
+    arena: Option<InArena>,
 }
 
 impl Default for Slab {
@@ -125,7 +203,21 @@ impl Slab {
             live: 0,
             chunks: 0,
             owner_bytes: 0,
+            arena: None,
         }
+    }
+
+    /// A slab whose chunks are extents of `arena`, tagged with `domain`
+    /// and `shard` in its chunk directory.
+    #[cfg_attr(not(test), allow(dead_code))] // the store uses it next
+    pub fn in_arena(arena: Arc<Arena>, domain: u32, shard: u8) -> Self {
+        let mut s = Slab::new();
+        s.arena = Some(InArena {
+            arena,
+            domain,
+            shard,
+        });
+        s
     }
 
     /// Stores `src` (1..=PAGE_SIZE bytes) in a new slot owned by `owner`;
@@ -177,8 +269,27 @@ impl Slab {
                         }
                         None => return None,
                     };
+                    let data = match &self.arena {
+                        None => Mem::Heap(Vec::with_capacity(per_chunk as usize * size)),
+                        Some(a) => {
+                            let tag = ChunkTag {
+                                domain: a.domain,
+                                shard: a.shard,
+                                class: class_no as u8,
+                                chunk: n,
+                            };
+                            match a.arena.alloc(tag) {
+                                Ok(e) => Mem::Arena(e),
+                                Err(e) => {
+                                    log::warn!("slab: no chunk from the arena: {e}");
+                                    class.spare.push(n);
+                                    return None;
+                                }
+                            }
+                        }
+                    };
                     class.chunks[n as usize] = Some(Chunk {
-                        data: Vec::with_capacity(per_chunk as usize * size),
+                        data,
                         // Grown as slots are first used: a chunk of small
                         // slots that stays nearly empty costs little.
                         owners: Vec::new(),
@@ -198,17 +309,13 @@ impl Slab {
         let slot = if chunk.free_head != NIL {
             let slot = chunk.free_head;
             let at = slot as usize * size;
-            let mut next = [0u8; 4];
-            next.copy_from_slice(&chunk.data[at..at + 4]);
-            chunk.free_head = u32::from_le_bytes(next);
-            chunk.data[at..at + len].copy_from_slice(src);
+            chunk.free_head = chunk.link(slot, size);
+            chunk.bytes_mut()[at..at + len].copy_from_slice(src);
             chunk.owners[slot as usize] = owner;
             class.holes -= 1;
             slot
         } else {
-            debug_assert_eq!(chunk.data.len(), chunk.bump() as usize * size);
-            chunk.data.extend_from_slice(src);
-            chunk.data.resize(chunk.data.len() + size - len, 0);
+            chunk.push_slot(src, size);
             let before = chunk.owners.capacity();
             chunk.owners.push(owner);
             self.owner_bytes += (chunk.owners.capacity() - before) as u64 * 4;
@@ -240,7 +347,7 @@ impl Slab {
     /// The `len` bytes stored at `addr`.
     pub fn get(&self, len: usize, addr: u32) -> &[u8] {
         let (at, chunk) = self.locate(len, addr);
-        &chunk.data[at..at + len]
+        &chunk.bytes()[at..at + len]
     }
 
     /// Frees the slot at `addr` that was allocated for `len` bytes. If that
@@ -266,9 +373,7 @@ impl Slab {
             self.release_chunk(class_no, chunk_no);
             return;
         }
-        let at = slot as usize * size;
-        chunk.data[at..at + 4].copy_from_slice(&chunk.free_head.to_le_bytes());
-        chunk.free_head = slot;
+        chunk.push_free(slot, size);
         chunk.owners[slot as usize] = NIL;
         class.holes += 1;
         if !chunk.listed {
@@ -288,7 +393,7 @@ impl Slab {
         };
         debug_assert_eq!(chunk.used, 0);
         class.holes -= u64::from(chunk.bump());
-        self.touched -= chunk.data.len() as u64;
+        self.touched -= u64::from(chunk.bump()) * class_size(class_no) as u64;
         self.owner_bytes -= chunk.owners.capacity() as u64 * 4;
         if chunk.listed {
             if let Some(pos) = class.avail.iter().rposition(|&n| n == chunk_no) {
@@ -357,10 +462,7 @@ impl Slab {
             let mut f = chunk.free_head;
             while f != NIL {
                 free[f as usize / 64] |= 1 << (f % 64);
-                let at = f as usize * size;
-                let mut next = [0u8; 4];
-                next.copy_from_slice(&chunk.data[at..at + 4]);
-                f = u32::from_le_bytes(next);
+                f = chunk.link(f, size);
             }
             let mut aborted = false;
             for slot in 0..chunk.bump() as usize {
@@ -368,7 +470,7 @@ impl Slab {
                     continue;
                 }
                 let at = slot * size;
-                buf[..size].copy_from_slice(&chunk.data[at..at + size]);
+                buf[..size].copy_from_slice(&chunk.bytes()[at..at + size]);
                 let owner = chunk.owners[slot];
                 // Room was counted above; should it be missing after all,
                 // the chunk goes back with what it still holds.
@@ -381,8 +483,7 @@ impl Slab {
                 // until that record is written the old copy must stay whole.
                 moved(owner, to);
                 // The old copy becomes a hole of the chunk being emptied.
-                chunk.data[at..at + 4].copy_from_slice(&chunk.free_head.to_le_bytes());
-                chunk.free_head = slot as u32;
+                chunk.push_free(slot as u32, size);
                 chunk.owners[slot] = NIL;
                 chunk.used -= 1;
                 let class = &mut self.classes[class_no];
@@ -438,6 +539,117 @@ impl Slab {
                 + (c.spare.capacity() + c.avail.capacity()) * 4) as u64;
         }
         total + self.owner_bytes
+    }
+}
+
+impl Slab {
+    /// Adopts chunks of the arena as they were left by a store that
+    /// stopped or died: `chunks` are the extents the chunk directory lists
+    /// for this slab (class, chunk number, extent), `slots` the slots in
+    /// use (stored length, address, owner), each checked by the caller to
+    /// lie inside one of `chunks` of its class, no two alike. Every other
+    /// slot becomes free; a chunk with no slot in use is given back.
+    #[cfg_attr(not(test), allow(dead_code))] // the store uses it next
+    pub fn adopt(
+        &mut self,
+        chunks: Vec<(u8, u32, Extent)>,
+        slots: impl IntoIterator<Item = (usize, u32, u32)>,
+    ) -> Result<(), String> {
+        debug_assert!(self.arena.is_some() && self.chunks == 0);
+        for (class_no, chunk_no, e) in chunks {
+            let class_no = usize::from(class_no);
+            if class_no >= NUM_CLASSES || chunk_no >= MAX_CHUNKS {
+                return Err(format!(
+                    "chunk {chunk_no} of class {class_no}: out of range"
+                ));
+            }
+            let class = &mut self.classes[class_no];
+            if class.chunks.len() <= chunk_no as usize {
+                class.chunks.resize_with(chunk_no as usize + 1, || None);
+            }
+            class.chunks[chunk_no as usize] = Some(Chunk {
+                data: Mem::Arena(e),
+                owners: Vec::new(),
+                used: 0,
+                free_head: NIL,
+                listed: false,
+            });
+        }
+        for (len, addr, owner) in slots {
+            if !(1..=PAGE_SIZE).contains(&len) {
+                return Err(format!("slot {addr:#x}: length {len}"));
+            }
+            let class_no = class_of(len);
+            let per_chunk = slots_per_chunk(class_no);
+            let slot = (addr & SLOT_MASK) as usize;
+            let chunk = self.classes[class_no]
+                .chunks
+                .get_mut((addr >> SLOT_BITS) as usize)
+                .and_then(Option::as_mut)
+                .filter(|_| slot < per_chunk)
+                .ok_or_else(|| format!("slot {addr:#x} of class {class_no}: no such chunk"))?;
+            if chunk.owners.len() <= slot {
+                chunk.owners.resize(slot + 1, NIL);
+            }
+            if chunk.owners[slot] != NIL {
+                return Err(format!("slot {addr:#x} of class {class_no}: taken twice"));
+            }
+            chunk.owners[slot] = owner;
+            chunk.used += 1;
+        }
+        for class_no in 0..NUM_CLASSES {
+            let size = class_size(class_no);
+            let per_chunk = slots_per_chunk(class_no) as u32;
+            for n in 0..self.classes[class_no].chunks.len() {
+                let class = &mut self.classes[class_no];
+                let Some(chunk) = class.chunks[n].as_mut() else {
+                    continue;
+                };
+                if chunk.used == 0 {
+                    // Dropping the extent unlists and punches it.
+                    class.chunks[n] = None;
+                    continue;
+                }
+                for slot in (0..chunk.bump()).rev() {
+                    if chunk.owners[slot as usize] == NIL {
+                        chunk.push_free(slot, size);
+                        class.holes += 1;
+                    }
+                }
+                class.used += u64::from(chunk.used);
+                if chunk.used < per_chunk {
+                    chunk.listed = true;
+                    class.avail.push(n as u32);
+                }
+                self.touched += u64::from(chunk.bump()) * size as u64;
+                self.live += u64::from(chunk.used) * size as u64;
+                self.owner_bytes += chunk.owners.capacity() as u64 * 4;
+                self.chunks += 1;
+            }
+            let class = &mut self.classes[class_no];
+            while matches!(class.chunks.last(), Some(None)) {
+                class.chunks.pop();
+            }
+            class.spare = (0..class.chunks.len() as u32)
+                .filter(|&n| class.chunks[n as usize].is_none())
+                .collect();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Slab {
+    fn drop(&mut self) {
+        // Chunks still in use hold stored pages: they stay listed in the
+        // arena for the next open. (Emptied chunks were given back when
+        // their last slot was freed.)
+        for class in &mut self.classes {
+            for chunk in class.chunks.drain(..).flatten() {
+                if let Mem::Arena(e) = chunk.data {
+                    e.keep();
+                }
+            }
+        }
     }
 }
 
@@ -686,5 +898,61 @@ mod tests {
             assert!(class.holes as usize * class_size(class_no) < COMPACT_AT);
         }
         t.check();
+    }
+
+    #[test]
+    fn arena_chunks_outlive_the_slab_and_are_adopted() {
+        use crate::state::{Arena, StateDir};
+        let top = tempfile::tempdir().unwrap();
+        let p = top.path().join("state");
+        let dir = StateDir::create(&p).unwrap();
+        let arena = Arena::create(&dir, 64).unwrap();
+        let mut slab = Slab::in_arena(arena.clone(), 3, 1);
+        let mut held = Vec::new();
+        for i in 0..200u32 {
+            let len = 1 + (i as usize * 97) % PAGE_SIZE;
+            let addr = slab.alloc(&vec![i as u8; len], i).unwrap();
+            held.push((len, addr, i));
+        }
+        // Free every other one: holes, and chunks that stay.
+        let mut kept = Vec::new();
+        for (k, &(len, addr, owner)) in held.iter().enumerate() {
+            if k % 2 == 0 {
+                slab.free(len, addr, |_, _| panic!("no compaction at this size"));
+            } else {
+                kept.push((len, addr, owner));
+            }
+        }
+        drop(slab);
+        drop(arena);
+        drop(dir);
+        let dir = StateDir::open(&p).unwrap();
+        let (arena, chunks) = Arena::open(&dir).unwrap();
+        assert!(chunks.iter().all(|(t, _)| t.domain == 3 && t.shard == 1));
+        let mut slab = Slab::in_arena(arena.clone(), 3, 1);
+        let chunks = chunks
+            .into_iter()
+            .map(|(t, e)| (t.class, t.chunk, e))
+            .collect();
+        slab.adopt(chunks, kept.iter().copied()).unwrap();
+        for &(len, addr, owner) in &kept {
+            assert!(slab.get(len, addr).iter().all(|&b| b == owner as u8));
+        }
+        let live: u64 = kept.iter().map(|&(l, _, _)| slot_bytes(l) as u64).sum();
+        assert_eq!(slab.live(), live);
+        // Reused holes and new slots work as before.
+        let a = slab.alloc(&[9u8; 100], 1000).unwrap();
+        assert_eq!(slab.get(100, a), &[9u8; 100][..]);
+        slab.free(100, a, |_, _| {});
+        for &(len, addr, _) in &kept {
+            slab.free(len, addr, |_, _| {});
+        }
+        assert_eq!(slab.chunks(), 0);
+        drop(slab);
+        drop(arena);
+        drop(dir);
+        let dir = StateDir::open(&p).unwrap();
+        let (_arena, chunks) = Arena::open(&dir).unwrap();
+        assert!(chunks.is_empty(), "every emptied chunk was given back");
     }
 }
