@@ -209,7 +209,6 @@ impl Slab {
 
     /// A slab whose chunks are extents of `arena`, tagged with `domain`
     /// and `shard` in its chunk directory.
-    #[cfg_attr(not(test), allow(dead_code))] // the store uses it next
     pub fn in_arena(arena: Arc<Arena>, domain: u32, shard: u8) -> Self {
         let mut s = Slab::new();
         s.arena = Some(InArena {

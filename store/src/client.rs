@@ -13,7 +13,8 @@ use super::account::{
 };
 use super::content::{classify, compress, Class, Domain, Inserted, NewData, LZ4_BOUND, ZERO_REF};
 use super::evict::EVICT_BATCH;
-use super::pool::{NewPage, Pool, DEDUP_BIT};
+use super::journal::{OpRef, Record};
+use super::pool::{NewPage, Pool, PoolLog, DEDUP_BIT};
 use super::{ClientConfig, ClientStats, Page, PoolStats, Store, TmemError, PAGE_SIZE};
 
 thread_local! {
@@ -171,6 +172,14 @@ enum Prep<'a> {
     New(super::content::Key, NewData<'a>),
 }
 
+/// Writes a record of the client `acct` made by `f` (given its durable
+/// number) to its domain's journal, with a crash-safe state.
+pub(crate) fn log_client(table: &Table, acct: &Acct, f: impl FnOnce(u32) -> Record) {
+    if let Some(l) = &table.domain.log {
+        l.append(&f(acct.client_id as u32));
+    }
+}
+
 /// The persistent pool `pool` of a live client: where reservations go.
 fn reservable(table: &Table, pool: u32) -> Result<&Arc<Pool>, TmemError> {
     if table.removed {
@@ -252,7 +261,7 @@ impl DataHandle {
             .iter()
             .position(Option::is_none)
             .ok_or(TmemError::TooManyPools)?;
-        self.open_pool(&mut table, slot, spec);
+        self.open_pool(&mut table, slot, spec, true);
         Ok(slot as u32)
     }
 
@@ -269,11 +278,28 @@ impl DataHandle {
 
     /// Opens a pool at the free `slot` of `table` (joining the shared pool
     /// of `spec.shared`, whose authorisation the caller checked).
-    pub(crate) fn open_pool(&self, table: &mut Table, slot: usize, spec: PoolSpec) {
+    /// `log`: write its `NEW_POOL` record (not when the pool is recovered
+    /// from one).
+    pub(crate) fn open_pool(&self, table: &mut Table, slot: usize, spec: PoolSpec, log: bool) {
+        if log {
+            // Ephemeral pools too, so that their ids survive.
+            log_client(table, self.acct(), |client| Record::NewPool {
+                client,
+                pool: slot as u8,
+                flags: spec.flags(),
+                uuid: spec.shared,
+                op: OpRef::default(),
+            });
+        }
         let pool = match spec.shared {
             Some(uuid) => self.store.join_shared(uuid, self.acct()),
             None => {
                 let exclusive = !spec.persistent || spec.exclusive_gets;
+                let journal = table.domain.log.as_ref().map(|log| PoolLog {
+                    log: log.clone(),
+                    client: self.acct().client_id as u32,
+                    pool: slot as u8,
+                });
                 let pool = Arc::new(Pool::new(
                     spec.persistent,
                     exclusive,
@@ -281,6 +307,7 @@ impl DataHandle {
                     table.domain.clone(),
                     self.acct().clone(),
                     self.store.hasher,
+                    journal,
                 ));
                 if !spec.persistent {
                     self.store.evictable.add(self.acct(), &pool);
@@ -302,6 +329,11 @@ impl DataHandle {
             .get_mut(pool as usize)
             .and_then(Option::take)
             .ok_or(TmemError::NoPool)?;
+        log_client(&table, self.acct(), |client| Record::DestroyPool {
+            client,
+            pool: pool as u8,
+            op: OpRef::default(),
+        });
         self.store.leave_pool(&p, self.acct());
         Ok(())
     }
@@ -374,10 +406,7 @@ impl DataHandle {
             if !pool.persistent {
                 return Err(TmemError::NoReservation);
             }
-            let took = pool
-                .reserved
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
-            if took.is_err() {
+            if !pool.take_reserved_page() {
                 return Err(TmemError::NoReservation);
             }
         } else if self.acct().frozen.load(Ordering::Acquire) {
@@ -452,7 +481,7 @@ impl DataHandle {
         let prep = match (key, data) {
             (None, _) => Prep::Zero,
             (Some(key), Some(data)) => Prep::New(key, data),
-            (Some(key), None) => match domain.acquire(&key, page) {
+            (Some(key), None) => match domain.acquire(&key, page, pool.persistent) {
                 Some((r, _)) => {
                     g.uncharge(unshared_host_cost - PAGE_METADATA_COST);
                     Prep::Hit(r)
@@ -463,10 +492,11 @@ impl DataHandle {
         };
 
         let pattern = matches!(class, Class::Same(_));
+        let persistent = pool.persistent;
         let (value, dedup_hit, stored_bytes) = match prep {
             Prep::Zero => (ZERO_REF, false, 0),
             Prep::Hit(r) => (r | DEDUP_BIT, true, 0),
-            Prep::New(key, data) => match domain.insert(&key, page, data) {
+            Prep::New(key, data) => match domain.insert(&key, page, persistent, data) {
                 Some(Inserted::New(r)) => (r, false, data.stored_bytes()),
                 Some(Inserted::Existing(r, bytes)) => {
                     // An equal put won the race: no new content after all.
@@ -485,6 +515,9 @@ impl DataHandle {
                 None => {
                     charged.uncharge(pool.persistent, client_cost);
                     g.uncharge(unshared_host_cost + growth);
+                    if reserved {
+                        pool.reserved_put_failed();
+                    }
                     return Err(TmemError::NoSpace);
                 }
             },
@@ -493,6 +526,9 @@ impl DataHandle {
         // Gives back everything this put took, when it cannot be stored
         // after all.
         let unwind = |error: TmemError| {
+            if reserved {
+                pool.reserved_put_failed();
+            }
             charged.uncharge(pool.persistent, client_cost);
             g.uncharge(PAGE_METADATA_COST + growth);
             if value & super::content::ID_MASK != ZERO_REF {
@@ -512,6 +548,8 @@ impl DataHandle {
             value,
             client_cost,
             pattern,
+            reserved,
+            log: true,
         };
         if pool
             .store_locked(&mut idx, &h.object, h.index, new, self.acct(), g)
@@ -701,6 +739,9 @@ impl DataHandle {
             return Err(TmemError::NoPool);
         }
         pool.reserved.fetch_add(granted, Ordering::AcqRel);
+        if granted > 0 {
+            pool.log_reserve(&idx);
+        }
         Ok(granted)
     }
 
@@ -721,7 +762,9 @@ impl DataHandle {
             .checked_mul(RESERVED_PAGE_HOST_COST)
             .ok_or(TmemError::NoSpace)?;
         self.charge(pool, self.acct(), client_cost, host_cost)?;
+        let idx = pool.lock();
         pool.reserved.fetch_add(pages, Ordering::AcqRel);
+        pool.log_reserve(&idx);
         Ok(())
     }
 
@@ -731,6 +774,7 @@ impl DataHandle {
         let table = self.client.table.read();
         let pool = reservable(&table, pool)?;
         let mut returned = 0;
+        let idx = pool.lock();
         let prev = pool
             .reserved
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
@@ -738,6 +782,10 @@ impl DataHandle {
                 Some(r - returned)
             })
             .unwrap_or(0);
+        if returned > 0 {
+            pool.log_reserve(&idx);
+        }
+        drop(idx);
         account::uncharge(
             &self.acct().pers_charged,
             returned * RESERVED_PAGE_CLIENT_COST,
@@ -753,6 +801,10 @@ impl DataHandle {
         if table.removed {
             return;
         }
+        log_client(&table, self.acct(), |client| Record::Reset {
+            client,
+            op: OpRef::default(),
+        });
         for slot in table.pools.iter_mut() {
             if let Some(pool) = slot.take() {
                 self.store.leave_pool(&pool, self.acct());
@@ -855,8 +907,16 @@ impl AdminHandle {
             return 0;
         }
         let mut closed = 0;
-        for slot in table.pools.iter_mut() {
+        let log = table.domain.log.clone();
+        for (id, slot) in table.pools.iter_mut().enumerate() {
             if slot.as_ref().is_some_and(|p| p.shared == Some(uuid)) {
+                if let Some(l) = &log {
+                    l.append(&Record::DestroyPool {
+                        client: self.client.acct.client_id as u32,
+                        pool: id as u8,
+                        op: OpRef::default(),
+                    });
+                }
                 if let Some(pool) = slot.take() {
                     self.store.leave_pool(&pool, self.acct());
                     closed += 1;
@@ -892,7 +952,13 @@ impl AdminHandle {
         {
             return Err(TmemError::Busy("the client holds pages"));
         }
-        let domain = self.store.domain_for(group.as_deref());
+        if self.store.persist.is_some() {
+            // TODO: records for the move between journals.
+            return Err(TmemError::Busy(
+                "a store with a crash-safe state cannot move a client to another dedup group yet",
+            ));
+        }
+        let domain = self.store.domain_for(group.as_deref(), 0)?;
         let acct = self.acct();
         // No data-path call of this client runs (we hold its table), and
         // the pools are empty: swap each for a pool in the new domain.
@@ -907,6 +973,7 @@ impl AdminHandle {
                 domain.clone(),
                 acct.clone(),
                 self.store.hasher,
+                None,
             ));
             {
                 let mut idx = old.lock();

@@ -180,6 +180,11 @@ impl ClientsFile {
         Ok(())
     }
 
+    /// The number the next client added will get.
+    pub fn next_number(&self) -> u32 {
+        self.next
+    }
+
     /// Records a new client `name` in `domain`; returns its number.
     pub fn add(&mut self, name: &str, domain: u64) -> Result<DurableClient, StateError> {
         let bad = |what: String| StateError::Corrupt(self.path.clone(), what);

@@ -33,6 +33,9 @@ use xxhash_rust::xxh3::xxh3_128_with_seed;
 
 use super::account::{Overhead, CONTENT_METADATA_COST};
 use super::alloc::{slot_bytes, Slab};
+use super::journal::{Form, Record};
+use super::persist::DomainLog;
+use super::state::Arena;
 use super::Page;
 
 /// Compressed pages larger than this are stored raw (7/8 of a page).
@@ -150,6 +153,9 @@ pub struct Entry {
     /// Stored bytes (Lz4, Raw).
     len: u16,
     kind: Kind,
+    /// With a crash-safe state: its `CONTENT` or `PATTERN` record is
+    /// written (a persistent page references it or did).
+    logged: bool,
 }
 
 const FREE_ENTRY: Entry = Entry {
@@ -158,6 +164,7 @@ const FREE_ENTRY: Entry = Entry {
     loc: NIL,
     len: 0,
     kind: Kind::Free,
+    logged: false,
 };
 
 impl Entry {
@@ -279,16 +286,27 @@ struct Shard {
     refs: u64,
     /// Excess last reported to the store's [`Overhead`].
     overhead: u64,
+    /// The shard's number in its domain.
+    no: u32,
+    /// The domain's journal, with a crash-safe state.
+    log: Option<Arc<DomainLog>>,
 }
 
-/// Points entry `owner` at the slot its data moved to.
-fn relocate(blocks: &mut [Box<[Entry]>], owner: u32, to: u32) {
-    let owner = owner as usize;
+/// Points entry `owner` at the slot its data moved to; with a journal,
+/// records the move of a logged entry (before the old slot is reused).
+fn relocate(blocks: &mut [Box<[Entry]>], owner: u32, to: u32, log: Option<&DomainLog>, no: u32) {
+    let n = owner as usize;
     if let Some(e) = blocks
-        .get_mut(owner / ENTRY_BLOCK)
-        .and_then(|b| b.get_mut(owner % ENTRY_BLOCK))
+        .get_mut(n / ENTRY_BLOCK)
+        .and_then(|b| b.get_mut(n % ENTRY_BLOCK))
     {
         e.loc = to;
+        if let (true, Some(log)) = (e.logged, log) {
+            log.append(&Record::Move {
+                entry: no << ENTRY_BITS | owner,
+                addr: to,
+            });
+        }
     }
 }
 
@@ -297,11 +315,44 @@ fn relocate(blocks: &mut [Box<[Entry]>], owner: u32, to: u32) {
 pub const SHARD_BASE_COST: u64 = 16 * 1024;
 
 impl Shard {
-    fn new() -> Self {
+    fn new(no: u32) -> Self {
         Shard {
             free_head: NIL,
+            no,
             ..Default::default()
         }
+    }
+
+    /// Writes entry `n`'s `CONTENT` or `PATTERN` record unless it is
+    /// written already (rules 1 and 4 of the design).
+    fn log_content(&mut self, n: u32) {
+        let Some(log) = &self.log else {
+            return;
+        };
+        let e = *self.entry(n);
+        if e.logged {
+            return;
+        }
+        let entry = self.no << ENTRY_BITS | n;
+        let r = match e.kind {
+            Kind::Lz4 | Kind::Raw => Record::Content {
+                entry,
+                addr: e.loc,
+                len: e.len,
+                form: if e.kind == Kind::Raw {
+                    Form::Raw
+                } else {
+                    Form::Lz4
+                },
+            },
+            Kind::Pattern => Record::Pattern {
+                entry,
+                pattern: e.key().pattern(),
+            },
+            Kind::Free => return,
+        };
+        log.append(&r);
+        self.entry_mut(n).logged = true;
     }
 
     fn entry(&self, n: u32) -> &Entry {
@@ -483,9 +534,15 @@ impl Shard {
         self.index_remove(n);
         match e.kind {
             Kind::Lz4 | Kind::Raw => {
-                let Shard { slab, blocks, .. } = self;
+                let Shard {
+                    slab,
+                    blocks,
+                    log,
+                    no,
+                    ..
+                } = self;
                 slab.free(e.len as usize, e.loc, |owner, to| {
-                    relocate(blocks, owner, to);
+                    relocate(blocks, owner, to, log.as_deref(), *no);
                 });
                 self.data_entries -= 1;
                 if e.kind == Kind::Raw {
@@ -512,8 +569,14 @@ impl Shard {
 
     /// Compacts the allocator's classes that hold a chunk of holes.
     fn reclaim(&mut self) {
-        let Shard { slab, blocks, .. } = self;
-        slab.reclaim(|owner, to| relocate(blocks, owner, to));
+        let Shard {
+            slab,
+            blocks,
+            log,
+            no,
+            ..
+        } = self;
+        slab.reclaim(|owner, to| relocate(blocks, owner, to, log.as_deref(), *no));
     }
 
     /// Puts an entry that is in no index and holds no slot back on the
@@ -605,6 +668,8 @@ pub struct Domain {
     overhead: Arc<Overhead>,
     /// This domain's part of `overhead` (the sum of its shards').
     reported: AtomicU64,
+    /// Its journal, with a crash-safe state.
+    pub(crate) log: Option<Arc<DomainLog>>,
 }
 
 fn folded_mul(a: u64, b: u64) -> u64 {
@@ -618,13 +683,36 @@ impl Domain {
     pub fn new(shards: usize, seed: u64, overhead: Arc<Overhead>) -> Self {
         assert!(shards.is_power_of_two() && shards <= MAX_SHARDS);
         Domain {
-            shards: (0..shards).map(|_| Mutex::new(Shard::new())).collect(),
+            shards: (0..shards)
+                .map(|n| Mutex::new(Shard::new(n as u32)))
+                .collect(),
             shard_bits: shards.trailing_zeros(),
             seed,
             id: NEXT_DOMAIN.fetch_add(1, Ordering::Relaxed),
             overhead,
             reported: AtomicU64::new(0),
+            log: None,
         }
+    }
+
+    /// A domain of a crash-safe state: its slabs' chunks are extents of
+    /// `arena`, and its contents referenced by persistent pages are
+    /// recorded in `log`.
+    pub fn in_state(
+        shards: usize,
+        seed: u64,
+        overhead: Arc<Overhead>,
+        arena: &Arc<Arena>,
+        log: Arc<DomainLog>,
+    ) -> Self {
+        let mut d = Domain::new(shards, seed, overhead);
+        for (n, shard) in d.shards.iter_mut().enumerate() {
+            let shard = shard.get_mut();
+            shard.slab = Slab::in_arena(arena.clone(), log.number, n as u8);
+            shard.log = Some(log.clone());
+        }
+        d.log = Some(log);
+        d
     }
 
     /// A number naming this domain.
@@ -710,7 +798,9 @@ impl Domain {
 
     /// Takes a reference on stored content equal to `page`, if any.
     /// Returns the reference and the content's data bytes.
-    pub fn acquire(&self, key: &Key, page: &Page) -> Option<(ContentRef, u64)> {
+    /// `persistent`: for a persistent page (its content is recorded in
+    /// the journal, if not yet, before the reference is returned).
+    pub fn acquire(&self, key: &Key, page: &Page, persistent: bool) -> Option<(ContentRef, u64)> {
         let s = self.shard_of(key);
         let mut shard = self.shards[s].lock();
         let n = shard.find(key, page)?;
@@ -721,13 +811,23 @@ impl Domain {
         e.refs += 1;
         let bytes = e.data_bytes();
         shard.refs += 1;
+        if persistent {
+            shard.log_content(n);
+        }
         Some((self.make_ref(s, n), bytes))
     }
 
     /// Stores new content, unless equal content appeared meanwhile (then
     /// takes a reference on it instead). `None` only if the shard's content
     /// table is full (2^26 entries).
-    pub fn insert(&self, key: &Key, page: &Page, data: NewData<'_>) -> Option<Inserted> {
+    /// `persistent`: as for [`Domain::acquire`].
+    pub fn insert(
+        &self,
+        key: &Key,
+        page: &Page,
+        persistent: bool,
+        data: NewData<'_>,
+    ) -> Option<Inserted> {
         let s = self.shard_of(key);
         let mut shard = self.shards[s].lock();
         let key = Self::keyed(key, &data);
@@ -737,6 +837,9 @@ impl Domain {
                 e.refs += 1;
                 let bytes = e.data_bytes();
                 shard.refs += 1;
+                if persistent {
+                    shard.log_content(n);
+                }
                 return Some(Inserted::Existing(self.make_ref(s, n), bytes));
             }
         }
@@ -751,6 +854,7 @@ impl Domain {
             loc: NIL,
             len: len as u16,
             kind: key.kind,
+            logged: false,
         };
         let n = shard.new_entry(entry)?;
         if len > 0 {
@@ -774,6 +878,11 @@ impl Domain {
             _ => shard.data_entries += 1,
         }
         shard.refs += 1;
+        if persistent {
+            // Rule 1: the bytes are in the slot, and the record is
+            // complete before the entry can be found.
+            shard.log_content(n);
+        }
         shard.index_insert(n);
         shard.settle(&self.overhead, &self.reported);
         Some(Inserted::New(self.make_ref(s, n)))
@@ -898,17 +1007,17 @@ mod tests {
             Class::Zero => (ZERO_REF, false),
             Class::Same(w) => {
                 let key = d.pattern_key(w);
-                if let Some((r, _)) = d.acquire(&key, page) {
+                if let Some((r, _)) = d.acquire(&key, page, false) {
                     return (r, true);
                 }
-                match d.insert(&key, page, NewData::Pattern).unwrap() {
+                match d.insert(&key, page, false, NewData::Pattern).unwrap() {
                     Inserted::New(r) => (r, false),
                     Inserted::Existing(r, _) => (r, true),
                 }
             }
             Class::Data => {
                 let key = d.data_key(page);
-                if let Some((r, _)) = d.acquire(&key, page) {
+                if let Some((r, _)) = d.acquire(&key, page, false) {
                     return (r, true);
                 }
                 let mut buf = [0u8; LZ4_BOUND];
@@ -916,7 +1025,7 @@ mod tests {
                     Some(n) => NewData::Lz4(&buf[..n]),
                     None => NewData::Raw,
                 };
-                match d.insert(&key, page, data).unwrap() {
+                match d.insert(&key, page, false, data).unwrap() {
                     Inserted::New(r) => (r, false),
                     Inserted::Existing(r, _) => (r, true),
                 }
@@ -1002,12 +1111,22 @@ mod tests {
         let key_a = d.data_key(&a);
         let mut buf = [0u8; LZ4_BOUND];
         let n = compress(&b, &mut buf).unwrap();
-        let Inserted::New(rb) = d.insert(&key_a, &b, NewData::Lz4(&buf[..n])).unwrap() else {
+        let Inserted::New(rb) = d
+            .insert(&key_a, &b, false, NewData::Lz4(&buf[..n]))
+            .unwrap()
+        else {
             panic!("b is new");
         };
-        assert_eq!(d.acquire(&key_a, &a), None, "collision must not match");
+        assert_eq!(
+            d.acquire(&key_a, &a, false),
+            None,
+            "collision must not match"
+        );
         let n = compress(&a, &mut buf).unwrap();
-        let Inserted::New(ra) = d.insert(&key_a, &a, NewData::Lz4(&buf[..n])).unwrap() else {
+        let Inserted::New(ra) = d
+            .insert(&key_a, &a, false, NewData::Lz4(&buf[..n]))
+            .unwrap()
+        else {
             panic!("a is new despite the equal hash");
         };
         assert_ne!(ra, rb);
@@ -1017,9 +1136,9 @@ mod tests {
         d.read(rb, &mut out).unwrap();
         assert_eq!(out, b);
         // Both remain findable; removing one keeps the other reachable.
-        assert_eq!(d.acquire(&key_a, &a).map(|x| x.0), Some(ra));
+        assert_eq!(d.acquire(&key_a, &a, false).map(|x| x.0), Some(ra));
         d.release(rb);
-        assert_eq!(d.acquire(&key_a, &a).map(|x| x.0), Some(ra));
+        assert_eq!(d.acquire(&key_a, &a, false).map(|x| x.0), Some(ra));
         d.release(ra);
         d.release(ra);
         assert!(d.release(ra).freed);
@@ -1098,7 +1217,7 @@ mod tests {
             (MAX_SHARDS as u32 - 1) << ENTRY_BITS | (ENTRY_MASK + 1 - ENTRY_BLOCK as u32 - 1);
         assert!(largest < ZERO_REF);
         // The table refuses before reaching the reserved number.
-        let mut sh = Shard::new();
+        let mut sh = Shard::new(0);
         sh.blocks = vec![vec![FREE_ENTRY; 0].into_boxed_slice(); ENTRY_MASK as usize / ENTRY_BLOCK];
         assert_eq!(sh.new_entry(FREE_ENTRY), None);
     }

@@ -347,7 +347,7 @@ impl DataHandle {
                 return Err(TmemError::NotAuthorized);
             }
         }
-        self.open_pool(&mut table, id as usize, spec);
+        self.open_pool(&mut table, id as usize, spec, true);
         Ok(())
     }
 

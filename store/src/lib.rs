@@ -148,6 +148,7 @@ mod evict;
 mod evictable;
 mod image;
 pub mod journal;
+mod persist;
 mod pool;
 pub mod recover;
 pub mod snapshot;
@@ -171,11 +172,14 @@ pub use client::{AdminHandle, DataHandle, MAX_RESERVE_PAGES};
 pub use content::RAW_THRESHOLD;
 pub use evict::EVICT_BATCH;
 pub use image::{ImageError, ImageSummary, IMAGE_MAGIC, IMAGE_VERSION, MAX_FRAME};
+pub use persist::PersistError;
 
 use account::{Acct, Global};
-use client::{Client, Meta, Table};
+use client::{log_client, Client, Meta, Table};
 use content::Domain;
 use evictable::EvictableLists;
+use journal::{OpRef, Record};
+use persist::{DomainLog, Persist};
 use pool::{KeyedState, Pool};
 
 /// One page of data.
@@ -200,6 +204,9 @@ pub const FIXED_OVERHEAD_PER_CLIENT: u64 = vtmem_protocol::MAX_POOLS_PER_CLIENT 
 const CLIENT_SHARDS: usize = 2;
 /// Shards of a dedup group's domain (many clients put into it).
 const GROUP_SHARDS: usize = 8;
+/// The bit of a durable domain number that marks a dedup group's domain
+/// (of [`GROUP_SHARDS`] shards; the others have [`CLIENT_SHARDS`]).
+const GROUP_DOMAIN: u32 = 1 << 31;
 /// Shards of a shared pool's domain.
 const SHARED_POOL_SHARDS: usize = 2;
 
@@ -223,6 +230,16 @@ pub struct Store {
     next_client: AtomicU64,
     seed: u64,
     hasher: KeyedState,
+    /// The crash-safe state, if the store has one.
+    persist: Option<Persist>,
+}
+
+/// Extents of a new arena for a host limit of `host_limit` bytes: twice
+/// the limit's worth of 64 KiB chunks (the file is sparse; the slack
+/// covers partly filled chunks), at least 64 MiB and at most 64 GiB.
+fn arena_extents(host_limit: u64) -> u32 {
+    let want = (host_limit / state::EXTENT_BYTES as u64).saturating_mul(2);
+    want.clamp(1024, 1 << 20) as u32
 }
 
 /// The sum of the clients' weights (at least 1).
@@ -245,6 +262,36 @@ impl Store {
     pub fn new(config: StoreConfig) -> Arc<Store> {
         let rs = std::collections::hash_map::RandomState::new();
         let seed = rs.hash_one(0x766d_746d_u64);
+        Store::build(config, seed, None)
+    }
+
+    /// Creates an empty store whose persistent pages and metadata live in
+    /// the new state directory `path` (docs/ARCHITECTURE.md, "Crash-safe
+    /// state"): a new directory, or an empty one.
+    pub fn create(path: &std::path::Path, config: StoreConfig) -> Result<Arc<Store>, PersistError> {
+        let dir = state::StateDir::create(path)?;
+        let arena = state::Arena::create(&dir, arena_extents(config.host_limit))?;
+        let seed = persist::random_u64();
+        persist::write_seed(&dir, seed)?;
+        let clients = clients::ClientsFile::open(&dir)?;
+        Ok(Store::build(
+            config,
+            seed,
+            Some(Persist {
+                dir,
+                arena,
+                clients: Mutex::new(clients),
+            }),
+        ))
+    }
+
+    /// The state directory, if the store has one.
+    pub fn state_dir(&self) -> Option<&std::path::Path> {
+        self.persist.as_ref().map(|p| p.dir.path())
+    }
+
+    fn build(config: StoreConfig, seed: u64, persist: Option<Persist>) -> Arc<Store> {
+        let rs = std::collections::hash_map::RandomState::new();
         let hseed = rs.hash_one(seed);
         Arc::new_cyclic(|me| Store {
             me: me.clone(),
@@ -258,6 +305,7 @@ impl Store {
             next_client: AtomicU64::new(1),
             seed,
             hasher: KeyedState::new(hseed),
+            persist,
         })
     }
 
@@ -277,14 +325,29 @@ impl Store {
         if clients.contains_key(name) {
             return Err(TmemError::ClientExists(name.to_string()));
         }
-        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let (id, domain) = match &self.persist {
+            None => {
+                let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+                (id, self.domain_for(config.dedup_group.as_deref(), 0)?)
+            }
+            Some(p) => {
+                let mut file = p.clients.lock();
+                let number = file.next_number();
+                let domain = self.domain_for(config.dedup_group.as_deref(), number)?;
+                let number = domain.log.as_ref().map_or(0, |l| l.number);
+                let c = file.add(name, u64::from(number)).map_err(|e| {
+                    log::error!("client {name:?}: {e}");
+                    TmemError::Busy("the state directory could not be written")
+                })?;
+                (u64::from(c.client), domain)
+            }
+        };
         let acct = Arc::new(Acct::new(
             id,
             config.persistent_quota,
             config.ephemeral_quota,
             config.weight,
         ));
-        let domain = self.domain_for(config.dedup_group.as_deref());
         let mut authorized = config.authorized_uuids;
         authorized.sort_unstable();
         authorized.dedup();
@@ -324,9 +387,26 @@ impl Store {
         self.accts.write().retain(|a| !Arc::ptr_eq(a, &client.acct));
         let mut table = client.table.write();
         table.removed = true;
+        log_client(&table, &client.acct, |client| Record::Reset {
+            client,
+            op: OpRef::default(),
+        });
         for slot in table.pools.iter_mut() {
             if let Some(pool) = slot.take() {
                 self.leave_pool(&pool, &client.acct);
+            }
+        }
+        if let Some(p) = &self.persist {
+            if let Err(e) = p.clients.lock().remove(name) {
+                log::error!("client {name:?}: {e}");
+            }
+            // A private domain goes with its client (a group's stays; its
+            // files are deleted by the next recovery once no client
+            // names it).
+            if client.meta.lock().dedup_group.is_none() {
+                if let Some(l) = &table.domain.log {
+                    persist::remove_domain_files(&p.dir, u64::from(l.number));
+                }
             }
         }
         drop(table);
@@ -372,27 +452,43 @@ impl Store {
         share_of(self.g.limit(), acct, total)
     }
 
-    /// The dedup domain for a client in `group` (or a private one).
-    fn domain_for(&self, group: Option<&str>) -> Arc<Domain> {
-        let Some(group) = group else {
-            return Arc::new(Domain::new(
-                CLIENT_SHARDS,
+    /// A new dedup domain of `shards` shards; with a crash-safe state, its
+    /// journal and snapshot are created as domain `number`.
+    fn new_domain(&self, shards: usize, number: u32) -> Result<Arc<Domain>, TmemError> {
+        let Some(p) = &self.persist else {
+            return Ok(Arc::new(Domain::new(
+                shards,
                 self.seed,
                 self.g.overhead.clone(),
-            ));
+            )));
+        };
+        let log = DomainLog::start(&p.dir, number, &journal::Replayed::default()).map_err(|e| {
+            log::error!("domain {number}: {e}");
+            TmemError::Busy("the state directory could not be written")
+        })?;
+        Ok(Arc::new(Domain::in_state(
+            shards,
+            self.seed,
+            self.g.overhead.clone(),
+            &p.arena,
+            Arc::new(log),
+        )))
+    }
+
+    /// The dedup domain for a client in `group` (or a private one); a new
+    /// one is domain `number` of a crash-safe state.
+    fn domain_for(&self, group: Option<&str>, number: u32) -> Result<Arc<Domain>, TmemError> {
+        let Some(group) = group else {
+            return self.new_domain(CLIENT_SHARDS, number);
         };
         let mut groups = self.groups.lock();
         if let Some(d) = groups.get(group).and_then(Weak::upgrade) {
-            return d;
+            return Ok(d);
         }
         groups.retain(|_, w| w.strong_count() > 0);
-        let d = Arc::new(Domain::new(
-            GROUP_SHARDS,
-            self.seed,
-            self.g.overhead.clone(),
-        ));
+        let d = self.new_domain(GROUP_SHARDS, number | GROUP_DOMAIN)?;
         groups.insert(group.to_string(), Arc::downgrade(&d));
-        d
+        Ok(d)
     }
 
     /// Joins (or creates) the shared pool `uuid` for `acct`.
@@ -419,6 +515,7 @@ impl Store {
             domain,
             acct.clone(),
             self.hasher,
+            None,
         ));
         self.evictable.add(acct, &pool);
         shared.insert(uuid, pool.clone());

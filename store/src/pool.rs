@@ -33,6 +33,8 @@ use super::account::{
     self, Acct, AtomicCounters, Global, CLIENT_PAGE_COST, CONTENT_METADATA_COST, PAGE_METADATA_COST,
 };
 use super::content::{Corrupt, Domain, Released, ID_MASK, ZERO_REF};
+use super::journal::{OpRef, Record};
+use super::persist::DomainLog;
 use super::Page;
 
 /// Flag in a slot: the page was read since it was queued (shared pools).
@@ -756,6 +758,10 @@ pub struct PoolIndex {
     pub overhead: u64,
     /// Shared pools: who wrote each page (and is charged for it).
     pub writers: Option<Writers>,
+    /// Reserved puts that took their page of the reservation and have not
+    /// yet written their `PUT` record (or given up): a `RESERVE` record
+    /// counts them as unspent, since each one's `PUT` spends its page.
+    pub pending_reserved: u64,
 }
 
 /// Bytes of a pool's index that are never charged as overhead: the first
@@ -795,9 +801,21 @@ impl Freed {
     }
 }
 
+/// Where a pool's records go, with a crash-safe state.
+#[derive(Debug, Clone)]
+pub struct PoolLog {
+    pub log: Arc<DomainLog>,
+    /// The owner's durable number.
+    pub client: u32,
+    /// The pool's id.
+    pub pool: u8,
+}
+
 /// One pool.
 #[derive(Debug)]
 pub struct Pool {
+    /// Its journal (private pools of a store with a crash-safe state).
+    pub journal: Option<PoolLog>,
     pub persistent: bool,
     pub exclusive_gets: bool,
     pub shared: Option<Uuid>,
@@ -816,6 +834,10 @@ pub struct NewPage {
     pub value: u32,
     pub client_cost: u64,
     pub pattern: bool,
+    /// The put spent a page of the reservation.
+    pub reserved: bool,
+    /// Write its `PUT` record (not for a page recovered from one).
+    pub log: bool,
 }
 
 /// The writer slot of the page at `loc` (shared pools).
@@ -831,8 +853,10 @@ impl Pool {
         domain: Arc<Domain>,
         owner: Arc<Acct>,
         hasher: KeyedState,
+        journal: Option<PoolLog>,
     ) -> Self {
         Pool {
+            journal,
             persistent,
             exclusive_gets,
             shared,
@@ -849,12 +873,71 @@ impl Pool {
                 gauges: Gauges::default(),
                 overhead: 0,
                 writers: shared.is_some().then(Writers::default),
+                pending_reserved: 0,
             }),
         }
     }
 
     pub fn lock(&self) -> parking_lot::MutexGuard<'_, PoolIndex> {
         self.index.lock()
+    }
+
+    /// The journal page records of this pool go to: persistent pools of a
+    /// store with a crash-safe state.
+    fn page_log(&self) -> Option<&PoolLog> {
+        self.journal.as_ref().filter(|_| self.persistent)
+    }
+
+    /// Writes a page record made by `f` (under the pool's lock).
+    #[inline]
+    fn log_page(&self, f: impl FnOnce(u32, u8) -> Record) {
+        if let Some(j) = self.page_log() {
+            j.log.append(&f(j.client, j.pool));
+        }
+    }
+
+    /// Writes the pool's reservation total (under its lock, after the
+    /// change): what is unspent plus what reserved puts in flight took.
+    pub fn log_reserve(&self, idx: &PoolIndex) {
+        if let Some(j) = self.page_log() {
+            j.log.append(&Record::Reserve {
+                client: j.client,
+                pool: j.pool,
+                total: self.reserved.load(Ordering::Acquire) + idx.pending_reserved,
+                op: OpRef::default(),
+            });
+        }
+    }
+
+    /// A reserved put takes one page of the reservation (under the pool's
+    /// lock, so that `RESERVE` records count it); false if none is left.
+    pub fn take_reserved_page(&self) -> bool {
+        if self.page_log().is_none() {
+            return self
+                .reserved
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1))
+                .is_ok();
+        }
+        let mut idx = self.lock();
+        let took = self
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1))
+            .is_ok();
+        if took {
+            idx.pending_reserved += 1;
+        }
+        took
+    }
+
+    /// A reserved put that took its page gave up before storing: the page
+    /// is spent all the same (as it always was), and recorded so.
+    pub fn reserved_put_failed(&self) {
+        if self.page_log().is_none() {
+            return;
+        }
+        let mut idx = self.lock();
+        idx.pending_reserved = idx.pending_reserved.saturating_sub(1);
+        self.log_reserve(&idx);
     }
 
     fn publish_head(&self, idx: &PoolIndex) {
@@ -921,6 +1004,21 @@ impl Pool {
             None => None,
         };
         let (loc, old) = idx.pages.insert(obj, index, page.value).ok_or(IndexFull)?;
+        // Rules 2 and 3: recorded under the lock, before the answer and
+        // before the replaced content is released.
+        if page.reserved {
+            idx.pending_reserved = idx.pending_reserved.saturating_sub(1);
+        }
+        if page.log {
+            self.log_page(|client, pool| Record::Put {
+                client,
+                pool,
+                object: *obj,
+                index,
+                content: page.value & ID_MASK,
+                reserved: page.reserved,
+            });
+        }
         let old_writer = writer_at(idx, loc);
         idx.gauges
             .count(page.value, page.pattern, page.client_cost, true);
@@ -1027,6 +1125,15 @@ impl Pool {
         let id = v & ID_MASK;
         if self.exclusive_gets {
             idx.pages.take(loc);
+            // TODO(rule 5): written after the answer is published, with the
+            // slot kept until then; today a crash between this record and
+            // the answer loses the page.
+            self.log_page(|client, pool| Record::FlushPage {
+                client,
+                pool,
+                object: *obj,
+                index,
+            });
             let (res, rel) = if id == ZERO_REF {
                 out.fill(0);
                 (
@@ -1065,6 +1172,12 @@ impl Pool {
             return false;
         };
         let v = idx.pages.take(loc);
+        self.log_page(|client, pool| Record::FlushPage {
+            client,
+            pool,
+            object: *obj,
+            index,
+        });
         let writer = writer_at(&idx, loc);
         self.release_value(&mut idx, writer, v, g);
         self.publish_head(&idx);
@@ -1077,6 +1190,13 @@ impl Pool {
         let mut idx = self.lock();
         let mut values = Vec::new();
         let n = idx.pages.drain_object(obj, |loc, v| values.push((loc, v)));
+        if n > 0 {
+            self.log_page(|client, pool| Record::FlushObject {
+                client,
+                pool,
+                object: *obj,
+            });
+        }
         for (loc, v) in values {
             let writer = writer_at(&idx, loc);
             self.release_value(&mut idx, writer, v, g);
@@ -1084,6 +1204,26 @@ impl Pool {
         self.publish_head(&idx);
         self.settle(&mut idx, g);
         n
+    }
+
+    /// Records that every page of the pool is flushed (an administrator's
+    /// flush): one `FLUSH_OBJECT` per object, before the pages are
+    /// released.
+    pub fn log_clear(&self, idx: &PoolIndex) {
+        if self.page_log().is_none() {
+            return;
+        }
+        let mut objects = std::collections::BTreeSet::new();
+        idx.pages.visit(0, usize::MAX, |o, _, _| {
+            objects.insert(*o);
+        });
+        for object in objects {
+            self.log_page(|client, pool| Record::FlushObject {
+                client,
+                pool,
+                object,
+            });
+        }
     }
 
     /// Removes every page (the pool stays usable).
@@ -1106,6 +1246,7 @@ impl Pool {
     pub fn clear_charged_to(&self, idx: &mut PoolIndex, acct: &Arc<Acct>, g: &Global) -> Freed {
         let Some(w) = idx.writers.as_ref() else {
             return if Arc::ptr_eq(&idx.owner, acct) {
+                self.log_clear(idx);
                 self.clear_locked(idx, g)
             } else {
                 Freed::default()
