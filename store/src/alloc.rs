@@ -548,7 +548,6 @@ impl Slab {
     /// use (stored length, address, owner), each checked by the caller to
     /// lie inside one of `chunks` of its class, no two alike. Every other
     /// slot becomes free; a chunk with no slot in use is given back.
-    #[cfg_attr(not(test), allow(dead_code))] // the store uses it next
     pub fn adopt(
         &mut self,
         chunks: Vec<(u8, u32, Extent)>,

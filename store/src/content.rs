@@ -955,6 +955,120 @@ impl Domain {
         (res, rel)
     }
 
+    /// Adopts what a crash-safe state recorded for this (new, empty)
+    /// domain: `contents` (content reference, where it is, pages
+    /// referencing it) in the slabs' `chunks` (shard, class, chunk number,
+    /// extent), all checked by `recover.rs` to lie inside listed chunks of
+    /// their shard and class. Every content is read back and its hash
+    /// recomputed for the dedup index; one that does not decompress to a
+    /// page is an error. Slots and chunks no content holds are freed.
+    pub fn adopt(
+        &self,
+        contents: &[(ContentRef, super::journal::Stored, u32)],
+        chunks: Vec<(u8, u8, u32, super::state::Extent)>,
+    ) -> Result<(), String> {
+        use super::journal::Stored as Rec;
+        let mut by_shard: Vec<Vec<(u8, u32, super::state::Extent)>> =
+            (0..self.shards.len()).map(|_| Vec::new()).collect();
+        for (s, class, chunk, e) in chunks {
+            let list = by_shard
+                .get_mut(usize::from(s))
+                .ok_or_else(|| format!("chunk of shard {s}, of {} shards", self.shards.len()))?;
+            list.push((class, chunk, e));
+        }
+        let mut slots: Vec<Vec<(usize, u32, u32)>> =
+            (0..self.shards.len()).map(|_| Vec::new()).collect();
+        for &(r, stored, _) in contents {
+            let (s, n) = ((r >> ENTRY_BITS) as usize, r & ENTRY_MASK);
+            if r >= ZERO_REF || s >= self.shards.len() || n >= ENTRY_MASK {
+                return Err(format!("content entry {r} out of range"));
+            }
+            if let Rec::Slot { addr, len, .. } = stored {
+                slots[s].push((usize::from(len), addr, n));
+            }
+        }
+        for (s, (chunks, slots)) in by_shard.into_iter().zip(slots).enumerate() {
+            self.shards[s].lock().slab.adopt(chunks, slots)?;
+        }
+        let mut page = [0u8; PAGE_SIZE];
+        for &(r, stored, refs) in contents {
+            let (s, n) = ((r >> ENTRY_BITS) as usize, r & ENTRY_MASK);
+            let mut shard = self.shards[s].lock();
+            let (key, loc, len) = match stored {
+                Rec::Pattern(p) => (self.pattern_key(p), NIL, 0),
+                Rec::Slot { addr, len, form } => {
+                    let src = shard.slab.get(usize::from(len), addr);
+                    let kind = match form {
+                        Form::Raw => {
+                            page.copy_from_slice(src);
+                            Kind::Raw
+                        }
+                        Form::Lz4 => {
+                            if !matches!(
+                                lz4_flex::block::decompress_into(src, &mut page),
+                                Ok(PAGE_SIZE)
+                            ) {
+                                return Err(format!(
+                                    "content entry {r}: its {len} bytes at {addr:#x} do not decompress to a page"
+                                ));
+                            }
+                            Kind::Lz4
+                        }
+                    };
+                    (
+                        Key {
+                            kind,
+                            ..self.data_key(&page)
+                        },
+                        addr,
+                        len,
+                    )
+                }
+            };
+            while shard.blocks.len() * ENTRY_BLOCK <= n as usize {
+                shard
+                    .blocks
+                    .push(vec![FREE_ENTRY; ENTRY_BLOCK].into_boxed_slice());
+            }
+            if shard.entry(n).kind != Kind::Free {
+                return Err(format!("content entry {r} adopted twice"));
+            }
+            *shard.entry_mut(n) = Entry {
+                hash: key.words,
+                refs: refs.max(1),
+                loc,
+                len,
+                kind: key.kind,
+                logged: true,
+            };
+            shard.live += 1;
+            shard.refs += u64::from(refs.max(1));
+            match key.kind {
+                Kind::Pattern => shard.pattern_entries += 1,
+                Kind::Raw => {
+                    shard.data_entries += 1;
+                    shard.raw_entries += 1;
+                }
+                _ => shard.data_entries += 1,
+            }
+            shard.index_insert(n);
+        }
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let total = (shard.blocks.len() * ENTRY_BLOCK) as u32;
+            shard.free_head = NIL;
+            for n in (0..total).rev() {
+                if shard.entry(n).kind == Kind::Free {
+                    let head = shard.free_head;
+                    shard.entry_mut(n).loc = head;
+                    shard.free_head = n;
+                }
+            }
+            shard.settle(&self.overhead, &self.reported);
+        }
+        Ok(())
+    }
+
     /// Sizes of the whole domain.
     pub fn stats(&self) -> DomainStats {
         let mut st = DomainStats {

@@ -172,7 +172,7 @@ pub use client::{AdminHandle, DataHandle, MAX_RESERVE_PAGES};
 pub use content::RAW_THRESHOLD;
 pub use evict::EVICT_BATCH;
 pub use image::{ImageError, ImageSummary, IMAGE_MAGIC, IMAGE_VERSION, MAX_FRAME};
-pub use persist::PersistError;
+pub use persist::{PersistError, Recovered};
 
 use account::{Acct, Global};
 use client::{log_client, Client, Meta, Table};

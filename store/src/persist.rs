@@ -28,6 +28,7 @@ use super::journal::{JournalError, JournalWriter, Record, Replayed};
 use super::recover::{journal_path, snapshot_path, RecoverError};
 use super::snapshot::{write_snapshot, SnapshotError};
 use super::state::{Arena, StateDir, StateError};
+use super::Store;
 
 /// Records a domain's journal has room for. The checkpoint that would
 /// bound a journal to 16 bytes per live page is not built yet: until it
@@ -163,7 +164,6 @@ pub(crate) fn write_seed(dir: &StateDir, seed: u64) -> Result<(), PersistError> 
 }
 
 /// Reads `DIR/seed`.
-#[allow(dead_code)] // recovery uses it next
 pub(crate) fn read_seed(dir: &StateDir) -> Result<u64, PersistError> {
     let p = dir.path().join("seed");
     let b = fs::read(&p).map_err(|e| StateError::Io(p.clone(), e))?;
@@ -176,6 +176,289 @@ pub(crate) fn read_seed(dir: &StateDir) -> Result<u64, PersistError> {
     let mut w = [0u8; 8];
     w.copy_from_slice(&b[8..16]);
     Ok(u64::from_le_bytes(w))
+}
+
+/// How a store was recovered from its state directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Clients rebuilt.
+    pub clients: u64,
+    /// Pools rebuilt (ephemeral ones empty).
+    pub pools: u64,
+    /// Persistent pages rebuilt.
+    pub pages: u64,
+    /// Unique contents adopted in the arena.
+    pub contents: u64,
+    /// Journal record places skipped (torn or never written at the crash).
+    pub skipped_records: u64,
+    /// Time the recovery took.
+    pub elapsed: std::time::Duration,
+}
+
+impl Store {
+    /// Rebuilds a store from the state directory `path` that a store
+    /// created ([`Store::create`]) and stopped or died with: its clients,
+    /// pools (ephemeral ones keep their ids, not their pages), persistent
+    /// pages with their contents adopted where they lie in the arena, the
+    /// dedup index (hashes recomputed), reference counts, charges and
+    /// reservations. Each domain is then checkpointed: a snapshot of what
+    /// was recovered and a new, empty journal.
+    ///
+    /// Recovered clients have the default configuration (unlimited
+    /// quotas, weight 100, no authorisation): the caller applies its own,
+    /// as for clients it adds. Charges are taken whatever the quotas, as
+    /// an image import would take them.
+    ///
+    /// A state that fails a check (a truncated or corrupt file, a record
+    /// that cannot follow the ones before it, a slot outside the arena's
+    /// chunks) is an error naming the file; nothing read from the files
+    /// can make the store panic.
+    pub fn recover(
+        path: &std::path::Path,
+        config: super::StoreConfig,
+    ) -> Result<(Arc<Store>, Recovered), PersistError> {
+        use super::account::{self, Acct};
+        use super::client::{Client, Meta, Table};
+        use super::content::{ContentRef, Domain, ZERO_REF};
+        use super::journal::{Stored, ZERO_CONTENT};
+        use super::pool::{NewPage, Pool, PoolLog, DEDUP_BIT};
+        use super::recover::recover_domain;
+        use super::{
+            ClientConfig, CLIENT_PAGE_COST, CLIENT_SHARDS, CONTENT_METADATA_COST, GROUP_DOMAIN,
+            GROUP_SHARDS, PAGE_METADATA_COST, RESERVED_PAGE_CLIENT_COST, RESERVED_PAGE_HOST_COST,
+        };
+        use parking_lot::RwLock;
+        use std::collections::{BTreeMap, HashMap};
+        use vtmem_protocol::{Handle, POOL_EXCLUSIVE_GETS, POOL_PERSISTENT};
+
+        let started = std::time::Instant::now();
+        let dir = StateDir::open(path)?;
+        let seed = read_seed(&dir)?;
+        let (arena, chunks) = Arena::open(&dir)?;
+        let clients = ClientsFile::open(&dir)?;
+        let tags: Vec<_> = chunks.iter().map(|(t, _)| *t).collect();
+        // Domains by durable number, with their clients.
+        let mut domains: BTreeMap<u32, Vec<(String, u32)>> = BTreeMap::new();
+        for (name, c) in clients.clients() {
+            let d = u32::try_from(c.domain).map_err(|_| {
+                PersistError::Corrupt(
+                    clients.path().to_path_buf(),
+                    format!("client {name:?}: domain number {} out of range", c.domain),
+                )
+            })?;
+            domains.entry(d).or_default().push((name.clone(), c.client));
+        }
+        // Files of domains no client names any more.
+        if let Ok(entries) = fs::read_dir(dir.path()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let number = name
+                    .strip_prefix('d')
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|n| n.parse::<u32>().ok());
+                if let Some(n) = number.filter(|n| !domains.contains_key(n)) {
+                    remove_domain_files(&dir, u64::from(n));
+                }
+            }
+        }
+        let mut extents: HashMap<u32, Vec<_>> = HashMap::new();
+        for (t, e) in chunks {
+            if domains.contains_key(&t.domain) {
+                extents
+                    .entry(t.domain)
+                    .or_default()
+                    .push((t.shard, t.class, t.chunk, e));
+            }
+            // Otherwise dropped: unlisted and punched.
+        }
+        let store = Store::build(
+            config,
+            seed,
+            Some(Persist {
+                dir,
+                arena,
+                clients: Mutex::new(clients),
+            }),
+        );
+        let Some(p) = &store.persist else {
+            unreachable!("built with a state");
+        };
+        let g = &store.g;
+        let mut out = Recovered::default();
+        for (number, members) in domains {
+            let rec = recover_domain(&p.dir, u64::from(number), &tags)?;
+            out.skipped_records += rec.skipped;
+            let corrupt = |what: String| {
+                PersistError::Corrupt(snapshot_path(&p.dir, u64::from(number)), what)
+            };
+            let mut refs: HashMap<u32, u32> = HashMap::new();
+            for pools in rec.state.clients.values() {
+                for rp in pools.values() {
+                    for &c in rp.pages.values() {
+                        if c != ZERO_CONTENT {
+                            let n = refs.entry(c).or_default();
+                            *n = n.checked_add(1).ok_or_else(|| {
+                                corrupt(format!("content entry {c}: too many references"))
+                            })?;
+                        }
+                    }
+                }
+            }
+            let contents: Vec<(ContentRef, Stored, u32)> = rec
+                .state
+                .contents
+                .iter()
+                .map(|(&e, &s)| (e, s, refs.get(&e).copied().unwrap_or(0)))
+                .collect();
+            out.contents += contents.len() as u64;
+            let log = Arc::new(DomainLog::start(&p.dir, number, &rec.state)?);
+            let shards = if number & GROUP_DOMAIN != 0 {
+                GROUP_SHARDS
+            } else {
+                CLIENT_SHARDS
+            };
+            let domain = Arc::new(Domain::in_state(
+                shards,
+                seed,
+                g.overhead.clone(),
+                &p.arena,
+                log.clone(),
+            ));
+            domain
+                .adopt(&contents, extents.remove(&number).unwrap_or_default())
+                .map_err(corrupt)?;
+            // Each unique content's host charge, once.
+            for (_, s, _) in &contents {
+                let slot = match s {
+                    Stored::Slot { len, .. } => super::alloc::slot_bytes(usize::from(*len)) as u64,
+                    Stored::Pattern(_) => 0,
+                };
+                account::charge(&g.host_used, slot + CONTENT_METADATA_COST);
+            }
+            let stored: HashMap<u32, Stored> = rec.state.contents.clone();
+            let mut first_ref: std::collections::HashSet<u32> = Default::default();
+            for (name, number_c) in members {
+                let cfg = ClientConfig::default();
+                let acct = Arc::new(Acct::new(
+                    u64::from(number_c),
+                    cfg.persistent_quota,
+                    cfg.ephemeral_quota,
+                    cfg.weight,
+                ));
+                let client = Arc::new(Client {
+                    name: name.clone(),
+                    acct: acct.clone(),
+                    table: RwLock::new(Table {
+                        removed: false,
+                        pools: Default::default(),
+                        domain: domain.clone(),
+                    }),
+                    meta: Mutex::new(Meta {
+                        dedup_group: None,
+                        authorized: Vec::new(),
+                    }),
+                });
+                store.clients.write().insert(name.clone(), client.clone());
+                store.accts.write().push(acct.clone());
+                out.clients += 1;
+                let Some(pools) = rec.state.clients.get(&number_c) else {
+                    continue;
+                };
+                let mut table = client.table.write();
+                for (&id, rp) in pools {
+                    out.pools += 1;
+                    let persistent = rp.flags & POOL_PERSISTENT != 0;
+                    let pool = match rp.uuid {
+                        Some(uuid) => store.join_shared(uuid, &acct),
+                        None => {
+                            let exclusive = !persistent || rp.flags & POOL_EXCLUSIVE_GETS != 0;
+                            let pool = Arc::new(Pool::new(
+                                persistent,
+                                exclusive,
+                                None,
+                                domain.clone(),
+                                acct.clone(),
+                                store.hasher,
+                                Some(PoolLog {
+                                    log: log.clone(),
+                                    client: number_c,
+                                    pool: id,
+                                }),
+                            ));
+                            if !persistent {
+                                store.evictable.add(&acct, &pool);
+                            }
+                            pool
+                        }
+                    };
+                    if persistent {
+                        let mut idx = pool.lock();
+                        for (&(object, index), &c) in &rp.pages {
+                            let (value, data, pattern) = if c == ZERO_CONTENT {
+                                (ZERO_REF, 0, false)
+                            } else {
+                                let dedup = if first_ref.insert(c) { 0 } else { DEDUP_BIT };
+                                match stored.get(&c) {
+                                    Some(Stored::Slot { len, .. }) => (
+                                        c | dedup,
+                                        super::alloc::slot_bytes(usize::from(*len)) as u64,
+                                        false,
+                                    ),
+                                    Some(Stored::Pattern(_)) => (c | dedup, 0, true),
+                                    None => {
+                                        return Err(corrupt(format!(
+                                            "a page of unknown content entry {c}"
+                                        )))
+                                    }
+                                }
+                            };
+                            let client_cost = data + CLIENT_PAGE_COST;
+                            account::charge(&acct.pers_charged, client_cost);
+                            account::charge(&g.host_used, PAGE_METADATA_COST);
+                            let h = Handle {
+                                pool: u32::from(id),
+                                object,
+                                index,
+                            };
+                            let new = NewPage {
+                                value,
+                                client_cost,
+                                pattern,
+                                reserved: false,
+                                log: false,
+                            };
+                            if pool
+                                .store_locked(&mut idx, &h.object, h.index, new, &acct, g)
+                                .is_err()
+                            {
+                                return Err(corrupt(format!(
+                                    "pool {id} of client {number_c}: its index is full"
+                                )));
+                            }
+                            out.pages += 1;
+                        }
+                        pool.reserved
+                            .store(rp.reserved, std::sync::atomic::Ordering::Release);
+                        account::charge(
+                            &acct.pers_charged,
+                            rp.reserved.saturating_mul(RESERVED_PAGE_CLIENT_COST),
+                        );
+                        account::charge(
+                            &g.host_used,
+                            rp.reserved.saturating_mul(RESERVED_PAGE_HOST_COST),
+                        );
+                        pool.settle(&mut idx, g);
+                    }
+                    let slot = table.pools.get_mut(usize::from(id)).ok_or_else(|| {
+                        corrupt(format!("pool id {id} of client {number_c} out of range"))
+                    })?;
+                    *slot = Some(pool);
+                }
+            }
+        }
+        out.elapsed = started.elapsed();
+        Ok((store, out))
+    }
 }
 
 #[cfg(test)]
@@ -239,5 +522,57 @@ mod tests {
         );
         // One text content in a slot, one pattern.
         assert_eq!(r.state.contents.len(), 2);
+    }
+
+    #[test]
+    fn a_store_is_recovered_from_its_state() {
+        let top = tempfile::tempdir().unwrap();
+        let p = top.path().join("state");
+        let cfg = || StoreConfig {
+            host_limit: 64 << 20,
+        };
+        let store = Store::create(&p, cfg()).unwrap();
+        let c = store
+            .add_client("a", ClientConfig::default())
+            .unwrap()
+            .data();
+        assert_eq!(c.new_pool(PoolSpec::ephemeral()).unwrap(), 0);
+        assert_eq!(c.new_pool(PoolSpec::persistent()).unwrap(), 1);
+        let h = |index| Handle {
+            pool: 1,
+            object: ObjectId([9, 0, 0]),
+            index,
+        };
+        let page = |i: u64| {
+            let mut p = [0u8; PAGE_SIZE];
+            p[..8].copy_from_slice(&i.to_le_bytes());
+            p[4000] = 1;
+            p
+        };
+        for i in 0..50 {
+            c.put(&h(i), &page(i % 20), false).unwrap();
+        }
+        assert_eq!(c.reserve(1, 3).unwrap(), 3);
+        let before = store.stats();
+        drop(c);
+        drop(store);
+        let (store, rec) = Store::recover(&p, cfg()).unwrap();
+        assert_eq!(
+            (rec.clients, rec.pools, rec.pages, rec.contents),
+            (1, 2, 50, 20)
+        );
+        let c = store.client("a").unwrap().data();
+        let mut out = [0u8; PAGE_SIZE];
+        for i in 0..50 {
+            assert!(c.get(&h(i), &mut out).unwrap());
+            assert!(out == page(i % 20));
+        }
+        let after = store.stats();
+        assert_eq!(after.host_used, before.host_used);
+        assert_eq!(after.unique_pages, 20);
+        assert_eq!(after.reserved_pages, 3);
+        assert_eq!(store.recount_overhead(), after.host_overhead);
+        // Another store may not open it while this one holds it.
+        assert!(Store::recover(&p, cfg()).is_err());
     }
 }
