@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The crash-safe state's `clients` file: each client's durable number and
-//! dedup domain by name (docs/ARCHITECTURE.md, "Crash-safe state"). The
-//! store does not write it yet.
+//! dedup domain by name (docs/ARCHITECTURE.md, "Crash-safe state"),
+//! written by a store with a state directory as clients come and go.
 //!
 //! ```text
 //! header  "VTMEMCLI" | version u32 | 0 u32                     16 bytes

@@ -2,9 +2,10 @@
 //! The metadata journal of the crash-safe state: its records, a writer, a
 //! reader that skips torn records, and replay into the live metadata.
 //!
-//! The design is in docs/ARCHITECTURE.md ("Crash-safe state"). The store
-//! does not write journals yet; this module is the format and the replay
-//! that `Store::recover` will be built on, tested on its own.
+//! The design is in docs/ARCHITECTURE.md ("Crash-safe state"). A store
+//! with a state directory writes a journal per dedup domain (`persist.rs`
+//! starts them; the records are written where the store changes what
+//! they describe), and `Store::recover` replays them.
 //!
 //! ```text
 //! header  "VTMEMJNL" | version u32 | 0 u32 | epoch u64 | domain u64

@@ -3,7 +3,7 @@
 //! checkpoint, the journal the checkpoint names, and a check of every
 //! live content's slot against the arena's chunk directory, so that what
 //! the store then adopts can be read without a panic (the slab trusts
-//! the addresses it is given). The store does not call it yet.
+//! the addresses it is given). `Store::recover` adopts what it returns.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;

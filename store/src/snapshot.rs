@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A dedup domain's checkpoint: its live metadata, written compactly so
 //! that its journal can start again empty (docs/ARCHITECTURE.md,
-//! "Crash-safe state", "Checkpoint"). The store does not write them yet.
+//! "Crash-safe state", "Checkpoint"). The store writes one when it starts
+//! a domain's journal: at creation (empty) and after recovery; the
+//! checkpoint that bounds a journal while the store runs is not built.
 //!
 //! ```text
 //! "VTMEMSNP" | version u32 | 0 u32 | epoch u64 | domain u64     32 bytes

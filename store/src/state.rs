@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The crash-safe state's directory and its arena (docs/ARCHITECTURE.md,
-//! "Crash-safe state"). The store does not use them yet; they are built
-//! and tested here so that the slab and recovery can be.
+//! "Crash-safe state"): a store made by `Store::create` keeps its slab
+//! chunks in the arena (`alloc.rs`), and `Store::recover` opens it.
 //!
 //! ```text
 //! DIR/format   "vtmem-state 1\n"
