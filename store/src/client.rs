@@ -343,6 +343,22 @@ impl DataHandle {
     ///
     /// On any refusal the handle's old copy is dropped.
     pub fn put(&self, handle: &Handle, page: &Page, reserved: bool) -> Result<(), TmemError> {
+        let r = self.put_counted(handle, page, reserved);
+        self.checkpoint_if_due();
+        r
+    }
+
+    /// With a crash-safe state: checkpoints the client's domain if its
+    /// journal has grown past its bound (no lock held).
+    #[inline]
+    fn checkpoint_if_due(&self) {
+        if self.store.persist.is_some() {
+            let domain = self.client.table.read().domain.clone();
+            self.store.checkpoint_if_due(&domain);
+        }
+    }
+
+    fn put_counted(&self, handle: &Handle, page: &Page, reserved: bool) -> Result<(), TmemError> {
         let table = self.client.table.read();
         if table.removed {
             return Err(TmemError::ClientGone);
@@ -654,25 +670,31 @@ impl DataHandle {
 
     /// Drops one page (no error if there is none).
     pub fn flush_page(&self, handle: &Handle) -> Result<(), TmemError> {
-        let table = self.client.table.read();
-        if table.removed {
-            return Err(TmemError::ClientGone);
+        {
+            let table = self.client.table.read();
+            if table.removed {
+                return Err(TmemError::ClientGone);
+            }
+            let pool = table.pool(handle.pool).ok_or(TmemError::NoPool)?;
+            self.count(Some(pool), |c| &c.flush_pages);
+            pool.remove(&handle.object, handle.index, &self.store.g);
         }
-        let pool = table.pool(handle.pool).ok_or(TmemError::NoPool)?;
-        self.count(Some(pool), |c| &c.flush_pages);
-        pool.remove(&handle.object, handle.index, &self.store.g);
+        self.checkpoint_if_due();
         Ok(())
     }
 
     /// Drops every page of an object.
     pub fn flush_object(&self, pool: u32, object: &ObjectId) -> Result<(), TmemError> {
-        let table = self.client.table.read();
-        if table.removed {
-            return Err(TmemError::ClientGone);
+        {
+            let table = self.client.table.read();
+            if table.removed {
+                return Err(TmemError::ClientGone);
+            }
+            let pool = table.pool(pool).ok_or(TmemError::NoPool)?;
+            self.count(Some(pool), |c| &c.flush_objects);
+            pool.remove_object(object, &self.store.g);
         }
-        let pool = table.pool(pool).ok_or(TmemError::NoPool)?;
-        self.count(Some(pool), |c| &c.flush_objects);
-        pool.remove_object(object, &self.store.g);
+        self.checkpoint_if_due();
         Ok(())
     }
 

@@ -1069,6 +1069,46 @@ impl Domain {
         Ok(())
     }
 
+    /// Every live content whose record is written (referenced by a
+    /// persistent page now or before), with where it is: what a
+    /// checkpoint keeps (rule 4), read with every shard locked. The
+    /// caller holds every lock that records are appended under, so the
+    /// result matches the journal.
+    /// `f` runs with the shards still locked.
+    pub(crate) fn with_logged_contents<R>(
+        &self,
+        f: impl FnOnce(std::collections::HashMap<u32, super::journal::Stored>) -> R,
+    ) -> R {
+        use super::journal::Stored as Rec;
+        let guards: Vec<_> = self.shards.iter().map(|s| s.lock()).collect();
+        let mut out = std::collections::HashMap::new();
+        for (s, shard) in guards.iter().enumerate() {
+            for (b, block) in shard.blocks.iter().enumerate() {
+                for (i, e) in block.iter().enumerate() {
+                    if !e.logged || e.kind == Kind::Free {
+                        continue;
+                    }
+                    let n = (b * ENTRY_BLOCK + i) as u32;
+                    let stored = match e.kind {
+                        Kind::Pattern => Rec::Pattern(e.key().pattern()),
+                        Kind::Raw => Rec::Slot {
+                            addr: e.loc,
+                            len: e.len,
+                            form: Form::Raw,
+                        },
+                        _ => Rec::Slot {
+                            addr: e.loc,
+                            len: e.len,
+                            form: Form::Lz4,
+                        },
+                    };
+                    out.insert(self.make_ref(s, n), stored);
+                }
+            }
+        }
+        f(out)
+    }
+
     /// Sizes of the whole domain.
     pub fn stats(&self) -> DomainStats {
         let mut st = DomainStats {

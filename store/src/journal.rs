@@ -505,6 +505,11 @@ impl JournalWriter {
         })
     }
 
+    /// The journal's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The journal's epoch.
     pub fn epoch(&self) -> u64 {
         self.epoch

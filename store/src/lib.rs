@@ -572,6 +572,107 @@ impl Store {
         }
     }
 
+    /// Checkpoints `domain` if its journal is due (see
+    /// [`Store::checkpoint_all`]).
+    pub(crate) fn checkpoint_if_due(&self, domain: &Arc<Domain>) {
+        if domain.log.as_ref().is_some_and(|l| l.is_due()) {
+            if let Err(e) = self.checkpoint(domain) {
+                log::error!("checkpoint of a dedup domain failed: {e}");
+            }
+        }
+    }
+
+    /// Checkpoints every domain of a store with a state directory now,
+    /// due or not: its live metadata becomes its snapshot, and its
+    /// journal starts again empty. Stores check after puts and flushes
+    /// whether a domain's journal has grown past its bound and checkpoint
+    /// it then; this is for tests and an orderly stop.
+    #[doc(hidden)]
+    pub fn checkpoint_all(&self) -> Result<(), PersistError> {
+        let domains: Vec<Arc<Domain>> = {
+            let clients = self.clients.read();
+            let mut seen = HashSet::new();
+            clients
+                .values()
+                .map(|c| c.table.read().domain.clone())
+                .filter(|d| seen.insert(Arc::as_ptr(d)))
+                .collect()
+        };
+        for d in &domains {
+            self.checkpoint(d)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `domain`'s snapshot and starts its journal again. Every
+    /// lock a record of the domain is appended under is held meanwhile:
+    /// the client map (no client comes or goes), each member's pool table
+    /// (no pool is created or destroyed), each of its private pools (no
+    /// page record), then every shard (no content record); so the live
+    /// metadata read is exactly what the journal so far replays to.
+    fn checkpoint(&self, domain: &Arc<Domain>) -> Result<(), PersistError> {
+        let (Some(p), Some(log)) = (&self.persist, &domain.log) else {
+            return Ok(());
+        };
+        let Some(_one) = log.checkpointing.try_lock() else {
+            return Ok(()); // another thread is at it
+        };
+        let map = self.clients.read();
+        let mut tables = Vec::new();
+        for c in map.values() {
+            let t = c.table.read();
+            if Arc::ptr_eq(&t.domain, domain) {
+                tables.push((c.acct.client_id as u32, t));
+            }
+        }
+        let mut state = journal::Replayed::default();
+        let mut locked = Vec::new();
+        for (client, t) in &tables {
+            let pools = state.clients.entry(*client).or_default();
+            for (id, pool) in t.pools.iter().enumerate() {
+                let Some(pool) = pool else {
+                    continue;
+                };
+                let mut flags = 0;
+                if pool.persistent {
+                    flags |= vtmem_protocol::POOL_PERSISTENT;
+                    if pool.exclusive_gets {
+                        flags |= vtmem_protocol::POOL_EXCLUSIVE_GETS;
+                    }
+                }
+                if pool.shared.is_some() {
+                    flags |= vtmem_protocol::POOL_SHARED;
+                }
+                let mut rp = journal::ReplayedPool {
+                    flags,
+                    uuid: pool.shared,
+                    ..Default::default()
+                };
+                if pool.shared.is_none() {
+                    // Shared pools have no page records (and may be open
+                    // in two members' tables: locked once, never).
+                    let idx = pool.lock();
+                    if pool.persistent {
+                        rp.reserved = pool.reserved.load(Ordering::Acquire) + idx.pending_reserved;
+                        idx.pages.visit(0, usize::MAX, |o, i, v| {
+                            rp.pages.insert((*o, i), v & content::ID_MASK);
+                        });
+                    }
+                    locked.push(idx);
+                }
+                pools.insert(id as u8, rp);
+            }
+        }
+        let r = domain.with_logged_contents(|contents| {
+            state.contents = contents;
+            log.restart(&p.dir, &state)
+        });
+        drop(locked);
+        drop(tables);
+        drop(map);
+        r
+    }
+
     /// The structure overhead computed afresh from every pool and domain.
     /// With no operation in flight it equals `host_overhead` in
     /// [`Store::stats`]; tests check that it does.

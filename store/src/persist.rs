@@ -17,10 +17,10 @@ use std::hash::BuildHasher;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::clients::ClientsFile;
@@ -30,12 +30,22 @@ use super::snapshot::{write_snapshot, SnapshotError};
 use super::state::{Arena, StateDir, StateError};
 use super::Store;
 
-/// Records a domain's journal has room for. The checkpoint that would
-/// bound a journal to 16 bytes per live page is not built yet: until it
-/// is, a journal is started afresh only when the store is recovered, and
-/// one that fills up stops recording (an error is logged for each record
-/// lost). The file is sparse: memory is taken only as records are written.
+/// Records a domain's journal has room for, at least: twice the bound
+/// that starts a checkpoint ([`checkpoint_bound`]), or more for a large
+/// domain. A journal that fills up all the same (its checkpoint could not
+/// run) loses further records and logs an error. The file is sparse:
+/// memory is taken only as records are written.
 pub const JOURNAL_RECORDS: u64 = 1 << 22;
+
+/// Fewest records a journal holds before a checkpoint is due (1 MiB).
+pub const MIN_CHECKPOINT_RECORDS: u64 = 16384;
+
+/// Records after which a domain of `pages` persistent pages is
+/// checkpointed: 16 bytes per page (a record is 64), at least
+/// [`MIN_CHECKPOINT_RECORDS`].
+pub fn checkpoint_bound(pages: u64) -> u64 {
+    (pages / 4).max(MIN_CHECKPOINT_RECORDS)
+}
 
 /// First bytes of `DIR/seed`.
 const SEED_MAGIC: [u8; 8] = *b"VTMEMSED";
@@ -68,9 +78,58 @@ pub(crate) struct Persist {
 pub struct DomainLog {
     /// The domain's durable number.
     pub number: u32,
-    journal: JournalWriter,
+    /// Appends take it for reading; a checkpoint swaps the journal under
+    /// it (with every lock of the domain held, so no append is waiting).
+    journal: RwLock<JournalWriter>,
     /// Records that could not be written (a full journal).
     lost: AtomicU64,
+    /// Records after which a checkpoint is due.
+    pub(crate) bound: AtomicU64,
+    /// A checkpoint is due.
+    due: AtomicBool,
+    /// Held by the one checkpoint running.
+    pub(crate) checkpointing: Mutex<()>,
+}
+
+/// Persistent pages of a replayed state.
+fn pages_of(state: &Replayed) -> u64 {
+    state
+        .clients
+        .values()
+        .flat_map(|pools| pools.values())
+        .map(|p| p.pages.len() as u64)
+        .sum()
+}
+
+/// Creates a new journal of domain `number` with room for `records`.
+fn new_journal(dir: &StateDir, number: u32, records: u64) -> Result<JournalWriter, PersistError> {
+    let domain = u64::from(number);
+    let mut epoch = random_u64();
+    while journal_path(dir, domain, epoch).exists() {
+        epoch = epoch.wrapping_add(1);
+    }
+    Ok(JournalWriter::create(
+        &journal_path(dir, domain, epoch),
+        epoch,
+        domain,
+        records,
+    )?)
+}
+
+/// Deletes every journal of domain `number` but `keep`.
+fn delete_other_journals(dir: &StateDir, number: u32, keep: &std::path::Path) {
+    let prefix = format!("d{number}.journal.");
+    let Ok(entries) = fs::read_dir(dir.path()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if e.file_name().to_string_lossy().starts_with(&prefix) && p != keep {
+            if let Err(err) = fs::remove_file(&p) {
+                log::warn!("{}: not deleted: {err}", p.display());
+            }
+        }
+    }
 }
 
 /// A random number (for seeds and epochs).
@@ -90,38 +149,67 @@ impl DomainLog {
         number: u32,
         state: &Replayed,
     ) -> Result<DomainLog, PersistError> {
-        let domain = u64::from(number);
-        let mut epoch = random_u64();
-        while journal_path(dir, domain, epoch).exists() {
-            epoch = epoch.wrapping_add(1);
-        }
-        let jpath = journal_path(dir, domain, epoch);
-        let journal = JournalWriter::create(&jpath, epoch, domain, JOURNAL_RECORDS)?;
-        write_snapshot(&snapshot_path(dir, domain), epoch, domain, state)?;
-        let prefix = format!("d{domain}.journal.");
-        let entries =
-            fs::read_dir(dir.path()).map_err(|e| StateError::Io(dir.path().to_path_buf(), e))?;
-        for e in entries.flatten() {
-            let p = e.path();
-            if e.file_name().to_string_lossy().starts_with(&prefix) && p != jpath {
-                if let Err(err) = fs::remove_file(&p) {
-                    log::warn!("{}: not deleted: {err}", p.display());
-                }
-            }
-        }
+        let bound = checkpoint_bound(pages_of(state));
+        let journal = new_journal(dir, number, JOURNAL_RECORDS.max(2 * bound))?;
+        write_snapshot(
+            &snapshot_path(dir, u64::from(number)),
+            journal.epoch(),
+            u64::from(number),
+            state,
+        )?;
+        delete_other_journals(dir, number, journal.path());
         Ok(DomainLog {
             number,
-            journal,
+            journal: RwLock::new(journal),
             lost: AtomicU64::new(0),
+            bound: AtomicU64::new(bound),
+            due: AtomicBool::new(false),
+            checkpointing: Mutex::new(()),
         })
+    }
+
+    /// The checkpoint itself, once its caller holds every lock of the
+    /// domain (so that no record is being appended) and built `state`, the
+    /// domain's live metadata: a new journal, the snapshot of `state`
+    /// naming it (renamed over the old), the swap, then the old journal
+    /// deleted. A crash before the rename leaves the old snapshot and
+    /// journal, which replay to `state`; after it, the new ones.
+    pub(crate) fn restart(&self, dir: &StateDir, state: &Replayed) -> Result<(), PersistError> {
+        let bound = checkpoint_bound(pages_of(state));
+        let journal = new_journal(dir, self.number, JOURNAL_RECORDS.max(2 * bound))?;
+        write_snapshot(
+            &snapshot_path(dir, u64::from(self.number)),
+            journal.epoch(),
+            u64::from(self.number),
+            state,
+        )?;
+        let keep = journal.path().to_path_buf();
+        drop(std::mem::replace(&mut *self.journal.write(), journal));
+        delete_other_journals(dir, self.number, &keep);
+        self.bound.store(bound, Ordering::Relaxed);
+        self.due.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether the journal holds more records than its bound.
+    pub fn is_due(&self) -> bool {
+        self.due.load(Ordering::Acquire)
     }
 
     /// Appends `r`. A full journal loses the record (and logs it): see
     /// [`JOURNAL_RECORDS`].
     pub fn append(&self, r: &Record) {
-        if let Err(e) = self.journal.append(r) {
-            if self.lost.fetch_add(1, Ordering::Relaxed) == 0 {
-                log::error!("domain {}: {e}; records are being lost", self.number);
+        match self.journal.read().append(r) {
+            Ok(n) => {
+                if n >= self.bound.load(Ordering::Relaxed) && !self.due.load(Ordering::Relaxed) {
+                    self.due.store(true, Ordering::Release);
+                }
+            }
+            Err(e) => {
+                self.due.store(true, Ordering::Release);
+                if self.lost.fetch_add(1, Ordering::Relaxed) == 0 {
+                    log::error!("domain {}: {e}; records are being lost", self.number);
+                }
             }
         }
     }
@@ -574,5 +662,67 @@ mod tests {
         assert_eq!(store.recount_overhead(), after.host_overhead);
         // Another store may not open it while this one holds it.
         assert!(Store::recover(&p, cfg()).is_err());
+    }
+
+    #[test]
+    fn a_journal_past_its_bound_is_checkpointed() {
+        let top = tempfile::tempdir().unwrap();
+        let p = top.path().join("state");
+        let cfg = || StoreConfig {
+            host_limit: 64 << 20,
+        };
+        let store = Store::create(&p, cfg()).unwrap();
+        let c = store
+            .add_client("a", ClientConfig::default())
+            .unwrap()
+            .data();
+        assert_eq!(c.new_pool(PoolSpec::persistent()).unwrap(), 0);
+        let log = store.clients.read()["a"]
+            .table
+            .read()
+            .domain
+            .log
+            .clone()
+            .unwrap();
+        log.bound.store(8, std::sync::atomic::Ordering::Relaxed);
+        let journals = || {
+            std::fs::read_dir(&p)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("d1.journal."))
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        };
+        let first = journals();
+        let h = |index| Handle {
+            pool: 0,
+            object: ObjectId([1, 0, 0]),
+            index,
+        };
+        let page = |i: u64| {
+            let mut p = [3u8; PAGE_SIZE];
+            p[..8].copy_from_slice(&i.to_le_bytes());
+            p
+        };
+        for i in 0..40 {
+            c.put(&h(i), &page(i), false).unwrap();
+            log.bound.store(8, std::sync::atomic::Ordering::Relaxed);
+        }
+        c.flush_page(&h(3)).unwrap();
+        let now = journals();
+        assert_eq!(now.len(), 1, "the old journals are deleted");
+        assert_ne!(now, first, "a checkpoint started a new journal");
+        drop((c, log));
+        drop(store);
+        let (store, rec) = Store::recover(&p, cfg()).unwrap();
+        assert_eq!(rec.pages, 39);
+        let c = store.client("a").unwrap().data();
+        let mut out = [0u8; PAGE_SIZE];
+        for i in 0..40 {
+            assert_eq!(c.get(&h(i), &mut out).unwrap(), i != 3);
+            if i != 3 {
+                assert!(out == page(i));
+            }
+        }
     }
 }

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A dedup domain's checkpoint: its live metadata, written compactly so
 //! that its journal can start again empty (docs/ARCHITECTURE.md,
-//! "Crash-safe state", "Checkpoint"). The store writes one when it starts
-//! a domain's journal: at creation (empty) and after recovery; the
-//! checkpoint that bounds a journal while the store runs is not built.
+//! "Crash-safe state", "Checkpoint"). The store writes one whenever it
+//! starts a domain's journal: at creation (empty), after recovery, and
+//! at each checkpoint.
 //!
 //! ```text
 //! "VTMEMSNP" | version u32 | 0 u32 | epoch u64 | domain u64     32 bytes

@@ -97,6 +97,8 @@ enum Op {
         c: usize,
         eph_only: bool,
     },
+    /// Checkpoint every domain now (as a journal past its bound does).
+    Checkpoint,
     Crash,
 }
 
@@ -114,6 +116,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (c.clone(), 0..5u64).prop_map(|(c, n)| Op::Unreserve { c, n }),
         1 => c.clone().prop_map(|c| Op::Reset { c }),
         1 => (c, any::<bool>()).prop_map(|(c, eph_only)| Op::FlushAll { c, eph_only }),
+        1 => Just(Op::Checkpoint),
         3 => Just(Op::Crash),
     ]
 }
@@ -333,6 +336,7 @@ impl Harness {
                     self.forget(c, 0, |_, _| false);
                 }
             }
+            Op::Checkpoint => self.store().checkpoint_all().unwrap(),
             Op::Crash => self.crash(),
         }
     }
@@ -547,10 +551,16 @@ fn pages_survive_repeated_crashes_with_dedup_and_compaction() {
         if i == 700 {
             h.crash();
         }
+        if i == 1100 {
+            h.apply(&Op::Checkpoint);
+        }
     }
     h.crash();
     let keys: Vec<_> = h.pers.keys().copied().collect();
     for (n, (c, obj, idx)) in keys.into_iter().enumerate() {
+        if n == 600 {
+            h.apply(&Op::Checkpoint);
+        }
         if n % 5 != 0 {
             h.apply(&Op::Flush {
                 c,
@@ -678,4 +688,66 @@ fn a_corrupt_state_is_an_error_naming_the_file() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("does not exist"), "{e}");
+}
+
+#[test]
+fn concurrent_puts_flushes_and_checkpoints_recover_exactly() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut h = Harness::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let store = h.store().clone();
+    let contents = Arc::new(h.contents.clone());
+    let checkpointer = {
+        let (store, stop) = (store.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                store.checkpoint_all().unwrap();
+                n += 1;
+                std::thread::yield_now();
+            }
+            n
+        })
+    };
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let client = h.clients[c].clone();
+            let contents = contents.clone();
+            std::thread::spawn(move || {
+                let mut model: HashMap<(usize, u64, u64), usize> = HashMap::new();
+                let mut x = 0x2545_f491_4f6c_dd1du64 ^ c as u64;
+                for _ in 0..1500 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let (obj, idx) = (x % 2, (x >> 8) % 64);
+                    let content = (x >> 20) as usize % contents.len();
+                    let hd = handle(0, obj, idx);
+                    match (x >> 40) % 8 {
+                        0 => {
+                            client.flush_page(&hd).unwrap();
+                            model.remove(&(c, obj, idx));
+                        }
+                        1 => {
+                            // Ephemeral traffic in the same domain.
+                            let _ = client.put(&handle(1, obj, idx), &contents[content], false);
+                        }
+                        _ => {
+                            client.put(&hd, &contents[content], false).unwrap();
+                            model.insert((c, obj, idx), content);
+                        }
+                    }
+                }
+                model
+            })
+        })
+        .collect();
+    for w in workers {
+        h.pers.extend(w.join().unwrap());
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(checkpointer.join().unwrap() > 0);
+    drop(store);
+    h.crash();
+    h.teardown();
 }
