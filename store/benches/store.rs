@@ -22,6 +22,13 @@
 //! allocator keeps freed memory and the ratio rises to about 0.8). Gets of
 //! the baseline read its arena in order, the store's slots are spread over
 //! its shards, which shows on random pages (a plain 4 KiB copy).
+//!
+//! `VTMEM_BENCH_STATE=DIR` runs the store with a crash-safe state in
+//! subdirectories of `DIR` (a tmpfs, such as `/dev/shm/vtmem-bench`, is
+//! what vtmemd would use): page data in the arena, metadata journaled. It
+//! then also reports the state's own metadata per page (journal, snapshot,
+//! chunk directory and clients file, as the files hold memory) and the
+//! time `Store::recover` takes to rebuild the last repetition's store.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -216,6 +223,24 @@ struct KindResult {
     compression: f64,
     dedup: f64,
     fragmentation: f64,
+    /// With a state: its metadata bytes per page, and the recovery time.
+    state: Option<(f64, Duration)>,
+}
+
+/// Bytes of memory the files of the state directory `dir` hold, but the
+/// arena's (page data).
+fn state_metadata_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name() != "arena")
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn measure(name: &'static str, pages: &[Page], reps: usize) -> KindResult {
@@ -224,16 +249,28 @@ fn measure(name: &'static str, pages: &[Page], reps: usize) -> KindResult {
     let (mut base_put, mut base_get) = (BatchMin::default(), BatchMin::default());
     let (mut put, mut get) = (BatchMin::default(), BatchMin::default());
     let mut last_stats = None;
+    let mut state = None;
+    let state_base = std::env::var_os("VTMEM_BENCH_STATE").map(std::path::PathBuf::from);
+    let config = || StoreConfig {
+        host_limit: 16 << 30,
+    };
     // Baseline and store runs alternate, so both see the same conditions.
-    for _ in 0..reps {
+    for rep in 0..reps {
         let mut arena = Vec::new();
         base_put.add(baseline_put(pages, &mut arena, &mut locs));
         base_get.add(baseline_get(&arena, &locs));
         drop(arena);
 
-        let store = Store::new(StoreConfig {
-            host_limit: u64::MAX,
-        });
+        let dir = state_base.as_ref().map(|b| b.join(format!("{name}-{rep}")));
+        let store = match &dir {
+            None => Store::new(StoreConfig {
+                host_limit: u64::MAX,
+            }),
+            Some(d) => {
+                let _ = std::fs::remove_dir_all(d);
+                Store::create(d, config()).expect("state directory")
+            }
+        };
         let c = store
             .add_client("bench", ClientConfig::default())
             .unwrap()
@@ -256,6 +293,23 @@ fn measure(name: &'static str, pages: &[Page], reps: usize) -> KindResult {
             assert!(out == pages[i], "{name}: page {i} differs");
         }
         last_stats = Some(store.stats());
+        if let Some(d) = dir {
+            if rep + 1 == reps {
+                let meta = state_metadata_bytes(&d) as f64 / n as f64;
+                drop(c);
+                drop(store);
+                let t = Instant::now();
+                let (recovered, r) = Store::recover(&d, config()).expect("recovery");
+                let took = t.elapsed();
+                assert_eq!(r.pages, n as u64, "{name}: pages recovered");
+                drop(recovered);
+                state = Some((meta, took));
+            } else {
+                drop(c);
+                drop(store);
+            }
+            let _ = std::fs::remove_dir_all(&d);
+        }
     }
     let st = last_stats.unwrap();
     KindResult {
@@ -270,6 +324,7 @@ fn measure(name: &'static str, pages: &[Page], reps: usize) -> KindResult {
         compression: st.compression_ratio,
         dedup: st.dedup_ratio,
         fragmentation: st.fragmentation,
+        state,
     }
 }
 
@@ -447,6 +502,26 @@ fn main() {
                 "fragmentation": (r.fragmentation * 1000.0).round() / 1000.0,
             }),
         );
+    }
+    for r in &results {
+        if let Some((meta, took)) = r.state {
+            println!(
+                "{:<13} state metadata {meta:.1} B/page; recovery of {} pages in {:.1} ms",
+                r.name,
+                r.pages,
+                took.as_secs_f64() * 1000.0
+            );
+            if let Some(serde_json::Value::Object(k)) = json_kinds.get_mut(r.name) {
+                k.insert(
+                    "state_metadata_bytes_per_page".into(),
+                    json!((meta * 10.0).round() / 10.0),
+                );
+                k.insert(
+                    "recovery_ms".into(),
+                    json!((took.as_secs_f64() * 10000.0).round() / 10.0),
+                );
+            }
+        }
     }
     println!("ephemeral pool, compressible: {eph_meta:.1} metadata B/page (with LRU queue)");
     println!(
