@@ -14,7 +14,7 @@ use super::account::{
 use super::content::{classify, compress, Class, Domain, Inserted, NewData, LZ4_BOUND, ZERO_REF};
 use super::evict::EVICT_BATCH;
 use super::journal::{OpRef, Record};
-use super::pool::{NewPage, Pool, PoolLog, DEDUP_BIT};
+use super::pool::{Got, NewPage, Pool, PoolLog, DEDUP_BIT};
 use super::{ClientConfig, ClientStats, Page, PoolStats, Store, TmemError, PAGE_SIZE};
 
 thread_local! {
@@ -177,6 +177,40 @@ enum Prep<'a> {
 pub(crate) fn log_client(table: &Table, acct: &Acct, f: impl FnOnce(u32) -> Record) {
     if let Some(l) = &table.domain.log {
         l.append(&f(acct.client_id as u32));
+    }
+}
+
+/// An exclusive get's removal still to record: see
+/// [`DataHandle::get_taking`]. Dropping it records the removal and
+/// releases the page.
+#[derive(Debug)]
+#[must_use = "dropping it at once records the removal before the answer is published"]
+pub struct Taken {
+    store: Arc<Store>,
+    pool: Arc<Pool>,
+    object: ObjectId,
+    index: u64,
+    value: u32,
+}
+
+impl Taken {
+    /// Leaves the removal unrecorded and the page unreleased, as a crash
+    /// before the answer was published would (for tests).
+    #[doc(hidden)]
+    pub fn abandon(self) {
+        let mut me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `me` is never used or dropped again, so its `store` is
+        // dropped exactly once, here.
+        unsafe { std::ptr::drop_in_place(&mut me.store) };
+        // SAFETY: as for `store`.
+        unsafe { std::ptr::drop_in_place(&mut me.pool) };
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        self.pool
+            .settle_taken(&self.object, self.index, self.value, &self.store.g);
     }
 }
 
@@ -638,6 +672,23 @@ impl DataHandle {
     /// meanwhile (a guest's own page buffer): the result can only be wrong
     /// bytes in `out`. Keep it so.
     pub fn get(&self, handle: &Handle, out: &mut Page) -> Result<bool, TmemError> {
+        let (hit, taken) = self.get_taking(handle, out)?;
+        drop(taken);
+        Ok(hit)
+    }
+
+    /// As [`DataHandle::get`], for a caller that publishes the answer
+    /// itself: a hit in a persistent pool with exclusive gets, in a store
+    /// with a crash-safe state, also returns a [`Taken`], which records
+    /// the page's removal (and releases the page) when it is dropped. Drop
+    /// it once the answer is published (in the used ring): a get that a
+    /// crash made the guest send again then finds the page (rule 5 of the
+    /// design). Meanwhile the handle reads as empty.
+    pub fn get_taking(
+        &self,
+        handle: &Handle,
+        out: &mut Page,
+    ) -> Result<(bool, Option<Taken>), TmemError> {
         let table = self.client.table.read();
         if table.removed {
             return Err(TmemError::ClientGone);
@@ -647,14 +698,30 @@ impl DataHandle {
             return Err(TmemError::NoPool);
         };
         self.count(Some(pool), |c| &c.gets);
-        match pool.get(&handle.object, handle.index, out, &self.store.g) {
-            Ok(hit) => {
+        let got = pool
+            .get_deferring(&handle.object, handle.index, out, &self.store.g)
+            .map(|got| match got {
+                Got::Miss => (false, None),
+                Got::Hit => (true, None),
+                Got::Taken(value) => (
+                    true,
+                    Some(Taken {
+                        store: self.store.clone(),
+                        pool: pool.clone(),
+                        object: handle.object,
+                        index: handle.index,
+                        value,
+                    }),
+                ),
+            });
+        match got {
+            Ok((hit, taken)) => {
                 if hit {
                     self.count(Some(pool), |c| &c.get_hits);
                 } else {
                     self.count(Some(pool), |c| &c.get_misses);
                 }
-                Ok(hit)
+                Ok((hit, taken))
             }
             Err(_) => {
                 log::error!(

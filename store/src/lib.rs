@@ -168,7 +168,7 @@ pub use account::{
 };
 pub use alloc::{CHUNK_BYTES, CLASS_STEP};
 pub use api::{ClientConfig, ClientStats, PoolStats, StoreConfig, StoreStats, TmemError};
-pub use client::{AdminHandle, DataHandle, MAX_RESERVE_PAGES};
+pub use client::{AdminHandle, DataHandle, Taken, MAX_RESERVE_PAGES};
 pub use content::RAW_THRESHOLD;
 pub use evict::EVICT_BATCH;
 pub use image::{ImageError, ImageSummary, IMAGE_MAGIC, IMAGE_VERSION, MAX_FRAME};
@@ -657,6 +657,11 @@ impl Store {
                         idx.pages.visit(0, usize::MAX, |o, i, v| {
                             rp.pages.insert((*o, i), v & content::ID_MASK);
                         });
+                        // Taken by exclusive gets whose answers are not out
+                        // yet: still there for the journal (rule 5).
+                        for (&k, &(_, v)) in &idx.taken {
+                            rp.pages.entry(k).or_insert(v & content::ID_MASK);
+                        }
                     }
                     locked.push(idx);
                 }

@@ -758,6 +758,10 @@ pub struct PoolIndex {
     pub overhead: u64,
     /// Shared pools: who wrote each page (and is charged for it).
     pub writers: Option<Writers>,
+    /// Exclusive gets' removals not yet settled, by handle (rule 5): how
+    /// many, and the value the last one took (what the journal still
+    /// holds for the handle, unless a later put replaced it).
+    pub taken: HashMap<(ObjectId, u64), (u32, u32)>,
     /// Reserved puts that took their page of the reservation and have not
     /// yet written their `PUT` record (or given up): a `RESERVE` record
     /// counts them as unspent, since each one's `PUT` spends its page.
@@ -799,6 +803,15 @@ impl Freed {
         self.host += o.host;
         self.client += o.client;
     }
+}
+
+/// What a get found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Got {
+    Miss,
+    Hit,
+    /// A hit whose removal (value here) is still to settle.
+    Taken(u32),
 }
 
 /// Where a pool's records go, with a crash-safe state.
@@ -874,6 +887,7 @@ impl Pool {
                 overhead: 0,
                 writers: shared.is_some().then(Writers::default),
                 pending_reserved: 0,
+                taken: HashMap::new(),
             }),
         }
     }
@@ -1109,31 +1123,46 @@ impl Pool {
         }
     }
 
-    /// Copies a page out; for exclusive pools removes it too. Ok(false) on
-    /// a miss.
-    pub fn get(
+    /// Copies a page out; for exclusive pools removes it too. An exclusive
+    /// get of a persistent pool with a journal removes the page from the
+    /// index but neither records the removal nor releases the page: it
+    /// returns [`Got::Taken`], and the caller calls [`Pool::settle_taken`]
+    /// once the answer is published (rule 5: a get offered again after a
+    /// crash before that finds the page).
+    pub fn get_deferring(
         &self,
         obj: &ObjectId,
         index: u64,
         out: &mut Page,
         g: &Global,
-    ) -> Result<bool, Corrupt> {
+    ) -> Result<Got, Corrupt> {
         let mut idx = self.lock();
         let Some((loc, v)) = idx.pages.lookup(obj, index) else {
-            return Ok(false);
+            return Ok(Got::Miss);
         };
         let id = v & ID_MASK;
+        if self.exclusive_gets && self.page_log().is_some() {
+            // The page stays charged and its content referenced until the
+            // removal is settled.
+            idx.pages.take(loc);
+            let t = idx.taken.entry((*obj, index)).or_default();
+            *t = (t.0 + 1, v);
+            let res = if id == ZERO_REF {
+                out.fill(0);
+                Ok(())
+            } else {
+                self.domain.read(id, out)
+            };
+            self.settle(&mut idx, g);
+            if let Err(e) = res {
+                drop(idx);
+                self.settle_taken(obj, index, v, g);
+                return Err(e);
+            }
+            return Ok(Got::Taken(v));
+        }
         if self.exclusive_gets {
             idx.pages.take(loc);
-            // TODO(rule 5): written after the answer is published, with the
-            // slot kept until then; today a crash between this record and
-            // the answer loses the page.
-            self.log_page(|client, pool| Record::FlushPage {
-                client,
-                pool,
-                object: *obj,
-                index,
-            });
             let (res, rel) = if id == ZERO_REF {
                 out.fill(0);
                 (
@@ -1151,7 +1180,7 @@ impl Pool {
             self.account_release(&mut idx, writer, v, rel, g);
             self.publish_head(&idx);
             self.settle(&mut idx, g);
-            res.map(|()| true)
+            res.map(|()| Got::Hit)
         } else {
             if id == ZERO_REF {
                 out.fill(0);
@@ -1161,8 +1190,37 @@ impl Pool {
             if self.shared.is_some() && v & REF_BIT == 0 {
                 idx.pages.set(loc, v | REF_BIT);
             }
-            Ok(true)
+            Ok(Got::Hit)
         }
+    }
+
+    /// Settles an exclusive get's removal ([`Got::Taken`] with the page's
+    /// value `v`): records it, unless the handle holds a page again (a
+    /// later put's record supersedes it) or another removal of the handle
+    /// is still to settle (that one records it), then releases the page.
+    pub fn settle_taken(&self, obj: &ObjectId, index: u64, v: u32, g: &Global) {
+        let mut idx = self.lock();
+        let last = match idx.taken.get_mut(&(*obj, index)) {
+            Some((n, _)) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                idx.taken.remove(&(*obj, index));
+                true
+            }
+        };
+        // A destroyed pool's pages went with its record.
+        if last && !idx.destroyed && idx.pages.lookup(obj, index).is_none() {
+            self.log_page(|client, pool| Record::FlushPage {
+                client,
+                pool,
+                object: *obj,
+                index,
+            });
+        }
+        self.release_value(&mut idx, None, v, g);
+        self.settle(&mut idx, g);
     }
 
     /// Removes one page; true if there was one.

@@ -67,6 +67,12 @@ enum Op {
         obj: u64,
         idx: u64,
     },
+    /// An exclusive get whose answer is published only when the next
+    /// operation starts: a crash then comes before it.
+    GetLate {
+        obj: u64,
+        idx: u64,
+    },
     Flush {
         c: usize,
         pool: u32,
@@ -109,6 +115,7 @@ fn op() -> impl Strategy<Value = Op> {
         16 => (c.clone(), pool.clone(), 0..2u64, 0..6u64, 0..9usize, prop::bool::weighted(0.2))
             .prop_map(|(c, pool, obj, idx, content, reserved)| Op::Put { c, pool, obj, idx, content, reserved }),
         6 => (c.clone(), pool.clone(), 0..2u64, 0..6u64).prop_map(|(c, pool, obj, idx)| Op::Get { c, pool, obj, idx }),
+        2 => (0..2u64, 0..6u64).prop_map(|(obj, idx)| Op::GetLate { obj, idx }),
         3 => (c.clone(), pool.clone(), 0..2u64, 0..6u64).prop_map(|(c, pool, obj, idx)| Op::Flush { c, pool, obj, idx }),
         1 => (c.clone(), pool.clone(), 0..2u64).prop_map(|(c, pool, obj)| Op::FlushObject { c, pool, obj }),
         1 => (c.clone(), pool).prop_map(|(c, pool)| Op::Recreate { c, pool }),
@@ -154,6 +161,9 @@ struct Harness {
     eph: HashMap<(usize, u64, u64), usize>,
     reserved: [u64; CLIENTS],
     crashes: u32,
+    /// A get of g2's exclusive pool whose answer is not out yet, with the
+    /// page it took.
+    late: Option<(Taken, (usize, u64, u64), usize)>,
 }
 
 impl Harness {
@@ -204,6 +214,7 @@ impl Harness {
             eph: HashMap::new(),
             reserved: [0; CLIENTS],
             crashes: 0,
+            late: None,
         }
     }
 
@@ -239,7 +250,21 @@ impl Harness {
             .retain(|&(cc, o, i), _| cc != c || keep(o, i));
     }
 
+    /// The late get's answer goes out (its removal is recorded), or, in a
+    /// crash, never does (the page comes back).
+    fn settle_late(&mut self, crash: bool) {
+        if let Some((taken, key, content)) = self.late.take() {
+            if crash {
+                taken.abandon();
+                self.pers.insert(key, content);
+            } else {
+                drop(taken);
+            }
+        }
+    }
+
     fn apply(&mut self, op: &Op) {
+        self.settle_late(matches!(op, Op::Crash));
         match *op {
             Op::Put {
                 c,
@@ -291,6 +316,20 @@ impl Harness {
                         !hit,
                         "a page the model does not hold: ({c}, {pool}, {obj}, {idx})"
                     ),
+                }
+            }
+            Op::GetLate { obj, idx } => {
+                let mut out = [0u8; PAGE_SIZE];
+                let (hit, taken) = self.clients[2]
+                    .get_taking(&handle(0, obj, idx), &mut out)
+                    .unwrap();
+                match self.pers.remove(&(2, obj, idx)) {
+                    Some(w) => {
+                        assert!(hit && out == self.contents[w], "persistent page changed");
+                        let taken = taken.expect("an exclusive persistent get defers");
+                        self.late = Some((taken, (2, obj, idx), w));
+                    }
+                    None => assert!(!hit && taken.is_none()),
                 }
             }
             Op::Flush { c, pool, obj, idx } => {
@@ -350,6 +389,7 @@ impl Harness {
 
     /// Drops the store with no shutdown.
     fn kill(&mut self) {
+        self.settle_late(true);
         self.clients.clear();
         let store = self.store.take().unwrap();
         assert_eq!(Arc::strong_count(&store), 1, "nothing else holds the store");
@@ -748,6 +788,52 @@ fn concurrent_puts_flushes_and_checkpoints_recover_exactly() {
     stop.store(true, Ordering::Relaxed);
     assert!(checkpointer.join().unwrap() > 0);
     drop(store);
+    h.crash();
+    h.teardown();
+}
+
+#[test]
+fn an_exclusive_gets_removal_is_recorded_once_its_answer_is_out() {
+    let mut h = Harness::new();
+    // g2 (client 2) has exclusive persistent gets.
+    let put = |h: &mut Harness, idx, content| {
+        h.apply(&Op::Put {
+            c: 2,
+            pool: 0,
+            obj: 0,
+            idx,
+            content,
+            reserved: false,
+        })
+    };
+    put(&mut h, 0, 3);
+    put(&mut h, 1, 4);
+    put(&mut h, 2, 5);
+    let mut out = [0u8; PAGE_SIZE];
+    // Answered and settled: gone for good.
+    let (hit, taken) = h.clients[2].get_taking(&handle(0, 0, 0), &mut out).unwrap();
+    assert!(hit && out == h.contents[3]);
+    drop(taken.expect("an exclusive persistent get defers its removal"));
+    h.pers.remove(&(2, 0, 0));
+    // Taken, then the handle stored again and taken again; the first
+    // removal settles, the second is cut short by a crash: the second
+    // page comes back (the guest, which got no answer, asks again).
+    let (hit, first) = h.clients[2].get_taking(&handle(0, 0, 1), &mut out).unwrap();
+    assert!(hit);
+    assert!(
+        !h.clients[2].get(&handle(0, 0, 1), &mut out).unwrap(),
+        "reads as empty"
+    );
+    put(&mut h, 1, 6);
+    let (hit, second) = h.clients[2].get_taking(&handle(0, 0, 1), &mut out).unwrap();
+    assert!(hit && out == h.contents[6]);
+    drop(first);
+    second.unwrap().abandon();
+    // Taken, not answered, a checkpoint meanwhile: a crash brings it back.
+    let (hit, third) = h.clients[2].get_taking(&handle(0, 0, 2), &mut out).unwrap();
+    assert!(hit);
+    h.apply(&Op::Checkpoint);
+    third.unwrap().abandon();
     h.crash();
     h.teardown();
 }
