@@ -5,10 +5,15 @@
 //!
 //! ```text
 //! header  "VTMEMCLI" | version u32 | 0 u32                     16 bytes
-//! record  kind u8 (1 added, 2 removed) | name length u8 | 0 u16
-//!         | client u32 | domain u64 | name | xxh3-64 of the record
-//!         before it
+//! record  kind u8 (1 added, 2 removed, 3 group) | name length u8
+//!         | 0 u16 | client u32 | domain u64 | name | xxh3-64 of the
+//!         record before it
 //! ```
+//!
+//! A group record names the dedup group whose domain `domain` is (client
+//! 0, the group's name): written when the group's domain is created,
+//! before the first member's addition, so that a restarted store puts
+//! the group's members, old and new, in one domain.
 //!
 //! Records are appended one at a time (the store's client table is locked
 //! for writing while one is), each complete before any journal record
@@ -35,6 +40,7 @@ const HEADER: usize = 16;
 const FIXED: usize = 16;
 const ADDED: u8 = 1;
 const REMOVED: u8 = 2;
+const GROUP: u8 = 3;
 /// Longest client name the durable state records, in bytes.
 pub const MAX_NAME: usize = 255;
 
@@ -55,6 +61,8 @@ pub struct ClientsFile {
     tail: u64,
     live: BTreeMap<String, DurableClient>,
     next: u32,
+    /// Dedup groups' names by domain.
+    groups: BTreeMap<u64, String>,
 }
 
 fn encode(kind: u8, name: &str, c: DurableClient) -> Vec<u8> {
@@ -100,6 +108,7 @@ impl ClientsFile {
             )));
         }
         let mut live: BTreeMap<String, DurableClient> = BTreeMap::new();
+        let mut groups: BTreeMap<u64, String> = BTreeMap::new();
         let mut next = 1u32;
         let mut at = HEADER;
         while at < bytes.len() {
@@ -154,6 +163,16 @@ impl ClientsFile {
                     }
                     live.remove(name);
                 }
+                GROUP => {
+                    if name.is_empty() || groups.get(&c.domain).is_some_and(|g| g.as_str() != name)
+                    {
+                        return Err(bad(format!(
+                            "record at byte {at}: domain {} named group {name:?} again",
+                            c.domain
+                        )));
+                    }
+                    groups.insert(c.domain, name.to_string());
+                }
                 k => return Err(bad(format!("record at byte {at}: unknown kind {k}"))),
             }
             at += r.len();
@@ -164,6 +183,7 @@ impl ClientsFile {
             tail: at as u64,
             live,
             next,
+            groups,
         })
     }
 
@@ -206,6 +226,28 @@ impl ClientsFile {
         self.next = next;
         self.live.insert(name.to_string(), c);
         Ok(c)
+    }
+
+    /// Dedup groups' names by domain.
+    pub fn groups(&self) -> &BTreeMap<u64, String> {
+        &self.groups
+    }
+
+    /// Records that domain `domain` is dedup group `group`'s.
+    pub fn name_group(&mut self, domain: u64, group: &str) -> Result<(), StateError> {
+        if group.is_empty() || group.len() > MAX_NAME {
+            return Err(StateError::Corrupt(
+                self.path.clone(),
+                format!("group name of {} bytes", group.len()),
+            ));
+        }
+        if self.groups.get(&domain).map(String::as_str) == Some(group) {
+            return Ok(());
+        }
+        let c = DurableClient { client: 0, domain };
+        self.append(&encode(GROUP, group, c))?;
+        self.groups.insert(domain, group.to_string());
+        Ok(())
     }
 
     /// Records that client `name` was removed.
@@ -257,6 +299,19 @@ mod tests {
         let c = f.add("web1", 3).unwrap();
         assert_eq!(c.client, 3);
         assert!(f.add(&"x".repeat(256), 1).is_err());
+    }
+
+    #[test]
+    fn groups_are_named_by_domain() {
+        let (_t, d) = setup();
+        let mut f = ClientsFile::open(&d).unwrap();
+        f.name_group(1 << 31 | 1, "web").unwrap();
+        f.add("a", 1 << 31 | 1).unwrap();
+        f.name_group(1 << 31 | 1, "web").unwrap();
+        drop(f);
+        let f = ClientsFile::open(&d).unwrap();
+        assert_eq!(f.groups()[&(1 << 31 | 1)], "web");
+        assert_eq!(f.clients()["a"].domain, 1 << 31 | 1);
     }
 
     #[test]

@@ -335,6 +335,12 @@ impl Store {
                 let number = file.next_number();
                 let domain = self.domain_for(config.dedup_group.as_deref(), number)?;
                 let number = domain.log.as_ref().map_or(0, |l| l.number);
+                if let Some(group) = &config.dedup_group {
+                    file.name_group(u64::from(number), group).map_err(|e| {
+                        log::error!("client {name:?}: {e}");
+                        TmemError::Busy("the state directory could not be written")
+                    })?;
+                }
                 let c = file.add(name, u64::from(number)).map_err(|e| {
                     log::error!("client {name:?}: {e}");
                     TmemError::Busy("the state directory could not be written")

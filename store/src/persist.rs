@@ -293,8 +293,8 @@ impl Store {
     /// was recovered and a new, empty journal.
     ///
     /// Recovered clients have the default configuration (unlimited
-    /// quotas, weight 100, no authorisation): the caller applies its own,
-    /// as for clients it adds. Charges are taken whatever the quotas, as
+    /// quotas, weight 100, no authorisation) but their dedup group: the
+    /// caller applies its own, as for clients it adds. Charges are taken whatever the quotas, as
     /// an image import would take them.
     ///
     /// A state that fails a check (a truncated or corrupt file, a record
@@ -325,6 +325,7 @@ impl Store {
         let (arena, chunks) = Arena::open(&dir)?;
         let clients = ClientsFile::open(&dir)?;
         let tags: Vec<_> = chunks.iter().map(|(t, _)| *t).collect();
+        let groups = clients.groups().clone();
         // Domains by durable number, with their clients.
         let mut domains: BTreeMap<u32, Vec<(String, u32)>> = BTreeMap::new();
         for (name, c) in clients.clients() {
@@ -423,6 +424,13 @@ impl Store {
                 };
                 account::charge(&g.host_used, slot + CONTENT_METADATA_COST);
             }
+            let group = groups.get(&u64::from(number)).cloned();
+            if let Some(g) = &group {
+                store
+                    .groups
+                    .lock()
+                    .insert(g.clone(), Arc::downgrade(&domain));
+            }
             let stored: HashMap<u32, Stored> = rec.state.contents.clone();
             let mut first_ref: std::collections::HashSet<u32> = Default::default();
             for (name, number_c) in members {
@@ -442,7 +450,7 @@ impl Store {
                         domain: domain.clone(),
                     }),
                     meta: Mutex::new(Meta {
-                        dedup_group: None,
+                        dedup_group: group.clone(),
                         authorized: Vec::new(),
                     }),
                 });

@@ -837,3 +837,36 @@ fn an_exclusive_gets_removal_is_recorded_once_its_answer_is_out() {
     h.crash();
     h.teardown();
 }
+
+#[test]
+fn a_dedup_group_keeps_its_domain_across_a_restart() {
+    let mut h = Harness::new();
+    h.apply(&Op::Put {
+        c: 1,
+        pool: 0,
+        obj: 0,
+        idx: 0,
+        content: 4,
+        reserved: false,
+    });
+    h.crash();
+    let st = h.store().stats();
+    assert_eq!(st.dedup_domains, 2);
+    let g = h.store().client("g1").unwrap().config().dedup_group;
+    assert_eq!(g.as_deref(), Some("grp"));
+    // A member added after the restart joins the recovered domain.
+    let cfg = ClientConfig {
+        dedup_group: Some("grp".into()),
+        ..ClientConfig::default()
+    };
+    let g3 = h.store().add_client("g3", cfg).unwrap().data();
+    let pool = g3.new_pool(PoolSpec::persistent()).unwrap();
+    g3.put(&handle(pool, 0, 0), &h.contents[4], false).unwrap();
+    let after = h.store().stats();
+    assert_eq!(after.dedup_domains, 2);
+    assert_eq!(after.unique_pages, st.unique_pages, "deduplicated");
+    drop(g3);
+    h.store().remove_client("g3").unwrap();
+    h.crash();
+    h.teardown();
+}
