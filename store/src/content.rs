@@ -1000,6 +1000,9 @@ impl Domain {
                     let src = shard.slab.get(usize::from(len), addr);
                     let kind = match form {
                         Form::Raw => {
+                            if src.len() != PAGE_SIZE {
+                                return Err(format!("raw content entry {r} of {len} bytes"));
+                            }
                             page.copy_from_slice(src);
                             Kind::Raw
                         }

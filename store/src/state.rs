@@ -462,11 +462,18 @@ impl Arena {
     }
 
     fn punch(&self, n: u32) -> Result<(), StateError> {
+        self.punch_range(n, 0, EXTENT_BYTES)
+    }
+
+    /// Punches bytes `from..to` of extent `n`: they read as zero after,
+    /// and hold no memory.
+    fn punch_range(&self, n: u32, from: usize, to: usize) -> Result<(), StateError> {
+        debug_assert!(from <= to && to <= EXTENT_BYTES);
         fallocate(
             &self.arena,
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            u64::from(n) * EXTENT_BYTES as u64,
-            EXTENT_BYTES as u64,
+            u64::from(n) * EXTENT_BYTES as u64 + from as u64,
+            (to - from) as u64,
         )
         .map_err(|e| StateError::Io(self.arena_path.clone(), e.into()))
     }
@@ -571,6 +578,20 @@ impl Extent {
 }
 
 impl Extent {
+    /// Zeroes the extent from byte `from` (rounded up to a 4 KiB page) to
+    /// its end, giving that memory back: what an adopted chunk does above
+    /// the slots it uses, which an earlier process may have written.
+    pub fn zero_from(&mut self, from: usize) -> Result<(), StateError> {
+        let from = from.min(EXTENT_BYTES);
+        let page = from.div_ceil(4096) * 4096;
+        // Up to the page boundary by hand (that page holds slots in use).
+        self.bytes_mut()[from..page.min(EXTENT_BYTES)].fill(0);
+        if page < EXTENT_BYTES {
+            self.arena.punch_range(self.n, page, EXTENT_BYTES)?;
+        }
+        Ok(())
+    }
+
     /// Lets go of the extent without giving it back: it stays listed in
     /// the chunk directory with its bytes, for the next open (what a store
     /// that stops does with the chunks that hold its pages).
