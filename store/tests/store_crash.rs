@@ -12,7 +12,8 @@
 //!
 //! Three clients: "solo" (own dedup domain) and "g1", "g2" (one dedup
 //! group, so one domain of the state). Each has a persistent pool (id 0;
-//! g2's has exclusive gets) and a private ephemeral pool (id 1).
+//! g2's has exclusive gets) and a private ephemeral pool (id 1); solo and
+//! g1 also share an ephemeral pool (id 2).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,9 @@ use vtmem_testkit::{random_page, same_filled_page};
 const CLIENTS: usize = 3;
 const NAMES: [&str; CLIENTS] = ["solo", "g1", "g2"];
 const HOST_LIMIT: u64 = 64 << 20;
+const UUID: Uuid = Uuid::from_bytes([0x5A; 16]).unwrap();
+/// The model's client number for the shared pool's pages.
+const SHARED: usize = 9;
 
 fn contents() -> Vec<Page> {
     let text = |seed: u8| {
@@ -110,7 +114,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     let c = 0..CLIENTS;
-    let pool = 0..2u32;
+    let pool = 0..3u32;
     prop_oneof![
         16 => (c.clone(), pool.clone(), 0..2u64, 0..6u64, 0..9usize, prop::bool::weighted(0.2))
             .prop_map(|(c, pool, obj, idx, content, reserved)| Op::Put { c, pool, obj, idx, content, reserved }),
@@ -134,7 +138,21 @@ fn spec(c: usize, pool: u32) -> PoolSpec {
             exclusive_gets: c == 2,
             ..PoolSpec::persistent()
         },
-        _ => PoolSpec::ephemeral(),
+        1 => PoolSpec::ephemeral(),
+        _ => PoolSpec {
+            persistent: false,
+            exclusive_gets: false,
+            shared: Some(UUID),
+        },
+    }
+}
+
+/// The pools client `c` has: the shared one for solo and g1 only.
+fn pools_of(c: usize) -> u32 {
+    if c < 2 {
+        3
+    } else {
+        2
     }
 }
 
@@ -196,11 +214,13 @@ impl Harness {
         for (i, name) in NAMES.iter().enumerate() {
             let cfg = ClientConfig {
                 dedup_group: (i > 0).then(|| "grp".to_string()),
+                authorized_uuids: vec![UUID],
                 ..ClientConfig::default()
             };
             let c = store.add_client(name, cfg).unwrap().data();
-            assert_eq!(c.new_pool(spec(i, 0)).unwrap(), 0);
-            assert_eq!(c.new_pool(spec(i, 1)).unwrap(), 1);
+            for pool in 0..pools_of(i) {
+                assert_eq!(c.new_pool(spec(i, pool)).unwrap(), pool);
+            }
             clients.push(c);
         }
         Harness {
@@ -245,7 +265,17 @@ impl Harness {
         }
     }
 
+    /// The model's key of a page.
+    fn key(c: usize, pool: u32, obj: u64, idx: u64) -> (usize, u64, u64) {
+        (if pool == 2 { SHARED } else { c }, obj, idx)
+    }
+
+    /// Forgets pages of a private pool (the shared pool's pages may
+    /// outlive any one member's leaving: the model keeps them as may-be).
     fn forget(&mut self, c: usize, pool: u32, keep: impl Fn(u64, u64) -> bool) {
+        if pool == 2 {
+            return;
+        }
         self.model(c, pool)
             .retain(|&(cc, o, i), _| cc != c || keep(o, i));
     }
@@ -265,6 +295,49 @@ impl Harness {
 
     fn apply(&mut self, op: &Op) {
         self.settle_late(matches!(op, Op::Crash));
+        // g2 has no shared pool: its pool 2 is its ephemeral one.
+        let op = &match op.clone() {
+            Op::Put {
+                c: 2,
+                pool: 2,
+                obj,
+                idx,
+                content,
+                reserved,
+            } => Op::Put {
+                c: 2,
+                pool: 1,
+                obj,
+                idx,
+                content,
+                reserved,
+            },
+            Op::Get {
+                c: 2,
+                pool: 2,
+                obj,
+                idx,
+            } => Op::Get {
+                c: 2,
+                pool: 1,
+                obj,
+                idx,
+            },
+            Op::Flush {
+                c: 2,
+                pool: 2,
+                obj,
+                idx,
+            } => Op::Flush {
+                c: 2,
+                pool: 1,
+                obj,
+                idx,
+            },
+            Op::FlushObject { c: 2, pool: 2, obj } => Op::FlushObject { c: 2, pool: 1, obj },
+            Op::Recreate { c: 2, pool: 2 } => Op::Recreate { c: 2, pool: 1 },
+            other => other,
+        };
         match *op {
             Op::Put {
                 c,
@@ -277,27 +350,29 @@ impl Harness {
                 let reserved = reserved && pool == 0;
                 let page = self.contents[content];
                 let r = self.clients[c].put(&handle(pool, obj, idx), &page, reserved);
+                let key = Self::key(c, pool, obj, idx);
                 if reserved && self.reserved[c] == 0 {
                     assert_eq!(r, Err(TmemError::NoReservation));
-                    self.model(c, pool).remove(&(c, obj, idx));
+                    self.model(c, pool).remove(&key);
                     return;
                 }
                 r.unwrap();
                 if reserved {
                     self.reserved[c] -= 1;
                 }
-                self.model(c, pool).insert((c, obj, idx), content);
+                self.model(c, pool).insert(key, content);
             }
             Op::Get { c, pool, obj, idx } => {
                 let mut out = [0u8; PAGE_SIZE];
                 let hit = self.clients[c]
                     .get(&handle(pool, obj, idx), &mut out)
                     .unwrap();
-                let exclusive = pool == 1 || c == 2;
+                let exclusive = pool == 1 || (pool == 0 && c == 2);
+                let key = Self::key(c, pool, obj, idx);
                 let want = if exclusive {
-                    self.model(c, pool).remove(&(c, obj, idx))
+                    self.model(c, pool).remove(&key)
                 } else {
-                    self.model(c, pool).get(&(c, obj, idx)).copied()
+                    self.model(c, pool).get(&key).copied()
                 };
                 match want {
                     Some(w) if pool == 0 => {
@@ -334,7 +409,7 @@ impl Harness {
             }
             Op::Flush { c, pool, obj, idx } => {
                 self.clients[c].flush_page(&handle(pool, obj, idx)).unwrap();
-                self.model(c, pool).remove(&(c, obj, idx));
+                self.model(c, pool).remove(&Self::key(c, pool, obj, idx));
             }
             Op::FlushObject { c, pool, obj } => {
                 self.clients[c]
@@ -362,8 +437,9 @@ impl Harness {
             }
             Op::Reset { c } => {
                 self.clients[c].reset();
-                assert_eq!(self.clients[c].new_pool(spec(c, 0)).unwrap(), 0);
-                assert_eq!(self.clients[c].new_pool(spec(c, 1)).unwrap(), 1);
+                for pool in 0..pools_of(c) {
+                    assert_eq!(self.clients[c].new_pool(spec(c, pool)).unwrap(), pool);
+                }
                 self.forget(c, 0, |_, _| false);
                 self.forget(c, 1, |_, _| false);
                 self.reserved[c] = 0;
@@ -408,6 +484,11 @@ impl Harness {
         self.crashes += 1;
         assert_eq!(rec.clients, CLIENTS as u64);
         assert_eq!(rec.pages, self.pers.len() as u64);
+        // The configuration comes back from the caller (vtmemd's file), as
+        // for clients it adds: here, the authorisations.
+        for n in &NAMES[..2] {
+            store.client(n).unwrap().authorize(UUID);
+        }
         self.clients = NAMES
             .iter()
             .map(|n| store.client(n).expect("client recovered").data())
@@ -438,9 +519,12 @@ impl Harness {
                 self.clients[c].put(&h, &out, false).unwrap();
             }
         }
+        // Ephemeral pools, private and shared, keep their ids.
         for c in 0..CLIENTS {
             let mut out = [0u8; PAGE_SIZE];
-            assert!(!self.clients[c].get(&handle(1, 0, 0), &mut out).unwrap());
+            for pool in 1..pools_of(c) {
+                assert!(!self.clients[c].get(&handle(pool, 0, 0), &mut out).unwrap());
+            }
         }
         let st = store.stats();
         // Unique contents per domain: solo's, and the group's.
@@ -851,7 +935,8 @@ fn a_dedup_group_keeps_its_domain_across_a_restart() {
     });
     h.crash();
     let st = h.store().stats();
-    assert_eq!(st.dedup_domains, 2);
+    // solo's, the group's, the shared pool's.
+    assert_eq!(st.dedup_domains, 3);
     let g = h.store().client("g1").unwrap().config().dedup_group;
     assert_eq!(g.as_deref(), Some("grp"));
     // A member added after the restart joins the recovered domain.
@@ -863,7 +948,7 @@ fn a_dedup_group_keeps_its_domain_across_a_restart() {
     let pool = g3.new_pool(PoolSpec::persistent()).unwrap();
     g3.put(&handle(pool, 0, 0), &h.contents[4], false).unwrap();
     let after = h.store().stats();
-    assert_eq!(after.dedup_domains, 2);
+    assert_eq!(after.dedup_domains, 3);
     assert_eq!(after.unique_pages, st.unique_pages, "deduplicated");
     drop(g3);
     h.store().remove_client("g3").unwrap();
