@@ -267,7 +267,10 @@ impl Store {
 
     /// Creates an empty store whose persistent pages and metadata live in
     /// the new state directory `path` (docs/ARCHITECTURE.md, "Crash-safe
-    /// state"): a new directory, or an empty one.
+    /// state"): a new directory, or an empty one. Its arena is a sparse
+    /// file of twice the host limit, at least 64 MiB and at most 64 GiB
+    /// (larger arenas are still to do: the chunk directory is read whole
+    /// at recovery).
     pub fn create(path: &std::path::Path, config: StoreConfig) -> Result<Arc<Store>, PersistError> {
         let dir = state::StateDir::create(path)?;
         let arena = state::Arena::create(&dir, arena_extents(config.host_limit))?;
@@ -283,6 +286,27 @@ impl Store {
                 clients: Mutex::new(clients),
             }),
         ))
+    }
+
+    /// The store of the state directory `path`: recovered if it holds a
+    /// state (see [`Store::recover`]), created if it does not exist or is
+    /// empty (see [`Store::create`]). The summary is that of the
+    /// recovery, if there was one.
+    pub fn open(
+        path: &std::path::Path,
+        config: StoreConfig,
+    ) -> Result<(Arc<Store>, Option<Recovered>), PersistError> {
+        let empty = match std::fs::read_dir(path) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => return Err(state::StateError::Io(path.to_path_buf(), e).into()),
+        };
+        if empty {
+            Ok((Store::create(path, config)?, None))
+        } else {
+            let (store, rec) = Store::recover(path, config)?;
+            Ok((store, Some(rec)))
+        }
     }
 
     /// The state directory, if the store has one.

@@ -733,4 +733,36 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn open_creates_or_recovers() {
+        let top = tempfile::tempdir().unwrap();
+        let p = top.path().join("state");
+        let cfg = || StoreConfig {
+            host_limit: 64 << 20,
+        };
+        let (store, rec) = Store::open(&p, cfg()).unwrap();
+        assert!(rec.is_none());
+        let c = store
+            .add_client("a", ClientConfig::default())
+            .unwrap()
+            .data();
+        let pool = c.new_pool(PoolSpec::persistent()).unwrap();
+        let h = Handle {
+            pool,
+            object: ObjectId([1, 1, 1]),
+            index: 5,
+        };
+        c.put(&h, &[9u8; PAGE_SIZE], false).unwrap();
+        drop((c, store));
+        let (store, rec) = Store::open(&p, cfg()).unwrap();
+        assert_eq!(rec.unwrap().pages, 1);
+        let mut out = [0u8; PAGE_SIZE];
+        assert!(store.client("a").unwrap().data().get(&h, &mut out).unwrap());
+        // Something else in the directory is refused, not overwritten.
+        drop(store);
+        std::fs::write(top.path().join("other"), b"x").unwrap();
+        let e = Store::open(top.path(), cfg()).unwrap_err().to_string();
+        assert!(e.contains("not a vtmem state directory"), "{e}");
+    }
 }
