@@ -3,6 +3,7 @@
 //! QEMU does, the driver half runs the request queues in shared guest RAM.
 
 use std::ffi::CString;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -15,7 +16,7 @@ use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VringConfigData};
 use vtmem_protocol::{
     DeviceConfig, Handle, ObjectId, PoolSpec, Status, CONFIG_SIZE, MAX_REQUEST_QUEUES,
     VTMEM_F_EPHEMERAL, VTMEM_F_MQ, VTMEM_F_RESERVE, VTMEM_F_SHARED,
@@ -241,10 +242,12 @@ impl Vm {
         let proto_offered = fe
             .get_protocol_features()
             .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
-        // DEVICE_STATE when offered, as QEMU does, for the migration tests.
+        // DEVICE_STATE and LOG_SHMFD when offered, as QEMU does, for the
+        // migration tests.
         let mut wanted_proto = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::DEVICE_STATE;
+            | VhostUserProtocolFeatures::DEVICE_STATE
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         if opts.reply_ack {
             wanted_proto |= VhostUserProtocolFeatures::REPLY_ACK;
         }
@@ -610,6 +613,33 @@ impl Vm {
             .map_err(vhost_err("SET_FEATURES"))
     }
 
+    /// Starts logging the device's writes to guest memory, as QEMU does
+    /// when a migration begins: `SET_FEATURES` with `VHOST_F_LOG_ALL`, then
+    /// `SET_LOG_BASE` with a new shared-memory log (one bit per 4 KiB page
+    /// of guest physical memory, QEMU's layout).
+    pub fn start_dirty_log(&self) -> Result<DirtyLog> {
+        if self.negotiated.protocol & VhostUserProtocolFeatures::LOG_SHMFD.bits() == 0 {
+            return Err(Error::Setup("back end does not offer LOG_SHMFD".into()));
+        }
+        let pages = self.ram.end().div_ceil(PAGE_SIZE as u64);
+        let bytes = pages.div_ceil(8).next_multiple_of(8);
+        let file = crate::sys::unsealed_memfd(c"vtmem-guestsim-dirty-log", bytes)
+            .map_err(Error::Memory)?;
+        let fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
+        fe.set_features(self.negotiated.acked | VhostUserVirtioFeatures::LOG_ALL.bits())
+            .map_err(vhost_err("SET_FEATURES"))?;
+        fe.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: bytes,
+                mmap_offset: 0,
+                mmap_handle: file.as_raw_fd(),
+            }),
+        )
+        .map_err(vhost_err("SET_LOG_BASE"))?;
+        Ok(DirtyLog { file })
+    }
+
     /// `SET_DEVICE_STATE_FD` with one end of a new pipe (the write end to
     /// save, the read end to load); returns the connection, locked, and
     /// this side's end.
@@ -663,5 +693,34 @@ impl Vm {
     /// kill). Guest RAM stays mapped here until the `Vm` is dropped.
     pub fn disconnect(self) {
         drop(self);
+    }
+}
+
+/// The log of a VM's guest pages the device wrote, from
+/// [`Vm::start_dirty_log`].
+#[derive(Debug)]
+pub struct DirtyLog {
+    file: std::fs::File,
+}
+
+impl DirtyLog {
+    /// Whether the device marked the 4 KiB page holding `gpa` dirty.
+    pub fn is_dirty(&self, gpa: u64) -> Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let page = gpa / PAGE_SIZE as u64;
+        let mut byte = [0u8];
+        self.file
+            .read_exact_at(&mut byte, page / 8)
+            .map_err(Error::Io)?;
+        Ok(byte[0] & (1 << (page % 8)) != 0)
+    }
+
+    /// Clears every bit, as QEMU does after each pass over guest memory.
+    pub fn clear(&self) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let len = self.file.metadata().map_err(Error::Io)?.len();
+        self.file
+            .write_all_at(&vec![0u8; len as usize], 0)
+            .map_err(Error::Io)
     }
 }
