@@ -3,7 +3,8 @@
 //! VM's device state (`SET_DEVICE_STATE_FD`, `CHECK_DEVICE_STATE`) from
 //! one daemon to the other and back, while another VM on each daemon keeps
 //! doing verified I/O; a refused import leaves nothing behind and the
-//! source keeps every page.
+//! source keeps every page. While a migration logs dirty pages, every
+//! guest page a GET writes is in the log.
 
 mod common;
 
@@ -190,4 +191,115 @@ fn a_refused_import_leaves_nothing_and_the_source_keeps_every_page() {
     assert_eq!(a.client_stats("m").persistent_pages, held.persistent_pages);
     assert_alive(&a);
     assert_alive(&b);
+}
+
+/// While QEMU migrates, the device marks in the dirty log every guest page
+/// a GET writes: a page decompressed straight into guest memory (one
+/// contiguous buffer), one written through a bounce page (a buffer split
+/// across two guest pages), and a miss's buffer zeroed because a later get
+/// of the request hit. A miss after the last hit writes nothing and marks
+/// nothing. A page the log misses would reach the destination stale.
+#[test]
+fn gets_mark_every_guest_page_they_write_in_the_dirty_log() {
+    use vtmem_guestsim::raw::{request_bytes, response_bytes};
+    use vtmem_guestsim::{Op, PageSource};
+
+    let d = daemon(&["dirty"], &[]);
+    let vm = connect_with(
+        &d,
+        "dirty",
+        VmOptions {
+            guest_pages: 16,
+            ..VmOptions::default()
+        },
+    );
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let data: Vec<Box<Page>> = (0..10u64)
+        .map(|i| match i % 2 {
+            0 => Box::new(text_page(i)),
+            _ => Box::new(random_page(i)),
+        })
+        .collect();
+    assert!(vm
+        .put_batch(&items(pool, 1, &data))
+        .unwrap()
+        .iter()
+        .all(|s| *s == Status::Ok));
+    let gp = vm.guest_pages();
+    let marker = [0x5a; PAGE_SIZE];
+    for i in 0..16 {
+        vm.write_guest_page(i, &marker).unwrap();
+    }
+    let log = vm.start_dirty_log().unwrap();
+    let absent = handle(pool, 1, 999);
+
+    // In place: a miss before the hits (zeroed), 8 hits, a miss at the end.
+    let mut ops = vec![Op::Get { handle: absent }];
+    ops.extend((0..8).map(|i| Op::Get {
+        handle: handle(pool, 1, i),
+    }));
+    ops.push(Op::Get { handle: absent });
+    let addrs: Vec<u64> = (0..10).map(|i| gp.addr(i)).collect();
+    let c = vm
+        .queue(0)
+        .execute_with(&ops, &PageSource::InGuest(addrs))
+        .unwrap();
+    let st = c.statuses().unwrap();
+    assert_eq!(st[0], Status::Miss);
+    assert!(st[1..9].iter().all(|s| *s == Status::Ok), "{st:?}");
+    assert_eq!(st[9], Status::Miss);
+    for i in 1..9u64 {
+        assert!(
+            *vm.read_guest_page(i).unwrap() == *data[i as usize - 1],
+            "guest page {i}"
+        );
+        assert!(
+            log.is_dirty(gp.addr(i)).unwrap(),
+            "guest page {i} not logged"
+        );
+    }
+    assert!(
+        *vm.read_guest_page(0).unwrap() == [0u8; PAGE_SIZE],
+        "miss before a hit is zeroed"
+    );
+    assert!(log.is_dirty(gp.addr(0)).unwrap(), "zeroed page not logged");
+    assert!(
+        *vm.read_guest_page(9).unwrap() == marker,
+        "last miss untouched"
+    );
+    assert!(!log.is_dirty(gp.addr(9)).unwrap(), "untouched page logged");
+    assert!(!log.is_dirty(gp.addr(15)).unwrap(), "unused page logged");
+
+    // Through a bounce page: the buffer is the second half of guest page 12
+    // and the first half of guest page 13.
+    log.clear().unwrap();
+    let half = PAGE_SIZE as u32 / 2;
+    let req = request_bytes(
+        &[Op::Get {
+            handle: handle(pool, 1, 9),
+        }],
+        0x1065,
+    );
+    let out = vm
+        .raw_chain(0)
+        .readable(&req)
+        .unwrap()
+        .writable(response_bytes(1))
+        .unwrap()
+        .writable_at(gp.addr(12) + u64::from(half), half)
+        .writable_at(gp.addr(13), half)
+        .submit()
+        .unwrap();
+    let (header, st) = out.response().unwrap();
+    assert_eq!(header.status, Status::Ok, "{header:?}\n{}", d.log());
+    assert_eq!(st[0].status, Status::Ok);
+    let (p12, p13) = (
+        vm.read_guest_page(12).unwrap(),
+        vm.read_guest_page(13).unwrap(),
+    );
+    let h = PAGE_SIZE / 2;
+    assert!(p12[h..] == data[9][..h] && p13[..h] == data[9][h..]);
+    assert!(log.is_dirty(gp.addr(12)).unwrap(), "first half not logged");
+    assert!(log.is_dirty(gp.addr(13)).unwrap(), "second half not logged");
+    assert!(!log.is_dirty(gp.addr(1)).unwrap(), "cleared bit came back");
 }

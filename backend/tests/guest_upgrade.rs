@@ -2,7 +2,9 @@
 //! Restarts through an orderly stop (`--state-dir`): what the VMs stored
 //! comes back in the next vtmemd, pages acknowledged while a VM streamed
 //! puts included; a state image that cannot be read stops the start and
-//! stays; an image whose VM is not declared waits for it.
+//! stays; an image whose VM is not declared waits for it. A VMM that
+//! reconnects as QEMU does has its requests in flight answered by the next
+//! vtmemd.
 
 mod common;
 
@@ -284,4 +286,65 @@ fn the_used_index_is_final_when_vtmemd_drops_the_connection() {
         at_drop,
         "vtmemd answered requests after it dropped the connection"
     );
+}
+
+/// A VMM reconnects to the next vtmemd as QEMU does with `reconnect-ms`
+/// (`Vm::reconnect`: the rings start at the used index in guest memory)
+/// while its guest streams puts, four requests of 128 in flight. Every
+/// request is answered, by the old daemon or the new one, none twice (the
+/// driver fails on an answer it did not wait for), and every page of every
+/// answered request is there afterwards, byte-identical.
+#[test]
+fn requests_in_flight_across_an_orderly_restart_are_answered_by_the_next_vtmemd() {
+    const ROUND: usize = 512;
+    let state = temp_dir();
+    let mut d = vtmemd(&args(state.path(), &["m"]));
+    let (vm, pool) = streaming_vm(&d);
+    let restarted = Arc::new(AtomicBool::new(false));
+    let streamer = {
+        let (vm, restarted) = (vm.clone(), restarted.clone());
+        std::thread::spawn(move || {
+            let mut after_restart = 0;
+            let mut rounds = 0u64;
+            while after_restart < 10 {
+                let pg = pages(1000 + rounds, ROUND);
+                let st = vm.put_batch(&items(pool, rounds, &pg)).unwrap();
+                assert!(st.iter().all(|s| *s == Status::Ok), "round {rounds}");
+                rounds += 1;
+                if restarted.load(Ordering::Acquire) {
+                    after_restart += 1;
+                }
+            }
+            rounds
+        })
+    };
+    wait_until("the streamer stores pages", DEADLINE, || {
+        d.client_stats("m").persistent_pages >= 10 * ROUND as u64
+    });
+    let stopped_with = d.client_stats("m").persistent_pages;
+    assert!(d.stop().success(), "{}", d.log());
+    // The streamer, blocked on answers, has requests in the ring that the
+    // stopped daemon never took or never answered.
+    wait_until("requests wait in the ring", DEADLINE, || {
+        vm.unanswered_chains().unwrap()[0] > 0
+    });
+    d.restart(&args(state.path(), &["m"])).unwrap();
+    vm.reconnect(DEADLINE).unwrap();
+    restarted.store(true, Ordering::Release);
+    let rounds = streamer.join().unwrap();
+
+    let stored = d.client_stats("m").persistent_pages;
+    assert_eq!(stored, rounds * ROUND as u64);
+    assert!(stored > stopped_with + 5 * ROUND as u64);
+    for round in 0..rounds {
+        let want = pages(1000 + round, ROUND);
+        let hs: Vec<Handle> = (0..ROUND as u64).map(|i| handle(pool, round, i)).collect();
+        for (i, (st, got)) in vm.get_batch(&hs).unwrap().into_iter().enumerate() {
+            assert_eq!(st, Status::Ok, "round {round} page {i}");
+            assert!(
+                *got == *want[i],
+                "round {round} page {i} came back different"
+            );
+        }
+    }
 }

@@ -72,6 +72,14 @@ pub struct BatchFigures {
     pub inproc_put_per_s: f64,
     /// `vhost_put_per_s / inproc_put_per_s`.
     pub put_efficiency: f64,
+    /// The daemon's CPU time per streamed put (every thread), microseconds.
+    pub vhost_put_cpu_us: f64,
+    /// The in-process thread's CPU time per put, microseconds.
+    pub inproc_put_cpu_us: f64,
+    /// `inproc_put_cpu_us / vhost_put_cpu_us`: the share of the daemon's
+    /// CPU that is the store's own work, which background load on the
+    /// machine moves far less than the wall-clock ratio.
+    pub put_efficiency_cpu: f64,
     /// Gets per second over vhost-user, `depth` requests in flight.
     pub vhost_get_per_s: f64,
     /// Gets per second as direct store calls, each into its own page (as
@@ -79,6 +87,12 @@ pub struct BatchFigures {
     pub inproc_get_per_s: f64,
     /// `vhost_get_per_s / inproc_get_per_s`.
     pub get_efficiency: f64,
+    /// The daemon's CPU time per streamed get (every thread), microseconds.
+    pub vhost_get_cpu_us: f64,
+    /// The in-process thread's CPU time per get, microseconds.
+    pub inproc_get_cpu_us: f64,
+    /// `inproc_get_cpu_us / vhost_get_cpu_us`.
+    pub get_efficiency_cpu: f64,
     /// Gets per second as direct store calls, all into one page buffer
     /// that stays in the cache (the reference before in-place GETs).
     pub inproc_get_hot_per_s: f64,
@@ -149,6 +163,10 @@ pub struct Report {
     pub transport_efficiency_get: f64,
     /// The same against in-process gets into one cached page buffer.
     pub transport_efficiency_get_hot: f64,
+    /// Put efficiency at batch 32 by the daemon's CPU time.
+    pub transport_efficiency_cpu: f64,
+    /// Get efficiency at batch 32 by the daemon's CPU time.
+    pub transport_efficiency_get_cpu: f64,
     /// Kicks per op, streaming puts at batch 32.
     pub kicks_per_op: f64,
     /// Interrupts per op, streaming puts at batch 32.
@@ -182,10 +200,15 @@ fn ratio(a: f64, b: f64) -> f64 {
 /// Direct store calls: the reference the transport is compared with.
 struct InProcess {
     client: DataHandle,
+    /// The pages gets write into, one per page of the working set,
+    /// allocated once and reused by every round, as the daemon writes the
+    /// same guest pages every round: the reference's destinations are no
+    /// warmer in the caches than the daemon's.
+    dests: Vec<Box<Page>>,
 }
 
 impl InProcess {
-    fn new() -> Result<Self> {
+    fn new(pages: usize) -> Result<Self> {
         let store = Store::new(StoreConfig {
             host_limit: 16 << 30,
         });
@@ -194,6 +217,7 @@ impl InProcess {
             .map_err(|e| Error::Setup(format!("in-process store: {e}")))?;
         Ok(InProcess {
             client: client.data(),
+            dests: (0..pages).map(|_| Box::new([1u8; PAGE_SIZE])).collect(),
         })
     }
 
@@ -202,13 +226,13 @@ impl InProcess {
     }
 
     /// Puts then gets every page, twice: into one page buffer, then each
-    /// into a page of its own; returns (puts/s, gets/s into one buffer,
-    /// gets/s into their own pages).
-    fn run(&self, pages: &[Box<Page>], tag: u64) -> Result<(f64, f64, f64)> {
+    /// into a page of its own.
+    fn run(&mut self, pages: &[Box<Page>], tag: u64) -> Result<InProcessRun> {
         let pool = self
             .client
             .new_pool(PoolSpec::persistent())
             .map_err(Self::store_err)?;
+        let cpu = thread_cpu_us();
         let t = Instant::now();
         for (i, p) in pages.iter().enumerate() {
             self.client
@@ -216,6 +240,7 @@ impl InProcess {
                 .map_err(Self::store_err)?;
         }
         let put = rate(pages.len(), t.elapsed());
+        let put_cpu_us = (thread_cpu_us() - cpu) / pages.len() as f64;
         let mut out: Box<Page> = Box::new([0u8; PAGE_SIZE]);
         let t = Instant::now();
         let mut hits = 0usize;
@@ -230,13 +255,11 @@ impl InProcess {
             std::hint::black_box(&out);
         }
         let get_hot = rate(pages.len(), t.elapsed());
-        // Each get into a page of its own, written beforehand (no page
-        // faults timed), as the daemon writes each into its guest page.
-        let mut dests: Vec<Box<Page>> = (0..pages.len())
-            .map(|_| Box::new([1u8; PAGE_SIZE]))
-            .collect();
+        // Each get into a page of its own, as the daemon writes each into
+        // its guest page.
+        let cpu = thread_cpu_us();
         let t = Instant::now();
-        for (i, d) in dests.iter_mut().enumerate() {
+        for (i, d) in self.dests.iter_mut().take(pages.len()).enumerate() {
             if self
                 .client
                 .get(&handle(pool, tag, i), d)
@@ -246,7 +269,8 @@ impl InProcess {
             }
         }
         let get_own = rate(pages.len(), t.elapsed());
-        std::hint::black_box(&dests);
+        let get_cpu_us = (thread_cpu_us() - cpu) / pages.len() as f64;
+        std::hint::black_box(&self.dests);
         self.client.destroy_pool(pool).map_err(Self::store_err)?;
         if hits != 2 * pages.len() {
             return Err(Error::Setup(format!(
@@ -254,8 +278,25 @@ impl InProcess {
                 2 * pages.len()
             )));
         }
-        Ok((put, get_hot, get_own))
+        Ok(InProcessRun {
+            put,
+            put_cpu_us,
+            get_hot,
+            get: get_own,
+            get_cpu_us,
+        })
     }
+}
+
+/// Rates of one [`InProcess::run`], and its CPU time per operation.
+struct InProcessRun {
+    put: f64,
+    put_cpu_us: f64,
+    /// Gets into one page buffer.
+    get_hot: f64,
+    /// Gets each into a page of its own.
+    get: f64,
+    get_cpu_us: f64,
 }
 
 fn vm_options(guest_pages: usize, depth: usize) -> VmOptions {
@@ -339,10 +380,14 @@ fn median(v: &mut [f64]) -> f64 {
 /// so both see the same background load.
 struct Round {
     in_put: f64,
+    in_put_cpu_us: f64,
     in_get: f64,
+    in_get_cpu_us: f64,
     in_get_hot: f64,
     put: f64,
     get: f64,
+    put_cpu_us: f64,
+    get_cpu_us: f64,
     sync: f64,
     kicks: u64,
     irqs: u64,
@@ -352,14 +397,15 @@ struct Round {
 
 fn batch_round(
     vm: &Vm,
-    inproc: &InProcess,
+    inproc: &mut InProcess,
     pages: &[Box<Page>],
     batch: usize,
     depth: usize,
+    daemon_cpu_us: &dyn Fn() -> f64,
 ) -> Result<Round> {
     let n = pages.len();
     let tag = batch as u64;
-    let (in_put, in_get_hot, in_get) = inproc.run(pages, tag)?;
+    let reference = inproc.run(pages, tag)?;
 
     let pool = vm.new_pool(PoolSpec::persistent())?;
     let put_op = |pool: u32| {
@@ -368,11 +414,14 @@ fn batch_round(
             reserved: false,
         }
     };
+    let cpu_start = daemon_cpu_us();
     let (put, kicks, irqs) = stream(vm, n, batch, depth, put_op(pool), Status::Ok)?;
+    let cpu_puts_done = daemon_cpu_us();
     let get_op = |i| Op::Get {
         handle: handle(pool, tag, i),
     };
     let (get, get_kicks, _) = stream(vm, n, batch, depth, get_op, Status::Ok)?;
+    let cpu_gets_done = daemon_cpu_us();
     // Read a sample back through the copying path and compare.
     let step = (n / 64).max(1);
     let sample: Vec<usize> = (0..n).step_by(step).collect();
@@ -392,11 +441,15 @@ fn batch_round(
     let (sync, _, _) = stream(vm, n, batch, 1, put_op(pool), Status::Ok)?;
     vm.destroy_pool(pool)?;
     Ok(Round {
-        in_put,
-        in_get,
-        in_get_hot,
+        in_put: reference.put,
+        in_put_cpu_us: reference.put_cpu_us,
+        in_get: reference.get,
+        in_get_cpu_us: reference.get_cpu_us,
+        in_get_hot: reference.get_hot,
         put,
         get,
+        put_cpu_us: (cpu_puts_done - cpu_start) / n as f64,
+        get_cpu_us: (cpu_gets_done - cpu_puts_done) / n as f64,
         sync,
         kicks,
         irqs,
@@ -407,15 +460,16 @@ fn batch_round(
 
 fn batch_figures(
     vm: &Vm,
-    inproc: &InProcess,
+    inproc: &mut InProcess,
     pages: &[Box<Page>],
     batch: usize,
     depth: usize,
     rounds: usize,
+    daemon_cpu_us: &dyn Fn() -> f64,
 ) -> Result<(BatchFigures, usize)> {
     let mut r = Vec::with_capacity(rounds);
     for _ in 0..rounds.max(1) {
-        r.push(batch_round(vm, inproc, pages, batch, depth)?);
+        r.push(batch_round(vm, inproc, pages, batch, depth, daemon_cpu_us)?);
     }
     let med = |f: fn(&Round) -> f64| median(&mut r.iter().map(f).collect::<Vec<_>>());
     let ops = (pages.len() * r.len()) as f64;
@@ -425,6 +479,8 @@ fn batch_figures(
     let put_eff = med(|x| ratio(x.put, x.in_put));
     let get_eff = med(|x| ratio(x.get, x.in_get));
     let get_eff_hot = med(|x| ratio(x.get, x.in_get_hot));
+    let put_eff_cpu = med(|x| ratio(x.in_put_cpu_us, x.put_cpu_us));
+    let get_eff_cpu = med(|x| ratio(x.in_get_cpu_us, x.get_cpu_us));
     Ok((
         BatchFigures {
             batch,
@@ -432,9 +488,15 @@ fn batch_figures(
             vhost_put_sync_per_s: med(|x| x.sync),
             inproc_put_per_s: in_put,
             put_efficiency: put_eff,
+            vhost_put_cpu_us: med(|x| x.put_cpu_us),
+            inproc_put_cpu_us: med(|x| x.in_put_cpu_us),
+            put_efficiency_cpu: put_eff_cpu,
             vhost_get_per_s: get,
             inproc_get_per_s: in_get,
             get_efficiency: get_eff,
+            vhost_get_cpu_us: med(|x| x.get_cpu_us),
+            inproc_get_cpu_us: med(|x| x.in_get_cpu_us),
+            get_efficiency_cpu: get_eff_cpu,
             inproc_get_hot_per_s: med(|x| x.in_get_hot),
             get_efficiency_hot: get_eff_hot,
             kicks_per_op: r.iter().map(|x| x.kicks).sum::<u64>() as f64 / ops,
@@ -538,15 +600,25 @@ fn process_cpu_us(pid: u32) -> f64 {
     if unsafe { libc::clock_getcpuclockid(id, &mut clock) } != 0 {
         return crate::multivm::proc_cpu(pid) * 1e6;
     }
+    clock_us(clock).unwrap_or_else(|| crate::multivm::proc_cpu(pid) * 1e6)
+}
+
+/// CPU time the calling thread has used, microseconds (0 if the clock
+/// cannot be read, which Linux does not do).
+fn thread_cpu_us() -> f64 {
+    clock_us(libc::CLOCK_THREAD_CPUTIME_ID).unwrap_or(0.0)
+}
+
+fn clock_us(clock: libc::clockid_t) -> Option<f64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid timespec to fill.
     if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-        return crate::multivm::proc_cpu(pid) * 1e6;
+        return None;
     }
-    ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
+    Some(ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3)
 }
 
 fn multi_vm(daemon: &Vtmemd, pages: &[Box<Page>], vms: usize, depth: usize) -> Result<MultiVm> {
@@ -657,7 +729,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     let binary = daemon::vtmemd_binary(opts.vtmemd.as_deref())?;
     let mut daemon =
         Vtmemd::try_start(&binary, &daemon_args(None)).map_err(|e| Error::Daemon(e.to_string()))?;
-    let inproc = InProcess::new()?;
+    let mut inproc = InProcess::new(n)?;
     let mut report = Report {
         quick: opts.quick,
         pages: n,
@@ -669,8 +741,11 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
 
     {
         let vm = connect(&daemon, "bench0", pages.iter().map(|p| &**p), depth)?;
+        let pid = daemon.pid();
+        let daemon_cpu_us = move || pid.map_or(0.0, process_cpu_us);
         for &b in &BATCHES {
-            let (f, verified) = batch_figures(&vm, &inproc, pages, b, depth, rounds)?;
+            let (f, verified) =
+                batch_figures(&vm, &mut inproc, pages, b, depth, rounds, &daemon_cpu_us)?;
             eprintln!("batch {b:>3}: put {:.0}/s (in-process {:.0}/s), get {:.0}/s (in-process {:.0}/s), {:.4} kicks/op", f.vhost_put_per_s, f.inproc_put_per_s, f.vhost_get_per_s, f.inproc_get_per_s, f.kicks_per_op);
             report.verified_pages += verified;
             report.batches.push(f);
@@ -723,6 +798,8 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         report.transport_efficiency = h.put_efficiency;
         report.transport_efficiency_get = h.get_efficiency;
         report.transport_efficiency_get_hot = h.get_efficiency_hot;
+        report.transport_efficiency_cpu = h.put_efficiency_cpu;
+        report.transport_efficiency_get_cpu = h.get_efficiency_cpu;
         report.kicks_per_op = h.kicks_per_op;
         report.interrupts_per_op = h.interrupts_per_op;
     }
@@ -764,6 +841,21 @@ impl Report {
                 b.interrupts_per_op
             ));
         }
+        s.push_str("\nCPU time per streamed operation: the daemon's (every thread) against the in-process thread's\n\n");
+        s.push_str("batch | CPU us/put vhost | CPU us/put in-proc | put CPU eff | CPU us/get vhost | CPU us/get in-proc | get CPU eff\n");
+        s.push_str("------+------------------+--------------------+-------------+------------------+--------------------+------------\n");
+        for b in &self.batches {
+            s.push_str(&format!(
+                "{:>5} | {:>16.2} | {:>18.2} | {:>11.2} | {:>16.2} | {:>18.2} | {:>11.2}\n",
+                b.batch,
+                b.vhost_put_cpu_us,
+                b.inproc_put_cpu_us,
+                b.put_efficiency_cpu,
+                b.vhost_get_cpu_us,
+                b.inproc_get_cpu_us,
+                b.get_efficiency_cpu
+            ));
+        }
         s.push_str("\nsingle-get round trip (one request in flight; host CPU: the whole daemon, per request)\n\n");
         s.push_str(
             "poll-us | p50 us | p99 us | mean us | kicks/op | host CPU us/op | of which polling\n",
@@ -797,10 +889,12 @@ impl Report {
             ));
         }
         s.push_str(&format!(
-            "\ntransport efficiency (batch {HEADLINE_BATCH}, streaming puts): {:.2}; gets: {:.2} (against one cached buffer: {:.2}); kicks per op: {:.4} (1 per {:.0} ops)\n",
+            "\ntransport efficiency (batch {HEADLINE_BATCH}, streaming puts): {:.2}; gets: {:.2} (against one cached buffer: {:.2}); by the daemon's CPU time: puts {:.2}, gets {:.2}; kicks per op: {:.4} (1 per {:.0} ops)\n",
             self.transport_efficiency,
             self.transport_efficiency_get,
             self.transport_efficiency_get_hot,
+            self.transport_efficiency_cpu,
+            self.transport_efficiency_get_cpu,
             self.kicks_per_op,
             if self.kicks_per_op > 0.0 { 1.0 / self.kicks_per_op } else { f64::INFINITY }
         ));

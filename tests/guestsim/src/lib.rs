@@ -29,7 +29,7 @@ pub mod vm;
 pub use queue::{Completion, PageSource, Queue, QueueConfig, QueueStats, RawCompletion, Ticket};
 pub use raw::{RawChainBuilder, RawOutcome};
 pub use ring::{Link, RawDescriptor};
-pub use vm::{GuestPages, Negotiated, Vm, VmOptions};
+pub use vm::{DirtyLog, GuestPages, Negotiated, Vm, VmOptions};
 pub use vtmem_protocol::{Handle, ObjectId, Op, OpStatus, PoolSpec, Status, PAGE_SIZE};
 
 use std::time::Duration;

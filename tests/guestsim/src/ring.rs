@@ -138,7 +138,8 @@ impl RingLayout {
         })
     }
 
-    fn avail_idx(&self) -> u64 {
+    /// Guest address of the available ring's index.
+    pub fn avail_idx(&self) -> u64 {
         self.avail + 2
     }
 

@@ -3,6 +3,7 @@
 //! QEMU does, the driver half runs the request queues in shared guest RAM.
 
 use std::ffi::CString;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -15,7 +16,8 @@ use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
 use vtmem_protocol::{
     DeviceConfig, Handle, ObjectId, PoolSpec, Status, CONFIG_SIZE, MAX_REQUEST_QUEUES,
     VTMEM_F_EPHEMERAL, VTMEM_F_MQ, VTMEM_F_RESERVE, VTMEM_F_SHARED,
@@ -120,7 +122,12 @@ impl Negotiated {
 pub struct Vm {
     socket: PathBuf,
     /// The vhost-user connection (a clone, for the watchdog of [`Vm::shutdown`]).
-    stream: UnixStream,
+    /// The connection's socket, for waits on it (replaced by
+    /// [`Vm::reconnect`]).
+    stream: Mutex<UnixStream>,
+    /// Each queue's kick and call eventfds, as a VMM keeps them across
+    /// back ends (the queues' own are behind their locks).
+    notifiers: Vec<(EventFd, EventFd)>,
     /// Each request queue's ring, where [`Vm::used_indexes`] reads.
     layouts: Vec<RingLayout>,
     frontend: Mutex<Frontend>,
@@ -241,10 +248,12 @@ impl Vm {
         let proto_offered = fe
             .get_protocol_features()
             .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
-        // DEVICE_STATE when offered, as QEMU does, for the migration tests.
+        // DEVICE_STATE and LOG_SHMFD when offered, as QEMU does, for the
+        // migration tests.
         let mut wanted_proto = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::DEVICE_STATE;
+            | VhostUserProtocolFeatures::DEVICE_STATE
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         if opts.reply_ack {
             wanted_proto |= VhostUserProtocolFeatures::REPLY_ACK;
         }
@@ -334,6 +343,7 @@ impl Vm {
         let event_idx = negotiated.has(VIRTIO_RING_F_EVENT_IDX);
         let mut queues = Vec::with_capacity(nq as usize);
         let mut layouts = Vec::with_capacity(nq as usize);
+        let mut notifiers = Vec::with_capacity(nq as usize);
         for q in 0..nq {
             let queue = Queue::new(
                 q,
@@ -370,12 +380,17 @@ impl Vm {
                     .map_err(vhost_err("SET_VRING_ENABLE"))?;
             }
             layouts.push(l);
+            notifiers.push((
+                queue.kick_fd().try_clone().map_err(Error::Io)?,
+                queue.call_fd().try_clone().map_err(Error::Io)?,
+            ));
             queues.push(Mutex::new(queue));
         }
 
         let vm = Vm {
             socket,
-            stream: stream_clone,
+            stream: Mutex::new(stream_clone),
+            notifiers,
             layouts,
             frontend: Mutex::new(fe),
             ram,
@@ -440,19 +455,154 @@ impl Vm {
             .collect()
     }
 
+    /// Chains each queue has made available that the device has not
+    /// returned (available index minus used index, from guest memory).
+    pub fn unanswered_chains(&self) -> Result<Vec<u16>> {
+        self.layouts
+            .iter()
+            .map(|l| {
+                let avail: u16 = self.ram.load(l.avail_idx(), Ordering::Acquire)?;
+                let used: u16 = self.ram.load(l.used_idx(), Ordering::Acquire)?;
+                Ok(avail.wrapping_sub(used))
+            })
+            .collect()
+    }
+
     /// Waits up to `limit` for the back end to close the vhost-user
     /// connection; true once it has (the socket reads end-of-file).
     pub fn wait_backend_gone(&self, limit: Duration) -> Result<bool> {
-        if !crate::sys::wait_readable(&self.stream, limit).map_err(Error::Io)? {
+        let stream = self.stream()?;
+        if !crate::sys::wait_readable(&stream, limit).map_err(Error::Io)? {
             return Ok(false);
         }
         let mut byte = [0u8; 1];
-        match rustix::net::recv(&self.stream, &mut byte, rustix::net::RecvFlags::PEEK) {
+        match rustix::net::recv(&stream, &mut byte, rustix::net::RecvFlags::PEEK) {
             Ok((0, _)) => Ok(true),
             // A message the frontend did not ask for: not the end.
             Ok(_) => Ok(false),
             Err(e) => Err(Error::Io(e.into())),
         }
+    }
+
+    /// A handle on the current connection's socket.
+    fn stream(&self) -> Result<UnixStream> {
+        self.stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .try_clone()
+            .map_err(Error::Io)
+    }
+
+    /// Connects to the next back end on the same socket path once the last
+    /// one went away (an upgrade, a restart, a crash), as QEMU's
+    /// vhost-user devices do with `reconnect-ms`: the same features,
+    /// memory table, rings and eventfds; each ring's base is the used
+    /// index in guest memory, so chains the old back end took and never
+    /// answered are offered again; then one kick per queue, as QEMU's
+    /// virtio core gives a queue whose notifier it starts. Requests in
+    /// flight on the queues (even ones a thread is waiting for) are
+    /// answered by the new back end. Retries the connection until
+    /// `timeout` while the socket is not there yet.
+    pub fn reconnect(&self, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(&self.socket) {
+                Ok(s) => break s,
+                // Nothing to wait on until the new back end binds its
+                // socket: poll the path until the deadline.
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(Error::Setup(format!(
+                        "reconnect {}: {e}",
+                        self.socket.display()
+                    )))
+                }
+            }
+        };
+        let watchdog = Watchdog::arm(&stream, timeout)?;
+        let res = self.restart_on(&stream);
+        let fired = watchdog.disarm().is_err();
+        let fe = match res {
+            Err(_) | Ok(_) if fired => return Err(Error::Timeout(timeout)),
+            res => res?,
+        };
+        *self.frontend.lock().unwrap_or_else(|p| p.into_inner()) = fe;
+        *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = stream;
+        for (kick, _) in &self.notifiers {
+            kick.write(1).map_err(Error::Io)?;
+        }
+        Ok(())
+    }
+
+    /// The vhost-user setup of [`Vm::reconnect`] on a new connection.
+    fn restart_on(&self, stream: &UnixStream) -> Result<Frontend> {
+        let n = &self.negotiated;
+        let mut fe = Frontend::from_stream(
+            stream.try_clone().map_err(Error::Io)?,
+            MAX_REQUEST_QUEUES as u64,
+        );
+        let proto = VhostUserProtocolFeatures::from_bits_truncate(n.protocol);
+        if proto.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        fe.set_owner().map_err(vhost_err("SET_OWNER"))?;
+        let offered = fe.get_features().map_err(vhost_err("GET_FEATURES"))?;
+        if offered & n.acked != n.acked {
+            return Err(Error::Setup(format!(
+                "the new back end offers features {offered:#x}, not all of {:#x}",
+                n.acked
+            )));
+        }
+        let proto_offered = fe
+            .get_protocol_features()
+            .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
+        if !proto_offered.contains(proto) {
+            return Err(Error::Setup(format!(
+                "the new back end offers protocol features {proto_offered:?}, not all of {proto:?}"
+            )));
+        }
+        fe.set_protocol_features(proto)
+            .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
+        if proto.contains(VhostUserProtocolFeatures::MQ) {
+            let queues = fe.get_queue_num().map_err(vhost_err("GET_QUEUE_NUM"))?;
+            if queues < self.queues.len() as u64 {
+                return Err(Error::Setup(format!(
+                    "the new back end has {queues} queues, not {}",
+                    self.queues.len()
+                )));
+            }
+        }
+        fe.set_features(n.acked)
+            .map_err(vhost_err("SET_FEATURES"))?;
+        fe.set_mem_table(&[self.ram.region_info()?])
+            .map_err(vhost_err("SET_MEM_TABLE"))?;
+        for (qi, (l, (kick, call))) in self.layouts.iter().zip(&self.notifiers).enumerate() {
+            let used: u16 = self.ram.load(l.used_idx(), Ordering::Acquire)?;
+            fe.set_vring_num(qi, l.size)
+                .map_err(vhost_err("SET_VRING_NUM"))?;
+            fe.set_vring_base(qi, used)
+                .map_err(vhost_err("SET_VRING_BASE"))?;
+            let addr = VringConfigData {
+                queue_max_size: l.size,
+                queue_size: l.size,
+                flags: 0,
+                desc_table_addr: self.ram.host_address(l.desc)?,
+                used_ring_addr: self.ram.host_address(l.used)?,
+                avail_ring_addr: self.ram.host_address(l.avail)?,
+                log_addr: None,
+            };
+            fe.set_vring_addr(qi, &addr)
+                .map_err(vhost_err("SET_VRING_ADDR"))?;
+            fe.set_vring_kick(qi, kick)
+                .map_err(vhost_err("SET_VRING_KICK"))?;
+            fe.set_vring_call(qi, call)
+                .map_err(vhost_err("SET_VRING_CALL"))?;
+            fe.set_vring_enable(qi, true)
+                .map_err(vhost_err("SET_VRING_ENABLE"))?;
+        }
+        Ok(fe)
     }
 
     /// Number of request queues in use.
@@ -580,7 +730,7 @@ impl Vm {
     /// ring base as the backend reported it.
     pub fn shutdown(self) -> Result<Vec<u32>> {
         let timeout = self.queue(0).timeout();
-        let watchdog = Watchdog::arm(&self.stream, timeout)?;
+        let watchdog = Watchdog::arm(&self.stream()?, timeout)?;
         let res = self.stop_rings();
         if watchdog.disarm().is_err() {
             return Err(Error::Timeout(timeout));
@@ -608,6 +758,33 @@ impl Vm {
         let fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
         fe.set_features(self.negotiated.acked)
             .map_err(vhost_err("SET_FEATURES"))
+    }
+
+    /// Starts logging the device's writes to guest memory, as QEMU does
+    /// when a migration begins: `SET_FEATURES` with `VHOST_F_LOG_ALL`, then
+    /// `SET_LOG_BASE` with a new shared-memory log (one bit per 4 KiB page
+    /// of guest physical memory, QEMU's layout).
+    pub fn start_dirty_log(&self) -> Result<DirtyLog> {
+        if self.negotiated.protocol & VhostUserProtocolFeatures::LOG_SHMFD.bits() == 0 {
+            return Err(Error::Setup("back end does not offer LOG_SHMFD".into()));
+        }
+        let pages = self.ram.end().div_ceil(PAGE_SIZE as u64);
+        let bytes = pages.div_ceil(8).next_multiple_of(8);
+        let file = crate::sys::unsealed_memfd(c"vtmem-guestsim-dirty-log", bytes)
+            .map_err(Error::Memory)?;
+        let fe = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
+        fe.set_features(self.negotiated.acked | VhostUserVirtioFeatures::LOG_ALL.bits())
+            .map_err(vhost_err("SET_FEATURES"))?;
+        fe.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: bytes,
+                mmap_offset: 0,
+                mmap_handle: file.as_raw_fd(),
+            }),
+        )
+        .map_err(vhost_err("SET_LOG_BASE"))?;
+        Ok(DirtyLog { file })
     }
 
     /// `SET_DEVICE_STATE_FD` with one end of a new pipe (the write end to
@@ -663,5 +840,34 @@ impl Vm {
     /// kill). Guest RAM stays mapped here until the `Vm` is dropped.
     pub fn disconnect(self) {
         drop(self);
+    }
+}
+
+/// The log of a VM's guest pages the device wrote, from
+/// [`Vm::start_dirty_log`].
+#[derive(Debug)]
+pub struct DirtyLog {
+    file: std::fs::File,
+}
+
+impl DirtyLog {
+    /// Whether the device marked the 4 KiB page holding `gpa` dirty.
+    pub fn is_dirty(&self, gpa: u64) -> Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let page = gpa / PAGE_SIZE as u64;
+        let mut byte = [0u8];
+        self.file
+            .read_exact_at(&mut byte, page / 8)
+            .map_err(Error::Io)?;
+        Ok(byte[0] & (1 << (page % 8)) != 0)
+    }
+
+    /// Clears every bit, as QEMU does after each pass over guest memory.
+    pub fn clear(&self) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let len = self.file.metadata().map_err(Error::Io)?.len();
+        self.file
+            .write_all_at(&vec![0u8; len as usize], 0)
+            .map_err(Error::Io)
     }
 }
