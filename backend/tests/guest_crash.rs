@@ -1,0 +1,123 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! vtmemd killed with SIGKILL while several VMs stream batched puts and
+//! gets: a new vtmemd on the same `--state-dir` takes over, each VMM
+//! reconnects as QEMU does (`Vm::reconnect`), the requests in flight are
+//! answered by the new daemon, and every persistent page any answer
+//! acknowledged comes back byte-identical.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::guest::*;
+use common::*;
+use vtmem_guestsim::{Handle, PoolSpec, Status, Vm, VmOptions};
+
+const VMS: [&str; 3] = ["a", "b", "c"];
+/// Pages per request, requests per round.
+const BATCH: usize = 32;
+const ROUND: usize = 4 * BATCH;
+
+fn args(state: &std::path::Path) -> Vec<String> {
+    let mut a = vec!["--state-dir".to_string(), state.display().to_string()];
+    for vm in VMS {
+        a.push("--vm".into());
+        a.push(vm.into());
+    }
+    a
+}
+
+/// What a streaming VM had acknowledged: each round's pages, by round.
+type Acked = Arc<Mutex<Vec<u64>>>;
+
+fn seed(vm: usize, round: u64) -> u64 {
+    (vm as u64) << 32 | round
+}
+
+/// Streams rounds of puts (requests of `BATCH`, all in flight at once),
+/// each followed by a get of an earlier round that must come back intact,
+/// until `done` is set and 5 more rounds went through.
+fn stream(vm: Arc<Vm>, v: usize, pool: u32, acked: Acked, done: Arc<AtomicBool>) {
+    let mut after = 0;
+    for round in 0u64.. {
+        let pg = pages(seed(v, round), ROUND);
+        let st = vm.put_batch(&items(pool, round, &pg)).unwrap();
+        let refused: Vec<_> = st.iter().filter(|s| **s != Status::Ok).collect();
+        assert!(
+            refused.is_empty(),
+            "vm {v} round {round}: {} puts refused, first {}",
+            refused.len(),
+            refused[0]
+        );
+        acked.lock().unwrap().push(round);
+        let back = round / 2;
+        let want = pages(seed(v, back), BATCH);
+        let hs: Vec<Handle> = (0..BATCH as u64).map(|i| handle(pool, back, i)).collect();
+        for (i, (st, got)) in vm.get_batch(&hs).unwrap().into_iter().enumerate() {
+            assert_eq!(st, Status::Ok, "vm {v} round {back} page {i}");
+            assert!(*got == *want[i], "vm {v} round {back} page {i} differs");
+        }
+        if done.load(Ordering::Acquire) {
+            after += 1;
+            if after == 5 {
+                return;
+            }
+        }
+    }
+}
+
+#[test]
+fn every_acknowledged_page_survives_sigkill_while_vms_stream() {
+    let state = temp_dir();
+    let mut d = vtmemd(&args(state.path()));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut vms = Vec::new();
+    let mut streamers = Vec::new();
+    for (v, name) in VMS.iter().enumerate() {
+        let vm = Arc::new(connect_with(
+            &d,
+            name,
+            VmOptions {
+                depth: 8,
+                ..VmOptions::default()
+            },
+        ));
+        let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+        let acked: Acked = Arc::default();
+        let (vm2, acked2, done2) = (vm.clone(), acked.clone(), done.clone());
+        streamers.push(std::thread::spawn(move || {
+            stream(vm2, v, pool, acked2, done2)
+        }));
+        vms.push((vm, pool, acked));
+    }
+    wait_until("every VM stores pages", DEADLINE, || {
+        VMS.iter()
+            .all(|n| d.client_stats(n).persistent_pages >= 8 * ROUND as u64)
+    });
+    d.kill();
+    d.restart(&args(state.path())).unwrap();
+    for (vm, _, _) in &vms {
+        vm.reconnect(DEADLINE).unwrap();
+    }
+    done.store(true, Ordering::Release);
+    for s in streamers {
+        s.join().unwrap();
+    }
+
+    for (v, (vm, pool, acked)) in vms.iter().enumerate() {
+        let rounds = acked.lock().unwrap().clone();
+        assert_eq!(
+            d.client_stats(VMS[v]).persistent_pages,
+            (rounds.len() * ROUND) as u64
+        );
+        for round in rounds {
+            let want = pages(seed(v, round), ROUND);
+            let hs: Vec<Handle> = (0..ROUND as u64).map(|i| handle(*pool, round, i)).collect();
+            for (i, (st, got)) in vm.get_batch(&hs).unwrap().into_iter().enumerate() {
+                assert_eq!(st, Status::Ok, "vm {v} round {round} page {i} lost");
+                assert!(*got == *want[i], "vm {v} round {round} page {i} differs");
+            }
+        }
+    }
+}
