@@ -41,7 +41,7 @@ use crate::device::VtmemBackend;
 use crate::exec::DeviceCounters;
 use crate::ratelimit::RateLimitedLog;
 use crate::state::{StateError, StateFile, VmState};
-use crate::statedir::{save_all, Recovered, StateDir, StateDirError};
+use crate::statedir::{Recovered, StateDir, StateDirError};
 use crate::systemd::InheritedSocket;
 use vtmem_store::{AdminHandle, Store, TmemError};
 
@@ -75,7 +75,8 @@ pub enum DaemonError {
     /// The daemon is shutting down.
     #[error("vtmemd is shutting down")]
     ShuttingDown,
-    /// The VM's image in the state directory cannot be taken back.
+    /// The state directory refused (its store, or the VM's recovered
+    /// client).
     #[error(transparent)]
     StateDir(#[from] StateDirError),
 }
@@ -271,8 +272,9 @@ impl Daemon {
         })
     }
 
-    /// Takes VMs' images from `dir` as they are added, and leaves them
-    /// there at [`Daemon::shutdown`]. Only the first call counts.
+    /// Serves VMs from the state directory `dir`, whose store this
+    /// daemon's is: a VM added finds the client recovered under its name,
+    /// if any. Only the first call counts.
     pub fn attach_state_dir(&self, dir: StateDir) {
         let _ = self.state_dir.set(dir);
     }
@@ -282,36 +284,56 @@ impl Daemon {
         self.state_dir.get()
     }
 
-    /// What was taken back from the state directory since the start.
+    /// What the VMs served since the start found recovered.
     pub fn recovered(&self) -> Recovered {
         *self.recovered.lock()
     }
 
-    /// Takes VM `name`'s image back into `client`, if the state directory
-    /// holds one.
-    fn recover(&self, name: &VmName, client: &AdminHandle) -> Result<(), DaemonError> {
-        let Some(dir) = self.state_dir.get() else {
-            return Ok(());
-        };
-        let t = Instant::now();
-        if let Some(sum) = dir.take(name, &client.data())? {
-            let time = t.elapsed();
-            info!(
-                "vm {name}: recovered {} pools, {} persistent pages ({} bytes) from {} in {} ms",
-                sum.pools,
-                sum.pages,
-                sum.bytes,
-                dir.path().display(),
-                time.as_millis()
-            );
-            let mut r = self.recovered.lock();
-            r.vms += 1;
-            r.pools += u64::from(sum.pools);
-            r.pages += sum.pages;
-            r.bytes += sum.bytes;
-            r.time += time;
+    /// VM `vm`'s client: the one recovered from the state directory under
+    /// its name (configured as `vm` says), if there is one, else a new one.
+    /// The flag says which.
+    fn client_for(&self, vm: &VmSpec) -> Result<(AdminHandle, bool), DaemonError> {
+        let config = client_config(vm);
+        if let Some(dir) = self.state_dir.get() {
+            if let Some(client) = dir.claim(&self.store, &vm.name, &config)? {
+                return Ok((client, true));
+            }
         }
-        Ok(())
+        Ok((self.store.add_client(vm.name.as_str(), config)?, false))
+    }
+
+    /// Undoes [`Daemon::client_for`] for a VM that could not be added: a
+    /// recovered client waits again, a new one is removed.
+    fn release_client(&self, name: &VmName, recovered: bool) {
+        match self.state_dir.get() {
+            Some(dir) if recovered => dir.unclaim(name),
+            _ => {
+                let _ = self.store.remove_client(name.as_str());
+            }
+        }
+    }
+
+    /// Logs and counts what VM `name` found recovered in its client.
+    fn report_recovered(&self, name: &VmName, client: &AdminHandle) {
+        let Some(dir) = self.state_dir.get() else {
+            return;
+        };
+        let time = dir.recovery().map(|r| r.elapsed).unwrap_or_default();
+        let stats = client.stats();
+        let pools = stats.pools.len() as u64;
+        info!(
+            "vm {name}: recovered {pools} pools, {} persistent pages ({} bytes) from {} in {} ms",
+            stats.persistent_pages,
+            stats.persistent_bytes,
+            dir.path().display(),
+            time.as_millis()
+        );
+        let mut r = self.recovered.lock();
+        r.vms += 1;
+        r.pools += pools;
+        r.pages += stats.persistent_pages;
+        r.bytes += stats.persistent_bytes;
+        r.time = time;
     }
 
     /// Records run-time changes in `file` from now on (see
@@ -405,30 +427,30 @@ impl Daemon {
             return Err(DaemonError::VmExists(vm.name.clone()));
         }
         let own_path = DaemonConfig::vm_socket_path(&self.socket_dir, &vm.name);
-        let (socket, client, listener) = match inherited {
+        // A client recovered from the state directory is there before the
+        // socket is served: a VMM finds the VM as it was.
+        let (client, recovered) = self.client_for(vm)?;
+        let (socket, listener) = match inherited {
             Some(inh) => {
-                let client = self.store.add_client(vm.name.as_str(), client_config(vm))?;
                 let listener = VmListener {
                     listener: Listener::from(inh.listener),
                     path: None,
                 };
-                (inh.path.unwrap_or(own_path), client, listener)
+                (inh.path.unwrap_or(own_path), listener)
             }
-            None => {
-                let (client, listener) = self.bind_vm_socket(vm, &own_path)?;
-                (own_path, client, listener)
-            }
+            None => match self.bind_vm_socket(vm, &own_path) {
+                Ok(listener) => (own_path, listener),
+                Err(e) => {
+                    self.release_client(&vm.name, recovered);
+                    return Err(e);
+                }
+            },
         };
-        // Before the socket is served: a VMM must find the VM as it was.
-        if let Err(e) = self.recover(&vm.name, &client) {
-            let _ = self.store.remove_client(vm.name.as_str());
-            return Err(e);
-        }
         let owns_socket = listener.path.is_some();
         let stop_evt = match EventFd::new(EFD_NONBLOCK) {
             Ok(e) => e,
             Err(e) => {
-                let _ = self.store.remove_client(vm.name.as_str());
+                self.release_client(&vm.name, recovered);
                 return Err(DaemonError::Thread(e));
             }
         };
@@ -455,11 +477,14 @@ impl Daemon {
             Ok(h) => *entry.thread.lock() = Some(h),
             Err(e) => {
                 // The listener went down with the closure: socket removed.
-                let _ = self.store.remove_client(vm.name.as_str());
+                self.release_client(&vm.name, recovered);
                 return Err(DaemonError::Thread(e));
             }
         }
         self.vms.lock().insert(vm.name.clone(), entry.clone());
+        if recovered {
+            self.report_recovered(&vm.name, &entry.client);
+        }
         info!(
             "vm {}: listening on {}{} (persistent quota {}, ephemeral quota {}, weight {})",
             vm.name,
@@ -473,12 +498,8 @@ impl Daemon {
         Ok(entry)
     }
 
-    /// Creates VM `vm`'s client and binds its socket at `socket`.
-    fn bind_vm_socket(
-        &self,
-        vm: &VmSpec,
-        socket: &Path,
-    ) -> Result<(AdminHandle, VmListener), DaemonError> {
+    /// Binds VM `vm`'s socket at `socket`.
+    fn bind_vm_socket(&self, vm: &VmSpec, socket: &Path) -> Result<VmListener, DaemonError> {
         check_socket_path(socket)?;
         clear_stale_socket(socket)?;
 
@@ -491,7 +512,6 @@ impl Daemon {
             None => None,
         };
         let mode = vm.socket_mode().bits();
-        let client = self.store.add_client(vm.name.as_str(), client_config(vm))?;
         // Created 0600 and given its owner and mode before it appears under
         // its name: whoever can connect to it is this VM.
         // The mode first: once the socket is another user's, changing it
@@ -503,17 +523,11 @@ impl Daemon {
             }
             Ok(())
         }) {
-            Ok(l) => Ok((
-                client,
-                VmListener {
-                    listener: Listener::from(l),
-                    path: Some(socket.to_path_buf()),
-                },
-            )),
-            Err(e) => {
-                let _ = self.store.remove_client(vm.name.as_str());
-                Err(DaemonError::Listen(socket.to_path_buf(), e.to_string()))
-            }
+            Ok(l) => Ok(VmListener {
+                listener: Listener::from(l),
+                path: Some(socket.to_path_buf()),
+            }),
+            Err(e) => Err(DaemonError::Listen(socket.to_path_buf(), e.to_string())),
         }
     }
 
@@ -554,13 +568,33 @@ impl Daemon {
             vm.remove_socket_file();
         }
         // Every connection is closed and its batches answered: what the
-        // clients hold now is what the guests were told.
+        // clients hold now is what the guests were told. The state
+        // directory holds it already; a checkpoint of every domain only
+        // spares the next start the replay of the journals.
         if let Some(dir) = self.state_dir.get() {
-            let failed = save_all(dir, vms.iter().map(|vm| (&vm.name, vm.client.data())));
-            if failed > 0 {
-                error!(
-                    "{failed} VM(s) could not be saved to {}",
+            let t = Instant::now();
+            match self.store.checkpoint_all() {
+                Ok(()) => info!(
+                    "state directory {}: checkpointed in {} ms",
+                    dir.path().display(),
+                    t.elapsed().as_millis()
+                ),
+                // Still recoverable: the journals hold what the snapshots
+                // do not.
+                Err(e) => warn!(
+                    "state directory {}: checkpoint at stop failed (the next start replays the journals): {e}",
                     dir.path().display()
+                ),
+            }
+            for vm in &vms {
+                let s = vm.client.stats();
+                info!(
+                    "vm {}: state kept in {}: {} pools, {} persistent pages ({} bytes)",
+                    vm.name,
+                    dir.path().display(),
+                    s.pools.len(),
+                    s.persistent_pages,
+                    s.persistent_bytes
                 );
             }
         }

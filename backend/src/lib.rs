@@ -195,21 +195,41 @@ pub fn launch_with(config: &DaemonConfig, mut inherited: Inherited) -> Result<Ru
     let config = &config;
     inherited.check_vms(&config.vms)?;
     prepare_socket_dir(&config.socket_dir)?;
-    let store = Store::new(StoreConfig {
+    let store_config = StoreConfig {
         host_limit: config.host_limit.bytes(),
-    });
-    let daemon = Daemon::new(store, config);
-    if let Some(path) = &config.state_dir {
-        let dir = statedir::StateDir::open(path).map_err(DaemonError::from)?;
-        let declared: Vec<_> = config.vms.iter().map(|v| v.name.clone()).collect();
-        for stray in dir.strays(&declared) {
-            warn!(
-                "state image {} names no declared VM: kept until such a VM is added",
-                stray.display()
-            );
+    };
+    let daemon = match &config.state_dir {
+        Some(path) => {
+            let (store, dir) =
+                statedir::open_store(path, store_config).map_err(DaemonError::from)?;
+            match dir.recovery() {
+                Some(r) => info!(
+                    "state directory {}: recovered {} client(s), {} pools, {} persistent pages in {} ms ({} journal records skipped)",
+                    path.display(),
+                    r.clients,
+                    r.pools,
+                    r.pages,
+                    r.elapsed.as_millis(),
+                    r.skipped_records
+                ),
+                None => info!("state directory {}: new state", path.display()),
+            }
+            for name in dir.waiting() {
+                if !config.vms.iter().any(|v| v.name.as_str() == name) {
+                    let held = store.client(&name).map(|c| c.stats());
+                    warn!(
+                        "vm {name}: its state in {} ({} persistent pages) names no declared VM: kept until such a VM is added",
+                        path.display(),
+                        held.map_or(0, |s| s.persistent_pages)
+                    );
+                }
+            }
+            let daemon = Daemon::new(store, config);
+            daemon.attach_state_dir(dir);
+            daemon
         }
-        daemon.attach_state_dir(dir);
-    }
+        None => Daemon::new(Store::new(store_config), config),
+    };
     for vm in &config.vms {
         let added = match inherited.vms.remove(&vm.name) {
             Some(socket) => daemon.add_vm_inherited(vm, socket),

@@ -26,7 +26,7 @@
 //! serving: vhost-user messages (`recvmsg` with descriptors, `mmap` of
 //! guest memory), eventfds, epoll, threads started per connection and per
 //! VM added at run time, sockets bound and removed at run time, the state
-//! file, signals, logging, and the abort of a panic. A call outside it
+//! file, the state directory's files, signals, logging, and the abort of a panic. A call outside it
 //! kills the process (`SECCOMP_RET_KILL_PROCESS`): a half-dead daemon, one
 //! of whose threads died holding a lock of the shared store, would be
 //! worse than a dead one, and the kernel names the call in its log.
@@ -458,6 +458,17 @@ pub fn allowed_syscalls() -> Vec<(&'static str, i64, Condition)> {
         sys!(renameat2),
         sys!(linkat),
         sys!(unlinkat),
+        sys!(getdents64),
+        // The state directory's files (`--state-dir`): the arena's extents
+        // punched when freed, journals made at their size and written
+        // mapped (`mmap` above), records of the clients file and chunk
+        // directory written in place, snapshots renamed over the old.
+        sys!(pread64),
+        sys!(pwrite64),
+        sys!(ftruncate),
+        sys!(fallocate),
+        sys!(flock),
+        sys!(msync),
         // A VM socket added at run time: created 0600 (umask), given its
         // mode and owner (chown needs a capability vtmemd no longer has, so
         // it fails with EPERM and the add is refused cleanly).
@@ -510,7 +521,9 @@ mod libc_sys {
         statx => SYS_statx, lseek => SYS_lseek, fsync => SYS_fsync, fdatasync => SYS_fdatasync,
         renameat => SYS_renameat, renameat2 => SYS_renameat2, linkat => SYS_linkat,
         unlinkat => SYS_unlinkat, umask => SYS_umask, fchmodat => SYS_fchmodat,
-        fchownat => SYS_fchownat,
+        fchownat => SYS_fchownat, getdents64 => SYS_getdents64, pread64 => SYS_pread64,
+        pwrite64 => SYS_pwrite64, ftruncate => SYS_ftruncate, fallocate => SYS_fallocate,
+        flock => SYS_flock, msync => SYS_msync,
     }
     #[cfg(target_arch = "x86_64")]
     numbers! {

@@ -1,200 +1,170 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The state directory (`--state-dir`): where a stopping vtmemd leaves
-//! each VM's pools and persistent pages for the next one.
+//! The state directory (`--state-dir`): the store's crash-safe state
+//! (docs/ARCHITECTURE.md, "Crash-safe state"), which outlives vtmemd.
 //!
-//! At an orderly stop (SIGTERM, SIGINT), once every VM's connection is
-//! closed and its batches in flight are answered, each VM's client is
-//! written as an image (`store/src/image.rs`, the format of live
-//! migration) to `<dir>/<vm>.image`: a temporary file, `fsync`, `rename`,
-//! `fsync` of the directory. A vtmemd declaring the VM takes the image
-//! back before it serves the VM's socket, then deletes the file (an image
-//! left behind would bring back pages the guest has since flushed or
-//! replaced). An image that cannot be read stops the VM from being
-//! served, with the file left where it is.
+//! With a state directory the store keeps its persistent pages, and the
+//! metadata to rebuild every index, in files mapped shared in that
+//! directory while it runs ([`Store::open`]): there is nothing to write at
+//! a stop, and a vtmemd that is killed (SIGKILL, a crash, the OOM killer)
+//! loses no page a guest was told is stored. The next vtmemd on the same
+//! directory recovers the store before it serves any VM.
 //!
-//! This covers upgrades and restarts that go through a stop. A vtmemd that
-//! is killed (SIGKILL, a crash) writes nothing: its pages are lost.
+//! Recovered clients are matched to the declared VMs by name: a VM's
+//! quotas, weight and authorisations come from the configuration, not the
+//! state. A recovered client that no declared VM names keeps its pools
+//! and pages in the store (and its charges against the host limit) and
+//! waits until a VM of that name is added; `remove-vm` after that frees
+//! them.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::collections::BTreeSet;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use log::{info, warn};
+use parking_lot::Mutex;
 use vtmem_api::VmName;
-use vtmem_store::{DataHandle, ImageError, ImageSummary};
+use vtmem_store::{AdminHandle, ClientConfig, PersistError, Store, StoreConfig};
 
-/// Why an image could not be written or taken back.
+/// Why the state directory could not be used, or a VM not matched to it.
 #[derive(Debug, thiserror::Error)]
 pub enum StateDirError {
+    /// The directory cannot be made.
     #[error("state directory {0}: {1}")]
-    Dir(PathBuf, io::Error),
-    #[error("state image {0}: {1}")]
-    Io(PathBuf, io::Error),
-    #[error("state image {0}: {1}")]
-    Image(PathBuf, ImageError),
+    Dir(PathBuf, std::io::Error),
+    /// The store cannot create or recover its state there (the message
+    /// names the file).
+    #[error(transparent)]
+    Open(#[from] PersistError),
+    /// A recovered client's dedup group is not the configured one.
+    #[error(
+        "vm {vm}: the state in {dir} keeps its pages in dedup group {recorded}, \
+         the configuration says {configured}; a client with a crash-safe state \
+         cannot move to another dedup group yet: declare it with its recorded group, \
+         or add it so and remove it (which frees its pages) before declaring it anew"
+    )]
+    DedupGroup {
+        vm: VmName,
+        dir: PathBuf,
+        recorded: String,
+        configured: String,
+    },
 }
 
 /// What a start took back from the state directory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Recovered {
-    /// VMs whose image was taken back.
+    /// VMs that found their recovered client.
     pub vms: u32,
     /// Their pools.
     pub pools: u64,
     /// Their persistent pages.
     pub pages: u64,
-    /// Bytes of image read.
+    /// The bytes those pages are charged.
     pub bytes: u64,
-    /// Time spent reading them.
+    /// Time the store's recovery took.
     pub time: Duration,
 }
 
-/// The state directory.
+/// The state directory of a daemon's store.
 #[derive(Debug)]
 pub struct StateDir {
     path: PathBuf,
+    /// The store's recovery, if it found a state.
+    recovery: Option<vtmem_store::Recovered>,
+    /// Recovered clients no served VM has claimed yet.
+    waiting: Mutex<BTreeSet<String>>,
+}
+
+/// Opens the store of the state directory `path`: creates the directory
+/// (mode 0700: the state holds guest memory) and a new state in it, or
+/// recovers the state it holds.
+pub fn open_store(
+    path: &Path,
+    config: StoreConfig,
+) -> Result<(Arc<Store>, StateDir), StateDirError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| StateDirError::Dir(path.to_path_buf(), e))?;
+    let (store, recovery) = Store::open(path, config)?;
+    let waiting = if recovery.is_some() {
+        store.client_names().into_iter().collect()
+    } else {
+        BTreeSet::new()
+    };
+    Ok((
+        store,
+        StateDir {
+            path: path.to_path_buf(),
+            recovery,
+            waiting: Mutex::new(waiting),
+        },
+    ))
 }
 
 impl StateDir {
-    /// Opens (creating it, mode 0700: the images hold guest memory) the
-    /// state directory at `path`.
-    pub fn open(path: &Path) -> Result<StateDir, StateDirError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(path)
-            .map_err(|e| StateDirError::Dir(path.to_path_buf(), e))?;
-        if !fs::metadata(path)
-            .map_err(|e| StateDirError::Dir(path.to_path_buf(), e))?
-            .is_dir()
-        {
-            return Err(StateDirError::Dir(
-                path.to_path_buf(),
-                io::Error::new(io::ErrorKind::AlreadyExists, "not a directory"),
-            ));
-        }
-        Ok(StateDir {
-            path: path.to_path_buf(),
-        })
-    }
-
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Where VM `name`'s image lives.
-    pub fn image_path(&self, name: &VmName) -> PathBuf {
-        self.path.join(format!("{name}.image"))
+    /// The store's recovery at start, if there was a state to recover.
+    pub fn recovery(&self) -> Option<&vtmem_store::Recovered> {
+        self.recovery.as_ref()
     }
 
-    /// Takes VM `name`'s image back into `client`, if there is one, and
-    /// deletes it. On error the client holds nothing and the file stays.
-    pub fn take(
+    /// Recovered clients that no VM claimed yet, by name.
+    pub fn waiting(&self) -> Vec<String> {
+        self.waiting.lock().iter().cloned().collect()
+    }
+
+    /// The recovered client of VM `name`, if there is one no VM claimed
+    /// yet, configured as `config` says. On error it stays unclaimed.
+    pub fn claim(
         &self,
+        store: &Store,
         name: &VmName,
-        client: &DataHandle,
-    ) -> Result<Option<ImageSummary>, StateDirError> {
-        let path = self.image_path(name);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StateDirError::Io(path, e)),
-        };
-        let sum = client
-            .import_image(&mut BufReader::with_capacity(1 << 20, file))
-            .map_err(|e| StateDirError::Image(path.clone(), e))?;
-        if let Err(e) = fs::remove_file(&path) {
-            // Served with an image left behind, the VM could get back
-            // pages it has since replaced at the next start: refuse.
-            client.reset();
-            return Err(StateDirError::Io(path, e));
+        config: &ClientConfig,
+    ) -> Result<Option<AdminHandle>, StateDirError> {
+        let mut waiting = self.waiting.lock();
+        if !waiting.contains(name.as_str()) {
+            return Ok(None);
         }
-        sync_dir(&self.path).map_err(|e| StateDirError::Dir(self.path.clone(), e))?;
-        Ok(Some(sum))
-    }
-
-    /// Writes `client`'s image as VM `name`'s, atomically.
-    pub fn save(&self, name: &VmName, client: &DataHandle) -> Result<ImageSummary, StateDirError> {
-        let path = self.image_path(name);
-        let tmp = self.path.join(format!(".{name}.image.tmp"));
-        let res = (|| {
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| StateDirError::Io(tmp.clone(), e))?;
-            let mut w = BufWriter::with_capacity(1 << 20, file);
-            let sum = client
-                .export_image(&mut w)
-                .map_err(|e| StateDirError::Image(tmp.clone(), e))?;
-            let file = w
-                .into_inner()
-                .map_err(|e| StateDirError::Io(tmp.clone(), e.into_error()))?;
-            file.sync_all()
-                .map_err(|e| StateDirError::Io(tmp.clone(), e))?;
-            fs::rename(&tmp, &path).map_err(|e| StateDirError::Io(path.clone(), e))?;
-            sync_dir(&self.path).map_err(|e| StateDirError::Dir(self.path.clone(), e))?;
-            Ok(sum)
-        })();
-        if res.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        res
-    }
-
-    /// Images in the directory for VMs not in `declared` (they wait there
-    /// until such a VM is added).
-    pub fn strays(&self, declared: &[VmName]) -> Vec<PathBuf> {
-        let Ok(rd) = fs::read_dir(&self.path) else {
-            return Vec::new();
+        let Some(client) = store.client(name.as_str()) else {
+            waiting.remove(name.as_str());
+            return Ok(None);
         };
-        let mut out: Vec<PathBuf> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.extension().is_some_and(|x| x == "image")
-                    && p.file_stem()
-                        .and_then(|s| s.to_str())
-                        .is_none_or(|s| !declared.iter().any(|d| d.as_str() == s))
-            })
-            .collect();
-        out.sort();
-        out
-    }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Writes every VM's image at an orderly stop; logs each and returns how
-/// many failed.
-pub fn save_all<'a>(
-    dir: &StateDir,
-    vms: impl IntoIterator<Item = (&'a VmName, DataHandle)>,
-) -> usize {
-    let mut failed = 0;
-    for (name, client) in vms {
-        let t = Instant::now();
-        match dir.save(name, &client) {
-            Ok(sum) => info!(
-                "vm {name}: state saved to {}: {} pools, {} persistent pages, {} bytes in {} ms",
-                dir.image_path(name).display(),
-                sum.pools,
-                sum.pages,
-                sum.bytes,
-                t.elapsed().as_millis()
-            ),
-            Err(e) => {
-                failed += 1;
-                warn!("vm {name}: state not saved: {e}");
+        let now = client.config();
+        if now.dedup_group != config.dedup_group {
+            let show = |g: &Option<String>| g.clone().unwrap_or_else(|| "none".into());
+            return Err(StateDirError::DedupGroup {
+                vm: name.clone(),
+                dir: self.path.clone(),
+                recorded: show(&now.dedup_group),
+                configured: show(&config.dedup_group),
+            });
+        }
+        client.set_quota(config.persistent_quota, config.ephemeral_quota);
+        if client.set_weight(config.weight).is_err() {
+            // A VM spec's weight is at least 1; keep the recovered one.
+        }
+        for uuid in &now.authorized_uuids {
+            if !config.authorized_uuids.contains(uuid) {
+                client.deauthorize(*uuid);
             }
         }
+        for uuid in &config.authorized_uuids {
+            client.authorize(*uuid);
+        }
+        waiting.remove(name.as_str());
+        Ok(Some(client))
     }
-    failed
+
+    /// Gives a claimed client back (its VM could not be added after all):
+    /// it waits again.
+    pub fn unclaim(&self, name: &VmName) {
+        self.waiting.lock().insert(name.as_str().to_string());
+    }
 }

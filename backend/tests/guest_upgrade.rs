@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Restarts through an orderly stop (`--state-dir`): what the VMs stored
 //! comes back in the next vtmemd, pages acknowledged while a VM streamed
-//! puts included; a state image that cannot be read stops the start and
-//! stays; an image whose VM is not declared waits for it. A VMM that
-//! reconnects as QEMU does has its requests in flight answered by the next
-//! vtmemd.
+//! puts included; a state directory that is not one stops the start and
+//! is left as it is; a recovered VM that is not declared waits for it. A
+//! VMM that reconnects as QEMU does has its requests in flight answered by
+//! the next vtmemd.
 
 mod common;
 
@@ -82,16 +82,33 @@ fn pages_survive_an_orderly_restart_with_a_state_dir() {
     let before = d.client_stats("m");
 
     assert!(d.stop().success(), "{}", d.log());
-    let image = state.path().join("m.image");
-    let mode = std::fs::metadata(&image).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600, "the image holds guest memory");
-    assert!(state.path().join("n.image").is_file());
-    assert!(d.log().contains("vm m: state saved to"), "{}", d.log());
+    // Nothing to write at a stop: the state is kept as it goes.
+    assert!(state.path().join("arena").is_file());
+    for f in std::fs::read_dir(state.path()).unwrap() {
+        let f = f.unwrap();
+        let mode = f.metadata().unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "{:?}: the state holds guest memory",
+            f.path()
+        );
+    }
+    assert!(
+        d.log().contains("vm m: state kept in ")
+            && d.log().contains("2 pools, 300 persistent pages"),
+        "{}",
+        d.log()
+    );
     drop((vm, n));
 
     d.restart(&args(state.path(), &["m", "n"])).unwrap();
-    // Taken back and deleted before the VM is served.
-    assert!(!image.exists());
+    assert!(
+        d.log()
+            .contains("vm m: recovered 2 pools, 300 persistent pages"),
+        "{}",
+        d.log()
+    );
     let after = d.client_stats("m");
     assert_eq!(
         (
@@ -193,10 +210,10 @@ fn puts_acknowledged_before_a_stop_are_all_there_after_it() {
 }
 
 #[test]
-fn an_unreadable_image_stops_the_start_and_stays() {
+fn a_state_directory_that_is_not_one_stops_the_start_and_stays() {
     let state = temp_dir();
+    // What an earlier vtmemd left there: an image, no state.
     let image = state.path().join("m.image");
-    // A prefix and nothing more: the stream ends before its first frame.
     std::fs::write(&image, b"VTMEMIMG\x01\x00\x00\x00\x00\x00\x00\x00").unwrap();
     // Run to its end, so that its whole output is there to read.
     let sockets = temp_dir();
@@ -206,18 +223,21 @@ fn an_unreadable_image_stops_the_start_and_stays() {
     let out = run_vtmemd(&a);
     assert!(
         !out.status.success(),
-        "vtmemd must not serve a VM whose saved pages it cannot read"
+        "vtmemd must not serve VMs from a state directory it cannot read"
     );
     let msg = String::from_utf8_lossy(&out.stderr);
     assert!(
-        msg.contains("m.image") && msg.contains("truncated"),
+        msg.contains(state.path().to_str().unwrap()) && msg.contains("not a vtmem state directory"),
         "{msg}"
     );
-    assert!(image.is_file(), "the image must stay for the administrator");
+    assert!(
+        image.is_file(),
+        "the directory must stay for the administrator"
+    );
 }
 
 #[test]
-fn an_image_without_its_vm_waits_for_it() {
+fn a_recovered_vm_that_is_not_declared_waits_for_it() {
     let state = temp_dir();
     let mut d = vtmemd(&args(state.path(), &["x"]));
     let vm = connect(&d, "x");
@@ -225,20 +245,51 @@ fn an_image_without_its_vm_waits_for_it() {
     let pg = pages(9, 10);
     vm.put_batch(&items(pool, 1, &pg)).unwrap();
     drop(vm);
-    assert!(d.stop().success());
+    d.kill();
 
-    // Started without x: the image waits, with a warning.
+    // Started without x: its pages wait, with a warning.
     d.restart(&args(state.path(), &["m"])).unwrap();
-    wait_until("the stray image is reported", DEADLINE, || {
-        d.log().contains("x.image names no declared VM")
+    wait_until("the waiting VM is reported", DEADLINE, || {
+        d.log().contains("vm x: its state in") && d.log().contains("names no declared VM")
     });
-    assert!(state.path().join("x.image").is_file());
-    // Adding x at run time takes it back.
-    d.call(&Request::AddVm("x".parse().unwrap()));
-    assert!(!state.path().join("x.image").exists());
+    assert_eq!(d.status().recovered.expect("reported").vms, 0);
+    // Adding x at run time serves what it stored.
+    d.call(&Request::AddVm("x,persistent-quota=1M".parse().unwrap()));
+    assert!(d
+        .log()
+        .contains("vm x: recovered 1 pools, 10 persistent pages"));
+    assert_eq!(d.client_stats("x").config.persistent_quota, 1 << 20);
     let vm = connect_with(&d, "x", no_reset());
     let got = vm.get_batch(&[handle(pool, 1, 9)]).unwrap();
     assert!(got[0].0 == Status::Ok && *got[0].1 == *pg[9]);
+    drop(vm);
+    // Removing it frees them, for good.
+    d.call(&Request::RemoveVm {
+        vm: "x".parse().unwrap(),
+    });
+    assert!(d.stop().success(), "{}", d.log());
+    d.restart(&args(state.path(), &["m", "x"])).unwrap();
+    assert_eq!(d.client_stats("x").persistent_pages, 0);
+}
+
+#[test]
+fn a_recovered_vm_declared_in_another_dedup_group_is_refused() {
+    let state = temp_dir();
+    let mut d = vtmemd(&args(state.path(), &["x"]));
+    let vm = connect(&d, "x");
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    vm.put_batch(&items(pool, 1, &pages(9, 4))).unwrap();
+    drop(vm);
+    d.kill();
+    d.restart(&args(state.path(), &["m"])).unwrap();
+    let err = d.raw().err(
+        "add-vm",
+        serde_json::json!({"name": "x", "dedup_group": "web"}),
+    );
+    assert!(err.contains("dedup group"), "{err}");
+    // Still waiting, with its pages.
+    d.call(&Request::AddVm("x".parse().unwrap()));
+    assert_eq!(d.client_stats("x").persistent_pages, 4);
 }
 
 /// QEMU rewinds each ring to the used index it finds in guest memory once

@@ -342,7 +342,7 @@ impl Vtmemd {
 
     /// Kills it if it still runs, removes the sockets it left, and starts
     /// it again with `args` in the same directory (what the store held is
-    /// lost, unless it was stopped in order with a `--state-dir`).
+    /// lost, unless it runs with a `--state-dir`).
     pub fn restart<S: AsRef<OsStr>>(&mut self, args: &[S]) -> Result<(), StartError> {
         self.kill();
         if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
