@@ -121,3 +121,83 @@ fn every_acknowledged_page_survives_sigkill_while_vms_stream() {
         }
     }
 }
+
+fn no_reset() -> VmOptions {
+    VmOptions {
+        reset_on_connect: false,
+        ..VmOptions::default()
+    }
+}
+
+/// Names of the journal files in `dir`: a checkpoint replaces a domain's.
+fn journals(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".journal."))
+        .collect();
+    v.sort();
+    v
+}
+
+/// What the state does while vtmemd serves, inside the seccomp sandbox
+/// (enforced, the default: a call outside the allow-list kills it):
+/// checkpoints (a journal past its bound is replaced by a snapshot and a
+/// new journal), a VM added (its clients record) and removed (its files
+/// deleted), chunks freed (punched), the checkpoint at an orderly stop;
+/// then a recovery after SIGKILL finds every page.
+#[test]
+fn the_state_directory_is_kept_inside_the_sandbox() {
+    let state = temp_dir();
+    let mut d = vtmemd(&args(state.path()));
+    assert!(d.log().contains("sandbox: enforce"), "{}", d.log());
+    let vm = connect(&d, "a");
+    let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
+    let before = journals(state.path());
+    // 2 records a unique page: past the 16384 records of the first bound.
+    const OBJECTS: u64 = 80;
+    for obj in 0..OBJECTS {
+        let pg = pages(obj, ROUND);
+        let st = vm.put_batch(&items(pool, obj, &pg)).unwrap();
+        assert!(st.iter().all(|s| *s == Status::Ok), "object {obj}");
+    }
+    assert_ne!(journals(state.path()), before, "no checkpoint ran");
+    // Chunks emptied and freed.
+    for obj in 0..OBJECTS / 2 {
+        assert_eq!(
+            vm.flush_object(pool, vtmem_guestsim::ObjectId([obj, 0, 0]))
+                .unwrap(),
+            Status::Ok
+        );
+    }
+    d.call(&vtmem_api::Request::AddVm("z".parse().unwrap()));
+    let z = connect(&d, "z");
+    let zp = z.new_pool(PoolSpec::persistent()).unwrap();
+    z.put_batch(&items(zp, 1, &pages(99, BATCH))).unwrap();
+    drop(z);
+    d.call(&vtmem_api::Request::RemoveVm {
+        vm: "z".parse().unwrap(),
+    });
+    assert_alive(&d);
+    drop(vm);
+    assert!(d.stop().success(), "{}", d.log());
+    d.restart(&args(state.path())).unwrap();
+    let vm = connect_with(&d, "a", no_reset());
+    vm.put_batch(&items(pool, 1000, &pages(1000, BATCH)))
+        .unwrap();
+    d.kill();
+    d.restart(&args(state.path())).unwrap();
+    assert_eq!(
+        d.client_stats("a").persistent_pages,
+        (OBJECTS / 2) * ROUND as u64 + BATCH as u64
+    );
+    let vm = connect_with(&d, "a", no_reset());
+    for obj in (OBJECTS / 2..OBJECTS).step_by(7) {
+        let want = pages(obj, ROUND);
+        let hs: Vec<Handle> = (0..ROUND as u64).map(|i| handle(pool, obj, i)).collect();
+        for (i, (st, got)) in vm.get_batch(&hs).unwrap().into_iter().enumerate() {
+            assert_eq!(st, Status::Ok, "object {obj} page {i}");
+            assert!(*got == *want[i], "object {obj} page {i} differs");
+        }
+    }
+}
