@@ -423,6 +423,10 @@ impl VtmemBackend {
                 }
             }
         }
+        drop(state);
+        // The answers are in the used ring: the exclusive gets' removals
+        // may be recorded now (rule 5), not before.
+        executor.settle();
         if full {
             Drain::Full
         } else {

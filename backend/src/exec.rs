@@ -17,6 +17,16 @@
 //! path, says why that is sound); a page buffer split across
 //! descriptors gets the page through the executor's page buffer, copied
 //! piece by piece. Either way a miss leaves the guest's page untouched.
+//!
+//! **An exclusive get's removal waits for its answer.** A hit in a
+//! persistent pool with exclusive gets, in a store with a crash-safe
+//! state, takes the page out of the pool at once (a second get misses)
+//! but leaves its removal unrecorded: the store's [`Taken`] is held by the
+//! executor until the worker has put the chain's answer in the used ring
+//! ([`Executor::settle`]), and only its drop records the removal and frees
+//! the page (rule 5 of docs/ARCHITECTURE.md, "Crash-safe state"). A vtmemd
+//! that dies in between leaves the page in the state, so the GET that
+//! QEMU offers again (it rewinds the ring to the used index) finds it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,7 +45,7 @@ use crate::chain_walk::{Cursor, CursorError};
 use crate::ratelimit::RateLimitedLog;
 use crate::request::{ChainError, ChainParser, ValidChain};
 use vtmem_api::DeviceStats;
-use vtmem_store::{DataHandle, Page, TmemError};
+use vtmem_store::{DataHandle, Page, Taken, TmemError};
 
 /// Device features that change what operations may do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -161,6 +171,9 @@ pub struct Executor {
     response: Box<[u8; MAX_RESPONSE_LEN]>,
     counters: Arc<DeviceCounters>,
     log: Arc<RateLimitedLog>,
+    /// Exclusive gets' removals, recorded when their answers are in the
+    /// used ring ([`Executor::settle`]).
+    taken: Vec<Taken>,
 }
 
 impl Executor {
@@ -177,7 +190,22 @@ impl Executor {
             response: Box::new([0u8; MAX_RESPONSE_LEN]),
             counters,
             log,
+            taken: Vec::new(),
         }
+    }
+
+    /// Records the removals of the exclusive gets run since the last call
+    /// (and frees their pages). Call it once the answers of the chains run
+    /// since then are in the used ring, never before: until then a crash
+    /// must leave those pages in the state, for the gets offered again.
+    /// Dropping the executor settles too.
+    pub fn settle(&mut self) {
+        self.taken.clear();
+    }
+
+    /// Exclusive gets whose removals wait for [`Executor::settle`].
+    pub fn unsettled(&self) -> usize {
+        self.taken.len()
     }
 
     /// The client this executor acts for.
@@ -227,6 +255,7 @@ impl Executor {
             response,
             counters,
             log,
+            taken,
         } = self;
         match parser.parse(mem, table, queue_size, head) {
             Ok(chain) => {
@@ -239,6 +268,7 @@ impl Executor {
                     &mut response[..],
                     counters,
                     log,
+                    taken,
                 );
                 ChainOutcome {
                     used_len,
@@ -297,6 +327,7 @@ fn execute<M: GuestMemory + ?Sized>(
     response: &mut [u8],
     counters: &DeviceCounters,
     log: &RateLimitedLog,
+    taken: &mut Vec<Taken>,
 ) -> u32 {
     let request = chain.request;
     let num_ops = request.num_ops();
@@ -335,7 +366,7 @@ fn execute<M: GuestMemory + ?Sized>(
                 OpStatus::new(e.status())
             }
             Ok(op) => {
-                let (status, copied) = execute_op(client, mem, op, buffer, features, page);
+                let (status, copied) = execute_op(client, mem, op, buffer, features, page, taken);
                 match copied {
                     Copied::Nothing => {}
                     Copied::FromGuest => {
@@ -592,7 +623,7 @@ pub fn wire_status(error: &TmemError) -> Status {
 }
 
 /// Executes one decoded operation. Returns its status and the page it
-/// copied, if any.
+/// copied, if any; an exclusive get's removal goes to `taken`.
 fn execute_op<M: GuestMemory + ?Sized>(
     client: &DataHandle,
     mem: &M,
@@ -600,6 +631,7 @@ fn execute_op<M: GuestMemory + ?Sized>(
     slot: PageSlot<'_, '_>,
     features: Features,
     page: &mut Page,
+    taken: &mut Vec<Taken>,
 ) -> (OpStatus, Copied) {
     let st = OpStatus::new;
     let from = |r: Result<(), TmemError>| match r {
@@ -646,7 +678,20 @@ fn execute_op<M: GuestMemory + ?Sized>(
                 return (st(Status::DeviceError), Copied::Nothing);
             };
             let at = gets.take();
-            return match gets.produce(mem, at, page, |out| client.get(&handle, out)) {
+            let mut removal = None;
+            let got = gets.produce(mem, at, page, |out| {
+                client.get_taking(&handle, out).map(|(hit, t)| {
+                    removal = t;
+                    hit
+                })
+            });
+            // Recorded once the answer is out. If the page could not be
+            // written (guest memory went away under the chain), the guest
+            // gets DEVICE_ERROR and the page is gone all the same, as with
+            // any exclusive get whose answer does not reach the guest
+            // while vtmemd lives: the store cannot put it back.
+            taken.extend(removal);
+            return match got {
                 Ok(Ok(true)) => (st(Status::Ok), Copied::ToGuest),
                 Ok(Ok(false)) => (st(Status::Miss), Copied::Nothing),
                 Ok(Err(e)) => (st(wire_status(&e)), Copied::Nothing),
@@ -1446,5 +1491,123 @@ mod tests {
         );
         assert_eq!(out.error, None);
         assert_eq!(statuses(&resp)[0].0, Status::DeviceError);
+    }
+}
+
+#[cfg(test)]
+mod rule5 {
+    //! An exclusive get's removal is recorded only once the executor is
+    //! told its answer is in the used ring (`settle`).
+    use super::*;
+    use crate::device::GuestRam;
+    use crate::testutil::*;
+    use vtmem_protocol::{PoolSpec, Response};
+    use vtmem_store::{ClientConfig, Store, StoreConfig};
+
+    const QSIZE: u16 = 256;
+
+    /// What a crash now would leave: a copy of the state directory `from`
+    /// (its files are mapped shared or written in place, so the copy is
+    /// the state as it is), recovered; the persistent pages of "vm".
+    fn crash_copy(from: &std::path::Path) -> u64 {
+        let to = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.path().join(e.file_name())).unwrap();
+        }
+        let (store, _) = Store::recover(
+            to.path(),
+            StoreConfig {
+                host_limit: 64 << 20,
+            },
+        )
+        .unwrap();
+        store.client("vm").unwrap().stats().persistent_pages
+    }
+
+    fn run(
+        exec: &mut Executor,
+        mem: &GuestRam,
+        ring: &mut TestRing<'_>,
+        op: Op,
+        put: Option<&[u8]>,
+    ) -> (Status, u64) {
+        let req = request_bytes(&[op], 7);
+        let mut bufs = vec![ring.readable(&req)];
+        if let Some(p) = put {
+            bufs.push(ring.readable(p));
+        }
+        let resp = ring.writable(vtmem_protocol::response_len(1) as u32);
+        bufs.push(resp);
+        if matches!(op, Op::Get { .. }) {
+            bufs.push(ring.writable(PAGE_SIZE as u32));
+        }
+        let head = ring.chain(&bufs);
+        exec.run_chain(mem, ring.table(), QSIZE, head, Features::ALL);
+        let bytes = ring.read(resp);
+        let r = Response::parse(&bytes).unwrap();
+        let s = r.status(0).unwrap();
+        (s.status, s.value)
+    }
+
+    #[test]
+    fn an_exclusive_get_is_recorded_once_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let store = Store::create(
+            &state,
+            StoreConfig {
+                host_limit: 64 << 20,
+            },
+        )
+        .unwrap();
+        let client = store.add_client("vm", ClientConfig::default()).unwrap();
+        let mut exec = Executor::new(
+            client.data(),
+            Arc::new(DeviceCounters::default()),
+            Arc::new(RateLimitedLog::new("test")),
+        );
+        let mem = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let spec = PoolSpec {
+            exclusive_gets: true,
+            ..PoolSpec::persistent()
+        };
+        let (st, pool) = run(&mut exec, &mem, &mut ring, Op::NewPool(spec), None);
+        assert_eq!(st, Status::Ok);
+        let handle = vtmem_testkit::handle(pool as u32, 7, 1);
+        let data = patterned_page(5);
+        let put = Op::Put {
+            handle,
+            reserved: false,
+        };
+        assert_eq!(
+            run(&mut exec, &mem, &mut ring, put, Some(&data)).0,
+            Status::Ok
+        );
+        assert_eq!(exec.unsettled(), 0);
+
+        assert_eq!(
+            run(&mut exec, &mem, &mut ring, Op::Get { handle }, None).0,
+            Status::Ok
+        );
+        // Taken: a second get misses, but a crash now keeps the page.
+        assert_eq!(exec.unsettled(), 1);
+        // Still charged until settled.
+        assert_eq!(client.stats().persistent_pages, 1);
+        assert_eq!(
+            run(&mut exec, &mem, &mut ring, Op::Get { handle }, None).0,
+            Status::Miss
+        );
+        assert_eq!(crash_copy(&state), 1, "the removal was recorded too early");
+
+        exec.settle();
+        assert_eq!(exec.unsettled(), 0);
+        assert_eq!(
+            crash_copy(&state),
+            0,
+            "the settled removal was not recorded"
+        );
+        assert_eq!(client.stats().persistent_pages, 0);
     }
 }
