@@ -202,6 +202,12 @@ pub fn launch_with(config: &DaemonConfig, mut inherited: Inherited) -> Result<Ru
         Some(path) => {
             let (store, dir) =
                 statedir::open_store(path, store_config).map_err(DaemonError::from)?;
+            // Opened (created, recovered) as the user vtmemd starts as;
+            // served as `--user`, which makes and removes the state's
+            // files (journals, snapshots) in it from now on.
+            if let Some(uid) = config.sandbox.uid {
+                statedir::give_to(path, uid, config.sandbox.gid).map_err(DaemonError::from)?;
+            }
             match dir.recovery() {
                 Some(r) => info!(
                     "state directory {}: recovered {} client(s), {} pools, {} persistent pages in {} ms ({} journal records skipped)",

@@ -104,6 +104,25 @@ pub fn open_store(
     ))
 }
 
+/// Gives the state directory `path` and its files to `uid` (and `gid`),
+/// who will serve it (`--user`) and make and remove its files (journals,
+/// snapshots) from now on; a later vtmemd started as that user can then
+/// recover it. Nothing to do if the process already runs as `uid`.
+pub fn give_to(path: &Path, uid: u32, gid: Option<u32>) -> Result<(), StateDirError> {
+    if rustix::process::geteuid().as_raw() == uid {
+        return Ok(());
+    }
+    let fail = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| StateDirError::Dir(p, e)
+    };
+    for e in std::fs::read_dir(path).map_err(fail(path))? {
+        let p = e.map_err(fail(path))?.path();
+        std::os::unix::fs::lchown(&p, Some(uid), gid).map_err(fail(&p))?;
+    }
+    std::os::unix::fs::chown(path, Some(uid), gid).map_err(fail(path))
+}
+
 impl StateDir {
     /// The directory.
     pub fn path(&self) -> &Path {

@@ -338,6 +338,53 @@ fn switches_user_after_binding() {
     assert_clean_exit(&mut d);
 }
 
+/// A state directory served as another user: vtmemd opens it as root,
+/// gives it to the user, who checkpoints it at the stop (new snapshots
+/// and journals made, old ones removed) and removes a VM's files; the
+/// next vtmemd recovers the VM.
+#[test]
+fn switches_user_with_a_state_directory() {
+    if effective_uid() != 0 {
+        eprintln!("skipped: switching user needs root");
+        return;
+    }
+    let dir = Dir::new("userstate");
+    std::os::unix::fs::chown(&dir.0, Some(65534), Some(65534)).unwrap();
+    let states = Dir::new("userstate-dir");
+    let state = states.0.join("state");
+    let state_arg = state.to_str().unwrap().to_string();
+    let args = [
+        "--vm",
+        "vm1",
+        "--user",
+        "65534",
+        "--group",
+        "65534",
+        "--state-dir",
+        &state_arg,
+    ];
+    let mut d = Daemon::start(dir, &args);
+    assert_sandboxed(d.pid());
+    exercise(&d);
+    assert_clean_exit(&mut d);
+    let err = d.stderr_text();
+    assert!(
+        err.contains("state directory") && err.contains("checkpointed"),
+        "{err}"
+    );
+    assert!(!err.contains("WARN") && !err.contains("ERROR"), "{err}");
+    use std::os::unix::fs::MetadataExt;
+    for e in std::fs::read_dir(&state).unwrap() {
+        let e = e.unwrap();
+        assert_eq!(e.metadata().unwrap().uid(), 65534, "{:?}", e.path());
+    }
+    let dir = Dir::new("userstate2");
+    std::os::unix::fs::chown(&dir.0, Some(65534), Some(65534)).unwrap();
+    let mut d = Daemon::start(dir, &args);
+    assert_eq!(d.control("status", Value::Null)["recovered"]["vms"], 1);
+    assert_clean_exit(&mut d);
+}
+
 /// Socket owners under the enforcing sandbox: a root daemon that keeps its
 /// user keeps `CAP_CHOWN`, and nothing else, to give VM sockets (at start
 /// and added later) to their owners.
