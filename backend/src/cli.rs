@@ -135,10 +135,10 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub state_file: Option<PathBuf>,
 
-    /// At an orderly stop (SIGTERM, SIGINT), leave each VM's pools and
-    /// persistent pages in this directory (created 0700); at start, take
-    /// them back before serving the VM. Upgrades and restarts then lose no
-    /// page. Off by default.
+    /// Keep the store's persistent pages and their metadata in this
+    /// directory (created 0700; use a tmpfs) while it runs, and recover
+    /// them at start: restarts, upgrades and crashes then lose no
+    /// acknowledged page. Off by default.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 

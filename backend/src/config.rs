@@ -210,7 +210,8 @@ pub struct DaemonConfig {
     pub metrics_address: Option<SocketAddr>,
     /// The state file recording run-time changes, if any.
     pub state_file: Option<PathBuf>,
-    /// Where an orderly stop leaves the VMs' pages for the next start.
+    /// Where the store keeps its crash-safe state (the VMs' persistent
+    /// pages), recovered at the next start.
     pub state_dir: Option<PathBuf>,
     /// The sandbox entered once everything listens, and the user to run as.
     pub sandbox: SandboxConfig,
