@@ -271,6 +271,7 @@ impl DataHandle {
     /// never; persistent pools follow `spec.exclusive_gets`. A client that
     /// already has the shared pool open gets the same id again.
     pub fn new_pool(&self, spec: PoolSpec) -> Result<u32, TmemError> {
+        self.journal_room()?;
         let mut table = self.client.table.write();
         if table.removed {
             return Err(TmemError::ClientGone);
@@ -377,9 +378,70 @@ impl DataHandle {
     ///
     /// On any refusal the handle's old copy is dropped.
     pub fn put(&self, handle: &Handle, page: &Page, reserved: bool) -> Result<(), TmemError> {
+        if self.records_pages(handle.pool) && self.journal_room().is_err() {
+            return self.refuse_unrecordable_put(handle);
+        }
         let r = self.put_counted(handle, page, reserved);
         self.checkpoint_if_due();
         r
+    }
+
+    /// With a crash-safe state: whether pool `pool` is one whose pages
+    /// are recorded (a private persistent pool).
+    fn records_pages(&self, pool: u32) -> bool {
+        self.store.persist.is_some()
+            && self
+                .client
+                .table
+                .read()
+                .pool(pool)
+                .is_some_and(|p| p.persistent && p.shared.is_none())
+    }
+
+    /// With a crash-safe state: `Ok` if the client's journal has room for
+    /// an operation that adds to the state; else a checkpoint is tried
+    /// (call it with none of the client's locks held) and `NoSpace` is
+    /// the answer if there is still none, so that no operation is
+    /// answered whose record a full journal would lose.
+    fn journal_room(&self) -> Result<(), TmemError> {
+        if self.store.persist.is_none() {
+            return Ok(());
+        }
+        let domain = self.client.table.read().domain.clone();
+        let Some(log) = &domain.log else {
+            return Ok(());
+        };
+        if log.has_room() {
+            return Ok(());
+        }
+        if let Err(e) = self.store.checkpoint(&domain) {
+            log::error!("checkpoint of a dedup domain failed: {e}");
+        }
+        if log.has_room() {
+            Ok(())
+        } else {
+            log::warn!(
+                "client {}: its journal is full and could not be checkpointed: refused",
+                self.client.name
+            );
+            Err(TmemError::NoSpace)
+        }
+    }
+
+    /// A put refused because its record could not be written: the
+    /// handle's old copy is dropped, as on any refusal.
+    fn refuse_unrecordable_put(&self, handle: &Handle) -> Result<(), TmemError> {
+        let table = self.client.table.read();
+        if table.removed {
+            return Err(TmemError::ClientGone);
+        }
+        let Some(pool) = table.pool(handle.pool) else {
+            return Err(TmemError::NoPool);
+        };
+        self.count(Some(pool), |c| &c.puts);
+        self.count(Some(pool), |c| &c.puts_refused_other);
+        pool.remove(&handle.object, handle.index, &self.store.g);
+        Err(TmemError::NoSpace)
     }
 
     /// With a crash-safe state: checkpoints the client's domain if its
@@ -776,6 +838,9 @@ impl DataHandle {
     /// is made by evicting ephemeral pages only as [`Store::evict_weighted`]
     /// allows for a requester.
     pub fn reserve(&self, pool: u32, pages: u64) -> Result<u64, TmemError> {
+        if self.records_pages(pool) {
+            self.journal_room()?;
+        }
         let table = self.client.table.read();
         let pool = reservable(&table, pool)?;
         if self.acct().frozen.load(Ordering::Acquire) {

@@ -520,6 +520,11 @@ impl JournalWriter {
         self.tail.load(Ordering::Relaxed).min(self.capacity)
     }
 
+    /// Bytes mapped, header included: where appends stop.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
     /// Whether no record has been appended.
     pub fn is_empty(&self) -> bool {
         self.len() == RECORD_BYTES as u64

@@ -634,6 +634,17 @@ impl Store {
         Ok(())
     }
 
+    /// Sets the records every journal keeps free before operations that
+    /// add to the state are refused (for tests; see `DomainLog::has_room`).
+    #[doc(hidden)]
+    pub fn set_journal_margin(&self, records: u64) {
+        for c in self.clients.read().values() {
+            if let Some(l) = &c.table.read().domain.log {
+                l.set_margin(records);
+            }
+        }
+    }
+
     /// Writes `domain`'s snapshot and starts its journal again. Every
     /// lock a record of the domain is appended under is held meanwhile:
     /// the client map (no client comes or goes), each member's pool table

@@ -32,10 +32,18 @@ use super::Store;
 
 /// Records a domain's journal has room for, at least: twice the bound
 /// that starts a checkpoint ([`checkpoint_bound`]), or more for a large
-/// domain. A journal that fills up all the same (its checkpoint could not
-/// run) loses further records and logs an error. The file is sparse:
+/// domain. A journal that nears its end all the same (its checkpoint
+/// could not run) refuses operations that add to the state
+/// ([`DomainLog::has_room`]); one that fills up loses further records
+/// (removals) and logs an error. The file is sparse:
 /// memory is taken only as records are written.
 pub const JOURNAL_RECORDS: u64 = 1 << 22;
+
+/// Records a journal keeps free for operations already started when
+/// operations that would add to the state are refused (see
+/// [`DomainLog::has_room`]): each writes a few records (a put at most
+/// three), and no more than a few hundred run at once.
+pub const JOURNAL_MARGIN: u64 = 1 << 16;
 
 /// Fewest records a journal holds before a checkpoint is due (1 MiB).
 pub const MIN_CHECKPOINT_RECORDS: u64 = 16384;
@@ -83,6 +91,8 @@ pub struct DomainLog {
     journal: RwLock<JournalWriter>,
     /// Records that could not be written (a full journal).
     lost: AtomicU64,
+    /// Records kept free (see [`DomainLog::has_room`]).
+    margin: AtomicU64,
     /// Records after which a checkpoint is due.
     pub(crate) bound: AtomicU64,
     /// A checkpoint is due.
@@ -162,6 +172,7 @@ impl DomainLog {
             number,
             journal: RwLock::new(journal),
             lost: AtomicU64::new(0),
+            margin: AtomicU64::new(JOURNAL_MARGIN),
             bound: AtomicU64::new(bound),
             due: AtomicBool::new(false),
             checkpointing: Mutex::new(()),
@@ -196,8 +207,31 @@ impl DomainLog {
         self.due.load(Ordering::Acquire)
     }
 
+    /// Whether the journal has room for more than its margin of records:
+    /// operations that add to the state (a put into a persistent pool, a
+    /// new pool, a reservation) are refused when it has not, once a
+    /// checkpoint was tried, so that no answered operation's record is
+    /// lost to a full journal. Removals are not refused (a lost removal
+    /// brings back a page the guest dropped, never loses one it stored).
+    pub fn has_room(&self) -> bool {
+        let j = self.journal.read();
+        let margin = self.margin.load(Ordering::Relaxed);
+        margin
+            .checked_mul(super::journal::RECORD_BYTES as u64)
+            .and_then(|m| m.checked_add(j.len()))
+            .is_some_and(|need| need <= j.capacity())
+    }
+
+    /// Sets the records kept free (for tests: a margin past the capacity
+    /// makes the journal refuse every operation that adds to the state).
+    #[doc(hidden)]
+    pub fn set_margin(&self, records: u64) {
+        self.margin.store(records, Ordering::Relaxed);
+    }
+
     /// Appends `r`. A full journal loses the record (and logs it): see
-    /// [`JOURNAL_RECORDS`].
+    /// [`JOURNAL_RECORDS`]; operations that add to the state check
+    /// [`DomainLog::has_room`] first.
     pub fn append(&self, r: &Record) {
         match self.journal.read().append(r) {
             Ok(n) => {

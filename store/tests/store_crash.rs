@@ -955,3 +955,57 @@ fn a_dedup_group_keeps_its_domain_across_a_restart() {
     h.crash();
     h.teardown();
 }
+
+/// A journal without room for more records (its checkpoint could not
+/// make any) refuses what would add to the state: a put into a
+/// persistent pool (dropping the handle's old copy, as any refused put
+/// does), a new pool, a reservation. What was answered before and after
+/// comes back.
+#[test]
+fn operations_a_full_journal_cannot_record_are_refused() {
+    let cfg = || StoreConfig {
+        host_limit: 64 << 20,
+    };
+    let top = tempfile::tempdir().unwrap();
+    let p = top.path().join("state");
+    let store = Store::create(&p, cfg()).unwrap();
+    let data = store
+        .add_client("a", ClientConfig::default())
+        .unwrap()
+        .data();
+    let pool = data.new_pool(PoolSpec::persistent()).unwrap();
+    let h = |i| Handle {
+        pool,
+        object: ObjectId([1, 0, 0]),
+        index: i,
+    };
+    let (one, two) = (random_page(1), random_page(2));
+    data.put(&h(1), &one, false).unwrap();
+    data.put(&h(2), &one, false).unwrap();
+
+    store.set_journal_margin(u64::MAX);
+    assert!(matches!(
+        data.put(&h(1), &two, false),
+        Err(TmemError::NoSpace)
+    ));
+    let mut out = [0u8; PAGE_SIZE];
+    assert!(!data.get(&h(1), &mut out).unwrap(), "the old copy stays");
+    assert!(matches!(
+        data.new_pool(PoolSpec::persistent()),
+        Err(TmemError::NoSpace)
+    ));
+    assert!(matches!(data.reserve(pool, 4), Err(TmemError::NoSpace)));
+    // Removals are not refused.
+    data.flush_page(&h(2)).unwrap();
+
+    store.set_journal_margin(0);
+    data.put(&h(3), &two, false).unwrap();
+    drop(data);
+    drop(store);
+    let (store, _) = Store::recover(&p, cfg()).unwrap();
+    let data = store.client("a").unwrap().data();
+    assert!(!data.get(&h(1), &mut out).unwrap());
+    assert!(!data.get(&h(2), &mut out).unwrap());
+    assert!(data.get(&h(3), &mut out).unwrap());
+    assert!(out == two);
+}
