@@ -114,12 +114,16 @@ fn pages_survive_an_orderly_restart_with_a_state_dir() {
         (
             after.persistent_pages,
             after.reserved_pages,
-            after.persistent_charged
+            after.persistent_charged,
+            after.persistent_bytes,
+            after.pools.len()
         ),
         (
             before.persistent_pages,
             before.reserved_pages,
-            before.persistent_charged
+            before.persistent_charged,
+            before.persistent_bytes,
+            before.pools.len()
         )
     );
     let status = d.status();
