@@ -97,6 +97,15 @@ fn every_acknowledged_page_survives_sigkill_while_vms_stream() {
     });
     d.kill();
     d.restart(&args(state.path())).unwrap();
+    // Reported as an orderly restart's recovery is.
+    assert_eq!(d.status().recovered.expect("recovery reported").vms, 3);
+    for name in VMS {
+        assert!(
+            d.log().contains(&format!("vm {name}: recovered 1 pools, ")),
+            "{}",
+            d.log()
+        );
+    }
     for (vm, _, _) in &vms {
         vm.reconnect(DEADLINE).unwrap();
     }
