@@ -94,12 +94,11 @@ fn pages_survive_an_orderly_restart_with_a_state_dir() {
             f.path()
         );
     }
-    assert!(
+    // Its last lines reach the test through a pipe, after the exit.
+    wait_until("the stop's state line", DEADLINE, || {
         d.log().contains("vm m: state kept in ")
-            && d.log().contains("2 pools, 300 persistent pages"),
-        "{}",
-        d.log()
-    );
+            && d.log().contains("2 pools, 300 persistent pages")
+    });
     drop((vm, n));
 
     d.restart(&args(state.path(), &["m", "n"])).unwrap();
@@ -259,9 +258,12 @@ fn a_recovered_vm_that_is_not_declared_waits_for_it() {
     assert_eq!(d.status().recovered.expect("reported").vms, 0);
     // Adding x at run time serves what it stored.
     d.call(&Request::AddVm("x,persistent-quota=1M".parse().unwrap()));
-    assert!(d
-        .log()
-        .contains("vm x: recovered 1 pools, 10 persistent pages"));
+    // vtmemd logs the recovery before it answers; the test reads its
+    // output through a pipe, a little later.
+    wait_until("the recovery is logged", DEADLINE, || {
+        d.log()
+            .contains("vm x: recovered 1 pools, 10 persistent pages")
+    });
     assert_eq!(d.client_stats("x").config.persistent_quota, 1 << 20);
     let vm = connect_with(&d, "x", no_reset());
     let got = vm.get_batch(&[handle(pool, 1, 9)]).unwrap();
