@@ -100,11 +100,9 @@ fn every_acknowledged_page_survives_sigkill_while_vms_stream() {
     // Reported as an orderly restart's recovery is.
     assert_eq!(d.status().recovered.expect("recovery reported").vms, 3);
     for name in VMS {
-        assert!(
-            d.log().contains(&format!("vm {name}: recovered 1 pools, ")),
-            "{}",
-            d.log()
-        );
+        wait_until("the recovery is logged", DEADLINE, || {
+            d.log().contains(&format!("vm {name}: recovered 1 pools, "))
+        });
     }
     for (vm, _, _) in &vms {
         vm.reconnect(DEADLINE).unwrap();
@@ -159,7 +157,11 @@ fn journals(dir: &std::path::Path) -> Vec<String> {
 fn the_state_directory_is_kept_inside_the_sandbox() {
     let state = temp_dir();
     let mut d = vtmemd(&args(state.path()));
-    assert!(d.log().contains("sandbox: enforce"), "{}", d.log());
+    // Logged on standard error, which reaches the test through its own
+    // pipe: it may come after the ready line on standard output.
+    wait_until("the sandbox is enforced", DEADLINE, || {
+        d.log().contains("sandbox: enforce")
+    });
     let vm = connect(&d, "a");
     let pool = vm.new_pool(PoolSpec::persistent()).unwrap();
     let before = journals(state.path());

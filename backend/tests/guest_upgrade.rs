@@ -102,12 +102,12 @@ fn pages_survive_an_orderly_restart_with_a_state_dir() {
     drop((vm, n));
 
     d.restart(&args(state.path(), &["m", "n"])).unwrap();
-    assert!(
+    // Logged on standard error, which may reach the test after the ready
+    // line on standard output.
+    wait_until("the recovery is logged", DEADLINE, || {
         d.log()
-            .contains("vm m: recovered 2 pools, 300 persistent pages"),
-        "{}",
-        d.log()
-    );
+            .contains("vm m: recovered 2 pools, 300 persistent pages")
+    });
     let after = d.client_stats("m");
     assert_eq!(
         (
