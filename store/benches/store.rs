@@ -23,12 +23,14 @@
 //! the baseline read its arena in order, the store's slots are spread over
 //! its shards, which shows on random pages (a plain 4 KiB copy).
 //!
-//! `VTMEM_BENCH_STATE=DIR` runs the store with a crash-safe state in
-//! subdirectories of `DIR` (a tmpfs, such as `/dev/shm/vtmem-bench`, is
-//! what vtmemd would use): page data in the arena, metadata journaled. It
-//! then also reports the state's own metadata per page (journal, snapshot,
-//! chunk directory and clients file, as the files hold memory) and the
-//! time `Store::recover` takes to rebuild the last repetition's store.
+//! `VTMEM_BENCH_STATE=DIR` also runs every repetition through a store
+//! with a crash-safe state in subdirectories of `DIR` (a tmpfs, such as
+//! `/dev/shm/vtmem-bench`, is what vtmemd would use): page data in the
+//! arena, metadata journaled. Baseline, heap store and state store
+//! alternate, and it reports the state store's rates against both, the
+//! state's own metadata per page (journal, snapshot, chunk directory and
+//! clients file, as the files hold memory) and the time `Store::recover`
+//! takes to rebuild the last repetition's store.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -223,8 +225,17 @@ struct KindResult {
     compression: f64,
     dedup: f64,
     fragmentation: f64,
-    /// With a state: its metadata bytes per page, and the recovery time.
-    state: Option<(f64, Duration)>,
+    /// The same pages through a store with a crash-safe state.
+    state: Option<StateResult>,
+}
+
+struct StateResult {
+    put: f64,
+    get: f64,
+    /// The state's own files (journal, snapshot, chunk directory), per page.
+    meta_per_page: f64,
+    /// `Store::recover` of the last repetition's state.
+    recovery: Duration,
 }
 
 /// Bytes of memory the files of the state directory `dir` hold, but the
@@ -243,73 +254,87 @@ fn state_metadata_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Puts then gets every page through `store`, timing each batch; checks a
+/// sample of pages outside the timed loops.
+fn run_store(
+    name: &str,
+    store: &std::sync::Arc<Store>,
+    pages: &[Page],
+    put: &mut BatchMin,
+    get: &mut BatchMin,
+) {
+    let n = pages.len();
+    let c = store
+        .add_client("bench", ClientConfig::default())
+        .unwrap()
+        .data();
+    c.new_pool(PoolSpec::persistent()).unwrap();
+    put.add(timed_batches(n, |range| {
+        for i in range {
+            c.put(&handle(i), &pages[i], false).unwrap();
+        }
+    }));
+    let mut out = [0u8; PAGE_SIZE];
+    get.add(timed_batches(n, |range| {
+        for i in range {
+            black_box(c.get(&handle(i), &mut out).unwrap());
+        }
+    }));
+    for i in (0..n).step_by(97) {
+        assert!(c.get(&handle(i), &mut out).unwrap());
+        assert!(out == pages[i], "{name}: page {i} differs");
+    }
+}
+
 fn measure(name: &'static str, pages: &[Page], reps: usize) -> KindResult {
     let n = pages.len();
     let mut locs = Vec::with_capacity(n);
     let (mut base_put, mut base_get) = (BatchMin::default(), BatchMin::default());
     let (mut put, mut get) = (BatchMin::default(), BatchMin::default());
+    let (mut state_put, mut state_get) = (BatchMin::default(), BatchMin::default());
     let mut last_stats = None;
     let mut state = None;
     let state_base = std::env::var_os("VTMEM_BENCH_STATE").map(std::path::PathBuf::from);
     let config = || StoreConfig {
-        host_limit: 16 << 30,
+        host_limit: u64::MAX,
     };
-    // Baseline and store runs alternate, so both see the same conditions.
+    // The baseline, the store in the heap and the store with a state
+    // alternate, so that all three see the same conditions.
     for rep in 0..reps {
         let mut arena = Vec::new();
         base_put.add(baseline_put(pages, &mut arena, &mut locs));
         base_get.add(baseline_get(&arena, &locs));
         drop(arena);
 
-        let dir = state_base.as_ref().map(|b| b.join(format!("{name}-{rep}")));
-        let store = match &dir {
-            None => Store::new(StoreConfig {
-                host_limit: u64::MAX,
-            }),
-            Some(d) => {
-                let _ = std::fs::remove_dir_all(d);
-                Store::create(d, config()).expect("state directory")
-            }
-        };
-        let c = store
-            .add_client("bench", ClientConfig::default())
-            .unwrap()
-            .data();
-        c.new_pool(PoolSpec::persistent()).unwrap();
-        put.add(timed_batches(n, |range| {
-            for i in range {
-                c.put(&handle(i), &pages[i], false).unwrap();
-            }
-        }));
-        let mut out = [0u8; PAGE_SIZE];
-        get.add(timed_batches(n, |range| {
-            for i in range {
-                black_box(c.get(&handle(i), &mut out).unwrap());
-            }
-        }));
-        // Spot-check correctness outside the timed loops.
-        for i in (0..n).step_by(97) {
-            assert!(c.get(&handle(i), &mut out).unwrap());
-            assert!(out == pages[i], "{name}: page {i} differs");
-        }
+        let store = Store::new(config());
+        run_store(name, &store, pages, &mut put, &mut get);
         last_stats = Some(store.stats());
-        if let Some(d) = dir {
-            if rep + 1 == reps {
-                let meta = state_metadata_bytes(&d) as f64 / n as f64;
-                drop(c);
-                drop(store);
-                let t = Instant::now();
-                let (recovered, r) = Store::recover(&d, config()).expect("recovery");
-                let took = t.elapsed();
-                assert_eq!(r.pages, n as u64, "{name}: pages recovered");
-                drop(recovered);
-                state = Some((meta, took));
-            } else {
-                drop(c);
-                drop(store);
-            }
-            let _ = std::fs::remove_dir_all(&d);
+        drop(store);
+
+        let Some(d) = state_base.as_ref().map(|b| b.join(format!("{name}-{rep}"))) else {
+            continue;
+        };
+        let _ = std::fs::remove_dir_all(&d);
+        let store = Store::create(&d, config()).expect("state directory");
+        run_store(name, &store, pages, &mut state_put, &mut state_get);
+        if rep + 1 == reps {
+            let meta = state_metadata_bytes(&d) as f64 / n as f64;
+            drop(store);
+            let t = Instant::now();
+            let (recovered, r) = Store::recover(&d, config()).expect("recovery");
+            let took = t.elapsed();
+            assert_eq!(r.pages, n as u64, "{name}: pages recovered");
+            drop(recovered);
+            state = Some(StateResult {
+                put: rate(n, state_put.total()),
+                get: rate(n, state_get.total()),
+                meta_per_page: meta,
+                recovery: took,
+            });
+        } else {
+            drop(store);
         }
+        let _ = std::fs::remove_dir_all(&d);
     }
     let st = last_stats.unwrap();
     KindResult {
@@ -503,22 +528,48 @@ fn main() {
             }),
         );
     }
+    if results.iter().any(|r| r.state.is_some()) {
+        println!("with a crash-safe state (same run, alternating with the heap store):");
+        println!(
+            "{:<13} {:>10} {:>7} {:>9} {:>10} {:>7} {:>9} {:>9} {:>11}",
+            "kind",
+            "put/s",
+            "ratio",
+            "vs heap",
+            "get/s",
+            "ratio",
+            "vs heap",
+            "state B/pg",
+            "recovery ms"
+        );
+    }
     for r in &results {
-        if let Some((meta, took)) = r.state {
+        if let Some(s) = &r.state {
             println!(
-                "{:<13} state metadata {meta:.1} B/page; recovery of {} pages in {:.1} ms",
+                "{:<13} {:>10.0} {:>7.2} {:>9.2} {:>10.0} {:>7.2} {:>9.2} {:>9.1} {:>11.1}",
                 r.name,
-                r.pages,
-                took.as_secs_f64() * 1000.0
+                s.put,
+                s.put / r.base_put,
+                s.put / r.put,
+                s.get,
+                s.get / r.base_get,
+                s.get / r.get,
+                s.meta_per_page,
+                s.recovery.as_secs_f64() * 1000.0
             );
             if let Some(serde_json::Value::Object(k)) = json_kinds.get_mut(r.name) {
                 k.insert(
-                    "state_metadata_bytes_per_page".into(),
-                    json!((meta * 10.0).round() / 10.0),
-                );
-                k.insert(
-                    "recovery_ms".into(),
-                    json!((took.as_secs_f64() * 10000.0).round() / 10.0),
+                    "state".into(),
+                    json!({
+                        "put_pages_per_s": s.put.round(),
+                        "put_ratio": (s.put / r.base_put * 1000.0).round() / 1000.0,
+                        "put_vs_heap": (s.put / r.put * 1000.0).round() / 1000.0,
+                        "get_pages_per_s": s.get.round(),
+                        "get_ratio": (s.get / r.base_get * 1000.0).round() / 1000.0,
+                        "get_vs_heap": (s.get / r.get * 1000.0).round() / 1000.0,
+                        "metadata_bytes_per_page": (s.meta_per_page * 10.0).round() / 10.0,
+                        "recovery_ms": (s.recovery.as_secs_f64() * 10000.0).round() / 10.0,
+                    }),
                 );
             }
         }

@@ -378,7 +378,7 @@ impl DataHandle {
     ///
     /// On any refusal the handle's old copy is dropped.
     pub fn put(&self, handle: &Handle, page: &Page, reserved: bool) -> Result<(), TmemError> {
-        if self.records_pages(handle.pool) && self.journal_room().is_err() {
+        if self.journal_tight(handle.pool) && self.journal_room().is_err() {
             return self.refuse_unrecordable_put(handle);
         }
         let r = self.put_counted(handle, page, reserved);
@@ -388,6 +388,22 @@ impl DataHandle {
 
     /// With a crash-safe state: whether pool `pool` is one whose pages
     /// are recorded (a private persistent pool).
+    /// Whether a put into `pool` must first make sure of room in the
+    /// journal ([`DataHandle::journal_room`]): its pages are recorded and
+    /// the domain's journal is near its end. One lock and two atomic
+    /// loads, so that a put with a state costs little more than one
+    /// without.
+    fn journal_tight(&self, pool: u32) -> bool {
+        if self.store.persist.is_none() {
+            return false;
+        }
+        let table = self.client.table.read();
+        table
+            .pool(pool)
+            .is_some_and(|p| p.persistent && p.shared.is_none())
+            && table.domain.log.as_ref().is_some_and(|l| l.is_tight())
+    }
+
     fn records_pages(&self, pool: u32) -> bool {
         self.store.persist.is_some()
             && self
@@ -448,10 +464,17 @@ impl DataHandle {
     /// journal has grown past its bound (no lock held).
     #[inline]
     fn checkpoint_if_due(&self) {
-        if self.store.persist.is_some() {
-            let domain = self.client.table.read().domain.clone();
-            self.store.checkpoint_if_due(&domain);
+        if self.store.persist.is_none() {
+            return;
         }
+        let domain = {
+            let table = self.client.table.read();
+            if !table.domain.log.as_ref().is_some_and(|l| l.is_due()) {
+                return;
+            }
+            table.domain.clone()
+        };
+        self.store.checkpoint_if_due(&domain);
     }
 
     fn put_counted(&self, handle: &Handle, page: &Page, reserved: bool) -> Result<(), TmemError> {

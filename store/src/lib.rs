@@ -695,9 +695,13 @@ impl Store {
                     let idx = pool.lock();
                     if pool.persistent {
                         rp.reserved = pool.reserved.load(Ordering::Acquire) + idx.pending_reserved;
+                        // Gathered first and built in bulk: inserting one
+                        // by one into the map took most of a checkpoint.
+                        let mut pages = Vec::new();
                         idx.pages.visit(0, usize::MAX, |o, i, v| {
-                            rp.pages.insert((*o, i), v & content::ID_MASK);
+                            pages.push(((*o, i), v & content::ID_MASK));
                         });
+                        rp.pages = pages.into_iter().collect();
                         // Taken by exclusive gets whose answers are not out
                         // yet: still there for the journal (rule 5).
                         for (&k, &(_, v)) in &idx.taken {

@@ -97,6 +97,12 @@ pub struct DomainLog {
     pub(crate) bound: AtomicU64,
     /// A checkpoint is due.
     due: AtomicBool,
+    /// The journal may be near its end: [`DomainLog::has_room`] must look.
+    /// Set by the append that passes `capacity - 2 × margin` records (and
+    /// by a margin change), cleared by a new journal; so that puts, which
+    /// check for room first, need not take the journal's lock to learn
+    /// that it is far from full.
+    tight: AtomicBool,
     /// Held by the one checkpoint running.
     pub(crate) checkpointing: Mutex<()>,
 }
@@ -175,6 +181,7 @@ impl DomainLog {
             margin: AtomicU64::new(JOURNAL_MARGIN),
             bound: AtomicU64::new(bound),
             due: AtomicBool::new(false),
+            tight: AtomicBool::new(false),
             checkpointing: Mutex::new(()),
         })
     }
@@ -199,12 +206,28 @@ impl DomainLog {
         delete_other_journals(dir, self.number, &keep);
         self.bound.store(bound, Ordering::Relaxed);
         self.due.store(false, Ordering::Release);
+        let records = self.journal.read().capacity() / super::journal::RECORD_BYTES as u64;
+        self.tight
+            .store(self.near_end(0, records), Ordering::Release);
         Ok(())
     }
 
     /// Whether the journal holds more records than its bound.
     pub fn is_due(&self) -> bool {
         self.due.load(Ordering::Acquire)
+    }
+
+    /// Whether `used` of a journal's `records` places come within twice
+    /// the margin of its end. Twice: the records taken between the append
+    /// that learns it and the next put's look stay within the margin.
+    fn near_end(&self, used: u64, records: u64) -> bool {
+        let margin = self.margin.load(Ordering::Relaxed);
+        used.saturating_add(margin.saturating_mul(2)) >= records
+    }
+
+    /// Whether the journal may be near its end (if not, it has room).
+    pub fn is_tight(&self) -> bool {
+        self.tight.load(Ordering::Acquire)
     }
 
     /// Whether the journal has room for more than its margin of records:
@@ -227,20 +250,27 @@ impl DomainLog {
     #[doc(hidden)]
     pub fn set_margin(&self, records: u64) {
         self.margin.store(records, Ordering::Relaxed);
+        self.tight.store(true, Ordering::Release);
     }
 
     /// Appends `r`. A full journal loses the record (and logs it): see
     /// [`JOURNAL_RECORDS`]; operations that add to the state check
     /// [`DomainLog::has_room`] first.
     pub fn append(&self, r: &Record) {
-        match self.journal.read().append(r) {
+        let j = self.journal.read();
+        match j.append(r) {
             Ok(n) => {
                 if n >= self.bound.load(Ordering::Relaxed) && !self.due.load(Ordering::Relaxed) {
                     self.due.store(true, Ordering::Release);
                 }
+                let records = j.capacity() / super::journal::RECORD_BYTES as u64;
+                if self.near_end(n + 1, records) && !self.tight.load(Ordering::Relaxed) {
+                    self.tight.store(true, Ordering::Release);
+                }
             }
             Err(e) => {
                 self.due.store(true, Ordering::Release);
+                self.tight.store(true, Ordering::Release);
                 if self.lost.fetch_add(1, Ordering::Relaxed) == 0 {
                     log::error!("domain {}: {e}; records are being lost", self.number);
                 }
@@ -798,5 +828,55 @@ mod tests {
         std::fs::write(top.path().join("other"), b"x").unwrap();
         let e = Store::open(top.path(), cfg()).unwrap_err().to_string();
         assert!(e.contains("not a vtmem state directory"), "{e}");
+    }
+
+    /// Puts learn that the journal has room from `is_tight` alone while
+    /// it is false: it must turn true before `has_room` turns false.
+    #[test]
+    fn the_journal_is_tight_before_it_lacks_room() {
+        use super::{DomainLog, JOURNAL_RECORDS};
+        use crate::journal::{Record, Replayed};
+        use std::sync::atomic::Ordering;
+
+        let top = tempfile::tempdir().unwrap();
+        let dir = StateDir::create(&top.path().join("state")).unwrap();
+        let log = DomainLog::start(&dir, 0, &Replayed::default()).unwrap();
+        assert!(!log.is_tight() && log.has_room());
+        // A margin that leaves room for 100 more records.
+        let margin = (JOURNAL_RECORDS - 100) / 2;
+        log.margin.store(margin, Ordering::Relaxed);
+        let record = Record::FlushObject {
+            client: 0,
+            pool: 0,
+            object: ObjectId([1, 2, 3]),
+        };
+        let mut tight_at = None;
+        for n in 0..JOURNAL_RECORDS {
+            if !log.is_tight() {
+                assert!(log.has_room(), "no room after {n} records, not tight");
+            } else if tight_at.is_none() {
+                tight_at = Some(n);
+            }
+            if !log.has_room() {
+                break;
+            }
+            log.append(&record);
+        }
+        let tight_at = tight_at.expect("the journal never turned tight");
+        // Within twice the margin of the end (the header takes a place).
+        assert!(
+            tight_at <= JOURNAL_RECORDS - 2 * margin + 1,
+            "tight at {tight_at}"
+        );
+        // A new journal is not tight, unless its margin leaves it none.
+        log.margin.store(JOURNAL_RECORDS / 2 + 1, Ordering::Relaxed);
+        log.restart(&dir, &Replayed::default()).unwrap();
+        assert!(
+            log.is_tight(),
+            "a margin of half the journal leaves it tight"
+        );
+        log.margin.store(16, Ordering::Relaxed);
+        log.restart(&dir, &Replayed::default()).unwrap();
+        assert!(!log.is_tight() && log.has_room());
     }
 }
