@@ -1,14 +1,19 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The restart benchmark: what an orderly restart of vtmemd on its state
-//! directory (an upgrade, `systemctl restart`) costs a VM.
+//! directory (an upgrade, `systemctl restart`) and a crash (SIGKILL) cost
+//! a VM.
 //!
 //! A simulated VM stores a realistic page mix ([`Corpus`]) in a persistent
 //! pool of a vtmemd started with `--state-dir`. vtmemd is stopped with
 //! SIGTERM (it answers what is in flight and checkpoints the state it
 //! keeps there as it runs) and started again on the same directory (it
 //! recovers the state before it serves the VM); the VM
-//! connects again, as QEMU does, and reads one page. Every step is timed
-//! natively, and a sample of the pages is read back and compared.
+//! connects again, as QEMU does, and reads one page. Then the VM stores a
+//! quarter of the pages again (so that the journal holds records past the
+//! checkpoint), vtmemd is killed with SIGKILL and started again, and the
+//! VM reconnects and reads one page. Every step is timed natively, and
+//! after each restart every page recovered is counted and a sample is
+//! read back and compared.
 
 use std::time::Instant;
 
@@ -41,6 +46,19 @@ pub struct UpgradeReport {
     pub gap_seconds: f64,
     /// The gap for 1 GiB of persistent pages of this mix.
     pub gap_seconds_per_gib: f64,
+    /// The state directory's files but the arena (snapshot, journal,
+    /// chunk directory, clients, seed) after the stop, per page.
+    pub state_metadata_bytes_per_page: f64,
+    /// The store's own metadata in memory per page, after the recovery.
+    pub store_metadata_bytes_per_page: f64,
+    /// Pages stored again before the kill (records for the journal).
+    pub kill_rewritten_pages: u64,
+    /// Start of the vtmemd after the kill to its ready line.
+    pub kill_start_seconds: f64,
+    /// Its recovery alone: snapshot and journal replayed.
+    pub kill_recovery_seconds: f64,
+    /// SIGKILL to the first request answered on the VM's new connection.
+    pub kill_gap_seconds: f64,
 }
 
 /// Runs the benchmark.
@@ -71,8 +89,12 @@ pub fn run(opts: &CorpusRunOptions) -> Result<UpgradeReport> {
         return Err(Error::Daemon(format!("vtmemd stopped with {status}")));
     }
     vm.disconnect();
-    let state_bytes = allocated_bytes(state.path())
-        .map_err(|e| Error::Daemon(format!("state directory {}: {e}", state.path().display())))?;
+    let dir_error = |e: std::io::Error| {
+        Error::Daemon(format!("state directory {}: {e}", state.path().display()))
+    };
+    let state_bytes = allocated_bytes(state.path(), |_| true).map_err(dir_error)?;
+    let state_metadata =
+        allocated_bytes(state.path(), |name| name != "arena").map_err(dir_error)?;
     let t1 = Instant::now();
     d.restart(&daemon::args(&vms, &extra))
         .map_err(|e| Error::Daemon(e.to_string()))?;
@@ -105,7 +127,51 @@ pub fn run(opts: &CorpusRunOptions) -> Result<UpgradeReport> {
 
     // A sample read back.
     corpus.verify_sample(&again, pool, 61)?;
+    let store_meta = d.status().store.metadata_bytes_per_page;
+
+    // A crash: a quarter of the pages stored again, then SIGKILL.
+    let rewrite = Corpus {
+        pages: corpus.pages[..corpus.pages.len() / 4].to_vec(),
+        mix: corpus.mix,
+    };
+    eprintln!(
+        "storing {} pages again, then killing vtmemd (SIGKILL)",
+        rewrite.pages.len()
+    );
+    rewrite.store(&again, pool)?;
+    let t2 = Instant::now();
+    d.kill();
     again.disconnect();
+    d.restart(&daemon::args(&vms, &extra))
+        .map_err(|e| Error::Daemon(e.to_string()))?;
+    let kill_start = t2.elapsed().as_secs_f64();
+    let third = Vm::connect(
+        d.socket("vm"),
+        &VmOptions {
+            reset_on_connect: false,
+            ..VmOptions::default()
+        },
+    )?;
+    let first = third.get_batch(&[handle(pool, 1, 0)])?;
+    let kill_gap = t2.elapsed().as_secs_f64();
+    if first[0].0 != Status::Ok || *first[0].1 != *corpus.pages[0] {
+        return Err(Error::Device(format!(
+            "page 0 came back {} after the kill, or different",
+            first[0].0
+        )));
+    }
+    let kill_recovery = d
+        .status()
+        .recovered
+        .ok_or_else(|| Error::Daemon("the vtmemd after the kill reports no recovery".into()))?;
+    if kill_recovery.pages != held.persistent_pages {
+        return Err(Error::Device(format!(
+            "{} pages recovered after the kill of {} stored",
+            kill_recovery.pages, held.persistent_pages
+        )));
+    }
+    corpus.verify_sample(&third, pool, 59)?;
+    third.disconnect();
 
     let pages = held.persistent_pages;
     let per_gib = (1u64 << 30) as f64 / (pages as f64 * PAGE_SIZE as f64);
@@ -118,6 +184,12 @@ pub fn run(opts: &CorpusRunOptions) -> Result<UpgradeReport> {
         recovery_seconds: recovery.seconds,
         gap_seconds: gap,
         gap_seconds_per_gib: gap * per_gib,
+        state_metadata_bytes_per_page: state_metadata as f64 / pages as f64,
+        store_metadata_bytes_per_page: store_meta,
+        kill_rewritten_pages: rewrite.pages.len() as u64,
+        kill_start_seconds: kill_start,
+        kill_recovery_seconds: kill_recovery.seconds,
+        kill_gap_seconds: kill_gap,
     })
 }
 
@@ -127,28 +199,43 @@ impl UpgradeReport {
         format!(
             "orderly restart of vtmemd holding {} persistent pages ({:.1} MiB charged)\n\
              \x20 state directory    {} bytes ({:.0} B a page, page data included)\n\
+             \x20 metadata           {:.1} B a page in the state's files (arena aside), \
+             {:.1} B a page in the store's memory\n\
              \x20 stop (SIGTERM)     {:.3} s  answer in-flight requests, checkpoint\n\
              \x20 start              {:.3} s  of which recovery {:.3} s\n\
-             \x20 gap seen by the VM {:.3} s  ({:.2} s per GiB of persistent pages)\n",
+             \x20 gap seen by the VM {:.3} s  ({:.2} s per GiB of persistent pages)\n\
+             crash (SIGKILL) after {} pages stored again\n\
+             \x20 start              {:.3} s  of which recovery {:.3} s\n\
+             \x20 gap seen by the VM {:.3} s  (kill to the first answer)\n",
             self.pages,
             self.stored_bytes as f64 / (1 << 20) as f64,
             self.state_bytes,
             self.state_bytes as f64 / self.pages as f64,
+            self.state_metadata_bytes_per_page,
+            self.store_metadata_bytes_per_page,
             self.stop_seconds,
             self.start_seconds,
             self.recovery_seconds,
             self.gap_seconds,
             self.gap_seconds_per_gib,
+            self.kill_rewritten_pages,
+            self.kill_start_seconds,
+            self.kill_recovery_seconds,
+            self.kill_gap_seconds,
         )
     }
 }
 
-/// The bytes the files in `dir` take on their file system.
-fn allocated_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+/// The bytes the files in `dir` whose names pass `keep` take on their
+/// file system.
+fn allocated_bytes(dir: &std::path::Path, keep: impl Fn(&str) -> bool) -> std::io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
     for e in std::fs::read_dir(dir)? {
-        total += e?.metadata()?.blocks() * 512;
+        let e = e?;
+        if keep(&e.file_name().to_string_lossy()) {
+            total += e.metadata()?.blocks() * 512;
+        }
     }
     Ok(total)
 }
