@@ -4,7 +4,8 @@
 //! a VM.
 //!
 //! A simulated VM stores a realistic page mix ([`Corpus`]) in a persistent
-//! pool of a vtmemd started with `--state-dir`. vtmemd is stopped with
+//! pool of a vtmemd started with `--state-dir` (in `/dev/shm`, a tmpfs, as
+//! in production, where there is one). vtmemd is stopped with
 //! SIGTERM (it answers what is in flight and checkpoints the state it
 //! keeps there as it runs) and started again on the same directory (it
 //! recovers the state before it serves the VM); the VM
@@ -65,7 +66,18 @@ pub struct UpgradeReport {
 pub fn run(opts: &CorpusRunOptions) -> Result<UpgradeReport> {
     let n = opts.pages();
     let binary = daemon::vtmemd_binary(opts.vtmemd.as_deref())?;
-    let state = temp_dir();
+    // Where vtmemd's state belongs: a tmpfs (the arena is memory, not a
+    // file to write back), /dev/shm where there is one.
+    let shm = std::path::Path::new("/dev/shm");
+    let state = if shm.is_dir() {
+        tempfile::Builder::new()
+            .prefix("vtmem-bench-")
+            .tempdir_in(shm)
+            .map_err(|e| Error::Daemon(format!("a state directory in /dev/shm: {e}")))?
+    } else {
+        temp_dir()
+    };
+    eprintln!("state directory {}", state.path().display());
     let vms = ["vm".to_string()];
     let extra = [
         "--state-dir".to_string(),
