@@ -277,6 +277,7 @@ impl Store {
         let seed = persist::random_u64();
         persist::write_seed(&dir, seed)?;
         let clients = clients::ClientsFile::open(&dir)?;
+        dir.created()?;
         Ok(Store::build(
             config,
             seed,
@@ -289,8 +290,9 @@ impl Store {
     }
 
     /// The store of the state directory `path`: recovered if it holds a
-    /// state (see [`Store::recover`]), created if it does not exist or is
-    /// empty (see [`Store::create`]). The summary is that of the
+    /// state (see [`Store::recover`]), created if it does not exist, is
+    /// empty, or holds only what a creation that did not finish left (see
+    /// [`Store::create`]). The summary is that of the
     /// recovery, if there was one.
     pub fn open(
         path: &std::path::Path,
@@ -302,6 +304,12 @@ impl Store {
             Err(e) => return Err(state::StateError::Io(path.to_path_buf(), e).into()),
         };
         if empty {
+            Ok((Store::create(path, config)?, None))
+        } else if state::StateDir::clear_interrupted_creation(path)? {
+            log::warn!(
+                "state directory {}: its creation was interrupted (nothing was stored in it): created again",
+                path.display()
+            );
             Ok((Store::create(path, config)?, None))
         } else {
             let (store, rec) = Store::recover(path, config)?;

@@ -830,6 +830,75 @@ mod tests {
         assert!(e.contains("not a vtmem state directory"), "{e}");
     }
 
+    /// A crash in the middle of the first `Store::create` leaves a
+    /// directory the next `Store::open` creates again; a state that was
+    /// created is never taken for one.
+    #[test]
+    fn an_interrupted_creation_is_created_again() {
+        let cfg = || StoreConfig {
+            host_limit: 64 << 20,
+        };
+        let top = tempfile::tempdir().unwrap();
+        let whole = top.path().join("whole");
+        drop(Store::create(&whole, cfg()).unwrap());
+        let mut files: Vec<String> = std::fs::read_dir(&whole)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(
+            files,
+            ["arena", "chunks", "clients", "format", "lock", "seed"]
+        );
+        // What each step of a creation leaves, in the order it writes.
+        let steps: [&[&str]; 6] = [
+            &["lock"],
+            &["lock", "creating"],
+            &["lock", "creating", "format"],
+            &["lock", "creating", "format", "arena", "chunks"],
+            &["lock", "creating", "format", "arena", "chunks", "seed"],
+            &[
+                "lock", "creating", "format", "arena", "chunks", "seed", "clients",
+            ],
+        ];
+        for (i, step) in steps.iter().enumerate() {
+            let p = top.path().join(format!("step{i}"));
+            std::fs::create_dir(&p).unwrap();
+            for f in *step {
+                let from = whole.join(f);
+                if from.exists() {
+                    std::fs::copy(&from, p.join(f)).unwrap();
+                } else {
+                    std::fs::write(p.join(f), b"").unwrap();
+                }
+            }
+            let (store, rec) = Store::open(&p, cfg()).unwrap_or_else(|e| panic!("step {i}: {e}"));
+            assert!(rec.is_none(), "step {i}: recovered");
+            let c = store
+                .add_client("a", ClientConfig::default())
+                .unwrap()
+                .data();
+            let pool = c.new_pool(PoolSpec::persistent()).unwrap();
+            let h = Handle {
+                pool,
+                object: ObjectId([1, 1, 1]),
+                index: 5,
+            };
+            c.put(&h, &[7u8; PAGE_SIZE], false).unwrap();
+            drop((c, store));
+            // Created whole this time: it recovers.
+            let (store, rec) = Store::open(&p, cfg()).unwrap();
+            assert_eq!(rec.unwrap().pages, 1, "step {i}");
+            drop(store);
+        }
+        // A created state holding pages is never cleared, whatever else
+        // is missing from it.
+        let p = top.path().join("step5");
+        std::fs::remove_file(p.join("seed")).unwrap();
+        assert!(Store::open(&p, cfg()).is_err());
+        assert!(p.join("arena").exists() && p.join("clients").exists());
+    }
+
     /// Puts learn that the journal has room from `is_tight` alone while
     /// it is false: it must turn true before `has_room` turns false.
     #[test]

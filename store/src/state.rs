@@ -78,6 +78,14 @@ pub enum StateError {
     Corrupt(PathBuf, String),
 }
 
+/// The file that marks a state directory whose creation is not done.
+const CREATING: &str = "creating";
+
+/// Every file `Store::create` writes before it serves.
+const CREATED_FILES: [&str; 7] = [
+    "lock", CREATING, "format", "arena", "chunks", "seed", "clients",
+];
+
 /// A state directory, locked for this process.
 #[derive(Debug)]
 pub struct StateDir {
@@ -111,13 +119,27 @@ impl StateDir {
         match fs::DirBuilder::new().mode(0o700).create(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                if fs::read_dir(path).map_err(io)?.next().is_some() {
-                    return Err(StateError::NotEmpty(path.to_path_buf()));
+                // Empty, or with only the lock an interrupted creation
+                // left (see `clear_interrupted_creation`).
+                for e in fs::read_dir(path).map_err(io)? {
+                    if e.map_err(io)?.file_name() != "lock" {
+                        return Err(StateError::NotEmpty(path.to_path_buf()));
+                    }
                 }
             }
             Err(e) => return Err(io(e)),
         }
         let lock = lock(path)?;
+        // The marker first: a crash before `Store::create` is done leaves
+        // it, and `Store::open` then knows that no store ever served from
+        // the directory (see `StateDir::interrupted_creation`).
+        let marker = path.join(CREATING);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&marker)
+            .map_err(|e| StateError::Io(marker, e))?;
         let f = path.join("format");
         OpenOptions::new()
             .write(true)
@@ -130,6 +152,38 @@ impl StateDir {
             path: path.to_path_buf(),
             lock,
         })
+    }
+
+    /// Marks the creation done: the store is about to serve.
+    pub(crate) fn created(&self) -> Result<(), StateError> {
+        let marker = self.path.join(CREATING);
+        fs::remove_file(&marker).map_err(|e| StateError::Io(marker, e))
+    }
+
+    /// Whether `path` holds what a `Store::create` that did not finish
+    /// left (its marker, or only the lock and format files it writes
+    /// before the marker): no store ever served from it, so nothing in it
+    /// was ever acknowledged. If so, its files are removed (under its
+    /// lock), so that a store can be created there.
+    pub fn clear_interrupted_creation(path: &Path) -> Result<bool, StateError> {
+        let io = |e| StateError::Io(path.to_path_buf(), e);
+        let names: Vec<String> = fs::read_dir(path)
+            .map_err(io)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()
+            .map_err(io)?;
+        let marked = names.iter().any(|n| n == CREATING);
+        let before_marker = names.iter().all(|n| n == "lock" || n == "format");
+        if !(marked || before_marker) || names.iter().any(|n| !CREATED_FILES.contains(&n.as_str()))
+        {
+            return Ok(false);
+        }
+        let _held = lock(path)?;
+        for n in names.iter().filter(|n| *n != "lock") {
+            let p = path.join(n);
+            fs::remove_file(&p).map_err(|e| StateError::Io(p, e))?;
+        }
+        Ok(true)
     }
 
     /// Opens the state in `path`, which a store created.
