@@ -168,17 +168,18 @@ pub use account::{
 };
 pub use alloc::{CHUNK_BYTES, CLASS_STEP};
 pub use api::{ClientConfig, ClientStats, PoolStats, StoreConfig, StoreStats, TmemError};
-pub use client::{AdminHandle, DataHandle, Taken, MAX_RESERVE_PAGES};
+pub use client::{AdminHandle, DataHandle, OnceAnswer, OnceOp, Taken, MAX_RESERVE_PAGES};
 pub use content::RAW_THRESHOLD;
 pub use evict::EVICT_BATCH;
 pub use image::{ImageError, ImageSummary, IMAGE_MAGIC, IMAGE_VERSION, MAX_FRAME};
+pub use journal::OpRef;
 pub use persist::{PersistError, Recovered};
 
 use account::{Acct, Global};
 use client::{log_client, Client, Meta, Table};
 use content::Domain;
 use evictable::EvictableLists;
-use journal::{OpRef, Record};
+use journal::Record;
 use persist::{DomainLog, Persist};
 use pool::{KeyedState, Pool};
 
@@ -393,6 +394,7 @@ impl Store {
                 dedup_group: config.dedup_group,
                 authorized,
             }),
+            pending: Mutex::new(Default::default()),
         });
         clients.insert(name.to_string(), client.clone());
         self.accts.write().push(acct);
@@ -419,7 +421,7 @@ impl Store {
         table.removed = true;
         log_client(&table, &client.acct, |client| Record::Reset {
             client,
-            op: OpRef::default(),
+            op: None,
         });
         for slot in table.pools.iter_mut() {
             if let Some(pool) = slot.take() {
@@ -650,7 +652,10 @@ impl Store {
     /// the client map (no client comes or goes), each member's pool table
     /// (no pool is created or destroyed), each of its private pools (no
     /// page record), then every shard (no content record); so the live
-    /// metadata read is exactly what the journal so far replays to.
+    /// metadata read is exactly what the journal so far replays to. Each
+    /// member's pending table is locked last (no `Settled` record, and an
+    /// op record's entry is added under the table's or pool's lock), so
+    /// the snapshot carries exactly the entries the journal replays to.
     fn checkpoint(&self, domain: &Arc<Domain>) -> Result<(), PersistError> {
         let (Some(p), Some(log)) = (&self.persist, &domain.log) else {
             return Ok(());
@@ -660,10 +665,12 @@ impl Store {
         };
         let map = self.clients.read();
         let mut tables = Vec::new();
+        let mut members = Vec::new();
         for c in map.values() {
             let t = c.table.read();
             if Arc::ptr_eq(&t.domain, domain) {
                 tables.push((c.acct.client_id as u32, t));
+                members.push(c);
             }
         }
         let mut state = journal::Replayed::default();
@@ -709,10 +716,19 @@ impl Store {
                 pools.insert(id as u8, rp);
             }
         }
+        let mut pending = Vec::new();
+        for c in &members {
+            let p = c.pending.lock();
+            if !p.is_empty() {
+                state.pending.insert(c.acct.client_id as u32, p.clone());
+            }
+            pending.push(p);
+        }
         let r = domain.with_logged_contents(|contents| {
             state.contents = contents;
             log.restart(&p.dir, &state)
         });
+        drop(pending);
         drop(locked);
         drop(tables);
         drop(map);
