@@ -27,6 +27,14 @@
 //! the page (rule 5 of docs/ARCHITECTURE.md, "Crash-safe state"). A vtmemd
 //! that dies in between leaves the page in the state, so the GET that
 //! QEMU offers again (it rewinds the ring to the used index) finds it.
+//!
+//! **Operations that must not run twice are answered once.** `NEW_POOL`,
+//! `DESTROY_POOL`, `RESERVE`, `UNRESERVE` and `RESET` run through the
+//! store's `run_once` with their request's queue, ring position and tag:
+//! one that a dead vtmemd ran and did not answer, offered again at the
+//! same position, is answered from its record. The request's entries are
+//! settled with the exclusive gets, once its answer is in the used ring
+//! (docs/protocol.md section 8).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -423,6 +423,9 @@ impl Store {
             client,
             op: None,
         });
+        // As a reset does (and replay of its record): no entry may answer
+        // for a client that is gone.
+        client.pending.lock().clear();
         for slot in table.pools.iter_mut() {
             if let Some(pool) = slot.take() {
                 self.leave_pool(&pool, &client.acct);
