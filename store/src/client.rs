@@ -95,8 +95,9 @@ impl OnceOp {
         }
     }
 
-    /// What a pending entry must have asked to answer it: the flags, the
-    /// pool id (none that a pool could have: nothing matches), nothing.
+    /// What a pending entry must have named to answer it: the `NEW_POOL`
+    /// flags; the pool id (none past 255, an id no pool has: then nothing
+    /// matches); 0 for `RESET`.
     fn asked(&self) -> Option<u8> {
         match *self {
             OnceOp::NewPool(spec) => Some(spec.flags()),
