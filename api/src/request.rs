@@ -368,6 +368,11 @@ pub struct DeviceStats {
     /// Device-state transfers that failed (either direction).
     #[serde(default)]
     pub state_failures: u64,
+    /// Non-idempotent operations offered again after a crash and answered
+    /// from their records instead of running twice (docs/protocol.md
+    /// section 8).
+    #[serde(default)]
+    pub replayed_answers: u64,
 }
 
 #[cfg(test)]

@@ -143,7 +143,10 @@ impl VtmemBackend {
         log: Arc<RateLimitedLog>,
     ) -> Self {
         let executors = (0..settings.queues)
-            .map(|_| Mutex::new(Executor::new(client.clone(), counters.clone(), log.clone())))
+            .map(|q| {
+                let e = Executor::new(client.clone(), counters.clone(), log.clone());
+                Mutex::new(e.on_queue(q))
+            })
             .collect();
         let pollers = (0..settings.queues)
             .map(|_| Mutex::new(PollWindow::new(settings.poll)))
@@ -355,13 +358,17 @@ impl VtmemBackend {
         used.clear();
         // The chains are taken under the ring lock and run without it, so
         // that the vhost-user thread is never kept waiting by a batch.
-        let (table, size, chains) = {
+        let (table, size, first, chains) = {
             let mut state = vring.get_mut();
             let queue = state.get_queue_mut();
             let table = GuestAddress(queue.desc_table());
             let size = queue.size();
+            // The ring position of the first chain taken; each next one is
+            // one further (wrapping): with the queue, they name the
+            // requests (docs/protocol.md section 8).
+            let first = queue.next_avail();
             match queue.iter(mem) {
-                Ok(iter) => (table, size, iter.take(MAX_BATCH).collect::<Vec<_>>()),
+                Ok(iter) => (table, size, first, iter.take(MAX_BATCH).collect::<Vec<_>>()),
                 Err(QueueError::QueueNotReady) => return Drain::Stop,
                 Err(e) => {
                     self.log.warn(format_args!("queue {q}: ring unusable: {e}"));
@@ -369,17 +376,22 @@ impl VtmemBackend {
                 }
             }
         };
+        // The queue starts here (after the VMM set its base): pending
+        // entries before `first` were answered.
+        executor.start(first, size);
         if chains.is_empty() {
             return Drain::Done(0);
         }
         let full = chains.len() == MAX_BATCH;
 
-        for chain in &chains {
+        for (n, chain) in chains.iter().enumerate() {
             let head = chain.head_index();
+            // At most MAX_BATCH chains: `n` fits.
+            let position = first.wrapping_add(n as u16);
             // A bug (never guest input) that panics must cost this chain
             // only, not the worker thread and with it the whole queue.
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                executor.run_descriptor_chain(chain, table, size, features)
+                executor.run_descriptor_chain(chain, table, size, features, position)
             }));
             let used_len = match run {
                 Ok(outcome) => outcome.used_len,
@@ -629,7 +641,8 @@ impl VhostUserBackend for VtmemBackend {
         // Wait for the batch in flight on this queue, if any: once this
         // returns the worker will find the ring stopped.
         if let Some(executor) = self.executors.get(queue_index as usize) {
-            drop(lock(executor));
+            // The VMM may start the ring again at another position.
+            lock(executor).stopped();
         }
         Ok(())
     }

@@ -27,6 +27,14 @@
 //! the page (rule 5 of docs/ARCHITECTURE.md, "Crash-safe state"). A vtmemd
 //! that dies in between leaves the page in the state, so the GET that
 //! QEMU offers again (it rewinds the ring to the used index) finds it.
+//!
+//! **Operations that must not run twice are answered once.** `NEW_POOL`,
+//! `DESTROY_POOL`, `RESERVE`, `UNRESERVE` and `RESET` run through the
+//! store's `run_once` with their request's queue, ring position and tag:
+//! one that a dead vtmemd ran and did not answer, offered again at the
+//! same position, is answered from its record. The request's entries are
+//! settled with the exclusive gets, once its answer is in the used ring
+//! (docs/protocol.md section 8).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -45,7 +53,7 @@ use crate::chain_walk::{Cursor, CursorError};
 use crate::ratelimit::RateLimitedLog;
 use crate::request::{ChainError, ChainParser, ValidChain};
 use vtmem_api::DeviceStats;
-use vtmem_store::{DataHandle, Page, Taken, TmemError};
+use vtmem_store::{DataHandle, OnceOp, OpRef, Page, Taken, TmemError};
 
 /// Device features that change what operations may do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -121,6 +129,8 @@ pub struct DeviceCounters {
     pub state_imports: AtomicU64,
     /// Device-state transfers that failed (either direction).
     pub state_failures: AtomicU64,
+    /// Non-idempotent operations answered from their pending entries.
+    pub replayed_answers: AtomicU64,
 }
 
 impl DeviceCounters {
@@ -147,6 +157,7 @@ impl DeviceCounters {
             state_exports: l(&self.state_exports),
             state_imports: l(&self.state_imports),
             state_failures: l(&self.state_failures),
+            replayed_answers: l(&self.replayed_answers),
             bytes_from_guest: l(&self.bytes_from_guest),
             bytes_to_guest: l(&self.bytes_to_guest),
         }
@@ -174,6 +185,18 @@ pub struct Executor {
     /// Exclusive gets' removals, recorded when their answers are in the
     /// used ring ([`Executor::settle`]).
     taken: Vec<Taken>,
+    /// The queue this executor serves.
+    queue: u16,
+    /// Whether the queue was started ([`Executor::start`]) since the
+    /// executor was made or the ring stopped.
+    started: bool,
+    /// Ring positions of the requests run since the last settle that had
+    /// (or may have had) pending entries: settled by [`Executor::settle`].
+    to_settle: Vec<u16>,
+    /// Positions that had pending entries when the queue started: the
+    /// requests there are settled once answered, whatever they hold.
+    /// Empty but after a crash.
+    watch: Vec<u16>,
 }
 
 impl Executor {
@@ -191,7 +214,36 @@ impl Executor {
             counters,
             log,
             taken: Vec::new(),
+            queue: 0,
+            started: false,
+            to_settle: Vec::new(),
+            watch: Vec::new(),
         }
+    }
+
+    /// The executor of queue `queue` (0 unless told).
+    pub fn on_queue(mut self, queue: u16) -> Self {
+        self.queue = queue;
+        self
+    }
+
+    /// Called before each batch with the queue's next available position
+    /// and size: the first time after the executor was made or the ring
+    /// stopped ([`Executor::stopped`]), the queue starts, and the client's
+    /// pending entries of the queue outside `[base, base + size)` are
+    /// settled: only the requests from `base` on can be offered again
+    /// (docs/protocol.md section 8).
+    pub fn start(&mut self, base: u16, size: u16) {
+        if !self.started {
+            self.started = true;
+            self.watch = self.client.start_queue(self.queue, base, size);
+        }
+    }
+
+    /// The ring stopped (or the VMM asked for its base): the next batch
+    /// starts the queue again, maybe at another position.
+    pub fn stopped(&mut self) {
+        self.started = false;
     }
 
     /// Records the removals of the exclusive gets run since the last call
@@ -201,6 +253,10 @@ impl Executor {
     /// Dropping the executor settles too.
     pub fn settle(&mut self) {
         self.taken.clear();
+        if !self.to_settle.is_empty() {
+            self.client.settle_requests(self.queue, &self.to_settle);
+            self.to_settle.clear();
+        }
     }
 
     /// Exclusive gets whose removals wait for [`Executor::settle`].
@@ -216,28 +272,35 @@ impl Executor {
     /// Parses and executes `chain`, taken from a queue whose descriptor
     /// table is at `table` with `queue_size` entries. Never panics on guest
     /// input.
+    /// `position`: the chain's position in the available ring (the
+    /// queue's next available index when it was taken), which with the
+    /// queue names the request for operations that must not run twice.
     pub fn run_descriptor_chain<M, C>(
         &mut self,
         chain: &DescriptorChain<C>,
         table: GuestAddress,
         queue_size: u16,
         features: Features,
+        position: u16,
     ) -> ChainOutcome
     where
         C: Deref<Target = M>,
         M: GuestMemory,
     {
-        self.run_chain(
+        self.run_chain_at(
             chain.memory(),
             table,
             queue_size,
             chain.head_index(),
             features,
+            Some(position),
         )
     }
 
     /// Parses and executes the chain at `head` of the descriptor table at
     /// `table` (`queue_size` entries). Never panics on guest input.
+    /// Its non-idempotent operations are not matched with earlier runs
+    /// (see [`Executor::run_chain_at`]).
     pub fn run_chain<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
@@ -246,7 +309,33 @@ impl Executor {
         head: u16,
         features: Features,
     ) -> ChainOutcome {
+        self.run_chain_at(mem, table, queue_size, head, features, None)
+    }
+
+    /// As [`Executor::run_chain`], for the chain at ring position
+    /// `position` of the executor's queue: a `NEW_POOL`, `DESTROY_POOL`,
+    /// `RESERVE`, `UNRESERVE` or `RESET` that ran already for this request
+    /// (and is still pending: its answer not known to be in the used ring)
+    /// is answered as it was, not run again.
+    pub fn run_chain_at<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        table: GuestAddress,
+        queue_size: u16,
+        head: u16,
+        features: Features,
+        position: Option<u16>,
+    ) -> ChainOutcome {
         DeviceCounters::add(&self.counters.chains, 1);
+        if let Some(p) = position {
+            // A request at a position that had entries when the queue
+            // started is settled once answered, malformed or not.
+            if let Some(i) = self.watch.iter().position(|&w| w == p) {
+                self.watch.swap_remove(i);
+                self.to_settle.push(p);
+            }
+        }
+        let at = position.map(|position| (self.queue, position));
         self.parser.set_indirect_allowed(features.indirect);
         let Executor {
             client,
@@ -256,9 +345,12 @@ impl Executor {
             counters,
             log,
             taken,
+            to_settle,
+            ..
         } = self;
         match parser.parse(mem, table, queue_size, head) {
             Ok(chain) => {
+                let once = Once { at, to_settle };
                 let used_len = execute(
                     client,
                     mem,
@@ -269,6 +361,7 @@ impl Executor {
                     counters,
                     log,
                     taken,
+                    once,
                 );
                 ChainOutcome {
                     used_len,
@@ -315,6 +408,14 @@ impl Executor {
     }
 }
 
+/// Where a chain's non-idempotent operations are matched and settled.
+struct Once<'a> {
+    /// The request's queue and ring position, if known.
+    at: Option<(u16, u16)>,
+    /// Positions to settle once the answers are in the used ring.
+    to_settle: &'a mut Vec<u16>,
+}
+
 /// Runs the operations of a valid chain in order; writes the statuses and
 /// the response header; returns the used length.
 #[allow(clippy::too_many_arguments)]
@@ -328,8 +429,12 @@ fn execute<M: GuestMemory + ?Sized>(
     counters: &DeviceCounters,
     log: &RateLimitedLog,
     taken: &mut Vec<Taken>,
+    once: Once<'_>,
 ) -> u32 {
     let request = chain.request;
+    let tag = request.header().tag;
+    let mut replayed = 0u64;
+    let mut has_once = false;
     let num_ops = request.num_ops();
     let resp_len = vtmem_protocol::response_len(num_ops);
     let Some(resp_buf) = response.get_mut(..resp_len) else {
@@ -366,7 +471,22 @@ fn execute<M: GuestMemory + ?Sized>(
                 OpStatus::new(e.status())
             }
             Ok(op) => {
-                let (status, copied) = execute_op(client, mem, op, buffer, features, page, taken);
+                // At most 128 operations a request: the index fits a byte.
+                let at = once.at.map(|(queue, position)| OpRef {
+                    queue,
+                    position,
+                    op: i as u8,
+                    tag,
+                });
+                let mut ran = OpRun {
+                    at,
+                    once: false,
+                    replayed: false,
+                };
+                let (status, copied) =
+                    execute_op(client, mem, op, buffer, features, page, taken, &mut ran);
+                has_once |= ran.once;
+                replayed += u64::from(ran.replayed);
                 match copied {
                     Copied::Nothing => {}
                     Copied::FromGuest => {
@@ -383,6 +503,22 @@ fn execute<M: GuestMemory + ?Sized>(
     }
     DeviceCounters::add(&counters.ops, u64::from(num_ops));
     DeviceCounters::add(&counters.invalid_ops, invalid);
+    if let (true, Some((queue, position))) = (has_once, once.at) {
+        // Settled once the answer is in the used ring, whether the
+        // operations ran, failed or were answered from their entries.
+        if !once.to_settle.contains(&position) {
+            once.to_settle.push(position);
+        }
+        if replayed > 0 {
+            DeviceCounters::add(&counters.replayed_answers, replayed);
+            log::info!(
+                "vm {}: request tag {tag} at position {position} of queue {queue} was \
+                 offered again: {replayed} operation(s) answered from their records, \
+                 not run twice",
+                client.name()
+            );
+        }
+    }
     if gets.taken > 0 {
         DeviceCounters::add(&counters.get_chains, 1);
         DeviceCounters::add(&counters.get_ops, u64::from(gets.taken));
@@ -622,8 +758,19 @@ pub fn wire_status(error: &TmemError) -> Status {
     }
 }
 
+/// A non-idempotent operation's request, and what became of it.
+struct OpRun {
+    /// The request and the operation's index in it, if known.
+    at: Option<OpRef>,
+    /// It was one of the operations that must not run twice (out).
+    once: bool,
+    /// It was answered from its pending entry (out).
+    replayed: bool,
+}
+
 /// Executes one decoded operation. Returns its status and the page it
 /// copied, if any; an exclusive get's removal goes to `taken`.
+#[allow(clippy::too_many_arguments)]
 fn execute_op<M: GuestMemory + ?Sized>(
     client: &DataHandle,
     mem: &M,
@@ -632,6 +779,7 @@ fn execute_op<M: GuestMemory + ?Sized>(
     features: Features,
     page: &mut Page,
     taken: &mut Vec<Taken>,
+    run: &mut OpRun,
 ) -> (OpStatus, Copied) {
     let st = OpStatus::new;
     let from = |r: Result<(), TmemError>| match r {
@@ -645,6 +793,12 @@ fn execute_op<M: GuestMemory + ?Sized>(
         },
         Err(e) => st(wire_status(&e)),
     };
+    let mut once = |op: OnceOp| {
+        run.once = true;
+        let answer = client.run_once(op, run.at);
+        run.replayed = answer.replayed;
+        answer.result
+    };
     // Every path below that does not copy the page moves past it.
     let status = match op {
         Op::NewPool(spec) => {
@@ -653,10 +807,10 @@ fn execute_op<M: GuestMemory + ?Sized>(
             {
                 st(Status::Unsupported)
             } else {
-                valued(client.new_pool(spec).map(u64::from))
+                valued(once(OnceOp::NewPool(spec)))
             }
         }
-        Op::DestroyPool { pool } => from(client.destroy_pool(pool)),
+        Op::DestroyPool { pool } => from(once(OnceOp::DestroyPool(pool)).map(|_| ())),
         Op::Put { handle, reserved } => {
             let PageSlot::Put(cursor) = slot else {
                 slot.skip();
@@ -704,18 +858,18 @@ fn execute_op<M: GuestMemory + ?Sized>(
             if !features.reserve {
                 st(Status::Unsupported)
             } else {
-                valued(client.reserve(pool, pages))
+                valued(once(OnceOp::Reserve { pool, pages }))
             }
         }
         Op::Unreserve { pool, pages } => {
             if !features.reserve {
                 st(Status::Unsupported)
             } else {
-                valued(client.unreserve(pool, pages))
+                valued(once(OnceOp::Unreserve { pool, pages }))
             }
         }
         Op::Reset => {
-            client.reset();
+            let _ = once(OnceOp::Reset);
             st(Status::Ok)
         }
     };
@@ -1609,5 +1763,232 @@ mod rule5 {
             "the settled removal was not recorded"
         );
         assert_eq!(client.stats().persistent_pages, 0);
+    }
+}
+
+#[cfg(test)]
+mod offered_twice {
+    //! A request whose non-idempotent operations ran, offered again after
+    //! a crash at the same ring position with the same tag, is answered
+    //! from their records (docs/protocol.md section 8).
+    use super::*;
+    use crate::device::GuestRam;
+    use crate::testutil::*;
+    use vtmem_protocol::{PoolSpec, Response};
+    use vtmem_store::{AdminHandle, ClientConfig, Store, StoreConfig};
+
+    const QSIZE: u16 = 256;
+    const QUEUE: u16 = 1;
+
+    fn config() -> StoreConfig {
+        StoreConfig {
+            host_limit: 64 << 20,
+        }
+    }
+
+    /// What a crash now would leave: a copy of the state directory,
+    /// recovered (the directory is returned to keep it).
+    fn crash_copy(from: &std::path::Path) -> (Arc<Store>, tempfile::TempDir) {
+        let to = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.path().join(e.file_name())).unwrap();
+        }
+        let (store, _) = Store::recover(to.path(), config()).unwrap();
+        (store, to)
+    }
+
+    fn executor(client: &AdminHandle) -> (Executor, Arc<DeviceCounters>) {
+        let counters = Arc::new(DeviceCounters::default());
+        let e = Executor::new(
+            client.data(),
+            counters.clone(),
+            Arc::new(RateLimitedLog::new("test")),
+        )
+        .on_queue(QUEUE);
+        (e, counters)
+    }
+
+    /// Runs `ops` as one request of tag `tag` at ring position `position`;
+    /// returns each operation's status and value.
+    fn run(exec: &mut Executor, ops: &[Op], tag: u64, position: u16) -> Vec<(Status, u64)> {
+        let mem: GuestRam = guest_memory();
+        let mut ring = TestRing::new(&mem, QSIZE);
+        let req = request_bytes(ops, tag);
+        let r = ring.readable(&req);
+        let resp = ring.writable(vtmem_protocol::response_len(ops.len() as u16) as u32);
+        let head = ring.chain(&[r, resp]);
+        let out = exec.run_chain_at(
+            &mem,
+            ring.table(),
+            QSIZE,
+            head,
+            Features::ALL,
+            Some(position),
+        );
+        assert_eq!(out.error, None);
+        let bytes = ring.read(resp);
+        let r = Response::parse(&bytes).unwrap();
+        (0..ops.len() as u16)
+            .map(|i| {
+                let s = r.status(i).unwrap();
+                (s.status, s.value)
+            })
+            .collect()
+    }
+
+    fn batch() -> Vec<Op> {
+        vec![
+            Op::NewPool(PoolSpec::persistent()),
+            Op::Reserve { pool: 0, pages: 5 },
+        ]
+    }
+
+    /// Pools of "vm" and pages reserved.
+    fn held(store: &Store) -> (usize, u64) {
+        let s = store.client("vm").unwrap().stats();
+        (s.pools.len(), s.reserved_pages)
+    }
+
+    #[test]
+    fn a_new_pool_and_a_reservation_offered_again_are_answered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let store = Store::create(&state, config()).unwrap();
+        let client = store.add_client("vm", ClientConfig::default()).unwrap();
+        let (mut exec, _) = executor(&client);
+        exec.start(10, QSIZE);
+        let first = run(&mut exec, &batch(), 42, 10);
+        assert_eq!(first, vec![(Status::Ok, 0), (Status::Ok, 5)]);
+        // Taken and run, the answer not in the used ring: a crash now.
+        let (crashed, _keep) = crash_copy(&state);
+        let c = crashed.client("vm").unwrap();
+        assert_eq!(c.data().pending_ops().len(), 2);
+        let (mut again, counters) = executor(&c);
+        again.start(10, QSIZE);
+        // Offered again: the same answers, nothing run twice.
+        assert_eq!(run(&mut again, &batch(), 42, 10), first);
+        assert_eq!(held(&crashed), (1, 5));
+        assert_eq!(counters.snapshot().replayed_answers, 2);
+        // Once answered and settled, its entries are gone, for good.
+        again.settle();
+        assert!(c.data().pending_ops().is_empty());
+        let (after, _keep2) = crash_copy(_keep.path());
+        assert!(after.client("vm").unwrap().data().pending_ops().is_empty());
+        assert_eq!(held(&after), (1, 5));
+
+        // Another tag, or another position: another request, run anew.
+        for (tag, position) in [(43, 10), (42, 11)] {
+            let (crashed, _keep) = crash_copy(&state);
+            let c = crashed.client("vm").unwrap();
+            let (mut other, counters) = executor(&c);
+            other.start(10, QSIZE);
+            assert_eq!(
+                run(&mut other, &batch(), tag, position),
+                vec![(Status::Ok, 1), (Status::Ok, 5)],
+                "tag {tag} at {position}"
+            );
+            assert_eq!(held(&crashed), (2, 10));
+            assert_eq!(counters.snapshot().replayed_answers, 0);
+        }
+    }
+
+    #[test]
+    fn entries_before_the_queues_start_were_answered_and_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let store = Store::create(&state, config()).unwrap();
+        let client = store.add_client("vm", ClientConfig::default()).unwrap();
+        let (mut exec, _) = executor(&client);
+        exec.start(10, QSIZE);
+        run(&mut exec, &batch(), 42, 10);
+        // The answer reached the used ring (index 11), then the crash came
+        // before the Settled record: the queue starts at 11.
+        let (crashed, keep) = crash_copy(&state);
+        let c = crashed.client("vm").unwrap();
+        let (mut again, counters) = executor(&c);
+        again.start(11, QSIZE);
+        assert!(c.data().pending_ops().is_empty());
+        // Dropped for good: recorded.
+        let (after, _keep2) = crash_copy(keep.path());
+        assert!(after.client("vm").unwrap().data().pending_ops().is_empty());
+        // A later request with the same tag at that position (the ring
+        // went round) runs.
+        assert_eq!(
+            run(&mut again, &batch(), 42, 10),
+            vec![(Status::Ok, 1), (Status::Ok, 5)]
+        );
+        assert_eq!(counters.snapshot().replayed_answers, 0);
+        // A queue that starts with the entry in its window keeps it, and
+        // settles its request once answered, whatever it holds.
+        let (crashed, _keep3) = crash_copy(&state);
+        let c = crashed.client("vm").unwrap();
+        let (mut other, _) = executor(&c);
+        other.start(10u16.wrapping_sub(QSIZE - 1), QSIZE);
+        assert_eq!(c.data().pending_ops().len(), 2);
+        run(
+            &mut other,
+            &[Op::FlushObject {
+                pool: 0,
+                object: vtmem_protocol::ObjectId([1, 2, 3]),
+            }],
+            9,
+            10,
+        );
+        other.settle();
+        assert!(c.data().pending_ops().is_empty());
+    }
+
+    #[test]
+    fn a_destroy_pool_and_a_reset_offered_again_are_answered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let store = Store::create(&state, config()).unwrap();
+        let client = store.add_client("vm", ClientConfig::default()).unwrap();
+        let (mut exec, _) = executor(&client);
+        exec.start(0, QSIZE);
+        run(&mut exec, &[Op::Reset], 1, 0);
+        run(&mut exec, &[Op::NewPool(PoolSpec::persistent())], 2, 1);
+        run(&mut exec, &[Op::NewPool(PoolSpec::persistent())], 3, 2);
+        exec.settle();
+        assert!(client.data().pending_ops().is_empty());
+        // Pool 0 destroyed, a new pool 0 made, in one request: offered
+        // again, the second pool 0 must not be destroyed.
+        let ops = [
+            Op::DestroyPool { pool: 0 },
+            Op::NewPool(PoolSpec::persistent()),
+        ];
+        assert_eq!(
+            run(&mut exec, &ops, 4, 3),
+            vec![(Status::Ok, 0), (Status::Ok, 0)]
+        );
+        let (crashed, _keep) = crash_copy(&state);
+        let c = crashed.client("vm").unwrap();
+        let (mut again, counters) = executor(&c);
+        again.start(3, QSIZE);
+        assert_eq!(
+            run(&mut again, &ops, 4, 3),
+            vec![(Status::Ok, 0), (Status::Ok, 0)]
+        );
+        assert_eq!(held(&crashed), (2, 0));
+        assert_eq!(counters.snapshot().replayed_answers, 2);
+        // A reset offered again after pools came (in the same batch) does
+        // not destroy them.
+        assert_eq!(run(&mut exec, &[Op::Reset], 5, 4), vec![(Status::Ok, 0)]);
+        assert_eq!(
+            run(&mut exec, &[Op::NewPool(PoolSpec::persistent())], 6, 5),
+            vec![(Status::Ok, 0)]
+        );
+        let (crashed, _keep) = crash_copy(&state);
+        let c = crashed.client("vm").unwrap();
+        let (mut again, counters) = executor(&c);
+        again.start(4, QSIZE);
+        assert_eq!(run(&mut again, &[Op::Reset], 5, 4), vec![(Status::Ok, 0)]);
+        assert_eq!(
+            run(&mut again, &[Op::NewPool(PoolSpec::persistent())], 6, 5),
+            vec![(Status::Ok, 0)]
+        );
+        assert_eq!(held(&crashed), (1, 0));
+        assert_eq!(counters.snapshot().replayed_answers, 2);
     }
 }

@@ -529,6 +529,11 @@ impl Snapshot {
                 "Device-state transfers that failed, either direction.",
                 |d| d.state_failures,
             ),
+            (
+                "vm_device_replayed_answers",
+                "Operations offered again after a crash and answered from their records.",
+                |d| d.replayed_answers,
+            ),
         ] {
             per_vm_counter(e, name, help, &|vm| metric(&vm.device))?;
         }

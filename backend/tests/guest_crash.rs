@@ -274,3 +274,118 @@ fn exclusive_gets_in_flight_at_sigkill_lose_no_page() {
     }
     taker.join().unwrap();
 }
+
+/// Requests offered twice (docs/protocol.md section 8), end to end: the
+/// state a vtmemd leaves when it dies after running a request's
+/// `NEW_POOL` and `RESERVE` and before answering it is made exactly (the
+/// request's records appended to the journal of the killed daemon), so
+/// that the request the VM then offers at that ring position with that
+/// tag is the one the dead daemon took. The new daemon must answer it from
+/// the records: the same pool id and grant, no second pool, no second
+/// reservation.
+#[test]
+fn a_new_pool_and_a_reservation_offered_again_run_once() {
+    use std::os::unix::fs::FileExt;
+    use vtmem_guestsim::Op;
+    use vtmem_store::journal::{Record, RECORD_BYTES};
+    use vtmem_store::OpRef;
+
+    let state = temp_dir();
+    let mut d = vtmemd(&args(state.path()));
+    let vm = connect(&d, "a");
+    assert_eq!(vm.new_pool(PoolSpec::persistent()).unwrap(), 0);
+    // Every request answered: the next one goes at the used index.
+    let position = vm.used_indexes().unwrap()[0];
+    assert_eq!(vm.unanswered_chains().unwrap()[0], 0);
+    d.kill();
+
+    // What the dead daemon wrote for the request before it died: "a" is
+    // client 1, in domain 1.
+    const TAG: u64 = 0x0ffe_4ed0;
+    let at = |op| {
+        Some(OpRef {
+            queue: 0,
+            position,
+            op,
+            tag: TAG,
+        })
+    };
+    let records = [
+        Record::NewPool {
+            client: 1,
+            pool: 1,
+            flags: PoolSpec::persistent().flags(),
+            uuid: None,
+            op: at(0),
+        },
+        Record::Reserve {
+            client: 1,
+            pool: 1,
+            total: 6,
+            op: at(1),
+            unreserve: false,
+            answer: 6,
+        },
+    ];
+    let journal = std::fs::read_dir(state.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("d1.journal.")
+        })
+        .expect("domain 1 has a journal");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&journal)
+        .unwrap();
+    let mut header = [0u8; RECORD_BYTES];
+    f.read_exact_at(&mut header, 0).unwrap();
+    let epoch = u64::from_le_bytes(header[16..24].try_into().unwrap());
+    // Records are appended one after another: the tail is the first
+    // place never written.
+    let mut tail = RECORD_BYTES as u64;
+    let mut place = [0u8; RECORD_BYTES];
+    while f.read_exact_at(&mut place, tail).is_ok() && place.iter().any(|&b| b != 0) {
+        tail += RECORD_BYTES as u64;
+    }
+    for (i, r) in records.iter().enumerate() {
+        f.write_all_at(&r.encode(epoch), tail + (i * RECORD_BYTES) as u64)
+            .unwrap();
+    }
+    drop(f);
+
+    d.restart(&args(state.path())).unwrap();
+    assert_eq!(d.client_stats("a").reserved_pages, 6);
+    vm.reconnect(DEADLINE).unwrap();
+    // The request, at its position, with its tag.
+    let ops = [
+        Op::NewPool(PoolSpec::persistent()),
+        Op::Reserve { pool: 1, pages: 6 },
+    ];
+    let req = vtmem_guestsim::raw::request_bytes(&ops, TAG);
+    let out = vm
+        .raw_chain(0)
+        .timeout(DEADLINE)
+        .readable(&req)
+        .unwrap()
+        .writable(vtmem_protocol::response_len(2) as u32)
+        .unwrap()
+        .submit()
+        .unwrap();
+    let (h, st) = out.response().unwrap();
+    assert_eq!(h.tag, TAG);
+    let got: Vec<(Status, u64)> = st.iter().map(|s| (s.status, s.value)).collect();
+    assert_eq!(got, vec![(Status::Ok, 1), (Status::Ok, 6)]);
+    let s = d.client_stats("a");
+    assert_eq!((s.pools.len(), s.reserved_pages), (2, 6), "ran twice");
+    assert_eq!(d.show("a").device.replayed_answers, 2);
+    wait_until("the answer from the records is logged", DEADLINE, || {
+        d.log().contains("operation(s) answered from their records")
+    });
+    // Later requests run as usual.
+    let st = vm.reserve(1, 2).unwrap();
+    assert_eq!(st, 2);
+    assert_eq!(d.client_stats("a").reserved_pages, 8);
+}

@@ -2,6 +2,7 @@
 //! Clients and their handles: the data path and the per-client admin calls.
 
 use parking_lot::{Mutex, RwLock};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -13,7 +14,10 @@ use super::account::{
 };
 use super::content::{classify, compress, Class, Domain, Inserted, NewData, LZ4_BOUND, ZERO_REF};
 use super::evict::EVICT_BATCH;
-use super::journal::{OpRef, Record};
+use super::journal::{
+    OpRef, Pending, PendingKey, Record, OPCODE_DESTROY_POOL, OPCODE_NEW_POOL, OPCODE_RESERVE,
+    OPCODE_RESET, OPCODE_UNRESERVE,
+};
 use super::pool::{Got, NewPage, Pool, PoolLog, DEDUP_BIT};
 use super::{ClientConfig, ClientStats, Page, PoolStats, Store, TmemError, PAGE_SIZE};
 
@@ -59,6 +63,59 @@ pub(crate) struct Client {
     pub acct: Arc<Acct>,
     pub table: RwLock<Table>,
     pub meta: Mutex<Meta>,
+    /// The pending table (docs/protocol.md section 8): with a crash-safe
+    /// state, the non-idempotent operations of guest requests not known
+    /// answered, by request and operation. Entries are added under the
+    /// lock their record is written under (the table's, or the pool's for
+    /// a reservation), so a checkpoint, which holds those, sees each
+    /// entry with its record. Taken after the table and pool locks, never
+    /// before; a record is appended while it is held (`Settled`).
+    pub pending: Mutex<BTreeMap<PendingKey, Pending>>,
+}
+
+/// A non-idempotent operation of a guest request (docs/protocol.md
+/// section 8, "Requests offered twice"), for [`DataHandle::run_once`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnceOp {
+    NewPool(PoolSpec),
+    DestroyPool(u32),
+    Reserve { pool: u32, pages: u64 },
+    Unreserve { pool: u32, pages: u64 },
+    Reset,
+}
+
+impl OnceOp {
+    fn opcode(&self) -> u8 {
+        match self {
+            OnceOp::NewPool(_) => OPCODE_NEW_POOL,
+            OnceOp::DestroyPool(_) => OPCODE_DESTROY_POOL,
+            OnceOp::Reserve { .. } => OPCODE_RESERVE,
+            OnceOp::Unreserve { .. } => OPCODE_UNRESERVE,
+            OnceOp::Reset => OPCODE_RESET,
+        }
+    }
+
+    /// What a pending entry must have named to answer it: the `NEW_POOL`
+    /// flags; the pool id (none past 255, an id no pool has: then nothing
+    /// matches); 0 for `RESET`.
+    fn asked(&self) -> Option<u8> {
+        match *self {
+            OnceOp::NewPool(spec) => Some(spec.flags()),
+            OnceOp::DestroyPool(pool)
+            | OnceOp::Reserve { pool, .. }
+            | OnceOp::Unreserve { pool, .. } => u8::try_from(pool).ok(),
+            OnceOp::Reset => Some(0),
+        }
+    }
+}
+
+/// What [`DataHandle::run_once`] answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OnceAnswer {
+    /// The status value (pool id, pages; 0 for the others), or the error.
+    pub result: Result<u64, TmemError>,
+    /// Answered from the pending entry of the same request, not executed.
+    pub replayed: bool,
 }
 
 impl Client {
@@ -271,6 +328,138 @@ impl DataHandle {
     /// never; persistent pools follow `spec.exclusive_gets`. A client that
     /// already has the shared pool open gets the same id again.
     pub fn new_pool(&self, spec: PoolSpec) -> Result<u32, TmemError> {
+        self.new_pool_at(spec, None)
+    }
+
+    /// Runs a non-idempotent operation of a guest request, `at` naming
+    /// the request (its queue, ring position and tag) and the operation's
+    /// index in it (docs/protocol.md section 8, "Requests offered twice").
+    ///
+    /// If the client's pending table holds an entry for the same request
+    /// and operation, with the same tag, opcode and what it named (the
+    /// `NEW_POOL` flags, the pool id), the operation ran already and its
+    /// answer may not have reached the guest: that answer is returned and
+    /// nothing runs (`replayed`). Otherwise it runs, and with a crash-safe
+    /// state its record carries `at` and its answer, and an entry is
+    /// added (replacing one at the same place), to stay until
+    /// [`DataHandle::settle_requests`] is told the answer is in the used
+    /// ring. An operation that fails changes nothing and records nothing.
+    /// Without `at` (the store's own callers), it just runs.
+    pub fn run_once(&self, op: OnceOp, at: Option<OpRef>) -> OnceAnswer {
+        if let Some(value) = at.and_then(|at| self.recorded_answer(&op, at)) {
+            return OnceAnswer {
+                result: Ok(value),
+                replayed: true,
+            };
+        }
+        let result = match op {
+            OnceOp::NewPool(spec) => self.new_pool_at(spec, at).map(u64::from),
+            OnceOp::DestroyPool(pool) => self.destroy_pool_at(pool, at).map(|()| 0),
+            OnceOp::Reserve { pool, pages } => self.reserve_at(pool, pages, at),
+            OnceOp::Unreserve { pool, pages } => self.unreserve_at(pool, pages, at),
+            OnceOp::Reset => {
+                self.reset_at(at);
+                Ok(0)
+            }
+        };
+        OnceAnswer {
+            result,
+            replayed: false,
+        }
+    }
+
+    /// The answer of `op` at `at` if the pending table holds it.
+    fn recorded_answer(&self, op: &OnceOp, at: OpRef) -> Option<u64> {
+        let pending = self.client.pending.lock();
+        let p = pending.get(&(at.queue, at.position, at.op))?;
+        (p.tag == at.tag && p.opcode == op.opcode() && Some(p.asked) == op.asked())
+            .then_some(p.value)
+    }
+
+    /// Adds the pending entry of an operation of the request `at` whose
+    /// record was written (with a crash-safe state: `logged`). Call it
+    /// under the lock the record was written under.
+    fn note_pending(&self, logged: bool, at: Option<OpRef>, opcode: u8, asked: u8, value: u64) {
+        if let (true, Some(at)) = (logged, at) {
+            self.client.pending.lock().insert(
+                (at.queue, at.position, at.op),
+                Pending {
+                    tag: at.tag,
+                    opcode,
+                    asked,
+                    value,
+                },
+            );
+        }
+    }
+
+    /// The answers of the requests at `positions` of `queue` are in the
+    /// used ring: each that has pending entries gets a `Settled` record
+    /// and loses them. Requests without entries cost a look-up.
+    pub fn settle_requests(&self, queue: u16, positions: &[u16]) {
+        if positions.is_empty() {
+            return;
+        }
+        // The table lock is taken before the pending one (never after).
+        let domain = self.client.table.read().domain.clone();
+        let mut pending = self.client.pending.lock();
+        for &position in positions {
+            let before = pending.len();
+            pending.retain(|&(q, p, _), _| (q, p) != (queue, position));
+            if pending.len() != before {
+                if let Some(l) = &domain.log {
+                    l.append(&Record::Settled {
+                        client: self.acct().client_id as u32,
+                        queue,
+                        position,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Queue `queue` starts at ring position `base` with `size` entries:
+    /// the requests offered again are those from `base` on, so the pending
+    /// entries of the queue at positions outside `[base, base + size)`
+    /// (mod 2^16) were answered (a crash came between the used ring and
+    /// their `Settled` record) and are settled now. Returns the positions
+    /// of the queue that still have entries: the requests there are to be
+    /// settled once answered, whatever they hold.
+    pub fn start_queue(&self, queue: u16, base: u16, size: u16) -> Vec<u16> {
+        let mut stale = Vec::new();
+        let mut kept = Vec::new();
+        {
+            let pending = self.client.pending.lock();
+            for &(q, p, _) in pending.keys() {
+                if q != queue {
+                    continue;
+                }
+                let list = if p.wrapping_sub(base) < size {
+                    &mut kept
+                } else {
+                    &mut stale
+                };
+                if list.last() != Some(&p) {
+                    list.push(p);
+                }
+            }
+        }
+        self.settle_requests(queue, &stale);
+        kept
+    }
+
+    /// The client's pending table (for tests).
+    #[doc(hidden)]
+    pub fn pending_ops(&self) -> Vec<(PendingKey, Pending)> {
+        self.client
+            .pending
+            .lock()
+            .iter()
+            .map(|(k, p)| (*k, *p))
+            .collect()
+    }
+
+    fn new_pool_at(&self, spec: PoolSpec, at: Option<OpRef>) -> Result<u32, TmemError> {
         self.journal_room()?;
         let mut table = self.client.table.write();
         if table.removed {
@@ -296,7 +485,9 @@ impl DataHandle {
             .iter()
             .position(Option::is_none)
             .ok_or(TmemError::TooManyPools)?;
-        self.open_pool(&mut table, slot, spec, true);
+        self.open_pool(&mut table, slot, spec, true, at);
+        let logged = table.domain.log.is_some();
+        self.note_pending(logged, at, OPCODE_NEW_POOL, spec.flags(), slot as u64);
         Ok(slot as u32)
     }
 
@@ -314,8 +505,15 @@ impl DataHandle {
     /// Opens a pool at the free `slot` of `table` (joining the shared pool
     /// of `spec.shared`, whose authorisation the caller checked).
     /// `log`: write its `NEW_POOL` record (not when the pool is recovered
-    /// from one).
-    pub(crate) fn open_pool(&self, table: &mut Table, slot: usize, spec: PoolSpec, log: bool) {
+    /// from one), naming the request `at` if there is one.
+    pub(crate) fn open_pool(
+        &self,
+        table: &mut Table,
+        slot: usize,
+        spec: PoolSpec,
+        log: bool,
+        at: Option<OpRef>,
+    ) {
         if log {
             // Ephemeral pools too, so that their ids survive.
             log_client(table, self.acct(), |client| Record::NewPool {
@@ -323,7 +521,7 @@ impl DataHandle {
                 pool: slot as u8,
                 flags: spec.flags(),
                 uuid: spec.shared,
-                op: OpRef::default(),
+                op: at,
             });
         }
         let pool = match spec.shared {
@@ -355,6 +553,10 @@ impl DataHandle {
 
     /// Destroys a pool (or leaves a shared one) and every page in it.
     pub fn destroy_pool(&self, pool: u32) -> Result<(), TmemError> {
+        self.destroy_pool_at(pool, None)
+    }
+
+    fn destroy_pool_at(&self, pool: u32, at: Option<OpRef>) -> Result<(), TmemError> {
         let mut table = self.client.table.write();
         if table.removed {
             return Err(TmemError::ClientGone);
@@ -367,8 +569,10 @@ impl DataHandle {
         log_client(&table, self.acct(), |client| Record::DestroyPool {
             client,
             pool: pool as u8,
-            op: OpRef::default(),
+            op: at,
         });
+        let logged = table.domain.log.is_some();
+        self.note_pending(logged, at, OPCODE_DESTROY_POOL, pool as u8, 0);
         self.store.leave_pool(&p, self.acct());
         Ok(())
     }
@@ -861,6 +1065,11 @@ impl DataHandle {
     /// is made by evicting ephemeral pages only as [`Store::evict_weighted`]
     /// allows for a requester.
     pub fn reserve(&self, pool: u32, pages: u64) -> Result<u64, TmemError> {
+        self.reserve_at(pool, pages, None)
+    }
+
+    fn reserve_at(&self, pool_id: u32, pages: u64, at: Option<OpRef>) -> Result<u64, TmemError> {
+        let pool = pool_id;
         if self.records_pages(pool) {
             self.journal_room()?;
         }
@@ -917,7 +1126,8 @@ impl DataHandle {
         }
         pool.reserved.fetch_add(granted, Ordering::AcqRel);
         if granted > 0 {
-            pool.log_reserve(&idx);
+            let logged = pool.log_reserve(&idx, at.map(|a| (a, false, granted)));
+            self.note_pending(logged, at, OPCODE_RESERVE, pool_id as u8, granted);
         }
         Ok(granted)
     }
@@ -941,15 +1151,19 @@ impl DataHandle {
         self.charge(pool, self.acct(), client_cost, host_cost)?;
         let idx = pool.lock();
         pool.reserved.fetch_add(pages, Ordering::AcqRel);
-        pool.log_reserve(&idx);
+        pool.log_reserve(&idx, None);
         Ok(())
     }
 
     /// Gives back up to `pages` unspent reserved pages; returns the pages
     /// still reserved afterwards.
     pub fn unreserve(&self, pool: u32, pages: u64) -> Result<u64, TmemError> {
+        self.unreserve_at(pool, pages, None)
+    }
+
+    fn unreserve_at(&self, pool_id: u32, pages: u64, at: Option<OpRef>) -> Result<u64, TmemError> {
         let table = self.client.table.read();
-        let pool = reservable(&table, pool)?;
+        let pool = reservable(&table, pool_id)?;
         let mut returned = 0;
         let idx = pool.lock();
         let prev = pool
@@ -959,8 +1173,10 @@ impl DataHandle {
                 Some(r - returned)
             })
             .unwrap_or(0);
+        let left = prev - returned;
         if returned > 0 {
-            pool.log_reserve(&idx);
+            let logged = pool.log_reserve(&idx, at.map(|a| (a, true, left)));
+            self.note_pending(logged, at, OPCODE_UNRESERVE, pool_id as u8, left);
         }
         drop(idx);
         account::uncharge(
@@ -968,20 +1184,30 @@ impl DataHandle {
             returned * RESERVED_PAGE_CLIENT_COST,
         );
         self.store.g.uncharge(returned * RESERVED_PAGE_HOST_COST);
-        Ok(prev - returned)
+        Ok(left)
     }
 
     /// Device reset / guest reboot: destroys every pool of this client
     /// (leaves shared ones), keeping the client and its settings.
     pub fn reset(&self) {
+        self.reset_at(None)
+    }
+
+    fn reset_at(&self, at: Option<OpRef>) {
         let mut table = self.client.table.write();
         if table.removed {
             return;
         }
         log_client(&table, self.acct(), |client| Record::Reset {
             client,
-            op: OpRef::default(),
+            op: at,
         });
+        // The pending entries were of the driver before the reset: none
+        // may answer a request of the one after it (which starts its
+        // rings and tags again).
+        self.client.pending.lock().clear();
+        let logged = table.domain.log.is_some();
+        self.note_pending(logged, at, OPCODE_RESET, 0, 0);
         for slot in table.pools.iter_mut() {
             if let Some(pool) = slot.take() {
                 self.store.leave_pool(&pool, self.acct());
@@ -1091,7 +1317,7 @@ impl AdminHandle {
                     l.append(&Record::DestroyPool {
                         client: self.client.acct.client_id as u32,
                         pool: id as u8,
-                        op: OpRef::default(),
+                        op: None,
                     });
                 }
                 if let Some(pool) = slot.take() {

@@ -347,7 +347,7 @@ impl DataHandle {
                 return Err(TmemError::NotAuthorized);
             }
         }
-        self.open_pool(&mut table, id as usize, spec, true);
+        self.open_pool(&mut table, id as usize, spec, true, None);
         Ok(())
     }
 

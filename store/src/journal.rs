@@ -15,10 +15,25 @@
 //!         | a u64          index, reservation total, flags,
 //!                          pattern                               40
 //!         | tag u64        op records: the request's tag         48
-//!         | queue u16 | position u16 | op u8 | 0 u8 x3           56
+//!         | queue u16 | position u16 | op u8 | has-request u8
+//!         | 0 u8 x2                                             56
 //!         | xxh3-64 of bytes 0..56, seeded with the epoch       64
 //! content body: entry u32 | address u32 | length u16 | form u8 | 0 u8 x13
+//! reserve body: answer u64 | opcode u8 (RESERVE or UNRESERVE; 0 without
+//!               a request) | 0 u8 x15
+//! settled:      queue u16 at 48 | position u16 at 50, the rest zero
 //! ```
+//!
+//! The op records (`NEW_POOL`, `DESTROY_POOL`, `RESERVE`, `RESET`) of an
+//! operation a guest request asked for carry the request's queue, ring
+//! position, operation index and tag, with has-request 1 (queue 0,
+//! position 0 and tag 0 are valid values, so the flag says whether there
+//! is a request); records of the store's own operations (a VM removed, an
+//! image imported) have none: has-request 0 and bytes 40..54 zero. With
+//! the answer the operation got (the pool id of `NEW_POOL`, the `RESERVE`
+//! or `UNRESERVE` value, OK for the others), they make the client's
+//! pending table ([`Pending`]); a `Settled` record says that a request's
+//! answer reached the used ring, and drops its entries.
 //!
 //! Integers are little-endian. Records are fixed size, so one that was
 //! torn or never written (its check fails, or it is all zero) is skipped
@@ -66,6 +81,15 @@ const K_NEW_POOL: u8 = 7;
 const K_DESTROY_POOL: u8 = 8;
 const K_RESERVE: u8 = 9;
 const K_RESET: u8 = 10;
+const K_SETTLED: u8 = 11;
+
+/// Opcodes of the non-idempotent operations (docs/protocol.md, section 4),
+/// as pending entries and `Reserve` records name them.
+pub const OPCODE_NEW_POOL: u8 = 1;
+pub const OPCODE_DESTROY_POOL: u8 = 2;
+pub const OPCODE_RESERVE: u8 = 7;
+pub const OPCODE_UNRESERVE: u8 = 8;
+pub const OPCODE_RESET: u8 = 9;
 
 /// How a content's bytes are stored in its slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -128,25 +152,41 @@ pub enum Record {
         pool: u8,
         object: ObjectId,
     },
-    /// A pool was created with the `NEW_POOL` flags `flags`.
+    /// A pool was created with the `NEW_POOL` flags `flags`; `op`: the
+    /// request that asked for it (its answer is `pool`).
     NewPool {
         client: u32,
         pool: u8,
         flags: u8,
         uuid: Option<Uuid>,
-        op: OpRef,
+        op: Option<OpRef>,
     },
     /// A pool was destroyed with its pages and reservation.
-    DestroyPool { client: u32, pool: u8, op: OpRef },
-    /// A pool's unspent reservation is now `total` pages.
+    DestroyPool {
+        client: u32,
+        pool: u8,
+        op: Option<OpRef>,
+    },
+    /// A pool's unspent reservation is now `total` pages. With a request,
+    /// `unreserve` says which of `RESERVE` and `UNRESERVE` it was, and
+    /// `answer` is its status value (pages granted, or still reserved).
     Reserve {
         client: u32,
         pool: u8,
         total: u64,
-        op: OpRef,
+        op: Option<OpRef>,
+        unreserve: bool,
+        answer: u64,
     },
-    /// A client was reset: every pool destroyed.
-    Reset { client: u32, op: OpRef },
+    /// A client was reset: every pool destroyed (and every pending entry).
+    Reset { client: u32, op: Option<OpRef> },
+    /// The answer of the request at `position` of `queue` is in the used
+    /// ring: its pending entries are dropped.
+    Settled {
+        client: u32,
+        queue: u16,
+        position: u16,
+    },
 }
 
 fn le16(b: &[u8], at: usize) -> u16 {
@@ -175,19 +215,27 @@ fn get_object(b: &[u8]) -> ObjectId {
     ObjectId([le64(b, 8), le64(b, 16), le64(b, 24)])
 }
 
-fn put_op(b: &mut [u8; RECORD_BYTES], op: &OpRef) {
-    b[40..48].copy_from_slice(&op.tag.to_le_bytes());
-    b[48..50].copy_from_slice(&op.queue.to_le_bytes());
-    b[50..52].copy_from_slice(&op.position.to_le_bytes());
-    b[52] = op.op;
+fn put_op(b: &mut [u8; RECORD_BYTES], op: &Option<OpRef>) {
+    if let Some(op) = op {
+        b[40..48].copy_from_slice(&op.tag.to_le_bytes());
+        b[48..50].copy_from_slice(&op.queue.to_le_bytes());
+        b[50..52].copy_from_slice(&op.position.to_le_bytes());
+        b[52] = op.op;
+        b[53] = 1;
+    }
 }
 
-fn get_op(b: &[u8]) -> OpRef {
-    OpRef {
-        tag: le64(b, 40),
-        queue: le16(b, 48),
-        position: le16(b, 50),
-        op: b[52],
+fn get_op(b: &[u8]) -> Result<Option<OpRef>, String> {
+    match b[53] {
+        0 if b[40..53].iter().all(|&x| x == 0) => Ok(None),
+        0 => Err("a request reference without its flag".into()),
+        1 => Ok(Some(OpRef {
+            tag: le64(b, 40),
+            queue: le16(b, 48),
+            position: le16(b, 50),
+            op: b[52],
+        })),
+        f => Err(format!("request flag {f}")),
     }
 }
 
@@ -276,7 +324,17 @@ impl Record {
                 pool,
                 total,
                 op,
+                unreserve,
+                answer,
             } => {
+                if op.is_some() {
+                    b[8..16].copy_from_slice(&answer.to_le_bytes());
+                    b[16] = if unreserve {
+                        OPCODE_UNRESERVE
+                    } else {
+                        OPCODE_RESERVE
+                    };
+                }
                 b[32..40].copy_from_slice(&total.to_le_bytes());
                 put_op(&mut b, &op);
                 (K_RESERVE, client, pool)
@@ -284,6 +342,15 @@ impl Record {
             Record::Reset { client, op } => {
                 put_op(&mut b, &op);
                 (K_RESET, client, 0)
+            }
+            Record::Settled {
+                client,
+                queue,
+                position,
+            } => {
+                b[48..50].copy_from_slice(&queue.to_le_bytes());
+                b[50..52].copy_from_slice(&position.to_le_bytes());
+                (K_SETTLED, client, 0)
             }
         };
         b[0] = kind;
@@ -368,23 +435,39 @@ impl Record {
                     pool,
                     flags: b[32],
                     uuid,
-                    op: get_op(b),
+                    op: get_op(b)?,
                 }
             }
             K_DESTROY_POOL => Record::DestroyPool {
                 client,
                 pool,
-                op: get_op(b),
+                op: get_op(b)?,
             },
-            K_RESERVE => Record::Reserve {
-                client,
-                pool,
-                total: le64(b, 32),
-                op: get_op(b),
-            },
+            K_RESERVE => {
+                let op = get_op(b)?;
+                let unreserve = match (op.is_some(), b[16]) {
+                    (false, 0) => false,
+                    (true, OPCODE_RESERVE) => false,
+                    (true, OPCODE_UNRESERVE) => true,
+                    (_, o) => return Err(format!("reservation of opcode {o}")),
+                };
+                Record::Reserve {
+                    client,
+                    pool,
+                    total: le64(b, 32),
+                    op,
+                    unreserve,
+                    answer: le64(b, 8),
+                }
+            }
             K_RESET => Record::Reset {
                 client,
-                op: get_op(b),
+                op: get_op(b)?,
+            },
+            K_SETTLED => Record::Settled {
+                client,
+                queue: le16(b, 48),
+                position: le16(b, 50),
             },
             k => return Err(format!("unknown record kind {k}")),
         };
@@ -682,13 +765,109 @@ pub struct ReplayedPool {
     pub pages: BTreeMap<(ObjectId, u64), u32>,
 }
 
-/// A non-idempotent operation's record, for answering it again.
+/// Where a pending entry is: the request's queue and ring position, and
+/// the operation's index in the request.
+pub type PendingKey = (u16, u16, u8);
+
+/// A non-idempotent operation whose request is not known to be answered
+/// (docs/protocol.md section 8, "Requests offered twice"): what a request
+/// offered again at its place must ask to be answered from it, and the
+/// answer. Only operations that succeeded have one (a failed one changed
+/// nothing and may run again), so the answer's status is OK.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Answered {
-    pub client: u32,
-    pub op: OpRef,
-    /// The record that settled it.
-    pub record: Record,
+pub struct Pending {
+    /// The request header's tag.
+    pub tag: u64,
+    /// The operation's opcode (`OPCODE_*`).
+    pub opcode: u8,
+    /// What it named: the `NEW_POOL` flags, the pool id of the others
+    /// (0 for `RESET`).
+    pub asked: u8,
+    /// The status value it was answered: the pool id of `NEW_POOL`, the
+    /// pages granted by `RESERVE` or still reserved after `UNRESERVE`, 0.
+    pub value: u64,
+}
+
+/// Each client's pending table, by durable number.
+pub type PendingTables = BTreeMap<u32, BTreeMap<PendingKey, Pending>>;
+
+impl Record {
+    /// The pending entry an op record makes, with its client and key
+    /// (none for records of other kinds or without a request).
+    pub fn pending(&self) -> Option<(u32, PendingKey, Pending)> {
+        let (client, op, opcode, asked, value) = match *self {
+            Record::NewPool {
+                client,
+                pool,
+                flags,
+                op: Some(op),
+                ..
+            } => (client, op, OPCODE_NEW_POOL, flags, u64::from(pool)),
+            Record::DestroyPool {
+                client,
+                pool,
+                op: Some(op),
+            } => (client, op, OPCODE_DESTROY_POOL, pool, 0),
+            Record::Reserve {
+                client,
+                pool,
+                op: Some(op),
+                unreserve,
+                answer,
+                ..
+            } => {
+                let opcode = if unreserve {
+                    OPCODE_UNRESERVE
+                } else {
+                    OPCODE_RESERVE
+                };
+                (client, op, opcode, pool, answer)
+            }
+            Record::Reset {
+                client,
+                op: Some(op),
+            } => (client, op, OPCODE_RESET, 0, 0),
+            _ => return None,
+        };
+        Some((
+            client,
+            (op.queue, op.position, op.op),
+            Pending {
+                tag: op.tag,
+                opcode,
+                asked,
+                value,
+            },
+        ))
+    }
+}
+
+/// Applies `r` to the pending tables: an op record with a request adds
+/// its entry (replacing one at its key), a reset first drops every entry
+/// of its client, a `Settled` record drops the entries of its request.
+pub fn apply_pending(tables: &mut PendingTables, r: &Record) {
+    match *r {
+        Record::Reset { client, .. } => {
+            tables.remove(&client);
+        }
+        Record::Settled {
+            client,
+            queue,
+            position,
+        } => {
+            if let Some(t) = tables.get_mut(&client) {
+                t.retain(|&(q, p, _), _| (q, p) != (queue, position));
+                if t.is_empty() {
+                    tables.remove(&client);
+                }
+            }
+            return;
+        }
+        _ => {}
+    }
+    if let Some((client, key, p)) = r.pending() {
+        tables.entry(client).or_default().insert(key, p);
+    }
 }
 
 /// A domain's metadata as replayed: what recovery adopts.
@@ -699,8 +878,8 @@ pub struct Replayed {
     /// Content entries that some page references, with where they are.
     /// Entries no page references are left out: their slots are free.
     pub contents: HashMap<u32, Stored>,
-    /// Non-idempotent operations, in journal order.
-    pub answered: Vec<Answered>,
+    /// Each client's pending table (see [`Pending`]).
+    pub pending: PendingTables,
 }
 
 /// Replayed clients by durable number, their pools by id.
@@ -755,7 +934,7 @@ pub fn replay(
     let Replayed {
         mut clients,
         mut contents,
-        mut answered,
+        mut pending,
     } = base;
     // Persistent pages referencing each entry: an entry is only defined
     // again once none does (rule 3), so a redefinition of one still
@@ -769,6 +948,7 @@ pub fn replay(
         }
     }
     for &(n, r) in records {
+        apply_pending(&mut pending, &r);
         let bad = |what: String| JournalError::Record(path.to_path_buf(), n, what);
         let persistent = |p: &ReplayedPool| -> Result<(), JournalError> {
             if p.flags & POOL_PERSISTENT == 0 {
@@ -862,7 +1042,7 @@ pub fn replay(
                 pool,
                 flags,
                 uuid,
-                op,
+                ..
             } => {
                 if u32::from(pool) >= MAX_POOLS_PER_CLIENT {
                     return Err(bad(format!("pool id {pool} out of range")));
@@ -882,51 +1062,32 @@ pub fn replay(
                         ..Default::default()
                     },
                 );
-                answered.push(Answered {
-                    client,
-                    op,
-                    record: r,
-                });
             }
-            Record::DestroyPool { client, pool, op } => {
+            Record::DestroyPool { client, pool, .. } => {
                 pool_of(&mut clients, client, pool, path, n)?;
                 if let Some(p) = clients.get_mut(&client).and_then(|c| c.remove(&pool)) {
                     for c in p.pages.into_values() {
                         drop_ref(&mut refs, c);
                     }
                 }
-                answered.push(Answered {
-                    client,
-                    op,
-                    record: r,
-                });
             }
             Record::Reserve {
                 client,
                 pool,
                 total,
-                op,
+                ..
             } => {
                 let p = pool_of(&mut clients, client, pool, path, n)?;
                 persistent(p)?;
                 p.reserved = total;
-                answered.push(Answered {
-                    client,
-                    op,
-                    record: r,
-                });
             }
-            Record::Reset { client, op } => {
+            Record::Settled { .. } => {}
+            Record::Reset { client, .. } => {
                 for p in std::mem::take(clients.entry(client).or_default()).into_values() {
                     for c in p.pages.into_values() {
                         drop_ref(&mut refs, c);
                     }
                 }
-                answered.push(Answered {
-                    client,
-                    op,
-                    record: r,
-                });
             }
         }
     }
@@ -946,7 +1107,7 @@ pub fn replay(
     Ok(Replayed {
         clients,
         contents: live,
-        answered,
+        pending,
     })
 }
 
@@ -956,13 +1117,13 @@ mod tests {
 
     const EPOCH: u64 = 0x1234_5678_9abc_def0;
 
-    fn op(position: u16) -> OpRef {
-        OpRef {
+    fn op(position: u16) -> Option<OpRef> {
+        Some(OpRef {
             queue: 1,
             position,
             op: 2,
             tag: 0xfeed,
-        }
+        })
     }
 
     fn object(n: u64) -> ObjectId {
@@ -1043,6 +1204,21 @@ mod tests {
                 pool: 0,
                 total: 12,
                 op: op(3),
+                unreserve: false,
+                answer: 12,
+            },
+            Record::Reserve {
+                client: 3,
+                pool: 0,
+                total: 12,
+                op: None,
+                unreserve: false,
+                answer: 0,
+            },
+            Record::Settled {
+                client: 3,
+                queue: 1,
+                position: 2,
             },
             Record::DestroyPool {
                 client: 3,
@@ -1099,8 +1275,24 @@ mod tests {
                 form: Form::Lz4
             }
         );
-        assert_eq!(r.answered.len(), 5);
-        assert_eq!(r.answered[0].op, op(1));
+        // Pending: the first pool's (position 1), the reservation's and
+        // the destruction's; the second pool's was settled, client 4's
+        // reset is its own.
+        let keys: Vec<PendingKey> = r.pending[&3].keys().copied().collect();
+        assert_eq!(keys, vec![(1, 1, 2), (1, 3, 2), (1, 4, 2)]);
+        assert_eq!(
+            r.pending[&3][&(1, 3, 2)],
+            Pending {
+                tag: 0xfeed,
+                opcode: OPCODE_RESERVE,
+                asked: 0,
+                value: 12
+            }
+        );
+        assert_eq!(r.pending[&3][&(1, 1, 2)].value, 0);
+        assert_eq!(r.pending[&3][&(1, 1, 2)].asked, POOL_PERSISTENT);
+        assert_eq!(r.pending[&4].len(), 1);
+        assert_eq!(r.pending[&4][&(1, 5, 2)].opcode, OPCODE_RESET);
     }
 
     #[test]
@@ -1236,6 +1428,51 @@ mod tests {
         assert_eq!(
             forge(&|r| r[18] = 7),
             "journal /state/d1.journal: record 1: content of unknown form 7"
+        );
+    }
+
+    /// The request flag says whether there is a request: queue, position
+    /// and tag 0 are one; request bytes without the flag are not.
+    #[test]
+    fn a_request_is_marked_and_checked() {
+        let forge = |r: &Record, f: &dyn Fn(&mut [u8; RECORD_BYTES])| {
+            let mut b = r.encode(EPOCH);
+            f(&mut b);
+            let check = xxh3_64_with_seed(&b[..CHECKED], EPOCH);
+            b[CHECKED..].copy_from_slice(&check.to_le_bytes());
+            Record::decode(&b, EPOCH)
+        };
+        let zero = Record::Reset {
+            client: 1,
+            op: Some(OpRef::default()),
+        };
+        assert_eq!(zero.encode(EPOCH)[53], 1);
+        assert_eq!(forge(&zero, &|_| {}), Ok(Some(zero)));
+        let none = Record::Reset {
+            client: 1,
+            op: None,
+        };
+        assert_eq!(forge(&none, &|_| {}), Ok(Some(none)));
+        assert_eq!(
+            forge(&none, &|b| b[41] = 1),
+            Err("a request reference without its flag".to_string())
+        );
+        assert_eq!(
+            forge(&none, &|b| b[53] = 2),
+            Err("request flag 2".to_string())
+        );
+        let reserve = Record::Reserve {
+            client: 1,
+            pool: 0,
+            total: 3,
+            op: op(9),
+            unreserve: true,
+            answer: 3,
+        };
+        assert_eq!(forge(&reserve, &|_| {}), Ok(Some(reserve)));
+        assert_eq!(
+            forge(&reserve, &|b| b[16] = 3),
+            Err("reservation of opcode 3".to_string())
         );
     }
 

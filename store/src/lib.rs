@@ -168,17 +168,18 @@ pub use account::{
 };
 pub use alloc::{CHUNK_BYTES, CLASS_STEP};
 pub use api::{ClientConfig, ClientStats, PoolStats, StoreConfig, StoreStats, TmemError};
-pub use client::{AdminHandle, DataHandle, Taken, MAX_RESERVE_PAGES};
+pub use client::{AdminHandle, DataHandle, OnceAnswer, OnceOp, Taken, MAX_RESERVE_PAGES};
 pub use content::RAW_THRESHOLD;
 pub use evict::EVICT_BATCH;
 pub use image::{ImageError, ImageSummary, IMAGE_MAGIC, IMAGE_VERSION, MAX_FRAME};
+pub use journal::OpRef;
 pub use persist::{PersistError, Recovered};
 
 use account::{Acct, Global};
 use client::{log_client, Client, Meta, Table};
 use content::Domain;
 use evictable::EvictableLists;
-use journal::{OpRef, Record};
+use journal::Record;
 use persist::{DomainLog, Persist};
 use pool::{KeyedState, Pool};
 
@@ -401,6 +402,7 @@ impl Store {
                 dedup_group: config.dedup_group,
                 authorized,
             }),
+            pending: Mutex::new(Default::default()),
         });
         clients.insert(name.to_string(), client.clone());
         self.accts.write().push(acct);
@@ -427,8 +429,11 @@ impl Store {
         table.removed = true;
         log_client(&table, &client.acct, |client| Record::Reset {
             client,
-            op: OpRef::default(),
+            op: None,
         });
+        // As a reset does (and replay of its record): no entry may answer
+        // for a client that is gone.
+        client.pending.lock().clear();
         for slot in table.pools.iter_mut() {
             if let Some(pool) = slot.take() {
                 self.leave_pool(&pool, &client.acct);
@@ -658,7 +663,10 @@ impl Store {
     /// the client map (no client comes or goes), each member's pool table
     /// (no pool is created or destroyed), each of its private pools (no
     /// page record), then every shard (no content record); so the live
-    /// metadata read is exactly what the journal so far replays to.
+    /// metadata read is exactly what the journal so far replays to. Each
+    /// member's pending table is locked last (no `Settled` record, and an
+    /// op record's entry is added under the table's or pool's lock), so
+    /// the snapshot carries exactly the entries the journal replays to.
     fn checkpoint(&self, domain: &Arc<Domain>) -> Result<(), PersistError> {
         let (Some(p), Some(log)) = (&self.persist, &domain.log) else {
             return Ok(());
@@ -668,10 +676,12 @@ impl Store {
         };
         let map = self.clients.read();
         let mut tables = Vec::new();
+        let mut members = Vec::new();
         for c in map.values() {
             let t = c.table.read();
             if Arc::ptr_eq(&t.domain, domain) {
                 tables.push((c.acct.client_id as u32, t));
+                members.push(c);
             }
         }
         let mut state = journal::Replayed::default();
@@ -721,10 +731,19 @@ impl Store {
                 pools.insert(id as u8, rp);
             }
         }
+        let mut pending = Vec::new();
+        for c in &members {
+            let p = c.pending.lock();
+            if !p.is_empty() {
+                state.pending.insert(c.acct.client_id as u32, p.clone());
+            }
+            pending.push(p);
+        }
         let r = domain.with_logged_contents(|contents| {
             state.contents = contents;
             log.restart(&p.dir, &state)
         });
+        drop(pending);
         drop(locked);
         drop(tables);
         drop(map);

@@ -517,6 +517,13 @@ impl Store {
                         dedup_group: group.clone(),
                         authorized: Vec::new(),
                     }),
+                    pending: Mutex::new(
+                        rec.state
+                            .pending
+                            .get(&number_c)
+                            .cloned()
+                            .unwrap_or_default(),
+                    ),
                 });
                 store.clients.write().insert(name.clone(), client.clone());
                 store.accts.write().push(acct.clone());

@@ -912,15 +912,25 @@ impl Pool {
 
     /// Writes the pool's reservation total (under its lock, after the
     /// change): what is unspent plus what reserved puts in flight took.
-    pub fn log_reserve(&self, idx: &PoolIndex) {
-        if let Some(j) = self.page_log() {
-            j.log.append(&Record::Reserve {
-                client: j.client,
-                pool: j.pool,
-                total: self.reserved.load(Ordering::Acquire) + idx.pending_reserved,
-                op: OpRef::default(),
-            });
-        }
+    /// `asked`: the request's `RESERVE` (`false`) or `UNRESERVE` (`true`)
+    /// that made the change, and its answer. Whether a record was written.
+    pub fn log_reserve(&self, idx: &PoolIndex, asked: Option<(OpRef, bool, u64)>) -> bool {
+        let Some(j) = self.page_log() else {
+            return false;
+        };
+        let (op, unreserve, answer) = match asked {
+            Some((op, unreserve, answer)) => (Some(op), unreserve, answer),
+            None => (None, false, 0),
+        };
+        j.log.append(&Record::Reserve {
+            client: j.client,
+            pool: j.pool,
+            total: self.reserved.load(Ordering::Acquire) + idx.pending_reserved,
+            op,
+            unreserve,
+            answer,
+        });
+        true
     }
 
     /// A reserved put takes one page of the reservation (under the pool's
@@ -951,7 +961,7 @@ impl Pool {
         }
         let mut idx = self.lock();
         idx.pending_reserved = idx.pending_reserved.saturating_sub(1);
-        self.log_reserve(&idx);
+        self.log_reserve(&idx, None);
     }
 
     fn publish_head(&self, idx: &PoolIndex) {

@@ -15,7 +15,8 @@
 //!     | objects u32, then each: object [u64; 3] | blocks u32, then each:
 //!         block u64 | mask u16 | one entry u32 per bit of the mask
 //!         (the page at index block × 16 + bit)
-//! answered u32, then each: client u32 | the journal record (epoch 0)
+//! pending u32, then each: client u32 | queue u16 | position u16 | op u8
+//!     | opcode u8 | asked u8 | 0 u8 | tag u64 | value u64     (28 bytes)
 //! xxh3-64 of everything before it
 //! ```
 //!
@@ -26,6 +27,10 @@
 //! to `NAME.new` and renamed over `NAME`, so a crash leaves the old one or
 //! the new one, never a mix; the checksum and every count are checked
 //! all the same, and anything wrong is an error naming the file.
+//!
+//! The pending entries are each client's pending table (`journal.rs`,
+//! [`Pending`]): the non-idempotent operations whose requests were not
+//! known answered when the snapshot was taken.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, OpenOptions};
@@ -39,16 +44,17 @@ use vtmem_protocol::{
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::journal::{
-    Answered, Form, Record, Replayed, ReplayedPool, Stored, RECORD_BYTES, ZERO_CONTENT,
+    Form, Pending, Replayed, ReplayedPool, Stored, OPCODE_DESTROY_POOL, OPCODE_NEW_POOL,
+    OPCODE_RESERVE, OPCODE_RESET, OPCODE_UNRESERVE, ZERO_CONTENT,
 };
 
 /// First bytes of a snapshot.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"VTMEMSNP";
-/// The one version this store writes and reads.
-pub const SNAPSHOT_VERSION: u32 = 1;
-/// Non-idempotent operations a snapshot keeps per client and queue (the
-/// latest): more than a queue can have in flight when the daemon dies.
-pub const ANSWERED_PER_QUEUE: usize = 64;
+/// The one version this store writes and reads (2: pending entries
+/// instead of version 1's answered records).
+pub const SNAPSHOT_VERSION: u32 = 2;
+/// Bytes of a pending entry.
+const PENDING_BYTES: usize = 28;
 
 const FORM_LZ4: u8 = 0;
 const FORM_RAW: u8 = 1;
@@ -117,23 +123,16 @@ pub fn encode(epoch: u64, domain: u64, state: &Replayed) -> Vec<u8> {
             encode_pages(&mut b, &p.pages);
         }
     }
-    // The latest answered operations of each client's queue.
-    let mut per_queue: HashMap<(u32, u16), usize> = HashMap::new();
-    let mut keep: Vec<&Answered> = state
-        .answered
-        .iter()
-        .rev()
-        .filter(|a| {
-            let n = per_queue.entry((a.client, a.op.queue)).or_default();
-            *n += 1;
-            *n <= ANSWERED_PER_QUEUE
-        })
-        .collect();
-    keep.reverse();
-    put_u32(&mut b, keep.len());
-    for a in keep {
-        b.extend_from_slice(&a.client.to_le_bytes());
-        b.extend_from_slice(&a.record.encode(0));
+    put_u32(&mut b, state.pending.values().map(BTreeMap::len).sum());
+    for (client, table) in &state.pending {
+        for (&(queue, position, op), p) in table {
+            b.extend_from_slice(&client.to_le_bytes());
+            b.extend_from_slice(&queue.to_le_bytes());
+            b.extend_from_slice(&position.to_le_bytes());
+            b.extend_from_slice(&[op, p.opcode, p.asked, 0]);
+            b.extend_from_slice(&p.tag.to_le_bytes());
+            b.extend_from_slice(&p.value.to_le_bytes());
+        }
     }
     let check = xxh3_64(&b);
     b.extend_from_slice(&check.to_le_bytes());
@@ -334,25 +333,35 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
             return Err(c.bad(format!("client {client} listed twice")));
         }
     }
-    for _ in 0..c.count(4 + RECORD_BYTES, "answered operations")? {
+    for _ in 0..c.count(PENDING_BYTES, "pending operations")? {
         let client = c.u32()?;
-        let mut r = [0u8; RECORD_BYTES];
-        r.copy_from_slice(c.take(RECORD_BYTES)?);
-        let record = match Record::decode(&r, 0) {
-            Ok(Some(
-                rec @ (Record::NewPool { op, .. }
-                | Record::DestroyPool { op, .. }
-                | Record::Reserve { op, .. }
-                | Record::Reset { op, .. }),
-            )) => Answered {
-                client,
-                op,
-                record: rec,
-            },
-            Ok(_) => return Err(c.bad("an answered operation that is not one")),
-            Err(what) => return Err(c.bad(format!("an answered operation: {what}"))),
+        let key = (c.u16()?, c.u16()?, c.u8()?);
+        let (opcode, asked, zero) = (c.u8()?, c.u8()?, c.u8()?);
+        let p = Pending {
+            tag: c.u64()?,
+            opcode,
+            asked,
+            value: c.u64()?,
         };
-        state.answered.push(record);
+        if !matches!(
+            opcode,
+            OPCODE_NEW_POOL
+                | OPCODE_DESTROY_POOL
+                | OPCODE_RESERVE
+                | OPCODE_UNRESERVE
+                | OPCODE_RESET
+        ) || zero != 0
+        {
+            return Err(c.bad(format!(
+                "client {client}: a pending operation of opcode {opcode}"
+            )));
+        }
+        let table = state.pending.entry(client).or_default();
+        if table.insert(key, p).is_some() {
+            return Err(c.bad(format!(
+                "client {client}: pending operation {key:?} listed twice"
+            )));
+        }
     }
     if c.at != body.len() {
         return Err(c.bad(format!("{} bytes after the end", body.len() - c.at)));
@@ -437,7 +446,6 @@ pub fn read_snapshot(path: &Path) -> Result<Snapshot, SnapshotError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::OpRef;
 
     fn sample() -> Replayed {
         let mut r = Replayed::default();
@@ -480,23 +488,16 @@ mod tests {
             BTreeMap::from([(0, p), (3, shared), (4, ReplayedPool::default())]),
         );
         r.clients.insert(2, BTreeMap::new());
-        for i in 0..(2 * ANSWERED_PER_QUEUE as u16 + 10) {
-            let op = OpRef {
-                queue: i % 2,
-                position: i,
-                op: 0,
-                tag: u64::from(i),
-            };
-            r.answered.push(Answered {
-                client: 1,
-                op,
-                record: Record::Reserve {
-                    client: 1,
-                    pool: 0,
-                    total: 5,
-                    op,
+        for i in 0..10u16 {
+            r.pending.entry(1 + u32::from(i % 2)).or_default().insert(
+                (i % 3, i.wrapping_mul(7919), i as u8),
+                Pending {
+                    tag: u64::from(i) << 40,
+                    opcode: [OPCODE_NEW_POOL, OPCODE_RESERVE, OPCODE_RESET][usize::from(i % 3)],
+                    asked: i as u8,
+                    value: u64::MAX - u64::from(i),
                 },
-            });
+            );
         }
         r
     }
@@ -506,19 +507,20 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_round_trips_keeping_the_latest_answers_per_queue() {
+    fn a_snapshot_round_trips_with_its_pending_operations() {
         let r = sample();
         let b = encode(11, 2, &r);
         let s = decode(path(), &b).unwrap();
         assert_eq!((s.epoch, s.domain), (11, 2));
         assert_eq!(s.state.contents, r.contents);
         assert_eq!(s.state.clients, r.clients);
-        // 138 answers over two queues: the last 64 of each.
-        assert_eq!(s.state.answered.len(), 128);
-        assert_eq!(s.state.answered[0].op.position, 10);
-        assert_eq!(s.state.answered.last(), r.answered.last());
+        assert_eq!(s.state.pending, r.pending);
+        assert_eq!(
+            s.state.pending.values().map(BTreeMap::len).sum::<usize>(),
+            10
+        );
         // Dense blocks: 7 + 1 pages, 3 contents, in a few hundred bytes.
-        assert!(b.len() < 32 + 3 * 11 + 300 + 128 * 68, "{}", b.len());
+        assert!(b.len() < 32 + 3 * 11 + 300 + 10 * 28, "{}", b.len());
     }
 
     #[test]
@@ -609,13 +611,12 @@ mod tests {
             "snapshot /state/d1.snap: content entry 8: 17 bytes"
         );
         let mut r = sample();
-        // (The oldest answers are not written: change the latest.)
-        if let Some(a) = r.answered.last_mut() {
-            a.record = Record::Move { entry: 1, addr: 1 };
+        if let Some(p) = r.pending.get_mut(&2).and_then(|t| t.values_mut().next()) {
+            p.opcode = 3;
         }
         assert_eq!(
             forge(&r),
-            "snapshot /state/d1.snap: an answered operation that is not one"
+            "snapshot /state/d1.snap: client 2: a pending operation of opcode 3"
         );
         // A count larger than the file.
         let mut b = encode(1, 1, &Replayed::default());
