@@ -20,6 +20,9 @@
 //! A chunk's memory is reserved at full size but written, and so made
 //! resident, one slot at a time; [`Slab::footprint`] counts what has been
 //! written (the *touched* bytes), which is what the chunk really costs.
+//! A chunk in the arena is allocated whole when it is made (so that a full
+//! file system refuses it then, rather than a write to it killing the
+//! process), and costs its whole size.
 //!
 //! The allocator is not synchronised: each dedup shard owns one, under the
 //! shard's lock.
@@ -516,9 +519,14 @@ impl Slab {
     }
 
     /// Bytes of chunk memory in use or written before: live slots and
-    /// holes (what the allocator costs).
+    /// holes (what the allocator costs). A chunk in the arena is taken
+    /// whole when it is made (`Arena::alloc`), so it costs all its bytes.
     pub fn footprint(&self) -> u64 {
-        self.touched
+        if self.arena.is_some() {
+            self.chunks * CHUNK_BYTES as u64
+        } else {
+            self.touched
+        }
     }
 
     /// Bytes of live slots.

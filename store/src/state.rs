@@ -532,6 +532,19 @@ impl Arena {
         .map_err(|e| StateError::Io(self.arena_path.clone(), e.into()))
     }
 
+    /// Allocates bytes `from..to` of extent `n` (zeroed where they were a
+    /// hole): writes to them can no longer fail for want of memory.
+    fn allocate_range(&self, n: u32, from: usize, to: usize) -> Result<(), StateError> {
+        debug_assert!(from <= to && to <= EXTENT_BYTES);
+        fallocate(
+            &self.arena,
+            FallocateFlags::KEEP_SIZE,
+            u64::from(n) * EXTENT_BYTES as u64 + from as u64,
+            (to - from) as u64,
+        )
+        .map_err(|e| StateError::Io(self.arena_path.clone(), e.into()))
+    }
+
     fn write_entry(&self, n: u32, b: &[u8; ENTRY as usize]) -> Result<(), StateError> {
         self.chunks
             .write_all_at(b, HEADER + ENTRY * u64::from(n))
@@ -557,7 +570,15 @@ impl Arena {
                 }
             }
         };
-        if let Err(e) = self.write_entry(n, &tag.encode(n)) {
+        // The extent's memory is taken now, all of it: a file system that
+        // is full says so here (the put is refused), where a write to a
+        // page of the mapping it cannot back would kill the process with
+        // SIGBUS.
+        let taken = self
+            .allocate_range(n, 0, EXTENT_BYTES)
+            .and_then(|()| self.write_entry(n, &tag.encode(n)));
+        if let Err(e) = taken {
+            let _ = self.punch(n);
             self.free.lock().list.push(n);
             return Err(e);
         }
@@ -632,16 +653,19 @@ impl Extent {
 }
 
 impl Extent {
-    /// Zeroes the extent from byte `from` (rounded up to a 4 KiB page) to
-    /// its end, giving that memory back: what an adopted chunk does above
-    /// the slots it uses, which an earlier process may have written.
+    /// Zeroes the extent from byte `from` to its end: what an adopted
+    /// chunk does above the slots it uses, which an earlier process may
+    /// have written.
     pub fn zero_from(&mut self, from: usize) -> Result<(), StateError> {
         let from = from.min(EXTENT_BYTES);
         let page = from.div_ceil(4096) * 4096;
         // Up to the page boundary by hand (that page holds slots in use).
         self.bytes_mut()[from..page.min(EXTENT_BYTES)].fill(0);
         if page < EXTENT_BYTES {
+            // Punched to zero it, allocated again so that later writes
+            // cannot fail (see `Arena::alloc`).
             self.arena.punch_range(self.n, page, EXTENT_BYTES)?;
+            self.arena.allocate_range(self.n, page, EXTENT_BYTES)?;
         }
         Ok(())
     }
