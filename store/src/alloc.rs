@@ -284,8 +284,8 @@ impl Slab {
                             };
                             match a.arena.alloc(tag) {
                                 Ok(e) => Mem::Arena(Box::new(e)),
-                                Err(e) => {
-                                    log::warn!("slab: no chunk from the arena: {e}");
+                                // The arena logs why (once while it lasts).
+                                Err(_) => {
                                     class.spare.push(n);
                                     return None;
                                 }

@@ -18,6 +18,7 @@ use super::journal::{
     OpRef, Pending, PendingKey, Record, OPCODE_DESTROY_POOL, OPCODE_NEW_POOL, OPCODE_RESERVE,
     OPCODE_RESET, OPCODE_UNRESERVE,
 };
+use super::persist::Room;
 use super::pool::{Got, NewPage, Pool, PoolLog, DEDUP_BIT};
 use super::{ClientConfig, ClientStats, Page, PoolStats, Store, TmemError, PAGE_SIZE};
 
@@ -631,8 +632,12 @@ impl DataHandle {
         let Some(log) = &domain.log else {
             return Ok(());
         };
-        if log.has_room() {
-            return Ok(());
+        match log.room() {
+            Room::Yes => return Ok(()),
+            // A checkpoint would need room on the same file system; the
+            // journal logged the cause once.
+            Room::FileSystemFull => return Err(TmemError::NoSpace),
+            Room::JournalFull => {}
         }
         if let Err(e) = self.store.checkpoint(&domain) {
             log::error!("checkpoint of a dedup domain failed: {e}");

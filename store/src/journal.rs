@@ -52,6 +52,8 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use parking_lot::Mutex;
+use rustix::fs::{fallocate, FallocateFlags};
 use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
 use vtmem_protocol::{
     ObjectId, Uuid, MAX_POOLS_PER_CLIENT, PAGE_SIZE, POOL_PERSISTENT, POOL_SHARED,
@@ -490,6 +492,8 @@ pub enum JournalError {
     BadHeader(PathBuf),
     #[error("journal {0}: full ({1} bytes); a checkpoint is due")]
     Full(PathBuf, u64),
+    #[error("journal {0}: no room on its file system for more records: {1}")]
+    NoRoom(PathBuf, io::Error),
     #[error("journal {0}: {1} bytes, shorter than its header")]
     Truncated(PathBuf, u64),
     #[error("journal {0}: record {1}: {2}")]
@@ -522,14 +526,24 @@ fn header(epoch: u64, domain: u64) -> [u8; RECORD_BYTES] {
 #[derive(Debug)]
 pub struct JournalWriter {
     path: PathBuf,
-    /// Kept open with the mapping (not needed by it, but it names it).
-    _file: File,
+    /// Kept open with the mapping; places are allocated through it.
+    file: File,
     base: NonNull<u8>,
     /// Bytes mapped, header included.
     capacity: u64,
     epoch: u64,
     tail: AtomicU64,
+    /// Bytes from the start that are allocated on the file system, so
+    /// that writing them through the mapping cannot fail: the file is
+    /// sparse, and a write to a hole its file system cannot fill (a full
+    /// tmpfs) would kill the process with SIGBUS. Grown ahead of the tail
+    /// by [`ALLOCATE_STEP`], under `grow`.
+    allocated: AtomicU64,
+    grow: Mutex<()>,
 }
+
+/// Bytes a journal's allocation grows by (4096 records).
+pub const ALLOCATE_STEP: u64 = 4096 * RECORD_BYTES as u64;
 
 // SAFETY: appends write disjoint places of the mapping (each is taken once,
 // by the atomic add), and nothing reads the mapping: it may be used from
@@ -578,14 +592,49 @@ impl JournalWriter {
         .map_err(|e| io(e.into()))?;
         let base = NonNull::new(p.cast::<u8>())
             .ok_or_else(|| io(io::Error::other("mmap returned null")))?;
-        Ok(JournalWriter {
+        let w = JournalWriter {
             path: path.to_path_buf(),
-            _file: file,
+            file,
             base,
             capacity,
             epoch,
             tail: AtomicU64::new(RECORD_BYTES as u64),
-        })
+            allocated: AtomicU64::new(0),
+            grow: Mutex::new(()),
+        };
+        w.allocate_to(ALLOCATE_STEP)?;
+        Ok(w)
+    }
+
+    /// Allocates the file's first `to` bytes (at most its capacity), and
+    /// [`ALLOCATE_STEP`] more if it must grow at all.
+    fn allocate_to(&self, to: u64) -> Result<(), JournalError> {
+        if to <= self.allocated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one = self.grow.lock();
+        let have = self.allocated.load(Ordering::Acquire);
+        if to <= have {
+            return Ok(());
+        }
+        let want = to.max(have + ALLOCATE_STEP).min(self.capacity);
+        fallocate(&self.file, FallocateFlags::KEEP_SIZE, have, want - have)
+            .map_err(|e| JournalError::NoRoom(self.path.clone(), e.into()))?;
+        self.allocated.store(want, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes sure the next `records` places are allocated (see
+    /// `allocated`); an error if the file system has no room for them.
+    pub fn allocate_ahead(&self, records: u64) -> Result<(), JournalError> {
+        let tail = self.tail.load(Ordering::Relaxed);
+        self.allocate_to(tail.saturating_add(records.saturating_mul(RECORD_BYTES as u64)))
+    }
+
+    /// Places allocated past the tail.
+    pub fn allocated_ahead(&self) -> u64 {
+        let tail = self.tail.load(Ordering::Relaxed);
+        self.allocated.load(Ordering::Acquire).saturating_sub(tail) / RECORD_BYTES as u64
     }
 
     /// The journal's file.
@@ -620,6 +669,10 @@ impl JournalWriter {
         if at + RECORD_BYTES as u64 > self.capacity {
             return Err(JournalError::Full(self.path.clone(), self.capacity));
         }
+        // Never a write to a place the file system may not be able to
+        // fill: the record is refused instead (a lost record, as in a
+        // full journal).
+        self.allocate_to(at + RECORD_BYTES as u64)?;
         let rec = r.encode(self.epoch);
         // SAFETY: `at + RECORD_BYTES <= capacity` (checked above), so the
         // place lies inside the mapping.

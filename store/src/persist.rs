@@ -24,7 +24,7 @@ use parking_lot::{Mutex, RwLock};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::clients::ClientsFile;
-use super::journal::{JournalError, JournalWriter, Record, Replayed};
+use super::journal::{JournalError, JournalWriter, Record, Replayed, RECORD_BYTES};
 use super::recover::{journal_path, snapshot_path, RecoverError};
 use super::snapshot::{write_snapshot, SnapshotError};
 use super::state::{Arena, StateDir, StateError};
@@ -44,6 +44,21 @@ pub const JOURNAL_RECORDS: u64 = 1 << 22;
 /// [`DomainLog::has_room`]): each writes a few records (a put at most
 /// three), and no more than a few hundred run at once.
 pub const JOURNAL_MARGIN: u64 = 1 << 16;
+
+/// Records a journal keeps allocated on its file system past its tail, at
+/// least, for operations that found room: each writes at most three
+/// records, and one runs at a time per queue worker.
+pub const ALLOCATED_MARGIN: u64 = 1024;
+
+/// Whether a journal has room for an operation that adds to the state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Room {
+    Yes,
+    /// Within its margin of its capacity: a checkpoint is due.
+    JournalFull,
+    /// Its file system has no room for places ahead of its tail.
+    FileSystemFull,
+}
 
 /// Fewest records a journal holds before a checkpoint is due (1 MiB).
 pub const MIN_CHECKPOINT_RECORDS: u64 = 16384;
@@ -103,6 +118,8 @@ pub struct DomainLog {
     /// check for room first, need not take the journal's lock to learn
     /// that it is far from full.
     tight: AtomicBool,
+    /// The journal's file system had no room at the last look.
+    no_room: AtomicBool,
     /// Held by the one checkpoint running.
     pub(crate) checkpointing: Mutex<()>,
 }
@@ -182,6 +199,7 @@ impl DomainLog {
             bound: AtomicU64::new(bound),
             due: AtomicBool::new(false),
             tight: AtomicBool::new(false),
+            no_room: AtomicBool::new(false),
             checkpointing: Mutex::new(()),
         })
     }
@@ -206,7 +224,7 @@ impl DomainLog {
         delete_other_journals(dir, self.number, &keep);
         self.bound.store(bound, Ordering::Relaxed);
         self.due.store(false, Ordering::Release);
-        let records = self.journal.read().capacity() / super::journal::RECORD_BYTES as u64;
+        let records = self.journal.read().capacity() / RECORD_BYTES as u64;
         self.tight
             .store(self.near_end(0, records), Ordering::Release);
         Ok(())
@@ -237,12 +255,42 @@ impl DomainLog {
     /// lost to a full journal. Removals are not refused (a lost removal
     /// brings back a page the guest dropped, never loses one it stored).
     pub fn has_room(&self) -> bool {
+        self.room() == Room::Yes
+    }
+
+    /// Whether the journal has room for an operation that adds to the
+    /// state, or why not (see [`DomainLog::has_room`]). Looking also
+    /// allocates places ahead on the file system, and clears
+    /// [`DomainLog::is_tight`] when the journal is far from both ends
+    /// again.
+    pub fn room(&self) -> Room {
         let j = self.journal.read();
         let margin = self.margin.load(Ordering::Relaxed);
-        margin
-            .checked_mul(super::journal::RECORD_BYTES as u64)
+        let in_capacity = margin
+            .checked_mul(RECORD_BYTES as u64)
             .and_then(|m| m.checked_add(j.len()))
-            .is_some_and(|need| need <= j.capacity())
+            .is_some_and(|need| need <= j.capacity());
+        if !in_capacity {
+            return Room::JournalFull;
+        }
+        if let Err(e) = j.allocate_ahead(2 * ALLOCATED_MARGIN) {
+            if !self.no_room.swap(true, Ordering::Relaxed) {
+                log::error!(
+                    "domain {}: {e}; operations that add to the state are refused until there is",
+                    self.number
+                );
+            }
+            return Room::FileSystemFull;
+        }
+        if self.no_room.swap(false, Ordering::Relaxed) {
+            log::warn!("domain {}: its journal has room again", self.number);
+        }
+        let used = j.len() / RECORD_BYTES as u64;
+        let records = j.capacity() / RECORD_BYTES as u64;
+        if !self.near_end(used, records) && j.allocated_ahead() >= 2 * ALLOCATED_MARGIN {
+            self.tight.store(false, Ordering::Release);
+        }
+        Room::Yes
     }
 
     /// Sets the records kept free (for tests: a margin past the capacity
@@ -263,8 +311,10 @@ impl DomainLog {
                 if n >= self.bound.load(Ordering::Relaxed) && !self.due.load(Ordering::Relaxed) {
                     self.due.store(true, Ordering::Release);
                 }
-                let records = j.capacity() / super::journal::RECORD_BYTES as u64;
-                if self.near_end(n + 1, records) && !self.tight.load(Ordering::Relaxed) {
+                let records = j.capacity() / RECORD_BYTES as u64;
+                let near =
+                    self.near_end(n + 1, records) || j.allocated_ahead() < 2 * ALLOCATED_MARGIN;
+                if near && !self.tight.load(Ordering::Relaxed) {
                     self.tight.store(true, Ordering::Release);
                 }
             }

@@ -39,6 +39,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -295,6 +296,8 @@ pub struct Arena {
     base: NonNull<u8>,
     extents: u32,
     free: Mutex<Free>,
+    /// The last extent could not be allocated (logged once).
+    no_room: AtomicBool,
 }
 
 // SAFETY: the mapping is plain memory shared by the process's threads;
@@ -495,6 +498,7 @@ impl Arena {
                 list: Vec::new(),
                 next,
             }),
+            no_room: AtomicBool::new(false),
         })
     }
 
@@ -580,7 +584,18 @@ impl Arena {
         if let Err(e) = taken {
             let _ = self.punch(n);
             self.free.lock().list.push(n);
+            // Once per episode: every put that needs a chunk meanwhile
+            // fails the same way.
+            if !self.no_room.swap(true, Ordering::Relaxed) {
+                log::error!("{e}; puts that need a new chunk are refused until there is room");
+            }
             return Err(e);
+        }
+        if self.no_room.swap(false, Ordering::Relaxed) {
+            log::warn!(
+                "arena {}: chunks can be taken again",
+                self.arena_path.display()
+            );
         }
         Ok(self.extent(n))
     }
