@@ -44,7 +44,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use rustix::fs::{fallocate, flock, FallocateFlags, FlockOperation};
-use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+use rustix::mm::{madvise, mmap, munmap, Advice, MapFlags, ProtFlags};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::alloc::CHUNK_BYTES;
@@ -597,7 +597,20 @@ impl Arena {
                 self.arena_path.display()
             );
         }
-        Ok(self.extent(n))
+        let e = self.extent(n);
+        // Its pages mapped at once, not one fault per first write of each
+        // (a hint: where the kernel lacks it, the writes fault them in).
+        // SAFETY: the range is the extent's, inside the live mapping, and
+        // populating writes nothing to the memory (its pages are already
+        // allocated, zeroed, above).
+        let _ = unsafe {
+            madvise(
+                e.ptr.as_ptr().cast(),
+                EXTENT_BYTES,
+                Advice::LinuxPopulateWrite,
+            )
+        };
+        Ok(e)
     }
 
     /// Unlists extent `n`, then punches it (its memory goes back to the
