@@ -79,10 +79,11 @@ enum Command {
     /// first, move its device state to the second (as live migration
     /// does) and time both ends; print a table, then one JSON line.
     Migrate(CorpusRunOptions),
-    /// Start a private vtmemd with a state directory; store a realistic
-    /// page mix in a VM, stop vtmemd with SIGTERM, start it again on the
-    /// directory, reconnect and time each step; print a table, then one
-    /// JSON line.
+    /// Start a private vtmemd with a state directory (in /dev/shm); store
+    /// a realistic page mix in a VM, stop vtmemd with SIGTERM, start it
+    /// again on the directory, reconnect; store a quarter again, kill
+    /// vtmemd with SIGKILL, start it again, reconnect; time each step and
+    /// verify the pages; print a table, then one JSON line.
     Upgrade(CorpusRunOptions),
     /// Connect to a running vtmemd VM socket, store pages in a persistent
     /// pool, read them back and compare.
