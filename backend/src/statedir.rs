@@ -88,6 +88,9 @@ pub fn open_store(
         .mode(0o700)
         .create(path)
         .map_err(|e| StateDirError::Dir(path.to_path_buf(), e))?;
+    for warning in file_system_warnings(path, config.host_limit) {
+        log::warn!("state directory {}: {warning}", path.display());
+    }
     let (store, recovery) = Store::open(path, config)?;
     let waiting = if recovery.is_some() {
         store.client_names().into_iter().collect()
@@ -102,6 +105,36 @@ pub fn open_store(
             waiting: Mutex::new(waiting),
         },
     ))
+}
+
+/// `TMPFS_MAGIC` of linux/magic.h: `statfs`'s type of a tmpfs.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+
+/// What an administrator should know of the file system under the state
+/// directory `path` for a host limit of `host_limit` bytes: the state
+/// belongs on a tmpfs (elsewhere the arena is written back to a disk),
+/// and one smaller than the limit fills before the store does (puts are
+/// then refused, `NO_SPACE`). Nothing if it cannot be told.
+pub fn file_system_warnings(path: &Path, host_limit: u64) -> Vec<String> {
+    let Ok(fs) = rustix::fs::statfs(path) else {
+        return Vec::new();
+    };
+    let mut warnings = Vec::new();
+    if fs.f_type as u64 != TMPFS_MAGIC {
+        warnings.push(
+            "not a tmpfs: the pages are written back to its disk; put it on a tmpfs such as /run"
+                .to_string(),
+        );
+    }
+    let size = fs.f_blocks.saturating_mul(fs.f_bsize as u64);
+    if size < host_limit {
+        warnings.push(format!(
+            "its file system holds {} bytes, less than the host limit ({host_limit} bytes): \
+             once it is full, puts are refused (NO_SPACE)",
+            size
+        ));
+    }
+    warnings
 }
 
 /// Gives the state directory `path` and its files to `uid` (and `gid`),
@@ -185,5 +218,32 @@ impl StateDir {
     /// it waits again.
     pub fn unclaim(&self, name: &VmName) {
         self.waiting.lock().insert(name.as_str().to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{file_system_warnings, TMPFS_MAGIC};
+
+    fn is_tmpfs(p: &std::path::Path) -> bool {
+        rustix::fs::statfs(p).is_ok_and(|f| f.f_type as u64 == TMPFS_MAGIC)
+    }
+
+    #[test]
+    fn a_small_or_disk_file_system_is_named() {
+        let shm = std::path::Path::new("/dev/shm");
+        if is_tmpfs(shm) {
+            assert!(file_system_warnings(shm, 4096).is_empty());
+            let w = file_system_warnings(shm, u64::MAX);
+            assert!(
+                w.len() == 1 && w[0].contains("less than the host limit"),
+                "{w:?}"
+            );
+        }
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        if !is_tmpfs(dir.path()) {
+            let w = file_system_warnings(dir.path(), 4096);
+            assert!(w.iter().any(|w| w.contains("not a tmpfs")), "{w:?}");
+        }
     }
 }

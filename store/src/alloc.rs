@@ -956,6 +956,8 @@ mod tests {
             .map(|(t, e)| (t.class, t.chunk, e))
             .collect();
         slab.adopt(chunks, kept.iter().copied()).unwrap();
+        // As a recovery ends: chunks dropped from now on are given back.
+        arena.recovered();
         for &(len, addr, owner) in &kept {
             assert!(slab.get(len, addr).iter().all(|&b| b == owner as u8));
         }

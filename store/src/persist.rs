@@ -673,6 +673,9 @@ impl Store {
                 }
             }
         }
+        // Recovered: chunks it dropped go back to the host now, not
+        // before (a recovery that failed must leave the state as it was).
+        p.arena.recovered();
         out.elapsed = started.elapsed();
         Ok((store, out))
     }

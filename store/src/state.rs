@@ -298,6 +298,9 @@ pub struct Arena {
     free: Mutex<Free>,
     /// The last extent could not be allocated (logged once).
     no_room: AtomicBool,
+    /// While an opened arena's state is recovered: the extents dropped,
+    /// given back by [`Arena::recovered`].
+    deferred: Mutex<Option<Vec<u32>>>,
 }
 
 // SAFETY: the mapping is plain memory shared by the process's threads;
@@ -430,7 +433,7 @@ impl Arena {
                 last_used = n + 1;
             }
         }
-        let a = Arc::new(Arena::map(
+        let mut a = Arena::map(
             dir,
             arena_path,
             chunks_path,
@@ -438,7 +441,11 @@ impl Arena {
             chunks,
             extents,
             last_used,
-        )?);
+        )?;
+        // Extents dropped while the state is recovered are given back only
+        // once it is recovered ([`Arena::recovered`]).
+        a.deferred = Mutex::new(Some(Vec::new()));
+        let a = Arc::new(a);
         // Free every extent below the bump that is not listed.
         {
             let listed: HashSet<u32> = tags.iter().map(|(n, _)| *n).collect();
@@ -499,7 +506,19 @@ impl Arena {
                 next,
             }),
             no_room: AtomicBool::new(false),
+            deferred: Mutex::new(None),
         })
+    }
+
+    /// Ends a recovery: the extents dropped meanwhile (chunks no content
+    /// uses, a removed client's) are given back now. Until then a
+    /// recovery that fails, at any step, leaves every listed extent as it
+    /// was: dropping one then keeps it, listed, for the next open.
+    pub fn recovered(&self) {
+        let deferred = self.deferred.lock().take();
+        for n in deferred.into_iter().flatten() {
+            self.release(n);
+        }
     }
 
     /// Extents the arena has room for.
@@ -711,6 +730,10 @@ impl Extent {
 
 impl Drop for Extent {
     fn drop(&mut self) {
+        if let Some(list) = self.arena.deferred.lock().as_mut() {
+            list.push(self.n);
+            return;
+        }
         self.arena.release(self.n);
     }
 }

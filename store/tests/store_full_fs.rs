@@ -2,8 +2,10 @@
 //! A state directory on a file system that fills up: puts are refused
 //! with `NoSpace`, the process lives (a write through a mapping to a place
 //! a full tmpfs cannot back would kill it with SIGBUS), every page that
-//! was accepted reads back, puts are accepted again once flushes free
-//! room, and a recovery finds every accepted page.
+//! was accepted reads back, a crash while it is full is recovered (at
+//! once, or once there is room for the checkpoint recovery writes), puts
+//! are accepted again once flushes free room, and a recovery finds every
+//! accepted page.
 //!
 //! The test runs itself again (this test binary) in a user and mount
 //! namespace of its own (`unshare -rm`), with a 4 MiB tmpfs mounted over
@@ -56,6 +58,7 @@ fn puts_on_a_full_file_system_are_refused_and_lose_nothing() {
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("{text}");
     assert!(
         out.status.success(),
         "the child failed ({}):\n{text}",
@@ -66,6 +69,9 @@ fn puts_on_a_full_file_system_are_refused_and_lose_nothing() {
 }
 
 fn child(dir: &Path) {
+    // Room an administrator can make later.
+    let ballast = dir.with_file_name("ballast");
+    std::fs::write(&ballast, vec![1u8; 512 << 10]).unwrap();
     let store = Store::create(dir, config()).unwrap();
     let c = store
         .add_client("vm", ClientConfig::default())
@@ -89,6 +95,31 @@ fn child(dir: &Path) {
     for &i in &accepted {
         assert!(c.get(&handle(pool, 1, i), &mut out).unwrap(), "page {i}");
         assert!(out == random_page(i), "page {i} differs");
+    }
+    // A crash while the file system is full. Recovery writes a checkpoint:
+    // if there is no room for it, it fails and changes nothing, and it
+    // succeeds once there is.
+    drop(c);
+    drop(store);
+    let store = match Store::recover(dir, config()) {
+        Ok((store, rec)) => {
+            println!("recovered on the full file system");
+            assert_eq!(rec.pages, accepted.len() as u64);
+            store
+        }
+        Err(e) => {
+            println!("recovery on the full file system: {e}");
+            assert!(e.to_string().contains(&*dir.to_string_lossy()), "{e}");
+            std::fs::remove_file(&ballast).unwrap();
+            let (store, rec) = Store::recover(dir, config()).unwrap();
+            assert_eq!(rec.pages, accepted.len() as u64);
+            store
+        }
+    };
+    let c = store.client("vm").unwrap().data();
+    for &i in &accepted {
+        assert!(c.get(&handle(pool, 1, i), &mut out).unwrap(), "page {i}");
+        assert!(out == random_page(i), "page {i} differs after recovery");
     }
     // Flushing the first half empties whole extents, which go back to the
     // file system: puts are accepted again.
