@@ -107,33 +107,12 @@ pub fn run(opts: &CorpusRunOptions) -> Result<UpgradeReport> {
     let state_bytes = allocated_bytes(state.path(), |_| true).map_err(dir_error)?;
     let state_metadata =
         allocated_bytes(state.path(), |name| name != "arena").map_err(dir_error)?;
-    let t1 = Instant::now();
-    d.restart(&daemon::args(&vms, &extra))
-        .map_err(|e| Error::Daemon(e.to_string()))?;
-    let start = t1.elapsed().as_secs_f64();
-    let again = Vm::connect(
-        d.socket("vm"),
-        &VmOptions {
-            reset_on_connect: false,
-            ..VmOptions::default()
-        },
-    )?;
-    let first = again.get_batch(&[handle(pool, 1, 0)])?;
-    let gap = t0.elapsed().as_secs_f64();
-    if first[0].0 != Status::Ok || *first[0].1 != *corpus.pages[0] {
-        return Err(Error::Device(format!(
-            "page 0 came back {} or different",
-            first[0].0
-        )));
-    }
-    let recovery = d
-        .status()
-        .recovered
-        .ok_or_else(|| Error::Daemon("the new vtmemd reports no recovery".into()))?;
-    if recovery.pages != held.persistent_pages {
+    let after = Restarted::start(&mut d, &vms, &extra, t0, pool, &corpus, "the stop")?;
+    let again = after.vm;
+    if after.recovered_pages != held.persistent_pages {
         return Err(Error::Device(format!(
             "{} pages recovered of {} stored",
-            recovery.pages, held.persistent_pages
+            after.recovered_pages, held.persistent_pages
         )));
     }
 
@@ -154,32 +133,12 @@ pub fn run(opts: &CorpusRunOptions) -> Result<UpgradeReport> {
     let t2 = Instant::now();
     d.kill();
     again.disconnect();
-    d.restart(&daemon::args(&vms, &extra))
-        .map_err(|e| Error::Daemon(e.to_string()))?;
-    let kill_start = t2.elapsed().as_secs_f64();
-    let third = Vm::connect(
-        d.socket("vm"),
-        &VmOptions {
-            reset_on_connect: false,
-            ..VmOptions::default()
-        },
-    )?;
-    let first = third.get_batch(&[handle(pool, 1, 0)])?;
-    let kill_gap = t2.elapsed().as_secs_f64();
-    if first[0].0 != Status::Ok || *first[0].1 != *corpus.pages[0] {
-        return Err(Error::Device(format!(
-            "page 0 came back {} after the kill, or different",
-            first[0].0
-        )));
-    }
-    let kill_recovery = d
-        .status()
-        .recovered
-        .ok_or_else(|| Error::Daemon("the vtmemd after the kill reports no recovery".into()))?;
-    if kill_recovery.pages != held.persistent_pages {
+    let killed = Restarted::start(&mut d, &vms, &extra, t2, pool, &corpus, "the kill")?;
+    let third = killed.vm;
+    if killed.recovered_pages != held.persistent_pages {
         return Err(Error::Device(format!(
             "{} pages recovered after the kill of {} stored",
-            kill_recovery.pages, held.persistent_pages
+            killed.recovered_pages, held.persistent_pages
         )));
     }
     corpus.verify_sample(&third, pool, 59)?;
@@ -192,17 +151,74 @@ pub fn run(opts: &CorpusRunOptions) -> Result<UpgradeReport> {
         stored_bytes: held.persistent_bytes,
         state_bytes,
         stop_seconds: stop,
-        start_seconds: start,
-        recovery_seconds: recovery.seconds,
-        gap_seconds: gap,
-        gap_seconds_per_gib: gap * per_gib,
+        start_seconds: after.start_seconds,
+        recovery_seconds: after.recovery_seconds,
+        gap_seconds: after.gap_seconds,
+        gap_seconds_per_gib: after.gap_seconds * per_gib,
         state_metadata_bytes_per_page: state_metadata as f64 / pages as f64,
         store_metadata_bytes_per_page: store_meta,
         kill_rewritten_pages: rewrite.pages.len() as u64,
-        kill_start_seconds: kill_start,
-        kill_recovery_seconds: kill_recovery.seconds,
-        kill_gap_seconds: kill_gap,
+        kill_start_seconds: killed.start_seconds,
+        kill_recovery_seconds: killed.recovery_seconds,
+        kill_gap_seconds: killed.gap_seconds,
     })
+}
+
+/// A vtmemd started again on the state directory, with the VM connected
+/// again as QEMU does and page 0 read back through it.
+struct Restarted {
+    vm: Vm,
+    /// Start to the ready line.
+    start_seconds: f64,
+    /// The recovery, as the new vtmemd reports it.
+    recovery_seconds: f64,
+    recovered_pages: u64,
+    /// `since` (the signal) to the first answer.
+    gap_seconds: f64,
+}
+
+impl Restarted {
+    fn start(
+        d: &mut vtmem_testkit::Vtmemd,
+        vms: &[String],
+        extra: &[String],
+        since: Instant,
+        pool: u32,
+        corpus: &Corpus,
+        after: &str,
+    ) -> Result<Restarted> {
+        let t = Instant::now();
+        d.restart(&daemon::args(vms, extra))
+            .map_err(|e| Error::Daemon(e.to_string()))?;
+        let start_seconds = t.elapsed().as_secs_f64();
+        let vm = Vm::connect(
+            d.socket("vm"),
+            &VmOptions {
+                reset_on_connect: false,
+                ..VmOptions::default()
+            },
+        )?;
+        let first = vm.get_batch(&[handle(pool, 1, 0)])?;
+        let gap_seconds = since.elapsed().as_secs_f64();
+        if first[0].0 != Status::Ok || *first[0].1 != *corpus.pages[0] {
+            return Err(Error::Device(format!(
+                "page 0 came back {} after {after}, or different",
+                first[0].0
+            )));
+        }
+        let recovery = d.status().recovered.ok_or_else(|| {
+            Error::Daemon(format!(
+                "the vtmemd started after {after} reports no recovery"
+            ))
+        })?;
+        Ok(Restarted {
+            vm,
+            start_seconds,
+            recovery_seconds: recovery.seconds,
+            recovered_pages: recovery.pages,
+            gap_seconds,
+        })
+    }
 }
 
 impl UpgradeReport {
