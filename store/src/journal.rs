@@ -618,8 +618,12 @@ impl JournalWriter {
             return Ok(());
         }
         let want = to.max(have + ALLOCATE_STEP).min(self.capacity);
-        fallocate(&self.file, FallocateFlags::KEEP_SIZE, have, want - have)
-            .map_err(|e| JournalError::NoRoom(self.path.clone(), e.into()))?;
+        match fallocate(&self.file, FallocateFlags::KEEP_SIZE, have, want - have) {
+            Ok(()) => {}
+            // See `state::warn_unallocated`.
+            Err(rustix::io::Errno::OPNOTSUPP) => super::state::warn_unallocated(&self.path),
+            Err(e) => return Err(JournalError::NoRoom(self.path.clone(), e.into())),
+        }
         self.allocated.store(want, Ordering::Release);
         Ok(())
     }

@@ -79,6 +79,20 @@ pub enum StateError {
     Corrupt(PathBuf, String),
 }
 
+/// Logs, once a process, that the file system of `path` cannot allocate
+/// ahead: a write through the mapping may then meet a full file system,
+/// which kills the process with SIGBUS.
+pub(crate) fn warn_unallocated(path: &Path) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        log::warn!(
+            "{}: its file system cannot allocate ahead (fallocate): if it fills up, vtmemd \
+             dies (SIGBUS) instead of refusing puts; use a tmpfs",
+            path.display()
+        );
+    });
+}
+
 /// The file that marks a state directory whose creation is not done.
 const CREATING: &str = "creating";
 
@@ -559,13 +573,22 @@ impl Arena {
     /// hole): writes to them can no longer fail for want of memory.
     fn allocate_range(&self, n: u32, from: usize, to: usize) -> Result<(), StateError> {
         debug_assert!(from <= to && to <= EXTENT_BYTES);
-        fallocate(
+        let r = fallocate(
             &self.arena,
             FallocateFlags::KEEP_SIZE,
             u64::from(n) * EXTENT_BYTES as u64 + from as u64,
             (to - from) as u64,
-        )
-        .map_err(|e| StateError::Io(self.arena_path.clone(), e.into()))
+        );
+        match r {
+            Ok(()) => Ok(()),
+            // A file system without it (tmpfs has it): written as before,
+            // at the risk the docs name.
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                warn_unallocated(&self.arena_path);
+                Ok(())
+            }
+            Err(e) => Err(StateError::Io(self.arena_path.clone(), e.into())),
+        }
     }
 
     fn write_entry(&self, n: u32, b: &[u8; ENTRY as usize]) -> Result<(), StateError> {
