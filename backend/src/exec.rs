@@ -1660,22 +1660,10 @@ mod rule5 {
 
     const QSIZE: u16 = 256;
 
-    /// What a crash now would leave: a copy of the state directory `from`
-    /// (its files are mapped shared or written in place, so the copy is
-    /// the state as it is), recovered; the persistent pages of "vm".
-    fn crash_copy(from: &std::path::Path) -> u64 {
-        let to = tempfile::tempdir().unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), to.path().join(e.file_name())).unwrap();
-        }
-        let (store, _) = Store::recover(
-            to.path(),
-            StoreConfig {
-                host_limit: 64 << 20,
-            },
-        )
-        .unwrap();
+    /// What a crash now would leave, recovered: the persistent pages of
+    /// "vm".
+    fn crash_pages(from: &std::path::Path) -> u64 {
+        let (store, _dir) = crash_copy(from, 64 << 20);
         store.client("vm").unwrap().stats().persistent_pages
     }
 
@@ -1753,12 +1741,12 @@ mod rule5 {
             run(&mut exec, &mem, &mut ring, Op::Get { handle }, None).0,
             Status::Miss
         );
-        assert_eq!(crash_copy(&state), 1, "the removal was recorded too early");
+        assert_eq!(crash_pages(&state), 1, "the removal was recorded too early");
 
         exec.settle();
         assert_eq!(exec.unsettled(), 0);
         assert_eq!(
-            crash_copy(&state),
+            crash_pages(&state),
             0,
             "the settled removal was not recorded"
         );
@@ -1784,18 +1772,6 @@ mod offered_twice {
         StoreConfig {
             host_limit: 64 << 20,
         }
-    }
-
-    /// What a crash now would leave: a copy of the state directory,
-    /// recovered (the directory is returned to keep it).
-    fn crash_copy(from: &std::path::Path) -> (Arc<Store>, tempfile::TempDir) {
-        let to = tempfile::tempdir().unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), to.path().join(e.file_name())).unwrap();
-        }
-        let (store, _) = Store::recover(to.path(), config()).unwrap();
-        (store, to)
     }
 
     fn executor(client: &AdminHandle) -> (Executor, Arc<DeviceCounters>) {
@@ -1861,7 +1837,7 @@ mod offered_twice {
         let first = run(&mut exec, &batch(), 42, 10);
         assert_eq!(first, vec![(Status::Ok, 0), (Status::Ok, 5)]);
         // Taken and run, the answer not in the used ring: a crash now.
-        let (crashed, _keep) = crash_copy(&state);
+        let (crashed, _keep) = crash_copy(&state, config().host_limit);
         let c = crashed.client("vm").unwrap();
         assert_eq!(c.data().pending_ops().len(), 2);
         let (mut again, counters) = executor(&c);
@@ -1873,13 +1849,13 @@ mod offered_twice {
         // Once answered and settled, its entries are gone, for good.
         again.settle();
         assert!(c.data().pending_ops().is_empty());
-        let (after, _keep2) = crash_copy(_keep.path());
+        let (after, _keep2) = crash_copy(_keep.path(), config().host_limit);
         assert!(after.client("vm").unwrap().data().pending_ops().is_empty());
         assert_eq!(held(&after), (1, 5));
 
         // Another tag, or another position: another request, run anew.
         for (tag, position) in [(43, 10), (42, 11)] {
-            let (crashed, _keep) = crash_copy(&state);
+            let (crashed, _keep) = crash_copy(&state, config().host_limit);
             let c = crashed.client("vm").unwrap();
             let (mut other, counters) = executor(&c);
             other.start(10, QSIZE);
@@ -1904,13 +1880,13 @@ mod offered_twice {
         run(&mut exec, &batch(), 42, 10);
         // The answer reached the used ring (index 11), then the crash came
         // before the Settled record: the queue starts at 11.
-        let (crashed, keep) = crash_copy(&state);
+        let (crashed, keep) = crash_copy(&state, config().host_limit);
         let c = crashed.client("vm").unwrap();
         let (mut again, counters) = executor(&c);
         again.start(11, QSIZE);
         assert!(c.data().pending_ops().is_empty());
         // Dropped for good: recorded.
-        let (after, _keep2) = crash_copy(keep.path());
+        let (after, _keep2) = crash_copy(keep.path(), config().host_limit);
         assert!(after.client("vm").unwrap().data().pending_ops().is_empty());
         // A later request with the same tag at that position (the ring
         // went round) runs.
@@ -1921,7 +1897,7 @@ mod offered_twice {
         assert_eq!(counters.snapshot().replayed_answers, 0);
         // A queue that starts with the entry in its window keeps it, and
         // settles its request once answered, whatever it holds.
-        let (crashed, _keep3) = crash_copy(&state);
+        let (crashed, _keep3) = crash_copy(&state, config().host_limit);
         let c = crashed.client("vm").unwrap();
         let (mut other, _) = executor(&c);
         other.start(10u16.wrapping_sub(QSIZE - 1), QSIZE);
@@ -1962,7 +1938,7 @@ mod offered_twice {
             run(&mut exec, &ops, 4, 3),
             vec![(Status::Ok, 0), (Status::Ok, 0)]
         );
-        let (crashed, _keep) = crash_copy(&state);
+        let (crashed, _keep) = crash_copy(&state, config().host_limit);
         let c = crashed.client("vm").unwrap();
         let (mut again, counters) = executor(&c);
         again.start(3, QSIZE);
@@ -1979,7 +1955,7 @@ mod offered_twice {
             run(&mut exec, &[Op::NewPool(PoolSpec::persistent())], 6, 5),
             vec![(Status::Ok, 0)]
         );
-        let (crashed, _keep) = crash_copy(&state);
+        let (crashed, _keep) = crash_copy(&state, config().host_limit);
         let c = crashed.client("vm").unwrap();
         let (mut again, counters) = executor(&c);
         again.start(4, QSIZE);

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Test helpers: real split rings in mock guest memory
-//! (`virtio_queue::mock::MockSplitQueue` on a `GuestRam`), and a
-//! builder for vtmem chains, well-formed or not.
+//! (`virtio_queue::mock::MockSplitQueue` on a `GuestRam`), a builder
+//! for vtmem chains, well-formed or not, and what a crash of a store with
+//! a state directory would leave.
 //!
 //! Note: `MockSplitQueue` lays the used ring out right after the first half
 //! of the available ring, so tests keep to a few dozen chains per ring.
@@ -312,4 +313,22 @@ pub fn daemon_in(dir: &std::path::Path) -> std::sync::Arc<crate::daemon::Daemon>
         host_limit: config.host_limit.bytes(),
     });
     crate::daemon::Daemon::new(store, &config)
+}
+
+/// What a crash now would leave: a copy of the state directory `from`
+/// (its files are mapped shared or written in place, so the copy is the
+/// state as it is), recovered with a host limit of `host_limit` bytes;
+/// the copy's directory is returned to keep it.
+pub fn crash_copy(
+    from: &std::path::Path,
+    host_limit: u64,
+) -> (std::sync::Arc<vtmem_store::Store>, tempfile::TempDir) {
+    let to = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.path().join(e.file_name())).unwrap();
+    }
+    let (store, _) =
+        vtmem_store::Store::recover(to.path(), vtmem_store::StoreConfig { host_limit }).unwrap();
+    (store, to)
 }

@@ -315,6 +315,9 @@ fn measure(name: &'static str, pages: &[Page], reps: usize) -> KindResult {
             continue;
         };
         let _ = std::fs::remove_dir_all(&d);
+        if let Some(base) = d.parent() {
+            std::fs::create_dir_all(base).expect("VTMEM_BENCH_STATE directory");
+        }
         let store = Store::create(&d, config()).expect("state directory");
         run_store(name, &store, pages, &mut state_put, &mut state_get);
         if rep + 1 == reps {

@@ -273,6 +273,14 @@ impl Drop for Taken {
 }
 
 /// The persistent pool `pool` of a live client: where reservations go.
+/// Whether pool `pool` of `table` is one whose pages a crash-safe state
+/// records: a private persistent pool.
+fn records_pages_of(table: &Table, pool: u32) -> bool {
+    table
+        .pool(pool)
+        .is_some_and(|p| p.persistent && p.shared.is_none())
+}
+
 fn reservable(table: &Table, pool: u32) -> Result<&Arc<Pool>, TmemError> {
     if table.removed {
         return Err(TmemError::ClientGone);
@@ -591,8 +599,6 @@ impl DataHandle {
         r
     }
 
-    /// With a crash-safe state: whether pool `pool` is one whose pages
-    /// are recorded (a private persistent pool).
     /// Whether a put into `pool` must first make sure of room in the
     /// journal ([`DataHandle::journal_room`]): its pages are recorded and
     /// the domain's journal is near its end. One lock and two atomic
@@ -603,20 +609,13 @@ impl DataHandle {
             return false;
         }
         let table = self.client.table.read();
-        table
-            .pool(pool)
-            .is_some_and(|p| p.persistent && p.shared.is_none())
-            && table.domain.log.as_ref().is_some_and(|l| l.is_tight())
+        records_pages_of(&table, pool) && table.domain.log.as_ref().is_some_and(|l| l.is_tight())
     }
 
+    /// With a crash-safe state: whether pool `pool` is one whose pages
+    /// are recorded.
     fn records_pages(&self, pool: u32) -> bool {
-        self.store.persist.is_some()
-            && self
-                .client
-                .table
-                .read()
-                .pool(pool)
-                .is_some_and(|p| p.persistent && p.shared.is_none())
+        self.store.persist.is_some() && records_pages_of(&self.client.table.read(), pool)
     }
 
     /// With a crash-safe state: `Ok` if the client's journal has room for
@@ -1074,12 +1073,11 @@ impl DataHandle {
     }
 
     fn reserve_at(&self, pool_id: u32, pages: u64, at: Option<OpRef>) -> Result<u64, TmemError> {
-        let pool = pool_id;
-        if self.records_pages(pool) {
+        if self.records_pages(pool_id) {
             self.journal_room()?;
         }
         let table = self.client.table.read();
-        let pool = reservable(&table, pool)?;
+        let pool = reservable(&table, pool_id)?;
         if self.acct().frozen.load(Ordering::Acquire) {
             return Err(TmemError::Frozen);
         }

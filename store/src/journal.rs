@@ -53,7 +53,6 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
-use rustix::fs::{fallocate, FallocateFlags};
 use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
 use vtmem_protocol::{
     ObjectId, Uuid, MAX_POOLS_PER_CLIENT, PAGE_SIZE, POOL_PERSISTENT, POOL_SHARED,
@@ -618,12 +617,8 @@ impl JournalWriter {
             return Ok(());
         }
         let want = to.max(have + ALLOCATE_STEP).min(self.capacity);
-        match fallocate(&self.file, FallocateFlags::KEEP_SIZE, have, want - have) {
-            Ok(()) => {}
-            // See `state::warn_unallocated`.
-            Err(rustix::io::Errno::OPNOTSUPP) => super::state::warn_unallocated(&self.path),
-            Err(e) => return Err(JournalError::NoRoom(self.path.clone(), e.into())),
-        }
+        super::state::allocate(&self.file, &self.path, have, want - have)
+            .map_err(|e| JournalError::NoRoom(self.path.clone(), e))?;
         self.allocated.store(want, Ordering::Release);
         Ok(())
     }

@@ -224,9 +224,8 @@ impl DomainLog {
         delete_other_journals(dir, self.number, &keep);
         self.bound.store(bound, Ordering::Relaxed);
         self.due.store(false, Ordering::Release);
-        let records = self.journal.read().capacity() / RECORD_BYTES as u64;
         self.tight
-            .store(self.near_end(0, records), Ordering::Release);
+            .store(self.near_end(&self.journal.read()), Ordering::Release);
         Ok(())
     }
 
@@ -235,12 +234,17 @@ impl DomainLog {
         self.due.load(Ordering::Acquire)
     }
 
-    /// Whether `used` of a journal's `records` places come within twice
-    /// the margin of its end. Twice: the records taken between the append
-    /// that learns it and the next put's look stay within the margin.
-    fn near_end(&self, used: u64, records: u64) -> bool {
+    /// Whether journal `j` comes within twice the margin of its end, or
+    /// within twice [`ALLOCATED_MARGIN`] of its allocation: what
+    /// [`DomainLog::is_tight`] says. Twice: the records taken between the
+    /// append that learns it and the next put's look stay within the
+    /// margin.
+    fn near_end(&self, j: &JournalWriter) -> bool {
         let margin = self.margin.load(Ordering::Relaxed);
+        let used = j.len() / RECORD_BYTES as u64;
+        let records = j.capacity() / RECORD_BYTES as u64;
         used.saturating_add(margin.saturating_mul(2)) >= records
+            || j.allocated_ahead() < 2 * ALLOCATED_MARGIN
     }
 
     /// Whether the journal may be near its end (if not, it has room).
@@ -252,8 +256,8 @@ impl DomainLog {
     /// operations that add to the state (a put into a persistent pool, a
     /// new pool, a reservation) are refused when it has not, once a
     /// checkpoint was tried, so that no answered operation's record is
-    /// lost to a full journal. Removals are not refused (a lost removal
-    /// brings back a page the guest dropped, never loses one it stored).
+    /// lost to a full journal. Removals are not refused (docs/
+    /// ARCHITECTURE.md, "A full file system", says what a lost one does).
     pub fn has_room(&self) -> bool {
         self.room() == Room::Yes
     }
@@ -285,9 +289,7 @@ impl DomainLog {
         if self.no_room.swap(false, Ordering::Relaxed) {
             log::warn!("domain {}: its journal has room again", self.number);
         }
-        let used = j.len() / RECORD_BYTES as u64;
-        let records = j.capacity() / RECORD_BYTES as u64;
-        if !self.near_end(used, records) && j.allocated_ahead() >= 2 * ALLOCATED_MARGIN {
+        if !self.near_end(&j) {
             self.tight.store(false, Ordering::Release);
         }
         Room::Yes
@@ -311,10 +313,7 @@ impl DomainLog {
                 if n >= self.bound.load(Ordering::Relaxed) && !self.due.load(Ordering::Relaxed) {
                     self.due.store(true, Ordering::Release);
                 }
-                let records = j.capacity() / RECORD_BYTES as u64;
-                let near =
-                    self.near_end(n + 1, records) || j.allocated_ahead() < 2 * ALLOCATED_MARGIN;
-                if near && !self.tight.load(Ordering::Relaxed) {
+                if !self.tight.load(Ordering::Relaxed) && self.near_end(&j) {
                     self.tight.store(true, Ordering::Release);
                 }
             }

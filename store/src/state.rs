@@ -79,18 +79,27 @@ pub enum StateError {
     Corrupt(PathBuf, String),
 }
 
-/// Logs, once a process, that the file system of `path` cannot allocate
-/// ahead: a write through the mapping may then meet a full file system,
-/// which kills the process with SIGBUS.
-pub(crate) fn warn_unallocated(path: &Path) {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        log::warn!(
-            "{}: its file system cannot allocate ahead (fallocate): if it fills up, vtmemd \
-             dies (SIGBUS) instead of refusing puts; use a tmpfs",
-            path.display()
-        );
-    });
+/// Allocates `len` bytes at `offset` of `file` (named `path`) on its file
+/// system, so that writing them through a mapping cannot fail: a write
+/// to a hole a full file system cannot fill kills the process with
+/// SIGBUS. A file system without `fallocate` (tmpfs has it) is written as
+/// before, with a warning logged once a process.
+pub(crate) fn allocate(file: &File, path: &Path, offset: u64, len: u64) -> io::Result<()> {
+    match fallocate(file, FallocateFlags::KEEP_SIZE, offset, len) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                log::warn!(
+                    "{}: its file system cannot allocate ahead (fallocate): if it fills up, \
+                     vtmemd dies (SIGBUS) instead of refusing puts; use a tmpfs",
+                    path.display()
+                );
+            });
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The file that marks a state directory whose creation is not done.
@@ -147,7 +156,7 @@ impl StateDir {
         let lock = lock(path)?;
         // The marker first: a crash before `Store::create` is done leaves
         // it, and `Store::open` then knows that no store ever served from
-        // the directory (see `StateDir::interrupted_creation`).
+        // the directory (see `StateDir::clear_interrupted_creation`).
         let marker = path.join(CREATING);
         OpenOptions::new()
             .write(true)
@@ -573,22 +582,13 @@ impl Arena {
     /// hole): writes to them can no longer fail for want of memory.
     fn allocate_range(&self, n: u32, from: usize, to: usize) -> Result<(), StateError> {
         debug_assert!(from <= to && to <= EXTENT_BYTES);
-        let r = fallocate(
+        allocate(
             &self.arena,
-            FallocateFlags::KEEP_SIZE,
+            &self.arena_path,
             u64::from(n) * EXTENT_BYTES as u64 + from as u64,
             (to - from) as u64,
-        );
-        match r {
-            Ok(()) => Ok(()),
-            // A file system without it (tmpfs has it): written as before,
-            // at the risk the docs name.
-            Err(rustix::io::Errno::OPNOTSUPP) => {
-                warn_unallocated(&self.arena_path);
-                Ok(())
-            }
-            Err(e) => Err(StateError::Io(self.arena_path.clone(), e.into())),
-        }
+        )
+        .map_err(|e| StateError::Io(self.arena_path.clone(), e))
     }
 
     fn write_entry(&self, n: u32, b: &[u8; ENTRY as usize]) -> Result<(), StateError> {

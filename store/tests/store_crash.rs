@@ -16,10 +16,14 @@
 //! g1 also share an ephemeral pool (id 2).
 
 use std::collections::{HashMap, HashSet};
+#[path = "common/state_files.rs"]
+mod state_files;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use state_files::journal_of;
 use vtmem_store::*;
 use vtmem_testkit::{random_page, same_filled_page};
 
@@ -697,22 +701,6 @@ fn pages_survive_repeated_crashes_with_dedup_and_compaction() {
     h.crash();
     h.crash();
     h.teardown();
-}
-
-/// The journal of domain `n` in the state directory `path`.
-fn journal_of(path: &Path, n: u32) -> PathBuf {
-    let prefix = format!("d{n}.journal.");
-    std::fs::read_dir(path)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(&prefix)
-        })
-        .expect("the domain has a journal")
 }
 
 #[test]

@@ -6,9 +6,13 @@
 //! (the store dropped without any shutdown, then recovered) and
 //! checkpoints; an operation offered again is answered from it once.
 
+#[path = "common/state_files.rs"]
+mod state_files;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use state_files::journal_of;
 use vtmem_store::journal::{Pending, OPCODE_NEW_POOL, OPCODE_RESERVE, OPCODE_UNRESERVE};
 use vtmem_store::*;
 
@@ -238,22 +242,6 @@ fn a_queue_start_settles_entries_outside_its_window() {
         .map(|(k, _)| k)
         .collect();
     assert_eq!(keys, vec![(0, 0, 0), (2, 3, 0), (2, 65535, 0)]);
-}
-
-/// The journal of domain `n` in the state directory `path`.
-fn journal_of(path: &Path, n: u32) -> PathBuf {
-    let prefix = format!("d{n}.journal.");
-    std::fs::read_dir(path)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(&prefix)
-        })
-        .expect("the domain has a journal")
 }
 
 /// The offset of the last record written in the journal at `path`.

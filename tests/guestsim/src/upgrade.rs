@@ -84,6 +84,7 @@ pub fn run(opts: &CorpusRunOptions) -> Result<UpgradeReport> {
         state.path().display().to_string(),
     ];
     let mut d = daemon::start(&binary, &vms, &extra)?;
+    let restart_args = daemon::args(&vms, &extra);
     eprintln!("loading {n} pages of corpus");
     let corpus = Corpus::load(n);
 
@@ -107,14 +108,8 @@ pub fn run(opts: &CorpusRunOptions) -> Result<UpgradeReport> {
     let state_bytes = allocated_bytes(state.path(), |_| true).map_err(dir_error)?;
     let state_metadata =
         allocated_bytes(state.path(), |name| name != "arena").map_err(dir_error)?;
-    let after = Restarted::start(&mut d, &vms, &extra, t0, pool, &corpus, "the stop")?;
+    let after = Restarted::start(&mut d, &restart_args, t0, pool, &corpus, &held, "the stop")?;
     let again = after.vm;
-    if after.recovered_pages != held.persistent_pages {
-        return Err(Error::Device(format!(
-            "{} pages recovered of {} stored",
-            after.recovered_pages, held.persistent_pages
-        )));
-    }
 
     // A sample read back.
     corpus.verify_sample(&again, pool, 61)?;
@@ -133,14 +128,8 @@ pub fn run(opts: &CorpusRunOptions) -> Result<UpgradeReport> {
     let t2 = Instant::now();
     d.kill();
     again.disconnect();
-    let killed = Restarted::start(&mut d, &vms, &extra, t2, pool, &corpus, "the kill")?;
+    let killed = Restarted::start(&mut d, &restart_args, t2, pool, &corpus, &held, "the kill")?;
     let third = killed.vm;
-    if killed.recovered_pages != held.persistent_pages {
-        return Err(Error::Device(format!(
-            "{} pages recovered after the kill of {} stored",
-            killed.recovered_pages, held.persistent_pages
-        )));
-    }
     corpus.verify_sample(&third, pool, 59)?;
     third.disconnect();
 
@@ -165,14 +154,14 @@ pub fn run(opts: &CorpusRunOptions) -> Result<UpgradeReport> {
 }
 
 /// A vtmemd started again on the state directory, with the VM connected
-/// again as QEMU does and page 0 read back through it.
+/// again as QEMU does, page 0 read back through it, and every page `held`
+/// counted recovered.
 struct Restarted {
     vm: Vm,
     /// Start to the ready line.
     start_seconds: f64,
     /// The recovery, as the new vtmemd reports it.
     recovery_seconds: f64,
-    recovered_pages: u64,
     /// `since` (the signal) to the first answer.
     gap_seconds: f64,
 }
@@ -180,16 +169,15 @@ struct Restarted {
 impl Restarted {
     fn start(
         d: &mut vtmem_testkit::Vtmemd,
-        vms: &[String],
-        extra: &[String],
+        args: &[String],
         since: Instant,
         pool: u32,
         corpus: &Corpus,
+        held: &vtmem_store::ClientStats,
         after: &str,
     ) -> Result<Restarted> {
         let t = Instant::now();
-        d.restart(&daemon::args(vms, extra))
-            .map_err(|e| Error::Daemon(e.to_string()))?;
+        d.restart(args).map_err(|e| Error::Daemon(e.to_string()))?;
         let start_seconds = t.elapsed().as_secs_f64();
         let vm = Vm::connect(
             d.socket("vm"),
@@ -211,11 +199,16 @@ impl Restarted {
                 "the vtmemd started after {after} reports no recovery"
             ))
         })?;
+        if recovery.pages != held.persistent_pages {
+            return Err(Error::Device(format!(
+                "{} pages recovered after {after}, of {} stored",
+                recovery.pages, held.persistent_pages
+            )));
+        }
         Ok(Restarted {
             vm,
             start_seconds,
             recovery_seconds: recovery.seconds,
-            recovered_pages: recovery.pages,
             gap_seconds,
         })
     }
